@@ -1,0 +1,218 @@
+"""Make Megatron-Core usable on CPU + gloo; the ONLY place that works around its CUDA assumptions.
+
+``init_runtime(device="auto")`` is the one entry point. On CUDA it does the normal setup only
+(device from LOCAL_RANK). On CPU it applies each workaround in :data:`WORKAROUNDS` once; every
+workaround names the MCore behaviour it answers in one line (``reason``) and has a test that
+fails without it (``tests/test_compat.py``). ``seed_rng`` seeds torch and MCore's model-parallel
+RNG tracker on either device. The pure-torch Mamba kernels are not generic and live with the
+Mamba submodel (``submodels/mamba_kernels.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+_applied: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Workaround:
+    """One CPU workaround: a name, the MCore behaviour it answers, and how to apply it."""
+
+    name: str
+    reason: str
+    apply: Callable[[], None]
+
+
+class _NullStream:
+    """Stands in for a CUDA stream on CPU: work is already ordered, so every call is a no-op."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _cpu_device_queries() -> None:
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.current_stream = lambda device=None: _NullStream()
+    torch.cuda.Stream = _NullStream
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+
+
+def _cpu_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def _global_memory_buffer() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state._GLOBAL_MEMORY_BUFFER is None:
+        parallel_state._set_global_memory_buffer()
+
+
+def _cpu_attention_masks() -> None:
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    def causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    def sliding_window_mask(sq: int, skv: int, window_size) -> torch.Tensor:
+        ones = torch.ones(sq, skv, dtype=torch.bool)
+        upper = torch.triu(ones, diagonal=skv - sq - window_size[0])
+        return ~torch.tril(upper, diagonal=skv - sq + window_size[1])
+
+    for module in (utils, fused_softmax):
+        module.get_default_causal_mask = causal_mask
+        module.get_sliding_window_causal_mask = sliding_window_mask
+
+
+def _hybrid_final_norm() -> None:
+    from megatron.core.models.hybrid import hybrid_block
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    hybrid_block.TENorm = WrappedTorchNorm
+
+
+WORKAROUNDS: dict[str, Workaround] = {
+    w.name: w
+    for w in (
+        Workaround(
+            "device_queries",
+            "MCore allocates on torch.cuda.current_device() and orders work on CUDA streams.",
+            _cpu_device_queries,
+        ),
+        Workaround(
+            "rng_tracker",
+            "MCore's model-parallel RNG tracker forks CUDA generator states.",
+            _cpu_rng_tracker,
+        ),
+        Workaround(
+            "global_memory_buffer",
+            "TP layers read a global buffer that only initialize_model_parallel creates.",
+            _global_memory_buffer,
+        ),
+        Workaround(
+            "attention_masks",
+            "The default causal / sliding-window masks are created on device='cuda'.",
+            _cpu_attention_masks,
+        ),
+        Workaround(
+            "hybrid_final_norm",
+            "HybridStack hard-wires TENorm as its final norm, even with a local spec.",
+            _hybrid_final_norm,
+        ),
+    )
+}
+
+
+class CPURNGStatesTracker:
+    """MCore's RNG-tracker interface over the CPU generator (named states, ``fork`` swaps them).
+
+    Keeps dropout and per-rank initialisation inside model-parallel regions reproducible on CPU,
+    as MCore's CUDA tracker does on GPU.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+        self._is_initialized = False
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_:
+            raise ValueError(f"RNG seed {seed} is already tracked")
+        if name in self.states_:
+            raise ValueError(f"RNG state {name!r} is already tracked")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise KeyError(f"RNG state {name!r} was never added (seed the tracker first)")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` means CUDA when available, else CPU; anything else is taken as given."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def init_runtime(device: str | torch.device = "auto", *, skip: tuple[str, ...] = ()) -> torch.device:
+    """Prepare this process for MCore on ``device`` and return the resolved device. Idempotent.
+
+    ``skip`` names workarounds to leave out (used by the tests that prove each one is needed).
+    """
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return resolved
+    unknown = set(skip) - set(WORKAROUNDS)
+    if unknown:
+        raise ValueError(f"unknown workaround(s) {sorted(unknown)}; known: {sorted(WORKAROUNDS)}")
+    for name, workaround in WORKAROUNDS.items():
+        if name not in skip and name not in _applied:
+            workaround.apply()
+            _applied.add(name)
+    return resolved
+
+
+def seed_rng(seed: int, *, tp_rank: int = 0, ep_rank: int = 0, etp_rank: int = 0) -> None:
+    """Seed torch and MCore's RNG tracker the way ``model_parallel_cuda_manual_seed`` does.
+
+    The default and data-parallel states get ``seed``; the tensor-parallel state differs by TP
+    rank; the expert state by EP and expert-TP rank. Works on CPU (after ``init_runtime``) and CUDA.
+    """
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    torch.manual_seed(seed)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed(seed)
+    tracker = mcore_random.get_cuda_rng_tracker()
+    tracker.reset()
+    tracker.add(mcore_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(
+        mcore_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank
+    )

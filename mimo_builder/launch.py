@@ -1,0 +1,187 @@
+"""Run a function on N ranks: under torchrun, or by spawning N local gloo processes.
+
+``launch(fn, nproc, *args)`` returns ``[fn(*args) on rank 0, ..., on rank N-1]`` when it spawns,
+or ``[fn(*args)]`` for this rank under torchrun. If any spawned rank raises, the other ranks are
+stopped at once and :class:`RankError` carries the failing rank's number and traceback: a failure
+never turns into a hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import time
+import traceback
+from typing import Any, Callable
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mimo_builder.errors import MimoError
+
+DEFAULT_INIT_TIMEOUT_S = 120.0
+_POLL_S = 0.2
+_GRACE_S = 1.0  # how long to wait for other ranks' reports after a failure
+
+
+class RankError(MimoError, RuntimeError):
+    """A rank raised; carries its rank number and formatted traceback."""
+
+    def __init__(self, rank: int, trace: str):
+        self.rank = rank
+        self.trace = trace
+        super().__init__(f"rank {rank} failed:\n{trace}")
+
+
+def under_torchrun() -> bool:
+    """True when the torchrun/elastic environment variables describe this process."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def default_backend() -> str:
+    """NCCL when this process sees a GPU, gloo otherwise."""
+    import torch
+
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def launch(
+    fn: Callable[..., Any],
+    nproc: int,
+    *args: Any,
+    timeout_s: float | None = None,
+    init_timeout_s: float = DEFAULT_INIT_TIMEOUT_S,
+    backend: str | None = None,
+) -> list[Any]:
+    """Run ``fn(*args)`` on ``nproc`` ranks with ``torch.distributed`` initialised.
+
+    Under torchrun the current process is one rank (``nproc`` must equal WORLD_SIZE). Otherwise
+    ``nproc`` processes are spawned (``fn`` and ``args`` must be picklable). ``timeout_s`` bounds
+    the whole spawned run; ``init_timeout_s`` is the process-group timeout for collectives.
+    """
+    if nproc < 1:
+        raise ValueError(f"launch: nproc must be >= 1, got {nproc}")
+    if under_torchrun():
+        return [_run_here(fn, nproc, args, init_timeout_s, backend)]
+    return _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend or "gloo")
+
+
+def _run_here(fn, nproc, args, init_timeout_s, backend):
+    world = int(os.environ["WORLD_SIZE"])
+    if world != nproc:
+        raise ValueError(f"launch: nproc={nproc} but torchrun started WORLD_SIZE={world}")
+    if not dist.is_initialized():
+        if "LOCAL_RANK" in os.environ and default_backend() == "nccl":
+            import torch
+
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(
+            backend or default_backend(), timeout=datetime.timedelta(seconds=init_timeout_s)
+        )
+    return fn(*args)
+
+
+def _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend):
+    # The parent owns the rendezvous store on a port the OS picks: no port races between tests.
+    store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False)
+    ctx = mp.get_context("spawn")
+    results: queue.Queue = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            args=(rank, nproc, store.port, init_timeout_s, backend, fn, args, results),
+            daemon=True,
+        )
+        for rank in range(nproc)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        values = _collect(procs, results, nproc, timeout_s)
+    except BaseException:
+        _kill(procs)
+        raise
+    for p in procs:
+        p.join(timeout=10.0)
+    _kill(procs)
+    del store
+    return values
+
+
+def _rank_main(rank, nproc, port, init_timeout_s, backend, fn, args, results):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        timeout = datetime.timedelta(seconds=init_timeout_s)
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=nproc, timeout=timeout)
+        value = fn(*args)
+        results.put((rank, True, value))
+    except BaseException:  # report everything, including SystemExit and KeyboardInterrupt
+        results.put((rank, False, traceback.format_exc()))
+        return
+    try:
+        dist.barrier()  # keep every rank's groups alive until all are done
+        dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+def _collect(procs, results, nproc, timeout_s):
+    values: dict[int, Any] = {}
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while len(values) < nproc:
+        try:
+            rank, ok, payload = results.get(timeout=_POLL_S)
+        except queue.Empty:
+            if _dead_ranks(procs, values):
+                _raise_root_cause(procs, results, values, {})
+            if deadline is not None and time.monotonic() > deadline:
+                missing = sorted(set(range(nproc)) - set(values))
+                raise RankError(missing[0], f"timed out after {timeout_s:.0f}s; ranks {missing} unfinished")
+            continue
+        if not ok:
+            _raise_root_cause(procs, results, values, {rank: payload})
+        values[rank] = payload
+    return [values[r] for r in range(nproc)]
+
+
+def _dead_ranks(procs, done) -> dict[int, str]:
+    # A rank that exits normally has queued its report first; a non-zero exit never reports.
+    return {
+        rank: f"process exited with code {p.exitcode} without reporting"
+        for rank, p in enumerate(procs)
+        if rank not in done and p.exitcode not in (None, 0)
+    }
+
+
+def _raise_root_cause(procs, results, done, failures):
+    """Wait briefly for the other reports, then raise for the rank most likely at fault.
+
+    A peer's death makes the healthy ranks fail in their collectives too; a rank that died
+    without reporting, else the first rank that reported, is the root cause.
+    """
+    grace_end = time.monotonic() + _GRACE_S
+    while time.monotonic() < grace_end:
+        try:
+            rank, ok, payload = results.get(timeout=_POLL_S)
+        except queue.Empty:
+            continue
+        if not ok:
+            failures.setdefault(rank, payload)
+    dead = _dead_ranks(procs, set(done) | set(failures))
+    cause = min(dead) if dead else next(iter(failures))
+    trace = {**failures, **dead}[cause]
+    others = sorted((set(failures) | set(dead)) - {cause})
+    if others:
+        trace += f"\n(ranks {others} failed too, most likely as a consequence)"
+    raise RankError(cause, trace)
+
+
+def _kill(procs):
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join()

@@ -1,0 +1,164 @@
+"""Per-node parallel layout -> HyperCommGrid -> ProcessGroupCollection, with group sharing.
+
+A :class:`Layout` is a contiguous rank range (``offset``, ``size``) split as
+``tp * cp * dp * pp`` (dp derived), plus an expert factorisation ``etp * ep * edp * pp``.
+:func:`create_process_groups` makes one grid and one set of groups per distinct layout; every
+rank must call it with the same layouts, because ``new_group`` is collective over WORLD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+from megatron.core.hyper_comm_grid import HyperCommGrid
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+# Base grid, fastest-varying first (MCore's default order "tp-cp-ep-dp-pp" without ep).
+BASE_DIMS = ("tp", "cp", "dp", "pp")
+EXPERT_DIMS = ("etp", "ep", "edp", "pp")
+
+# ProcessGroupCollection field -> dims of the base grid.
+BASE_GROUPS = {
+    "tp": ("tp",),
+    "cp": ("cp",),
+    "dp": ("dp",),
+    "pp": ("pp",),
+    "dp_cp": ("dp", "cp"),
+    "tp_cp": ("tp", "cp"),
+    "mp": ("tp", "pp"),
+    "tp_dp_cp": ("tp", "dp", "cp"),
+}
+# ProcessGroupCollection field -> dims of the expert view.
+EXPERT_GROUPS = {
+    "ep": ("ep",),
+    "expt_tp": ("etp",),
+    "expt_dp": ("edp",),
+    "tp_ep": ("etp", "ep"),
+    "tp_ep_pp": ("etp", "ep", "pp"),
+}
+
+
+@dataclass(frozen=True, order=True)
+class Layout:
+    """A node's ranks and their factorisation. ``dp`` and ``edp`` are derived."""
+
+    offset: int
+    size: int
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 0  # 0 means "same as tp"
+
+    @property
+    def expert_tp(self) -> int:
+        return self.etp or self.tp
+
+    @property
+    def dp(self) -> int:
+        return self.size // (self.tp * self.cp * self.pp)
+
+    @property
+    def edp(self) -> int:
+        return self.size // (self.expert_tp * self.ep * self.pp)
+
+    @property
+    def ranks(self) -> range:
+        return range(self.offset, self.offset + self.size)
+
+    def problems(self) -> list[str]:
+        """Arithmetic errors of this layout, each with the numbers and a fix."""
+        out = []
+        if self.offset < 0 or self.size < 1:
+            out.append(f"offset must be >= 0 and size >= 1 (got offset={self.offset}, size={self.size})")
+            return out
+        for name in ("tp", "cp", "pp", "ep", "expert_tp"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if out:
+            return out
+        model = self.tp * self.cp * self.pp
+        if self.size % model:
+            out.append(
+                f"size {self.size} is not divisible by tp*cp*pp = {self.tp}*{self.cp}*{self.pp} = {model}; "
+                f"choose a size that is a multiple of {model}"
+            )
+        expert = self.expert_tp * self.ep * self.pp
+        if not out and self.size % expert:
+            out.append(
+                f"size {self.size} is not divisible by etp*ep*pp = {self.expert_tp}*{self.ep}*{self.pp} = {expert}; "
+                f"ep*etp must divide tp*cp*dp = {self.size // self.pp}"
+            )
+        return out
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """This rank's coordinates along tp/cp/dp/pp (``rank`` must be in ``ranks``)."""
+        local, out = rank - self.offset, {}
+        for name, extent in zip(BASE_DIMS, (self.tp, self.cp, self.dp, self.pp)):
+            out[name], local = local % extent, local // extent
+        return out
+
+
+@dataclass
+class ProcessGroups:
+    """Groups created for a set of layouts: a collection per layout this rank belongs to."""
+
+    collections: dict[Layout, ProcessGroupCollection] = field(default_factory=dict)
+    grids: dict[Layout, HyperCommGrid] = field(default_factory=dict)
+    num_groups: int = 0  # subgroup enumerations created (each a collective new_group call set)
+
+    def for_layout(self, layout: Layout) -> ProcessGroupCollection | None:
+        """This rank's collection for ``layout``, or None if the rank is outside it."""
+        return self.collections.get(layout)
+
+
+def create_process_groups(layouts, backend: str | None = None) -> ProcessGroups:
+    """Create one grid and one set of groups per distinct layout, in a deterministic order.
+
+    Every rank must call this with the same layouts. Returns the collections of the layouts
+    that hold this rank, and how many group enumerations were created in all.
+    """
+    result = ProcessGroups()
+    rank = dist.get_rank()
+    for layout in sorted(set(layouts)):
+        grid, pgs, count = _create_layout_groups(layout, backend)
+        result.grids[layout] = grid
+        result.num_groups += count
+        if rank in layout.ranks:
+            result.collections[layout] = ProcessGroupCollection(**pgs)
+    return result
+
+
+def count_process_groups(layouts) -> int:
+    """How many group enumerations :func:`create_process_groups` would create (no processes)."""
+    return len(set(layouts)) * group_count_per_layout()
+
+
+def group_count_per_layout() -> int:
+    return len(BASE_GROUPS) + len(EXPERT_GROUPS) + 2  # + embd, pos_embd
+
+
+def _create_layout_groups(layout: Layout, backend):
+    grid = HyperCommGrid(
+        [layout.tp, layout.cp, layout.dp, layout.pp], list(BASE_DIMS), layout.offset, backend
+    )
+    grid.register_view(
+        "expert",
+        [layout.expert_tp, layout.ep, layout.edp, layout.pp],
+        list(EXPERT_DIMS),
+        shared_dims=["pp"],
+    )
+    pgs = {name: grid.create_pg(list(dims)) for name, dims in BASE_GROUPS.items()}
+    for name, dims in EXPERT_GROUPS.items():
+        # A dim shared with the base view reuses the base group instead of creating one.
+        pgs[name] = grid.create_pg(list(dims), view="expert") if dims != ("pp",) else pgs["pp"]
+    pp_stages = grid.get_rank_enum("pp")
+    pgs["embd"] = _subgroup([sorted({s[0], s[-1]}) for s in pp_stages], backend)
+    pgs["pos_embd"] = _subgroup([[s[0]] for s in pp_stages], backend)
+    return grid, pgs, group_count_per_layout()
+
+
+def _subgroup(enumeration: list[list[int]], backend):
+    group, _ = dist.new_subgroups_by_enumeration(enumeration, backend=backend)
+    return group

@@ -1,0 +1,56 @@
+"""The launch helper: results in rank order; a failing rank stops every rank with its traceback."""
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from mimo_builder.launch import RankError, launch
+
+
+def _rank_and_sum():
+    value = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(value)
+    return dist.get_rank(), dist.get_world_size(), float(value)
+
+
+def _raise_on_rank(bad_rank):
+    if dist.get_rank() == bad_rank:
+        raise ValueError(f"injected failure on rank {bad_rank}")
+    dist.barrier()  # the healthy ranks wait on a collective that never completes
+    return "unreachable"
+
+
+def _exit_on_rank(bad_rank):
+    if dist.get_rank() == bad_rank:
+        os._exit(3)
+    dist.barrier()
+
+
+def test_results_come_back_in_rank_order():
+    results = launch(_rank_and_sum, 3, timeout_s=120)
+    assert results == [(r, 3, 6.0) for r in range(3)]
+
+
+def test_a_raising_rank_stops_all_ranks_with_its_traceback():
+    start = time.monotonic()
+    with pytest.raises(RankError) as err:
+        launch(_raise_on_rank, 4, 2, timeout_s=120)
+    assert time.monotonic() - start < 30
+    assert err.value.rank == 2
+    assert "injected failure on rank 2" in err.value.trace
+    assert "_raise_on_rank" in err.value.trace  # the traceback, not only the message
+
+
+def test_a_rank_that_dies_is_reported():
+    with pytest.raises(RankError) as err:
+        launch(_exit_on_rank, 2, 1, timeout_s=120)
+    assert err.value.rank == 1
+    assert "exited with code 3" in err.value.trace
+
+
+def test_timeout_is_an_error_not_a_hang():
+    with pytest.raises(RankError, match="timed out"):
+        launch(time.sleep, 1, 30, timeout_s=3)
