@@ -11,7 +11,9 @@ Mamba submodel (``submodels/mamba_kernels.py``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,6 +55,10 @@ def _cpu_device_queries() -> None:
     torch.cuda.current_stream = lambda device=None: _NullStream()
     torch.cuda.Stream = _NullStream
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+
+
+def _tensor_cuda_noop() -> None:
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
 
 def _cpu_rng_tracker() -> None:
@@ -100,6 +106,11 @@ WORKAROUNDS: dict[str, Workaround] = {
             "device_queries",
             "MCore allocates on torch.cuda.current_device() and orders work on CUDA streams.",
             _cpu_device_queries,
+        ),
+        Workaround(
+            "tensor_cuda",
+            "MCore moves tensors with Tensor.cuda() (tied embeddings across pipeline stages).",
+            _tensor_cuda_noop,
         ),
         Workaround(
             "rng_tracker",
@@ -170,6 +181,14 @@ class CPURNGStatesTracker:
         finally:
             self.states_[name] = torch.get_rng_state()
             torch.set_rng_state(outer)
+
+
+def quiet_dependency_warnings() -> None:
+    """Hide the import-time notices of MCore and torch about optional packages (TE, Apex,
+    absl, CUDA) that a CPU run does not have; errors and our own warnings still show."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

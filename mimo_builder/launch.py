@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import time
 import traceback
@@ -18,6 +19,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mimo_builder.compat import quiet_dependency_warnings
 from mimo_builder.errors import MimoError
 
 DEFAULT_INIT_TIMEOUT_S = 120.0
@@ -112,11 +114,14 @@ def _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend):
 def _rank_main(rank, nproc, port, init_timeout_s, backend, fn, args, results):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    quiet_dependency_warnings()
     try:
         timeout = datetime.timedelta(seconds=init_timeout_s)
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
         dist.init_process_group(backend, store=store, rank=rank, world_size=nproc, timeout=timeout)
-        value = fn(*args)
+        # Plain pickle copies tensor data; the multiprocessing pickler would share storage
+        # through file descriptors that die with this process.
+        value = pickle.dumps(fn(*args))
         results.put((rank, True, value))
     except BaseException:  # report everything, including SystemExit and KeyboardInterrupt
         results.put((rank, False, traceback.format_exc()))
@@ -144,7 +149,7 @@ def _collect(procs, results, nproc, timeout_s):
         if not ok:
             _raise_root_cause(procs, results, values, {rank: payload})
         values[rank] = payload
-    return [values[r] for r in range(nproc)]
+    return [pickle.loads(values[r]) for r in range(nproc)]
 
 
 def _dead_ranks(procs, done) -> dict[int, str]:

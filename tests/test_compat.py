@@ -66,13 +66,37 @@ def _hybrid_stack_with_final_norm(skip: tuple[str, ...]) -> int:
     return out.numel()
 
 
+def _tied_embeddings_across_pipeline_stages(skip: tuple[str, ...]) -> int:
+    """Build a GPTModel stage with tied embeddings at PP=2: MCore syncs them with Tensor.cuda()."""
+    import torch.distributed as dist
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    from mimo_builder.placement import Layout, create_process_groups
+
+    compat.init_runtime("cpu", skip=skip)
+    layout = Layout(offset=0, size=dist.get_world_size(), pp=2)
+    pgs = create_process_groups([layout]).for_layout(layout)
+    config = TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2,
+                               use_cpu_initialization=True, pipeline_model_parallel_size=2,
+                               pipeline_dtype=torch.float32)
+    first = pgs.pp.rank() == 0
+    model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=32, max_sequence_length=8,
+                     pre_process=first, post_process=not first, pg_collection=pgs,
+                     share_embeddings_and_output_weights=True)
+    return sum(p.numel() for p in model.parameters())
+
+
 def _run(scenario, skip):
-    return launch(scenario, 1, skip, timeout_s=SCENARIO_TIMEOUT_S)[0]
+    nproc = 2 if scenario is _tied_embeddings_across_pipeline_stages else 1  # PP=2 needs 2 ranks
+    return launch(scenario, nproc, skip, timeout_s=SCENARIO_TIMEOUT_S)[0]
 
 
 # workaround -> (scenario that needs it, text expected in the failure without it)
 NEEDED_BY = {
     "device_queries": (_tiny_gpt_train_step, "NVIDIA driver"),
+    "tensor_cuda": (_tied_embeddings_across_pipeline_stages, "NVIDIA driver"),
     "rng_tracker": (_tiny_gpt_train_step, "driver"),
     "global_memory_buffer": (_tiny_gpt_train_step, "global memory buffer is not initialized"),
     "attention_masks": (_tiny_gpt_train_step, "NVIDIA driver"),
@@ -86,7 +110,8 @@ def test_every_workaround_has_a_reason_and_a_test():
         assert workaround.reason.endswith(".") and "\n" not in workaround.reason
 
 
-@pytest.mark.parametrize("scenario", [_tiny_gpt_train_step, _hybrid_stack_with_final_norm])
+@pytest.mark.parametrize("scenario", [_tiny_gpt_train_step, _hybrid_stack_with_final_norm,
+                                      _tied_embeddings_across_pipeline_stages])
 def test_scenarios_pass_with_all_workarounds(scenario):
     assert _run(scenario, ()) > 0
 

@@ -1,0 +1,134 @@
+"""ModelBuilder: MCore's builder interface, plus ports and one shared distributed path.
+
+Subclasses MCore 0.19's ``megatron.training.models.base.ModelBuilder`` and keeps its exact
+signatures, so Megatron-Bridge's training setup can call our builders unchanged. A concrete
+builder implements ``build_model``, ``transformer_config`` and ``ports``; the distributed
+lifecycle (VP chunks, meta init, mixed precision, DDP, hooks) is shared in
+:mod:`mimo_builder.distributed`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.enums import ModelType
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer import MegatronModule, TransformerConfig
+from megatron.core.transformer.module import Float16Module
+from megatron.training.models import base as mcore_base
+from megatron.training.models.base import compose_hooks
+
+from mimo_builder import distributed
+from mimo_builder.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Port:
+    """A named tensor a node consumes or produces.
+
+    ``dims`` labels the axes (e.g. ``("batch", "tokens", "hidden")``); ``features`` is the size
+    of the last axis where it is fixed by the config (None where it varies, e.g. token ids).
+    """
+
+    name: str
+    dims: tuple[str, ...]
+    features: int | None = None
+    required: bool = True
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Ports:
+    """A builder's inputs and outputs, by name."""
+
+    inputs: dict[str, Port] = field(default_factory=dict)
+    outputs: dict[str, Port] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, inputs: list[Port], outputs: list[Port]) -> "Ports":
+        return cls({p.name: p for p in inputs}, {p.name: p for p in outputs})
+
+
+class ModelBuilder(mcore_base.ModelBuilder):
+    """Builds one node's model from its :class:`ModelConfig`, on the process groups it is given.
+
+    ``config_class`` names the config type this builder takes (used to rebuild configs from
+    dicts). Builders are stateless factories: the config is read, never modified.
+    """
+
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
+
+    def __init__(self, model_config: ModelConfig):
+        if not isinstance(model_config, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, "
+                            f"got {type(model_config).__name__}")
+        super().__init__(model_config)
+        self._transformer_configs: dict[int, tuple[ProcessGroupCollection, TransformerConfig]] = {}
+
+    @property
+    def config(self) -> ModelConfig:
+        return self._model_config
+
+    @abc.abstractmethod
+    def ports(self) -> Ports:
+        """Named inputs and outputs with their feature sizes, used to check graph edges."""
+
+    def transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
+        """The MCore TransformerConfig for builds on ``pg_collection``: one object shared by
+        every chunk and by the distributed wrapping, as in MCore."""
+        cached = self._transformer_configs.get(id(pg_collection))
+        if cached is None or cached[0] is not pg_collection:
+            cached = (pg_collection, self.make_transformer_config(pg_collection))
+            self._transformer_configs[id(pg_collection)] = cached
+        return cached[1]
+
+    @abc.abstractmethod
+    def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
+        """A new TransformerConfig for ``pg_collection`` (parallel sizes from its groups)."""
+
+    @abc.abstractmethod
+    def build_model(
+        self,
+        pg_collection: ProcessGroupCollection,
+        pre_process: bool | None = None,
+        post_process: bool | None = None,
+        vp_stage: int | None = None,
+    ) -> MegatronModule:
+        """Build one (virtual) pipeline stage of the model on ``pg_collection``."""
+
+    def build_distributed_models(
+        self,
+        pg_collection: ProcessGroupCollection,
+        ddp_config: DistributedDataParallelConfig | None = None,
+        overlap_param_gather_with_optimizer_step: bool = False,
+        use_megatron_fsdp: bool = False,
+        use_torch_fsdp2: bool = False,
+        wrap_with_ddp: bool = True,
+        data_parallel_random_init: bool = False,
+        mixed_precision_wrapper: Callable[[Any, MegatronModule], MegatronModule] | None = Float16Module,
+        model_type: ModelType = ModelType.encoder_or_decoder,
+    ) -> list[MegatronModule]:
+        """Build every model chunk of this rank and wrap it for distributed training.
+
+        Same parameters as MCore 0.19.2's ``ModelBuilder.build_distributed_models``; returns the
+        list of chunks (one per virtual pipeline stage). Pre-wrap hooks run before wrapping,
+        post-wrap hooks after, each list in declared order.
+        """
+        chunks = distributed.build_distributed_models(
+            self.build_model,
+            self.transformer_config(pg_collection),
+            pg_collection,
+            ddp_config=ddp_config,
+            overlap_param_gather_with_optimizer_step=overlap_param_gather_with_optimizer_step,
+            use_megatron_fsdp=use_megatron_fsdp,
+            use_torch_fsdp2=use_torch_fsdp2,
+            wrap_with_ddp=wrap_with_ddp,
+            data_parallel_random_init=data_parallel_random_init,
+            mixed_precision_wrapper=mixed_precision_wrapper,
+            pre_wrap_hook=compose_hooks(self.config.resolved_hooks("pre_wrap_hooks")),
+            model_type=model_type,
+        )
+        return compose_hooks(self.config.resolved_hooks("post_wrap_hooks"))(chunks)

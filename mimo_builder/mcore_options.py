@@ -1,0 +1,83 @@
+"""Validate option dicts passed through to MCore dataclasses (TransformerConfig, DDP config).
+
+Documents carry MCore options as plain dicts so they stay serializable. Each key is checked
+against the dataclass's fields (an unknown key names the closest valid ones) and each value
+against the field's type where pydantic can express that type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import typing
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, TypeAdapter, ValidationError
+
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.transformer import TransformerConfig
+
+
+def closest(name: str, candidates, n: int = 3) -> str:
+    """'did you mean ...' text for ``name`` among ``candidates`` (empty when nothing is close)."""
+    matches = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""
+
+
+def check_options(dataclass_type: type, options: dict[str, Any]) -> dict[str, Any]:
+    """Return ``options`` if every key is a field of ``dataclass_type`` with a value of its type.
+
+    Raises ValueError naming the first bad key; pydantic adds the location it was found at.
+    """
+    if not isinstance(options, dict):
+        raise ValueError(f"expected a mapping of {dataclass_type.__name__} options, got {type(options).__name__}")
+    fields = _init_fields(dataclass_type)
+    for key, value in options.items():
+        if key not in fields:
+            raise ValueError(
+                f"unknown {dataclass_type.__name__} option {key!r}{closest(key, fields)}"
+            )
+        adapter = _adapter(dataclass_type, key)
+        if adapter is not None:
+            try:
+                adapter.validate_python(value, strict=False)
+            except ValidationError as err:
+                expected = _type_hints(dataclass_type)[key]
+                raise ValueError(
+                    f"{dataclass_type.__name__} option {key!r}={value!r} is not a valid {_type_name(expected)}: "
+                    f"{err.errors()[0]['msg']}"
+                ) from None
+    return options
+
+
+def options_type(dataclass_type: type):
+    """A pydantic field type: a dict of options checked against ``dataclass_type``."""
+    return Annotated[dict[str, Any], AfterValidator(functools.partial(check_options, dataclass_type))]
+
+
+TransformerOptions = options_type(TransformerConfig)
+DDPOptions = options_type(DistributedDataParallelConfig)
+
+
+@functools.cache
+def _init_fields(dataclass_type: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(dataclass_type) if f.init)
+
+
+@functools.cache
+def _type_hints(dataclass_type: type) -> dict[str, Any]:
+    return typing.get_type_hints(dataclass_type)
+
+
+@functools.cache
+def _adapter(dataclass_type: type, key: str) -> TypeAdapter | None:
+    """A validator for the field's type, or None when pydantic cannot express it (callables...)."""
+    try:
+        return TypeAdapter(_type_hints(dataclass_type)[key])
+    except Exception:
+        return None
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

@@ -1,0 +1,148 @@
+"""Shared fields of MCore transformer-based node configs, and their TransformerConfig.
+
+Parallel sizes are not config: they come from the process groups the node is built on, so
+the same document builds at any TP/PP/CP/EP. The ``transformer`` dict passes any other
+TransformerConfig option through, checked against its fields.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Literal
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer import TransformerConfig
+from pydantic import Field, PositiveInt
+
+from mimo_builder.compat import resolve_device
+from mimo_builder.config import ModelConfig
+from mimo_builder.errors import ConfigError
+from mimo_builder.mcore_options import TransformerOptions
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Options owned by named fields or by the process groups; refused in the passthrough dict.
+_OWNED_OPTIONS = {
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+    "bf16", "fp16", "params_dtype", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+    "context_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size",
+}
+
+
+class TransformerModelConfig(ModelConfig):
+    """Fields common to nodes built from MCore transformer blocks."""
+
+    num_layers: PositiveInt
+    """Number of layers (for a hybrid backbone: length of the layer pattern without '|')."""
+
+    hidden_size: PositiveInt
+    """Model width."""
+
+    num_attention_heads: PositiveInt
+    """Attention heads; must divide hidden_size and be divisible by TP."""
+
+    num_query_groups: PositiveInt | None = None
+    """Key/value head groups for grouped-query attention (None: one per head)."""
+
+    ffn_hidden_size: PositiveInt | None = None
+    """MLP width (None: 4 * hidden_size)."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Parameter dtype; bf16/fp16 wrap the model in MCore's Float16Module."""
+
+    impl: Literal["auto", "te", "local"] = "auto"
+    """Layer implementation: Transformer Engine ('te'), torch/MCore-local ('local'), or TE when importable."""
+
+    hidden_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    """Dropout after attention/MLP blocks."""
+
+    attention_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    """Dropout on attention probabilities."""
+
+    transformer: TransformerOptions = Field(default_factory=dict)
+    """Any other TransformerConfig option, by its MCore field name."""
+
+    def model_post_init(self, __context: Any) -> None:
+        owned = sorted(set(self.transformer) & _OWNED_OPTIONS)
+        if owned:
+            raise ValueError(f"transformer: {owned} are set by named fields or by the node's placement, "
+                             "not in the transformer dict")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                             f"{self.num_attention_heads}")
+        if self.num_query_groups and self.num_attention_heads % self.num_query_groups:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
+                             f"num_query_groups {self.num_query_groups}")
+
+    def tp_problems(self, tp: int) -> list[str]:
+        """Why this config cannot be split over ``tp`` ranks (empty when it can)."""
+        out = []
+        if self.num_attention_heads % tp:
+            out.append(f"num_attention_heads {self.num_attention_heads} is not divisible by tp {tp}")
+        groups = self.num_query_groups or self.num_attention_heads
+        if groups % tp:
+            out.append(f"num_query_groups {groups} is not divisible by tp {tp}")
+        return out
+
+
+def use_te(impl: str) -> bool:
+    """Whether to build with Transformer Engine layers for ``impl``."""
+    available = te_available()
+    if impl == "te" and not available:
+        raise ConfigError("impl='te' needs Transformer Engine: pip install -e '.[gpu]' on a CUDA machine")
+    return impl == "te" or (impl == "auto" and available)
+
+
+@functools.cache
+def te_available() -> bool:
+    """Transformer Engine imports and a GPU is present."""
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
+    """Vocab padded to a multiple of ``multiple * tp`` as Megatron does."""
+    step = multiple * tp
+    return int(math.ceil(vocab_size / step) * step)
+
+
+def make_transformer_config(
+    cfg: TransformerModelConfig,
+    pg_collection: ProcessGroupCollection,
+    device: str | torch.device = "auto",
+    **model_options: Any,
+) -> TransformerConfig:
+    """TransformerConfig for ``cfg`` on ``pg_collection``'s sizes; ``model_options`` are the
+    model-specific fields a concrete builder adds."""
+    on_cpu = resolve_device(device).type == "cpu"
+    options = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        bf16=cfg.dtype == "bf16",
+        fp16=cfg.dtype == "fp16",
+        params_dtype=DTYPES[cfg.dtype],
+        pipeline_dtype=DTYPES[cfg.dtype],
+        tensor_model_parallel_size=pg_collection.tp.size(),
+        pipeline_model_parallel_size=pg_collection.pp.size(),
+        context_parallel_size=pg_collection.cp.size(),
+        expert_model_parallel_size=pg_collection.ep.size(),
+        expert_tensor_parallel_size=pg_collection.expt_tp.size(),
+        use_cpu_initialization=on_cpu,
+    )
+    options.update(model_options)
+    options.update(cfg.transformer)
+    if on_cpu:
+        options["use_cpu_initialization"] = True  # MCore's default init allocates on the GPU
+    try:
+        return TransformerConfig(**options)
+    except (AssertionError, ValueError) as err:
+        raise ConfigError(f"{type(cfg).__name__}: MCore rejected the TransformerConfig: {err}") from err

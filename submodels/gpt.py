@@ -1,0 +1,86 @@
+"""GPT: a decoder-only transformer language model on MCore's GPTModel."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer import TransformerConfig
+from pydantic import PositiveInt
+
+from mimo_builder.builder import ModelBuilder, Port, Ports
+from mimo_builder.transformer_config import (
+    TransformerModelConfig,
+    make_transformer_config,
+    padded_vocab_size,
+    use_te,
+)
+
+
+class GPTConfig(TransformerModelConfig):
+    """A GPT language model."""
+
+    builder: str = "gpt"
+    """Builder of this node (registered name or 'module:Class')."""
+
+    vocab_size: PositiveInt
+    """Tokenizer vocabulary size (padded for TP at build time)."""
+
+    make_vocab_size_divisible_by: PositiveInt = 128
+    """Pad the vocabulary to a multiple of this times TP."""
+
+    seq_length: PositiveInt
+    """Maximum sequence length."""
+
+    position_embedding_type: Literal["learned_absolute", "rope", "none"] = "rope"
+    """How positions are encoded."""
+
+    share_embeddings_and_output_weights: bool = True
+    """Tie the output layer to the input embedding."""
+
+
+class GPTBuilder(ModelBuilder):
+    """Builds MCore's GPTModel (Transformer Engine spec when available, else the local spec)."""
+
+    config_class = GPTConfig
+
+    def ports(self) -> Ports:
+        cfg = self.config
+        return Ports.of(
+            inputs=[
+                Port("input_ids", ("batch", "tokens")),
+                Port("position_ids", ("batch", "tokens"), required=False),
+                Port("labels", ("batch", "tokens"), required=False),
+                Port("loss_mask", ("batch", "tokens"), required=False),
+            ],
+            outputs=[
+                Port("logits", ("batch", "tokens", "vocab"), cfg.vocab_size),
+                Port("loss", ("batch", "tokens")),
+            ],
+        )
+
+    def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
+        return make_transformer_config(self.config, pg_collection)
+
+    def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None) -> GPTModel:
+        from megatron.core.models.gpt import gpt_layer_specs
+
+        cfg = self.config
+        config = self.transformer_config(pg_collection)
+        if use_te(cfg.impl):
+            spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        else:
+            spec = gpt_layer_specs.get_gpt_layer_local_spec()
+        return GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, pg_collection.tp.size()),
+            max_sequence_length=cfg.seq_length,
+            pre_process=True if pre_process is None else pre_process,
+            post_process=True if post_process is None else post_process,
+            share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+            position_embedding_type=cfg.position_embedding_type,
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
