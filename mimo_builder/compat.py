@@ -51,7 +51,8 @@ class _NullStream:
 
 
 def _cpu_device_queries() -> None:
-    torch.cuda.current_device = lambda: torch.device("cpu")
+    # None, not "cpu": `torch.empty(..., device=None)` honours an enclosing torch.device("meta").
+    torch.cuda.current_device = lambda: None
     torch.cuda.current_stream = lambda device=None: _NullStream()
     torch.cuda.Stream = _NullStream
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
@@ -173,7 +174,7 @@ class CPURNGStatesTracker:
     @contextlib.contextmanager
     def fork(self, name: str = "model-parallel-rng"):
         if name not in self.states_:
-            raise KeyError(f"RNG state {name!r} was never added (seed the tracker first)")
+            raise RuntimeError(f"RNG state {name!r} was never added: call compat.seed_rng(seed) first")
         outer = torch.get_rng_state()
         torch.set_rng_state(self.states_[name])
         try:
@@ -183,12 +184,28 @@ class CPURNGStatesTracker:
             torch.set_rng_state(outer)
 
 
+def prepare_mamba_ssm_import() -> None:
+    """Attempt ``import mamba_ssm`` once, before anything imports MCore's Mamba modules.
+
+    Without its CUDA extension, ``import mamba_ssm`` raises (its ``__init__`` imports
+    ``selective_scan_cuda``), but the failed attempt leaves ``mamba_ssm.ops.triton.*`` in
+    ``sys.modules``, which is all MCore's MambaMixer imports. Importing
+    ``megatron.training.models`` imports that mixer, so this must run first: the package
+    ``mimo_builder`` calls it on import. Without mamba-ssm installed it does nothing.
+    """
+    try:
+        import mamba_ssm  # noqa: F401
+    except ImportError:
+        pass
+
+
 def quiet_dependency_warnings() -> None:
     """Hide the import-time notices of MCore and torch about optional packages (TE, Apex,
     absl, CUDA) that a CPU run does not have; errors and our own warnings still show."""
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # DDP lists every parameter at INFO
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
