@@ -1,0 +1,279 @@
+"""Mamba / hybrid backbone: MambaConfig + MambaBuilder on MCore's HybridModel.
+
+A ``hybrid_layer_pattern`` names each layer with MCore's symbols (``M`` Mamba-2, ``*``
+attention, ``-`` MLP, ``E`` mixture of experts; ``|`` splits pipeline stages). On CPU the
+pure-torch kernels of :mod:`submodels.mamba_kernels` stand in for mamba-ssm's Triton kernels,
+so MCore's own MambaMixer runs unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch.nn.functional as F
+from pydantic import PositiveInt, model_validator
+
+from submodels import mamba_kernels
+
+mamba_kernels.ensure_mamba_ssm_importable()  # fails loudly if MCore's mixer loaded without mamba-ssm
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec  # noqa: E402
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec  # noqa: E402
+from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules  # noqa: E402
+from megatron.core.models.hybrid.hybrid_model import HybridModel  # noqa: E402
+from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
+from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules  # noqa: E402
+from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules  # noqa: E402
+from megatron.core.ssm.mlp_layer import MLPLayer  # noqa: E402
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402
+from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules  # noqa: E402
+from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
+from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
+from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: E402
+from megatron.core.transformer.transformer_layer import (  # noqa: E402
+    MoETransformerLayer,
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
+
+from mimo_builder.builder import ModelBuilder, Port, Ports  # noqa: E402
+from mimo_builder.compat import resolve_device  # noqa: E402
+from mimo_builder.errors import ConfigError  # noqa: E402
+from mimo_builder.transformer_config import (  # noqa: E402
+    TransformerModelConfig,
+    make_transformer_config,
+    padded_vocab_size,
+    use_te,
+)
+
+LAYER_SYMBOLS = {"M": "Mamba-2", "*": "attention", "-": "MLP", "E": "mixture of experts"}
+PIPE = "|"
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu,
+               "squared_relu": lambda x: F.relu(x).pow(2)}
+
+
+class MambaConfig(TransformerModelConfig):
+    """A Mamba-2 / hybrid language model backbone."""
+
+    builder: str = "mamba"
+    """Builder of this node (registered name or 'module:Class')."""
+
+    hybrid_layer_pattern: str
+    """One symbol per layer: M Mamba-2, * attention, - MLP, E MoE; '|' splits pipeline stages."""
+
+    vocab_size: PositiveInt
+    """Tokenizer vocabulary size (padded for TP at build time)."""
+
+    make_vocab_size_divisible_by: PositiveInt = 128
+    """Pad the vocabulary to a multiple of this times TP."""
+
+    seq_length: PositiveInt
+    """Maximum sequence length."""
+
+    position_embedding_type: Literal["learned_absolute", "rope", "none"] = "none"
+    """Position encoding; Mamba layers need none, attention layers may use rope."""
+
+    share_embeddings_and_output_weights: bool = False
+    """Tie the output layer to the input embedding."""
+
+    normalization: Literal["LayerNorm", "RMSNorm"] = "RMSNorm"
+    """Norm used by every layer and the final norm."""
+
+    mlp_activation: Literal["gelu", "relu", "silu", "squared_relu"] = "gelu"
+    """Activation of the MLP and expert layers."""
+
+    mamba_state_dim: PositiveInt = 128
+    """SSM state size per head (d_state)."""
+
+    mamba_head_dim: PositiveInt = 64
+    """Channels per Mamba head."""
+
+    mamba_num_groups: PositiveInt = 8
+    """B/C groups; must divide the Mamba heads and be divisible by TP."""
+
+    mamba_num_heads: PositiveInt | None = None
+    """Mamba heads (None: 2 * hidden_size / mamba_head_dim)."""
+
+    num_experts: PositiveInt | None = None
+    """Experts per MoE layer; required when the pattern has 'E'."""
+
+    moe_router_topk: PositiveInt = 2
+    """Experts each token is routed to."""
+
+    moe_ffn_hidden_size: PositiveInt | None = None
+    """Expert MLP width (None: ffn_hidden_size)."""
+
+    @property
+    def layer_symbols(self) -> str:
+        """The pattern without pipeline separators."""
+        return self.hybrid_layer_pattern.replace(PIPE, "")
+
+    @property
+    def mamba_heads(self) -> int:
+        return self.mamba_num_heads or 2 * self.hidden_size // self.mamba_head_dim
+
+    @model_validator(mode="after")
+    def _check_pattern(self) -> "MambaConfig":
+        unknown = sorted(set(self.layer_symbols) - set(LAYER_SYMBOLS))
+        if unknown:
+            known = ", ".join(f"{k!r} {v}" for k, v in LAYER_SYMBOLS.items())
+            raise ValueError(f"hybrid_layer_pattern: unknown symbol(s) {unknown}; use {known} and '|'")
+        if len(self.layer_symbols) != self.num_layers:
+            raise ValueError(f"hybrid_layer_pattern has {len(self.layer_symbols)} layers but num_layers is "
+                             f"{self.num_layers}; make them equal")
+        if "E" in self.layer_symbols and self.num_experts is None:
+            raise ValueError("hybrid_layer_pattern has MoE layers ('E') but num_experts is not set")
+        if self.mamba_num_heads is None and (2 * self.hidden_size) % self.mamba_head_dim:
+            raise ValueError(f"2 * hidden_size ({2 * self.hidden_size}) is not divisible by mamba_head_dim "
+                             f"{self.mamba_head_dim}; set mamba_num_heads or change mamba_head_dim")
+        if "M" in self.layer_symbols and self.mamba_heads % self.mamba_num_groups:
+            raise ValueError(f"Mamba heads {self.mamba_heads} are not divisible by mamba_num_groups "
+                             f"{self.mamba_num_groups}")
+        return self
+
+    def tp_problems(self, tp: int) -> list[str]:
+        out = super().tp_problems(tp) if "*" in self.layer_symbols else []
+        if "M" in self.layer_symbols:
+            if self.mamba_heads % tp:
+                out.append(f"Mamba heads {self.mamba_heads} are not divisible by tp {tp}")
+            if self.mamba_num_groups % tp:
+                out.append(f"mamba_num_groups {self.mamba_num_groups} is not divisible by tp {tp}")
+        return out
+
+    def pp_problems(self, pp: int) -> list[str]:
+        """Why this pattern cannot be split over ``pp`` pipeline stages (x virtual stages)."""
+        vp = self.transformer.get("virtual_pipeline_model_parallel_size") or 1
+        stages = self.hybrid_layer_pattern.count(PIPE) + 1
+        if PIPE in self.hybrid_layer_pattern and stages != pp * vp:
+            return [f"hybrid_layer_pattern has {stages} '|'-separated stages but pp*vp = {pp}*{vp} = {pp * vp}; "
+                    "use one segment per (virtual) pipeline stage"]
+        if PIPE not in self.hybrid_layer_pattern and self.num_layers % (pp * vp):
+            return [f"num_layers {self.num_layers} is not divisible by pp*vp = {pp * vp}; "
+                    "mark the stage boundaries with '|'"]
+        return []
+
+
+class MambaBuilder(ModelBuilder):
+    """Builds MCore's HybridModel with a Transformer Engine spec when available, else a local one."""
+
+    config_class = MambaConfig
+
+    def ports(self) -> Ports:
+        return Ports.of(
+            inputs=[
+                Port("input_ids", ("batch", "tokens")),
+                Port("position_ids", ("batch", "tokens"), required=False),
+                Port("labels", ("batch", "tokens"), required=False),
+                Port("loss_mask", ("batch", "tokens"), required=False),
+            ],
+            outputs=[
+                Port("logits", ("batch", "tokens", "vocab"), self.config.vocab_size),
+                Port("loss", ("batch", "tokens")),
+            ],
+        )
+
+    def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
+        cfg = self.config
+        moe: dict[str, Any] = {}
+        if cfg.num_experts is not None:
+            moe = dict(num_moe_experts=cfg.num_experts, moe_router_topk=cfg.moe_router_topk,
+                       moe_ffn_hidden_size=cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size,
+                       moe_grouped_gemm=False, moe_token_dispatcher_type="alltoall")
+        return make_transformer_config(
+            cfg, pg_collection,
+            normalization=cfg.normalization,
+            activation_func=ACTIVATIONS[cfg.mlp_activation],
+            mamba_state_dim=cfg.mamba_state_dim,
+            mamba_head_dim=cfg.mamba_head_dim,
+            mamba_num_groups=cfg.mamba_num_groups,
+            mamba_num_heads=cfg.mamba_num_heads,
+            use_mamba_mem_eff_path=False,
+            **moe,
+        )
+
+    def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None) -> HybridModel:
+        from megatron.core.pipeline_parallel.utils import is_pp_first_stage, is_pp_last_stage
+
+        cfg = self.config
+        if resolve_device().type == "cpu":
+            if cfg.transformer.get("use_mamba_mem_eff_path"):
+                raise ConfigError("MambaConfig.transformer.use_mamba_mem_eff_path=True needs mamba-ssm's "
+                                  "fused CUDA kernels; leave it unset on CPU")
+            mamba_kernels.install_cpu_kernels()
+        tp = pg_collection.tp.size()
+        return HybridModel(
+            config=self.transformer_config(pg_collection),
+            hybrid_stack_spec=hybrid_stack_spec(use_te(cfg.impl), cfg.num_experts),
+            vocab_size=padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp),
+            max_sequence_length=cfg.seq_length,
+            hybrid_layer_pattern=cfg.hybrid_layer_pattern,
+            share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+            position_embedding_type=cfg.position_embedding_type,
+            pre_process=is_pp_first_stage(pg_collection.pp) if pre_process is None else pre_process,
+            post_process=is_pp_last_stage(pg_collection.pp) if post_process is None else post_process,
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
+
+
+def hybrid_stack_spec(te: bool, num_experts: int | None = None) -> ModuleSpec:
+    """MCore's TE hybrid spec, or the same structure with torch norms and local linears."""
+    if te:
+        from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec as te_spec
+
+        return te_spec
+    return local_hybrid_stack_spec(num_experts)
+
+
+def local_hybrid_stack_spec(num_experts: int | None = None) -> ModuleSpec:
+    """Hybrid stack without Transformer Engine: separate norms, Column/RowParallelLinear, local attention."""
+    norm = WrappedTorchNorm
+    mamba = ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
+        norm=norm,
+        mixer=ModuleSpec(module=MambaMixer, submodules=MambaMixerSubmodules(
+            in_proj=ColumnParallelLinear, out_proj=RowParallelLinear)),
+        mamba_bda=get_bias_dropout_add))
+    attention = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+        input_layernorm=norm,
+        self_attention=ModuleSpec(
+            module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+            submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear,
+                                               core_attention=DotProductAttention,
+                                               linear_proj=RowParallelLinear)),
+        self_attn_bda=get_bias_dropout_add))
+    mlp = ModuleSpec(module=MLPLayer, submodules=TransformerLayerSubmodules(
+        pre_mlp_layernorm=norm, mlp=get_mlp_module_spec(use_te=False), mlp_bda=get_bias_dropout_add))
+    layers = dict(mamba_layer=mamba, attention_layer=attention, mlp_layer=mlp)
+    if num_experts is not None:
+        layers["moe_layer"] = ModuleSpec(module=MoETransformerLayer, submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=norm,
+            mlp=get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False),
+            mlp_bda=get_bias_dropout_add))
+    return ModuleSpec(module=HybridStack, submodules=HybridStackSubmodules(**layers))
+
+
+# --- presets: real published shapes ---------------------------------------------------------
+
+def mamba2_2p7b(**overrides) -> MambaConfig:
+    """Mamba2-2.7B (state-spaces/mamba2-2.7b): 64 Mamba-2 layers, d_model 2560, tied embeddings."""
+    return MambaConfig(**{**dict(
+        num_layers=64, hidden_size=2560, num_attention_heads=1, hybrid_layer_pattern="M" * 64,
+        vocab_size=50277, make_vocab_size_divisible_by=16, seq_length=2048,
+        share_embeddings_and_output_weights=True, mamba_state_dim=128, mamba_head_dim=64,
+        mamba_num_groups=1), **overrides})
+
+
+NEMOTRON_H_8B_PATTERN = "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"
+
+
+def nemotron_h_8b(**overrides) -> MambaConfig:
+    """Nemotron-H-8B-Base: 24 Mamba-2, 4 attention (GQA 32/8) and 24 squared-ReLU MLP layers."""
+    return MambaConfig(**{**dict(
+        num_layers=52, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+        ffn_hidden_size=21504, hybrid_layer_pattern=NEMOTRON_H_8B_PATTERN, vocab_size=131072,
+        seq_length=8192, position_embedding_type="none", mlp_activation="squared_relu",
+        mamba_state_dim=128, mamba_head_dim=64, mamba_num_groups=8, mamba_num_heads=128,
+        transformer={"kv_channels": 128, "add_bias_linear": False}), **overrides})
