@@ -23,7 +23,7 @@ from mimo_builder.mcore_options import TransformerOptions
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Options owned by named fields or by the process groups; refused in the passthrough dict.
-_OWNED_OPTIONS = {
+OWNED_OPTIONS = {
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
     "bf16", "fp16", "params_dtype", "tensor_model_parallel_size", "pipeline_model_parallel_size",
     "context_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size",
@@ -64,7 +64,7 @@ class TransformerModelConfig(ModelConfig):
     """Any other TransformerConfig option, by its MCore field name."""
 
     def model_post_init(self, __context: Any) -> None:
-        owned = sorted(set(self.transformer) & _OWNED_OPTIONS)
+        owned = sorted(set(self.transformer) & OWNED_OPTIONS)
         if owned:
             raise ValueError(f"transformer: {owned} are set by named fields or by the node's placement, "
                              "not in the transformer dict")

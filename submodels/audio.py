@@ -1,0 +1,137 @@
+"""Audio: a Whisper-like encoder, conv subsampling + MCore TransformerBlock (bidirectional)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer import MegatronModule, TransformerConfig
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from pydantic import PositiveInt
+
+from mimo_builder.builder import ModelBuilder, Port, Ports
+from mimo_builder.errors import ConfigError
+from mimo_builder.transformer_config import TransformerModelConfig, make_transformer_config, use_te
+
+
+class AudioConfig(TransformerModelConfig):
+    """A Whisper-like audio encoder over log-mel frames."""
+
+    builder: str = "audio"
+    """Builder of this node (registered name or 'module:Class')."""
+
+    n_mels: PositiveInt = 80
+    """Mel bins per input frame."""
+
+    max_frames: PositiveInt = 3000
+    """Most input frames one clip may have (30 s of 10 ms frames in Whisper); sizes the positions."""
+
+    position_embedding_type: Literal["sinusoidal", "learned"] = "sinusoidal"
+    """Fixed sinusoidal positions (Whisper) or a learned table."""
+
+    @property
+    def max_tokens(self) -> int:
+        """Output tokens for ``max_frames`` input frames: the stride-2 conv halves the frames."""
+        return math.ceil(self.max_frames / 2)
+
+    def pp_problems(self, pp: int) -> list[str]:
+        """Why this encoder cannot be split over ``pp`` pipeline stages (empty when it can)."""
+        return [] if pp == 1 else [f"the audio encoder runs on one pipeline stage, not pp {pp}"]
+
+
+class AudioBuilder(ModelBuilder):
+    """Builds an :class:`AudioEncoder` whose layers are MCore's GPT layer spec made bidirectional."""
+
+    config_class = AudioConfig
+
+    def ports(self) -> Ports:
+        cfg = self.config
+        return Ports.of(
+            inputs=[Port("features", ("batch", "frames", "mels"), cfg.n_mels, doc="log-mel spectrogram")],
+            outputs=[Port("embeddings", ("batch", "tokens", "hidden"), cfg.hidden_size,
+                          doc="tokens = ceil(frames / 2)")],
+        )
+
+    def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
+        return make_transformer_config(self.config, pg_collection)  # GELU, biases, LayerNorm: as Whisper
+
+    def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None) -> "AudioEncoder":
+        cfg = self.config
+        problems = cfg.pp_problems(pg_collection.pp.size())
+        if problems:
+            raise ConfigError(f"{type(cfg).__name__}: {problems[0]}")
+        return AudioEncoder(
+            self.transformer_config(pg_collection),
+            bidirectional_layer_spec(use_te(cfg.impl)),
+            n_mels=cfg.n_mels,
+            max_tokens=cfg.max_tokens,
+            learned_positions=cfg.position_embedding_type == "learned",
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
+
+
+def bidirectional_layer_spec(te: bool) -> ModuleSpec:
+    """MCore's GPT layer spec (TE or local) with self-attention unmasked instead of causal."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if te:
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec()
+    attention = spec.submodules.self_attention  # a fresh spec per call: safe to change
+    attention.params = {**attention.params, "attn_mask_type": AttnMaskType.no_mask}
+    return spec
+
+
+def sinusoids(length: int, channels: int, device=None) -> torch.Tensor:
+    """Whisper's fixed position table [length, channels]: sin then cos, timescales 1 to 10000."""
+    half = channels // 2
+    rate = math.log(10000) / max(half - 1, 1)
+    inv_timescales = torch.exp(-rate * torch.arange(half, device=device, dtype=torch.float32))
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_timescales[None, :]
+    table = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return F.pad(table, (0, channels - 2 * half))
+
+
+class AudioEncoder(MegatronModule):
+    """Log-mel [B, T, n_mels] -> Conv1d+GELU, Conv1d(stride 2)+GELU -> + positions ->
+    MCore TransformerBlock with final norm -> [B, ceil(T/2), hidden].
+
+    The convolutions and the position table are plain torch, replicated on every TP rank.
+    """
+
+    def __init__(self, config: TransformerConfig, spec: ModuleSpec, *, n_mels: int, max_tokens: int,
+                 learned_positions: bool, pg_collection: ProcessGroupCollection, vp_stage: int | None = None):
+        super().__init__(config=config)
+        hidden, dtype = config.hidden_size, config.params_dtype
+        self.max_tokens = max_tokens
+        self.conv1 = torch.nn.Conv1d(n_mels, hidden, kernel_size=3, padding=1, dtype=dtype)
+        self.conv2 = torch.nn.Conv1d(hidden, hidden, kernel_size=3, stride=2, padding=1, dtype=dtype)
+        self.position_embeddings = torch.nn.Embedding(max_tokens, hidden, dtype=dtype) if learned_positions else None
+        self.decoder = TransformerBlock(config=config, spec=spec, pre_process=True, post_process=True,
+                                        pg_collection=pg_collection, vp_stage=vp_stage)
+
+    def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
+        self.decoder.set_input_tensor(input_tensor)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.conv1(features.transpose(1, 2)))  # [B, H, T]
+        x = F.gelu(self.conv2(x)).transpose(1, 2)  # [B, T', H]
+        tokens = x.shape[1]
+        if tokens > self.max_tokens:
+            raise ValueError(f"{features.shape[1]} frames give {tokens} tokens, more than max_frames allows "
+                             f"({self.max_tokens}); raise max_frames")
+        x = x + self._positions(tokens, x)
+        x = self.decoder(x.transpose(0, 1).contiguous(), attention_mask=None)  # MCore wants [S, B, H]
+        return x.transpose(0, 1).contiguous()
+
+    def _positions(self, tokens: int, like: torch.Tensor) -> torch.Tensor:
+        if self.position_embeddings is not None:
+            return self.position_embeddings.weight[:tokens]
+        return sinusoids(tokens, like.shape[-1], like.device).to(like.dtype)

@@ -1,0 +1,160 @@
+"""Projector: maps encoder features to a language model's width on MCore's MultimodalProjector.
+
+Optionally merges groups of ``token_reduction`` consecutive tokens (features concatenated)
+before projecting, so an encoder's N tokens become N / token_reduction tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.mlp import MLPSubmodules
+from pydantic import Field, PositiveInt, model_validator
+
+from mimo_builder.builder import ModelBuilder, Port, Ports
+from mimo_builder.config import ModelConfig
+from mimo_builder.mcore_options import TransformerOptions
+from mimo_builder.transformer_config import OWNED_OPTIONS, make_transformer_config, use_te
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+class ProjectorConfig(ModelConfig):
+    """A one- or two-layer projection between a modality encoder and a language model.
+
+    Not a TransformerModelConfig: a projector has no layers, heads or attention, so those keys
+    would be meaningless in its document. MCore still wants a TransformerConfig; the fixed
+    properties below give :func:`make_transformer_config` what it reads.
+    """
+
+    builder: str = "projector"
+    """Builder of this node (registered name or 'module:Class')."""
+
+    input_size: PositiveInt
+    """Features per input token (the encoder's hidden size)."""
+
+    output_size: PositiveInt
+    """Features per output token (the language model's hidden size)."""
+
+    ffn_hidden_size: PositiveInt | None = None
+    """Width of the 'mlp' projector's hidden layer (None: output_size)."""
+
+    projector_type: Literal["mlp", "affine"] = "mlp"
+    """'mlp': linear, activation, linear; 'affine': one linear layer."""
+
+    activation: Literal["gelu", "relu", "silu"] = "gelu"
+    """Activation between the two linears of the 'mlp' projector."""
+
+    token_reduction: PositiveInt = 1
+    """Merge this many consecutive tokens (features concatenated) before projecting."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Parameter dtype; bf16/fp16 wrap the model in MCore's Float16Module."""
+
+    impl: Literal["auto", "te", "local"] = "auto"
+    """Linear implementation: Transformer Engine ('te'), MCore-local ('local'), or TE when importable."""
+
+    transformer: TransformerOptions = Field(default_factory=dict)
+    """Any other TransformerConfig option (e.g. add_bias_linear, init_method_std), by MCore name."""
+
+    # What make_transformer_config reads from a transformer node, fixed for a projector.
+    num_layers = property(lambda self: 1)
+    num_attention_heads = property(lambda self: 1)
+    num_query_groups = property(lambda self: None)
+    hidden_dropout = property(lambda self: 0.0)
+    attention_dropout = property(lambda self: 0.0)
+
+    @property
+    def hidden_size(self) -> int:
+        """MCore's name for the projection's output width."""
+        return self.output_size
+
+    @property
+    def ffn_width(self) -> int:
+        """Hidden width of the 'mlp' projector."""
+        return self.ffn_hidden_size or self.output_size
+
+    @model_validator(mode="after")
+    def _check_transformer_options(self) -> "ProjectorConfig":
+        owned = sorted(set(self.transformer) & (OWNED_OPTIONS | {"activation_func"}))
+        if owned:
+            raise ValueError(f"transformer: {owned} are set by named fields or by the node's placement, "
+                             "not in the transformer dict")
+        return self
+
+    def tp_problems(self, tp: int) -> list[str]:
+        """Why this projector cannot be split over ``tp`` ranks (empty when it can)."""
+        if self.projector_type == "mlp" and self.ffn_width % tp:
+            return [f"ffn_hidden_size {self.ffn_width} is not divisible by tp {tp}"]
+        if self.projector_type == "affine" and self.output_size % tp:
+            return [f"output_size {self.output_size} is not divisible by tp {tp}"]
+        return []
+
+
+class ProjectorBuilder(ModelBuilder):
+    """Builds MCore's MultimodalProjector (column- then row-parallel linears) with token merging."""
+
+    config_class = ProjectorConfig
+
+    def ports(self) -> Ports:
+        cfg = self.config
+        return Ports.of(
+            inputs=[Port("input", ("batch", "tokens", "features"), cfg.input_size)],
+            outputs=[Port("output", ("batch", "tokens", "hidden"), cfg.output_size,
+                          doc="tokens = input tokens / token_reduction")],
+        )
+
+    def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
+        cfg = self.config
+        return make_transformer_config(
+            cfg, pg_collection,
+            ffn_hidden_size=cfg.ffn_width,
+            num_attention_heads=pg_collection.tp.size(),  # unused; MCore wants heads divisible by TP
+            activation_func=ACTIVATIONS[cfg.activation],
+            gated_linear_unit=False,
+            bias_activation_fusion=False,
+        )
+
+    def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None) -> "Projector":
+        cfg = self.config
+        # MCore's affine projector asks its linear for gather_output=True, which TE linears refuse.
+        if use_te(cfg.impl) and cfg.projector_type == "mlp":
+            from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
+
+            linears = MLPSubmodules(linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear)
+        else:
+            from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+            linears = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+        return Projector(self.transformer_config(pg_collection), linears, projector_type=cfg.projector_type,
+                         input_size=cfg.input_size, token_reduction=cfg.token_reduction,
+                         pg_collection=pg_collection)
+
+
+class Projector(MultimodalProjector):
+    """MCore's MultimodalProjector, batch-first, after merging ``token_reduction`` tokens:
+    [B, N, F] -> [B, N / token_reduction, F * token_reduction] -> [B, N / token_reduction, out]."""
+
+    def __init__(self, config: TransformerConfig, submodules: MLPSubmodules, *, projector_type: str,
+                 input_size: int, token_reduction: int, pg_collection: ProcessGroupCollection):
+        super().__init__(config, submodules, projector_type, input_size * token_reduction,
+                         pg_collection=pg_collection)
+        self.token_reduction = token_reduction
+        if projector_type == "affine":
+            # MultimodalProjector gathers the affine output but adds the bias after, and that bias
+            # is this rank's TP shard (wrong shape at TP > 1). Add it inside, before the gather.
+            self.encoder.skip_bias_add = False
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, tokens, features = hidden_states.shape
+        r = self.token_reduction
+        if tokens % r:
+            raise ValueError(f"token_reduction {r} does not divide the {tokens} input tokens; "
+                             "pad the tokens or choose a token_reduction that divides them")
+        merged = hidden_states.reshape(batch, tokens // r, features * r)
+        return super().forward(merged)

@@ -1,0 +1,137 @@
+"""Vision: a ViT image encoder on MCore's CLIPViTModel (conv patch embedding + TransformerBlock)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from megatron.core.activations import quick_gelu
+from megatron.core.models.vision.clip_vit_model import CLIPViTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer import TransformerConfig
+from pydantic import PositiveInt, model_validator
+
+from mimo_builder.builder import ModelBuilder, Port, Ports
+from mimo_builder.errors import ConfigError
+from mimo_builder.transformer_config import TransformerModelConfig, make_transformer_config, use_te
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": torch.nn.functional.gelu}
+
+
+class VisionConfig(TransformerModelConfig):
+    """A ViT image encoder (CLIP layout: conv patches, class token, learned positions, pre-LN)."""
+
+    builder: str = "vision"
+    """Builder of this node (registered name or 'module:Class')."""
+
+    image_size: PositiveInt
+    """Height and width of the (square) input image in pixels."""
+
+    patch_size: PositiveInt
+    """Height and width of one patch; must divide image_size."""
+
+    num_channels: PositiveInt = 3
+    """Channels of the input image."""
+
+    class_token: bool = True
+    """Prepend a learned class token to the patch tokens."""
+
+    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    """MLP activation (CLIP uses quick_gelu)."""
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per image."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        """Output tokens per image: the patches plus the class token if any."""
+        return self.num_patches + int(self.class_token)
+
+    @model_validator(mode="after")
+    def _check_patches(self) -> "VisionConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
+                             "choose a patch_size that divides it")
+        return self
+
+    def pp_problems(self, pp: int) -> list[str]:
+        """Why this encoder cannot be split over ``pp`` pipeline stages (empty when it can)."""
+        return [] if pp == 1 else [f"the vision encoder runs on one pipeline stage, not pp {pp}"]
+
+
+class VisionBuilder(ModelBuilder):
+    """Builds MCore's CLIPViTModel with the ViT layer spec (Transformer Engine or local)."""
+
+    config_class = VisionConfig
+
+    def ports(self) -> Ports:
+        return Ports.of(
+            inputs=[Port("pixel_values", ("batch", "channels", "height", "width"), self.config.image_size,
+                         doc="images [B, C, H, W]; the last axis is the width")],
+            outputs=[Port("embeddings", ("batch", "patches", "hidden"), self.config.hidden_size)],
+        )
+
+    def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
+        cfg = self.config
+        # MCore's defaults are CLIP's otherwise: biases on every linear, LayerNorm eps 1e-5.
+        return make_transformer_config(cfg, pg_collection, activation_func=ACTIVATIONS[cfg.activation])
+
+    def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None) -> "ViTModel":
+        from megatron.core.models.vision import vit_layer_specs
+
+        cfg = self.config
+        problems = cfg.pp_problems(pg_collection.pp.size())
+        if problems:
+            raise ConfigError(f"{type(cfg).__name__}: {problems[0]}")
+        if use_te(cfg.impl):
+            from megatron.core.extensions.transformer_engine import TENorm
+
+            spec, norm = vit_layer_specs.get_vit_layer_with_transformer_engine_spec(), TENorm
+        else:
+            spec, norm = vit_layer_specs.get_vit_layer_with_local_spec(), vit_layer_specs.LNImpl
+        return ViTModel(
+            self.transformer_config(pg_collection),
+            spec,
+            ln_pre_impl=norm,
+            add_class_token=cfg.class_token,
+            patch_dim=cfg.patch_size,
+            img_h=cfg.image_size,
+            img_w=cfg.image_size,
+            num_channels=cfg.num_channels,
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
+
+
+class ViTModel(CLIPViTModel):
+    """MCore's CLIPViTModel with any number of input channels and device-following position ids.
+
+    CLIPViTModel hard-codes 3 input channels and keeps its position ids in a plain tensor moved
+    with ``.cuda()`` at construction, which stays on the meta device after meta init; here they
+    are made on the fly on the device of the position embedding. Forward: [B, C, H, W] -> [B, N, H].
+    """
+
+    def __init__(self, *args, num_channels: int = 3, **kwargs):
+        super().__init__(*args, **kwargs)
+        if num_channels != self.conv1.in_channels:
+            self.conv1 = torch.nn.Conv2d(num_channels, self.visual_hidden_size, kernel_size=self.patch_dim,
+                                         stride=self.patch_dim, bias=self.conv1.bias is not None)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return torch.arange(self.seq_length, device=self.position_embeddings.weight.device).unsqueeze(0)
+
+    @position_ids.setter
+    def position_ids(self, value) -> None:
+        pass  # CLIPViTModel.__init__ assigns a fixed tensor; the getter builds it where needed
+
+
+# --- presets: real published shapes ---------------------------------------------------------
+
+def vit_l14_config(**overrides) -> VisionConfig:
+    """CLIP ViT-L/14 vision tower (openai/clip-vit-large-patch14): 224 px, 24 x 1024, 16 heads."""
+    return VisionConfig(**{**dict(
+        image_size=224, patch_size=14, num_layers=24, hidden_size=1024, num_attention_heads=16,
+        ffn_hidden_size=4096, class_token=True, activation="quick_gelu"), **overrides})
