@@ -112,17 +112,40 @@ class ProcessGroups:
         """This rank's collection for ``layout``, or None if the rank is outside it."""
         return self.collections.get(layout)
 
+    def set_timeout(self, timeout) -> None:
+        """Set the collective timeout (a timedelta) of every group this rank belongs to."""
+        for group in self._member_groups():
+            group.set_timeout(timeout)
 
-def create_process_groups(layouts, backend: str | None = None) -> ProcessGroups:
+    def _member_groups(self) -> list[dist.ProcessGroup]:
+        unique = {}
+        for pgs in self.collections.values():
+            for group in vars(pgs).values():
+                if isinstance(group, dist.ProcessGroup):
+                    unique[id(group)] = group
+        return list(unique.values())
+
+    def abort(self) -> None:
+        """Abort every group this rank belongs to: peers blocked in their collectives fail at
+        once ("connection closed") instead of waiting for the timeout. The groups are unusable."""
+        for group in self._member_groups():
+            dist.distributed_c10d._abort_process_group(group)
+        self.grids.clear()
+        self.collections.clear()
+
+
+def create_process_groups(layouts, backend: str | None = None, timeout=None) -> ProcessGroups:
     """Create one grid and one set of groups per distinct layout, in a deterministic order.
 
     Every rank must call this with the same layouts. Returns the collections of the layouts
-    that hold this rank, and how many group enumerations were created in all.
+    that hold this rank, and how many group enumerations were created in all. ``timeout`` (a
+    timedelta) bounds each collective on these groups; None keeps torch's default.
     """
     result = ProcessGroups()
     rank = dist.get_rank()
+    options = {} if timeout is None else {"timeout": timeout}
     for layout in sorted(set(layouts)):
-        grid, pgs, count = _create_layout_groups(layout, backend)
+        grid, pgs, count = _create_layout_groups(layout, backend, options)
         result.grids[layout] = grid
         result.num_groups += count
         if rank in layout.ranks:
@@ -139,7 +162,7 @@ def group_count_per_layout() -> int:
     return len(BASE_GROUPS) + len(EXPERT_GROUPS) + 2  # + embd, pos_embd
 
 
-def _create_layout_groups(layout: Layout, backend):
+def _create_layout_groups(layout: Layout, backend, options):
     grid = HyperCommGrid(
         [layout.tp, layout.cp, layout.dp, layout.pp], list(BASE_DIMS), layout.offset, backend
     )
@@ -149,16 +172,16 @@ def _create_layout_groups(layout: Layout, backend):
         list(EXPERT_DIMS),
         shared_dims=["pp"],
     )
-    pgs = {name: grid.create_pg(list(dims)) for name, dims in BASE_GROUPS.items()}
+    pgs = {name: grid.create_pg(list(dims), **options) for name, dims in BASE_GROUPS.items()}
     for name, dims in EXPERT_GROUPS.items():
         # A dim shared with the base view reuses the base group instead of creating one.
-        pgs[name] = grid.create_pg(list(dims), view="expert") if dims != ("pp",) else pgs["pp"]
+        pgs[name] = grid.create_pg(list(dims), view="expert", **options) if dims != ("pp",) else pgs["pp"]
     pp_stages = grid.get_rank_enum("pp")
-    pgs["embd"] = _subgroup([sorted({s[0], s[-1]}) for s in pp_stages], backend)
-    pgs["pos_embd"] = _subgroup([[s[0]] for s in pp_stages], backend)
+    pgs["embd"] = _subgroup([sorted({s[0], s[-1]}) for s in pp_stages], backend, options)
+    pgs["pos_embd"] = _subgroup([[s[0]] for s in pp_stages], backend, options)
     return grid, pgs, group_count_per_layout()
 
 
-def _subgroup(enumeration: list[list[int]], backend):
-    group, _ = dist.new_subgroups_by_enumeration(enumeration, backend=backend)
+def _subgroup(enumeration: list[list[int]], backend, options):
+    group, _ = dist.new_subgroups_by_enumeration(enumeration, backend=backend, **options)
     return group

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch.nn.functional as F
-from pydantic import PositiveInt, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from submodels import mamba_kernels
 
@@ -106,6 +106,9 @@ class MambaConfig(TransformerModelConfig):
     moe_ffn_hidden_size: PositiveInt | None = None
     """Expert MLP width (None: ffn_hidden_size)."""
 
+    modality_token_ids: dict[str, int] = Field(default_factory=dict)
+    """Input port name -> placeholder token id; that modality's embeddings replace those tokens."""
+
     @property
     def layer_symbols(self) -> str:
         """The pattern without pipeline separators."""
@@ -132,6 +135,12 @@ class MambaConfig(TransformerModelConfig):
         if "M" in self.layer_symbols and self.mamba_heads % self.mamba_num_groups:
             raise ValueError(f"Mamba heads {self.mamba_heads} are not divisible by mamba_num_groups "
                              f"{self.mamba_num_groups}")
+        reserved = {"input_ids", "position_ids", "labels", "loss_mask"} & set(self.modality_token_ids)
+        if reserved:
+            raise ValueError(f"modality_token_ids: {sorted(reserved)} are the backbone's own port names")
+        bad = {k: v for k, v in self.modality_token_ids.items() if not 0 <= v < self.vocab_size}
+        if bad:
+            raise ValueError(f"modality_token_ids {bad} must be token ids in [0, vocab_size={self.vocab_size})")
         return self
 
     def tp_problems(self, tp: int) -> list[str]:
@@ -168,6 +177,9 @@ class MambaBuilder(ModelBuilder):
                 Port("position_ids", ("batch", "tokens"), required=False),
                 Port("labels", ("batch", "tokens"), required=False),
                 Port("loss_mask", ("batch", "tokens"), required=False),
+                *(Port(name, ("batch", "tokens", "hidden"), self.config.hidden_size, required=False,
+                       doc=f"embeddings placed at token id {token}")
+                  for name, token in self.config.modality_token_ids.items()),
             ],
             outputs=[
                 Port("logits", ("batch", "tokens", "vocab"), self.config.vocab_size),

@@ -1,0 +1,216 @@
+"""The graph document: named nodes (config, placement, DDP options), edges, inputs, outputs.
+
+Declared in Python::
+
+    Graph().add("vision", VisionConfig(...), placement=Placement(offset=0, size=2))
+           .add("lm", MambaConfig(...), placement=Placement(offset=2, size=2, tp=2))
+           .connect("vision.embeddings", "lm.image")
+           .bind("pixel_values", "vision.pixel_values").output("lm.loss")
+
+or in YAML/JSON with the same content (``Graph.from_yaml``). The document is plain data;
+:mod:`mimo_builder.validation` checks it as a whole before anything is built.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
+
+from mimo_builder.config import HookRef, ModelConfig, _describe
+from mimo_builder.errors import ConfigError
+from mimo_builder.placement import Layout
+
+ARROW = "->"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class Placement(_Strict):
+    """Which ranks a node lives on and how they are split. ``dp`` is derived: size / (tp*pp*cp)."""
+
+    offset: NonNegativeInt = 0
+    """First global rank of the node's contiguous range."""
+
+    size: PositiveInt | None = None
+    """Number of ranks (None: every rank from offset to the end of the world)."""
+
+    tp: PositiveInt = 1
+    """Tensor-parallel size."""
+
+    pp: PositiveInt = 1
+    """Pipeline-parallel size."""
+
+    cp: PositiveInt = 1
+    """Context-parallel size."""
+
+    ep: PositiveInt = 1
+    """Expert-parallel size (MoE layers)."""
+
+    etp: PositiveInt | None = None
+    """Expert tensor-parallel size (None: same as tp)."""
+
+    def layout(self, world_size: int) -> Layout:
+        """The concrete rank layout in a world of ``world_size`` ranks."""
+        size = self.size if self.size is not None else world_size - self.offset
+        return Layout(self.offset, size, self.tp, self.cp, self.pp, self.ep, self.etp or 0)
+
+
+class Hooks(_Strict):
+    """Wrap hooks added to the node's own config hooks (run after them, in declared order)."""
+
+    pre_wrap: list[HookRef] = Field(default_factory=list)
+    """Run on the model chunks before mixed-precision and DDP wrapping."""
+
+    post_wrap: list[HookRef] = Field(default_factory=list)
+    """Run on the wrapped chunks."""
+
+
+class Node(_Strict):
+    """One named module of the graph."""
+
+    builder: str
+    """Registered builder name (e.g. 'mamba') or 'module:Class' under the allowlist."""
+
+    config: dict[str, Any] = Field(default_factory=dict)
+    """The builder's config fields (validated against its config class)."""
+
+    placement: Placement = Field(default_factory=Placement)
+    """Ranks and parallel layout; omitted means all ranks, no model parallelism."""
+
+    ddp: dict[str, Any] = Field(default_factory=dict)
+    """DistributedDataParallelConfig options for this node, over the graph-wide defaults."""
+
+    frozen: bool = False
+    """No gradients, no DDP gradient buffers, no optimizer for this node."""
+
+    hooks: Hooks = Field(default_factory=Hooks)
+    """Extra pre/post-wrap hooks for this node."""
+
+    def model_config_object(self, where: str) -> ModelConfig:
+        """The validated ModelConfig this node describes (raises ConfigError)."""
+        return ModelConfig.from_dict({**self.config, "builder": self.builder}, where=where)
+
+
+class Graph(_Strict):
+    """A DAG of named nodes; edges connect output ports to input ports."""
+
+    nodes: dict[str, Node] = Field(default_factory=dict)
+    """Nodes by name."""
+
+    edges: list[str] = Field(default_factory=list)
+    """'src.port -> dst.port' connections."""
+
+    inputs: dict[str, str] = Field(default_factory=dict)
+    """Batch key -> 'node.port' it feeds."""
+
+    outputs: list[str] = Field(default_factory=list)
+    """'node.port' values the graph returns (losses are summed for training)."""
+
+    hooks: Hooks = Field(default_factory=Hooks)
+    """Graph-wide hooks: pre_wrap runs on every node's chunks, post_wrap on [CompositeModel]."""
+
+    # --- declaring in Python ----------------------------------------------------------------
+
+    def add(self, name: str, config: ModelConfig | Mapping[str, Any], *, placement: Placement | Mapping | None = None,
+            ddp: Mapping[str, Any] | None = None, frozen: bool = False,
+            hooks: Hooks | Mapping | None = None) -> "Graph":
+        """Add a node from a ModelConfig (or a dict with 'builder'); returns self to chain."""
+        if name in self.nodes:
+            raise ConfigError(f"node {name!r} is already in the graph")
+        if isinstance(config, ModelConfig):
+            data = {**_explicit_fields(config), "builder": config.builder}
+        else:
+            data = dict(config)
+        builder = data.pop("builder", None)
+        if builder is None:
+            raise ConfigError(f"node {name!r}: the config must name its builder")
+        self.nodes[name] = Node(builder=builder, config=data, placement=placement or Placement(),
+                                ddp=dict(ddp or {}), frozen=frozen, hooks=hooks or Hooks())
+        return self
+
+    def connect(self, src: str, dst: str) -> "Graph":
+        """Feed output port ``src`` ('node.port') into input port ``dst``."""
+        self.edges.append(f"{src} {ARROW} {dst}")
+        return self
+
+    def bind(self, batch_key: str, dst: str) -> "Graph":
+        """Feed ``batch[batch_key]`` into input port ``dst``."""
+        self.inputs[batch_key] = dst
+        return self
+
+    def output(self, ref: str) -> "Graph":
+        """Return output port ``ref`` from a forward pass."""
+        self.outputs.append(ref)
+        return self
+
+    # --- files ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "graph") -> "Graph":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected a mapping with nodes/edges/inputs/outputs, got {type(data).__name__}")
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as err:
+            raise ConfigError(_describe(cls, err, where)) from None
+
+    @classmethod
+    def from_yaml(cls, text: str, where: str = "graph") -> "Graph":
+        """Parse with ``yaml.safe_load`` only."""
+        return cls.from_dict(yaml.safe_load(text), where)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "graph") -> "Graph":
+        return cls.from_dict(json.loads(text), where)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The document as plain data, without fields left at their defaults."""
+        return _explicit_fields(self, mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.as_dict(), sort_keys=False)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.as_dict(), indent=indent)
+
+    @classmethod
+    def json_schema(cls) -> dict[str, Any]:
+        return cls.model_json_schema()
+
+
+def parse_port_ref(ref: str) -> tuple[str, str]:
+    """'node.port' -> (node, port); raises ValueError with the expected form."""
+    node, sep, port = ref.strip().partition(".")
+    if not sep or not node or not port:
+        raise ValueError(f"{ref!r} is not 'node.port'")
+    return node, port
+
+
+def parse_edge(edge: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    """'a.out -> b.in' -> ((a, out), (b, in))."""
+    src, sep, dst = edge.partition(ARROW)
+    if not sep:
+        raise ValueError(f"edge {edge!r} is not 'src.port -> dst.port'")
+    return parse_port_ref(src), parse_port_ref(dst)
+
+
+def _explicit_fields(model: BaseModel, mode: str = "python") -> dict[str, Any]:
+    """``model`` dumped without the fields (recursively) that equal their defaults."""
+    out = {}
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        if not info.is_required() and value == info.get_default(call_default_factory=True):
+            continue
+        if isinstance(value, BaseModel):
+            out[name] = _explicit_fields(value, mode)
+        elif isinstance(value, dict) and value and all(isinstance(v, BaseModel) for v in value.values()):
+            out[name] = {k: _explicit_fields(v, mode) for k, v in value.items()}
+        else:
+            out[name] = model.__pydantic_serializer__.to_python(model, mode=mode, include={name})[name]
+    return out

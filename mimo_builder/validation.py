@@ -1,0 +1,227 @@
+"""Whole-document validation of a Graph, before any process group or module exists.
+
+Every problem found is collected (not only the first), each naming the node and the field and
+saying how to fix it. A world size is optional here and required for placement checks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import networkx as nx
+from megatron.core.distributed import DistributedDataParallelConfig
+
+from mimo_builder.builder import ModelBuilder, Ports
+from mimo_builder.config import ModelConfig
+from mimo_builder.errors import ConfigError, GraphError
+from mimo_builder.graph import Graph, parse_edge, parse_port_ref
+from mimo_builder.mcore_options import check_options
+from mimo_builder.placement import Layout
+from mimo_builder.registry import resolve_hook
+
+NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Edge:
+    """A connection from one node's output port to another node's input port."""
+
+    src: str
+    src_port: str
+    dst: str
+    dst_port: str
+
+    def __str__(self) -> str:
+        return f"{self.src}.{self.src_port} -> {self.dst}.{self.dst_port}"
+
+
+@dataclass
+class ValidGraph:
+    """A graph that passed validation, with everything resolved that building needs."""
+
+    graph: Graph
+    configs: dict[str, ModelConfig]
+    builders: dict[str, ModelBuilder]
+    edges: list[Edge]
+    inputs: dict[str, tuple[str, str]]
+    outputs: list[tuple[str, str]]
+    order: list[str]
+    world_size: int | None = None
+    layouts: dict[str, Layout] = field(default_factory=dict)
+
+    def ports(self, node: str) -> Ports:
+        return self.builders[node].ports()
+
+    def ddp_config(self, node: str, defaults: DistributedDataParallelConfig | None = None) -> DistributedDataParallelConfig:
+        """The node's DDP config: graph-wide ``defaults`` overridden by the node's own options."""
+        base = {} if defaults is None else {k: v for k, v in vars(defaults).items()
+                                            if k in DistributedDataParallelConfig.__dataclass_fields__}
+        return DistributedDataParallelConfig(**{**base, **self.graph.nodes[node].ddp})
+
+
+def validate_graph(graph: Graph, world_size: int | None = None) -> ValidGraph:
+    """Check the whole document; raise GraphError listing every problem, else return it resolved."""
+    problems: list[str] = []
+    configs, builders = _check_nodes(graph, problems)
+    edges = _check_edges(graph, builders, problems)
+    inputs, outputs = _check_bindings(graph, builders, edges, problems)
+    order = _check_acyclic(graph, edges, problems)
+    layouts = _check_layouts(graph, configs, world_size, problems) if world_size is not None else {}
+    if layouts:
+        _check_edge_dp(edges, layouts, problems)
+    if problems:
+        raise GraphError(problems)
+    return ValidGraph(graph, configs, builders, edges, inputs, outputs, order, world_size, layouts)
+
+
+def _check_nodes(graph: Graph, problems: list[str]):
+    configs, builders = {}, {}
+    if not graph.nodes:
+        problems.append("graph has no nodes: add at least one under 'nodes'")
+    for name, node in graph.nodes.items():
+        if not NAME.match(name):
+            problems.append(f"node name {name!r} must be an identifier (letters, digits, '_'; no dots)")
+        try:
+            configs[name] = node.model_config_object(where=f"node '{name}' config")
+            builders[name] = configs[name].make_builder()
+        except ConfigError as err:
+            problems.extend(str(err).splitlines())
+        try:
+            check_options(DistributedDataParallelConfig, node.ddp)
+        except ValueError as err:
+            problems.append(f"node '{name}' ddp: {err}")
+        for which in ("pre_wrap", "post_wrap"):
+            for i, hook in enumerate(getattr(node.hooks, which)):
+                try:
+                    resolve_hook(hook, where=f"node '{name}' hooks.{which}[{i}]")
+                except ConfigError as err:
+                    problems.append(str(err))
+    return configs, builders
+
+
+def _check_edges(graph: Graph, builders: dict, problems: list[str]) -> list[Edge]:
+    edges, fed = [], {}
+    for i, text in enumerate(graph.edges):
+        try:
+            (src, sport), (dst, dport) = parse_edge(text)
+        except ValueError as err:
+            problems.append(f"edges[{i}]: {err}")
+            continue
+        edge = Edge(src, sport, dst, dport)
+        ok = _port_exists(src, sport, "outputs", builders, graph, f"edge '{edge}'", problems)
+        ok &= _port_exists(dst, dport, "inputs", builders, graph, f"edge '{edge}'", problems)
+        if ok:
+            _check_features(edge, builders, problems)
+        if (dst, dport) in fed:
+            problems.append(f"edge '{edge}': {dst}.{dport} is already fed by '{fed[(dst, dport)]}'; "
+                            "an input port takes one edge")
+        fed[(dst, dport)] = edge
+        edges.append(edge)
+    return edges
+
+
+def _port_exists(node, port, side, builders, graph, where, problems) -> bool:
+    if node not in graph.nodes:
+        problems.append(f"{where}: unknown node {node!r}; nodes are {sorted(graph.nodes)}")
+        return False
+    if node not in builders:
+        return False  # its config error is already reported
+    ports = getattr(builders[node].ports(), side)
+    if port not in ports:
+        kind = "output" if side == "outputs" else "input"
+        problems.append(f"{where}: node '{node}' has no {kind} port {port!r}; its {kind}s are {sorted(ports)}")
+        return False
+    return True
+
+
+def _check_features(edge: Edge, builders, problems):
+    out = builders[edge.src].ports().outputs[edge.src_port]
+    inp = builders[edge.dst].ports().inputs[edge.dst_port]
+    if out.features is not None and inp.features is not None and out.features != inp.features:
+        problems.append(f"edge '{edge}': {edge.src}.{edge.src_port} has {out.features} features but "
+                        f"{edge.dst}.{edge.dst_port} expects {inp.features}; make the sizes match "
+                        "(e.g. a projector's input_size/output_size)")
+
+
+def _check_bindings(graph: Graph, builders, edges, problems):
+    inputs, outputs = {}, []
+    fed = {(e.dst, e.dst_port) for e in edges}
+    for key, ref in graph.inputs.items():
+        try:
+            node, port = parse_port_ref(ref)
+        except ValueError as err:
+            problems.append(f"inputs.{key}: {err}")
+            continue
+        if _port_exists(node, port, "inputs", builders, graph, f"inputs.{key}", problems):
+            if (node, port) in fed:
+                problems.append(f"inputs.{key}: {ref} is already fed by an edge; bind it once")
+            inputs[key] = (node, port)
+    for i, ref in enumerate(graph.outputs):
+        try:
+            node, port = parse_port_ref(ref)
+        except ValueError as err:
+            problems.append(f"outputs[{i}]: {err}")
+            continue
+        if _port_exists(node, port, "outputs", builders, graph, f"outputs[{i}]", problems):
+            outputs.append((node, port))
+    bound = fed | set(inputs.values())
+    for name, builder in builders.items():
+        for port in builder.ports().inputs.values():
+            if port.required and (name, port.name) not in bound:
+                problems.append(f"node '{name}': required input port {port.name!r} is unbound; "
+                                f"add an edge into '{name}.{port.name}' or bind a batch key under 'inputs'")
+    return inputs, outputs
+
+
+def _check_acyclic(graph: Graph, edges: list[Edge], problems: list[str]) -> list[str]:
+    dag = nx.DiGraph()
+    dag.add_nodes_from(graph.nodes)
+    dag.add_edges_from((e.src, e.dst) for e in edges if e.src in graph.nodes and e.dst in graph.nodes)
+    try:
+        cycle = nx.find_cycle(dag)
+    except nx.NetworkXNoCycle:
+        index = {name: i for i, name in enumerate(graph.nodes)}
+        return list(nx.lexicographical_topological_sort(dag, key=index.__getitem__))
+    path = " -> ".join([u for u, _ in cycle] + [cycle[0][0]])
+    problems.append(f"edges form a cycle {path}; a graph must be acyclic (remove one of these edges)")
+    return list(graph.nodes)
+
+
+def _check_layouts(graph: Graph, configs, world_size: int, problems: list[str]) -> dict[str, Layout]:
+    layouts = {}
+    for name, node in graph.nodes.items():
+        p = node.placement
+        if p.offset >= world_size:
+            problems.append(f"node '{name}' placement.offset {p.offset} is beyond the world size {world_size}")
+            continue
+        layout = p.layout(world_size)
+        if layout.offset + layout.size > world_size:
+            problems.append(f"node '{name}' placement: ranks {layout.offset}..{layout.offset + layout.size - 1} "
+                            f"go beyond the world size {world_size}; lower offset or size")
+            continue
+        errors = layout.problems()
+        problems.extend(f"node '{name}' placement: {e}" for e in errors)
+        if not errors and name in configs:
+            problems.extend(f"node '{name}' placement.tp: {e}" for e in _tp_problems(configs[name], layout.tp))
+            problems.extend(f"node '{name}' placement.pp: {e}" for e in _pp_problems(configs[name], layout.pp))
+        layouts[name] = layout
+    return layouts
+
+
+def _tp_problems(config, tp: int) -> list[str]:
+    return config.tp_problems(tp) if hasattr(config, "tp_problems") else []
+
+
+def _pp_problems(config, pp: int) -> list[str]:
+    return config.pp_problems(pp) if hasattr(config, "pp_problems") else []
+
+
+def _check_edge_dp(edges: list[Edge], layouts: dict[str, Layout], problems: list[str]):
+    for edge in edges:
+        if edge.src not in layouts or edge.dst not in layouts:
+            continue
+        a, b = layouts[edge.src].dp, layouts[edge.dst].dp
+        if a % b and b % a:
+            problems.append(f"edge '{edge}': data-parallel sizes {a} ({edge.src}) and {b} ({edge.dst}) "
+                            "do not divide each other; the batch cannot be split between them")

@@ -1,0 +1,176 @@
+"""The graph walker: build and wrap each node on its own ranks, as one ModelBuilder.
+
+:class:`CompositeBuilder` validates the document, creates every layout's process groups (all
+ranks, one order), then walks the nodes in topological order. A rank builds only the nodes
+whose range holds it, each through the node's own builder with its own ProcessGroupCollection
+and DDP config; other nodes cost it nothing. After each node all ranks agree on success, so an
+error on one rank becomes a :class:`BuildError` on every rank instead of a hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.enums import ModelType
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer import MegatronModule
+from megatron.core.transformer.module import Float16Module
+from megatron.training.models import base as mcore_base
+from megatron.training.models.base import compose_hooks
+
+from mimo_builder.builder import Port, Ports
+from mimo_builder.compat import seed_rng
+from mimo_builder.errors import MimoError
+from mimo_builder.graph import Graph
+from mimo_builder.placement import ProcessGroups, create_process_groups
+from mimo_builder.registry import resolve_hook
+from mimo_builder.validation import ValidGraph, validate_graph
+
+_FAILURE_KEY = "mimo_builder/build_failure"
+
+
+class BuildError(MimoError, RuntimeError):
+    """Building the graph failed on some rank; raised on every rank with the root cause."""
+
+
+class CompositeModel(torch.nn.Module):
+    """This rank's built nodes (name -> list of chunks), the plan, and the per-node groups."""
+
+    def __init__(self, valid: ValidGraph, chunks: dict[str, list[MegatronModule]],
+                 process_groups: ProcessGroups):
+        super().__init__()
+        self.valid = valid
+        self.process_groups = process_groups
+        self.nodes = torch.nn.ModuleDict({name: torch.nn.ModuleList(c) for name, c in chunks.items()})
+
+    def hosts(self, node: str) -> bool:
+        """Whether this rank holds (a shard of) ``node``."""
+        return node in self.nodes
+
+    def chunks(self, node: str) -> list[MegatronModule]:
+        return list(self.nodes[node])
+
+    def pg_collection(self, node: str) -> ProcessGroupCollection | None:
+        """``node``'s groups on this rank (None where the rank is outside the node)."""
+        return self.process_groups.for_layout(self.valid.layouts[node])
+
+
+class CompositeBuilder(mcore_base.ModelBuilder):
+    """The whole graph as one MCore-compatible ModelBuilder.
+
+    ``seed`` seeds every node's initialisation identically, so a node built in a graph equals
+    the same node built alone from that seed. While building, a collective waits at most
+    ``build_timeout_s`` for its peers (so a rank that failed cannot hang the others); afterwards
+    the node groups get ``timeout_s`` (torch's default when None).
+    """
+
+    def __init__(self, graph: Graph, *, seed: int = 1234,
+                 pre_wrap_hooks: list[Callable | str] = (), post_wrap_hooks: list[Callable | str] = (),
+                 build_timeout_s: float = 20.0, timeout_s: float | None = None):
+        super().__init__(graph)
+        self.graph = graph
+        self.seed = seed
+        self.build_timeout = datetime.timedelta(seconds=build_timeout_s)
+        self.timeout = dist.default_pg_timeout if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        self.pre_wrap_hooks = [resolve_hook(h) for h in (*graph.hooks.pre_wrap, *pre_wrap_hooks)]
+        self.post_wrap_hooks = [resolve_hook(h) for h in (*graph.hooks.post_wrap, *post_wrap_hooks)]
+
+    def ports(self) -> Ports:
+        """Graph inputs (batch keys) and outputs, with the ports they bind to."""
+        valid = validate_graph(self.graph)
+        inputs = [_renamed(valid.ports(n).inputs[p], key) for key, (n, p) in valid.inputs.items()]
+        outputs = [_renamed(valid.ports(n).outputs[p], f"{n}.{p}") for n, p in valid.outputs]
+        return Ports.of(inputs, outputs)
+
+    def build_model(self, pg_collection=None, pre_process=None, post_process=None, vp_stage=None) -> CompositeModel:
+        """This rank's nodes, built but not wrapped (no DDP, no mixed-precision wrapper)."""
+        (model,) = self.build_distributed_models(pg_collection, wrap_with_ddp=False, mixed_precision_wrapper=None)
+        return model
+
+    def build_distributed_models(
+        self,
+        pg_collection: ProcessGroupCollection | None = None,
+        ddp_config: DistributedDataParallelConfig | None = None,
+        overlap_param_gather_with_optimizer_step: bool = False,
+        use_megatron_fsdp: bool = False,
+        use_torch_fsdp2: bool = False,
+        wrap_with_ddp: bool = True,
+        data_parallel_random_init: bool = False,
+        mixed_precision_wrapper: Callable[[Any, MegatronModule], MegatronModule] | None = Float16Module,
+        model_type: ModelType = ModelType.encoder_or_decoder,
+    ) -> list[CompositeModel]:
+        """Build and wrap every node on its own ranks; returns ``[CompositeModel]``.
+
+        MCore's signature. ``pg_collection`` is not used: each node's groups come from its
+        placement. ``ddp_config`` is the default under each node's ``ddp`` options.
+        """
+        valid = validate_graph(self.graph, world_size=dist.get_world_size())
+        control = dist.new_group(backend="gloo")  # for agreeing on failures, on any device
+        groups = create_process_groups(valid.layouts.values(), timeout=self.build_timeout)
+        options = dict(overlap_param_gather_with_optimizer_step=overlap_param_gather_with_optimizer_step,
+                       use_megatron_fsdp=use_megatron_fsdp, use_torch_fsdp2=use_torch_fsdp2,
+                       data_parallel_random_init=data_parallel_random_init,
+                       mixed_precision_wrapper=mixed_precision_wrapper, model_type=model_type)
+        chunks = {}
+        for name in valid.order:
+            pgs = groups.for_layout(valid.layouts[name])
+            failure = None
+            if pgs is not None:
+                try:
+                    chunks[name] = self._build_node(valid, name, pgs, ddp_config, wrap_with_ddp, options)
+                except Exception as err:  # every failure must reach the other ranks
+                    failure = err
+                    groups.abort()  # peers blocked in this node's collectives fail fast
+            _agree(control, name, failure)
+        groups.set_timeout(self.timeout)
+        return compose_hooks(self.post_wrap_hooks)([CompositeModel(valid, chunks, groups)])
+
+    def _build_node(self, valid: ValidGraph, name: str, pgs, ddp_config, wrap_with_ddp, options):
+        node = valid.graph.nodes[name]
+        config = valid.configs[name]
+        pre = [*config.pre_wrap_hooks, *node.hooks.pre_wrap, *self.pre_wrap_hooks]
+        if node.frozen:
+            pre.append(_freeze)
+        config = config.model_copy(update={"pre_wrap_hooks": pre,
+                                           "post_wrap_hooks": [*config.post_wrap_hooks, *node.hooks.post_wrap]})
+        seed_rng(self.seed, tp_rank=pgs.tp.rank(), ep_rank=pgs.ep.rank(), etp_rank=pgs.expt_tp.rank())
+        wrap = wrap_with_ddp and not node.frozen  # frozen: no gradients, so no DDP buffers
+        return config.make_builder().build_distributed_models(
+            pgs, valid.ddp_config(name, ddp_config) if wrap else None, wrap_with_ddp=wrap, **options)
+
+
+def _freeze(chunks: list[MegatronModule]) -> list[MegatronModule]:
+    for chunk in chunks:
+        chunk.requires_grad_(False)
+    return chunks
+
+
+def _renamed(port: Port, name: str) -> Port:
+    return Port(name, port.dims, port.features, port.required, port.doc)
+
+
+def _agree(control, node: str, failure: BaseException | None) -> None:
+    """All ranks learn whether any rank failed building ``node``; every rank raises if so."""
+    store = dist.distributed_c10d._get_default_store()
+    if failure is not None:
+        message = f"rank {dist.get_rank()} failed building node '{node}': {type(failure).__name__}: {failure}"
+        store.compare_set(_FAILURE_KEY, "", message)  # the first failure is the root cause
+    flag = torch.tensor([0 if failure is None else 1])
+    try:
+        dist.all_reduce(flag, group=control)
+    except Exception as err:  # a peer left the collective: its failure is published
+        raise BuildError(_published(store, node)) from err
+    if flag.item():
+        raise BuildError(_published(store, node)) from failure
+
+
+def _published(store, node: str) -> str:
+    try:
+        store.wait([_FAILURE_KEY], datetime.timedelta(seconds=10))
+        return store.get(_FAILURE_KEY).decode()
+    except Exception:
+        return f"a rank failed while building node '{node}' (no message was published)"
