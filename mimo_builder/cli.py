@@ -1,5 +1,108 @@
-"""Command line entry point (filled in by later modules)."""
+"""``mimo-builder``: validate | plan | schema | render | run.
+
+FILE is a YAML/JSON graph document or ``module:attr`` naming a Python Graph under the allowed
+module prefixes (``--allow PREFIX`` trusts more).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mimo_builder.compat import quiet_dependency_warnings
+from mimo_builder.errors import MimoError
 
 
-def main(argv=None) -> int:
-    raise SystemExit("mimo-builder: no commands yet")
+def main(argv: list[str] | None = None) -> int:
+    quiet_dependency_warnings()
+    args = _parser().parse_args(argv)
+    from mimo_builder.registry import allow_modules
+
+    allow_modules(*args.allow)
+    try:
+        return args.func(args)
+    except MimoError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mimo-builder", description=__doc__.splitlines()[0])
+    parser.add_argument("--allow", action="append", default=[], metavar="PREFIX",
+                        help="also accept module:attr references under this module prefix")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a graph document; exit 0 when valid")
+    p.add_argument("file")
+    p.add_argument("--world-size", type=int, help="also check placements for this many ranks")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("plan", help="show what every rank would host (no processes started)")
+    p.add_argument("file")
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--no-params", action="store_true", help="skip the meta-device parameter counts")
+    p.set_defaults(func=_plan)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of the graph document")
+    p.set_defaults(func=_schema)
+
+    p = sub.add_parser("render", help="print the graph document as YAML (or JSON)")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_render)
+
+    p = sub.add_parser("run", help="train a graph on N ranks (spawned gloo processes or torchrun)")
+    p.add_argument("file")
+    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--steps", type=int, default=20)
+    p.set_defaults(func=_run)
+    return parser
+
+
+def _validate(args) -> int:
+    from mimo_builder.graph import load_graph
+    from mimo_builder.validation import validate_graph
+
+    valid = validate_graph(load_graph(args.file), args.world_size)
+    where = f" for {args.world_size} ranks" if args.world_size else ""
+    print(f"{args.file}: valid{where} ({len(valid.order)} nodes: {', '.join(valid.order)}; "
+          f"{len(valid.edges)} edges)")
+    return 0
+
+
+def _plan(args) -> int:
+    from mimo_builder.graph import load_graph
+    from mimo_builder.plan import make_plan
+    from mimo_builder.plan_table import print_plan
+
+    plan = make_plan(load_graph(args.file), args.world_size, count_params=not args.no_params)
+    if args.json:
+        print(json.dumps(plan.as_dict(), indent=2))
+    else:
+        print_plan(plan)
+    return 0
+
+
+def _schema(args) -> int:
+    from mimo_builder.graph import Graph
+
+    print(json.dumps(Graph.json_schema(), indent=2))
+    return 0
+
+
+def _render(args) -> int:
+    from mimo_builder.graph import load_graph
+
+    graph = load_graph(args.file)
+    print(graph.to_json() if args.json else graph.to_yaml(), end="" if not args.json else "\n")
+    return 0
+
+
+def _run(args) -> int:
+    raise MimoError("'run' arrives with the composite runtime; use 'validate' and 'plan' for now")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

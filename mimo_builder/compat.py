@@ -206,6 +206,8 @@ def quiet_dependency_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     logging.getLogger("megatron").setLevel(logging.WARNING)  # DDP lists every parameter at INFO
+    # The unfused Mamba path is the one the CPU kernels serve; MCore warns about it on every layer.
+    logging.getLogger("megatron.core.ssm.mamba_mixer").setLevel(logging.ERROR)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

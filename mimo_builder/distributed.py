@@ -83,11 +83,12 @@ def build_chunks(
     transformer_config: TransformerConfig,
     pg_collection: ProcessGroupCollection,
     model_type: ModelType = ModelType.encoder_or_decoder,
+    meta: bool | None = None,
 ) -> list[MegatronModule]:
     """One chunk per virtual pipeline stage with MCore's pre/post-process flags; on the meta
-    device when ``transformer_config.init_model_with_meta_device`` is set."""
+    device when ``meta`` (default: ``transformer_config.init_model_with_meta_device``)."""
     vp_size = transformer_config.virtual_pipeline_model_parallel_size
-    if transformer_config.init_model_with_meta_device:
+    if transformer_config.init_model_with_meta_device if meta is None else meta:
         with torch.device("meta"):
             return dist_utils.build_virtual_pipeline_stages(build_model_func, pg_collection, vp_size, model_type)
     return dist_utils.build_virtual_pipeline_stages(build_model_func, pg_collection, vp_size, model_type)

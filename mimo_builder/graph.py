@@ -214,3 +214,23 @@ def _explicit_fields(model: BaseModel, mode: str = "python") -> dict[str, Any]:
         else:
             out[name] = model.__pydantic_serializer__.to_python(model, mode=mode, include={name})[name]
     return out
+
+
+def load_graph(source: str) -> Graph:
+    """A graph from a YAML/JSON file path, or from ``module:attr`` naming a Graph (or a function
+    returning one) under the allowed module prefixes."""
+    import pathlib
+
+    from mimo_builder.registry import import_reference
+
+    path = pathlib.Path(source)
+    if path.suffix in {".yaml", ".yml", ".json"} or path.exists():
+        if not path.exists():
+            raise ConfigError(f"graph file {source!r} does not exist")
+        text = path.read_text()
+        return Graph.from_json(text, where=source) if path.suffix == ".json" else Graph.from_yaml(text, where=source)
+    obj = import_reference(source, where="graph")
+    graph = obj() if callable(obj) and not isinstance(obj, Graph) else obj
+    if not isinstance(graph, Graph):
+        raise ConfigError(f"graph: {source!r} is a {type(graph).__name__}, not a mimo_builder.graph.Graph")
+    return graph

@@ -99,7 +99,7 @@ def _resolve(group: str, ref: str, where: str) -> Any:
     if not isinstance(ref, str) or not ref:
         raise ConfigError(f"{where}: expected a registered name or 'module:attr', got {ref!r}")
     if ":" in ref:
-        return _import_reference(ref, where)
+        return import_reference(ref, where)
     if ref in _registered[group]:
         return _registered[group][ref]
     matches = [ep for ep in entry_points(group=group) if ep.name == ref]
@@ -110,7 +110,8 @@ def _resolve(group: str, ref: str, where: str) -> Any:
                       "or use 'module:attr' under an allowed module prefix")
 
 
-def _import_reference(ref: str, where: str) -> Any:
+def import_reference(ref: str, where: str) -> Any:
+    """The object named by `module:attr` (module under an allowed prefix, checked before import)."""
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
         raise ConfigError(f"{where}: {ref!r} must look like 'package.module:Name'")

@@ -63,6 +63,8 @@ class ValidGraph:
 def validate_graph(graph: Graph, world_size: int | None = None) -> ValidGraph:
     """Check the whole document; raise GraphError listing every problem, else return it resolved."""
     problems: list[str] = []
+    if world_size is not None and world_size < 1:
+        raise GraphError([f"world size must be >= 1, got {world_size}"])
     configs, builders = _check_nodes(graph, problems)
     edges = _check_edges(graph, builders, problems)
     inputs, outputs = _check_bindings(graph, builders, edges, problems)

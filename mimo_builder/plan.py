@@ -1,0 +1,122 @@
+"""Dry-run plan: what each rank would host, with coordinates, parameter counts and group count.
+
+No processes are started. Rank placement is pure arithmetic over the layouts, so it scales to
+any world size. Parameter counts come from building each node once per pipeline stage on the
+meta device, in this process, on torch's "fake" process-group backend (a world the size of one
+model-parallel replica, no communication), so counts are exactly what MCore would allocate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from mimo_builder.graph import Graph
+from mimo_builder.placement import Layout, count_process_groups, create_process_groups
+from mimo_builder.validation import ValidGraph, validate_graph
+
+
+@dataclass
+class NodePlan:
+    """One node: where it lives and how many parameters each of its pipeline stages holds."""
+
+    name: str
+    builder: str
+    layout: Layout
+    frozen: bool
+    stage_params: list[int] | None = None
+    """Parameters on one rank of each pipeline stage (None when not counted)."""
+
+    params: int | None = None
+    """Parameters of the whole node, unsharded (None when not counted)."""
+
+
+@dataclass
+class Plan:
+    """The dry-run result for one graph and one world size."""
+
+    world_size: int
+    nodes: list[NodePlan]
+    num_groups: int
+
+    def hosted(self, rank: int) -> list[tuple[NodePlan, dict[str, int]]]:
+        """The nodes ``rank`` hosts, each with the rank's tp/cp/dp/pp coordinates."""
+        return [(n, n.layout.coords(rank)) for n in self.nodes if rank in n.layout.ranks]
+
+    def rank_params(self, rank: int) -> int | None:
+        """Parameters held by ``rank`` (None when counts were not computed)."""
+        hosted = self.hosted(rank)
+        if any(n.stage_params is None for n, _ in hosted):
+            return None
+        return sum(n.stage_params[c["pp"]] for n, c in hosted)
+
+    def as_dict(self) -> dict:
+        return {
+            "world_size": self.world_size,
+            "num_process_groups": self.num_groups,
+            "nodes": [{"name": n.name, "builder": n.builder, "frozen": n.frozen, "offset": n.layout.offset,
+                       "size": n.layout.size, "tp": n.layout.tp, "cp": n.layout.cp, "pp": n.layout.pp,
+                       "dp": n.layout.dp, "ep": n.layout.ep, "params": n.params, "stage_params": n.stage_params}
+                      for n in self.nodes],
+            "ranks": [{"rank": r, "params": self.rank_params(r),
+                       "nodes": {n.name: c for n, c in self.hosted(r)}} for r in range(self.world_size)],
+        }
+
+
+def make_plan(graph: Graph, world_size: int, count_params: bool = True) -> Plan:
+    """Validate ``graph`` for ``world_size`` ranks and plan it without starting processes."""
+    valid = validate_graph(graph, world_size)
+    nodes = [NodePlan(name, graph.nodes[name].builder, valid.layouts[name], graph.nodes[name].frozen)
+             for name in valid.order]
+    if count_params:
+        for node in nodes:
+            node.stage_params = _count_stage_params(valid, node.name)
+            node.params = _node_total(valid, node)
+    return Plan(world_size, nodes, count_process_groups(valid.layouts.values()))
+
+
+def _node_total(valid: ValidGraph, node: NodePlan) -> int:
+    """Whole-node parameters: the meta build at TP=EP=1 summed over stages."""
+    layout = node.layout
+    if layout.tp == 1 and layout.ep == 1:
+        return sum(node.stage_params)
+    flat = Layout(0, layout.pp, pp=layout.pp)
+    return sum(_count_on_fake_world(valid, node.name, flat, stage) for stage in range(layout.pp))
+
+
+def _count_stage_params(valid: ValidGraph, name: str) -> list[int]:
+    layout = valid.layouts[name]
+    replica = _smallest_replica(layout)
+    return [_count_on_fake_world(valid, name, replica, stage) for stage in range(layout.pp)]
+
+
+def _smallest_replica(layout: Layout) -> Layout:
+    """The same split with the fewest data-parallel replicas that still fits the expert grid."""
+    per_stage = layout.tp * layout.cp
+    experts = layout.expert_tp * layout.ep
+    dp = experts // math.gcd(experts, per_stage)
+    return Layout(0, per_stage * dp * layout.pp, layout.tp, layout.cp, layout.pp, layout.ep, layout.etp)
+
+
+def _count_on_fake_world(valid: ValidGraph, name: str, layout: Layout, stage: int) -> int:
+    """Parameters of one rank at pipeline ``stage`` of ``layout``, built on meta in a fake world."""
+    from torch.testing._internal.distributed import fake_pg  # noqa: F401  (registers the backend)
+
+    from mimo_builder import compat, distributed
+
+    if dist.is_initialized():
+        raise RuntimeError("make_plan counts parameters on a fake world; call it before torch.distributed "
+                           "is initialised, or pass count_params=False")
+    rank = stage * layout.size // layout.pp
+    dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=layout.size)
+    try:
+        compat.init_runtime("cpu")
+        pgs = create_process_groups([layout]).for_layout(layout)
+        compat.seed_rng(0, tp_rank=pgs.tp.rank())
+        builder = valid.configs[name].make_builder()
+        chunks = distributed.build_chunks(builder.build_model, builder.transformer_config(pgs), pgs, meta=True)
+        return sum(p.numel() for chunk in chunks for p in chunk.parameters())
+    finally:
+        dist.destroy_process_group()

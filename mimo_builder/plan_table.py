@@ -1,0 +1,61 @@
+"""Render a dry-run Plan as rich tables: one row per node, then ranks (grouped when many)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from mimo_builder.plan import Plan
+
+PER_RANK_ROWS = 32  # above this many ranks, consecutive ranks with the same hosting are merged
+
+
+def print_plan(plan: Plan, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(nodes_table(plan))
+    console.print(ranks_table(plan))
+    console.print(f"process groups to create: {plan.num_groups} (one set per distinct layout)")
+
+
+def nodes_table(plan: Plan) -> Table:
+    table = Table(title=f"Graph plan on {plan.world_size} ranks")
+    for column in ("node", "builder", "ranks", "tp", "cp", "pp", "dp", "ep", "params"):
+        table.add_column(column, justify="right" if column not in ("node", "builder") else "left")
+    for n in plan.nodes:
+        lay = n.layout
+        name = f"{n.name} (frozen)" if n.frozen else n.name
+        table.add_row(name, n.builder, f"{lay.offset}-{lay.offset + lay.size - 1}", str(lay.tp), str(lay.cp),
+                      str(lay.pp), str(lay.dp), str(lay.ep), _count(n.params))
+    return table
+
+
+def ranks_table(plan: Plan) -> Table:
+    table = Table(title="Per rank")
+    table.add_column("ranks", justify="right")
+    table.add_column("nodes (tp, cp, dp, pp coordinates)")
+    table.add_column("params on rank", justify="right")
+    for first, last, text, params in _rank_rows(plan):
+        table.add_row(str(first) if first == last else f"{first}-{last}", text, _count(params))
+    return table
+
+
+def _rank_rows(plan: Plan):
+    """Rows of (first, last, nodes text, params); merged ranges when the world is large."""
+    detailed = plan.world_size <= PER_RANK_ROWS
+    rows = []
+    for rank in range(plan.world_size):
+        hosted = plan.hosted(rank)
+        if detailed:
+            text = ", ".join(f"{n.name} ({c['tp']},{c['cp']},{c['dp']},{c['pp']})" for n, c in hosted)
+        else:
+            text = ", ".join(f"{n.name} pp{c['pp']}" for n, c in hosted)
+        key = (text or "-", plan.rank_params(rank))
+        if rows and not detailed and (rows[-1][2], rows[-1][3]) == key:
+            rows[-1][1] = rank
+        else:
+            rows.append([rank, rank, *key])
+    return rows
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"

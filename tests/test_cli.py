@@ -1,0 +1,61 @@
+"""The mimo-builder command line, run as a user runs it (a subprocess of the installed script)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CLI = pathlib.Path(sys.executable).parent / "mimo-builder"
+
+
+def _cli(*args):
+    return subprocess.run([str(CLI), *args], cwd=ROOT, capture_output=True, text=True, timeout=180)
+
+
+def test_validate_valid_file_exits_zero():
+    result = _cli("validate", "graphs/avlm.yaml", "--world-size", "4")
+    assert result.returncode == 0, result.stderr
+    assert "valid for 4 ranks" in result.stdout and "lm" in result.stdout
+
+
+def test_validate_invalid_file_lists_errors_and_fails(tmp_path):
+    bad = (ROOT / "graphs/vlm.yaml").read_text().replace("output_size: 64", "output_size: 32")
+    path = tmp_path / "bad.yaml"
+    path.write_text(bad)
+    result = _cli("validate", str(path))
+    assert result.returncode != 0
+    assert "edge 'proj.output -> lm.image'" in result.stderr
+
+
+def test_validate_accepts_python_graph_references_and_refuses_others():
+    assert _cli("validate", "graphs.vlm:vlm").returncode == 0
+    refused = _cli("validate", "os:getcwd")
+    assert refused.returncode != 0 and "not under an allowed prefix" in refused.stderr
+
+
+def test_plan_json_has_the_same_facts_as_the_table():
+    table = _cli("plan", "graphs/vlm.yaml", "--world-size", "4")
+    plan = json.loads(_cli("plan", "graphs/vlm.yaml", "--world-size", "4", "--json").stdout)
+    assert table.returncode == 0
+    assert plan["world_size"] == 4 and len(plan["ranks"]) == 4
+    assert f"process groups to create: {plan['num_process_groups']}" in table.stdout
+    for node in plan["nodes"]:
+        assert node["name"] in table.stdout and f"{node['params']:,}" in table.stdout
+    assert plan["ranks"][3]["nodes"] == {"lm": {"tp": 1, "cp": 0, "dp": 0, "pp": 0}}
+
+
+def test_schema_is_the_graph_json_schema():
+    schema = json.loads(_cli("schema").stdout)
+    assert {"nodes", "edges", "inputs", "outputs"} <= set(schema["properties"])
+
+
+@pytest.mark.parametrize("fmt", [[], ["--json"]])
+def test_render_round_trips(fmt):
+    from mimo_builder.graph import Graph
+
+    out = _cli("render", "graphs/avlm.yaml", *fmt).stdout
+    parsed = Graph.from_json(out) if fmt else Graph.from_yaml(out)
+    assert parsed == Graph.from_yaml((ROOT / "graphs/avlm.yaml").read_text())
