@@ -13,6 +13,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
+import torch
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.enums import ModelType
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -98,6 +99,30 @@ class ModelBuilder(mcore_base.ModelBuilder):
         vp_stage: int | None = None,
     ) -> MegatronModule:
         """Build one (virtual) pipeline stage of the model on ``pg_collection``."""
+
+    def run(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One forward of a built chunk: named input ports in, named output ports out.
+
+        The default serves one-input, one-output modules (``model(x)``); other builders
+        override it. Tensors are batch-first.
+        """
+        ports = self.ports()
+        if len(ports.inputs) != 1 or len(ports.outputs) != 1:
+            raise NotImplementedError(f"{type(self).__name__} has ports {sorted(ports.inputs)} -> "
+                                      f"{sorted(ports.outputs)}: it must define run()")
+        (name_in,), (name_out,) = ports.inputs, ports.outputs
+        return {name_out: model(inputs[name_in])}
+
+    def output_tokens(self, input_tokens: dict[str, int]) -> dict[str, int]:
+        """Length of the token axis of each output for inputs of these lengths (default: kept)."""
+        length = next(iter(input_tokens.values()), None)
+        return {name: length for name in self.ports().outputs}
+
+    def synthetic_inputs(self, batch_size: int, generator: torch.Generator,
+                         tokens: dict[str, int]) -> dict[str, torch.Tensor]:
+        """Random inputs for this node's ports that a graph binds to the batch (for demos and
+        benchmarks); ``tokens`` gives the token counts arriving on its edge-fed ports."""
+        raise NotImplementedError(f"{type(self).__name__} cannot make synthetic inputs")
 
     def build_distributed_models(
         self,

@@ -92,6 +92,10 @@ class Layout:
             )
         return out
 
+    def rank_of(self, tp: int = 0, cp: int = 0, dp: int = 0, pp: int = 0) -> int:
+        """The global rank at these coordinates (inverse of :meth:`coords`)."""
+        return self.offset + tp + self.tp * (cp + self.cp * (dp + self.dp * pp))
+
     def coords(self, rank: int) -> dict[str, int]:
         """This rank's coordinates along tp/cp/dp/pp (``rank`` must be in ``ranks``)."""
         local, out = rank - self.offset, {}

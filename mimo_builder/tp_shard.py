@@ -9,6 +9,7 @@ z, x, B, C, dt), ``partition_sizes``: each part is split across ranks separately
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
 def shard(full: torch.Tensor, local: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
@@ -37,3 +38,25 @@ def _only_differing_dim(full: torch.Tensor, local: torch.Tensor) -> int:
     if len(dims) != 1 or full.dim() != local.dim():
         raise ValueError(f"cannot tell how a {tuple(full.shape)} tensor shards into {tuple(local.shape)}")
     return dims[0]
+
+
+def unshard(local: torch.Tensor, full_shape: torch.Size, tp_group) -> torch.Tensor:
+    """The full tensor from every TP rank's shard (inverse of :func:`shard`; collective on
+    ``tp_group``, so every rank of the group must call it)."""
+    if local.shape == full_shape:
+        return local.detach().clone()
+    pieces = [torch.empty_like(local) for _ in range(dist.get_world_size(tp_group))]
+    dist.all_gather(pieces, local.detach().contiguous(), group=tp_group)
+    dim = getattr(local, "partition_dim", None)
+    if dim is None or not getattr(local, "tensor_model_parallel", False):
+        dim = _only_differing_dim(torch.empty(full_shape, device="meta"), local)
+    sizes = getattr(local, "partition_sizes", None) or [local.shape[dim]]
+    per_rank = [piece.split(sizes, dim) for piece in pieces]
+    return torch.cat([torch.cat([parts[i] for parts in per_rank], dim) for i in range(len(sizes))], dim)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP / Float16Module wrappers (parameter names as a bare build has them)."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module

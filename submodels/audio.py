@@ -57,6 +57,14 @@ class AudioBuilder(ModelBuilder):
                           doc="tokens = ceil(frames / 2)")],
         )
 
+    def output_tokens(self, input_tokens):
+        return {"embeddings": math.ceil(input_tokens.get("features", self.config.max_frames) / 2)}
+
+    def synthetic_inputs(self, batch_size, generator, tokens):
+        """Log-mel-like features for ``max_frames`` frames."""
+        cfg = self.config
+        return {"features": torch.randn((batch_size, cfg.max_frames, cfg.n_mels), generator=generator)}
+
     def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
         return make_transformer_config(self.config, pg_collection)  # GELU, biases, LayerNorm: as Whisper
 

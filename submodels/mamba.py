@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
 import torch.nn.functional as F
 from pydantic import Field, PositiveInt, model_validator
 
@@ -42,6 +43,7 @@ from megatron.core.transformer.transformer_layer import (  # noqa: E402
 from mimo_builder.builder import ModelBuilder, Port, Ports  # noqa: E402
 from mimo_builder.compat import resolve_device  # noqa: E402
 from mimo_builder.errors import ConfigError  # noqa: E402
+from mimo_builder.tp_shard import unwrap  # noqa: E402
 from mimo_builder.transformer_config import (  # noqa: E402
     TransformerModelConfig,
     make_transformer_config,
@@ -229,6 +231,70 @@ class MambaBuilder(ModelBuilder):
             pg_collection=pg_collection,
             vp_stage=vp_stage,
         )
+
+
+    def run(self, model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Embed ``input_ids``, put each modality's embeddings at its placeholder tokens, run the
+        stack; returns ``loss`` (mean over ``loss_mask``) when labels are given, else ``logits``."""
+        ids = inputs["input_ids"]
+        positions = inputs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        core = unwrap(model)
+        embedded = core.embedding(input_ids=ids, position_ids=positions)  # [tokens, batch, hidden]
+        embedded = place_modalities(embedded, ids, self.config.modality_token_ids, inputs)
+        labels = inputs.get("labels")
+        out = model(ids, positions, None, decoder_input=embedded, labels=labels)
+        if labels is None:
+            return {"logits": out}
+        mask = inputs.get("loss_mask")
+        mask = torch.ones_like(out, dtype=torch.float32) if mask is None else mask.float()
+        return {"loss": (out.float() * mask).sum() / mask.sum().clamp(min=1.0)}
+
+    def synthetic_inputs(self, batch_size, generator, tokens):
+        """Token sequences that count upwards (learnable), after one placeholder run per modality."""
+        cfg = self.config
+        prefix = [torch.full((tokens[port],), token) for port, token in cfg.modality_token_ids.items()
+                  if port in tokens]
+        prefix = torch.cat(prefix) if prefix else torch.zeros(0, dtype=torch.long)
+        text = min(32, cfg.seq_length - len(prefix))
+        if text < 2:
+            raise ConfigError(f"MambaConfig.seq_length {cfg.seq_length} leaves no room for text after "
+                              f"{len(prefix)} modality tokens")
+        reserved = max(cfg.modality_token_ids.values(), default=-1) + 1
+        start = torch.randint(reserved, cfg.vocab_size, (batch_size, 1), generator=generator)
+        counting = reserved + (start + torch.arange(text + 1) - reserved) % (cfg.vocab_size - reserved)
+        ids = torch.cat([prefix.expand(batch_size, -1), counting[:, :-1]], dim=1)
+        labels = torch.cat([prefix.expand(batch_size, -1), counting[:, 1:]], dim=1)
+        loss_mask = torch.ones_like(ids, dtype=torch.float32)
+        loss_mask[:, :len(prefix)] = 0.0  # no loss where the label is a placeholder
+        return {"input_ids": ids, "labels": labels, "loss_mask": loss_mask,
+                "position_ids": torch.arange(ids.shape[1]).expand_as(ids).contiguous()}
+
+
+def place_modalities(embedded: torch.Tensor, ids: torch.Tensor, token_ids: dict[str, int],
+                     inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Replace each placeholder token's embedding by the modality's embeddings, in order.
+
+    ``embedded`` is [tokens, batch, hidden]; a modality input is [batch, n, hidden] and each
+    sample must hold exactly n placeholders of that modality's token id.
+    """
+    batch_first = embedded.transpose(0, 1)
+    for port, token in token_ids.items():
+        where = ids == token
+        counts = where.sum(dim=1)
+        if port not in inputs:
+            if bool(counts.any()):
+                raise ValueError(f"MambaConfig.modality_token_ids[{port!r}]: the batch has placeholder "
+                                 f"tokens {token} but no '{port}' embeddings arrived")
+            continue
+        values = inputs[port]
+        if bool((counts != values.shape[1]).any()):
+            raise ValueError(f"MambaConfig.modality_token_ids[{port!r}]: samples hold {counts.tolist()} "
+                             f"placeholder tokens (id {token}) but '{port}' brings {values.shape[1]} "
+                             "embeddings per sample")
+        batch_first = batch_first.masked_scatter(where.unsqueeze(-1), values.to(batch_first.dtype))
+    return batch_first.transpose(0, 1).contiguous()
 
 
 def hybrid_stack_spec(te: bool, num_experts: int | None = None) -> ModuleSpec:

@@ -109,6 +109,12 @@ class ProjectorBuilder(ModelBuilder):
                           doc="tokens = input tokens / token_reduction")],
         )
 
+    def output_tokens(self, input_tokens):
+        return {"output": input_tokens["input"] // self.config.token_reduction}
+
+    def synthetic_inputs(self, batch_size, generator, tokens):
+        return {"input": torch.randn((batch_size, 16, self.config.input_size), generator=generator)}
+
     def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
         cfg = self.config
         return make_transformer_config(

@@ -73,6 +73,14 @@ class VisionBuilder(ModelBuilder):
             outputs=[Port("embeddings", ("batch", "patches", "hidden"), self.config.hidden_size)],
         )
 
+    def output_tokens(self, input_tokens):
+        return {"embeddings": self.config.num_tokens}
+
+    def synthetic_inputs(self, batch_size, generator, tokens):
+        cfg = self.config
+        shape = (batch_size, cfg.num_channels, cfg.image_size, cfg.image_size)
+        return {"pixel_values": torch.randn(shape, generator=generator)}
+
     def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
         cfg = self.config
         # MCore's defaults are CLIP's otherwise: biases on every linear, LayerNorm eps 1e-5.

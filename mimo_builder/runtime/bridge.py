@@ -1,0 +1,85 @@
+"""Moving activations and gradients between nodes that live on different ranks or DP sizes.
+
+An edge's samples are matched by position in the global batch: producer DP rank ``p`` holds
+samples ``[p*B/dp_p, (p+1)*B/dp_p)``, consumer DP rank ``c`` needs ``[c*B/dp_c, ...)``. Each
+overlap is one :class:`Transfer` from the producer's first tensor-parallel rank to the
+consumer's, by point-to-point send/recv (gloo or NCCL), followed by a broadcast inside the
+consumer's TP group. Fan-in and fan-out fall out of the overlaps. Every rank walks the
+transfers in one global order, so blocking sends and receives cannot deadlock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mimo_builder.placement import Layout
+from mimo_builder.runtime.batch import shard_range
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.bool)
+_HEADER = 8  # dtype code, ndim, up to 6 sizes
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Samples ``[start, stop)`` of the global batch going from rank ``src`` to rank ``dst``."""
+
+    src: int
+    dst: int
+    start: int
+    stop: int
+
+
+def edge_transfers(producer: Layout, consumer: Layout, batch_size: int) -> list[Transfer]:
+    """The transfers of one edge, ordered by consumer DP rank then sample position."""
+    out = []
+    for c in range(consumer.dp):
+        c_start, c_stop = shard_range(consumer, c, batch_size)
+        for p in range(producer.dp):
+            p_start, p_stop = shard_range(producer, p, batch_size)
+            start, stop = max(c_start, p_start), min(c_stop, p_stop)
+            if start < stop:
+                src = producer.rank_of(dp=p, pp=producer.pp - 1)
+                out.append(Transfer(src, consumer.rank_of(dp=c), start, stop))
+    return out
+
+
+def send_tensor(tensor: torch.Tensor, dst: int, group=None) -> None:
+    """Send a header (dtype, shape) then the data, so the receiver needs to know nothing."""
+    dist.send(_header(tensor), dst, group=group)
+    dist.send(tensor.contiguous(), dst, group=group)
+
+
+def recv_tensor(src: int, device: torch.device, group=None) -> torch.Tensor:
+    header = torch.empty(_HEADER, dtype=torch.int64, device=device)
+    dist.recv(header, src, group=group)
+    out = torch.empty(_shape(header), dtype=_DTYPES[int(header[0])], device=device)
+    dist.recv(out, src, group=group)
+    return out
+
+
+def broadcast_tensor(tensor: torch.Tensor | None, src: int, group, device: torch.device) -> torch.Tensor:
+    """Broadcast from global rank ``src`` to ``group``; non-source ranks pass None."""
+    header = _header(tensor).to(device) if tensor is not None else torch.empty(_HEADER, dtype=torch.int64,
+                                                                                 device=device)
+    dist.broadcast(header, src, group=group)
+    if tensor is None:
+        tensor = torch.empty(_shape(header), dtype=_DTYPES[int(header[0])], device=device)
+    tensor = tensor.contiguous()
+    dist.broadcast(tensor, src, group=group)
+    return tensor
+
+
+def _header(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.dim() > _HEADER - 2:
+        raise ValueError(f"bridge tensors have at most {_HEADER - 2} axes, got shape {tuple(tensor.shape)}")
+    header = torch.zeros(_HEADER, dtype=torch.int64, device=tensor.device)
+    header[0], header[1] = _DTYPES.index(tensor.dtype), tensor.dim()
+    header[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+    return header
+
+
+def _shape(header: torch.Tensor) -> list[int]:
+    return header[2:2 + int(header[1])].tolist()

@@ -1,0 +1,215 @@
+"""Forward and backward of a CompositeModel over its DAG, on any placement.
+
+Forward walks the nodes in topological order: an edge's samples arrive through the bridge and
+become a detached leaf on the consumer, so each node's backward is its own autograd call.
+Backward walks in reverse: consumers' input gradients go back over the same transfers, scaled
+by ``dp_producer / dp_consumer`` so that, after each node's DDP averages over its own DP group,
+every parameter holds the gradient of the global mean loss. All forwards of a microbatch run,
+then all its backwards; gradients accumulate across microbatches in DDP's buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from mimo_builder.errors import MimoError
+from mimo_builder.runtime.batch import check_batch, dp_shard, shard_range
+from mimo_builder.runtime.bridge import broadcast_tensor, edge_transfers, recv_tensor, send_tensor
+from mimo_builder.validation import Edge
+from mimo_builder.walker import CompositeModel
+
+_FAILURE_KEY = "mimo_builder/step_failure"
+
+
+class StepError(MimoError, RuntimeError):
+    """A forward/backward failed on some rank; raised on every rank with the root cause."""
+
+
+@dataclass
+class _Microbatch:
+    batch: dict[str, torch.Tensor]
+    size: int
+    outputs: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    leaves: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    out_grads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+class GraphSchedule:
+    """Runs forward/backward of a built graph; one instance per CompositeModel, on every rank."""
+
+    def __init__(self, model: CompositeModel, device: torch.device | None = None):
+        self.model = model
+        self.valid = model.valid
+        self.rank = dist.get_rank()
+        self.device = device or torch.device("cpu")
+        self.bridge = dist.new_group(backend=dist.get_backend())  # all ranks; group rank == global rank
+        self.control = dist.new_group(backend="gloo")
+        _refuse_unsupported(self.valid)
+        self.needs_grad = _needs_grad(self.valid)
+        self.loss_outputs = [(n, p) for n, p in self.valid.outputs if p == "loss"]
+
+    # --- public -----------------------------------------------------------------------------
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], num_microbatches: int = 1) -> float:
+        """Forward and backward over ``batch`` in ``num_microbatches`` parts; returns the mean loss."""
+        size = check_batch(self.valid, batch)
+        if size % num_microbatches:
+            raise StepError(f"batch size {size} is not divisible by num_microbatches={num_microbatches}")
+        per = size // num_microbatches
+        for name, layout in self.valid.layouts.items():
+            if per % layout.dp:
+                raise StepError(f"microbatch size {per} is not divisible by node '{name}' DP size {layout.dp}")
+        total = 0.0
+        try:
+            for i in range(num_microbatches):
+                mb = _Microbatch({k: v[i * per:(i + 1) * per] for k, v in batch.items()}, per)
+                self._forward(mb)
+                total += self._backward(mb, scale=1.0 / num_microbatches)
+            return self._global_loss(total / num_microbatches)
+        except Exception as err:
+            self._fail(err)
+
+    # --- forward ----------------------------------------------------------------------------
+
+    def _forward(self, mb: _Microbatch) -> None:
+        for name in self.valid.order:
+            for edge in self._edges_into(name):
+                self._send_activation(edge, mb)
+            if self.model.hosts(name):
+                inputs = {port: dp_shard(mb.batch[key].to(self.device), self.valid.layouts[name], self.rank, mb.size)
+                          for key, (node, port) in self.valid.inputs.items() if node == name and key in mb.batch}
+                inputs.update(mb.leaves.get(name, {}))
+                (chunk,) = self.model.chunks(name)
+                mb.outputs[name] = self.valid.builders[name].run(chunk, inputs)
+
+    def _send_activation(self, edge: Edge, mb: _Microbatch) -> None:
+        producer, consumer = self.valid.layouts[edge.src], self.valid.layouts[edge.dst]
+        parts = []
+        for t in edge_transfers(producer, consumer, mb.size):
+            if t.src == self.rank:
+                start = shard_range(producer, producer.coords(self.rank)["dp"], mb.size)[0]
+                piece = mb.outputs[edge.src][edge.src_port][t.start - start:t.stop - start]
+                if t.dst == self.rank:
+                    parts.append(piece.detach())
+                else:
+                    send_tensor(piece.detach(), t.dst, self.bridge)
+            elif t.dst == self.rank:
+                parts.append(recv_tensor(t.src, self.device, self.bridge))
+        if not self.model.hosts(edge.dst):
+            return
+        value = torch.cat(parts) if parts else None
+        value = self._tp_broadcast(edge.dst, value)
+        leaf = value.detach().requires_grad_(self.needs_grad[edge.src])
+        mb.leaves.setdefault(edge.dst, {})[edge.dst_port] = leaf
+
+    # --- backward ---------------------------------------------------------------------------
+
+    def _backward(self, mb: _Microbatch, scale: float) -> float:
+        loss_value = 0.0
+        for name in reversed(self.valid.order):
+            for edge in self._edges_out_of(name):
+                self._send_gradient(edge, mb)
+            if not self.model.hosts(name):
+                continue
+            grads = mb.out_grads.setdefault(name, {})
+            for port in sorted({e.src_port for e in self._edges_out_of(name)} if self.needs_grad[name] else ()):
+                grads[port] = self._tp_broadcast(name, grads.get(port))  # only TP rank 0 received them
+            loss_value += self._node_backward(name, mb, scale)
+        return loss_value
+
+    def _node_backward(self, name: str, mb: _Microbatch, scale: float) -> float:
+        tensors, grads, loss_value = [], [], 0.0
+        for node, port in self.loss_outputs:
+            if node == name:
+                loss = mb.outputs[name][port]
+                loss_value += float(loss.detach())
+                tensors.append(loss * scale)
+                grads.append(None)
+        for port, grad in mb.out_grads.get(name, {}).items():
+            tensors.append(mb.outputs[name][port])
+            grads.append(grad.to(mb.outputs[name][port].dtype))
+        if self.needs_grad[name] and any(t.requires_grad for t in tensors):
+            torch.autograd.backward([t for t in tensors if t.requires_grad],
+                                    [g for t, g in zip(tensors, grads) if t.requires_grad])
+        return loss_value
+
+    def _send_gradient(self, edge: Edge, mb: _Microbatch) -> None:
+        if not self.needs_grad[edge.src]:
+            return
+        producer, consumer = self.valid.layouts[edge.src], self.valid.layouts[edge.dst]
+        ratio = producer.dp / consumer.dp  # see the module docstring
+        for t in edge_transfers(producer, consumer, mb.size):
+            if t.dst == self.rank:
+                leaf = mb.leaves[edge.dst][edge.dst_port]
+                start = shard_range(consumer, consumer.coords(self.rank)["dp"], mb.size)[0]
+                grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                piece = grad[t.start - start:t.stop - start] * ratio
+                if t.src == self.rank:
+                    self._accumulate(edge, mb, producer, t, piece)
+                else:
+                    send_tensor(piece, t.src, self.bridge)
+            elif t.src == self.rank:
+                self._accumulate(edge, mb, producer, t, recv_tensor(t.dst, self.device, self.bridge))
+
+    def _accumulate(self, edge, mb, producer, t, piece) -> None:
+        output = mb.outputs[edge.src][edge.src_port]
+        grads = mb.out_grads.setdefault(edge.src, {})
+        if edge.src_port not in grads:
+            grads[edge.src_port] = torch.zeros(output.shape, dtype=torch.float32, device=self.device)
+        start = shard_range(producer, producer.coords(self.rank)["dp"], mb.size)[0]
+        grads[edge.src_port][t.start - start:t.stop - start] += piece.float()
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _tp_broadcast(self, name: str, value: torch.Tensor | None) -> torch.Tensor:
+        """Share a tensor held by the node's first TP rank with the rest of its TP group."""
+        pgs = self.model.pg_collection(name)
+        if pgs.tp.size() == 1:
+            return value
+        return broadcast_tensor(value, dist.get_global_rank(pgs.tp, 0), pgs.tp, self.device)
+
+    def _edges_into(self, name: str) -> list[Edge]:
+        return sorted((e for e in self.valid.edges if e.dst == name), key=str)
+
+    def _edges_out_of(self, name: str) -> list[Edge]:
+        return sorted((e for e in self.valid.edges if e.src == name), key=str)
+
+    def _global_loss(self, local_mean: float) -> float:
+        """Mean loss over the global batch, known on every rank."""
+        value = torch.zeros(1, dtype=torch.float64)
+        for node, _ in self.loss_outputs:
+            if self.model.hosts(node):
+                coords = self.valid.layouts[node].coords(self.rank)
+                if coords["tp"] == 0 and coords["cp"] == 0:
+                    value += local_mean / self.valid.layouts[node].dp
+        dist.all_reduce(value, group=self.control)
+        return float(value)
+
+    def _fail(self, err: Exception) -> None:
+        """Publish the first failure, break every collective this rank is in, raise everywhere."""
+        store = dist.distributed_c10d._get_default_store()
+        first = store.compare_set(_FAILURE_KEY, "", f"rank {self.rank}: {type(err).__name__}: {err}")
+        self.model.process_groups.abort()
+        for group in (self.bridge, self.control):
+            dist.distributed_c10d._abort_process_group(group)
+        raise StepError(first.decode()) from err
+
+
+def _needs_grad(valid) -> dict[str, bool]:
+    """A node runs backward if it trains or feeds on a node that does."""
+    out = {}
+    for name in valid.order:
+        upstream = any(out[e.src] for e in valid.edges if e.dst == name)
+        out[name] = upstream or not valid.graph.nodes[name].frozen
+    return out
+
+
+def _refuse_unsupported(valid) -> None:
+    for name, layout in valid.layouts.items():
+        if layout.pp > 1 or layout.cp > 1:
+            raise StepError(f"node '{name}' has pp={layout.pp}, cp={layout.cp}: the runtime executes "
+                            "pp=1 and cp=1 nodes only for now (pipeline/context parallelism inside a node "
+                            "is not scheduled yet); build-only use of such graphs works")
