@@ -92,7 +92,7 @@ def _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend):
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(rank, nproc, store.port, init_timeout_s, backend, fn, args, results),
+            args=(rank, nproc, store.port, init_timeout_s, backend, pickle.dumps((fn, args)), results),
             daemon=True,
         )
         for rank in range(nproc)
@@ -111,11 +111,12 @@ def _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend):
     return values
 
 
-def _rank_main(rank, nproc, port, init_timeout_s, backend, fn, args, results):
+def _rank_main(rank, nproc, port, init_timeout_s, backend, payload, results):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    quiet_dependency_warnings()
+    quiet_dependency_warnings()  # before unpickling fn/args imports MCore
     try:
+        fn, args = pickle.loads(payload)
         timeout = datetime.timedelta(seconds=init_timeout_s)
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
         dist.init_process_group(backend, store=store, rank=rank, world_size=nproc, timeout=timeout)

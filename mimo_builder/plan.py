@@ -40,6 +40,7 @@ class Plan:
     world_size: int
     nodes: list[NodePlan]
     num_groups: int
+    valid: ValidGraph
 
     def hosted(self, rank: int) -> list[tuple[NodePlan, dict[str, int]]]:
         """The nodes ``rank`` hosts, each with the rank's tp/cp/dp/pp coordinates."""
@@ -74,7 +75,7 @@ def make_plan(graph: Graph, world_size: int, count_params: bool = True) -> Plan:
         for node in nodes:
             node.stage_params = _count_stage_params(valid, node.name)
             node.params = _node_total(valid, node)
-    return Plan(world_size, nodes, count_process_groups(valid.layouts.values()))
+    return Plan(world_size, nodes, count_process_groups(valid.layouts.values()), valid)
 
 
 def _node_total(valid: ValidGraph, node: NodePlan) -> int:

@@ -8,6 +8,7 @@ arbitrary code (``os:system`` is refused without importing ``os``).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from importlib.metadata import entry_points
 from typing import Any, Callable
@@ -59,7 +60,13 @@ def _register(group: str, name: str):
 
 def registered_names(group: str = BUILDER_GROUP) -> list[str]:
     """Names known in ``group``: registered in code or installed as entry points."""
-    return sorted(set(_registered[group]) | {ep.name for ep in entry_points(group=group)})
+    return sorted(set(_registered[group]) | set(_installed(group)))
+
+
+@functools.cache
+def _installed(group: str) -> dict[str, Any]:
+    """Entry points of ``group`` by name (read once: scanning package metadata is slow)."""
+    return {ep.name: ep for ep in entry_points(group=group)}
 
 
 def resolve_builder(ref: str, where: str = "builder") -> type:
@@ -102,9 +109,8 @@ def _resolve(group: str, ref: str, where: str) -> Any:
         return import_reference(ref, where)
     if ref in _registered[group]:
         return _registered[group][ref]
-    matches = [ep for ep in entry_points(group=group) if ep.name == ref]
-    if matches:
-        return matches[0].load()
+    if ref in _installed(group):
+        return _installed(group)[ref].load()
     known = ", ".join(registered_names(group)) or "(none)"
     raise ConfigError(f"{where}: unknown {_kind(group)} {ref!r}. Registered {_kind(group)}s: {known}; "
                       "or use 'module:attr' under an allowed module prefix")

@@ -47,7 +47,7 @@ class GraphSchedule:
         self.device = device or torch.device("cpu")
         self.bridge = dist.new_group(backend=dist.get_backend())  # all ranks; group rank == global rank
         self.control = dist.new_group(backend="gloo")
-        _refuse_unsupported(self.valid)
+        check_runnable(self.valid)
         self.needs_grad = _needs_grad(self.valid)
         self.loss_outputs = [(n, p) for n, p in self.valid.outputs if p == "loss"]
 
@@ -207,7 +207,8 @@ def _needs_grad(valid) -> dict[str, bool]:
     return out
 
 
-def _refuse_unsupported(valid) -> None:
+def check_runnable(valid) -> None:
+    """Raise StepError for graphs the runtime cannot execute yet (before anything is built)."""
     for name, layout in valid.layouts.items():
         if layout.pp > 1 or layout.cp > 1:
             raise StepError(f"node '{name}' has pp={layout.pp}, cp={layout.cp}: the runtime executes "
