@@ -9,10 +9,13 @@ No assertions on timing.
 import argparse
 import json
 import platform
-import statistics
-import time
+import os
+import sys
 
-from submodels.mamba_kernels import naive_sequential_scan, ssd_chunk_scan  # before MCore
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import median_seconds  # noqa: E402
+from submodels.mamba_kernels import naive_sequential_scan, ssd_chunk_scan  # noqa: E402
 
 import torch
 
@@ -43,15 +46,6 @@ def run_naive(t, chunk):
                                  dt_bias=t["dt_bias"], dt_softplus=True)
 
 
-def time_median(fn, repeats):
-    """Median wall time (s) of fn over `repeats` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench(impl, t, chunk, repeats):
@@ -65,7 +59,7 @@ def bench(impl, t, chunk, repeats):
         for v in t.values():
             v.grad = None
 
-    return time_median(fwd, repeats), time_median(fwd_bwd, repeats)
+    return median_seconds(fwd, repeats), median_seconds(fwd_bwd, repeats)
 
 
 def main(argv=None) -> dict:

@@ -53,6 +53,16 @@ class Ports:
         return cls({p.name: p for p in inputs}, {p.name: p for p in outputs})
 
 
+def token_input_ports() -> list[Port]:
+    """The inputs of a language model over token ids (ids, positions, labels, loss mask)."""
+    return [
+        Port("input_ids", ("batch", "tokens")),
+        Port("position_ids", ("batch", "tokens"), required=False),
+        Port("labels", ("batch", "tokens"), required=False),
+        Port("loss_mask", ("batch", "tokens"), required=False),
+    ]
+
+
 class ModelBuilder(mcore_base.ModelBuilder):
     """Builds one node's model from its :class:`ModelConfig`, on the process groups it is given.
 

@@ -9,7 +9,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from pydantic import PositiveInt
 
-from mimo_builder.builder import ModelBuilder, Port, Ports
+from mimo_builder.builder import ModelBuilder, Port, Ports, token_input_ports
 from mimo_builder.transformer_config import (
     TransformerModelConfig,
     make_transformer_config,
@@ -49,10 +49,7 @@ class GPTBuilder(ModelBuilder):
         cfg = self.config
         return Ports.of(
             inputs=[
-                Port("input_ids", ("batch", "tokens")),
-                Port("position_ids", ("batch", "tokens"), required=False),
-                Port("labels", ("batch", "tokens"), required=False),
-                Port("loss_mask", ("batch", "tokens"), required=False),
+                *token_input_ports(),
             ],
             outputs=[
                 Port("logits", ("batch", "tokens", "vocab"), cfg.vocab_size),

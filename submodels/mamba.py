@@ -40,7 +40,7 @@ from megatron.core.transformer.transformer_layer import (  # noqa: E402
     TransformerLayerSubmodules,
 )
 
-from mimo_builder.builder import ModelBuilder, Port, Ports  # noqa: E402
+from mimo_builder.builder import ModelBuilder, Port, Ports, token_input_ports  # noqa: E402
 from mimo_builder.compat import resolve_device  # noqa: E402
 from mimo_builder.errors import ConfigError  # noqa: E402
 from mimo_builder.tp_shard import unwrap  # noqa: E402
@@ -175,10 +175,7 @@ class MambaBuilder(ModelBuilder):
     def ports(self) -> Ports:
         return Ports.of(
             inputs=[
-                Port("input_ids", ("batch", "tokens")),
-                Port("position_ids", ("batch", "tokens"), required=False),
-                Port("labels", ("batch", "tokens"), required=False),
-                Port("loss_mask", ("batch", "tokens"), required=False),
+                *token_input_ports(),
                 *(Port(name, ("batch", "tokens", "hidden"), self.config.hidden_size, required=False,
                        doc=f"embeddings placed at token id {token}")
                   for name, token in self.config.modality_token_ids.items()),
