@@ -46,10 +46,18 @@ def edge_transfers(producer: Layout, consumer: Layout, batch_size: int) -> list[
     return out
 
 
-def send_tensor(tensor: torch.Tensor, dst: int, group=None) -> None:
-    """Send a header (dtype, shape) then the data, so the receiver needs to know nothing."""
-    dist.send(_header(tensor), dst, group=group)
+def send_tensor(tensor: torch.Tensor, dst: int, group=None, header: bool = True) -> None:
+    """Send a header (dtype, shape) then the data, so the receiver needs to know nothing; without
+    the header (one message instead of two) the receiver must use :func:`recv_into`."""
+    if header:
+        dist.send(_header(tensor), dst, group=group)
     dist.send(tensor.contiguous(), dst, group=group)
+
+
+def recv_into(buffer: torch.Tensor, src: int, group=None) -> torch.Tensor:
+    """Receive a header-less tensor whose shape and dtype the receiver already knows."""
+    dist.recv(buffer, src, group=group)
+    return buffer
 
 
 def recv_tensor(src: int, device: torch.device, group=None) -> torch.Tensor:

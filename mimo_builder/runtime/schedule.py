@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from mimo_builder.errors import MimoError
 from mimo_builder.runtime.batch import check_batch, dp_shard, shard_range
-from mimo_builder.runtime.bridge import broadcast_tensor, edge_transfers, recv_tensor, send_tensor
+from mimo_builder.runtime.bridge import broadcast_tensor, edge_transfers, recv_into, recv_tensor, send_tensor
 from mimo_builder.validation import Edge
 from mimo_builder.walker import CompositeModel
 
@@ -149,10 +149,13 @@ class GraphSchedule:
                 piece = grad[t.start - start:t.stop - start] * ratio
                 if t.src == self.rank:
                     self._accumulate(edge, mb, producer, t, piece)
-                else:
-                    send_tensor(piece, t.src, self.bridge)
+                else:  # the producer knows the shape: it sent this slice forward
+                    send_tensor(piece.to(leaf.dtype), t.src, self.bridge, header=False)
             elif t.src == self.rank:
-                self._accumulate(edge, mb, producer, t, recv_tensor(t.dst, self.device, self.bridge))
+                start = shard_range(producer, producer.coords(self.rank)["dp"], mb.size)[0]
+                sent = mb.outputs[edge.src][edge.src_port][t.start - start:t.stop - start]
+                piece = recv_into(torch.empty(sent.shape, dtype=sent.dtype, device=self.device), t.dst, self.bridge)
+                self._accumulate(edge, mb, producer, t, piece)
 
     def _accumulate(self, edge, mb, producer, t, piece) -> None:
         output = mb.outputs[edge.src][edge.src_port]
