@@ -31,7 +31,8 @@ class Port:
     """A named tensor a node consumes or produces.
 
     ``dims`` labels the axes (e.g. ``("batch", "tokens", "hidden")``); ``features`` is the size
-    of the last axis where it is fixed by the config (None where it varies, e.g. token ids).
+    of the last axis where it is fixed by the config (None where it varies, e.g. token ids);
+    ``shape`` optionally fixes every axis (None for a free axis), checked on batches.
     """
 
     name: str
@@ -39,6 +40,7 @@ class Port:
     features: int | None = None
     required: bool = True
     doc: str = ""
+    shape: tuple[int | None, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,7 @@ class CompositeBuilder(mcore_base.ModelBuilder):
                 except Exception as err:  # every failure must reach the other ranks
                     failure = err
                     groups.abort()  # peers blocked in this node's collectives fail fast
-            _agree(control, name, failure)
+            _agree(control, name, failure, f"{_FAILURE_KEY}/{control.group_name}")
         groups.set_timeout(self.timeout)
         return compose_hooks(self.post_wrap_hooks)([CompositeModel(valid, chunks, groups)])
 
@@ -150,27 +150,27 @@ def _freeze(chunks: list[MegatronModule]) -> list[MegatronModule]:
 
 
 def _renamed(port: Port, name: str) -> Port:
-    return Port(name, port.dims, port.features, port.required, port.doc)
+    return Port(name, port.dims, port.features, port.required, port.doc, port.shape)
 
 
-def _agree(control, node: str, failure: BaseException | None) -> None:
+def _agree(control, node: str, failure: BaseException | None, key: str) -> None:
     """All ranks learn whether any rank failed building ``node``; every rank raises if so."""
     store = dist.distributed_c10d._get_default_store()
     if failure is not None:
         message = f"rank {dist.get_rank()} failed building node '{node}': {type(failure).__name__}: {failure}"
-        store.compare_set(_FAILURE_KEY, "", message)  # the first failure is the root cause
+        store.compare_set(key, "", message)  # the first failure is the root cause
     flag = torch.tensor([0 if failure is None else 1])
     try:
         dist.all_reduce(flag, group=control)
     except Exception as err:  # a peer left the collective: its failure is published
-        raise BuildError(_published(store, node)) from err
+        raise BuildError(_published(store, key, node)) from err
     if flag.item():
-        raise BuildError(_published(store, node)) from failure
+        raise BuildError(_published(store, key, node)) from failure
 
 
-def _published(store, node: str) -> str:
+def _published(store, key: str, node: str) -> str:
     try:
-        store.wait([_FAILURE_KEY], datetime.timedelta(seconds=10))
-        return store.get(_FAILURE_KEY).decode()
+        store.wait([key], datetime.timedelta(seconds=10))
+        return store.get(key).decode()
     except Exception:
         return f"a rank failed while building node '{node}' (no message was published)"

@@ -69,7 +69,8 @@ class VisionBuilder(ModelBuilder):
     def ports(self) -> Ports:
         return Ports.of(
             inputs=[Port("pixel_values", ("batch", "channels", "height", "width"), self.config.image_size,
-                         doc="images [B, C, H, W]; the last axis is the width")],
+                         doc="images [B, C, H, W]; the last axis is the width",
+                         shape=(None, self.config.num_channels, self.config.image_size, self.config.image_size))],
             outputs=[Port("embeddings", ("batch", "patches", "hidden"), self.config.hidden_size)],
         )
 

@@ -23,9 +23,8 @@ def check_batch(valid: ValidGraph, batch: dict[str, torch.Tensor]) -> int:
     problems, sizes = [], {}
     for key, (node, port_name) in valid.inputs.items():
         port = valid.ports(node).inputs[port_name]
-        if key not in batch:
-            if port.required:
-                problems.append(f"batch has no {key!r}, which feeds required port {node}.{port_name}")
+        if key not in batch:  # a binding promises the key, even for an optional port
+            problems.append(f"batch has no {key!r}, which the graph binds to {node}.{port_name}")
             continue
         value = batch[key]
         if not isinstance(value, torch.Tensor) or value.dim() != len(port.dims):
@@ -36,6 +35,11 @@ def check_batch(valid: ValidGraph, batch: dict[str, torch.Tensor]) -> int:
         if port.features is not None and port.dims[-1] not in ("tokens",) and value.shape[-1] != port.features:
             problems.append(f"batch[{key!r}] for {node}.{port_name}: last axis ({port.dims[-1]}) must be "
                             f"{port.features}, got {value.shape[-1]}")
+        if port.shape is not None:
+            wrong = [f"{d}={n} (expected {e})" for d, n, e in zip(port.dims, value.shape, port.shape)
+                     if e is not None and n != e]
+            if wrong:
+                problems.append(f"batch[{key!r}] for {node}.{port_name}: {', '.join(wrong)}")
         sizes[key] = value.shape[0]
     if len(set(sizes.values())) > 1:
         problems.append(f"batch keys disagree on the batch size: {sizes}")

@@ -10,6 +10,7 @@ then all its backwards; gradients accumulate across microbatches in DDP's buffer
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +51,20 @@ class GraphSchedule:
         check_runnable(self.valid)
         self.needs_grad = _needs_grad(self.valid)
         self.loss_outputs = [(n, p) for n, p in self.valid.outputs if p == "loss"]
+        self.step = 0
+        self.failed: str | None = None
+
+    def _grad_sync_deferred(self, last: bool) -> contextlib.ExitStack:
+        """DDP's ``no_sync`` on every hosted chunk, except for the last microbatch, so that an
+        overlapped gradient reduction never starts on partial gradients."""
+        stack = contextlib.ExitStack()
+        if not last:
+            for name in self.valid.order:
+                if self.model.hosts(name):
+                    for chunk in self.model.chunks(name):
+                        if hasattr(chunk, "no_sync"):
+                            stack.enter_context(chunk.no_sync())
+        return stack
 
     # --- public -----------------------------------------------------------------------------
 
@@ -62,13 +77,18 @@ class GraphSchedule:
         for name, layout in self.valid.layouts.items():
             if per % layout.dp:
                 raise StepError(f"microbatch size {per} is not divisible by node '{name}' DP size {layout.dp}")
-        total = 0.0
+        if self.failed is not None:
+            raise StepError(f"this schedule already failed ({self.failed}); build the graph again")
+        self.step += 1
+        losses: dict[str, float] = {}
         try:
             for i in range(num_microbatches):
                 mb = _Microbatch({k: v[i * per:(i + 1) * per] for k, v in batch.items()}, per)
-                self._forward(mb)
-                total += self._backward(mb, scale=1.0 / num_microbatches)
-            return self._global_loss(total / num_microbatches)
+                with self._grad_sync_deferred(last=i == num_microbatches - 1):
+                    self._forward(mb)
+                    for node, value in self._backward(mb, scale=1.0 / num_microbatches).items():
+                        losses[node] = losses.get(node, 0.0) + value / num_microbatches
+            return self._global_loss(losses)
         except Exception as err:
             self._fail(err)
 
@@ -107,8 +127,8 @@ class GraphSchedule:
 
     # --- backward ---------------------------------------------------------------------------
 
-    def _backward(self, mb: _Microbatch, scale: float) -> float:
-        loss_value = 0.0
+    def _backward(self, mb: _Microbatch, scale: float) -> dict[str, float]:
+        losses = {}
         for name in reversed(self.valid.order):
             for edge in self._edges_out_of(name):
                 self._send_gradient(edge, mb)
@@ -117,15 +137,18 @@ class GraphSchedule:
             grads = mb.out_grads.setdefault(name, {})
             for port in sorted({e.src_port for e in self._edges_out_of(name)} if self.needs_grad[name] else ()):
                 grads[port] = self._tp_broadcast(name, grads.get(port))  # only TP rank 0 received them
-            loss_value += self._node_backward(name, mb, scale)
-        return loss_value
+            loss = self._node_backward(name, mb, scale)
+            if loss is not None:
+                losses[name] = loss
+        return losses
 
-    def _node_backward(self, name: str, mb: _Microbatch, scale: float) -> float:
-        tensors, grads, loss_value = [], [], 0.0
+    def _node_backward(self, name: str, mb: _Microbatch, scale: float) -> float | None:
+        """Backward of one node's outputs; returns its loss value if it outputs the loss."""
+        tensors, grads, loss_value = [], [], None
         for node, port in self.loss_outputs:
             if node == name:
                 loss = mb.outputs[name][port]
-                loss_value += float(loss.detach())
+                loss_value = float(loss.detach())
                 tensors.append(loss * scale)
                 grads.append(None)
         for port, grad in mb.out_grads.get(name, {}).items():
@@ -180,25 +203,25 @@ class GraphSchedule:
     def _edges_out_of(self, name: str) -> list[Edge]:
         return sorted((e for e in self.valid.edges if e.src == name), key=str)
 
-    def _global_loss(self, local_mean: float) -> float:
-        """Mean loss over the global batch, known on every rank."""
+    def _global_loss(self, local: dict[str, float]) -> float:
+        """Sum over loss nodes of each node's mean loss over the global batch, on every rank."""
         value = torch.zeros(1, dtype=torch.float64)
-        for node, _ in self.loss_outputs:
-            if self.model.hosts(node):
-                coords = self.valid.layouts[node].coords(self.rank)
-                if coords["tp"] == 0 and coords["cp"] == 0:
-                    value += local_mean / self.valid.layouts[node].dp
+        for node, loss in local.items():
+            if self.valid.layouts[node].coords(self.rank)["tp"] == 0:
+                value += loss / self.valid.layouts[node].dp
         dist.all_reduce(value, group=self.control)
         return float(value)
 
     def _fail(self, err: Exception) -> None:
         """Publish the first failure, break every collective this rank is in, raise everywhere."""
         store = dist.distributed_c10d._get_default_store()
-        first = store.compare_set(_FAILURE_KEY, "", f"rank {self.rank}: {type(err).__name__}: {err}")
+        key = f"{_FAILURE_KEY}/{self.bridge.group_name}/{self.step}"  # the same name on every rank
+        first = store.compare_set(key, "", f"rank {self.rank}: {type(err).__name__}: {err}").decode()
+        self.failed = first
         self.model.process_groups.abort()
         for group in (self.bridge, self.control):
             dist.distributed_c10d._abort_process_group(group)
-        raise StepError(first.decode()) from err
+        raise StepError(first) from err
 
 
 def _needs_grad(valid) -> dict[str, bool]:
