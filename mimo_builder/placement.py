@@ -157,6 +157,18 @@ def create_process_groups(layouts, backend: str | None = None, timeout=None) -> 
     return result
 
 
+_control_groups: dict[int, dist.ProcessGroup] = {}
+
+
+def control_group() -> dist.ProcessGroup:
+    """A gloo group over all ranks for small control messages (failure flags, norms), created
+    once per default process group: every rank must make its first call at the same point."""
+    key = id(dist.group.WORLD)
+    if key not in _control_groups:
+        _control_groups[key] = dist.new_group(backend="gloo")
+    return _control_groups[key]
+
+
 def count_process_groups(layouts) -> int:
     """How many group enumerations :func:`create_process_groups` would create (no processes)."""
     return len(set(layouts)) * group_count_per_layout()

@@ -10,6 +10,7 @@ error on one rank becomes a :class:`BuildError` on every rank instead of a hang.
 from __future__ import annotations
 
 import datetime
+import itertools
 from typing import Any, Callable
 
 import torch
@@ -26,11 +27,12 @@ from mimo_builder.builder import Port, Ports
 from mimo_builder.compat import seed_rng
 from mimo_builder.errors import MimoError
 from mimo_builder.graph import Graph
-from mimo_builder.placement import ProcessGroups, create_process_groups
+from mimo_builder.placement import ProcessGroups, control_group, create_process_groups
 from mimo_builder.registry import resolve_hook
 from mimo_builder.validation import ValidGraph, validate_graph
 
 _FAILURE_KEY = "mimo_builder/build_failure"
+_builds = itertools.count()  # every rank builds in the same sequence: a per-build key for failures
 
 
 class BuildError(MimoError, RuntimeError):
@@ -109,7 +111,8 @@ class CompositeBuilder(mcore_base.ModelBuilder):
         placement. ``ddp_config`` is the default under each node's ``ddp`` options.
         """
         valid = validate_graph(self.graph, world_size=dist.get_world_size())
-        control = dist.new_group(backend="gloo")  # for agreeing on failures, on any device
+        control = control_group()  # for agreeing on failures, on any device
+        failure_key = f"{_FAILURE_KEY}/{control.group_name}/{next(_builds)}"
         groups = create_process_groups(valid.layouts.values(), timeout=self.build_timeout)
         options = dict(overlap_param_gather_with_optimizer_step=overlap_param_gather_with_optimizer_step,
                        use_megatron_fsdp=use_megatron_fsdp, use_torch_fsdp2=use_torch_fsdp2,
@@ -125,7 +128,7 @@ class CompositeBuilder(mcore_base.ModelBuilder):
                 except Exception as err:  # every failure must reach the other ranks
                     failure = err
                     groups.abort()  # peers blocked in this node's collectives fail fast
-            _agree(control, name, failure, f"{_FAILURE_KEY}/{control.group_name}")
+            _agree(control, name, failure, failure_key)
         groups.set_timeout(self.timeout)
         return compose_hooks(self.post_wrap_hooks)([CompositeModel(valid, chunks, groups)])
 

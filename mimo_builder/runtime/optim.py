@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from mimo_builder.placement import control_group
 from mimo_builder.walker import CompositeModel
 
 OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -24,7 +25,7 @@ class GraphOptimizer:
     def __init__(self, model: CompositeModel, make_optimizer: OptimizerFactory = adamw(), clip_grad: float = 1.0):
         self.model = model
         self.clip_grad = clip_grad
-        self.control = dist.new_group(backend="gloo")
+        self.control = control_group()
         self.params = {name: [p for chunk in model.chunks(name) for p in chunk.parameters() if p.requires_grad]
                        for name in model.valid.order if model.hosts(name)}
         self.optimizers = {name: make_optimizer(params) for name, params in self.params.items() if params}
