@@ -37,8 +37,6 @@ def _model(pattern):
 
 
 def _step(model, tokens, positions):
-    import torch
-
     def run():
         model.zero_grad_buffer()
         loss = model(tokens, positions, None, labels=tokens).float().mean()
