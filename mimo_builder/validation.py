@@ -150,23 +150,15 @@ def _check_bindings(graph: Graph, builders, edges, problems):
     inputs, outputs = {}, []
     fed = {(e.dst, e.dst_port) for e in edges}
     for key, ref in graph.inputs.items():
-        try:
-            node, port = parse_port_ref(ref)
-        except ValueError as err:
-            problems.append(f"inputs.{key}: {err}")
-            continue
-        if _port_exists(node, port, "inputs", builders, graph, f"inputs.{key}", problems):
-            if (node, port) in fed:
+        found = _port_ref(ref, "inputs", builders, graph, f"inputs.{key}", problems)
+        if found is not None:
+            if found in fed:
                 problems.append(f"inputs.{key}: {ref} is already fed by an edge; bind it once")
-            inputs[key] = (node, port)
+            inputs[key] = found
     for i, ref in enumerate(graph.outputs):
-        try:
-            node, port = parse_port_ref(ref)
-        except ValueError as err:
-            problems.append(f"outputs[{i}]: {err}")
-            continue
-        if _port_exists(node, port, "outputs", builders, graph, f"outputs[{i}]", problems):
-            outputs.append((node, port))
+        found = _port_ref(ref, "outputs", builders, graph, f"outputs[{i}]", problems)
+        if found is not None:
+            outputs.append(found)
     bound = fed | set(inputs.values())
     for name, builder in builders.items():
         for port in builder.ports().inputs.values():
@@ -174,6 +166,16 @@ def _check_bindings(graph: Graph, builders, edges, problems):
                 problems.append(f"node '{name}': required input port {port.name!r} is unbound; "
                                 f"add an edge into '{name}.{port.name}' or bind a batch key under 'inputs'")
     return inputs, outputs
+
+
+def _port_ref(ref, side, builders, graph, where, problems) -> tuple[str, str] | None:
+    """(node, port) for a 'node.port' reference that exists on ``side``, else None (problem noted)."""
+    try:
+        node, port = parse_port_ref(ref)
+    except ValueError as err:
+        problems.append(f"{where}: {err}")
+        return None
+    return (node, port) if _port_exists(node, port, side, builders, graph, where, problems) else None
 
 
 def _check_acyclic(graph: Graph, edges: list[Edge], problems: list[str]) -> list[str]:
