@@ -53,6 +53,9 @@ class GraphSchedule:
         self.loss_outputs = [(n, p) for n, p in self.valid.outputs if p == "loss"]
         self.step = 0
         self.failed: str | None = None
+        edges = sorted(self.valid.edges, key=str)  # the one global order of transfers
+        self._incoming = {n: [e for e in edges if e.dst == n] for n in self.valid.order}
+        self._outgoing = {n: [e for e in edges if e.src == n] for n in self.valid.order}
 
     def _grad_sync_deferred(self, last: bool) -> contextlib.ExitStack:
         """DDP's ``no_sync`` on every hosted chunk, except for the last microbatch, so that an
@@ -110,7 +113,7 @@ class GraphSchedule:
         parts = []
         for t in edge_transfers(producer, consumer, mb.size):
             if t.src == self.rank:
-                start = shard_range(producer, producer.coords(self.rank)["dp"], mb.size)[0]
+                start = self._shard_start(producer, mb.size)
                 piece = mb.outputs[edge.src][edge.src_port][t.start - start:t.stop - start]
                 if t.dst == self.rank:
                     parts.append(piece.detach())
@@ -167,7 +170,7 @@ class GraphSchedule:
         for t in edge_transfers(producer, consumer, mb.size):
             if t.dst == self.rank:
                 leaf = mb.leaves[edge.dst][edge.dst_port]
-                start = shard_range(consumer, consumer.coords(self.rank)["dp"], mb.size)[0]
+                start = self._shard_start(consumer, mb.size)
                 grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
                 piece = grad[t.start - start:t.stop - start] * ratio
                 if t.src == self.rank:
@@ -175,7 +178,7 @@ class GraphSchedule:
                 else:  # the producer knows the shape: it sent this slice forward
                     send_tensor(piece.to(leaf.dtype), t.src, self.bridge, header=False)
             elif t.src == self.rank:
-                start = shard_range(producer, producer.coords(self.rank)["dp"], mb.size)[0]
+                start = self._shard_start(producer, mb.size)
                 sent = mb.outputs[edge.src][edge.src_port][t.start - start:t.stop - start]
                 piece = recv_into(torch.empty(sent.shape, dtype=sent.dtype, device=self.device), t.dst, self.bridge)
                 self._accumulate(edge, mb, producer, t, piece)
@@ -185,7 +188,7 @@ class GraphSchedule:
         grads = mb.out_grads.setdefault(edge.src, {})
         if edge.src_port not in grads:
             grads[edge.src_port] = torch.zeros(output.shape, dtype=torch.float32, device=self.device)
-        start = shard_range(producer, producer.coords(self.rank)["dp"], mb.size)[0]
+        start = self._shard_start(producer, mb.size)
         grads[edge.src_port][t.start - start:t.stop - start] += piece.float()
 
     # --- helpers ----------------------------------------------------------------------------
@@ -198,10 +201,14 @@ class GraphSchedule:
         return broadcast_tensor(value, dist.get_global_rank(pgs.tp, 0), pgs.tp, self.device)
 
     def _edges_into(self, name: str) -> list[Edge]:
-        return sorted((e for e in self.valid.edges if e.dst == name), key=str)
+        return self._incoming[name]
 
     def _edges_out_of(self, name: str) -> list[Edge]:
-        return sorted((e for e in self.valid.edges if e.src == name), key=str)
+        return self._outgoing[name]
+
+    def _shard_start(self, layout, batch_size: int) -> int:
+        """First global sample of this rank's DP shard of a node with ``layout``."""
+        return shard_range(layout, layout.coords(self.rank)["dp"], batch_size)[0]
 
     def _global_loss(self, local: dict[str, float]) -> float:
         """Sum over loss nodes of each node's mean loss over the global batch, on every rank."""
