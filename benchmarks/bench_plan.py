@@ -30,25 +30,16 @@ BUDGET_S = 1.0
 
 
 def big_graph():
-    from graphs import parts
-    from mimo_builder.graph import Graph, Placement
+    from graphs.vlm import vlm
+    from mimo_builder.graph import Placement
 
-    # tp=4 needs mamba_num_groups divisible by 4; pp=2 gets one '|' in the pattern.
-    lm = parts.backbone(image=parts.IMAGE_TOKEN).model_copy(
-        update={"hybrid_layer_pattern": "M*|-M", "mamba_num_groups": 4})
-    return (
-        Graph()
-        .add("vision", parts.vision(), placement=Placement(offset=0, size=SPLIT))
-        .add("proj", parts.projector(), placement=Placement(offset=0, size=SPLIT))
-        .add("lm", lm, placement=Placement(offset=SPLIT, size=WORLD - SPLIT, tp=4, pp=2))
-        .connect("vision.embeddings", "proj.input")
-        .connect("proj.output", "lm.image")
-        .bind("pixel_values", "vision.pixel_values")
-        .bind("input_ids", "lm.input_ids")
-        .bind("labels", "lm.labels")
-        .bind("loss_mask", "lm.loss_mask")
-        .output("lm.loss")
-    )
+    # The vlm graph re-placed: tp=4 needs mamba_num_groups divisible by 4; pp=2 one '|' in the pattern.
+    graph = vlm("single")
+    graph.nodes["vision"].placement = Placement(offset=0, size=SPLIT)
+    graph.nodes["proj"].placement = Placement(offset=0, size=SPLIT)
+    graph.nodes["lm"].placement = Placement(offset=SPLIT, size=WORLD - SPLIT, tp=4, pp=2)
+    graph.nodes["lm"].config.update(hybrid_layer_pattern="M*|-M", mamba_num_groups=4)
+    return graph
 
 
 def main(argv=None) -> dict:
