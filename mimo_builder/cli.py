@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8, help="global batch size")
     p.add_argument("--microbatches", type=int, default=1)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate for every node (default: the document's optimizer.lr)")
     p.set_defaults(func=_run)
     return parser
 

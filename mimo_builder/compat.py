@@ -1,10 +1,12 @@
 """Make Megatron-Core usable on CPU + gloo; the ONLY place that works around its CUDA assumptions.
 
 ``init_runtime(device="auto")`` is the one entry point. On CUDA it does the normal setup only
-(device from LOCAL_RANK). On CPU it applies each workaround in :data:`WORKAROUNDS` once; every
-workaround names the MCore behaviour it answers in one line (``reason``) and has a test that
-fails without it (``tests/test_compat.py``). ``seed_rng`` seeds torch and MCore's model-parallel
-RNG tracker on either device. The pure-torch Mamba kernels are not generic and live with the
+(device from LOCAL_RANK) and patches nothing. On CPU it applies each workaround in
+:data:`WORKAROUNDS` once; every workaround names the MCore behaviour it answers in one line
+(``reason``) and has a test that fails without it (``tests/test_compat.py``). ``cpu_scope()``
+applies them for one block and restores the originals (planning on a fake world), and
+``cuda_factories_on_cpu(device)`` is the scope around MCore's optimizer calls on CPU.
+``seed_rng`` seeds torch and MCore's model-parallel RNG tracker on either device. The pure-torch Mamba kernels are not generic and live with the
 Mamba submodel (``submodels/mamba_kernels.py``).
 """
 
@@ -15,20 +17,53 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
 
-_applied: set[str] = set()
+Patch = Callable[[object, str, object], None]
+"""``patch(owner, name, value)``: replace ``owner.name``, remembering the original."""
 
 
 @dataclass(frozen=True)
 class Workaround:
-    """One CPU workaround: a name, the MCore behaviour it answers, and how to apply it."""
+    """One CPU workaround: a name, the MCore behaviour it answers, and how to apply it.
+
+    ``apply`` replaces attributes through the ``patch`` it is given; ``None`` marks a workaround
+    that is a scope instead (:func:`cuda_factories_on_cpu`), entered around the MCore calls that
+    need it and never installed process-wide.
+    """
 
     name: str
     reason: str
-    apply: Callable[[], None]
+    apply: Callable[[Patch], None] | None
+
+
+class Patches:
+    """Attributes replaced by workarounds, with their originals, so they can be put back."""
+
+    def __init__(self):
+        self.applied: set[str] = set()
+        self._saved: list[tuple[object, str, object]] = []
+
+    def patch(self, owner: object, name: str, value: object) -> None:
+        self._saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+    def apply(self, workaround: Workaround) -> None:
+        workaround.apply(self.patch)
+        self.applied.add(workaround.name)
+
+    def undo(self) -> None:
+        for owner, name, original in reversed(self._saved):
+            setattr(owner, name, original)
+        self._saved.clear()
+        self.applied.clear()
+
+
+_process = Patches()  # what init_runtime("cpu") installed for the life of this process
 
 
 class _NullStream:
@@ -50,33 +85,34 @@ class _NullStream:
         pass
 
 
-def _cpu_device_queries() -> None:
+def _cpu_device_queries(patch: Patch) -> None:
     # None, not "cpu": `torch.empty(..., device=None)` honours an enclosing torch.device("meta").
-    torch.cuda.current_device = lambda: None
-    torch.cuda.current_stream = lambda device=None: _NullStream()
-    torch.cuda.Stream = _NullStream
-    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    patch(torch.cuda, "current_device", lambda: None)
+    patch(torch.cuda, "current_stream", lambda device=None: _NullStream())
+    patch(torch.cuda, "Stream", _NullStream)
+    patch(torch.cuda, "stream", lambda stream=None: contextlib.nullcontext())
 
 
-def _tensor_cuda_noop() -> None:
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+def _tensor_cuda_noop(patch: Patch) -> None:
+    patch(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
 
 
-def _cpu_rng_tracker() -> None:
+def _cpu_rng_tracker(patch: Patch) -> None:
     from megatron.core.tensor_parallel import random as mcore_random
 
-    mcore_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
-    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    patch(mcore_random, "_CUDA_RNG_STATE_TRACKER", CPURNGStatesTracker())
+    patch(mcore_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
 
 
-def _global_memory_buffer() -> None:
+def _global_memory_buffer(patch: Patch) -> None:
     from megatron.core import parallel_state
+    from megatron.core.utils import GlobalMemoryBuffer
 
     if parallel_state._GLOBAL_MEMORY_BUFFER is None:
-        parallel_state._set_global_memory_buffer()
+        patch(parallel_state, "_GLOBAL_MEMORY_BUFFER", GlobalMemoryBuffer())
 
 
-def _cpu_attention_masks() -> None:
+def _cpu_attention_masks(patch: Patch) -> None:
     from megatron.core.fusions import fused_softmax
     from megatron.core.transformer import utils
 
@@ -89,15 +125,34 @@ def _cpu_attention_masks() -> None:
         return ~torch.tril(upper, diagonal=skv - sq + window_size[1])
 
     for module in (utils, fused_softmax):
-        module.get_default_causal_mask = causal_mask
-        module.get_sliding_window_causal_mask = sliding_window_mask
+        patch(module, "get_default_causal_mask", causal_mask)
+        patch(module, "get_sliding_window_causal_mask", sliding_window_mask)
 
 
-def _hybrid_final_norm() -> None:
+def _hybrid_final_norm(patch: Patch) -> None:
     from megatron.core.models.hybrid import hybrid_block
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    hybrid_block.TENorm = WrappedTorchNorm
+    patch(hybrid_block, "TENorm", WrappedTorchNorm)
+
+
+class CudaFactoriesOnCpu(TorchFunctionMode):
+    """Inside this mode, tensors requested on a CUDA device are made on the CPU, and CPU tensors
+    answer ``Tensor.type()`` with the CUDA type name that MCore's checks expect."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and _is_cuda(device):
+            kwargs = {**kwargs, "device": "cpu"}
+        out = func(*args, **kwargs)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and out.startswith("torch."):
+            return out if out.startswith("torch.cuda.") else "torch.cuda." + out[len("torch."):]
+        return out
+
+
+def _is_cuda(device) -> bool:
+    return isinstance(device, int) or torch.device(device).type == "cuda"
 
 
 WORKAROUNDS: dict[str, Workaround] = {
@@ -132,6 +187,18 @@ WORKAROUNDS: dict[str, Workaround] = {
             "hybrid_final_norm",
             "HybridStack hard-wires TENorm as its final norm, even with a local spec.",
             _hybrid_final_norm,
+        ),
+        Workaround(
+            "node_scoped_gather",
+            "MCore's optimizer aligns parameter groups with an all_gather_object over the whole "
+            "world, which hangs when graph nodes live on different ranks.",
+            None,
+        ),
+        Workaround(
+            "cuda_factories",
+            "MCore's optimizer and grad clipping create tensors on device='cuda' and require "
+            "'torch.cuda.*Tensor' types.",
+            None,
         ),
     )
 }
@@ -220,20 +287,78 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def init_runtime(device: str | torch.device = "auto", *, skip: tuple[str, ...] = ()) -> torch.device:
     """Prepare this process for MCore on ``device`` and return the resolved device. Idempotent.
 
-    ``skip`` names workarounds to leave out (used by the tests that prove each one is needed).
+    On CPU the workarounds stay installed for the life of the process (it asked for CPU); on
+    CUDA nothing is patched. ``skip`` names workarounds to leave out (used by the tests that
+    prove each one is needed).
     """
     resolved = resolve_device(device)
     if resolved.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         return resolved
+    _check_names(skip)
+    for name, workaround in WORKAROUNDS.items():
+        if name not in skip and name not in _process.applied and workaround.apply is not None:
+            _process.apply(workaround)
+    return resolved
+
+
+@contextlib.contextmanager
+def cpu_scope() -> Iterator[None]:
+    """Install the CPU workarounds for the duration of a block, then put every original back.
+
+    For work that must run on CPU inside a process that may later use CUDA (planning on a fake
+    world): afterwards ``torch.cuda`` and MCore are exactly as before.
+    """
+    scoped = Patches()
+    for name, workaround in WORKAROUNDS.items():
+        if name not in _process.applied and workaround.apply is not None:
+            scoped.apply(workaround)
+    try:
+        yield
+    finally:
+        scoped.undo()
+
+
+def cuda_factories_on_cpu(device: torch.device, *, skip: tuple[str, ...] = ()):
+    """The scope for MCore calls that make tensors on 'cuda' (optimizer, clipping): a
+    :class:`CudaFactoriesOnCpu` mode on CPU, nothing at all on CUDA."""
+    _check_names(skip)
+    if device.type == "cuda" or "cuda_factories" in skip:
+        return contextlib.nullcontext()
+    return CudaFactoriesOnCpu()
+
+
+@contextlib.contextmanager
+def gather_objects_within(group, *, skip: tuple[str, ...] = ()) -> Iterator[None]:
+    """Inside the block, ``torch.distributed.all_gather_object`` without a group gathers over
+    ``group`` (a node's ranks) and fills the rest of the world-sized list with this rank's object.
+
+    For building one node's MCore optimizer, whose only world-wide collective merges the
+    parameter-group keys of every rank (a union, which the padding leaves unchanged). Needed on
+    CPU and CUDA alike, in any graph whose nodes do not all share the same ranks.
+    """
+    _check_names(skip)
+    original = dist.all_gather_object
+
+    def gather(object_list, obj, group_arg=None):
+        if group_arg is not None:
+            return original(object_list, obj, group=group_arg)
+        within = [None] * dist.get_world_size(group)
+        original(within, obj, group=group)
+        object_list[:] = within + [obj] * (len(object_list) - len(within))
+
+    if "node_scoped_gather" not in skip:
+        dist.all_gather_object = gather
+    try:
+        yield
+    finally:
+        dist.all_gather_object = original
+
+
+def _check_names(skip: tuple[str, ...]) -> None:
     unknown = set(skip) - set(WORKAROUNDS)
     if unknown:
         raise ValueError(f"unknown workaround(s) {sorted(unknown)}; known: {sorted(WORKAROUNDS)}")
-    for name, workaround in WORKAROUNDS.items():
-        if name not in skip and name not in _applied:
-            workaround.apply()
-            _applied.add(name)
-    return resolved
 
 
 def seed_rng(seed: int, *, tp_rank: int = 0, ep_rank: int = 0, etp_rank: int = 0) -> None:

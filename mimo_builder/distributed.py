@@ -57,6 +57,9 @@ def build_distributed_models(
     for chunk in chunks:
         for param in chunk.parameters():
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+    for chunk in chunks:  # Float16Module reads the pipeline group from here, else from MCore's globals
+        if getattr(chunk, "pg_collection", None) is None:
+            chunk.pg_collection = pg_collection
     if device.type == "cuda" and not on_meta and not use_torch_fsdp2:
         chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
     chunks = dist_utils._wrap_with_mp_wrapper(chunks, transformer_config, mixed_precision_wrapper)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, 
 
 from mimo_builder.config import HookRef, ModelConfig, _describe
 from mimo_builder.errors import ConfigError
+from mimo_builder.optim_config import NodeOptimizer, OptimizerSettings
 from mimo_builder.placement import Layout
 
 ARROW = "->"
@@ -89,6 +90,9 @@ class Node(_Strict):
     frozen: bool = False
     """No gradients, no DDP gradient buffers, no optimizer for this node."""
 
+    optimizer: NodeOptimizer = Field(default_factory=NodeOptimizer)
+    """This node's overrides of the graph-wide optimizer settings (lr, min_lr, weight_decay)."""
+
     hooks: Hooks = Field(default_factory=Hooks)
     """Extra pre/post-wrap hooks for this node."""
 
@@ -115,11 +119,14 @@ class Graph(_Strict):
     hooks: Hooks = Field(default_factory=Hooks)
     """Graph-wide hooks: pre_wrap runs on every node's chunks, post_wrap on [CompositeModel]."""
 
+    optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)
+    """Optimizer, learning-rate schedule, clipping and non-finite policy for every trainable node."""
+
     # --- declaring in Python ----------------------------------------------------------------
 
     def add(self, name: str, config: ModelConfig | Mapping[str, Any], *, placement: Placement | Mapping | None = None,
             ddp: Mapping[str, Any] | None = None, frozen: bool = False,
-            hooks: Hooks | Mapping | None = None) -> "Graph":
+            hooks: Hooks | Mapping | None = None, optimizer: NodeOptimizer | Mapping | None = None) -> "Graph":
         """Add a node from a ModelConfig (or a dict with 'builder'); returns self to chain."""
         if name in self.nodes:
             raise ConfigError(f"node {name!r} is already in the graph")
@@ -131,7 +138,8 @@ class Graph(_Strict):
         if builder is None:
             raise ConfigError(f"node {name!r}: the config must name its builder")
         self.nodes[name] = Node(builder=builder, config=data, placement=placement or Placement(),
-                                ddp=dict(ddp or {}), frozen=frozen, hooks=hooks or Hooks())
+                                ddp=dict(ddp or {}), frozen=frozen, hooks=hooks or Hooks(),
+                                optimizer=optimizer or NodeOptimizer())
         return self
 
     def connect(self, src: str, dst: str) -> "Graph":

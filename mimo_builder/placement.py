@@ -28,6 +28,7 @@ BASE_GROUPS = {
     "tp_cp": ("tp", "cp"),
     "mp": ("tp", "pp"),
     "tp_dp_cp": ("tp", "dp", "cp"),
+    "intra_dist_opt": ("tp", "cp", "dp", "pp"),  # the whole node: distributed-optimizer grad stats
 }
 # ProcessGroupCollection field -> dims of the expert view.
 EXPERT_GROUPS = {

@@ -113,11 +113,11 @@ def _count_on_fake_world(valid: ValidGraph, name: str, layout: Layout, stage: in
     rank = stage * layout.size // layout.pp
     dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=layout.size)
     try:
-        compat.init_runtime("cpu")
-        pgs = create_process_groups([layout]).for_layout(layout)
-        compat.seed_rng(0, tp_rank=pgs.tp.rank())
-        builder = valid.configs[name].make_builder()
-        chunks = distributed.build_chunks(builder.build_model, builder.transformer_config(pgs), pgs, meta=True)
-        return sum(p.numel() for chunk in chunks for p in chunk.parameters())
+        with compat.cpu_scope():  # leaves no trace: the process may use CUDA afterwards
+            pgs = create_process_groups([layout]).for_layout(layout)
+            compat.seed_rng(0, tp_rank=pgs.tp.rank())
+            builder = valid.configs[name].make_builder()
+            chunks = distributed.build_chunks(builder.build_model, builder.transformer_config(pgs), pgs, meta=True)
+            return sum(p.numel() for chunk in chunks for p in chunk.parameters())
     finally:
         dist.destroy_process_group()

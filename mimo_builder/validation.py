@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 import networkx as nx
+from pydantic import ValidationError
 from megatron.core.distributed import DistributedDataParallelConfig
 
 from mimo_builder.builder import ModelBuilder, Ports
@@ -17,6 +18,7 @@ from mimo_builder.config import ModelConfig
 from mimo_builder.errors import ConfigError, GraphError
 from mimo_builder.graph import Graph, parse_edge, parse_port_ref
 from mimo_builder.mcore_options import check_options
+from mimo_builder.optim_config import OptimizerSettings
 from mimo_builder.placement import Layout
 from mimo_builder.registry import resolve_hook
 
@@ -59,6 +61,10 @@ class ValidGraph:
                                             if k in DistributedDataParallelConfig.__dataclass_fields__}
         return DistributedDataParallelConfig(**{**base, **self.graph.nodes[node].ddp})
 
+    def optimizer_settings(self, node: str) -> OptimizerSettings:
+        """The graph-wide optimizer settings with ``node``'s overrides applied."""
+        return self.graph.optimizer.for_node(self.graph.nodes[node].optimizer)
+
 
 def validate_graph(graph: Graph, world_size: int | None = None) -> ValidGraph:
     """Check the whole document; raise GraphError listing every problem, else return it resolved."""
@@ -93,6 +99,10 @@ def _check_nodes(graph: Graph, problems: list[str]):
             check_options(DistributedDataParallelConfig, node.ddp)
         except ValueError as err:
             problems.append(f"node '{name}' ddp: {err}")
+        try:
+            graph.optimizer.for_node(node.optimizer)
+        except ValidationError as err:
+            problems.append(f"node '{name}' optimizer: {err.errors()[0]['msg']}")
         for which in ("pre_wrap", "post_wrap"):
             for i, hook in enumerate(getattr(node.hooks, which)):
                 try:

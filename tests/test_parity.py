@@ -26,16 +26,17 @@ def _build(placement):
 
 
 def _one_step(model):
+    from mimo_builder.optim_config import OptimizerSettings
     from mimo_builder.runtime.optim import GraphOptimizer
     from mimo_builder.runtime.schedule import GraphSchedule
     from mimo_builder.runtime.synthetic import synthetic_batch
 
-    sgd = lambda params: torch.optim.SGD(params, lr=LR)  # noqa: E731
-    schedule, optimizer = GraphSchedule(model), GraphOptimizer(model, sgd, clip_grad=0.5)
+    sgd = OptimizerSettings(optimizer="sgd", lr=LR, clip_grad=0.5, mcore={"sgd_momentum": 0.0})
+    schedule, optimizer = GraphSchedule(model), GraphOptimizer(model, sgd)
     batch = synthetic_batch(model.valid, BATCH, seed=11)
     optimizer.zero_grad()
     loss = schedule.forward_backward(batch)
-    norm = optimizer.step()
+    norm = optimizer.step().grad_norm
     return loss, norm
 
 

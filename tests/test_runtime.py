@@ -11,8 +11,8 @@ rank (encoders waiting for gradients included) within seconds, pp > 1 nodes are 
 
 Rank processes are costly on 2 cores (each imports Megatron), so a few spawned runs each hold
 several independent sections; a section that raises is reported as that test's failure only.
-Gradients are read after GraphOptimizer.step with SGD(lr=0): the step syncs each node's DDP
-buffers into ``p.grad`` and leaves the weights as they were.
+Gradients are read after GraphOptimizer.step with MCore's SGD at lr=0: the step syncs each node's
+DDP buffers into ``p.grad`` and leaves the weights as they were.
 """
 
 from __future__ import annotations
@@ -125,18 +125,19 @@ def _build(graph, **ddp):
 
 
 def _runtime(model):
+    from mimo_builder.optim_config import OptimizerSettings
     from mimo_builder.runtime.optim import GraphOptimizer
     from mimo_builder.runtime.schedule import GraphSchedule
 
-    frozen_sgd = lambda params: torch.optim.SGD(params, lr=0.0)  # noqa: E731
-    return GraphSchedule(model), GraphOptimizer(model, frozen_sgd, clip_grad=0.0)
+    frozen_sgd = OptimizerSettings(optimizer="sgd", lr=0.0, clip_grad=0.0, mcore={"sgd_momentum": 0.0})
+    return GraphSchedule(model), GraphOptimizer(model, frozen_sgd)
 
 
 def _step(schedule, optimizer, batch, num_microbatches=1):
     """Loss and global grad norm of one step; afterwards ``p.grad`` holds the synced gradient."""
     optimizer.zero_grad()
     loss = schedule.forward_backward(batch, num_microbatches=num_microbatches)
-    return loss, optimizer.step()
+    return loss, optimizer.step().grad_norm
 
 
 def _named(model, name):
