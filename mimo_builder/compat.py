@@ -1,18 +1,20 @@
-"""Make Megatron-Core usable on CPU + gloo; the ONLY place that works around its CUDA assumptions.
+"""Make Megatron-Core usable on CPU + gloo; the ONLY place that works around its assumptions.
 
-``init_runtime(device="auto")`` is the one entry point. On CUDA it does the normal setup only
-(device from LOCAL_RANK) and patches nothing. On CPU it applies each workaround in
-:data:`WORKAROUNDS` once; every workaround names the MCore behaviour it answers in one line
-(``reason``) and has a test that fails without it (``tests/test_compat.py``). ``cpu_scope()``
-applies them for one block and restores the originals (planning on a fake world), and
-``cuda_factories_on_cpu(device)`` is the scope around MCore's optimizer calls on CPU.
-``seed_rng`` seeds torch and MCore's model-parallel RNG tracker on either device. The pure-torch Mamba kernels are not generic and live with the
-Mamba submodel (``submodels/mamba_kernels.py``).
+``init_runtime(device="auto")`` is the one entry point. Every workaround in :data:`WORKAROUNDS`
+names the MCore behaviour it answers in one line (``reason``) and has a test that fails
+without it (``tests/test_compat.py``). On CPU all are installed once; on CUDA only those that
+answer something CUDA lacks too (``needed_on``: the global memory buffer, the final norm without
+Transformer Engine), so no CUDA call is ever redirected. ``cpu_scope()`` installs them for one
+block and restores the originals (planning on a fake world); ``cuda_factories_on_cpu(device)``
+and ``gather_objects_within(group)`` are scopes around MCore's optimizer calls. ``seed_rng``
+seeds torch and MCore's model-parallel RNG tracker on either device. The pure-torch Mamba
+kernels are not generic and live with the Mamba submodel (``submodels/mamba_kernels.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import warnings
@@ -39,6 +41,12 @@ class Workaround:
     name: str
     reason: str
     apply: Callable[[Patch], None] | None
+    needed_on: Callable[[torch.device], bool] = lambda device: device.type == "cpu"
+    """Which processes install it: CPU only, unless it answers something CUDA lacks too."""
+
+
+def _te_missing(device: torch.device) -> bool:
+    return device.type == "cpu" or importlib.util.find_spec("transformer_engine") is None
 
 
 class Patches:
@@ -175,8 +183,9 @@ WORKAROUNDS: dict[str, Workaround] = {
         ),
         Workaround(
             "global_memory_buffer",
-            "TP layers read a global buffer that only initialize_model_parallel creates.",
+            "TP layers read a global buffer that only initialize_model_parallel creates (any device).",
             _global_memory_buffer,
+            needed_on=lambda device: True,
         ),
         Workaround(
             "attention_masks",
@@ -185,8 +194,9 @@ WORKAROUNDS: dict[str, Workaround] = {
         ),
         Workaround(
             "hybrid_final_norm",
-            "HybridStack hard-wires TENorm as its final norm, even with a local spec.",
+            "HybridStack hard-wires TENorm as its final norm, even with a local spec (CPU, or no TE).",
             _hybrid_final_norm,
+            needed_on=_te_missing,
         ),
         Workaround(
             "node_scoped_gather",
@@ -271,6 +281,8 @@ def quiet_dependency_warnings() -> None:
     absl, CUDA) that a CPU run does not have; errors and our own warnings still show."""
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.")
+    # MCore's DDP and distributed optimizer call collectives torch has renamed
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     logging.getLogger("megatron").setLevel(logging.WARNING)  # DDP lists every parameter at INFO
     # The unfused Mamba path is the one the CPU kernels serve; MCore warns about it on every layer.
@@ -288,16 +300,17 @@ def init_runtime(device: str | torch.device = "auto", *, skip: tuple[str, ...] =
     """Prepare this process for MCore on ``device`` and return the resolved device. Idempotent.
 
     On CPU the workarounds stay installed for the life of the process (it asked for CPU); on
-    CUDA nothing is patched. ``skip`` names workarounds to leave out (used by the tests that
+    CUDA only the two that are not about CUDA (the global memory buffer, and the final norm when
+    Transformer Engine is missing) are installed: no CUDA call is ever redirected. ``skip`` names workarounds to leave out (used by the tests that
     prove each one is needed).
     """
     resolved = resolve_device(device)
+    _check_names(skip)
     if resolved.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        return resolved
-    _check_names(skip)
     for name, workaround in WORKAROUNDS.items():
-        if name not in skip and name not in _process.applied and workaround.apply is not None:
+        if (name not in skip and name not in _process.applied and workaround.apply is not None
+                and workaround.needed_on(resolved)):
             _process.apply(workaround)
     return resolved
 

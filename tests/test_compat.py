@@ -88,9 +88,47 @@ def _tied_embeddings_across_pipeline_stages(skip: tuple[str, ...]) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _mcore_optimizer_step(skip: tuple[str, ...]) -> float:
+    """MCore's optimizer (bf16 model, fp32 masters) built and stepped with clipping, as the graph
+    optimizer does, for a one-rank node on rank 0 while rank 1 hosts nothing of it."""
+    import torch.distributed as dist
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.module import Float16Module
+
+    from mimo_builder.placement import Layout, create_process_groups
+    from submodels.projector import ProjectorBuilder, ProjectorConfig
+
+    compat.init_runtime("cpu", skip=skip)
+    layout = Layout(offset=0, size=1)
+    pgs = create_process_groups([layout]).for_layout(layout)
+    if pgs is None:  # rank 1: outside the node, like an encoder rank in a disjoint graph
+        return 1.0
+    compat.seed_rng(5)
+    builder = ProjectorBuilder(ProjectorConfig(input_size=8, output_size=8, dtype="bf16"))
+    config = builder.transformer_config(pgs)
+    module = builder.build_model(pgs)
+    module.pg_collection = pgs  # Float16Module reads the pipeline group from it
+    model = Float16Module(config, module)
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model, pg_collection=pgs)
+    options = OptimizerConfig(lr=0.1, bf16=True, params_dtype=torch.bfloat16, clip_grad=0.5)
+    with compat.gather_objects_within(pgs.intra_dist_opt, skip=skip), \
+            compat.cuda_factories_on_cpu(torch.device("cpu"), skip=skip):
+        optimizer = get_megatron_optimizer(options, [ddp], pg_collection=pgs, use_gloo_process_groups=False)
+        ddp(torch.randn(4, 3, 8)).float().square().mean().backward()
+        ddp.finish_grad_sync()
+        ok, norm, _ = optimizer.step()
+    assert ok and norm > 0
+    return float(norm)
+
+
 def _run(scenario, skip):
-    nproc = 2 if scenario is _tied_embeddings_across_pipeline_stages else 1  # PP=2 needs 2 ranks
-    return launch(scenario, nproc, skip, timeout_s=SCENARIO_TIMEOUT_S)[0]
+    # PP=2 needs 2 ranks; the optimizer scenario needs a rank outside its node
+    nproc = 2 if scenario in (_tied_embeddings_across_pipeline_stages, _mcore_optimizer_step) else 1
+    # without node_scoped_gather, rank 0 waits in a world-wide gather that rank 1 never joins
+    collective_timeout = 20 if scenario is _mcore_optimizer_step else 120
+    return launch(scenario, nproc, skip, timeout_s=SCENARIO_TIMEOUT_S, init_timeout_s=collective_timeout)[0]
 
 
 # workaround -> (scenario that needs it, text expected in the failure without it)
@@ -101,6 +139,8 @@ NEEDED_BY = {
     "global_memory_buffer": (_tiny_gpt_train_step, "global memory buffer is not initialized"),
     "attention_masks": (_tiny_gpt_train_step, "NVIDIA driver"),
     "hybrid_final_norm": (_hybrid_stack_with_final_norm, "Transformer Engine"),
+    "cuda_factories": (_mcore_optimizer_step, "NVIDIA driver"),
+    "node_scoped_gather": (_mcore_optimizer_step, "all_gather_object"),
 }
 
 
@@ -111,7 +151,7 @@ def test_every_workaround_has_a_reason_and_a_test():
 
 
 @pytest.mark.parametrize("scenario", [_tiny_gpt_train_step, _hybrid_stack_with_final_norm,
-                                      _tied_embeddings_across_pipeline_stages])
+                                      _tied_embeddings_across_pipeline_stages, _mcore_optimizer_step])
 def test_scenarios_pass_with_all_workarounds(scenario):
     assert _run(scenario, ()) > 0
 
@@ -146,3 +186,51 @@ def test_cpu_rng_tracker_fork_is_reproducible_and_isolated():
 def test_init_runtime_rejects_unknown_workaround_names():
     with pytest.raises(ValueError, match="unknown workaround"):
         compat.init_runtime("cpu", skip=("no_such_thing",))
+
+
+PLANNING_LEAVES_NO_TRACE = """
+import torch
+from megatron.core.models.hybrid import hybrid_block
+from megatron.core.tensor_parallel import random as mcore_random
+from megatron.core.transformer import utils as transformer_utils
+
+def current():
+    return dict(current_device=torch.cuda.current_device, Stream=torch.cuda.Stream,
+                current_stream=torch.cuda.current_stream, stream=torch.cuda.stream,
+                tensor_cuda=torch.Tensor.cuda, te_norm=hybrid_block.TENorm,
+                rng_tracker=mcore_random._CUDA_RNG_STATE_TRACKER,
+                causal_mask=transformer_utils.get_default_causal_mask)
+
+before = current()
+from graphs.avlm import avlm
+from mimo_builder import cli
+from mimo_builder.plan import make_plan
+
+make_plan(avlm("disjoint4"), 4)
+assert cli.main(["plan", "graphs/avlm.yaml", "--world-size", "4"]) == 0
+changed = sorted(k for k, v in current().items() if v is not before[k])
+assert not changed, f"planning left patches behind: {changed}"
+print("untouched")
+"""
+
+
+def test_planning_leaves_cuda_and_mcore_untouched():
+    """A process that never asked for CPU mode (a GPU rank under torchrun) plans, then finds
+    torch.cuda and MCore exactly as they were: the CPU workarounds were scoped to the planning."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", PLANNING_LEAVES_NO_TRACE], cwd=root, capture_output=True,
+                          text=True, timeout=SCENARIO_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("untouched")
+
+
+def test_cpu_scope_restores_every_patch():
+    before = (torch.cuda.current_device, torch.Tensor.cuda, torch.cuda.Stream)
+    with compat.cpu_scope():
+        assert torch.cuda.current_device() is None  # the CPU answer is in place inside
+        assert torch.Tensor.cuda is not before[1]
+    assert (torch.cuda.current_device, torch.Tensor.cuda, torch.cuda.Stream) == before

@@ -192,11 +192,15 @@ def _mcore_config(name: str, settings: OptimizerSettings, chunks) -> OptimizerCo
         raise ConfigError(f"node '{name}': dtype fp16 needs loss scaling, which the graph optimizer does "
                           "not apply; train with dtype bf16 (or fp32), or freeze the node")
     ddp = getattr(chunks[0], "ddp_config", None)
+    distributed = bool(ddp and ddp.use_distributed_optimizer)
+    if distributed and settings.optimizer != "adam":
+        raise ConfigError(f"node '{name}': the distributed optimizer (ddp.use_distributed_optimizer) "
+                          f"supports optimizer 'adam' only, not {settings.optimizer!r}")
     return OptimizerConfig(
         optimizer=settings.optimizer, lr=settings.lr, min_lr=settings.min_lr,
         weight_decay=settings.weight_decay, clip_grad=settings.clip_grad,
         bf16=model_config.bf16, params_dtype=model_config.params_dtype,
-        use_distributed_optimizer=bool(ddp and ddp.use_distributed_optimizer), **settings.mcore)
+        use_distributed_optimizer=distributed, **settings.mcore)
 
 
 def _scheduler(name: str, optimizer, settings: OptimizerSettings, total_steps: int | None):
