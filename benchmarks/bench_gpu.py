@@ -1,0 +1,218 @@
+"""One GPU: ViT-B/16 encoder + projector + ~1B-parameter Mamba hybrid backbone (bf16, local layers),
+a training step through GraphSchedule (composite) against the same modules as one plain autograd
+graph (monolithic), measured in the same run.
+
+Both sides use the SAME DDP-wrapped chunks built by CompositeBuilder and the same batch already on
+the device; each step starts with zero_grad_buffer() on every chunk and is forward+backward (no
+optimizer). Composite: ``GraphSchedule.forward_backward(batch)``. Monolithic:
+``lm.run(proj.run(vision.run(pixels)))['loss'].backward()`` in one autograd graph, no bridge.
+Times are medians over alternating steps after warm-up, each between ``torch.cuda.synchronize()``.
+
+Tokens/s counts the backbone's tokens (batch x sequence, image placeholders included).
+MFU = model FLOPs per step / (step time x peak), model FLOPs = 6 * sum over nodes of (parameters
+without embedding lookups x tokens the node processes) + 12 * layers * hidden * tokens^2 * batch
+for every attention layer (vision and backbone; causal masking not discounted; the SSD scan's own
+FLOPs not counted). Peak: 989 TFLOP/s bf16 dense for H100/H200, else no MFU.
+
+Run: python benchmarks/bench_gpu.py [--tiny] [--json out.json] [--steps N] [--warmup N]
+(--tiny: small sizes that also run on CPU, for tests.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import report  # noqa: E402
+
+IMAGE_TOKEN = 1
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+SIZES = {
+    "full": dict(image=224, patch=16, vit_layers=12, vit_hidden=768, vit_heads=12, hidden=2048, heads=16,
+                 pattern="MMMMMMM*" * 4, vocab=32000, seq=2048, batch=4, state=128, head_dim=64, groups=8),
+    "tiny": dict(image=32, patch=8, vit_layers=2, vit_hidden=64, vit_heads=4, hidden=64, heads=4,
+                 pattern="MM*M", vocab=256, seq=128, batch=2, state=16, head_dim=16, groups=2),
+}
+
+
+def make_graph(s: dict):
+    from mimo_builder.graph import Graph
+    from submodels.mamba import MambaConfig
+    from submodels.projector import ProjectorConfig
+    from submodels.vision import VisionConfig
+
+    common = dict(dtype="bf16", impl="local")
+    vision = VisionConfig(image_size=s["image"], patch_size=s["patch"], num_layers=s["vit_layers"],
+                          hidden_size=s["vit_hidden"], num_attention_heads=s["vit_heads"], **common)
+    proj = ProjectorConfig(input_size=s["vit_hidden"], output_size=s["hidden"], **common)
+    lm = MambaConfig(num_layers=len(s["pattern"]), hidden_size=s["hidden"], num_attention_heads=s["heads"],
+                     hybrid_layer_pattern=s["pattern"], vocab_size=s["vocab"], seq_length=s["seq"],
+                     mamba_state_dim=s["state"], mamba_head_dim=s["head_dim"], mamba_num_groups=s["groups"],
+                     modality_token_ids={"image": IMAGE_TOKEN}, **common)
+    graph = (Graph().add("vision", vision).add("proj", proj).add("lm", lm)
+             .connect("vision.embeddings", "proj.input").connect("proj.output", "lm.image")
+             .bind("pixel_values", "vision.pixel_values"))
+    for key in ("input_ids", "labels", "loss_mask"):
+        graph.bind(key, f"lm.{key}")
+    return graph.output("lm.loss"), vision.num_tokens
+
+
+def make_batch(s: dict, image_tokens: int, device, seed: int = 0) -> dict:
+    """Random tokens after one run of image placeholders per sample; no loss on the placeholders."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(IMAGE_TOKEN + 1, s["vocab"], (s["batch"], s["seq"] + 1), generator=gen)
+    ids[:, :image_tokens] = IMAGE_TOKEN
+    mask = torch.ones(s["batch"], s["seq"])
+    mask[:, :image_tokens] = 0.0
+    pixels = torch.randn(s["batch"], 3, s["image"], s["image"], generator=gen)
+    batch = {"pixel_values": pixels, "input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": mask}
+    return {k: v.contiguous().to(device) for k, v in batch.items()}
+
+
+def model_flops(model, s: dict, image_tokens: int) -> float:
+    """FLOPs of one forward+backward step (see the module docstring)."""
+    tokens = {"vision": image_tokens, "proj": image_tokens, "lm": s["seq"]}
+    dense = 0
+    for name, per_sample in tokens.items():
+        params = sum(p.numel() for k, p in model.chunks(name)[0].named_parameters()
+                     if "word_embeddings" not in k and "position_embeddings" not in k)
+        dense += 6 * params * per_sample * s["batch"]
+    attention = 12 * s["vit_layers"] * s["vit_hidden"] * image_tokens ** 2 * s["batch"]
+    attention += 12 * s["pattern"].count("*") * s["hidden"] * s["seq"] ** 2 * s["batch"]
+    return float(dense + attention)
+
+
+def _steps(model, schedule, batch):
+    """(composite, monolithic) step functions over the same chunks and batch."""
+    names = ("vision", "proj", "lm")
+    chunks = {n: model.chunks(n)[0] for n in names}
+    run = {n: model.valid.builders[n].run for n in names}
+    text = {k: batch[k] for k in ("input_ids", "labels", "loss_mask")}
+
+    def zero():
+        for chunk in chunks.values():
+            chunk.zero_grad_buffer()
+
+    def composite():
+        zero()
+        return schedule.forward_backward(batch)
+
+    def monolithic():
+        zero()
+        emb = run["vision"](chunks["vision"], {"pixel_values": batch["pixel_values"]})["embeddings"]
+        image = run["proj"](chunks["proj"], {"input": emb})["output"]
+        loss = run["lm"](chunks["lm"], {**text, "image": image})["loss"]
+        loss.backward()
+        return float(loss.detach())
+
+    return composite, monolithic
+
+
+def _timed(fn, sync) -> tuple[float, float]:
+    sync()
+    start = time.perf_counter()
+    value = fn()
+    sync()
+    return time.perf_counter() - start, value
+
+
+def _measure(size: str, steps: int, warmup: int) -> dict:
+    import torch
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from mimo_builder import compat
+    from mimo_builder.runtime.schedule import GraphSchedule
+    from mimo_builder.walker import CompositeBuilder
+
+    compat.quiet_dependency_warnings()
+    device = compat.init_runtime("auto")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    s = SIZES[size]
+    graph, image_tokens = make_graph(s)
+    start = time.perf_counter()
+    (model,) = CompositeBuilder(graph, seed=0).build_distributed_models(ddp_config=DistributedDataParallelConfig())
+    print(f"built in {time.perf_counter() - start:.1f} s", flush=True)
+    composite, monolithic = _steps(model, GraphSchedule(model, device=device), make_batch(s, image_tokens, device))
+    start = time.perf_counter()
+    losses = {"composite": [], "monolithic": []}
+    for _ in range(warmup):  # the first step compiles the Triton kernels
+        losses["composite"].append(_timed(composite, sync)[1])
+        losses["monolithic"].append(_timed(monolithic, sync)[1])
+    print(f"warm-up ({warmup} steps each) in {time.perf_counter() - start:.1f} s", flush=True)
+    times = {"composite": [], "monolithic": []}
+    for i in range(steps):  # alternating, the order reversed every round
+        for name, fn in (("composite", composite), ("monolithic", monolithic))[:: 1 if i % 2 == 0 else -1]:
+            seconds, _ = _timed(fn, sync)
+            times[name].append(seconds)
+    params = {n: sum(p.numel() for p in model.chunks(n)[0].parameters()) for n in model.valid.order}
+    return dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                seconds={k: statistics.median(v) for k, v in times.items()},
+                first_losses={k: v[0] for k, v in losses.items()}, params=params,
+                flops=model_flops(model, s, image_tokens), image_tokens=image_tokens,
+                peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+
+
+def _peak(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
+
+
+def summarize(m: dict, size: str, steps: int) -> dict:
+    """The report rows, the ratio and the metrics, as printed and written to JSON."""
+    s, sec, peak = SIZES[size], m["seconds"], _peak(m["device"])
+    tokens = s["batch"] * s["seq"]
+    tps = {k: tokens / v for k, v in sec.items()}
+    mfu = {k: m["flops"] / v / peak if peak else None for k, v in sec.items()}
+    pct = {k: "n/a (no peak for this device)" if v is None else f"{100 * v:.1f} %" for k, v in mfu.items()}
+    rows = [("device", m["device"]), ("parameters", ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in m["params"].items())),
+            ("batch x sequence (image tokens)", f"{s['batch']} x {s['seq']} ({m['image_tokens']})"),
+            ("model TFLOP per step", f"{m['flops'] / 1e12:.2f}"),
+            ("monolithic", f"{sec['monolithic'] * 1e3:.1f} ms/step, {tps['monolithic']:,.0f} tokens/s, MFU {pct['monolithic']}"),
+            ("composite", f"{sec['composite'] * 1e3:.1f} ms/step, {tps['composite']:,.0f} tokens/s, MFU {pct['composite']}"),
+            ("first loss (composite, monolithic)", "{composite:.4f}, {monolithic:.4f}".format(**m["first_losses"])),
+            ("peak GPU memory", "n/a" if m["peak_memory_gib"] is None else f"{m['peak_memory_gib']:.1f} GiB"),
+            ("timed steps per side (median)", str(steps)),
+            ("MAMBA_DETERMINISTIC", os.environ.get("MAMBA_DETERMINISTIC", "unset"))]
+    ratio = sec["composite"] / sec["monolithic"]
+    title = f"Composite vs monolithic training step on one GPU ({size}: ViT + projector + Mamba hybrid, bf16)"
+    result = report(title, rows, "ratio composite / monolithic", ratio, "<= 1.03")
+    result["metrics"] = dict(m, tokens_per_s=tps, mfu=mfu, peak_flops=peak)
+    return result
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="small sizes (runs on CPU too)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per side")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+    parser.add_argument("--json", help="also write the result here")
+    args = parser.parse_args(argv)
+    size = "tiny" if args.tiny else "full"
+
+    import torch
+
+    from mimo_builder.launch import launch
+
+    if size == "full" and not torch.cuda.is_available():
+        parser.error("the full-size benchmark needs a CUDA device; use --tiny on CPU")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    measured = launch(_measure, 1, size, args.steps, args.warmup, backend=backend, timeout_s=900)[0]
+    result = summarize(measured, size, args.steps)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    print(json.dumps(result))
+    print(f"composite/monolithic = {result['ratio']:.3f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
