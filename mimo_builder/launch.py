@@ -42,10 +42,10 @@ def under_torchrun() -> bool:
 
 
 def default_backend() -> str:
-    """NCCL when this process sees a GPU, gloo otherwise."""
-    import torch
+    """NCCL when this process runs on CUDA (``compat.resolve_device``), gloo otherwise."""
+    from mimo_builder.compat import resolve_device
 
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if resolve_device("auto").type == "cuda" else "gloo"
 
 
 def launch(

@@ -59,3 +59,41 @@ def test_render_round_trips(fmt):
     out = _cli("render", "graphs/avlm.yaml", *fmt).stdout
     parsed = Graph.from_json(out) if fmt else Graph.from_yaml(out)
     assert parsed == Graph.from_yaml((ROOT / "graphs/avlm.yaml").read_text())
+
+
+def _vlm_yaml_with(tmp_path, edit):
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "graphs/vlm.yaml").read_text())
+    edit(doc)
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def test_optimizer_settings_in_the_document_are_checked_by_node_and_field(tmp_path):
+    def bad(doc):
+        doc["optimizer"] = {"lr": 1e-3, "min_lr": 1e-4, "decay_style": "cosine", "mcore": {"adam_beta2": 0.95}}
+        doc["nodes"]["vision"]["optimizer"] = {"lr": 1e-5}  # below the graph-wide min_lr
+        doc["nodes"]["lm"]["optimizer"] = {"mcore": {"adam_beta": 0.9}}
+
+    result = _cli("validate", _vlm_yaml_with(tmp_path, bad), "--world-size", "4")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert ".nodes.lm.optimizer.mcore: unknown OptimizerConfig option 'adam_beta'" in result.stderr
+
+    def node_lr(doc):
+        doc["optimizer"] = {"lr": 1e-3, "min_lr": 1e-4}
+        doc["nodes"]["vision"]["optimizer"] = {"lr": 1e-5}
+
+    result = _cli("validate", _vlm_yaml_with(tmp_path, node_lr), "--world-size", "4")
+    assert result.returncode == 2
+    assert "node 'vision' optimizer: Value error, min_lr 0.0001 is larger than lr 1e-05" in result.stderr
+
+
+def test_run_refuses_fp16_training_before_spawning(tmp_path):
+    def fp16(doc):
+        doc["nodes"]["proj"]["config"]["dtype"] = "fp16"
+
+    result = _cli("run", _vlm_yaml_with(tmp_path, fp16), "--nproc", "4", "--steps", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "node 'proj' config.dtype: fp16 training needs loss scaling" in result.stderr

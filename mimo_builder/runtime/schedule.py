@@ -242,6 +242,10 @@ def _needs_grad(valid) -> dict[str, bool]:
 
 def check_runnable(valid) -> None:
     """Raise StepError for graphs the runtime cannot execute yet (before anything is built)."""
+    for name in valid.order:
+        if getattr(valid.configs[name], "dtype", None) == "fp16" and not valid.graph.nodes[name].frozen:
+            raise StepError(f"node '{name}' config.dtype: fp16 training needs loss scaling, which the graph "
+                            "optimizer does not apply; use bf16 (fp32 master weights) or freeze the node")
     for name, layout in valid.layouts.items():
         if layout.pp > 1 or layout.cp > 1:
             raise StepError(f"node '{name}' has pp={layout.pp}, cp={layout.cp}: the runtime executes "
