@@ -125,6 +125,16 @@ class ModelBuilder(mcore_base.ModelBuilder):
         (name_in,), (name_out,) = ports.inputs, ports.outputs
         return {name_out: model(inputs[name_in])}
 
+    def run_stage(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], hidden: torch.Tensor | None,
+                  first: bool, last: bool) -> dict[str, torch.Tensor]:
+        """One forward of one pipeline stage. ``hidden`` is what the previous stage returned
+        (None on the first). A stage that is not the last returns ``{"hidden": tensor}``; the
+        last returns the output ports. The default serves nodes without pipeline stages."""
+        if not (first and last):
+            raise NotImplementedError(f"{type(self).__name__} does not split into pipeline stages: "
+                                      "it must define run_stage() to run with pp > 1")
+        return self.run(model, inputs)
+
     def output_tokens(self, input_tokens: dict[str, int]) -> dict[str, int]:
         """Length of the token axis of each output for inputs of these lengths (default: kept)."""
         length = next(iter(input_tokens.values()), None)

@@ -233,15 +233,26 @@ class MambaBuilder(ModelBuilder):
     def run(self, model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Embed ``input_ids``, put each modality's embeddings at its placeholder tokens, run the
         stack; returns ``loss`` (mean over ``loss_mask``) when labels are given, else ``logits``."""
+        return self.run_stage(model, inputs, None, first=True, last=True)
+
+    def run_stage(self, model, inputs, hidden, first, last) -> dict[str, torch.Tensor]:
+        """One pipeline stage: the first embeds and places modalities, later ones continue from
+        the previous stage's hidden states ([tokens, batch, hidden]), the last computes the loss."""
         ids = inputs["input_ids"]
         positions = inputs.get("position_ids")
         if positions is None:
             positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         core = unwrap(model)
-        embedded = core.embedding(input_ids=ids, position_ids=positions)  # [tokens, batch, hidden]
-        embedded = place_modalities(embedded, ids, self.config.modality_token_ids, inputs)
-        labels = inputs.get("labels")
+        embedded = None
+        if first:
+            embedded = core.embedding(input_ids=ids, position_ids=positions)  # [tokens, batch, hidden]
+            embedded = place_modalities(embedded, ids, self.config.modality_token_ids, inputs)
+        else:
+            core.set_input_tensor(hidden)
+        labels = inputs.get("labels") if last else None
         out = model(ids, positions, None, decoder_input=embedded, labels=labels)
+        if not last:
+            return {"hidden": out}
         if labels is None:
             return {"logits": out}
         mask = inputs.get("loss_mask")

@@ -91,3 +91,76 @@ def _header(tensor: torch.Tensor) -> torch.Tensor:
 
 def _shape(header: torch.Tensor) -> list[int]:
     return header[2:2 + int(header[1])].tolist()
+
+
+class Mailbox:
+    """One rank's point-to-point messages for one step: non-blocking sends, and receives taken
+    in each channel's send order (messages that arrive before they are needed wait in a stash).
+
+    Activations carry a header (dtype and shape) the first time a (link, transfer) slot is used
+    with a batch signature; afterwards both sides know the shape and only the data travels.
+    Gradients never carry one: the receiver is the producer and knows the shape it sent
+    (``gradient_like(key)``). A message to oneself goes straight into the stash.
+    """
+
+    def __init__(self, group, rank: int, channel_order, headers: dict, device: torch.device, gradient_like):
+        self.group, self.rank, self.device = group, rank, device
+        self.pending = {src: list(reversed(keys)) for (src, dst), keys in channel_order.items() if dst == rank}
+        self.sent_headers = headers.setdefault("sent", set())
+        self.shapes = headers.setdefault("received", {})
+        self.gradient_like = gradient_like
+        self.stash: dict = {}
+        self.works: list = []
+
+    def send(self, key, tensor: torch.Tensor, dst: int) -> None:
+        if dst == self.rank:
+            self.stash[key] = tensor
+            return
+        tensor = tensor.contiguous()
+        slot = _slot(key)
+        if slot is not None and slot not in self.sent_headers:
+            self.sent_headers.add(slot)
+            self._isend(_header(tensor), dst)
+        self._isend(tensor, dst)
+
+    def _isend(self, tensor: torch.Tensor, dst: int) -> None:
+        self.works.append((dist.isend(tensor, dst, group=self.group), tensor))  # keep the tensor alive
+
+    def take(self, key, src: int) -> torch.Tensor:
+        """The message ``key`` from ``src``, receiving the channel's earlier messages first."""
+        while key not in self.stash:
+            channel = self.pending.get(src)
+            if not channel:
+                raise RuntimeError(f"rank {self.rank} expects message {key} from rank {src}, which the plan "
+                                   "does not send")
+            earlier = channel.pop()
+            self.stash[earlier] = self._receive(earlier, src)
+        return self.stash.pop(key)
+
+    def _receive(self, key, src: int) -> torch.Tensor:
+        slot = _slot(key)
+        if slot is None:
+            like = self.gradient_like(key)
+            shape, dtype = like.shape, like.dtype
+        elif slot in self.shapes:
+            shape, dtype = self.shapes[slot]
+        else:
+            header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
+            dist.recv(header, src, group=self.group)
+            shape, dtype = self.shapes[slot] = (_shape(header), _DTYPES[int(header[0])])
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(out, src, group=self.group)
+        return out
+
+    def close(self) -> None:
+        """Wait for every send, then let go of the group (a closed group can be destroyed)."""
+        for work, _ in self.works:
+            work.wait()
+        self.works.clear()
+        self.group = self.gradient_like = None
+
+
+def _slot(key) -> tuple[int, int] | None:
+    """(link, transfer) of an activation message; None for a gradient."""
+    kind, link, _, transfer = key
+    return (link, transfer) if kind == "act" else None

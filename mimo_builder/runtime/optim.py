@@ -6,7 +6,8 @@ sharding state over the node's DP group, when the node's DDP options say
 ``use_distributed_optimizer``) and MCore's ``OptimizerParamScheduler`` (warm-up + decay).
 
 Graph-wide, :meth:`GraphOptimizer.step` does what MCore's ``optimizer.step()`` does for one
-model, across nodes: DDP gradient sync, gradients into the main params, one L2 norm over every
+model, across nodes: MCore's ``finalize_model_grads`` (DDP sync, tied embeddings across
+pipeline stages), gradients into the main params, one L2 norm over every
 parameter of the graph (MCore's per-node norm over the node's grad-stats group, then one sum over
 nodes, each node counted once), the non-finite guard, one clip coefficient, then each node's
 update. Every rank walks the nodes in the graph's one order, so the collectives cannot deadlock.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import ChainedOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32, get_grad_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -110,9 +112,9 @@ class GraphOptimizer:
         """Sync, norm, guard, clip and update every node. ``loss`` (the step's global loss, the
         same on every rank) is checked too when given. Skipped steps do not advance the schedule."""
         with self._mcore_scope():
-            for node in self.nodes.values():  # graph order: overlapping node groups stay in step
-                for chunk in node.chunks:
-                    chunk.finish_grad_sync()
+            for name, node in self.nodes.items():  # graph order: overlapping node groups stay in step
+                # DP reduction, plus tied embeddings across pipeline stages (MCore's own finalizer)
+                finalize_model_grads(node.chunks, pg_collection=self.model.pg_collection(name))
                 node.optimizer.prepare_grads()
             node_norms = self._node_norms()
             norm = math.sqrt(sum(n * n for n in node_norms.values()))

@@ -1,16 +1,20 @@
-"""Forward and backward of a CompositeModel over its DAG, on any placement.
+"""Forward and backward of a CompositeModel over its DAG, pipelined over microbatches.
 
-Forward walks the nodes in topological order: an edge's samples arrive through the bridge and
-become a detached leaf on the consumer, so each node's backward is its own autograd call.
-Backward walks in reverse: consumers' input gradients go back over the same transfers, scaled
-by ``dp_producer / dp_consumer`` so that, after each node's DDP averages over its own DP group,
-every parameter holds the gradient of the global mean loss. All forwards of a microbatch run,
-then all its backwards; gradients accumulate across microbatches in DDP's buffers.
+Each node is cut into its (virtual) pipeline stages and the whole graph runs as one pipeline
+(:mod:`~mimo_builder.runtime.pipeline`): every rank executes its forwards and backwards in the
+planned 1F1B-style order, so encoder ranks work on the next microbatch while the backbone works
+on this one. Activations arriving at a stage become detached leaves, so each stage's backward is
+its own autograd call; input gradients go back over the same transfers, scaled by
+``dp_producer / dp_consumer`` so that, after each node's DDP averages over its own DP group,
+every parameter holds the gradient of the global mean loss. Sends are non-blocking; receives
+take each channel's messages in send order (:class:`~mimo_builder.runtime.bridge.Mailbox`).
+Gradients accumulate across microbatches in DDP's buffers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 from dataclasses import dataclass, field
 
 import torch
@@ -18,8 +22,9 @@ import torch.distributed as dist
 
 from mimo_builder.errors import MimoError
 from mimo_builder.runtime.batch import check_batch, dp_shard, shard_range
-from mimo_builder.runtime.bridge import broadcast_tensor, edge_transfers, recv_into, recv_tensor, send_tensor
-from mimo_builder.validation import Edge
+from mimo_builder.runtime.bridge import Mailbox, broadcast_tensor
+from mimo_builder.runtime.pipeline import FORWARD, Op, PipelinePlan, Stage, plan_pipeline
+from mimo_builder.runtime.routes import ACTIVATION, Routes
 from mimo_builder.walker import CompositeModel
 
 _FAILURE_KEY = "mimo_builder/step_failure"
@@ -30,12 +35,11 @@ class StepError(MimoError, RuntimeError):
 
 
 @dataclass
-class _Microbatch:
-    batch: dict[str, torch.Tensor]
-    size: int
-    outputs: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    leaves: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    out_grads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+class _StageState:
+    """One stage's tensors for one microbatch, from its forward until its backward."""
+
+    leaves: dict[int, torch.Tensor] = field(default_factory=dict)  # link index -> received input
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class GraphSchedule:
@@ -51,30 +55,24 @@ class GraphSchedule:
         check_runnable(self.valid)
         self.needs_grad = _needs_grad(self.valid)
         self.loss_outputs = [(n, p) for n, p in self.valid.outputs if p == "loss"]
+        self.vp = {name: virtual_stages(self.valid.configs[name]) for name in self.valid.order}
         self.step = 0
         self.failed: str | None = None
-        edges = sorted(self.valid.edges, key=str)  # the one global order of transfers
-        self._incoming = {n: [e for e in edges if e.dst == n] for n in self.valid.order}
-        self._outgoing = {n: [e for e in edges if e.src == n] for n in self.valid.order}
+        self._plans: dict[tuple[int, int], tuple[PipelinePlan, Routes]] = {}
+        self._headers: dict = {}
+        self._current: _Step | None = None
 
-    def _grad_sync_deferred(self, last: bool) -> contextlib.ExitStack:
-        """DDP's ``no_sync`` on every hosted chunk, except for the last microbatch, so that an
-        overlapped gradient reduction never starts on partial gradients."""
-        stack = contextlib.ExitStack()
-        if not last:
-            for name in self.valid.order:
-                if self.model.hosts(name):
-                    for chunk in self.model.chunks(name):
-                        if hasattr(chunk, "no_sync"):
-                            stack.enter_context(chunk.no_sync())
-        return stack
+    def plan(self, num_microbatches: int) -> PipelinePlan:
+        """The pipeline every rank runs for ``num_microbatches`` (for display and benchmarks)."""
+        return plan_pipeline(self.valid.order, [(e.src, e.dst) for e in self.valid.edges], self.valid.layouts,
+                             self.vp, {n for n, g in self.needs_grad.items() if g}, num_microbatches)
 
     # --- public -----------------------------------------------------------------------------
 
     def forward_backward(self, batch: dict[str, torch.Tensor], num_microbatches: int = 1) -> float:
         """Forward and backward over ``batch`` in ``num_microbatches`` parts; returns the mean loss."""
         size = check_batch(self.valid, batch)
-        if size % num_microbatches:
+        if num_microbatches < 1 or size % num_microbatches:
             raise StepError(f"batch size {size} is not divisible by num_microbatches={num_microbatches}")
         per = size // num_microbatches
         for name, layout in self.valid.layouts.items():
@@ -83,152 +81,184 @@ class GraphSchedule:
         if self.failed is not None:
             raise StepError(f"this schedule already failed ({self.failed}); build the graph again")
         self.step += 1
-        losses: dict[str, float] = {}
         try:
-            for i in range(num_microbatches):
-                mb = _Microbatch({k: v[i * per:(i + 1) * per] for k, v in batch.items()}, per)
-                with self._grad_sync_deferred(last=i == num_microbatches - 1):
-                    self._forward(mb)
-                    for node, value in self._backward(mb, scale=1.0 / num_microbatches).items():
-                        losses[node] = losses.get(node, 0.0) + value / num_microbatches
-            return self._global_loss(losses)
+            return self._run(batch, num_microbatches, per)
         except Exception as err:
             self._fail(err)
 
-    # --- forward ----------------------------------------------------------------------------
-
-    def _forward(self, mb: _Microbatch) -> None:
-        for name in self.valid.order:
-            for edge in self._edges_into(name):
-                self._send_activation(edge, mb)
-            if self.model.hosts(name):
-                inputs = {port: dp_shard(mb.batch[key].to(self.device), self.valid.layouts[name], self.rank, mb.size)
-                          for key, (node, port) in self.valid.inputs.items() if node == name and key in mb.batch}
-                inputs.update(mb.leaves.get(name, {}))
-                (chunk,) = self.model.chunks(name)
-                mb.outputs[name] = self.valid.builders[name].run(chunk, inputs)
-
-    def _send_activation(self, edge: Edge, mb: _Microbatch) -> None:
-        producer, consumer = self.valid.layouts[edge.src], self.valid.layouts[edge.dst]
-        parts = []
-        for t in edge_transfers(producer, consumer, mb.size):
-            if t.src == self.rank:
-                start = self._shard_start(producer, mb.size)
-                piece = mb.outputs[edge.src][edge.src_port][t.start - start:t.stop - start]
-                if t.dst == self.rank:
-                    parts.append(piece.detach())
-                else:
-                    send_tensor(piece.detach(), t.dst, self.bridge)
-            elif t.dst == self.rank:
-                parts.append(recv_tensor(t.src, self.device, self.bridge))
-        if not self.model.hosts(edge.dst):
-            return
-        value = torch.cat(parts) if parts else None
-        value = self._tp_broadcast(edge.dst, value)
-        leaf = value.detach().requires_grad_(self.needs_grad[edge.src])
-        mb.leaves.setdefault(edge.dst, {})[edge.dst_port] = leaf
-
-    # --- backward ---------------------------------------------------------------------------
-
-    def _backward(self, mb: _Microbatch, scale: float) -> dict[str, float]:
-        losses = {}
-        for name in reversed(self.valid.order):
-            for edge in self._edges_out_of(name):
-                self._send_gradient(edge, mb)
-            if not self.model.hosts(name):
-                continue
-            grads = mb.out_grads.setdefault(name, {})
-            for port in sorted({e.src_port for e in self._edges_out_of(name)} if self.needs_grad[name] else ()):
-                grads[port] = self._tp_broadcast(name, grads.get(port))  # only TP rank 0 received them
-            loss = self._node_backward(name, mb, scale)
-            if loss is not None:
-                losses[name] = loss
-        return losses
-
-    def _node_backward(self, name: str, mb: _Microbatch, scale: float) -> float | None:
-        """Backward of one node's outputs; returns its loss value if it outputs the loss."""
-        tensors, grads, loss_value = [], [], None
-        for node, port in self.loss_outputs:
-            if node == name:
-                loss = mb.outputs[name][port]
-                loss_value = float(loss.detach())
-                tensors.append(loss * scale)
-                grads.append(None)
-        for port, grad in mb.out_grads.get(name, {}).items():
-            tensors.append(mb.outputs[name][port])
-            grads.append(grad.to(mb.outputs[name][port].dtype))
-        if self.needs_grad[name] and any(t.requires_grad for t in tensors):
-            torch.autograd.backward([t for t in tensors if t.requires_grad],
-                                    [g for t, g in zip(tensors, grads) if t.requires_grad])
-        return loss_value
-
-    def _send_gradient(self, edge: Edge, mb: _Microbatch) -> None:
-        if not self.needs_grad[edge.src]:
-            return
-        producer, consumer = self.valid.layouts[edge.src], self.valid.layouts[edge.dst]
-        ratio = producer.dp / consumer.dp  # see the module docstring
-        for t in edge_transfers(producer, consumer, mb.size):
-            if t.dst == self.rank:
-                leaf = mb.leaves[edge.dst][edge.dst_port]
-                start = self._shard_start(consumer, mb.size)
-                grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-                piece = grad[t.start - start:t.stop - start] * ratio
-                if t.src == self.rank:
-                    self._accumulate(edge, mb, producer, t, piece)
-                else:  # the producer knows the shape: it sent this slice forward
-                    send_tensor(piece.to(leaf.dtype), t.src, self.bridge, header=False)
-            elif t.src == self.rank:
-                start = self._shard_start(producer, mb.size)
-                sent = mb.outputs[edge.src][edge.src_port][t.start - start:t.stop - start]
-                piece = recv_into(torch.empty(sent.shape, dtype=sent.dtype, device=self.device), t.dst, self.bridge)
-                self._accumulate(edge, mb, producer, t, piece)
-
-    def _accumulate(self, edge, mb, producer, t, piece) -> None:
-        output = mb.outputs[edge.src][edge.src_port]
-        grads = mb.out_grads.setdefault(edge.src, {})
-        if edge.src_port not in grads:
-            grads[edge.src_port] = torch.zeros(output.shape, dtype=torch.float32, device=self.device)
-        start = self._shard_start(producer, mb.size)
-        grads[edge.src_port][t.start - start:t.stop - start] += piece.float()
+    def _run(self, batch, num_microbatches: int, per: int) -> float:
+        key = (num_microbatches, per)
+        if key not in self._plans:
+            plan = self.plan(num_microbatches)
+            self._plans[key] = (plan, Routes(plan, self.valid.edges, self.valid.layouts, self.needs_grad, per))
+        plan, routes = self._plans[key]
+        signature = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
+        headers = self._headers.setdefault((key, signature), {})
+        step = self._current = _Step(self, batch, per, num_microbatches, routes, headers)
+        for op in plan.order.get(self.rank, []):
+            step.forward(op) if op.kind == FORWARD else step.backward(op)
+        step.mailbox.close()
+        self._current = None
+        return self._global_loss(step.losses)
 
     # --- helpers ----------------------------------------------------------------------------
-
-    def _tp_broadcast(self, name: str, value: torch.Tensor | None) -> torch.Tensor:
-        """Share a tensor held by the node's first TP rank with the rest of its TP group."""
-        pgs = self.model.pg_collection(name)
-        if pgs.tp.size() == 1:
-            return value
-        return broadcast_tensor(value, dist.get_global_rank(pgs.tp, 0), pgs.tp, self.device)
-
-    def _edges_into(self, name: str) -> list[Edge]:
-        return self._incoming[name]
-
-    def _edges_out_of(self, name: str) -> list[Edge]:
-        return self._outgoing[name]
-
-    def _shard_start(self, layout, batch_size: int) -> int:
-        """First global sample of this rank's DP shard of a node with ``layout``."""
-        return shard_range(layout, layout.coords(self.rank)["dp"], batch_size)[0]
 
     def _global_loss(self, local: dict[str, float]) -> float:
         """Sum over loss nodes of each node's mean loss over the global batch, on every rank."""
         value = torch.zeros(1, dtype=torch.float64)
         for node, loss in local.items():
-            if self.valid.layouts[node].coords(self.rank)["tp"] == 0:
+            coords = self.valid.layouts[node].coords(self.rank)
+            if coords["tp"] == 0 and coords["cp"] == 0:
                 value += loss / self.valid.layouts[node].dp
         dist.all_reduce(value, group=self.control)
         return float(value)
 
+    def _failure_key(self) -> str:
+        return f"{_FAILURE_KEY}/{self.bridge.group_name}/{self.step}"  # the same name on every rank
+
     def _fail(self, err: Exception) -> None:
         """Publish the first failure, break every collective this rank is in, raise everywhere."""
         store = dist.distributed_c10d._get_default_store()
-        key = f"{_FAILURE_KEY}/{self.bridge.group_name}/{self.step}"  # the same name on every rank
-        first = store.compare_set(key, "", f"rank {self.rank}: {type(err).__name__}: {err}").decode()
+        message = f"rank {self.rank}: {type(err).__name__}: {err}"
+        first = store.compare_set(self._failure_key(), "", message).decode()
         self.failed = first
         self.model.process_groups.abort()
-        for group in (self.bridge, self.control):
-            dist.distributed_c10d._abort_process_group(group)
+        self._close_bridge()
+        dist.distributed_c10d._abort_process_group(self.control)
         raise StepError(first) from err
+
+    def _close_bridge(self) -> None:
+        """Wake the peers blocked in a receive from this rank. NCCL's abort does; an aborted gloo
+        group keeps its sockets open until the group object is gone, so drop every reference."""
+        if dist.get_backend(self.bridge) != "gloo":
+            dist.distributed_c10d._abort_process_group(self.bridge)
+            return
+        dist.destroy_process_group(self.bridge)
+        self.bridge = None
+        if self._current is not None:
+            self._current.mailbox.group = None
+        gc.collect()  # the group object must go now, not at some later collection
+
+
+class _Step:
+    """One forward_backward on one rank: its operations, their tensors and messages."""
+
+    def __init__(self, schedule: GraphSchedule, batch, per: int, num_microbatches: int, routes: Routes, headers):
+        self.s, self.batch, self.per, self.m = schedule, batch, per, num_microbatches
+        self.routes, self.rank, self.valid = routes, schedule.rank, schedule.valid
+        self.mailbox = Mailbox(schedule.bridge, self.rank, routes.channel_order, headers, schedule.device,
+                               self._gradient_like)
+        self.states: dict[tuple[Stage, int], _StageState] = {}
+        self.losses: dict[str, float] = {}
+
+    # --- forward ----------------------------------------------------------------------------
+
+    def forward(self, op: Op) -> None:
+        stage, m = op.stage, op.microbatch
+        state = self.states[(stage, m)] = _StageState()
+        inputs, hidden = self._batch_inputs(stage.node, m), None
+        for li in self.routes.in_links[stage]:
+            link = self.routes.links[li]
+            leaf = self._receive_activation(op, li).detach().requires_grad_(self.s.needs_grad[link.src.node])
+            state.leaves[li] = leaf
+            if link.edge is None:
+                hidden = leaf
+            else:
+                inputs[link.edge.dst_port] = leaf
+        chunk = self.s.model.chunks(stage.node)[stage.chunk]
+        state.outputs = self.valid.builders[stage.node].run_stage(chunk, inputs, hidden, stage.index == 0, stage.last)
+        for key, t in self.routes.sends(op, self.rank):
+            link = self.routes.links[key[1]]
+            value = state.outputs[link.edge.src_port if link.edge else "hidden"]
+            self.mailbox.send(key, self._slice(value, link, link.src.node, t.src, t).detach(), t.dst)
+
+    def _batch_inputs(self, node: str, m: int) -> dict[str, torch.Tensor]:
+        layout = self.valid.layouts[node]
+        return {port: dp_shard(self.batch[key][m * self.per:(m + 1) * self.per].to(self.s.device), layout,
+                               self.rank, self.per)
+                for key, (n, port) in self.valid.inputs.items() if n == node and key in self.batch}
+
+    def _receive_activation(self, op: Op, li: int) -> torch.Tensor:
+        parts = [self.mailbox.take(key, t.src) for key, t in self.routes.receives(op, self.rank, li)]
+        link = self.routes.links[li]
+        if link.edge is None:
+            (value,) = parts
+            return value
+        value = torch.cat(parts) if parts else None
+        return self._tp_broadcast(link.dst.node, value)
+
+    def _slice(self, value: torch.Tensor, link, node: str, rank: int, t) -> torch.Tensor:
+        """The samples of transfer ``t`` in ``rank``'s shard of ``node``'s ``value`` (batch-first
+        ports; hidden states inside a node travel whole)."""
+        if link.edge is None:
+            return value
+        layout = self.valid.layouts[node]
+        start = shard_range(layout, layout.coords(rank)["dp"], self.per)[0]
+        return value[t.start - start:t.stop - start]
+
+    def _gradient_like(self, key) -> torch.Tensor:
+        """The producer-side tensor whose gradient message ``key`` carries (its shape and dtype)."""
+        _, li, m, ti = key
+        link, t = self.routes.links[li], self.routes.transfers[li][ti]
+        output = self.states[(link.src, m)].outputs[link.edge.src_port if link.edge else "hidden"]
+        return self._slice(output, link, link.src.node, t.src, t)
+
+    # --- backward ---------------------------------------------------------------------------
+
+    def backward(self, op: Op) -> None:
+        stage, m = op.stage, op.microbatch
+        state = self.states[(stage, m)]
+        tensors, grads = self._loss_terms(stage, state)
+        for li in self.routes.out_links[stage]:
+            link = self.routes.links[li]
+            port = link.edge.src_port if link.edge else "hidden"
+            output = state.outputs[port]
+            grad = torch.zeros(output.shape, dtype=torch.float32, device=self.s.device)
+            for key, t in self.routes.receives(op, self.rank, li):
+                piece = self.mailbox.take(key, t.dst)
+                self._slice(grad, link, link.src.node, t.src, t).add_(piece.float())
+            if link.edge is not None:
+                grad = self._tp_broadcast(stage.node, grad)
+            tensors.append(output)
+            grads.append(grad.to(output.dtype))
+        chunk = self.s.model.chunks(stage.node)[stage.chunk]
+        deferred = chunk.no_sync() if hasattr(chunk, "no_sync") and m < self.m - 1 else contextlib.nullcontext()
+        with deferred:  # DDP reduces once, after the stage's last microbatch
+            pairs = [(t, g) for t, g in zip(tensors, grads) if t.requires_grad]
+            if pairs:
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        for key, t in self.routes.sends(op, self.rank):
+            link = self.routes.links[key[1]]
+            leaf = state.leaves[key[1]]
+            grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+            ratio = self.valid.layouts[link.src.node].dp / self.valid.layouts[link.dst.node].dp
+            piece = self._slice(grad, link, link.dst.node, t.dst, t) * ratio if link.edge else grad
+            self.mailbox.send(key, piece.to(leaf.dtype), t.src)
+        del self.states[(stage, m)]
+
+    def _loss_terms(self, stage: Stage, state: _StageState):
+        tensors, grads = [], []
+        if stage.last:
+            for node, port in self.s.loss_outputs:
+                if node == stage.node:
+                    loss = state.outputs[port]
+                    self.losses[node] = self.losses.get(node, 0.0) + float(loss.detach()) / self.m
+                    tensors.append(loss / self.m)
+                    grads.append(None)
+        return tensors, grads
+
+    def _tp_broadcast(self, name: str, value: torch.Tensor | None) -> torch.Tensor:
+        """Share a tensor held by the node's first TP rank with the rest of its TP group."""
+        pgs = self.s.model.pg_collection(name)
+        if pgs.tp.size() == 1:
+            return value
+        return broadcast_tensor(value, dist.get_global_rank(pgs.tp, 0), pgs.tp, self.s.device)
+
+
+def virtual_stages(config) -> int:
+    """Virtual pipeline chunks per pipeline rank a node's config asks for (1 without VP)."""
+    options = getattr(config, "transformer", None) or {}
+    return options.get("virtual_pipeline_model_parallel_size") or 1
 
 
 def _needs_grad(valid) -> dict[str, bool]:
@@ -247,7 +277,6 @@ def check_runnable(valid) -> None:
             raise StepError(f"node '{name}' config.dtype: fp16 training needs loss scaling, which the graph "
                             "optimizer does not apply; use bf16 (fp32 master weights) or freeze the node")
     for name, layout in valid.layouts.items():
-        if layout.pp > 1 or layout.cp > 1:
-            raise StepError(f"node '{name}' has pp={layout.pp}, cp={layout.cp}: the runtime executes "
-                            "pp=1 and cp=1 nodes only for now (pipeline/context parallelism inside a node "
-                            "is not scheduled yet); build-only use of such graphs works")
+        if layout.cp > 1:
+            raise StepError(f"node '{name}' has cp={layout.cp}: the runtime executes cp=1 nodes only for now "
+                            "(context parallelism inside a node is not scheduled yet); build-only use works")
