@@ -7,7 +7,8 @@ same master weights; num_microbatches=2 equals num_microbatches=1. Backbone sema
 text-only batches, placeholder tokens without embeddings, loss_mask against cross entropy
 computed here from the logits, several losses summed. Failures: bad batches are named errors on
 every rank before any communication, a failure inside the backbone's forward is an error on every
-rank (encoders waiting for gradients included) within seconds, pp > 1 nodes are refused.
+rank (encoders waiting for gradients included) within seconds. Pipeline parallelism inside
+nodes has its own parity tests (tests/test_pipeline.py).
 
 Rank processes are costly on 2 cores (each imports Megatron), so a few spawned runs each hold
 several independent sections; a section that raises is reported as that test's failure only.
@@ -317,19 +318,6 @@ def _placed(make_graph, ref, microbatches=(1, 2), warmup=False, **ddp):
     return runs
 
 
-def _pp_refused():
-    from mimo_builder.graph import Graph, Placement
-    from mimo_builder.runtime.schedule import GraphSchedule
-
-    graph = (Graph().add("enc", _proj(8), placement=Placement(offset=2, size=2))
-             .add("lm", _lm(image=1), placement=Placement(offset=0, size=2, pp=2))
-             .connect("enc.output", "lm.image").bind("x", "enc.input"))
-    model = _build(_text_bindings(graph).output("lm.loss"))
-    built = {name: (model.pg_collection(name).pp.size(), sorted({k.split(".")[0] for k, _ in _named(model, name)}))
-             for name in model.nodes}
-    return dict(built=built, error=_expect_error(GraphSchedule, model))
-
-
 def _vlm_bad_batches():
     from graphs.vlm import vlm
     from mimo_builder.runtime.schedule import GraphSchedule
@@ -362,7 +350,6 @@ def _four_ranks(ref_diamond, ref_fan_in):
         ("diamond", _placed, _diamond, ref_diamond),
         ("diamond_overlap", _placed_overlap, _diamond, ref_diamond),
         ("fan_in", _placed, _fan_in, ref_fan_in, (1,)),
-        ("pp", _pp_refused),
         ("vlm", _vlm_bad_batches),  # ends with a failed step (aborted groups): last
     )
 
@@ -581,18 +568,3 @@ def test_check_batch_refuses_a_wrong_pixel_values_shape(shape):
     with pytest.raises(BatchError) as err:
         check_batch(valid, batch)
     assert "'pixel_values'" in str(err.value) and "vision.pixel_values" in str(err.value)
-
-
-# --- 7. pp > 1 is refused by the runtime ------------------------------------------------------
-
-def test_a_pp2_node_builds_and_is_refused_by_the_schedule(four_ranks):
-    results = four_ranks
-    pp = _sections_of(results, "pp")
-    assert [r["built"] for r in pp][2:] == [{"enc": (1, ["encoder"])}] * 2
-    stages = [r["built"]["lm"] for r in pp[:2]]
-    assert all(size == 2 for size, _ in stages), stages
-    assert "embedding" in stages[0][1] and "output_layer" in stages[1][1], stages  # two real stages
-    assert "output_layer" not in stages[0][1] and "embedding" not in stages[1][1], stages
-    for kind, message, _ in (r["error"] for r in pp):
-        assert kind == "StepError", (kind, message)
-        assert "node 'lm'" in message and "pp=2" in message and "node 'enc'" not in message, message
