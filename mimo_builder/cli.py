@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--no-params", action="store_true", help="skip the meta-device parameter counts")
+    p.add_argument("--microbatches", type=int, default=1, help="microbatches per step, for the schedule")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the graph document")
@@ -84,10 +85,21 @@ def _plan(args) -> int:
 
     plan = make_plan(load_graph(args.file), args.world_size, count_params=not args.no_params)
     if args.json:
-        print(json.dumps(plan.as_dict(), indent=2))
+        print(json.dumps({**plan.as_dict(), "schedule": _schedule_dict(plan, args.microbatches)}, indent=2))
     else:
-        print_plan(plan)
+        print_plan(plan, num_microbatches=args.microbatches)
     return 0
+
+
+def _schedule_dict(plan, num_microbatches: int) -> dict:
+    from mimo_builder.plan_table import pipeline_plan
+
+    schedule = pipeline_plan(plan, num_microbatches)
+    return {"microbatches": num_microbatches, "stages": len(schedule.stages), "slots": schedule.makespan,
+            "ranks": [{"rank": r, "operations": [f"{op.kind}:{op.stage.node}:{op.stage.index}:{op.microbatch}"
+                                                 for op in schedule.order.get(r, [])],
+                       "warmup": schedule.warmup(r), "idle": round(schedule.idle_fraction(r), 4)}
+                      for r in range(plan.world_size)]}
 
 
 def _schema(args) -> int:
@@ -122,7 +134,7 @@ def _run(args) -> int:
     plan = make_plan(graph, nproc)  # validates the whole document first
     check_runnable(plan.valid)
     if lead:
-        print_plan(plan)
+        print_plan(plan, num_microbatches=args.microbatches)
     options = TrainOptions(steps=args.steps, batch_size=args.batch_size, num_microbatches=args.microbatches,
                            lr=args.lr)
     start = time.perf_counter()

@@ -78,6 +78,29 @@ class PipelinePlan:
         return 1.0 - busy / self.makespan if self.makespan else 0.0
 
 
+def plan_graph(valid, num_microbatches: int, max_in_flight: int | None = None) -> PipelinePlan:
+    """:func:`plan_pipeline` for a validated graph placed on a world (``valid.layouts`` set)."""
+    vp = {name: virtual_stages(valid.configs[name]) for name in valid.order}
+    backward = {name for name, needed in needs_grad(valid).items() if needed}
+    return plan_pipeline(valid.order, [(e.src, e.dst) for e in valid.edges], valid.layouts, vp, backward,
+                         num_microbatches, max_in_flight)
+
+
+def virtual_stages(config) -> int:
+    """Virtual pipeline chunks per pipeline rank a node's config asks for (1 without VP)."""
+    options = getattr(config, "transformer", None) or {}
+    return options.get("virtual_pipeline_model_parallel_size") or 1
+
+
+def needs_grad(valid) -> dict[str, bool]:
+    """A node runs backward if it trains or feeds on a node that does."""
+    out = {}
+    for name in valid.order:
+        upstream = any(out[e.src] for e in valid.edges if e.dst == name)
+        out[name] = upstream or not valid.graph.nodes[name].frozen
+    return out
+
+
 def node_stages(name: str, layout: Layout, vp: int) -> list[Stage]:
     """The virtual stages of one node, in layer order."""
     count = layout.pp * vp
@@ -90,11 +113,14 @@ def stage_ranks(stage: Stage, layout: Layout) -> tuple[int, ...]:
 
 
 def plan_pipeline(order: list[str], edges: list[tuple[str, str]], layouts: dict[str, Layout],
-                  vp: dict[str, int], backward: set[str], num_microbatches: int) -> PipelinePlan:
+                  vp: dict[str, int], backward: set[str], num_microbatches: int,
+                  max_in_flight: int | None = None) -> PipelinePlan:
     """Simulate one step of ``num_microbatches`` over the stage DAG of a graph.
 
     ``order`` is the nodes' topological order, ``edges`` (producer, consumer) node pairs,
-    ``backward`` the nodes that run a backward pass.
+    ``backward`` the nodes that run a backward pass. ``max_in_flight`` caps every stage's
+    microbatches in flight further (1: one microbatch at a time through the whole graph, the
+    sequential schedule, least activation memory).
     """
     by_node = {name: node_stages(name, layouts[name], vp.get(name, 1)) for name in order}
     stages = [s for name in order for s in by_node[name]]
@@ -110,6 +136,8 @@ def plan_pipeline(order: list[str], edges: list[tuple[str, str]], layouts: dict[
             succs[p].append(s)
     ranks = {s: stage_ranks(s, layouts[s.node]) for s in stages}
     in_flight = _in_flight_limits(stages, succs)
+    if max_in_flight is not None:
+        in_flight = {s: min(n, max_in_flight) for s, n in in_flight.items()}
     sim = _Simulation(stages, preds, succs, ranks, in_flight, {s for s in stages if s.node in backward},
                       num_microbatches)
     return PipelinePlan(stages, preds, succs, ranks, sim.run(), in_flight, num_microbatches, sim.makespan)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from mimo_builder.errors import MimoError
 from mimo_builder.runtime.batch import check_batch, dp_shard, shard_range
 from mimo_builder.runtime.bridge import Mailbox, broadcast_tensor
-from mimo_builder.runtime.pipeline import FORWARD, Op, PipelinePlan, Stage, plan_pipeline
+from mimo_builder.runtime.pipeline import FORWARD, Op, PipelinePlan, Stage, needs_grad, plan_graph
 from mimo_builder.runtime.routes import ACTIVATION, Routes
 from mimo_builder.walker import CompositeModel
 
@@ -43,19 +43,24 @@ class _StageState:
 
 
 class GraphSchedule:
-    """Runs forward/backward of a built graph; one instance per CompositeModel, on every rank."""
+    """Runs forward/backward of a built graph; one instance per CompositeModel, on every rank.
 
-    def __init__(self, model: CompositeModel, device: torch.device | None = None):
+    ``max_in_flight`` caps the microbatches any stage holds at once (None: 1F1B's own depth;
+    1: the sequential schedule, one microbatch through the whole graph at a time).
+    """
+
+    def __init__(self, model: CompositeModel, device: torch.device | None = None, *,
+                 max_in_flight: int | None = None):
         self.model = model
+        self.max_in_flight = max_in_flight
         self.valid = model.valid
         self.rank = dist.get_rank()
         self.device = device or torch.device("cpu")
         self.bridge = dist.new_group(backend=dist.get_backend())  # all ranks; group rank == global rank
         self.control = dist.new_group(backend="gloo")
         check_runnable(self.valid)
-        self.needs_grad = _needs_grad(self.valid)
+        self.needs_grad = needs_grad(self.valid)
         self.loss_outputs = [(n, p) for n, p in self.valid.outputs if p == "loss"]
-        self.vp = {name: virtual_stages(self.valid.configs[name]) for name in self.valid.order}
         self.step = 0
         self.failed: str | None = None
         self._plans: dict[tuple[int, int], tuple[PipelinePlan, Routes]] = {}
@@ -64,8 +69,7 @@ class GraphSchedule:
 
     def plan(self, num_microbatches: int) -> PipelinePlan:
         """The pipeline every rank runs for ``num_microbatches`` (for display and benchmarks)."""
-        return plan_pipeline(self.valid.order, [(e.src, e.dst) for e in self.valid.edges], self.valid.layouts,
-                             self.vp, {n for n, g in self.needs_grad.items() if g}, num_microbatches)
+        return plan_graph(self.valid, num_microbatches, self.max_in_flight)
 
     # --- public -----------------------------------------------------------------------------
 
@@ -253,21 +257,6 @@ class _Step:
         if pgs.tp.size() == 1:
             return value
         return broadcast_tensor(value, dist.get_global_rank(pgs.tp, 0), pgs.tp, self.s.device)
-
-
-def virtual_stages(config) -> int:
-    """Virtual pipeline chunks per pipeline rank a node's config asks for (1 without VP)."""
-    options = getattr(config, "transformer", None) or {}
-    return options.get("virtual_pipeline_model_parallel_size") or 1
-
-
-def _needs_grad(valid) -> dict[str, bool]:
-    """A node runs backward if it trains or feeds on a node that does."""
-    out = {}
-    for name in valid.order:
-        upstream = any(out[e.src] for e in valid.edges if e.dst == name)
-        out[name] = upstream or not valid.graph.nodes[name].frozen
-    return out
 
 
 def check_runnable(valid) -> None:
