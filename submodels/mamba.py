@@ -157,6 +157,9 @@ class MambaConfig(TransformerModelConfig):
     def pp_problems(self, pp: int) -> list[str]:
         """Why this pattern cannot be split over ``pp`` pipeline stages (x virtual stages)."""
         vp = self.transformer.get("virtual_pipeline_model_parallel_size") or 1
+        if vp > 1 and pp == 1:
+            return [f"transformer.virtual_pipeline_model_parallel_size={vp} needs pp > 1 (virtual stages "
+                    "interleave pipeline ranks); set placement.pp or drop the option"]
         stages = self.hybrid_layer_pattern.count(PIPE) + 1
         if PIPE in self.hybrid_layer_pattern and stages != pp * vp:
             return [f"hybrid_layer_pattern has {stages} '|'-separated stages but pp*vp = {pp}*{vp} = {pp * vp}; "

@@ -188,3 +188,14 @@ def test_pipelined_placements_match_the_single_rank_run(references, kind, nproc)
         assert seen == {(n, k) for n, ps in expected["updated"].items() for k in ps}, kind  # all covered
     moved = ref["runs"][3]["updated"]["lm"]
     assert any(not torch.equal(ref["initial"]["lm"][k], v) for k, v in moved.items())
+
+
+def test_virtual_stages_without_pipeline_ranks_are_refused_by_node_and_field():
+    from mimo_builder.errors import GraphError
+    from mimo_builder.validation import validate_graph
+
+    graph = _graph("vp2", placed=False)
+    graph.nodes["lm"].config["hybrid_layer_pattern"] = "M*|-M"
+    graph.nodes["lm"].config["transformer"] = {"virtual_pipeline_model_parallel_size": 2}
+    with pytest.raises(GraphError, match=r"node 'lm' placement.pp: .*virtual_pipeline_model_parallel_size=2 needs pp > 1"):
+        validate_graph(graph, 2)
