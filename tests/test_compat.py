@@ -127,7 +127,7 @@ def _run(scenario, skip):
     # PP=2 needs 2 ranks; the optimizer scenario needs a rank outside its node
     nproc = 2 if scenario in (_tied_embeddings_across_pipeline_stages, _mcore_optimizer_step) else 1
     # without node_scoped_gather, rank 0 waits in a world-wide gather that rank 1 never joins
-    collective_timeout = 20 if scenario is _mcore_optimizer_step else 120
+    collective_timeout = 10 if scenario is _mcore_optimizer_step else 120
     return launch(scenario, nproc, skip, timeout_s=SCENARIO_TIMEOUT_S, init_timeout_s=collective_timeout)[0]
 
 
