@@ -127,12 +127,13 @@ def _run(args) -> int:
     from mimo_builder.plan_table import print_plan
     from mimo_builder.runtime.schedule import check_runnable
     from mimo_builder.runtime.train import TrainOptions, train
+    from mimo_builder.validation import validate_graph
 
     nproc = int(os.environ["WORLD_SIZE"]) if under_torchrun() else args.nproc
     lead = os.environ.get("RANK", "0") == "0"
     graph = load_graph(args.file)
-    plan = make_plan(graph, nproc)  # validates the whole document first
-    check_runnable(plan.valid)
+    check_runnable(validate_graph(graph, nproc))  # before any meta build or process
+    plan = make_plan(graph, nproc)
     if lead:
         print_plan(plan, num_microbatches=args.microbatches)
     options = TrainOptions(steps=args.steps, batch_size=args.batch_size, num_microbatches=args.microbatches,
