@@ -156,6 +156,7 @@ class _Simulation:
 
     def __init__(self, stages, preds, succs, ranks, limits, backward, num_microbatches):
         self.stages, self.preds, self.succs, self.ranks = stages, preds, succs, ranks
+        self.position = {s: i for i, s in enumerate(stages)}  # tie-break: graph order
         self.limits, self.backward, self.m = limits, backward, num_microbatches
         self.done: dict[tuple[str, Stage, int], float] = {}
         self.free: dict[int, float] = defaultdict(float)
@@ -176,7 +177,7 @@ class _Simulation:
         return dict(self.order)
 
     def _candidates(self, s: Stage, capped: bool):
-        index = self.stages.index(s)
+        index = self.position[s]
         m = self.next[(FORWARD, s)]
         started_backward = self.next[(BACKWARD, s)]
         cap_ok = not capped or s not in self.backward or m - started_backward < self.limits[s]

@@ -24,7 +24,7 @@ from mimo_builder.errors import MimoError
 from mimo_builder.runtime.batch import check_batch, dp_shard, shard_range
 from mimo_builder.runtime.bridge import Mailbox, broadcast_tensor
 from mimo_builder.runtime.pipeline import FORWARD, Op, PipelinePlan, Stage, needs_grad, plan_graph
-from mimo_builder.runtime.routes import ACTIVATION, Routes
+from mimo_builder.runtime.routes import Routes
 from mimo_builder.walker import CompositeModel
 
 _FAILURE_KEY = "mimo_builder/step_failure"
