@@ -1,4 +1,4 @@
-"""MCore's model-parallel RNG tracker interface over the CPU generator (used by ``compat``)."""
+"""MCore's model-parallel RNG tracker over the CPU generator, and seeding for either device."""
 
 from __future__ import annotations
 
@@ -52,3 +52,23 @@ class CPURNGStatesTracker:
         finally:
             self.states_[name] = torch.get_rng_state()
             torch.set_rng_state(outer)
+
+
+def seed_rng(seed: int, *, tp_rank: int = 0, ep_rank: int = 0, etp_rank: int = 0) -> None:
+    """Seed torch and MCore's RNG tracker the way ``model_parallel_cuda_manual_seed`` does.
+
+    The default and data-parallel states get ``seed``; the tensor-parallel state differs by TP
+    rank; the expert state by EP and expert-TP rank. Works on CPU (after ``init_runtime``) and CUDA.
+    """
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    torch.manual_seed(seed)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed(seed)
+    tracker = mcore_random.get_cuda_rng_tracker()
+    tracker.reset()
+    tracker.add(mcore_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(
+        mcore_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank
+    )

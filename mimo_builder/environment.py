@@ -1,0 +1,42 @@
+"""The Python environment MCore runs in: its optional-package imports and their notices.
+
+Not workarounds of MCore's CUDA assumptions (those are in :mod:`mimo_builder.compat`, which
+re-exports these two for its callers).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+
+def prepare_mamba_ssm_import() -> None:
+    """Attempt ``import mamba_ssm`` once, before anything imports MCore's Mamba modules.
+
+    Without its CUDA extension, ``import mamba_ssm`` raises (its ``__init__`` imports
+    ``selective_scan_cuda``), but the failed attempt leaves ``mamba_ssm.ops.triton.*`` in
+    ``sys.modules``, which is all MCore's MambaMixer imports. Importing
+    ``megatron.training.models`` imports that mixer, so this must run first: the package
+    ``mimo_builder`` calls it on import. Without mamba-ssm installed it does nothing.
+    """
+    try:
+        import mamba_ssm  # noqa: F401
+    except ImportError:
+        pass
+
+
+def quiet_dependency_warnings() -> None:
+    """Hide the import-time notices of MCore and torch about optional packages (TE, Apex,
+    absl, CUDA) that a CPU run does not have; errors and our own warnings still show."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.")
+    # MCore's DDP and distributed optimizer call collectives torch has renamed
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    # torch DCP notes that MCore reads checkpoint metadata outside a process group, as intended
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed\.checkpoint")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # DDP lists every parameter at INFO
+    # dist_checkpointing's synchronous save runs through its deprecated async writer and says so
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").setLevel(logging.ERROR)
+    # The unfused Mamba path is the one the CPU kernels serve; MCore warns about it on every layer.
+    logging.getLogger("megatron.core.ssm.mamba_mixer").setLevel(logging.ERROR)
