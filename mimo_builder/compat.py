@@ -6,7 +6,8 @@ without it (``tests/test_compat.py``). On CPU all are installed once; on CUDA on
 answer something CUDA lacks too (``needed_on``: the global memory buffer, the final norm without
 Transformer Engine), so no CUDA call is ever redirected. ``cpu_scope()`` installs them for one
 block and restores the originals (planning on a fake world); ``cuda_factories_on_cpu(device)``
-and ``gather_objects_within(group)`` are scopes around MCore's optimizer calls. ``seed_rng``
+and ``gather_objects_within(group)`` are scopes around MCore's optimizer calls;
+``give_fresh_adam_its_steps`` prepares a fresh distributed optimizer for a checkpoint load. ``seed_rng``
 seeds torch and MCore's model-parallel RNG tracker on either device. The pure-torch Mamba
 kernels are not generic and live with the Mamba submodel (``submodels/mamba_kernels.py``).
 """
@@ -15,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import logging
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -25,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
-from mimo_builder.cpu_rng import CPURNGStatesTracker
+from mimo_builder.cpu_rng import CPURNGStatesTracker, seed_rng  # noqa: F401 (public here too)
+from mimo_builder.environment import prepare_mamba_ssm_import, quiet_dependency_warnings  # noqa: F401
 
 Patch = Callable[[object, str, object], None]
 """``patch(owner, name, value)``: replace ``owner.name``, remembering the original."""
@@ -161,6 +161,56 @@ class CudaFactoriesOnCpu(TorchFunctionMode):
         return out
 
 
+def _checkpoint_writes_in_process(patch: Patch) -> None:
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    patch(filesystem_async, "get_write_results_queue", lambda mp_mode="spawn": queue.Queue())
+
+
+def _checkpoint_staging_without_sync(patch: Patch) -> None:
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    stage = FileSystemWriterAsync.preload_tensors
+    patch(FileSystemWriterAsync, "preload_tensors",
+          staticmethod(lambda buckets, non_blocking=True: stage(buckets, non_blocking=False)))
+
+
+def _adam_step_not_a_state_tensor(patch: Patch) -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+    patch(DistributedOptimizer, "_set_main_param_and_optimizer_states",
+          lambda self, model_param, tensors: set_states(self, model_param, {"step": None, **tensors}))
+
+
+def _adam_step_per_parameter(patch: Patch) -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    load = DistributedOptimizer.load_state_dict
+
+    def load_then_unshare_steps(self, state_dict):
+        load(self, state_dict)
+        for param_state in self.optimizer.state.values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].clone()
+
+    patch(DistributedOptimizer, "load_state_dict", load_then_unshare_steps)
+
+
+def _torch_adam(device: torch.device) -> bool:
+    from megatron.core.optimizer import distrib_optimizer
+
+    return not distrib_optimizer.HAVE_APEX_OR_TE
+
+
+def _daemonic(device: torch.device) -> bool:
+    import multiprocessing
+
+    return multiprocessing.current_process().daemon
+
+
 def _is_cuda(device) -> bool:
     return isinstance(device, int) or torch.device(device).type == "cuda"
 
@@ -201,10 +251,42 @@ WORKAROUNDS: dict[str, Workaround] = {
             needed_on=_te_missing,
         ),
         Workaround(
+            "checkpoint_results_queue",
+            "dist_checkpointing's writer returns results through a multiprocessing Manager, which "
+            "a daemonic rank process (as mimo_builder.launch starts them) may not start.",
+            _checkpoint_writes_in_process,
+            needed_on=_daemonic,
+        ),
+        Workaround(
+            "checkpoint_staging_sync",
+            "dist_checkpointing stages tensors with non_blocking copies, then torch.cuda.synchronize().",
+            _checkpoint_staging_without_sync,
+        ),
+        Workaround(
             "node_scoped_gather",
             "MCore's optimizer aligns parameter groups with an all_gather_object over the whole "
             "world, which hangs when graph nodes live on different ranks.",
             None,
+        ),
+        Workaround(
+            "fresh_adam_steps",
+            "MCore's distributed optimizer reads Adam's step from each parameter's state, which "
+            "torch's Adam (used without Apex or TE) creates only at its first step.",
+            None,
+        ),
+        Workaround(
+            "adam_step_on_load",
+            "MCore's distributed optimizer loads every tensor of a parameter's state from the "
+            "checkpoint, but torch's Adam (no Apex or TE) keeps its step there, saved elsewhere.",
+            _adam_step_not_a_state_tensor,
+            needed_on=_torch_adam,
+        ),
+        Workaround(
+            "adam_step_per_parameter",
+            "MCore's distributed optimizer, loading into torch's Adam, gives every parameter the "
+            "same step tensor, which Adam then advances once per parameter.",
+            _adam_step_per_parameter,
+            needed_on=_torch_adam,
         ),
         Workaround(
             "cuda_factories",
@@ -214,34 +296,6 @@ WORKAROUNDS: dict[str, Workaround] = {
         ),
     )
 }
-
-
-def prepare_mamba_ssm_import() -> None:
-    """Attempt ``import mamba_ssm`` once, before anything imports MCore's Mamba modules.
-
-    Without its CUDA extension, ``import mamba_ssm`` raises (its ``__init__`` imports
-    ``selective_scan_cuda``), but the failed attempt leaves ``mamba_ssm.ops.triton.*`` in
-    ``sys.modules``, which is all MCore's MambaMixer imports. Importing
-    ``megatron.training.models`` imports that mixer, so this must run first: the package
-    ``mimo_builder`` calls it on import. Without mamba-ssm installed it does nothing.
-    """
-    try:
-        import mamba_ssm  # noqa: F401
-    except ImportError:
-        pass
-
-
-def quiet_dependency_warnings() -> None:
-    """Hide the import-time notices of MCore and torch about optional packages (TE, Apex,
-    absl, CUDA) that a CPU run does not have; errors and our own warnings still show."""
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.")
-    # MCore's DDP and distributed optimizer call collectives torch has renamed
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    logging.getLogger("megatron").setLevel(logging.WARNING)  # DDP lists every parameter at INFO
-    # The unfused Mamba path is the one the CPU kernels serve; MCore warns about it on every layer.
-    logging.getLogger("megatron.core.ssm.mamba_mixer").setLevel(logging.ERROR)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -323,27 +377,23 @@ def gather_objects_within(group, *, skip: tuple[str, ...] = ()) -> Iterator[None
         dist.all_gather_object = original
 
 
+def give_fresh_adam_its_steps(optimizer, *, skip: tuple[str, ...] = ()) -> None:
+    """Before a never-stepped MCore distributed optimizer over torch's Adam (no Apex or TE)
+    describes its state for loading: create the state with a zero step, which MCore reads."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    _check_names(skip)
+    if "fresh_adam_steps" in skip or distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    for part in parts:
+        if isinstance(part, distrib_optimizer.DistributedOptimizer) and part.init_state_fn is not None:
+            part.init_state_fn(part.optimizer, part.config)
+            for param_state in part.optimizer.state.values():
+                param_state.setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
 def _check_names(skip: tuple[str, ...]) -> None:
     unknown = set(skip) - set(WORKAROUNDS)
     if unknown:
         raise ValueError(f"unknown workaround(s) {sorted(unknown)}; known: {sorted(WORKAROUNDS)}")
-
-
-def seed_rng(seed: int, *, tp_rank: int = 0, ep_rank: int = 0, etp_rank: int = 0) -> None:
-    """Seed torch and MCore's RNG tracker the way ``model_parallel_cuda_manual_seed`` does.
-
-    The default and data-parallel states get ``seed``; the tensor-parallel state differs by TP
-    rank; the expert state by EP and expert-TP rank. Works on CPU (after ``init_runtime``) and CUDA.
-    """
-    from megatron.core.tensor_parallel import random as mcore_random
-
-    torch.manual_seed(seed)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.manual_seed(seed)
-    tracker = mcore_random.get_cuda_rng_tracker()
-    tracker.reset()
-    tracker.add(mcore_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
-    tracker.add(mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
-    tracker.add(
-        mcore_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank
-    )

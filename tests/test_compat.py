@@ -1,5 +1,7 @@
 """Each CPU workaround in mimo_builder.compat is needed: the scenario fails without it."""
 
+import os
+
 import pytest
 import torch
 
@@ -123,6 +125,77 @@ def _mcore_optimizer_step(skip: tuple[str, ...]) -> float:
     return float(norm)
 
 
+def _checkpoint_save(skip: tuple[str, ...]) -> int:
+    """Save a small module with MCore's dist_checkpointing from a launched (daemonic) rank."""
+    import tempfile
+
+    from megatron.core import dist_checkpointing
+
+    from mimo_builder.placement import Layout, create_process_groups
+    from submodels.projector import ProjectorBuilder, ProjectorConfig
+
+    compat.init_runtime("cpu", skip=skip)
+    layout = Layout(offset=0, size=1)
+    pgs = create_process_groups([layout]).for_layout(layout)
+    module = ProjectorBuilder(ProjectorConfig(input_size=8, output_size=8)).build_model(pgs)
+    with tempfile.TemporaryDirectory() as folder:
+        dist_checkpointing.save(module.sharded_state_dict(metadata={"dp_cp_group": pgs.dp_cp}), folder)
+        return len(os.listdir(folder))
+
+
+def _distributed_optimizer_resume(skip: tuple[str, ...]) -> float:
+    """Adam under MCore's distributed optimizer: one step, save its sharded state, load it into a
+    fresh optimizer, one more step; every parameter's Adam step must then be 2."""
+    import tempfile
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from mimo_builder.placement import Layout, create_process_groups
+    from submodels.projector import ProjectorBuilder, ProjectorConfig
+
+    compat.init_runtime("cpu", skip=skip)
+    layout = Layout(offset=0, size=1)
+    pgs = create_process_groups([layout]).for_layout(layout)
+    builder = ProjectorBuilder(ProjectorConfig(input_size=8, output_size=8))
+    metadata = {"dp_cp_group": pgs.dp_cp, "distrib_optim_sharding_type": "fully_reshardable"}
+
+    def build():
+        module = builder.build_model(pgs)
+        ddp = DistributedDataParallel(builder.transformer_config(pgs),
+                                      DistributedDataParallelConfig(use_distributed_optimizer=True), module,
+                                      pg_collection=pgs)
+        with compat.cuda_factories_on_cpu(torch.device("cpu")):
+            optimizer = get_megatron_optimizer(OptimizerConfig(lr=0.1, use_distributed_optimizer=True), [ddp],
+                                               pg_collection=pgs, use_gloo_process_groups=False)
+        return module, ddp, optimizer
+
+    def step(ddp, optimizer):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        ddp(torch.ones(2, 3, 8)).square().mean().backward()
+        ddp.finish_grad_sync()
+        with compat.cuda_factories_on_cpu(torch.device("cpu")):
+            optimizer.step()
+
+    module, ddp, optimizer = build()
+    step(ddp, optimizer)
+    with tempfile.TemporaryDirectory() as folder:
+        model_sd = module.sharded_state_dict(metadata=metadata)
+        dist_checkpointing.save(optimizer.sharded_state_dict(model_sd, metadata=metadata), folder)
+        module, ddp, optimizer = build()
+        model_sd = module.sharded_state_dict(metadata=metadata)
+        compat.give_fresh_adam_its_steps(optimizer, skip=skip)
+        with compat.cuda_factories_on_cpu(torch.device("cpu")):
+            wanted = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata)
+        optimizer.load_state_dict(dist_checkpointing.load(wanted, folder))
+    step(ddp, optimizer)
+    steps = {float(s["step"]) for part in optimizer.chained_optimizers for s in part.optimizer.state.values()}
+    assert steps == {2.0}, f"Adam steps after resuming and one more step: {sorted(steps)} (expected [2.0])"
+    return 2.0
+
+
 def _run(scenario, skip):
     # PP=2 needs 2 ranks; the optimizer scenario needs a rank outside its node
     nproc = 2 if scenario in (_tied_embeddings_across_pipeline_stages, _mcore_optimizer_step) else 1
@@ -141,6 +214,11 @@ NEEDED_BY = {
     "hybrid_final_norm": (_hybrid_stack_with_final_norm, "Transformer Engine"),
     "cuda_factories": (_mcore_optimizer_step, "NVIDIA driver"),
     "node_scoped_gather": (_mcore_optimizer_step, "all_gather_object"),
+    "checkpoint_results_queue": (_checkpoint_save, "daemonic processes are not allowed to have children"),
+    "checkpoint_staging_sync": (_checkpoint_save, "NVIDIA driver"),
+    "fresh_adam_steps": (_distributed_optimizer_resume, "assert len(steps) == 1"),
+    "adam_step_on_load": (_distributed_optimizer_resume, "KeyError: 'step'"),
+    "adam_step_per_parameter": (_distributed_optimizer_resume, "Adam steps after resuming"),
 }
 
 
@@ -151,7 +229,8 @@ def test_every_workaround_has_a_reason_and_a_test():
 
 
 @pytest.mark.parametrize("scenario", [_tiny_gpt_train_step, _hybrid_stack_with_final_norm,
-                                      _tied_embeddings_across_pipeline_stages, _mcore_optimizer_step])
+                                      _tied_embeddings_across_pipeline_stages, _mcore_optimizer_step,
+                                      _checkpoint_save, _distributed_optimizer_resume])
 def test_scenarios_pass_with_all_workarounds(scenario):
     assert _run(scenario, ()) > 0
 
