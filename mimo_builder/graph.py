@@ -72,6 +72,41 @@ class Hooks(_Strict):
     """Run on the wrapped chunks."""
 
 
+class NodeInit(_Strict):
+    """Where a node's starting weights come from, instead of its seeded initialisation."""
+
+    checkpoint: str | None = None
+    """A project checkpoint (root or step folder) or a unimodal Megatron-Core checkpoint folder;
+    loaded under whatever placement the node has now."""
+
+    node: str | None = None
+    """In a project checkpoint, the node to read (default: this node's name)."""
+
+    prefix: str = ""
+    """In a unimodal Megatron-Core checkpoint, the key prefix of the model's tensors."""
+
+    hf: str | None = None
+    """A Hugging Face model folder (reserved: not read yet)."""
+
+    def problems(self, node: str) -> list[str]:
+        """What is wrong with this source, naming the node and field (checks the filesystem)."""
+        import pathlib
+
+        where = f"node '{node}' init"
+        if self.hf is not None:
+            return [f"{where}.hf: Hugging Face weights are not supported yet; convert them to a "
+                    "Megatron-Core checkpoint and use init.checkpoint"]
+        if self.checkpoint is None:
+            return [f"{where}: name a source (checkpoint: DIR)"]
+        path = pathlib.Path(self.checkpoint)
+        if not path.is_dir():
+            return [f"{where}.checkpoint: {self.checkpoint!r} is not a folder"]
+        if not any((path / f).is_file() for f in ("mimo.json", "latest", "metadata.json")):
+            return [f"{where}.checkpoint: {self.checkpoint!r} holds neither a project checkpoint "
+                    "(mimo.json or latest) nor a Megatron-Core one (metadata.json)"]
+        return []
+
+
 class Node(_Strict):
     """One named module of the graph."""
 
@@ -95,6 +130,9 @@ class Node(_Strict):
 
     hooks: Hooks = Field(default_factory=Hooks)
     """Extra pre/post-wrap hooks for this node."""
+
+    init: NodeInit | None = None
+    """Start from these weights (e.g. a pretrained encoder) instead of the seeded initialisation."""
 
     def model_config_object(self, where: str) -> ModelConfig:
         """The validated ModelConfig this node describes (raises ConfigError)."""
@@ -126,7 +164,8 @@ class Graph(_Strict):
 
     def add(self, name: str, config: ModelConfig | Mapping[str, Any], *, placement: Placement | Mapping | None = None,
             ddp: Mapping[str, Any] | None = None, frozen: bool = False,
-            hooks: Hooks | Mapping | None = None, optimizer: NodeOptimizer | Mapping | None = None) -> "Graph":
+            hooks: Hooks | Mapping | None = None, optimizer: NodeOptimizer | Mapping | None = None,
+            init: NodeInit | Mapping | None = None) -> "Graph":
         """Add a node from a ModelConfig (or a dict with 'builder'); returns self to chain."""
         if name in self.nodes:
             raise ConfigError(f"node {name!r} is already in the graph")
@@ -139,7 +178,7 @@ class Graph(_Strict):
             raise ConfigError(f"node {name!r}: the config must name its builder")
         self.nodes[name] = Node(builder=builder, config=data, placement=placement or Placement(),
                                 ddp=dict(ddp or {}), frozen=frozen, hooks=hooks or Hooks(),
-                                optimizer=optimizer or NodeOptimizer())
+                                optimizer=optimizer or NodeOptimizer(), init=init)
         return self
 
     def connect(self, src: str, dst: str) -> "Graph":

@@ -103,6 +103,8 @@ def _check_nodes(graph: Graph, problems: list[str]):
             graph.optimizer.for_node(node.optimizer)
         except ValidationError as err:
             problems.append(f"node '{name}' optimizer: {err.errors()[0]['msg']}")
+        if node.init is not None:
+            problems.extend(node.init.problems(name))
         for which in ("pre_wrap", "post_wrap"):
             for i, hook in enumerate(getattr(node.hooks, which)):
                 try:

@@ -24,6 +24,7 @@ from megatron.training.models import base as mcore_base
 from megatron.training.models.base import compose_hooks
 
 from mimo_builder.builder import Port, Ports
+from mimo_builder.checkpoint.pretrained import load_initial_weights
 from mimo_builder.compat import seed_rng
 from mimo_builder.errors import MimoError
 from mimo_builder.graph import Graph
@@ -130,7 +131,9 @@ class CompositeBuilder(mcore_base.ModelBuilder):
                     groups.abort()  # peers blocked in this node's collectives fail fast
             _agree(control, name, failure, failure_key)
         groups.set_timeout(self.timeout)
-        return compose_hooks(self.post_wrap_hooks)([CompositeModel(valid, chunks, groups)])
+        model = CompositeModel(valid, chunks, groups)
+        load_initial_weights(model)  # nodes whose document names pretrained weights
+        return compose_hooks(self.post_wrap_hooks)([model])
 
     def _build_node(self, valid: ValidGraph, name: str, pgs, ddp_config, wrap_with_ddp, options):
         node = valid.graph.nodes[name]

@@ -317,14 +317,25 @@ def hybrid_stack_spec(te: bool, num_experts: int | None = None) -> ModuleSpec:
     return local_hybrid_stack_spec(num_experts)
 
 
+# Checkpoint keys of the local spec's separate norms under the names Transformer Engine gives them
+# (fused into the next linear), as MCore's own local specs map them: checkpoints do not depend
+# on the spec. The MoE layer's norm stays separate in the TE spec too.
+FUSED_NORM_KEYS = {
+    "mamba": {"norm.": "mixer.in_proj.layer_norm_"},
+    "attention": {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"},
+    "mlp": {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
+}
+
+
 def local_hybrid_stack_spec(num_experts: int | None = None) -> ModuleSpec:
-    """Hybrid stack without Transformer Engine: separate norms, Column/RowParallelLinear, local attention."""
+    """Hybrid stack without Transformer Engine: separate norms, Column/RowParallelLinear, local
+    attention; checkpoint keys as the TE spec names them."""
     norm = WrappedTorchNorm
     mamba = ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
         norm=norm,
         mixer=ModuleSpec(module=MambaMixer, submodules=MambaMixerSubmodules(
             in_proj=ColumnParallelLinear, out_proj=RowParallelLinear)),
-        mamba_bda=get_bias_dropout_add))
+        mamba_bda=get_bias_dropout_add, sharded_state_dict_keys_map=FUSED_NORM_KEYS["mamba"]))
     attention = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
         input_layernorm=norm,
         self_attention=ModuleSpec(
@@ -332,9 +343,10 @@ def local_hybrid_stack_spec(num_experts: int | None = None) -> ModuleSpec:
             submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear,
                                                core_attention=DotProductAttention,
                                                linear_proj=RowParallelLinear)),
-        self_attn_bda=get_bias_dropout_add))
+        self_attn_bda=get_bias_dropout_add, sharded_state_dict_keys_map=FUSED_NORM_KEYS["attention"]))
     mlp = ModuleSpec(module=MLPLayer, submodules=TransformerLayerSubmodules(
-        pre_mlp_layernorm=norm, mlp=get_mlp_module_spec(use_te=False), mlp_bda=get_bias_dropout_add))
+        pre_mlp_layernorm=norm, mlp=get_mlp_module_spec(use_te=False), mlp_bda=get_bias_dropout_add,
+        sharded_state_dict_keys_map=FUSED_NORM_KEYS["mlp"]))
     layers = dict(mamba_layer=mamba, attention_layer=attention, mlp_layer=mlp)
     if num_experts is not None:
         layers["moe_layer"] = ModuleSpec(module=MoETransformerLayer, submodules=TransformerLayerSubmodules(

@@ -18,6 +18,12 @@ from mimo_builder.transformer_config import TransformerModelConfig, make_transfo
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": torch.nn.functional.gelu}
 
 
+# The local ViT layer's separate norms, under the names of the TE layer's fused norms (the map
+# MCore's local GPT layer spec applies; its ViT local spec omits it).
+FUSED_NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                   "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+
+
 class VisionConfig(TransformerModelConfig):
     """A ViT image encoder (CLIP layout: conv patches, class token, learned positions, pre-LN)."""
 
@@ -100,6 +106,7 @@ class VisionBuilder(ModelBuilder):
             spec, norm = vit_layer_specs.get_vit_layer_with_transformer_engine_spec(), TENorm
         else:
             spec, norm = vit_layer_specs.get_vit_layer_with_local_spec(), vit_layer_specs.LNImpl
+            spec.submodules.sharded_state_dict_keys_map = dict(FUSED_NORM_KEYS)  # checkpoint keys as TE names them
         return ViTModel(
             self.transformer_config(pg_collection),
             spec,
@@ -119,11 +126,14 @@ class ViTModel(CLIPViTModel):
 
     CLIPViTModel hard-codes 3 input channels and keeps its position ids in a plain tensor moved
     with ``.cuda()`` at construction, which stays on the meta device after meta init; here they
-    are made on the fly on the device of the position embedding. Forward: [B, C, H, W] -> [B, N, H].
+    are made on the fly on the device of the position embedding. It also keeps its TP group,
+    which MCore's sharded state dict reads (else from the global parallel state, which the
+    project does not set). Forward: [B, C, H, W] -> [B, N, H].
     """
 
     def __init__(self, *args, num_channels: int = 3, **kwargs):
         super().__init__(*args, **kwargs)
+        self.tp_group = self.pg_collection.tp
         if num_channels != self.conv1.in_channels:
             self.conv1 = torch.nn.Conv2d(num_channels, self.visual_hidden_size, kernel_size=self.patch_dim,
                                          stride=self.patch_dim, bias=self.conv1.bias is not None)

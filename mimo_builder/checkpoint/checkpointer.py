@@ -1,0 +1,227 @@
+"""Save and resume a graph's whole training state with Megatron-Core's dist_checkpointing.
+
+Every rank calls :meth:`Checkpointer.save` / :meth:`Checkpointer.load` together. A save writes
+one torch_dist checkpoint for the whole graph: each rank contributes the sharded state of the
+nodes it hosts (model, optimizer; keys named under the node), plus its generator states; the
+manifest carries the rest (see :mod:`mimo_builder.checkpoint.files`). Because MCore's keys are
+global, a checkpoint loads under any other placement of the same graph: weights, fp32 masters
+and Adam moments are resharded; generator states are restored only on the same placement.
+A load first checks the checkpoint against the graph and names every difference on every
+rank, before any weight is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from mimo_builder import compat
+from mimo_builder.checkpoint import files, state
+from mimo_builder.checkpoint.checks import raise_if_any, shape_problems
+from mimo_builder.checkpoint.files import DataPosition, Manifest, NodeRecord
+from mimo_builder.checkpoint.safe_load import safe_unpickling
+from mimo_builder.placement import control_group
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What a load restored (the same on every rank)."""
+
+    step: int
+    data: DataPosition | None
+    resharded: tuple[str, ...] = ()
+    """Nodes whose placement differs from the checkpoint's (their state was resharded)."""
+    reset: tuple[str, ...] = ()
+    """State the checkpoint could not give back, each with the reason."""
+
+
+class Checkpointer:
+    """Saves and loads the training state of ``model`` (and ``optimizer``, a GraphOptimizer).
+
+    Frozen nodes are not saved unless ``save_frozen``: they come back from their ``init`` source.
+    """
+
+    def __init__(self, model, optimizer=None, *, save_frozen: bool = False):
+        self.model = model
+        self.optimizer = optimizer
+        self.save_frozen = save_frozen
+        self.valid = model.valid
+        self.control = control_group()
+
+    # --- save -----------------------------------------------------------------------------------
+
+    def save(self, root: str | Path, step: int, data: DataPosition | None = None) -> Path:
+        """Write step ``step`` under ``root``; returns the step folder (on every rank)."""
+        root = Path(root)
+        rank = dist.get_rank()
+        raise_if_any(self.control, self._overwrite_problems(root) if rank == 0 else [])
+        if rank == 0:
+            files.prepare(root, step)
+        dist.barrier(group=self.control)
+        tree = self._tree(loading=False, nodes=self._saved_nodes())
+        tree["rng"] = state.rng_state(rank, dist.get_world_size())
+        records = self._records(tree)
+        with self._scope():
+            dist_checkpointing.save(state.sharded_leaves(tree), str(files.partial_dir(root, step)))
+        if rank == 0:
+            manifest = Manifest(step=step, world_size=dist.get_world_size(), graph=self.valid.graph.as_dict(),
+                                nodes=records, data=data,
+                                skipped_steps=getattr(self.optimizer, "skipped_steps", 0))
+            files.commit(root, step, manifest)
+        dist.barrier(group=self.control)
+        return root / files.step_name(step)
+
+    def _saved_nodes(self) -> list[str]:
+        graph = self.valid.graph
+        return [n for n in self.valid.order if self.save_frozen or not graph.nodes[n].frozen]
+
+    def _overwrite_problems(self, root: Path) -> list[str]:
+        if not (root / files.LATEST).is_file():
+            return []
+        previous = files.read_manifest(files.resolve(root))
+        ours = {n: node.builder for n, node in self.valid.graph.nodes.items()}
+        theirs = {n: node["builder"] for n, node in previous.graph.get("nodes", {}).items()}
+        if ours == theirs:
+            return []
+        return [f"{root} holds checkpoints of another graph (nodes {_kinds(theirs)}; this graph has "
+                f"{_kinds(ours)}); save elsewhere or remove it"]
+
+    def _records(self, tree: dict) -> dict[str, NodeRecord]:
+        """Each saved node's manifest record, gathered from its ranks (its first rank's scalars)."""
+        rank, mine = dist.get_rank(), {}
+        for name in tree.keys() - {"rng"}:
+            first = rank == self.valid.layouts[name].offset
+            node_optimizer = self.optimizer.nodes.get(name) if self.optimizer else None
+            mine[name] = {"bytes": state.tensor_bytes(tree[name]), "first": first,
+                          "optimizer": state.plain_part(tree[name]["optimizer"]) if first and node_optimizer else None,
+                          "scheduler_steps": node_optimizer.scheduler.num_steps if first and node_optimizer else None}
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine, group=self.control)
+        records = {}
+        for name in self._saved_nodes():
+            parts = [g[name] for g in gathered if name in g]
+            first = next(p for p in parts if p["first"])
+            records[name] = NodeRecord(
+                builder=self.valid.graph.nodes[name].builder,
+                placement=files.layout_record(self.valid.layouts[name]), saved=True,
+                optimizer=first["optimizer"], scheduler_steps=first["scheduler_steps"],
+                bytes=sum(p["bytes"] for p in parts))
+        for name in set(self.valid.order) - records.keys():
+            records[name] = NodeRecord(builder=self.valid.graph.nodes[name].builder,
+                                       placement=files.layout_record(self.valid.layouts[name]), saved=False)
+        return records
+
+    # --- load -----------------------------------------------------------------------------------
+
+    def load(self, path: str | Path, *, with_optimizer: bool = True) -> Resumed:
+        """Restore the state saved at ``path`` (a step folder, or a root with ``latest``)."""
+        step_dir = files.resolve(path)
+        manifest = files.read_manifest(step_dir)
+        raise_if_any(self.control, self._graph_problems(manifest, step_dir))
+        nodes = [n for n in self.valid.order if n in manifest.nodes and manifest.nodes[n].saved]
+        resharded = tuple(n for n in nodes if manifest.nodes[n].placement
+                          != files.layout_record(self.valid.layouts[n]))
+        same_placement = not resharded and manifest.world_size == dist.get_world_size()
+        with_optimizer = with_optimizer and self.optimizer is not None
+        optimized = [n for n in nodes if with_optimizer and manifest.nodes[n].optimizer is not None]
+        tree = self._tree(loading=True, nodes=nodes, optimized=optimized)
+        if same_placement:
+            tree["rng"] = state.rng_state(dist.get_rank(), dist.get_world_size())
+        flat = state.sharded_leaves(tree)
+        with safe_unpickling():
+            raise_if_any(self.control, shape_problems(flat, step_dir, self._describer(manifest)))
+            with self._scope():
+                loaded = dist_checkpointing.load(flat, str(step_dir))
+        state.fill(tree, loaded)
+        self._restore(tree, manifest)
+        reset = self._reset_notes(manifest, nodes, optimized, same_placement, with_optimizer)
+        return Resumed(manifest.step, manifest.data, resharded, tuple(reset))
+
+    def _restore(self, tree: dict, manifest: Manifest) -> None:
+        for name, node in tree.items():
+            if name == "rng":
+                state.restore_rng(node)
+                continue
+            state.load_model(self.model.chunks(name), node["model"])
+            if "optimizer" in node:
+                record = manifest.nodes[name]
+                opt = self.optimizer.nodes[name]
+                with self._scope():
+                    opt.optimizer.load_state_dict(state.overlay(node["optimizer"], record.optimizer))
+                opt.scheduler.num_steps = 0
+                opt.scheduler.step(increment=record.scheduler_steps or 0)
+        if any("optimizer" in node for node in tree.values()):
+            self.optimizer.skipped_steps = manifest.skipped_steps
+
+    def _reset_notes(self, manifest, nodes, optimized, same_placement, with_optimizer) -> list[str]:
+        notes = [] if same_placement else ["generator states (the placement differs; seeded afresh)"]
+        for name in self.valid.order:
+            if name not in nodes:
+                notes.append(f"node '{name}' (not saved in the checkpoint; kept as built)")
+            elif with_optimizer and name not in optimized and _trainable(self.valid, name):
+                notes.append(f"optimizer of node '{name}' (the checkpoint has none; moments start at zero)")
+        return notes
+
+    def _graph_problems(self, manifest: Manifest, step_dir: Path) -> list[str]:
+        """Differences that make the checkpoint unusable for this graph (pure: same on all ranks)."""
+        if manifest.format != files.FORMAT:
+            return [f"{step_dir}: checkpoint format {manifest.format}, this build reads {files.FORMAT}"]
+        problems = []
+        for name, node in self.valid.graph.nodes.items():
+            record = manifest.nodes.get(name)
+            if record is None:
+                if not (node.frozen or node.init):
+                    problems.append(f"node '{name}' ({node.builder}) is not in the checkpoint (it has "
+                                    f"{_kinds({n: r.builder for n, r in manifest.nodes.items()})}); "
+                                    f"give it an init: source or freeze it")
+            elif record.builder != node.builder:
+                problems.append(f"node '{name}': the checkpoint holds a '{record.builder}' node, "
+                                f"the graph declares '{node.builder}'")
+        return problems
+
+    def _describer(self, manifest: Manifest):
+        def describe(key: str) -> tuple[str, str]:
+            node = key.removeprefix("optimizer.state.").split(".", 1)[-1] if key.startswith("optimizer.") else key
+            node = node.split(".")[0]
+            return node, _config_diff(manifest, self.valid, node)
+        return describe
+
+    # --- shared ---------------------------------------------------------------------------------
+
+    def _tree(self, *, loading: bool, nodes: list[str], optimized: list[str] | None = None) -> dict:
+        tree = {}
+        for name in nodes:
+            if not self.model.hosts(name):
+                continue
+            pgs = self.model.pg_collection(name)
+            model_sd = state.model_state(self.model.chunks(name), pgs, f"{name}.")
+            tree[name] = {"model": model_sd}
+            node_optimizer = self.optimizer.nodes.get(name) if self.optimizer else None
+            if node_optimizer and (optimized is None or name in optimized):
+                with self._scope():
+                    tree[name]["optimizer"] = state.optimizer_state(node_optimizer.optimizer, model_sd, pgs, loading)
+        return tree
+
+    def _scope(self):
+        device = self.optimizer.device if self.optimizer else compat.resolve_device("auto")
+        return compat.cuda_factories_on_cpu(device) if device.type == "cpu" else contextlib.nullcontext()
+
+
+def _trainable(valid, name: str) -> bool:
+    return not valid.graph.nodes[name].frozen
+
+
+def _kinds(builders: dict[str, str]) -> str:
+    return ", ".join(f"{n} ({b})" for n, b in builders.items()) or "no nodes"
+
+
+def _config_diff(manifest: Manifest, valid, node: str) -> str:
+    theirs = manifest.graph.get("nodes", {}).get(node, {}).get("config", {})
+    ours = valid.graph.nodes[node].config if node in valid.graph.nodes else {}
+    diff = [f"{k}: {theirs.get(k)} (checkpoint) vs {ours.get(k)} (here)"
+            for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k)]
+    return f" (config differs: {'; '.join(diff)})" if diff else ""

@@ -1,0 +1,54 @@
+"""Checks before a load touches any weight: every rank learns every rank's problems."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+from mimo_builder.checkpoint.files import CheckpointError
+from mimo_builder.checkpoint.state import sharded_leaves
+
+MAX_LISTED = 20
+
+
+def raise_if_any(group, problems: list[str], title: str = "checkpoint does not fit") -> None:
+    """Gather ``problems`` from every rank of ``group``; all raise the same CheckpointError."""
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, problems, group=group)
+    union = list(dict.fromkeys(p for ps in gathered for p in ps))
+    if union:
+        more = f"\n  ... and {len(union) - MAX_LISTED} more" if len(union) > MAX_LISTED else ""
+        raise CheckpointError(f"{title}:\n" + "\n".join(f"  - {p}" for p in union[:MAX_LISTED]) + more)
+
+
+def shape_problems(flat: dict, step_dir: Path, describe: Callable[[str], tuple[str, str]]) -> list[str]:
+    """Requested tensors that ``step_dir`` lacks or holds with another global shape.
+
+    ``describe(key)`` gives the node a key belongs to and a hint (e.g. how the configs differ).
+    Reads only the checkpoint's tensor metadata (call inside ``safe_unpickling``).
+    """
+    saved = dist_checkpointing.load_tensors_metadata(str(step_dir))
+    problems = []
+    for leaf in _tensors(flat.values()):
+        have = saved.get(leaf.key)
+        if have is not None and tuple(have.global_shape) == tuple(leaf.global_shape):
+            continue
+        node, hint = describe(leaf.key)
+        if have is None:
+            problems.append(f"node '{node}': the checkpoint has no tensor {leaf.key!r}{hint}")
+        else:
+            problems.append(f"node '{node}': {leaf.key!r} is {tuple(have.global_shape)} in the checkpoint, "
+                            f"{tuple(leaf.global_shape)} here{hint}")
+    return problems
+
+
+def _tensors(leaves: Iterable) -> Iterator[ShardedTensor]:
+    for leaf in leaves:
+        if isinstance(leaf, ShardedTensorFactory):
+            yield from _tensors(sharded_leaves(leaf.build()).values())
+        elif isinstance(leaf, ShardedTensor):
+            yield leaf

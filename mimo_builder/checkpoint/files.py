@@ -1,0 +1,160 @@
+"""A checkpoint directory: atomic step folders, a ``latest`` pointer and a JSON manifest.
+
+::
+
+    ROOT/latest                 "step_0000006" (replaced atomically after a step is complete)
+    ROOT/step_0000006/mimo.json the manifest: step, data position, graph document, placements,
+                                per-node optimizer scalars and scheduler position, sizes
+    ROOT/step_0000006/...       Megatron-Core dist_checkpointing files (torch_dist)
+
+A step is written into ``ROOT/.step_0000006.partial`` and renamed once every rank has written
+its shards and the manifest is on disk, so a save that dies midway leaves the previous step and
+``latest`` untouched; the next save removes the leftover folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from mimo_builder.errors import MimoError
+from mimo_builder.placement import Layout
+
+FORMAT = 1
+MANIFEST = "mimo.json"
+LATEST = "latest"
+
+
+class CheckpointError(MimoError, ValueError):
+    """A checkpoint is missing, malformed or does not fit the graph; names what differs."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeRecord(_Record):
+    """What a checkpoint holds of one node."""
+
+    builder: str
+    placement: dict[str, int]
+    """The node's layout when saved (offset, size, tp, cp, pp, ep, etp)."""
+    saved: bool
+    """False for a frozen node left out of the save (it is reloaded from its ``init`` source)."""
+    optimizer: Any = None
+    """The optimizer's non-tensor state (Adam's step, parameter groups), None without one."""
+    scheduler_steps: int | None = None
+    """The learning-rate schedule position."""
+    bytes: int = 0
+
+
+class DataPosition(_Record):
+    """Where the data stream stands: the next step's batch is a function of these."""
+
+    seed: int
+    batch_size: int
+    consumed_samples: int
+
+
+class Manifest(_Record):
+    format: int = FORMAT
+    step: int
+    world_size: int
+    graph: dict[str, Any]
+    nodes: dict[str, NodeRecord]
+    data: DataPosition | None = None
+    skipped_steps: int = 0
+
+
+def layout_record(layout: Layout) -> dict[str, int]:
+    return {"offset": layout.offset, "size": layout.size, "tp": layout.tp, "cp": layout.cp,
+            "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp}
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def partial_dir(root: Path, step: int) -> Path:
+    return root / f".{step_name(step)}.partial"
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """The step folder ``path`` names: itself, or the one its ``latest`` points to."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    latest = path / LATEST
+    if latest.is_file():
+        target = path / latest.read_text().strip()
+        if (target / MANIFEST).is_file():
+            return target
+        raise CheckpointError(f"{latest} points to {target.name}, which holds no {MANIFEST}")
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: the folder does not exist")
+    raise CheckpointError(f"no checkpoint at {path}: neither {MANIFEST} nor {LATEST} is there "
+                          f"(found: {', '.join(sorted(p.name for p in path.iterdir())[:8]) or 'nothing'})")
+
+
+def is_project_checkpoint(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return (path / MANIFEST).is_file() or (path / LATEST).is_file()
+
+
+def read_manifest(step_dir: Path) -> Manifest:
+    try:
+        return Manifest.model_validate(json.loads((step_dir / MANIFEST).read_text()))
+    except (OSError, json.JSONDecodeError, ValidationError) as err:
+        raise CheckpointError(f"{step_dir / MANIFEST} is not a readable manifest: {err}") from None
+
+
+def prepare(root: Path, step: int) -> Path:
+    """Remove leftovers of interrupted saves and create this step's partial folder (rank 0)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(".step_*.partial"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    target = partial_dir(root, step)
+    target.mkdir()
+    return target
+
+
+def commit(root: Path, step: int, manifest: Manifest) -> Path:
+    """Write the manifest, publish the step folder, then point ``latest`` at it (rank 0)."""
+    staging, final = partial_dir(root, step), root / step_name(step)
+    _write_durably(staging / MANIFEST, manifest.model_dump_json(indent=2))
+    if final.exists():  # the same step saved again: the new one replaces it
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _write_durably(root / f".{LATEST}.tmp", final.name)
+    os.replace(root / f".{LATEST}.tmp", root / LATEST)
+    _sync_dir(root)
+    return final
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def step_folders(root: Path) -> list[Path]:
+    """Complete step folders under ``root``, oldest first."""
+    return sorted(p for p in root.glob("step_*") if (p / MANIFEST).is_file())
