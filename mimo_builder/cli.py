@@ -1,4 +1,4 @@
-"""``mimo-builder``: validate | plan | schema | render | run.
+"""``mimo-builder``: validate | plan | schema | render | run | ckpt.
 
 FILE is a YAML/JSON graph document or ``module:attr`` naming a Python Graph under the allowed
 module prefixes (``--allow PREFIX`` trusts more).
@@ -63,7 +63,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--microbatches", type=int, default=1)
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate for every node (default: the document's optimizer.lr)")
+    p.add_argument("--save", metavar="DIR", help="write checkpoints into DIR (the last step always)")
+    p.add_argument("--save-interval", type=int, metavar="N", help="also save every N steps")
+    p.add_argument("--load", metavar="DIR", help="resume from DIR (its latest step, or a step folder); "
+                                                 "--steps is the step to finish at")
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("ckpt", help="checkpoint tools")
+    ckpt = p.add_subparsers(required=True, metavar="ACTION")
+    p = ckpt.add_parser("inspect", help="print a checkpoint's steps, nodes, placements and sizes")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=_ckpt_inspect)
     return parser
 
 
@@ -133,16 +144,36 @@ def _run(args) -> int:
     lead = os.environ.get("RANK", "0") == "0"
     graph = load_graph(args.file)
     check_runnable(validate_graph(graph, nproc))  # before any meta build or process
+    _check_checkpoint_args(args)
     plan = make_plan(graph, nproc)
     if lead:
         print_plan(plan, num_microbatches=args.microbatches)
     options = TrainOptions(steps=args.steps, batch_size=args.batch_size, num_microbatches=args.microbatches,
-                           lr=args.lr)
+                           lr=args.lr, save=args.save, save_interval=args.save_interval, load=args.load)
     start = time.perf_counter()
     losses = launch(train, nproc, graph, options)[0]
-    if lead:
+    if lead and not losses:
+        print(f"done: nothing to run, the checkpoint is at or past step {args.steps}")
+    elif lead:
         print(f"done: {len(losses)} steps on {nproc} ranks in {time.perf_counter() - start:.1f} s; "
               f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    return 0
+
+
+def _check_checkpoint_args(args) -> None:
+    from mimo_builder.checkpoint.files import resolve
+    from mimo_builder.errors import ConfigError
+
+    if args.save_interval is not None and (args.save_interval < 1 or not args.save):
+        raise ConfigError("--save-interval needs --save DIR and a positive number of steps")
+    if args.load:
+        resolve(args.load)  # a missing or empty folder is named before any rank starts
+
+
+def _ckpt_inspect(args) -> int:
+    from mimo_builder.checkpoint.inspect import describe
+
+    print(describe(args.dir, as_json=args.json))
     return 0
 
 

@@ -124,8 +124,10 @@ def _rank_main(rank, nproc, port, init_timeout_s, backend, payload, results):
         # through file descriptors that die with this process.
         value = pickle.dumps(fn(*args))
         results.put((rank, True, value))
-    except BaseException:  # report everything, including SystemExit and KeyboardInterrupt
-        results.put((rank, False, traceback.format_exc()))
+    except BaseException as err:  # report everything, including SystemExit and KeyboardInterrupt
+        # a MimoError is a message for the user (bad input, a checkpoint that does not fit)
+        report = f"{type(err).__name__}: {err}" if isinstance(err, MimoError) else traceback.format_exc()
+        results.put((rank, False, report))
         return
     try:
         dist.barrier()  # keep every rank's groups alive until all are done

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallelConfig
 
 from mimo_builder import compat
+from mimo_builder.checkpoint import Checkpointer, DataPosition
 from mimo_builder.graph import Graph
 from mimo_builder.runtime.optim import GraphOptimizer
 from mimo_builder.runtime.schedule import GraphSchedule
@@ -21,16 +22,23 @@ class TrainOptions:
     """Knobs of the synthetic-data training loop (optimizer settings live in the graph document)."""
 
     steps: int = 20
+    """The run's last step (a resumed run continues to it)."""
     batch_size: int = 8
     num_microbatches: int = 1
     lr: float | None = None
     """Overrides the document's graph-wide ``optimizer.lr`` (None: keep it)."""
     seed: int = 1234
+    save: str | None = None
+    """Checkpoint folder to write into (None: no checkpoints)."""
+    save_interval: int | None = None
+    """Save every this many steps (None: at the end only); the last step is always saved."""
+    load: str | None = None
+    """Checkpoint to resume from (a folder with ``latest``, or one step folder)."""
 
 
 def train(graph: Graph, options: TrainOptions = TrainOptions()) -> list[float]:
     """Build ``graph`` on this process's ranks and train it; rank 0 prints one line per step.
-    Returns the loss of every step (the same on every rank)."""
+    Returns the loss of every step run here (the same on every rank)."""
     compat.quiet_dependency_warnings()
     device = compat.init_runtime("auto")
     if options.lr is not None:
@@ -39,20 +47,41 @@ def train(graph: Graph, options: TrainOptions = TrainOptions()) -> list[float]:
         ddp_config=DistributedDataParallelConfig())
     schedule = GraphSchedule(model, device=device)
     optimizer = GraphOptimizer(model, total_steps=options.steps)
+    checkpointer = Checkpointer(model, optimizer)
+    done, data_seed = _resume(checkpointer, options)
     losses = []
-    for step in range(1, options.steps + 1):
-        batch = synthetic_batch(model.valid, options.batch_size, seed=options.seed + step)
+    for step in range(done + 1, options.steps + 1):
+        batch = synthetic_batch(model.valid, options.batch_size, seed=data_seed + step)
         start = time.perf_counter()
         optimizer.zero_grad()
         loss = schedule.forward_backward(batch, options.num_microbatches)
         result = optimizer.step(loss)
         seconds = time.perf_counter() - start
         losses.append(loss)
-        if dist.get_rank() == 0:
-            print(_step_line(step, loss, result, batch, seconds), flush=True)
-    if dist.get_rank() == 0 and optimizer.skipped_steps:
-        print(f"skipped {optimizer.skipped_steps} of {options.steps} steps (non-finite loss or gradients)")
+        _print(_step_line(step, loss, result, batch, seconds))
+        if options.save and (step == options.steps or (options.save_interval and step % options.save_interval == 0)):
+            path = checkpointer.save(options.save, step, DataPosition(
+                seed=data_seed, batch_size=options.batch_size, consumed_samples=step * options.batch_size))
+            _print(f"saved step {step} to {path}")
+    if optimizer.skipped_steps:
+        _print(f"skipped {optimizer.skipped_steps} steps in all (non-finite loss or gradients)")
     return losses
+
+
+def _resume(checkpointer: Checkpointer, options: TrainOptions) -> tuple[int, int]:
+    """The last step done and the data stream's seed: from the checkpoint when loading."""
+    if not options.load:
+        return 0, options.seed
+    resumed = checkpointer.load(options.load)
+    _print(f"resumed from {options.load} at step {resumed.step}"
+           + "".join(f"\n  resharded: node '{n}' (placement differs)" for n in resumed.resharded)
+           + "".join(f"\n  reset: {note}" for note in resumed.reset))
+    return resumed.step, resumed.data.seed if resumed.data else options.seed
+
+
+def _print(line: str) -> None:
+    if dist.get_rank() == 0:
+        print(line, flush=True)
 
 
 def _step_line(step, loss, result, batch, seconds) -> str:
