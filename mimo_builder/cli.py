@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="peak learning rate for every node (default: the document's optimizer.lr)")
     p.add_argument("--save", metavar="DIR", help="write checkpoints into DIR (the last step always)")
     p.add_argument("--save-interval", type=int, metavar="N", help="also save every N steps")
+    p.add_argument("--save-frozen", action="store_true",
+                   help="also save frozen nodes (by default they come back from their init: source)")
     p.add_argument("--load", metavar="DIR", help="resume from DIR (its latest step, or a step folder); "
                                                  "--steps is the step to finish at")
     p.set_defaults(func=_run)
@@ -149,7 +151,8 @@ def _run(args) -> int:
     if lead:
         print_plan(plan, num_microbatches=args.microbatches)
     options = TrainOptions(steps=args.steps, batch_size=args.batch_size, num_microbatches=args.microbatches,
-                           lr=args.lr, save=args.save, save_interval=args.save_interval, load=args.load)
+                           lr=args.lr, save=args.save, save_interval=args.save_interval, save_frozen=args.save_frozen,
+                           load=args.load)
     start = time.perf_counter()
     losses = launch(train, nproc, graph, options)[0]
     if lead and not losses:
@@ -164,8 +167,10 @@ def _check_checkpoint_args(args) -> None:
     from mimo_builder.checkpoint.files import resolve
     from mimo_builder.errors import ConfigError
 
-    if args.save_interval is not None and (args.save_interval < 1 or not args.save):
-        raise ConfigError("--save-interval needs --save DIR and a positive number of steps")
+    if (args.save_interval is not None or args.save_frozen) and not args.save:
+        raise ConfigError("--save-interval and --save-frozen need --save DIR")
+    if args.save_interval is not None and args.save_interval < 1:
+        raise ConfigError(f"--save-interval must be a positive number of steps, got {args.save_interval}")
     if args.load:
         resolve(args.load)  # a missing or empty folder is named before any rank starts
 

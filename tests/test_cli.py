@@ -116,3 +116,47 @@ def test_run_trains_a_pipelined_backbone_with_virtual_stages(tmp_path):
     assert "Schedule: 4 stages, 4 microbatches" in result.stdout
     losses = [float(line.split("|")[1].split()[1]) for line in result.stdout.splitlines() if line.startswith("step")]
     assert len(losses) == 4 and losses[-1] < losses[0], result.stdout
+
+
+def _losses(stdout: str) -> dict[int, str]:
+    return {int(line.split("|")[0].split()[1]): line.split("|")[1].split()[1]
+            for line in stdout.splitlines() if line.startswith("step")}
+
+
+def test_a_resumed_run_prints_the_straight_runs_losses(tmp_path):
+    """6 steps saving every 3, then a run resumed from step 3 to 6: the same step 4-6 losses
+    (weights, optimizer, schedule, data stream and step count all continue)."""
+    root = tmp_path / "ckpt"
+    straight = _cli("run", "graphs/mamba_lm.yaml", "--nproc", "2", "--steps", "6", "--save", str(root),
+                    "--save-interval", "3")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert f"saved step 3 to {root}/step_0000003" in straight.stdout
+    resumed = _cli("run", "graphs/mamba_lm.yaml", "--nproc", "2", "--steps", "6", "--load", str(root / "step_0000003"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
+    expected = {k: v for k, v in _losses(straight.stdout).items() if k > 3}
+    assert _losses(resumed.stdout) == expected and len(expected) == 3
+
+    shown = _cli("ckpt", "inspect", str(root))
+    assert shown.returncode == 0, shown.stderr
+    assert "step 6, saved by 2 ranks" in shown.stdout and "step_0000003, step_0000006" in shown.stdout
+    assert "model + optimizer" in shown.stdout and "48 samples consumed" in shown.stdout
+    manifest = json.loads(_cli("ckpt", "inspect", str(root), "--json").stdout)
+    assert manifest["step"] == 6 and manifest["nodes"]["lm"]["placement"]["size"] == 2
+
+
+def test_checkpoint_mistakes_are_named_before_any_rank_starts(tmp_path):
+    missing = _cli("run", "graphs/mamba_lm.yaml", "--steps", "2", "--load", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "no checkpoint at" in missing.stderr and "does not exist" in missing.stderr
+    interval = _cli("run", "graphs/mamba_lm.yaml", "--steps", "2", "--save", str(tmp_path), "--save-interval", "0")
+    assert interval.returncode == 2 and "--save-interval must be a positive number of steps" in interval.stderr
+
+    def hf(doc):
+        doc["nodes"]["vision"]["init"] = {"hf": "openai/clip-vit-base-patch16"}
+        doc["nodes"]["lm"]["init"] = {"checkpoint": str(tmp_path / "absent")}
+
+    invalid = _cli("validate", _vlm_yaml_with(tmp_path, hf))
+    assert invalid.returncode == 2 and "Traceback" not in invalid.stderr
+    assert "node 'vision' init.hf: Hugging Face weights are not supported yet" in invalid.stderr
+    assert f"node 'lm' init.checkpoint: '{tmp_path / 'absent'}' is not a folder" in invalid.stderr

@@ -39,7 +39,7 @@ def _locked(name: str) -> str:
 
 
 def _expected_wheels() -> dict[str, str]:
-    names = ["megatron-core", "pydantic", "pydantic-core", "annotated-types", "typing-inspection"]
+    names = ["megatron-core", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "psutil"]
     return {**{n.replace("-", "_"): _locked(n) for n in names}, "mamba_ssm": "2.3.2.post1"}
 
 

@@ -32,6 +32,8 @@ class TrainOptions:
     """Checkpoint folder to write into (None: no checkpoints)."""
     save_interval: int | None = None
     """Save every this many steps (None: at the end only); the last step is always saved."""
+    save_frozen: bool = False
+    """Also save frozen nodes (else they come back from their ``init`` source)."""
     load: str | None = None
     """Checkpoint to resume from (a folder with ``latest``, or one step folder)."""
 
@@ -47,7 +49,7 @@ def train(graph: Graph, options: TrainOptions = TrainOptions()) -> list[float]:
         ddp_config=DistributedDataParallelConfig())
     schedule = GraphSchedule(model, device=device)
     optimizer = GraphOptimizer(model, total_steps=options.steps)
-    checkpointer = Checkpointer(model, optimizer)
+    checkpointer = Checkpointer(model, optimizer, save_frozen=options.save_frozen)
     done, data_seed = _resume(checkpointer, options)
     losses = []
     for step in range(done + 1, options.steps + 1):
