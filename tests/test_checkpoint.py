@@ -3,7 +3,8 @@
 - 3 steps, save, 3 more equals 6 straight steps bitwise (losses, grad norms, weights) for
   disjoint encoders (DP2, distributed optimizer) feeding a pp=2 bf16 backbone on 4 ranks;
 - the same checkpoint loads with pp2 -> pp1 and DP2 -> DP4: the next loss within 1e-6, and the
-  one after within 1e-5 (fp32 masters, Adam moments and step were resharded);
+  one after within 1e-5 (fp32 masters, Adam moments and step were resharded); saved there, it
+  loads back with pp1 -> pp2 and DP4 -> DP2;
 - a disjoint4 vlm checkpoint loads colocated (4 ranks) and at TP2 -> TP1 (1 rank);
 - ``init: {checkpoint: ...}`` starts one node from a project checkpoint and another from a
   unimodal Megatron-Core checkpoint; every other weight keeps its seeded value;
@@ -95,8 +96,13 @@ def _resume_and_reshard(root):
     moved = _build(_encoders(placed=False), seed=SEED + 1)
     moved_info = Checkpointer(moved[0], moved[2]).load(root)
     resharded = _steps(moved, 4, 5)
+    Checkpointer(moved[0], moved[2]).save(f"{root}/pp1", 5)  # and back: pp1 -> pp2, DP4 -> DP2
+    (moved6,) = _steps(moved, 6, 6)
+    back = _build(_encoders(placed=True), seed=SEED + 2)
+    Checkpointer(back[0], back[2]).load(f"{root}/pp1")
+    (back6,) = _steps(back, 6, 6)
     return dict(straight=straight, resumed=resumed, same_weights=same_weights, resumed_info=resumed_info,
-                resharded=resharded, moved_info=moved_info)
+                resharded=resharded, moved_info=moved_info, moved6=moved6, back6=back6)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +115,12 @@ def test_resume_equals_the_straight_run_bitwise(resume_runs):
         assert r["resumed"] == r["straight"]  # losses and grad norms, exactly
         assert r["same_weights"]
         assert r["resumed_info"].step == 3 and r["resumed_info"].resharded == () and r["resumed_info"].reset == ()
+
+
+def test_checkpoint_reshards_pp1_to_pp2_and_dp4_to_dp2(resume_runs):
+    for r in resume_runs:
+        (loss, _), (reference, _) = r["back6"], r["moved6"]
+        assert abs(loss - reference) <= MODEL_FUNCTION * abs(reference)
 
 
 def test_checkpoint_reshards_pp2_to_pp1_and_dp2_to_dp4(resume_runs):
@@ -320,40 +332,27 @@ def _save_then_die(root):
 
 
 def _resume_after_crash(root):
+    """(step resumed from, its next step, the same step of a straight run)."""
     from graphs.mamba_lm import mamba_lm
     from mimo_builder.checkpoint import Checkpointer
 
     run = _build(mamba_lm(), seed=SEED + 1)
     info = Checkpointer(run[0], run[2]).load(root)
-    step2 = _steps(run, 2, 2)
+    (step2,) = _steps(run, 2, 2)
     Checkpointer(run[0], run[2]).save(root, 2)
-    return info.step, step2
-
-
-def _straight_two_steps():
-    from graphs.mamba_lm import mamba_lm
-
-    return _steps(_build(mamba_lm()), 1, 2)[1]
+    return info.step, step2, _steps(_build(mamba_lm()), 1, 2)[1]
 
 
 def test_a_rank_killed_during_save_leaves_the_previous_step(tmp_path):
-    from mimo_builder.launch import RankError
+    from mimo_builder.launch import RankError, launch
 
     root = tmp_path / "ckpt"
     with pytest.raises(RankError):
-        run_ranks_raw(2, _save_then_die, str(root))
+        launch(_save_then_die, 2, str(root), timeout_s=240)  # its own ranks: one of them dies
     assert (root / "latest").read_text() == "step_0000001"
     assert (root / ".step_0000002.partial").exists() and not (root / "step_0000002").exists()
-    results = run_ranks(2, _resume_after_crash, str(root))
-    reference = run_ranks(2, _straight_two_steps)[0]
-    for step, (after,) in results:
-        assert step == 1 and after == reference
+    for step, after, straight in run_ranks(2, _resume_after_crash, str(root)):
+        assert step == 1 and after == straight
     assert (root / "latest").read_text() == "step_0000002"
     assert not (root / ".step_0000002.partial").exists()  # the next save cleaned it up
     assert json.loads((root / "step_0000002" / "mimo.json").read_text())["step"] == 2
-
-
-def run_ranks_raw(nproc, body, *args):
-    from mimo_builder.launch import launch
-
-    return launch(body, nproc, *args, timeout_s=240)
