@@ -112,97 +112,28 @@ def _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend):
 
 
 def _rank_main(rank, nproc, port, init_timeout_s, backend, payload, results):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    quiet_dependency_warnings()  # before unpickling fn/args imports MCore
     try:
-        _init_rank(rank, nproc, port, init_timeout_s, backend)
-    except BaseException:
-        results.put((rank, False, traceback.format_exc()))
-        return
-    ok, value = _run_task(payload)
-    results.put((rank, ok, value))
-    if not ok:
+        fn, args = pickle.loads(payload)
+        timeout = datetime.timedelta(seconds=init_timeout_s)
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=nproc, timeout=timeout)
+        # Plain pickle copies tensor data; the multiprocessing pickler would share storage
+        # through file descriptors that die with this process.
+        value = pickle.dumps(fn(*args))
+        results.put((rank, True, value))
+    except BaseException as err:  # report everything, including SystemExit and KeyboardInterrupt
+        # a MimoError is a message for the user (bad input, a checkpoint that does not fit)
+        report = f"{type(err).__name__}: {err}" if isinstance(err, MimoError) else traceback.format_exc()
+        results.put((rank, False, report))
         return
     try:
         dist.barrier()  # keep every rank's groups alive until all are done
         dist.destroy_process_group()
     except Exception:
         pass
-
-
-def _init_rank(rank, nproc, port, init_timeout_s, backend) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    quiet_dependency_warnings()  # before unpickling fn/args imports MCore
-    timeout = datetime.timedelta(seconds=init_timeout_s)
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=nproc, timeout=timeout)
-
-
-def _run_task(payload: bytes) -> tuple[bool, bytes | str]:
-    """Run one pickled (fn, args); (True, pickled value) or (False, the report for the user)."""
-    try:
-        fn, args = pickle.loads(payload)
-        # Plain pickle copies tensor data; the multiprocessing pickler would share storage
-        # through file descriptors that die with this process.
-        return True, pickle.dumps(fn(*args))
-    except BaseException as err:  # report everything, including SystemExit and KeyboardInterrupt
-        # a MimoError is a message for the user (bad input, a checkpoint that does not fit)
-        return False, f"{type(err).__name__}: {err}" if isinstance(err, MimoError) else traceback.format_exc()
-
-
-class RankPool:
-    """``nproc`` spawned gloo ranks kept alive to run one function after another.
-
-    Each :meth:`run` is like :func:`launch` without the start-up (imports, rendezvous): the
-    ranks keep their process group and whatever the functions imported. A failure or timeout
-    stops every rank (peers may be blocked in a collective) and raises :class:`RankError`; the
-    next :meth:`run` starts fresh ranks. For many short multi-rank jobs (tests, notebooks).
-    """
-
-    def __init__(self, nproc: int, *, init_timeout_s: float = DEFAULT_INIT_TIMEOUT_S, backend: str = "gloo"):
-        if nproc < 1:
-            raise ValueError(f"RankPool: nproc must be >= 1, got {nproc}")
-        self.nproc, self.init_timeout_s, self.backend = nproc, init_timeout_s, backend
-        self._procs: list = []
-
-    def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None) -> list[Any]:
-        """``fn(*args)`` on every rank; the per-rank results in rank order."""
-        if not self._procs or any(not p.is_alive() for p in self._procs):
-            self._start()
-        payload = pickle.dumps((fn, args))
-        for tasks in self._tasks:
-            tasks.put(payload)
-        try:
-            return _collect(self._procs, self._results, self.nproc, timeout_s)
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        """Stop the ranks (a later :meth:`run` starts new ones)."""
-        _kill(self._procs)
-        self._procs = []
-
-    def _start(self) -> None:
-        self.close()
-        self._store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False)
-        ctx = mp.get_context("spawn")
-        self._results = ctx.Queue()
-        self._tasks = [ctx.Queue() for _ in range(self.nproc)]
-        self._procs = [ctx.Process(target=_pool_rank_main, daemon=True, args=(
-            rank, self.nproc, self._store.port, self.init_timeout_s, self.backend, self._tasks[rank],
-            self._results)) for rank in range(self.nproc)]
-        for p in self._procs:
-            p.start()
-
-
-def _pool_rank_main(rank, nproc, port, init_timeout_s, backend, tasks, results):
-    try:
-        _init_rank(rank, nproc, port, init_timeout_s, backend)
-    except BaseException:
-        results.put((rank, False, traceback.format_exc()))
-        return
-    while (payload := tasks.get()) is not None:
-        results.put((rank, *_run_task(payload)))
 
 
 def _collect(procs, results, nproc, timeout_s):

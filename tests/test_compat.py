@@ -7,7 +7,6 @@ import torch
 
 from mimo_builder import compat
 from mimo_builder.launch import RankError, launch
-from multirank import run_ranks
 
 SCENARIO_TIMEOUT_S = 180
 
@@ -197,17 +196,12 @@ def _distributed_optimizer_resume(skip: tuple[str, ...]) -> float:
     return 2.0
 
 
-def _ranks(scenario) -> int:
-    # PP=2 needs 2 ranks; the optimizer scenario needs a rank outside its node
-    return 2 if scenario in (_tied_embeddings_across_pipeline_stages, _mcore_optimizer_step) else 1
-
-
 def _run(scenario, skip):
-    """The scenario in fresh processes (the workarounds a process installs stay installed)."""
+    # PP=2 needs 2 ranks; the optimizer scenario needs a rank outside its node
+    nproc = 2 if scenario in (_tied_embeddings_across_pipeline_stages, _mcore_optimizer_step) else 1
     # without node_scoped_gather, rank 0 waits in a world-wide gather that rank 1 never joins
     collective_timeout = 10 if scenario is _mcore_optimizer_step else 120
-    return launch(scenario, _ranks(scenario), skip, timeout_s=SCENARIO_TIMEOUT_S,
-                  init_timeout_s=collective_timeout)[0]
+    return launch(scenario, nproc, skip, timeout_s=SCENARIO_TIMEOUT_S, init_timeout_s=collective_timeout)[0]
 
 
 # workaround -> (scenario that needs it, text expected in the failure without it)
@@ -238,7 +232,7 @@ def test_every_workaround_has_a_reason_and_a_test():
                                       _tied_embeddings_across_pipeline_stages, _mcore_optimizer_step,
                                       _checkpoint_save, _distributed_optimizer_resume])
 def test_scenarios_pass_with_all_workarounds(scenario):
-    assert run_ranks(_ranks(scenario), scenario, ())[0] > 0  # warm ranks: every workaround is installed
+    assert _run(scenario, ()) > 0
 
 
 @pytest.mark.parametrize("name", sorted(NEEDED_BY))

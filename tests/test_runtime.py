@@ -365,7 +365,7 @@ def one_rank():
 @pytest.fixture(scope="module")
 def four_ranks(one_rank):
     refs = [_get(one_rank, name) for name in ("diamond", "fan_in")]
-    return run_ranks(4, _four_ranks, *refs, timeout_s=240, fresh=True)  # it drives failure paths
+    return run_ranks(4, _four_ranks, *refs, timeout_s=240)
 
 
 def _get(result, name):

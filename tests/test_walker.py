@@ -160,7 +160,7 @@ def _build_with_failure(bad_rank):
 
 
 def test_a_build_error_on_one_rank_of_four_is_an_error_on_every_rank():
-    results = run_ranks(4, _build_with_failure, 2, timeout_s=120, fresh=True)
+    results = run_ranks(4, _build_with_failure, 2, timeout_s=120)
     for message, seconds in results:
         assert "rank 2 failed building node 'dec'" in message and "injected failure" in message, message
         assert seconds < 30
