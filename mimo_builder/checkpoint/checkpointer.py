@@ -138,7 +138,7 @@ class Checkpointer:
                 loaded = dist_checkpointing.load(flat, str(step_dir))
         state.fill(tree, loaded)
         self._restore(tree, manifest)
-        reset = self._reset_notes(manifest, nodes, optimized, same_placement, with_optimizer)
+        reset = self._reset_notes(nodes, optimized, same_placement, with_optimizer)
         return Resumed(manifest.step, manifest.data, resharded, tuple(reset))
 
     def _restore(self, tree: dict, manifest: Manifest) -> None:
@@ -157,12 +157,12 @@ class Checkpointer:
         if any("optimizer" in node for node in tree.values()):
             self.optimizer.skipped_steps = manifest.skipped_steps
 
-    def _reset_notes(self, manifest, nodes, optimized, same_placement, with_optimizer) -> list[str]:
+    def _reset_notes(self, nodes, optimized, same_placement, with_optimizer) -> list[str]:
         notes = [] if same_placement else ["generator states (the placement differs; seeded afresh)"]
         for name in self.valid.order:
             if name not in nodes:
                 notes.append(f"node '{name}' (not saved in the checkpoint; kept as built)")
-            elif with_optimizer and name not in optimized and _trainable(self.valid, name):
+            elif with_optimizer and name not in optimized and not self.valid.graph.nodes[name].frozen:
                 notes.append(f"optimizer of node '{name}' (the checkpoint has none; moments start at zero)")
         return notes
 
@@ -209,10 +209,6 @@ class Checkpointer:
     def _scope(self):
         device = self.optimizer.device if self.optimizer else compat.resolve_device("auto")
         return compat.cuda_factories_on_cpu(device) if device.type == "cpu" else contextlib.nullcontext()
-
-
-def _trainable(valid, name: str) -> bool:
-    return not valid.graph.nodes[name].frozen
 
 
 def _kinds(builders: dict[str, str]) -> str:
