@@ -70,7 +70,8 @@ class Checkpointer:
         if rank == 0:
             manifest = Manifest(step=step, world_size=dist.get_world_size(), graph=self.valid.graph.as_dict(),
                                 nodes=records, data=data,
-                                skipped_steps=getattr(self.optimizer, "skipped_steps", 0))
+                                skipped_steps=getattr(self.optimizer, "skipped_steps", 0),
+                                device=state.device_kind())
             files.commit(root, step, manifest)
         dist.barrier(group=self.control)
         return root / files.step_name(step)
@@ -126,10 +127,11 @@ class Checkpointer:
         resharded = tuple(n for n in nodes if manifest.nodes[n].placement
                           != files.layout_record(self.valid.layouts[n]))
         same_placement = not resharded and manifest.world_size == dist.get_world_size()
+        same_device = manifest.device == state.device_kind()
         with_optimizer = with_optimizer and self.optimizer is not None
         optimized = [n for n in nodes if with_optimizer and manifest.nodes[n].optimizer is not None]
         tree = self._tree(loading=True, nodes=nodes, optimized=optimized)
-        if same_placement:
+        if same_placement and same_device:
             tree["rng"] = state.rng_state(dist.get_rank(), dist.get_world_size())
         flat = state.sharded_leaves(tree)
         with safe_unpickling():
@@ -138,7 +140,7 @@ class Checkpointer:
                 loaded = dist_checkpointing.load(flat, str(step_dir))
         state.fill(tree, loaded)
         self._restore(tree, manifest)
-        reset = self._reset_notes(nodes, optimized, same_placement, with_optimizer)
+        reset = self._reset_notes(nodes, optimized, with_optimizer, self._rng_note(manifest, same_placement))
         return Resumed(manifest.step, manifest.data, resharded, tuple(reset))
 
     def _restore(self, tree: dict, manifest: Manifest) -> None:
@@ -157,8 +159,16 @@ class Checkpointer:
         if any("optimizer" in node for node in tree.values()):
             self.optimizer.skipped_steps = manifest.skipped_steps
 
-    def _reset_notes(self, nodes, optimized, same_placement, with_optimizer) -> list[str]:
-        notes = [] if same_placement else ["generator states (the placement differs; seeded afresh)"]
+    @staticmethod
+    def _rng_note(manifest: Manifest, same_placement: bool) -> str | None:
+        if not same_placement:
+            return "generator states (the placement differs; seeded afresh)"
+        if manifest.device != state.device_kind():
+            return f"generator states (saved on {manifest.device}, running on {state.device_kind()}; seeded afresh)"
+        return None
+
+    def _reset_notes(self, nodes, optimized, with_optimizer, rng_note: str | None) -> list[str]:
+        notes = [rng_note] if rng_note else []
         for name in self.valid.order:
             if name not in nodes:
                 notes.append(f"node '{name}' (not saved in the checkpoint; kept as built)")

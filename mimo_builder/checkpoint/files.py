@@ -69,6 +69,8 @@ class Manifest(_Record):
     nodes: dict[str, NodeRecord]
     data: DataPosition | None = None
     skipped_steps: int = 0
+    device: str = "cpu"
+    """Where the saving run computed ("cpu" or "cuda"): generator states only fit the same kind."""
 
 
 def layout_record(layout: Layout) -> dict[str, int]:

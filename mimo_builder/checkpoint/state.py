@@ -51,11 +51,16 @@ def _metadata(pg_collection) -> dict[str, Any]:
     return {"dp_cp_group": pg_collection.dp_cp}
 
 
+def device_kind() -> str:
+    """"cuda" in a process that computes on a GPU, else "cpu" (whose generator states differ)."""
+    return "cuda" if torch.cuda.is_available() and torch.cuda.is_initialized() else "cpu"
+
+
 def rng_state(rank: int, world_size: int) -> dict[str, ShardedTensor]:
     """This rank's generator states (torch CPU, CUDA where used, MCore's tracker), as one row
     per rank of world-sized tensors: exact resume on the same placement."""
     states = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if device_kind() == "cuda":
         states["cuda"] = torch.cuda.get_rng_state().cpu()
     from megatron.core.tensor_parallel import random as mcore_random
 
