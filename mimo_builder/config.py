@@ -15,9 +15,22 @@ from typing import Annotated, Any, Callable, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_serializer
 
-from mimo_builder.errors import ConfigError
+from mimo_builder.document import parse_json, parse_yaml
+from mimo_builder.errors import ConfigError, clip, excerpt
 from mimo_builder.mcore_options import closest
 from mimo_builder.registry import reference_of, resolve_builder, resolve_hook
+
+PositiveInt = Annotated[int, Field(strict=True, gt=0)]
+"""An int > 0 written as an int: booleans, floats and strings ("2") are refused, not converted."""
+
+NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
+"""An int >= 0 written as an int (strict like PositiveInt)."""
+
+StrictInt = Annotated[int, Field(strict=True)]
+"""Any int written as an int (strict like PositiveInt)."""
+
+MAX_SHOWN_ERRORS = 20
+"""A ConfigError from validation lists at most this many fields."""
 
 HookRef = Annotated[
     Union[str, Callable],
@@ -74,12 +87,13 @@ class ModelConfig(BaseModel):
 
     @classmethod
     def from_json(cls, text: str, where: str | None = None) -> "ModelConfig":
-        return cls.from_dict(json.loads(text), where)
+        return cls.from_dict(parse_json(text, where or "config"), where)
 
     @classmethod
     def from_yaml(cls, text: str, where: str | None = None) -> "ModelConfig":
-        """Parse with ``yaml.safe_load`` only: YAML tags cannot construct Python objects."""
-        return cls.from_dict(yaml.safe_load(text), where)
+        """Parse with safe YAML only (:func:`mimo_builder.document.parse_yaml`): YAML tags cannot
+        construct Python objects, duplicate keys and alias bombs are refused."""
+        return cls.from_dict(parse_yaml(text, where or "config"), where)
 
     # --- serialization ----------------------------------------------------------------------
 
@@ -104,6 +118,10 @@ class ModelConfig(BaseModel):
 
     def builder_class(self) -> type:
         return resolve_builder(self.builder, where=f"{type(self).__name__}.builder")
+
+    def has_experts(self) -> bool:
+        """Whether the model has expert (MoE) layers, the only ones placement.ep/etp split."""
+        return False
 
     def make_builder(self):
         """A builder of the class this config names, holding this config."""
@@ -131,17 +149,21 @@ def _hook_reference(hook: Callable) -> str:
 
 
 def _describe(cls: type[BaseModel], err: ValidationError, where: str) -> str:
+    """One line per invalid field (at most MAX_SHOWN_ERRORS), quoting only short excerpts of input."""
     lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+    errors = err.errors(include_url=False)
+    for e in errors[:MAX_SHOWN_ERRORS]:
+        loc = ".".join(clip(str(p), 40) for p in e["loc"]) or "(root)"
         if e["type"] == "extra_forbidden":
             key = str(e["loc"][-1])
-            lines.append(f"{where}.{loc}: unknown key {key!r} for {cls.__name__}"
+            lines.append(f"{where}.{loc}: unknown key {excerpt(key)} for {cls.__name__}"
                          f"{closest(key, cls.model_fields)}")
         elif e["type"] == "missing":
             lines.append(f"{where}.{loc}: required by {cls.__name__} but missing")
         elif e["type"] == "value_error":
-            lines.append(f"{where}.{loc}: {e['msg'].removeprefix('Value error, ')}")
+            lines.append(f"{where}.{loc}: {clip(e['msg'].removeprefix('Value error, '), 300)}")
         else:
-            lines.append(f"{where}.{loc}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{where}.{loc}: {e['msg']} (got {excerpt(e.get('input'))})")
+    if len(errors) > MAX_SHOWN_ERRORS:
+        lines.append(f"{where}: ... and {len(errors) - MAX_SHOWN_ERRORS} more invalid fields")
     return "\n".join(lines)

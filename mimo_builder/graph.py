@@ -14,18 +14,21 @@ or in YAML/JSON with the same content (``Graph.from_yaml``). The document is pla
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mimo_builder.config import HookRef, ModelConfig, _describe
-from mimo_builder.errors import ConfigError
+from mimo_builder.config import HookRef, ModelConfig, NonNegativeInt, PositiveInt, _describe
+from mimo_builder.document import load_file, parse_json, parse_yaml
+from mimo_builder.errors import ConfigError, excerpt
 from mimo_builder.optim_config import NodeOptimizer, OptimizerSettings
 from mimo_builder.placement import Layout
 
 ARROW = "->"
+DOCUMENT_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 class _Strict(BaseModel):
@@ -209,12 +212,13 @@ class Graph(_Strict):
 
     @classmethod
     def from_yaml(cls, text: str, where: str = "graph") -> "Graph":
-        """Parse with ``yaml.safe_load`` only."""
-        return cls.from_dict(yaml.safe_load(text), where)
+        """Parse with safe YAML only, refusing duplicate keys and alias bombs (:mod:`mimo_builder.document`)."""
+        return cls.from_dict(parse_yaml(text, where), where)
 
     @classmethod
     def from_json(cls, text: str, where: str = "graph") -> "Graph":
-        return cls.from_dict(json.loads(text), where)
+        """Parse JSON, refusing duplicate keys."""
+        return cls.from_dict(parse_json(text, where), where)
 
     def as_dict(self) -> dict[str, Any]:
         """The document as plain data, without fields left at their defaults."""
@@ -235,7 +239,7 @@ def parse_port_ref(ref: str) -> tuple[str, str]:
     """'node.port' -> (node, port); raises ValueError with the expected form."""
     node, sep, port = ref.strip().partition(".")
     if not sep or not node or not port:
-        raise ValueError(f"{ref!r} is not 'node.port'")
+        raise ValueError(f"{excerpt(ref)} is not 'node.port'")
     return node, port
 
 
@@ -243,7 +247,7 @@ def parse_edge(edge: str) -> tuple[tuple[str, str], tuple[str, str]]:
     """'a.out -> b.in' -> ((a, out), (b, in))."""
     src, sep, dst = edge.partition(ARROW)
     if not sep:
-        raise ValueError(f"edge {edge!r} is not 'src.port -> dst.port'")
+        raise ValueError(f"edge {excerpt(edge)} is not 'src.port -> dst.port'")
     return parse_port_ref(src), parse_port_ref(dst)
 
 
@@ -264,20 +268,11 @@ def _explicit_fields(model: BaseModel, mode: str = "python") -> dict[str, Any]:
 
 
 def load_graph(source: str) -> Graph:
-    """A graph from a YAML/JSON file path, or from ``module:attr`` naming a Graph (or a function
-    returning one) under the allowed module prefixes."""
-    import pathlib
+    """A graph from a YAML/JSON file path (JSON for ``.json``; a regular file of at most 1 MiB),
+    or from ``module:attr`` naming a Graph (or a function returning one) under the allowed
+    module prefixes."""
+    from mimo_builder.registry import resolve_graph
 
-    from mimo_builder.registry import import_reference
-
-    path = pathlib.Path(source)
-    if path.suffix in {".yaml", ".yml", ".json"} or path.exists():
-        if not path.exists():
-            raise ConfigError(f"graph file {source!r} does not exist")
-        text = path.read_text()
-        return Graph.from_json(text, where=source) if path.suffix == ".json" else Graph.from_yaml(text, where=source)
-    obj = import_reference(source, where="graph")
-    graph = obj() if callable(obj) and not isinstance(obj, Graph) else obj
-    if not isinstance(graph, Graph):
-        raise ConfigError(f"graph: {source!r} is a {type(graph).__name__}, not a mimo_builder.graph.Graph")
-    return graph
+    if source.endswith(DOCUMENT_SUFFIXES) or os.path.lexists(source):
+        return Graph.from_dict(load_file(source, what="graph file"), where=source)
+    return resolve_graph(source, where="graph")

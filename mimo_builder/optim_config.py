@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from megatron.core.optimizer import OptimizerConfig
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
 
+from mimo_builder.config import NonNegativeInt, PositiveInt
 from mimo_builder.mcore_options import options_type
 
 OptimizerOptions = options_type(OptimizerConfig)

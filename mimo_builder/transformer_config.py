@@ -14,10 +14,10 @@ from typing import Any, Literal
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
-from pydantic import Field, PositiveInt
+from pydantic import Field
 
 from mimo_builder.compat import resolve_device
-from mimo_builder.config import ModelConfig
+from mimo_builder.config import ModelConfig, PositiveInt
 from mimo_builder.errors import ConfigError
 from mimo_builder.mcore_options import TransformerOptions
 

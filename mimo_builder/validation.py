@@ -10,19 +10,25 @@ import re
 from dataclasses import dataclass, field
 
 import networkx as nx
+import torch
 from pydantic import ValidationError
 from megatron.core.distributed import DistributedDataParallelConfig
 
 from mimo_builder.builder import ModelBuilder, Ports
 from mimo_builder.config import ModelConfig
-from mimo_builder.errors import ConfigError, GraphError
+from mimo_builder.errors import ConfigError, GraphError, excerpt
 from mimo_builder.graph import Graph, parse_edge, parse_port_ref
 from mimo_builder.mcore_options import check_options
 from mimo_builder.optim_config import OptimizerSettings
 from mimo_builder.placement import Layout
 from mimo_builder.registry import resolve_hook
 
-NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+"""A node name, matched whole (``fullmatch``: no trailing newline)."""
+
+RESERVED_NAMES = frozenset(dir(torch.nn.ModuleDict()))
+"""Names a node may not take: CompositeModel keeps the nodes in a ``torch.nn.ModuleDict`` keyed
+by name, which refuses its own attributes (``training``, ``forward``, ``keys``, ...)."""
 
 
 @dataclass(frozen=True)
@@ -88,11 +94,14 @@ def _check_nodes(graph: Graph, problems: list[str]):
     if not graph.nodes:
         problems.append("graph has no nodes: add at least one under 'nodes'")
     for name, node in graph.nodes.items():
-        if not NAME.match(name):
-            problems.append(f"node name {name!r} must be an identifier (letters, digits, '_'; no dots)")
+        bad_name = _name_problems(name)
+        if bad_name:
+            problems.extend(bad_name)
+            continue  # other messages would quote the bad name again
         try:
             configs[name] = node.model_config_object(where=f"node '{name}' config")
             builders[name] = configs[name].make_builder()
+            problems.extend(_expert_problems(name, node, configs[name]))
         except ConfigError as err:
             problems.extend(str(err).splitlines())
         try:
@@ -112,6 +121,26 @@ def _check_nodes(graph: Graph, problems: list[str]):
                 except ConfigError as err:
                     problems.append(str(err))
     return configs, builders
+
+
+def _name_problems(name: str) -> list[str]:
+    if not NAME.fullmatch(name):
+        return [f"node name {excerpt(name)} must be an identifier of at most 64 characters (letters, "
+                "digits, '_'; no dots, spaces or newlines)"]
+    if name in RESERVED_NAMES:
+        return [f"node name {name!r} is reserved (an attribute of torch.nn.ModuleDict, which holds the "
+                "built nodes); rename the node"]
+    return []
+
+
+def _expert_problems(name: str, node, config: ModelConfig) -> list[str]:
+    """placement.ep / etp above 1 split expert layers: refused on a node that has none."""
+    if config.has_experts():
+        return []
+    sizes = {"ep": node.placement.ep, "etp": node.placement.etp or 1}
+    return [f"node '{name}' placement.{field}: {size} splits expert (MoE) layers, but this "
+            f"{type(config).__name__} has none; remove placement.{field} (or set it to 1)"
+            for field, size in sizes.items() if size > 1]
 
 
 def _check_edges(graph: Graph, builders: dict, problems: list[str]) -> list[Edge]:
@@ -137,7 +166,7 @@ def _check_edges(graph: Graph, builders: dict, problems: list[str]) -> list[Edge
 
 def _port_exists(node, port, side, builders, graph, where, problems) -> bool:
     if node not in graph.nodes:
-        problems.append(f"{where}: unknown node {node!r}; nodes are {sorted(graph.nodes)}")
+        problems.append(f"{where}: unknown node {excerpt(node)}; nodes are {sorted(graph.nodes)}")
         return False
     if node not in builders:
         return False  # its config error is already reported
@@ -167,9 +196,14 @@ def _check_bindings(graph: Graph, builders, edges, problems):
             if found in fed:
                 problems.append(f"inputs.{key}: {ref} is already fed by an edge; bind it once")
             inputs[key] = found
+    first: dict[tuple[str, str], int] = {}
     for i, ref in enumerate(graph.outputs):
         found = _port_ref(ref, "outputs", builders, graph, f"outputs[{i}]", problems)
-        if found is not None:
+        if found in first:
+            problems.append(f"outputs[{i}]: {'.'.join(found)} is already outputs[{first[found]}]; list each "
+                            "output once (a loss listed twice would count twice)")
+        elif found is not None:
+            first[found] = i
             outputs.append(found)
     bound = fed | set(inputs.values())
     for name, builder in builders.items():
@@ -218,7 +252,9 @@ def _check_layouts(graph: Graph, configs, world_size: int, problems: list[str]) 
             continue
         errors = layout.problems()
         problems.extend(f"node '{name}' placement: {e}" for e in errors)
-        if not errors and name in configs:
+        if errors:
+            continue  # e.g. tp above the node's ranks: no data-parallel size to check edges with
+        if name in configs:
             problems.extend(f"node '{name}' placement.tp: {e}" for e in _tp_problems(configs[name], layout.tp))
             problems.extend(f"node '{name}' placement.pp: {e}" for e in _pp_problems(configs[name], layout.pp))
         layouts[name] = layout

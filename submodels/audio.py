@@ -12,9 +12,9 @@ from megatron.core.transformer import MegatronModule, TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
-from pydantic import PositiveInt
 
 from mimo_builder.builder import ModelBuilder, Port, Ports
+from mimo_builder.config import PositiveInt
 from mimo_builder.errors import ConfigError
 from mimo_builder.transformer_config import TransformerModelConfig, make_transformer_config, use_te
 

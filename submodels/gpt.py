@@ -7,9 +7,9 @@ from typing import Literal
 from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
-from pydantic import PositiveInt
 
 from mimo_builder.builder import ModelBuilder, Port, Ports, token_input_ports
+from mimo_builder.config import PositiveInt
 from mimo_builder.transformer_config import (
     TransformerModelConfig,
     make_transformer_config,
@@ -47,9 +47,10 @@ class GPTBuilder(ModelBuilder):
 
     def ports(self) -> Ports:
         cfg = self.config
+        positions = cfg.seq_length if cfg.position_embedding_type == "learned_absolute" else None  # a table
         return Ports.of(
             inputs=[
-                *token_input_ports(),
+                *token_input_ports(cfg.vocab_size, positions),
             ],
             outputs=[
                 Port("logits", ("batch", "tokens", "vocab"), cfg.vocab_size),

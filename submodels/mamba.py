@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, model_validator
 
 from submodels import mamba_kernels
 
@@ -42,6 +42,7 @@ from megatron.core.transformer.transformer_layer import (  # noqa: E402
 
 from mimo_builder.builder import ModelBuilder, Port, Ports, token_input_ports  # noqa: E402
 from mimo_builder.compat import resolve_device  # noqa: E402
+from mimo_builder.config import PositiveInt, StrictInt  # noqa: E402
 from mimo_builder.errors import ConfigError  # noqa: E402
 from mimo_builder.tp_shard import unwrap  # noqa: E402
 from mimo_builder.transformer_config import (  # noqa: E402
@@ -108,7 +109,7 @@ class MambaConfig(TransformerModelConfig):
     moe_ffn_hidden_size: PositiveInt | None = None
     """Expert MLP width (None: ffn_hidden_size)."""
 
-    modality_token_ids: dict[str, int] = Field(default_factory=dict)
+    modality_token_ids: dict[str, StrictInt] = Field(default_factory=dict)
     """Input port name -> placeholder token id; that modality's embeddings replace those tokens."""
 
     @property
@@ -145,6 +146,9 @@ class MambaConfig(TransformerModelConfig):
             raise ValueError(f"modality_token_ids {bad} must be token ids in [0, vocab_size={self.vocab_size})")
         return self
 
+    def has_experts(self) -> bool:
+        return "E" in self.layer_symbols
+
     def tp_problems(self, tp: int) -> list[str]:
         out = super().tp_problems(tp) if "*" in self.layer_symbols else []
         if "M" in self.layer_symbols:
@@ -176,9 +180,11 @@ class MambaBuilder(ModelBuilder):
     config_class = MambaConfig
 
     def ports(self) -> Ports:
+        cfg = self.config
+        positions = cfg.seq_length if cfg.position_embedding_type == "learned_absolute" else None  # a table
         return Ports.of(
             inputs=[
-                *token_input_ports(),
+                *token_input_ports(cfg.vocab_size, positions),
                 *(Port(name, ("batch", "tokens", "hidden"), self.config.hidden_size, required=False,
                        doc=f"embeddings placed at token id {token}")
                   for name, token in self.config.modality_token_ids.items()),

@@ -14,10 +14,10 @@ from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.mlp import MLPSubmodules
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, model_validator
 
 from mimo_builder.builder import ModelBuilder, Port, Ports
-from mimo_builder.config import ModelConfig
+from mimo_builder.config import ModelConfig, PositiveInt
 from mimo_builder.mcore_options import TransformerOptions
 from mimo_builder.transformer_config import OWNED_OPTIONS, make_transformer_config, use_te
 

@@ -9,9 +9,10 @@ from megatron.core.activations import quick_gelu
 from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
-from pydantic import PositiveInt, model_validator
+from pydantic import model_validator
 
 from mimo_builder.builder import ModelBuilder, Port, Ports
+from mimo_builder.config import PositiveInt
 from mimo_builder.errors import ConfigError
 from mimo_builder.transformer_config import TransformerModelConfig, make_transformer_config, use_te
 
