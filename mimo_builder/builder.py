@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from megatron.core.distributed import DistributedDataParallelConfig
@@ -32,7 +32,8 @@ class Port:
 
     ``dims`` labels the axes (e.g. ``("batch", "tokens", "hidden")``); ``features`` is the size
     of the last axis where it is fixed by the config (None where it varies, e.g. token ids);
-    ``shape`` optionally fixes every axis (None for a free axis), checked on batches.
+    ``shape`` optionally fixes every axis (None for a free axis), checked on batches. ``dtype``,
+    ``high`` and ``like`` say what a batch may bind to the port (checked before a step).
     """
 
     name: str
@@ -41,6 +42,13 @@ class Port:
     required: bool = True
     doc: str = ""
     shape: tuple[int | None, ...] | None = None
+    dtype: Literal["float", "int", "number"] = "float"
+    """"float": float32 or the node's parameter dtype, finite; "int": int64/int32 ids, >= 0;
+    "number": bool, integer or finite floating values (masks, weights)."""
+    high: int | None = None
+    """For "int" ports: values must be below this bound (e.g. the vocabulary size)."""
+    like: str | None = None
+    """Another input port whose shape this one must have when both come from the batch."""
 
 
 @dataclass(frozen=True)
@@ -55,13 +63,18 @@ class Ports:
         return cls({p.name: p for p in inputs}, {p.name: p for p in outputs})
 
 
-def token_input_ports() -> list[Port]:
-    """The inputs of a language model over token ids (ids, positions, labels, loss mask)."""
+def token_input_ports(vocab_size: int, max_positions: int | None = None) -> list[Port]:
+    """The inputs of a language model over token ids (ids, positions, labels, loss mask): ids and
+    labels in [0, ``vocab_size``), positions below ``max_positions`` (None: unbounded)."""
+    tokens = ("batch", "tokens")
     return [
-        Port("input_ids", ("batch", "tokens")),
-        Port("position_ids", ("batch", "tokens"), required=False),
-        Port("labels", ("batch", "tokens"), required=False),
-        Port("loss_mask", ("batch", "tokens"), required=False),
+        Port("input_ids", tokens, dtype="int", high=vocab_size, doc="token ids in [0, vocab_size)"),
+        Port("position_ids", tokens, required=False, dtype="int", high=max_positions, like="input_ids",
+             doc="positions in [0, seq_length)" if max_positions else "positions (>= 0)"),
+        Port("labels", tokens, required=False, dtype="int", high=vocab_size, like="input_ids",
+             doc="next-token ids in [0, vocab_size); no ignore value: mask with loss_mask"),
+        Port("loss_mask", tokens, required=False, dtype="number", like="input_ids",
+             doc="per-token loss weight"),
     ]
 
 

@@ -2,16 +2,22 @@
 
 Every rank holds the same global batch; a node with data-parallel size ``dp`` gives its DP
 rank ``i`` samples ``[i * B/dp, (i + 1) * B/dp)``. The checks are pure and deterministic, so a
-bad batch raises the same error on every rank before any communication.
+bad batch raises the same error on every rank before any communication. Each bound tensor is
+checked against its port's axes and declared dtype (one pass per tensor: min/max of integer
+ids against their bound, finiteness of floating values).
 """
 
 from __future__ import annotations
 
 import torch
 
+from mimo_builder.builder import Port
 from mimo_builder.errors import MimoError
 from mimo_builder.placement import Layout
+from mimo_builder.transformer_config import DTYPES
 from mimo_builder.validation import ValidGraph
+
+INT_DTYPES = (torch.int64, torch.int32)
 
 
 class BatchError(MimoError, ValueError):
@@ -26,21 +32,15 @@ def check_batch(valid: ValidGraph, batch: dict[str, torch.Tensor]) -> int:
         if key not in batch:  # a binding promises the key, even for an optional port
             problems.append(f"batch has no {key!r}, which the graph binds to {node}.{port_name}")
             continue
-        value = batch[key]
+        value, where = batch[key], f"batch[{key!r}] for {node}.{port_name}"
         if not isinstance(value, torch.Tensor) or value.dim() != len(port.dims):
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            problems.append(f"batch[{key!r}] for {node}.{port_name} must have {len(port.dims)} axes "
-                            f"{port.dims}, got {got}")
+            problems.append(f"{where} must have {len(port.dims)} axes {port.dims}, got {got}")
             continue
-        if port.features is not None and port.dims[-1] not in ("tokens",) and value.shape[-1] != port.features:
-            problems.append(f"batch[{key!r}] for {node}.{port_name}: last axis ({port.dims[-1]}) must be "
-                            f"{port.features}, got {value.shape[-1]}")
-        if port.shape is not None:
-            wrong = [f"{d}={n} (expected {e})" for d, n, e in zip(port.dims, value.shape, port.shape)
-                     if e is not None and n != e]
-            if wrong:
-                problems.append(f"batch[{key!r}] for {node}.{port_name}: {', '.join(wrong)}")
+        problems += _shape_problems(where, port, value)
+        problems += _value_problems(where, port, value, _float_dtypes(valid, node))
         sizes[key] = value.shape[0]
+    problems += _like_problems(valid, batch, sizes)
     if len(set(sizes.values())) > 1:
         problems.append(f"batch keys disagree on the batch size: {sizes}")
     size = next(iter(sizes.values()), 0)
@@ -50,6 +50,67 @@ def check_batch(valid: ValidGraph, batch: dict[str, torch.Tensor]) -> int:
     if problems:
         raise BatchError("bad batch:\n" + "\n".join(f"  - {p}" for p in problems))
     return size
+
+
+def _shape_problems(where: str, port: Port, value: torch.Tensor) -> list[str]:
+    if port.features is not None and port.dims[-1] not in ("tokens",) and value.shape[-1] != port.features:
+        return [f"{where}: last axis ({port.dims[-1]}) must be {port.features}, got {value.shape[-1]}"]
+    if port.shape is not None:
+        wrong = [f"{d}={n} (expected {e})" for d, n, e in zip(port.dims, value.shape, port.shape)
+                 if e is not None and n != e]
+        if wrong:
+            return [f"{where}: {', '.join(wrong)}"]
+    return []
+
+
+def _value_problems(where: str, port: Port, value: torch.Tensor, floats: tuple[torch.dtype, ...]) -> list[str]:
+    """The port's dtype contract: integer ids within [0, high), finite floats of an accepted dtype."""
+    if port.dtype == "int":
+        if value.dtype not in INT_DTYPES:
+            return [f"{where}: expected integer ids ({_names(INT_DTYPES)}), found {value.dtype}"]
+        return _range_problems(where, port, value)
+    if port.dtype == "number" and value.dtype.is_complex:
+        return [f"{where}: expected a bool, integer or floating tensor, found {value.dtype}"]
+    if port.dtype == "float" and value.dtype not in floats:
+        return [f"{where}: expected a floating tensor ({_names(floats)}), found {value.dtype}"]
+    if value.dtype.is_floating_point:
+        bad = value.numel() - int(torch.isfinite(value).sum())
+        if bad:
+            return [f"{where}: {bad} of {value.numel()} values are not finite (nan or inf)"]
+    return []
+
+
+def _range_problems(where: str, port: Port, value: torch.Tensor) -> list[str]:
+    if value.numel() == 0:
+        return []
+    low, high = (int(v) for v in torch.aminmax(value))
+    if low >= 0 and (port.high is None or high < port.high):
+        return []
+    bound = f"[0, {port.high})" if port.high is not None else ">= 0"
+    doc = f" ({port.doc})" if port.doc else ""
+    return [f"{where}: values must be {bound}{doc}, found min {low}, max {high}"]
+
+
+def _like_problems(valid: ValidGraph, batch: dict[str, torch.Tensor], checked: dict[str, int]) -> list[str]:
+    """Ports declared ``like`` another port of the same node must match its shape."""
+    keys = {(node, port): key for key, (node, port) in valid.inputs.items() if key in checked}
+    problems = []
+    for (node, port_name), key in keys.items():
+        other = keys.get((node, valid.ports(node).inputs[port_name].like))
+        if other is not None and batch[key].shape != batch[other].shape:
+            problems.append(f"batch[{key!r}] for {node}.{port_name}: shape {tuple(batch[key].shape)} must equal "
+                            f"batch[{other!r}]'s {tuple(batch[other].shape)}")
+    return problems
+
+
+def _float_dtypes(valid: ValidGraph, node: str) -> tuple[torch.dtype, ...]:
+    """float32 (mixed-precision wrappers cast it) and the node's own parameter dtype."""
+    own = DTYPES.get(getattr(valid.configs[node], "dtype", "fp32"), torch.float32)
+    return (torch.float32,) if own == torch.float32 else (torch.float32, own)
+
+
+def _names(dtypes: tuple[torch.dtype, ...]) -> str:
+    return " or ".join(str(d) for d in dtypes)
 
 
 def shard_range(layout: Layout, dp_rank: int, batch_size: int) -> tuple[int, int]:
