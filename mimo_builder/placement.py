@@ -130,6 +130,17 @@ class ProcessGroups:
                     unique[id(group)] = group
         return list(unique.values())
 
+    def destroy(self) -> None:
+        """Release every group of these layouts on this rank (no collective; idempotent). torch
+        forgets them at once; their sockets and threads go with the last module holding one."""
+        for grid in self.grids.values():
+            grid.destroy()  # MCore's: the grid's groups of every view
+        for group in self._member_groups():  # the rest (embedding groups)
+            if group in dist.distributed_c10d._world.pg_map:
+                dist.destroy_process_group(group)
+        self.grids.clear()
+        self.collections.clear()
+
     def abort(self) -> None:
         """Abort every group this rank belongs to: peers blocked in their collectives fail at
         once ("connection closed") instead of waiting for the timeout. The groups are unusable."""

@@ -30,6 +30,7 @@ from mimo_builder.errors import MimoError
 from mimo_builder.graph import Graph
 from mimo_builder.placement import ProcessGroups, control_group, create_process_groups
 from mimo_builder.registry import resolve_hook
+from mimo_builder.runtime.guard import StepGuard
 from mimo_builder.validation import ValidGraph, validate_graph
 
 _FAILURE_KEY = "mimo_builder/build_failure"
@@ -44,11 +45,33 @@ class CompositeModel(torch.nn.Module):
     """This rank's built nodes (name -> list of chunks), the plan, and the per-node groups."""
 
     def __init__(self, valid: ValidGraph, chunks: dict[str, list[MegatronModule]],
-                 process_groups: ProcessGroups):
+                 process_groups: ProcessGroups, guard: StepGuard):
         super().__init__()
         self.valid = valid
         self.process_groups = process_groups
+        self.guard = guard
         self.nodes = torch.nn.ModuleDict({name: torch.nn.ModuleList(c) for name, c in chunks.items()})
+        self._closers: list[Callable[[], None]] = []
+
+    def on_close(self, closer: Callable[[], None]) -> None:
+        """Call ``closer`` when the model closes (the runtime's own groups go with the model)."""
+        self._closers.append(closer)
+
+    def close(self) -> None:
+        """Release this graph's process groups and stop its watchdog (idempotent; no collective).
+        The model cannot run afterwards. Every rank should close its model."""
+        for closer in reversed(self._closers):
+            closer()
+        self._closers.clear()
+        self.guard.close()
+        self.process_groups.destroy()
+        _clear_method_caches(self)
+
+    def __enter__(self) -> "CompositeModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def hosts(self, node: str) -> bool:
         """Whether this rank holds (a shard of) ``node``."""
@@ -62,23 +85,37 @@ class CompositeModel(torch.nn.Module):
         return self.process_groups.for_layout(self.valid.layouts[node])
 
 
+def _clear_method_caches(model: torch.nn.Module) -> None:
+    """Clear the ``functools.lru_cache`` of the model's module methods. MCore caches some
+    (``RotaryEmbedding.forward``) per instance, which keeps closed modules, and the groups they
+    hold, alive; other live instances of those classes merely recompute."""
+    for cls in {type(m) for m in model.modules()}:
+        for attr in vars(cls).values():
+            if callable(getattr(attr, "cache_clear", None)):
+                attr.cache_clear()
+
+
 class CompositeBuilder(mcore_base.ModelBuilder):
     """The whole graph as one MCore-compatible ModelBuilder.
 
     ``seed`` seeds every node's initialisation identically, so a node built in a graph equals
     the same node built alone from that seed. While building, a collective waits at most
     ``build_timeout_s`` for its peers (so a rank that failed cannot hang the others); afterwards
-    the node groups get ``timeout_s`` (torch's default when None).
+    the node groups get ``timeout_s`` (torch's default when None). Each step phase may last
+    ``step_timeout_s`` (the first step ``first_step_timeout_s``) before the model's watchdog
+    names the silent ranks and ends the run (None: no limit); see :mod:`mimo_builder.runtime.guard`.
     """
 
     def __init__(self, graph: Graph, *, seed: int = 1234,
                  pre_wrap_hooks: list[Callable | str] = (), post_wrap_hooks: list[Callable | str] = (),
-                 build_timeout_s: float = 20.0, timeout_s: float | None = None):
+                 build_timeout_s: float = 20.0, timeout_s: float | None = None,
+                 step_timeout_s: float | None = None, first_step_timeout_s: float | None = None):
         super().__init__(graph)
         self.graph = graph
         self.seed = seed
         self.build_timeout = datetime.timedelta(seconds=build_timeout_s)
         self.timeout = dist.default_pg_timeout if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        self.step_timeout_s, self.first_step_timeout_s = step_timeout_s, first_step_timeout_s
         self.pre_wrap_hooks = [resolve_hook(h) for h in (*graph.hooks.pre_wrap, *pre_wrap_hooks)]
         self.post_wrap_hooks = [resolve_hook(h) for h in (*graph.hooks.post_wrap, *post_wrap_hooks)]
 
@@ -131,7 +168,9 @@ class CompositeBuilder(mcore_base.ModelBuilder):
                     groups.abort()  # peers blocked in this node's collectives fail fast
             _agree(control, name, failure, failure_key)
         groups.set_timeout(self.timeout)
-        model = CompositeModel(valid, chunks, groups)
+        guard = StepGuard(failure_key.removeprefix(_FAILURE_KEY + "/"), step_timeout_s=self.step_timeout_s,
+                          first_step_timeout_s=self.first_step_timeout_s)
+        model = CompositeModel(valid, chunks, groups, guard)
         load_initial_weights(model)  # nodes whose document names pretrained weights
         return compose_hooks(self.post_wrap_hooks)([model])
 

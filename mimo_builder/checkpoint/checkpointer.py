@@ -13,6 +13,7 @@ rank, before any weight is touched.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +46,9 @@ class Checkpointer:
     Frozen nodes are not saved unless ``save_frozen``: they come back from their ``init`` source.
     """
 
-    def __init__(self, model, optimizer=None, *, save_frozen: bool = False):
+    def __init__(self, model, optimizer=None, *, save_frozen: bool = False, timeout_s: float | None = None):
         self.model = model
+        self.timeout_s = timeout_s  # how long a save or load may take (None: no limit)
         self.optimizer = optimizer
         self.save_frozen = save_frozen
         self.valid = model.valid
@@ -56,7 +58,18 @@ class Checkpointer:
 
     def save(self, root: str | Path, step: int, data: DataPosition | None = None) -> Path:
         """Write step ``step`` under ``root``; returns the step folder (on every rank)."""
-        root = Path(root)
+        with self._guarded("checkpoint save"):
+            return self._save(Path(root), step, data)
+
+    def _guarded(self, what: str):
+        """A failure or a stall here reaches every rank (the model's watchdog)."""
+        guard = self.model.guard
+        stack = contextlib.ExitStack()
+        stack.enter_context(guard.watch("checkpoint", timeout_s=self.timeout_s or math.inf))
+        stack.enter_context(guard.publishing(what))
+        return stack
+
+    def _save(self, root: Path, step: int, data: DataPosition | None) -> Path:
         rank = dist.get_rank()
         raise_if_any(self.control, self._overwrite_problems(root) if rank == 0 else [])
         if rank == 0:
@@ -120,6 +133,10 @@ class Checkpointer:
 
     def load(self, path: str | Path, *, with_optimizer: bool = True) -> Resumed:
         """Restore the state saved at ``path`` (a step folder, or a root with ``latest``)."""
+        with self._guarded("checkpoint load"):
+            return self._load(path, with_optimizer)
+
+    def _load(self, path: str | Path, with_optimizer: bool) -> Resumed:
         step_dir = files.resolve(path)
         manifest = files.read_manifest(step_dir)
         raise_if_any(self.control, self._graph_problems(manifest, step_dir))

@@ -37,6 +37,10 @@ class NonFiniteError(MimoError, FloatingPointError):
     """A non-finite loss or gradient with ``on_nonfinite: error``; raised on every rank."""
 
 
+class OptimizerStepError(MimoError, RuntimeError):
+    """The optimizer step raised on some rank; the message names the root cause's rank and node."""
+
+
 @dataclass(frozen=True)
 class StepResult:
     """What one graph-wide step did (the same on every rank)."""
@@ -110,24 +114,45 @@ class GraphOptimizer:
 
     def step(self, loss: float | None = None) -> StepResult:
         """Sync, norm, guard, clip and update every node. ``loss`` (the step's global loss, the
-        same on every rank) is checked too when given. Skipped steps do not advance the schedule."""
-        with self._mcore_scope():
-            for name, node in self.nodes.items():  # graph order: overlapping node groups stay in step
-                # DP reduction, plus tied embeddings across pipeline stages (MCore's own finalizer)
-                finalize_model_grads(node.chunks, pg_collection=self.model.pg_collection(name))
-                node.optimizer.prepare_grads()
-            node_norms = self._node_norms()
-            norm = math.sqrt(sum(n * n for n in node_norms.values()))
-            bad = tuple(name for name, n in node_norms.items() if not math.isfinite(n))
-            if bad or not math.isfinite(norm) or (loss is not None and not math.isfinite(loss)):
-                return self._skip(norm, bad, loss)
-            if self.settings.clip_grad > 0:
-                for node in self.nodes.values():
-                    for part in node.parts():
-                        clip_grad_by_total_norm_fp32(part.get_parameters(), self.settings.clip_grad, norm)
+        same on every rank) is checked too when given. Skipped steps do not advance the schedule.
+        A failure here is published to every rank (see :mod:`~mimo_builder.runtime.guard`)."""
+        guard, failure, cause = self.model.guard, None, None
+        with guard.watch("optimizer"), self._mcore_scope():
+            try:
+                result = self._step(loss)
+            except MimoError:
+                raise
+            except Exception as err:
+                failure = guard.publish(f"rank {dist.get_rank()}, {guard.detail}: {type(err).__name__}: {err}")
+                cause = err.with_traceback(None)
+            # every rank learns of a failure (a rank that failed before the norm's collective
+            # leaves its peers blocked there: their watchdogs end them)
+            failure = guard.agree(failure)
+        if failure is not None:
+            raise OptimizerStepError(failure) from cause
+        return result
+
+    def _step(self, loss: float | None) -> StepResult:
+        guard = self.model.guard
+        for name, node in self.nodes.items():  # graph order: overlapping node groups stay in step
+            guard.note(f"optimizer of node '{name}' (gradient sync)")
+            # DP reduction, plus tied embeddings across pipeline stages (MCore's own finalizer)
+            finalize_model_grads(node.chunks, pg_collection=self.model.pg_collection(name))
+            node.optimizer.prepare_grads()
+        guard.note("optimizer (graph-wide gradient norm)")
+        node_norms = self._node_norms()
+        norm = math.sqrt(sum(n * n for n in node_norms.values()))
+        bad = tuple(name for name, n in node_norms.items() if not math.isfinite(n))
+        if bad or not math.isfinite(norm) or (loss is not None and not math.isfinite(loss)):
+            return self._skip(norm, bad, loss)
+        if self.settings.clip_grad > 0:
             for node in self.nodes.values():
-                node.optimizer.step_with_ready_grads()
-                node.scheduler.step(increment=1)
+                for part in node.parts():
+                    clip_grad_by_total_norm_fp32(part.get_parameters(), self.settings.clip_grad, norm)
+        for name, node in self.nodes.items():
+            guard.note(f"optimizer of node '{name}' (update)")
+            node.optimizer.step_with_ready_grads()
+            node.scheduler.step(increment=1)
         return StepResult(norm, False)
 
     def _node_norms(self) -> dict[str, float]:

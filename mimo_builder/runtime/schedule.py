@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -27,11 +28,12 @@ from mimo_builder.runtime.pipeline import FORWARD, Op, PipelinePlan, Stage, need
 from mimo_builder.runtime.routes import Routes
 from mimo_builder.walker import CompositeModel
 
-_FAILURE_KEY = "mimo_builder/step_failure"
-
 
 class StepError(MimoError, RuntimeError):
-    """A forward/backward failed on some rank; raised on every rank with the root cause."""
+    """A forward/backward failed on some rank; raised on every rank with the root cause
+    (``trace``: this rank's own traceback, as text)."""
+
+    trace: str = ""
 
 
 @dataclass
@@ -56,12 +58,16 @@ class GraphSchedule:
         self.valid = model.valid
         self.rank = dist.get_rank()
         self.device = device or torch.device("cpu")
+        check_runnable(self.valid)
+        self.guard = model.guard
+        # The schedule's own groups: on a failure it can drop them, which wakes peers waiting
+        # in them (a gloo wait cannot be aborted otherwise); they go when the model closes.
         self.bridge = dist.new_group(backend=dist.get_backend())  # all ranks; group rank == global rank
         self.control = dist.new_group(backend="gloo")
-        check_runnable(self.valid)
+        self.tp_groups = _tp_groups(model)
+        model.on_close(self.close)
         self.needs_grad = needs_grad(self.valid)
         self.loss_outputs = [(n, p) for n, p in self.valid.outputs if p == "loss"]
-        self.step = 0
         self.failed: str | None = None
         self._plans: dict[tuple[int, int], tuple[PipelinePlan, Routes]] = {}
         self._headers: dict = {}
@@ -84,11 +90,19 @@ class GraphSchedule:
                 raise StepError(f"microbatch size {per} is not divisible by node '{name}' DP size {layout.dp}")
         if self.failed is not None:
             raise StepError(f"this schedule already failed ({self.failed}); build the graph again")
-        self.step += 1
-        try:
-            return self._run(batch, num_microbatches, per)
-        except Exception as err:
-            self._fail(err)
+        self.guard.begin_step()
+        with self.guard.watch("forward_backward"):
+            try:
+                return self._run(batch, num_microbatches, per)
+            except Exception as err:
+                self._fail(err)
+
+    def close(self) -> None:
+        """Release the schedule's own groups (called by ``CompositeModel.close``; idempotent)."""
+        for group in [self.bridge, self.control, *self.tp_groups.values()]:
+            if group is not None and group in dist.distributed_c10d._world.pg_map:
+                dist.destroy_process_group(group)
+        self.bridge, self.tp_groups = None, {}
 
     def _run(self, batch, num_microbatches: int, per: int) -> float:
         key = (num_microbatches, per)
@@ -100,7 +114,8 @@ class GraphSchedule:
         headers = self._headers.setdefault((key, signature), {})
         step = self._current = _Step(self, batch, per, num_microbatches, routes, headers)
         for op in plan.order.get(self.rank, []):
-            step.forward(op) if op.kind == FORWARD else step.backward(op)
+            step.run(op)
+        step.where = "the end of the step"
         step.mailbox.close()
         self._current = None
         return self._global_loss(step.losses)
@@ -117,31 +132,33 @@ class GraphSchedule:
         dist.all_reduce(value, group=self.control)
         return float(value)
 
-    def _failure_key(self) -> str:
-        return f"{_FAILURE_KEY}/{self.bridge.group_name}/{self.step}"  # the same name on every rank
-
     def _fail(self, err: Exception) -> None:
         """Publish the first failure, break every collective this rank is in, raise everywhere."""
-        store = dist.distributed_c10d._get_default_store()
-        message = f"rank {self.rank}: {type(err).__name__}: {err}"
-        first = store.compare_set(self._failure_key(), "", message).decode()
+        where = self._current.where if self._current is not None else "the end of the step"
+        first = self.guard.publish(f"rank {self.rank}, {where}: {type(err).__name__}: {err}")
         self.failed = first
+        error = StepError(first)
+        error.trace = "".join(traceback.format_exception(err))
+        err.with_traceback(None)  # its frames hold the schedule's groups, which must go now
         self.model.process_groups.abort()
-        self._close_bridge()
-        dist.distributed_c10d._abort_process_group(self.control)
-        raise StepError(first) from err
+        self._drop_own_groups()
+        raise error from err
 
-    def _close_bridge(self) -> None:
-        """Wake the peers blocked in a receive from this rank. NCCL's abort does; an aborted gloo
-        group keeps its sockets open until the group object is gone, so drop every reference."""
+    def _drop_own_groups(self) -> None:
+        """Wake the peers blocked in the schedule's groups with this rank. NCCL's abort does; an
+        aborted gloo group keeps its sockets open until the group object is gone, so every
+        reference is dropped (the traceback too: its frames hold the group)."""
+        groups = [self.bridge, self.control, *self.tp_groups.values()]
         if dist.get_backend(self.bridge) != "gloo":
-            dist.distributed_c10d._abort_process_group(self.bridge)
+            for group in groups:
+                dist.distributed_c10d._abort_process_group(group)
             return
-        dist.destroy_process_group(self.bridge)
-        self.bridge = None
+        self.close()
+        self.control = None
         if self._current is not None:
             self._current.mailbox.group = None
-        gc.collect()  # the group object must go now, not at some later collection
+        del groups
+        gc.collect()  # the group objects must go now, not at some later collection
 
 
 class _Step:
@@ -154,6 +171,14 @@ class _Step:
                                self._gradient_like)
         self.states: dict[tuple[Stage, int], _StageState] = {}
         self.losses: dict[str, float] = {}
+        self.where = "the start of the step"
+
+    def run(self, op: Op) -> None:
+        """One operation of this rank's plan; ``where`` names it for failure reports."""
+        kind = "forward" if op.kind == FORWARD else "backward"
+        self.where = f"node '{op.stage.node}' {kind} (microbatch {op.microbatch})"
+        self.s.guard.note(self.where)
+        self.forward(op) if op.kind == FORWARD else self.backward(op)
 
     # --- forward ----------------------------------------------------------------------------
 
@@ -253,10 +278,21 @@ class _Step:
 
     def _tp_broadcast(self, name: str, value: torch.Tensor | None) -> torch.Tensor:
         """Share a tensor held by the node's first TP rank with the rest of its TP group."""
-        pgs = self.s.model.pg_collection(name)
-        if pgs.tp.size() == 1:
+        group = self.s.tp_groups.get(self.valid.layouts[name])
+        if group is None:
             return value
-        return broadcast_tensor(value, dist.get_global_rank(pgs.tp, 0), pgs.tp, self.s.device)
+        return broadcast_tensor(value, dist.get_global_rank(group, 0), group, self.s.device)
+
+
+def _tp_groups(model: CompositeModel) -> dict:
+    """A copy of each layout's TP groups for the schedule's broadcasts (layout -> this rank's)."""
+    groups = {}
+    for layout in sorted({layout for layout in model.valid.layouts.values() if layout.tp > 1}):
+        enumeration = [list(layout.ranks[i:i + layout.tp]) for i in range(0, layout.size, layout.tp)]
+        group, _ = dist.new_subgroups_by_enumeration(enumeration, backend=dist.get_backend())
+        if dist.get_rank() in layout.ranks:
+            groups[layout] = group
+    return groups
 
 
 def check_runnable(valid) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallelConfig
@@ -11,6 +11,7 @@ from megatron.core.distributed import DistributedDataParallelConfig
 from mimo_builder import compat
 from mimo_builder.checkpoint import Checkpointer, DataPosition
 from mimo_builder.graph import Graph
+from mimo_builder.registry import allow_modules, allowed_prefixes
 from mimo_builder.runtime.optim import GraphOptimizer
 from mimo_builder.runtime.schedule import GraphSchedule
 from mimo_builder.runtime.synthetic import synthetic_batch
@@ -36,20 +37,38 @@ class TrainOptions:
     """Also save frozen nodes (else they come back from their ``init`` source)."""
     load: str | None = None
     """Checkpoint to resume from (a folder with ``latest``, or one step folder)."""
+    step_timeout_s: float | None = 60.0
+    """How long a step's forward/backward or optimizer phase may make no progress before the
+    watchdog names the silent ranks and ends the run (None: no limit)."""
+    first_step_timeout_s: float | None = 600.0
+    """The same for the first step, which compiles kernels and warms caches."""
+    checkpoint_timeout_s: float | None = None
+    """How long one checkpoint save or load may take (None: no limit)."""
+    allowed_modules: tuple[str, ...] = field(default_factory=allowed_prefixes)
+    """Module prefixes trusted for ``module:attr`` references, applied on every rank before the
+    graph is resolved (default: this process's allowlist when the options are made)."""
 
 
 def train(graph: Graph, options: TrainOptions = TrainOptions()) -> list[float]:
     """Build ``graph`` on this process's ranks and train it; rank 0 prints one line per step.
     Returns the loss of every step run here (the same on every rank)."""
     compat.quiet_dependency_warnings()
+    allow_modules(*options.allowed_modules)  # a spawned rank starts with the default allowlist
     device = compat.init_runtime("auto")
     if options.lr is not None:
         graph = graph.model_copy(update={"optimizer": graph.optimizer.model_copy(update={"lr": options.lr})})
-    (model,) = CompositeBuilder(graph, seed=options.seed).build_distributed_models(
+    (model,) = CompositeBuilder(graph, seed=options.seed, step_timeout_s=options.step_timeout_s,
+                                first_step_timeout_s=options.first_step_timeout_s).build_distributed_models(
         ddp_config=DistributedDataParallelConfig())
+    with model:  # its groups and watchdog go at the end, also after a failure
+        return _train_built(model, options, device)
+
+
+def _train_built(model, options: TrainOptions, device) -> list[float]:
     schedule = GraphSchedule(model, device=device)
     optimizer = GraphOptimizer(model, total_steps=options.steps)
-    checkpointer = Checkpointer(model, optimizer, save_frozen=options.save_frozen)
+    checkpointer = Checkpointer(model, optimizer, save_frozen=options.save_frozen,
+                                timeout_s=options.checkpoint_timeout_s)
     done, data_seed = _resume(checkpointer, options)
     losses = []
     for step in range(done + 1, options.steps + 1):
