@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from mimo_builder.compat import quiet_dependency_warnings
@@ -15,16 +16,47 @@ from mimo_builder.errors import MimoError
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command: 0 on success, 2 with a one-line ``error: ...`` for any named error."""
     quiet_dependency_warnings()
     args = _parser().parse_args(argv)
     from mimo_builder.registry import allow_modules
 
-    allow_modules(*args.allow)
     try:
-        return args.func(args)
+        allow_modules(*args.allow)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
     except MimoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``schema | head``): stop quietly, as unix tools do."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush at exit
+    return 128 + 13  # what a shell reports for a tool ended by SIGPIPE
+
+
+def _count(text: str) -> int:
+    """An argparse type: a positive integer (steps, ranks, batch sizes, microbatches)."""
+    value = int(text) if text.strip().lstrip("+").isdecimal() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float | None:
+    """An argparse type: seconds >= 0; 0 means no limit (None)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value or None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,15 +67,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a graph document; exit 0 when valid")
     p.add_argument("file")
-    p.add_argument("--world-size", type=int, help="also check placements for this many ranks")
+    p.add_argument("--world-size", type=_count, help="also check placements for this many ranks")
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("plan", help="show what every rank would host (no processes started)")
     p.add_argument("file")
-    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--world-size", type=_count, required=True)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--no-params", action="store_true", help="skip the meta-device parameter counts")
-    p.add_argument("--microbatches", type=int, default=1, help="microbatches per step, for the schedule")
+    p.add_argument("--microbatches", type=_count, default=1, help="microbatches per step, for the schedule")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the graph document")
@@ -57,18 +89,23 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train a graph on synthetic data on N ranks (spawned gloo "
                                    "processes, or the current torchrun job)")
     p.add_argument("file")
-    p.add_argument("--nproc", type=int, default=1, help="ranks to spawn (ignored under torchrun)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=8, help="global batch size")
-    p.add_argument("--microbatches", type=int, default=1)
+    p.add_argument("--nproc", type=_count, default=1, help="ranks to spawn (ignored under torchrun)")
+    p.add_argument("--steps", type=_count, default=20)
+    p.add_argument("--batch-size", type=_count, default=8, help="global batch size")
+    p.add_argument("--microbatches", type=_count, default=1)
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate for every node (default: the document's optimizer.lr)")
     p.add_argument("--save", metavar="DIR", help="write checkpoints into DIR (the last step always)")
-    p.add_argument("--save-interval", type=int, metavar="N", help="also save every N steps")
+    p.add_argument("--save-interval", type=_count, metavar="N", help="also save every N steps")
     p.add_argument("--save-frozen", action="store_true",
                    help="also save frozen nodes (by default they come back from their init: source)")
     p.add_argument("--load", metavar="DIR", help="resume from DIR (its latest step, or a step folder); "
                                                  "--steps is the step to finish at")
+    p.add_argument("--step-timeout", type=_seconds, default=60.0, metavar="S",
+                   help="end the run, naming the silent ranks, when a step phase makes no progress for "
+                        "S seconds (default 60; 0: no limit)")
+    p.add_argument("--first-step-timeout", type=_seconds, default=600.0, metavar="S",
+                   help="the same for the first step, which compiles and warms up (default 600)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("ckpt", help="checkpoint tools")
@@ -138,6 +175,7 @@ def _run(args) -> int:
     from mimo_builder.launch import launch, under_torchrun
     from mimo_builder.plan import make_plan
     from mimo_builder.plan_table import print_plan
+    from mimo_builder.registry import allowed_prefixes
     from mimo_builder.runtime.schedule import check_runnable
     from mimo_builder.runtime.train import TrainOptions, train
     from mimo_builder.validation import validate_graph
@@ -146,13 +184,16 @@ def _run(args) -> int:
     lead = os.environ.get("RANK", "0") == "0"
     graph = load_graph(args.file)
     check_runnable(validate_graph(graph, nproc))  # before any meta build or process
+    _check_has_loss(graph)
     _check_checkpoint_args(args)
     plan = make_plan(graph, nproc)
     if lead:
         print_plan(plan, num_microbatches=args.microbatches)
     options = TrainOptions(steps=args.steps, batch_size=args.batch_size, num_microbatches=args.microbatches,
                            lr=args.lr, save=args.save, save_interval=args.save_interval, save_frozen=args.save_frozen,
-                           load=args.load)
+                           load=args.load, step_timeout_s=args.step_timeout,
+                           first_step_timeout_s=args.first_step_timeout,
+                           allowed_modules=allowed_prefixes())  # --allow reaches every rank
     start = time.perf_counter()
     losses = launch(train, nproc, graph, options)[0]
     if lead and not losses:
@@ -161,6 +202,17 @@ def _run(args) -> int:
         print(f"done: {len(losses)} steps on {nproc} ranks in {time.perf_counter() - start:.1f} s; "
               f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     return 0
+
+
+def _check_has_loss(graph) -> None:
+    """Training needs a loss: an output on a port named 'loss' (validate/plan accept graphs without one)."""
+    from mimo_builder.errors import ConfigError, clip
+    from mimo_builder.graph import parse_port_ref
+
+    if not any(parse_port_ref(ref)[1] == "loss" for ref in graph.outputs):
+        shown = clip(", ".join(graph.outputs), 200) or "none"
+        raise ConfigError(f"outputs: run trains on the graph's loss outputs ('node.loss'), but the outputs are "
+                          f"{shown}; add the loss port of a node (e.g. 'lm.loss') under 'outputs'")
 
 
 def _check_checkpoint_args(args) -> None:

@@ -8,10 +8,16 @@ never turns into a hang.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import datetime
 import os
 import pickle
 import queue
+import re
+import signal
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -25,6 +31,7 @@ from mimo_builder.errors import MimoError
 DEFAULT_INIT_TIMEOUT_S = 120.0
 _POLL_S = 0.2
 _GRACE_S = 1.0  # how long to wait for other ranks' reports after a failure
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class RankError(MimoError, RuntimeError):
@@ -100,7 +107,8 @@ def _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend):
     for p in procs:
         p.start()
     try:
-        values = _collect(procs, results, nproc, timeout_s)
+        with _terminate_raises():
+            values = _collect(procs, results, nproc, timeout_s, store)
     except BaseException:
         _kill(procs)
         raise
@@ -112,6 +120,7 @@ def _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend):
 
 
 def _rank_main(rank, nproc, port, init_timeout_s, backend, payload, results):
+    _die_with_parent()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     quiet_dependency_warnings()  # before unpickling fn/args imports MCore
@@ -136,7 +145,7 @@ def _rank_main(rank, nproc, port, init_timeout_s, backend, payload, results):
         pass
 
 
-def _collect(procs, results, nproc, timeout_s):
+def _collect(procs, results, nproc, timeout_s, store):
     values: dict[int, Any] = {}
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while len(values) < nproc:
@@ -144,13 +153,13 @@ def _collect(procs, results, nproc, timeout_s):
             rank, ok, payload = results.get(timeout=_POLL_S)
         except queue.Empty:
             if _dead_ranks(procs, values):
-                _raise_root_cause(procs, results, values, {})
+                _raise_root_cause(procs, results, values, {}, store)
             if deadline is not None and time.monotonic() > deadline:
                 missing = sorted(set(range(nproc)) - set(values))
                 raise RankError(missing[0], f"timed out after {timeout_s:.0f}s; ranks {missing} unfinished")
             continue
         if not ok:
-            _raise_root_cause(procs, results, values, {rank: payload})
+            _raise_root_cause(procs, results, values, {rank: payload}, store)
         values[rank] = payload
     return [pickle.loads(values[r]) for r in range(nproc)]
 
@@ -164,11 +173,12 @@ def _dead_ranks(procs, done) -> dict[int, str]:
     }
 
 
-def _raise_root_cause(procs, results, done, failures):
+def _raise_root_cause(procs, results, done, failures, store):
     """Wait briefly for the other reports, then raise for the rank most likely at fault.
 
-    A peer's death makes the healthy ranks fail in their collectives too; a rank that died
-    without reporting, else the first rank that reported, is the root cause.
+    A failure the ranks published in the store (:mod:`mimo_builder.runtime.guard`) names the
+    root cause. Otherwise: a peer's death makes the healthy ranks fail in their collectives
+    too; a rank that died without reporting, else the first rank that reported, is the cause.
     """
     grace_end = time.monotonic() + _GRACE_S
     while time.monotonic() < grace_end:
@@ -179,12 +189,66 @@ def _raise_root_cause(procs, results, done, failures):
         if not ok:
             failures.setdefault(rank, payload)
     dead = _dead_ranks(procs, set(done) | set(failures))
+    published = _published_failure(store)
+    if published is not None:
+        rank, message = published
+        raise RankError(rank, message + _also_failed(set(failures) | set(dead), rank))
     cause = min(dead) if dead else next(iter(failures))
     trace = {**failures, **dead}[cause]
-    others = sorted((set(failures) | set(dead)) - {cause})
-    if others:
-        trace += f"\n(ranks {others} failed too, most likely as a consequence)"
-    raise RankError(cause, trace)
+    raise RankError(cause, trace + _also_failed(set(failures) | set(dead), cause))
+
+
+def _also_failed(ranks: set[int], cause: int) -> str:
+    others = sorted(ranks - {cause})
+    return f"\n(ranks {others} failed too, most likely as a consequence)" if others else ""
+
+
+def _published_failure(store) -> tuple[int, str] | None:
+    """The root cause a rank published, with the rank it names (read without blocking)."""
+    from mimo_builder.runtime.guard import FAILURE_KEY
+
+    if not store.check([FAILURE_KEY]):
+        return None
+    message = store.get(FAILURE_KEY).decode()
+    match = re.search(r"rank (\d+)", message)
+    return (int(match.group(1)) if match else 0), message
+
+
+@contextlib.contextmanager
+def _terminate_raises():
+    """While ranks run, SIGTERM to this process stops them too (as Ctrl-C does)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _die_with_parent() -> None:
+    """A spawned rank ends with its launcher, even when the launcher is killed (Linux's
+    parent-death signal; elsewhere a thread that watches the parent)."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError, TypeError):
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the launcher died before the signal was armed
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _kill(procs):
