@@ -221,8 +221,6 @@ def _check_checkpoint_args(args) -> None:
 
     if (args.save_interval is not None or args.save_frozen) and not args.save:
         raise ConfigError("--save-interval and --save-frozen need --save DIR")
-    if args.save_interval is not None and args.save_interval < 1:
-        raise ConfigError(f"--save-interval must be a positive number of steps, got {args.save_interval}")
     if args.load:
         resolve(args.load)  # a missing or empty folder is named before any rank starts
 

@@ -9,13 +9,12 @@ never turns into a hang.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import datetime
 import os
 import pickle
 import queue
 import re
+import select
 import signal
 import threading
 import time
@@ -31,7 +30,6 @@ from mimo_builder.errors import MimoError
 DEFAULT_INIT_TIMEOUT_S = 120.0
 _POLL_S = 0.2
 _GRACE_S = 1.0  # how long to wait for other ranks' reports after a failure
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class RankError(MimoError, RuntimeError):
@@ -94,12 +92,13 @@ def _run_here(fn, nproc, args, init_timeout_s, backend):
 def _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend):
     # The parent owns the rendezvous store on a port the OS picks: no port races between tests.
     store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False)
-    ctx = mp.get_context("spawn")
+    ctx = _rank_context()
     results: queue.Queue = ctx.Queue()
+    payload = pickle.dumps((fn, args, dict(os.environ)))
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(rank, nproc, store.port, init_timeout_s, backend, pickle.dumps((fn, args)), results),
+            args=(rank, nproc, store.port, init_timeout_s, backend, payload, results, os.getpid()),
             daemon=True,
         )
         for rank in range(nproc)
@@ -119,13 +118,24 @@ def _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend):
     return values
 
 
-def _rank_main(rank, nproc, port, init_timeout_s, backend, payload, results):
-    _die_with_parent()
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank_context():
+    """Ranks fork from a server process that imported the stack once (:mod:`mimo_builder.preload`):
+    a fresh process per rank, as with "spawn", without importing torch and MCore each time.
+    The server starts at the first launch of this process and never touches a GPU."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["mimo_builder.preload"])
+    return ctx
+
+
+def _rank_main(rank, nproc, port, init_timeout_s, backend, payload, results, launcher):
+    _die_with(launcher)
     quiet_dependency_warnings()  # before unpickling fn/args imports MCore
     try:
-        fn, args = pickle.loads(payload)
+        fn, args, environment = pickle.loads(payload)
+        os.environ.clear()  # the launcher's environment now, not the fork server's
+        os.environ.update(environment)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         timeout = datetime.timedelta(seconds=init_timeout_s)
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
         dist.init_process_group(backend, store=store, rank=rank, world_size=nproc, timeout=timeout)
@@ -231,24 +241,30 @@ def _terminate_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _die_with_parent() -> None:
-    """A spawned rank ends with its launcher, even when the launcher is killed (Linux's
-    parent-death signal; elsewhere a thread that watches the parent)."""
-    parent = os.getppid()
+def _die_with(launcher: int) -> None:
+    """End this rank when its launcher ends, even when the launcher is killed (a rank's parent
+    is the fork server, so the parent-death signal would watch the wrong process)."""
+    threading.Thread(target=_exit_after, args=(launcher,), name="mimo-launcher-watch", daemon=True).start()
+
+
+def _exit_after(pid: int) -> None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
-            raise OSError(ctypes.get_errno(), "prctl")
-    except (OSError, AttributeError, TypeError):
-        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    if os.getppid() != parent:  # the launcher died before the signal was armed
-        os._exit(1)
-
-
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(1.0)
+        handle = os.pidfd_open(pid)  # Linux: wakes the moment the process ends
+        select.select([handle], [], [])
+    except (AttributeError, OSError):  # elsewhere, or already gone
+        while _alive(pid):
+            time.sleep(0.5)
     os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _kill(procs):

@@ -150,7 +150,7 @@ def test_checkpoint_mistakes_are_named_before_any_rank_starts(tmp_path):
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "no checkpoint at" in missing.stderr and "does not exist" in missing.stderr
     interval = _cli("run", "graphs/mamba_lm.yaml", "--steps", "2", "--save", str(tmp_path), "--save-interval", "0")
-    assert interval.returncode == 2 and "--save-interval must be a positive number of steps" in interval.stderr
+    assert interval.returncode == 2 and "argument --save-interval: must be a positive integer, got '0'" in interval.stderr
 
     def hf(doc):
         doc["nodes"]["vision"]["init"] = {"hf": "openai/clip-vit-base-patch16"}
