@@ -1,14 +1,18 @@
-"""Imported once by the launcher's fork server, so that spawned ranks start with the stack
-already imported (torch, Megatron-Core, the runtime) instead of importing it again each.
-Importing it has no other effect; a module missing here is imported by the rank as usual."""
+"""Imported once by the launcher's fork server, so that spawned ranks start with most of the
+stack already imported instead of importing it again each.
+
+Only modules that leave CUDA untouched belong here: importing Megatron-Core queries the device,
+after which torch refuses CUDA in every forked child ("Cannot re-initialize CUDA in forked
+subprocess"); ranks import MCore themselves (about 1.5 s). ``tests/test_launch.py`` checks it.
+"""
 
 from mimo_builder.environment import quiet_dependency_warnings
 
 quiet_dependency_warnings()  # the server's imports print nothing either
 
-import torch.distributed  # noqa: E402,F401
-import megatron.core.distributed  # noqa: E402,F401
-import megatron.core.optimizer  # noqa: E402,F401
-
-import mimo_builder.checkpoint  # noqa: E402,F401
-import mimo_builder.runtime.train  # noqa: E402,F401
+import networkx  # noqa: E402,F401
+import pydantic  # noqa: E402,F401
+import torch._inductor.compile_fx  # noqa: E402,F401
+import torch.distributed.checkpoint  # noqa: E402,F401
+import torch.distributed.tensor  # noqa: E402,F401
+import yaml  # noqa: E402,F401

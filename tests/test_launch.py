@@ -54,3 +54,16 @@ def test_a_rank_that_dies_is_reported():
 def test_timeout_is_an_error_not_a_hang():
     with pytest.raises(RankError, match="timed out"):
         launch(time.sleep, 1, 30, timeout_s=3)
+
+
+def _rank_state():
+    return dict(cuda_usable=not torch._C._cuda_isInBadFork(), marker=os.environ.get("MIMO_TEST_LAUNCH_ENV"))
+
+
+def test_ranks_can_use_cuda_and_see_the_launchers_environment(monkeypatch):
+    """Ranks fork from a server that imported part of the stack: it must not have touched CUDA
+    (else torch refuses CUDA in every rank), and each rank gets the launcher's environment as
+    it is at launch time, not the server's."""
+    launch(_rank_and_sum, 1, timeout_s=120)  # the fork server is up before the variable is set
+    monkeypatch.setenv("MIMO_TEST_LAUNCH_ENV", "now")
+    assert launch(_rank_state, 2, timeout_s=120) == [dict(cuda_usable=True, marker="now")] * 2
