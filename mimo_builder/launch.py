@@ -200,7 +200,9 @@ def _raise_root_cause(procs, results, done, failures, store):
             failures.setdefault(rank, payload)
     dead = _dead_ranks(procs, set(done) | set(failures))
     published = _published_failure(store)
-    if published is not None:
+    # a published cause explains ranks that died unreported (their watchdog ended them) or that
+    # report it; an older published failure (caught, then rebuilt) does not explain a new one
+    if published is not None and (dead or any(published[1] in str(f) for f in failures.values())):
         rank, message = published
         raise RankError(rank, message + _also_failed(set(failures) | set(dead), rank))
     cause = min(dead) if dead else next(iter(failures))

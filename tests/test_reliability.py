@@ -9,7 +9,8 @@ rank, a rank that stops itself with SIGSTOP); nothing in the project knows about
   rank's message; the caller builds again and the step's loss is the clean run's;
 - a rank that fails before the gradient norm's collective leaves its peers blocked there: their
   watchdogs end them, and the launcher reports the published root cause within 60 s;
-- a rank stopped by SIGSTOP: the step timeout fires and names the silent rank.
+- a rank stopped by SIGSTOP: the step timeout fires and names the silent rank;
+- a failure caught earlier in the run does not stand in for a later, unrelated one.
 """
 
 from __future__ import annotations
@@ -163,3 +164,24 @@ def test_a_stopped_rank_is_named_by_the_step_timeout():
     assert "step 2 made no progress in forward_backward for 10 s (step timeout)" in err.trace, err.trace
     assert "silent: rank 1 is not responding (last reported: step " in err.trace, err.trace
     assert seconds < 60 + 30, seconds
+
+
+def _caught_then_fails_elsewhere():
+    """A step failure is published and caught; later rank 0 raises outside any step."""
+    import torch.distributed as dist
+
+    from mimo_builder.runtime.schedule import StepError
+
+    run = _build("colocated_dp2")
+    if dist.get_rank() == 1:
+        run[0].chunks("lm")[0].forward = _raise
+    with pytest.raises(StepError):
+        _step(run)
+    if dist.get_rank() == 0:
+        raise ValueError("a later, unrelated failure")
+    time.sleep(120)
+
+
+def test_an_old_published_failure_does_not_explain_a_new_one():
+    err, _ = _launch_expecting_failure(_caught_then_fails_elsewhere)
+    assert err.rank == 0 and "ValueError: a later, unrelated failure" in err.trace, err.trace
