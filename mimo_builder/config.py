@@ -29,6 +29,9 @@ NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
 StrictInt = Annotated[int, Field(strict=True)]
 """Any int written as an int (strict like PositiveInt)."""
 
+StrictBool = Annotated[bool, Field(strict=True)]
+"""true or false written as such: "yes", 1 or "false" are refused, not converted."""
+
 MAX_SHOWN_ERRORS = 20
 """A ConfigError from validation lists at most this many fields."""
 

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mimo_builder.config import HookRef, ModelConfig, NonNegativeInt, PositiveInt, _describe
+from mimo_builder.config import HookRef, ModelConfig, NonNegativeInt, PositiveInt, StrictBool, _describe
 from mimo_builder.document import load_file, parse_json, parse_yaml
 from mimo_builder.errors import ConfigError, excerpt
 from mimo_builder.optim_config import NodeOptimizer, OptimizerSettings
@@ -125,7 +125,7 @@ class Node(_Strict):
     ddp: dict[str, Any] = Field(default_factory=dict)
     """DistributedDataParallelConfig options for this node, over the graph-wide defaults."""
 
-    frozen: bool = False
+    frozen: StrictBool = False
     """No gradients, no DDP gradient buffers, no optimizer for this node."""
 
     optimizer: NodeOptimizer = Field(default_factory=NodeOptimizer)

@@ -9,7 +9,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 
 from mimo_builder.builder import ModelBuilder, Port, Ports, token_input_ports
-from mimo_builder.config import PositiveInt
+from mimo_builder.config import PositiveInt, StrictBool
 from mimo_builder.transformer_config import (
     TransformerModelConfig,
     make_transformer_config,
@@ -36,7 +36,7 @@ class GPTConfig(TransformerModelConfig):
     position_embedding_type: Literal["learned_absolute", "rope", "none"] = "rope"
     """How positions are encoded."""
 
-    share_embeddings_and_output_weights: bool = True
+    share_embeddings_and_output_weights: StrictBool = True
     """Tie the output layer to the input embedding."""
 
 

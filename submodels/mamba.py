@@ -42,7 +42,7 @@ from megatron.core.transformer.transformer_layer import (  # noqa: E402
 
 from mimo_builder.builder import ModelBuilder, Port, Ports, token_input_ports  # noqa: E402
 from mimo_builder.compat import resolve_device  # noqa: E402
-from mimo_builder.config import PositiveInt, StrictInt  # noqa: E402
+from mimo_builder.config import PositiveInt, StrictBool, StrictInt  # noqa: E402
 from mimo_builder.errors import ConfigError  # noqa: E402
 from mimo_builder.tp_shard import unwrap  # noqa: E402
 from mimo_builder.transformer_config import (  # noqa: E402
@@ -79,7 +79,7 @@ class MambaConfig(TransformerModelConfig):
     position_embedding_type: Literal["learned_absolute", "rope", "none"] = "none"
     """Position encoding; Mamba layers need none, attention layers may use rope."""
 
-    share_embeddings_and_output_weights: bool = False
+    share_embeddings_and_output_weights: StrictBool = False
     """Tie the output layer to the input embedding."""
 
     normalization: Literal["LayerNorm", "RMSNorm"] = "RMSNorm"

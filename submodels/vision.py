@@ -12,7 +12,7 @@ from megatron.core.transformer import TransformerConfig
 from pydantic import model_validator
 
 from mimo_builder.builder import ModelBuilder, Port, Ports
-from mimo_builder.config import PositiveInt
+from mimo_builder.config import PositiveInt, StrictBool
 from mimo_builder.errors import ConfigError
 from mimo_builder.transformer_config import TransformerModelConfig, make_transformer_config, use_te
 
@@ -40,7 +40,7 @@ class VisionConfig(TransformerModelConfig):
     num_channels: PositiveInt = 3
     """Channels of the input image."""
 
-    class_token: bool = True
+    class_token: StrictBool = True
     """Prepend a learned class token to the patch tokens."""
 
     activation: Literal["quick_gelu", "gelu"] = "quick_gelu"

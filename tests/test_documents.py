@@ -207,6 +207,18 @@ def test_other_integer_fields_are_strict(tmp_path, capsys, edit, field):
     assert field in err
 
 
+@pytest.mark.parametrize("edit, field", [
+    (lambda d: d["nodes"]["lm"].update(frozen="yes"), "frozen"),
+    (lambda d: d["nodes"]["lm"]["config"].update(share_embeddings_and_output_weights=1),
+     "share_embeddings_and_output_weights"),
+])
+def test_boolean_fields_are_strict(tmp_path, capsys, edit, field):
+    doc = yaml.safe_load(MAMBA_LM)
+    edit(doc)
+    err = _refused(capsys, "validate", _write(tmp_path, yaml.safe_dump(doc)))
+    assert field in err
+
+
 @pytest.mark.parametrize("field", ["ep", "etp"])
 def test_expert_parallelism_needs_expert_layers(tmp_path, capsys, field):
     err = _refused(capsys, "validate", _write(tmp_path, _with_lm(f"    placement: {{{field}: 2}}\n")),
