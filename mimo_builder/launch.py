@@ -119,9 +119,14 @@ def _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend):
 
 
 def _rank_context():
-    """Ranks fork from a server process that imported the stack once (:mod:`mimo_builder.preload`):
-    a fresh process per rank, as with "spawn", without importing torch and MCore each time.
-    The server starts at the first launch of this process and never touches a GPU."""
+    """Without a GPU, ranks fork from a server process that imported most of the stack once
+    (:mod:`mimo_builder.preload`): a fresh process per rank, as with "spawn", without importing
+    torch again each time. With a GPU, "spawn": importing torch's compiler stack there queries
+    the device, after which torch refuses CUDA in forked children."""
+    import torch
+
+    if torch.cuda.is_available():
+        return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["mimo_builder.preload"])
     return ctx

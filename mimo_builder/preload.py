@@ -1,9 +1,11 @@
-"""Imported once by the launcher's fork server, so that spawned ranks start with most of the
-stack already imported instead of importing it again each.
+"""Imported once by the launcher's fork server (machines without CUDA), so that spawned ranks
+start with most of the stack already imported instead of importing it again each.
 
 Only modules that leave CUDA untouched belong here: importing Megatron-Core queries the device,
 after which torch refuses CUDA in every forked child ("Cannot re-initialize CUDA in forked
-subprocess"); ranks import MCore themselves (about 1.5 s). ``tests/test_launch.py`` checks it.
+subprocess"); ranks import MCore themselves (about 1.5 s). On a GPU machine torch's compiler
+stack queries the device too, so ranks there are spawned (``launch._rank_context``).
+``tests/test_launch.py`` checks that ranks can still use CUDA.
 """
 
 from mimo_builder.environment import quiet_dependency_warnings
