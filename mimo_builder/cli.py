@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -18,6 +19,9 @@ from mimo_builder.errors import MimoError
 def main(argv: list[str] | None = None) -> int:
     """Run one command: 0 on success, 2 with a one-line ``error: ...`` for any named error."""
     quiet_dependency_warnings()
+    # stdout carries only the command's output (JSON, tables); log records go to stderr. Set up
+    # first: importing Megatron's training module would point the root logger at stdout.
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s:%(name)s:%(message)s")
     args = _parser().parse_args(argv)
     from mimo_builder.registry import allow_modules
 

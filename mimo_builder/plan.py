@@ -73,24 +73,23 @@ def make_plan(graph: Graph, world_size: int, count_params: bool = True) -> Plan:
              for name in valid.order]
     if count_params:
         for node in nodes:
-            node.stage_params = _count_stage_params(valid, node.name)
-            node.params = _node_total(valid, node)
+            counts = _count_stages(valid, node.name, _smallest_replica(node.layout))
+            node.stage_params = [held for held, _ in counts]
+            node.params = _node_total(valid, node, counts)
     return Plan(world_size, nodes, count_process_groups(valid.layouts.values()), valid)
 
 
-def _node_total(valid: ValidGraph, node: NodePlan) -> int:
-    """Whole-node parameters: the meta build at TP=EP=1 summed over stages."""
+def _node_total(valid: ValidGraph, node: NodePlan, counts: list[tuple[int, int]]) -> int:
+    """Whole-node parameters: the meta build at TP=EP=1 summed over stages, a tied embedding's
+    copy on the last pipeline stage counted once (it is on that rank, but the same weight)."""
     layout = node.layout
-    if layout.tp == 1 and layout.ep == 1:
-        return sum(node.stage_params)
-    flat = Layout(0, layout.pp, pp=layout.pp)
-    return sum(_count_on_fake_world(valid, node.name, flat, stage) for stage in range(layout.pp))
+    if layout.tp != 1 or layout.ep != 1:
+        counts = _count_stages(valid, node.name, Layout(0, layout.pp, pp=layout.pp))
+    return sum(held - copies for held, copies in counts)
 
 
-def _count_stage_params(valid: ValidGraph, name: str) -> list[int]:
-    layout = valid.layouts[name]
-    replica = _smallest_replica(layout)
-    return [_count_on_fake_world(valid, name, replica, stage) for stage in range(layout.pp)]
+def _count_stages(valid: ValidGraph, name: str, layout: Layout) -> list[tuple[int, int]]:
+    return [_count_on_fake_world(valid, name, layout, stage) for stage in range(layout.pp)]
 
 
 def _smallest_replica(layout: Layout) -> Layout:
@@ -101,8 +100,9 @@ def _smallest_replica(layout: Layout) -> Layout:
     return Layout(0, per_stage * dp * layout.pp, layout.tp, layout.cp, layout.pp, layout.ep, layout.etp)
 
 
-def _count_on_fake_world(valid: ValidGraph, name: str, layout: Layout, stage: int) -> int:
-    """Parameters of one rank at pipeline ``stage`` of ``layout``, built on meta in a fake world."""
+def _count_on_fake_world(valid: ValidGraph, name: str, layout: Layout, stage: int) -> tuple[int, int]:
+    """Parameters of one rank at pipeline ``stage`` of ``layout``, built on meta in a fake world,
+    and how many of them are copies of a weight held by another stage (MCore's ``shared``)."""
     from torch.testing._internal.distributed import fake_pg  # noqa: F401  (registers the backend)
 
     from mimo_builder import compat, distributed
@@ -118,6 +118,7 @@ def _count_on_fake_world(valid: ValidGraph, name: str, layout: Layout, stage: in
             compat.seed_rng(0, tp_rank=pgs.tp.rank())
             builder = valid.configs[name].make_builder()
             chunks = distributed.build_chunks(builder.build_model, builder.transformer_config(pgs), pgs, meta=True)
-            return sum(p.numel() for chunk in chunks for p in chunk.parameters())
+            params = [p for chunk in chunks for p in chunk.parameters()]
+            return sum(p.numel() for p in params), sum(p.numel() for p in params if getattr(p, "shared", False))
     finally:
         dist.destroy_process_group()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLI = pathlib.Path(sys.executable).parent / "mimo-builder"
@@ -45,6 +46,19 @@ def test_plan_json_has_the_same_facts_as_the_table():
     for node in plan["nodes"]:
         assert node["name"] in table.stdout and f"{node['params']:,}" in table.stdout
     assert plan["ranks"][3]["nodes"] == {"lm": {"tp": 1, "cp": 0, "dp": 0, "pp": 0}}
+
+
+def test_plan_json_stays_valid_when_megatron_logs(tmp_path):
+    """At pp=2 Megatron-Core logs a deprecation warning while the plan builds on the meta
+    device; stdout must still hold nothing but the JSON document."""
+    doc = yaml.safe_load((ROOT / "graphs" / "mamba_lm.yaml").read_text())
+    doc["nodes"]["lm"]["placement"] = {"pp": 2}
+    path = tmp_path / "pp2.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = _cli("plan", str(path), "--world-size", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["world_size"] == 2
+    assert "DEPRECATION" in result.stderr  # the warning is still shown, on stderr
 
 
 def test_schema_is_the_graph_json_schema():

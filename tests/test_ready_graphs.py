@@ -38,6 +38,23 @@ def test_every_placement_validates_and_plans(name):
         assert by_name["lm"].params == make_plan(getattr(module, name)("single"), 1).nodes[-1].params
 
 
+@pytest.mark.parametrize("pp", [2, 4])
+def test_a_tied_embedding_is_counted_once_across_pipeline_stages(pp):
+    from graphs.mamba_lm import mamba_lm
+
+    def plan(pp):
+        graph = mamba_lm()
+        graph.nodes["lm"].config.update(share_embeddings_and_output_weights=True, num_layers=4)
+        graph.nodes["lm"].placement.pp = pp
+        return make_plan(graph, pp).nodes[0]
+
+    single, staged = plan(1), plan(pp)
+    config = mamba_lm().nodes["lm"].config
+    embedding = config["vocab_size"] * config["hidden_size"]
+    assert staged.params == single.params
+    assert sum(staged.stage_params) == single.params + embedding  # the last stage holds its copy
+
+
 def test_disjoint_placement_puts_encoders_on_0_1_and_backbone_tp2_on_2_3():
     from graphs.avlm import avlm
 
