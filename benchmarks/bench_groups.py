@@ -5,7 +5,7 @@ ranks) has 2 distinct layouts: 4 nodes on ranks 0-1 (tp=1) and 2 nodes on ranks 
 On a 4-rank gloo world, ``create_process_groups(layouts)`` (which deduplicates, as the walker
 does) is timed against one ``create_process_groups([layout])`` call per node (6 calls). Each
 run creates fresh groups; the variants alternate, the order reversed each round; a run's time
-is the slowest rank's. Also compared: the group enumerations created (``num_groups``).
+is the slowest rank's. Also compared: the process groups created (``num_groups``).
 
 Run: .venv/bin/python benchmarks/bench_groups.py [--json out.json] [--repeats N]
 Reports medians and the ratio shared / per-node time (target <= 0.5: 2 layouts vs 6 nodes
@@ -40,7 +40,7 @@ def six_node_graph():
 
 
 def _measure(node_layouts, repeats):
-    """On every rank: per run and variant, this rank's seconds and the enumerations created."""
+    """On every rank: per run and variant, this rank's seconds and the groups created."""
     import torch.distributed as dist
 
     from mimo_builder.placement import create_process_groups

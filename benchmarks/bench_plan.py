@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
          ("total: counted + as_dict", f"{total * 1e3:.1f} ms"),
          ("baseline: make_plan(vlm 'single', 1) (median)", f"{times['world1'] * 1e3:.1f} ms"),
          ("lm stage params / whole", f"{lm.stage_params} / {lm.params}"),
-         ("process-group enumerations", str(plan.num_groups))],
+         ("process groups created", f"{plan.num_groups:,}")],
         "ratio total / 1 s", total / BUDGET_S, "<= 1.0", args.json)
 
 

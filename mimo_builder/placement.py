@@ -8,6 +8,7 @@ rank must call it with the same layouts, because ``new_group`` is collective ove
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -111,7 +112,7 @@ class ProcessGroups:
 
     collections: dict[Layout, ProcessGroupCollection] = field(default_factory=dict)
     grids: dict[Layout, HyperCommGrid] = field(default_factory=dict)
-    num_groups: int = 0  # subgroup enumerations created (each a collective new_group call set)
+    num_groups: int = 0  # process groups created, on every rank (see layout_group_count)
 
     def for_layout(self, layout: Layout) -> ProcessGroupCollection | None:
         """This rank's collection for ``layout``, or None if the rank is outside it."""
@@ -182,12 +183,20 @@ def control_group() -> dist.ProcessGroup:
 
 
 def count_process_groups(layouts) -> int:
-    """How many group enumerations :func:`create_process_groups` would create (no processes)."""
-    return len(set(layouts)) * group_count_per_layout()
+    """How many process groups :func:`create_process_groups` creates in all, computed without
+    processes: every subgroup of every enumeration (each is one ``new_group`` call on every rank)."""
+    return sum(layout_group_count(layout) for layout in set(layouts))
 
 
-def group_count_per_layout() -> int:
-    return len(BASE_GROUPS) + len(EXPERT_GROUPS) + 2  # + embd, pos_embd
+def layout_group_count(layout: Layout) -> int:
+    """The groups one layout's grid, expert view and embedding groups make (a group per rank
+    list: e.g. ``size / tp`` TP groups)."""
+    base = dict(zip(BASE_DIMS, (layout.tp, layout.cp, layout.dp, layout.pp)))
+    expert = dict(zip(EXPERT_DIMS, (layout.expert_tp, layout.ep, layout.edp, layout.pp)))
+    count = sum(layout.size // math.prod(base[d] for d in dims) for dims in BASE_GROUPS.values())
+    count += sum(layout.size // math.prod(expert[d] for d in dims)
+                 for dims in EXPERT_GROUPS.values() if dims != ("pp",))  # ("pp",) reuses the base group
+    return count + 2 * (layout.size // layout.pp)  # embd, pos_embd: one per pipeline
 
 
 def _create_layout_groups(layout: Layout, backend, options):
@@ -207,7 +216,7 @@ def _create_layout_groups(layout: Layout, backend, options):
     pp_stages = grid.get_rank_enum("pp")
     pgs["embd"] = _subgroup([sorted({s[0], s[-1]}) for s in pp_stages], backend, options)
     pgs["pos_embd"] = _subgroup([[s[0]] for s in pp_stages], backend, options)
-    return grid, pgs, group_count_per_layout()
+    return grid, pgs, layout_group_count(layout)
 
 
 def _subgroup(enumeration: list[list[int]], backend, options):

@@ -14,7 +14,7 @@ def print_plan(plan: Plan, console: Console | None = None, num_microbatches: int
     console = console or Console()
     console.print(nodes_table(plan))
     console.print(ranks_table(plan))
-    console.print(f"process groups to create: {plan.num_groups} (one set per distinct layout)")
+    console.print(f"process groups to create: {plan.num_groups:,} (every rank takes part in each)")
     console.print(schedule_table(plan, num_microbatches))
 
 

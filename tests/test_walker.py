@@ -90,7 +90,8 @@ def _shared_groups_frozen_ddp():
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from mimo_builder.graph import Graph, Placement
-    from mimo_builder.placement import group_count_per_layout
+    from mimo_builder.placement import count_process_groups, create_process_groups
+    from mimo_builder.validation import validate_graph
     from mimo_builder.walker import CompositeBuilder
     from submodels.projector import ProjectorConfig
 
@@ -107,10 +108,15 @@ def _shared_groups_frozen_ddp():
     (composite,) = CompositeBuilder(graph).build_distributed_models(
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
     a, b = composite.chunks("a")[0], composite.chunks("b")[0]
+    layouts = list(validate_graph(graph, world_size=2).layouts.values())
+    before = dist.distributed_c10d._world.group_count  # new_group calls made by this rank
+    create_process_groups(layouts).destroy()
     return dict(
+        created=dist.distributed_c10d._world.group_count - before, counted=count_process_groups(layouts),
+        counted_per_node=sum(count_process_groups([layout]) for layout in layouts),
         shared=composite.pg_collection("a").dp is composite.pg_collection("b").dp,
         separate=composite.pg_collection("a").dp is not composite.pg_collection("c").dp,
-        groups=composite.process_groups.num_groups, per_layout=group_count_per_layout(),
+        groups=composite.process_groups.num_groups,
         a_ddp=(isinstance(a, DistributedDataParallel), a.ddp_config.overlap_grad_reduce,
                a.ddp_config.grad_reduce_in_fp32),
         b_frozen=(not isinstance(b, DistributedDataParallel), any(p.requires_grad for p in b.parameters())),
@@ -121,7 +127,8 @@ def _shared_groups_frozen_ddp():
 def test_nodes_share_groups_by_layout_frozen_skip_ddp_node_ddp_overrides():
     for r in run_ranks(2, _shared_groups_frozen_ddp):
         assert r["shared"] and r["separate"]
-        assert r["groups"] == 2 * r["per_layout"]  # two distinct layouts, not three nodes
+        assert r["created"] == r["counted"] == r["groups"]  # the plan's count is what gets created
+        assert r["counted"] < r["counted_per_node"]  # two distinct layouts, not three nodes
         assert r["a_ddp"] == (True, True, True)  # node option over the graph-wide default
         assert r["b_frozen"] == (True, False)
         assert r["hooks"] == ["Projector", "Projector", "Projector"]
