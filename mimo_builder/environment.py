@@ -25,6 +25,23 @@ def prepare_mamba_ssm_import() -> None:
         pass
 
 
+OPTIONAL_PACKAGE_NOTICES = (
+    r"Transformer Engine and Apex are not installed",
+    r"Apex is not installed",
+    r"absl\.logging is not installed",
+    r"Only transformer-engine>=",
+)
+"""Import-time notices of MCore about optional packages a CPU (or TE-less) run does not have."""
+
+
+def quiet_import_notices() -> None:
+    """Hide, for the package's import, exactly the notices above and torch's "No CUDA runtime"
+    log line: importing the library prints nothing. Other warnings still show."""
+    for notice in OPTIONAL_PACKAGE_NOTICES:
+        warnings.filterwarnings("ignore", message=notice, category=UserWarning)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def quiet_dependency_warnings() -> None:
     """Hide the import-time notices of MCore and torch about optional packages (TE, Apex,
     absl, CUDA) that a CPU run does not have; errors and our own warnings still show."""

@@ -68,3 +68,15 @@ def _is_foreign(node) -> bool:
     """True for expressions like torch.cuda or an imported megatron module object."""
     text = ast.unparse(node)
     return text.startswith(("torch.cuda", "megatron", "mcore_", "parallel_state"))
+
+
+def test_importing_the_library_prints_nothing():
+    """MCore announces missing optional packages (TE, Apex, absl) and torch a missing CUDA
+    runtime at import; the package hides exactly those, so a user's import is silent."""
+    import subprocess
+    import sys
+
+    code = "import " + ", ".join(sorted(_modules()))
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and result.stderr == "", result.stdout + result.stderr
