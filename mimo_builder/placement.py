@@ -136,9 +136,7 @@ class ProcessGroups:
         forgets them at once; their sockets and threads go with the last module holding one."""
         for grid in self.grids.values():
             grid.destroy()  # MCore's: the grid's groups of every view
-        for group in self._member_groups():  # the rest (embedding groups)
-            if group in dist.distributed_c10d._world.pg_map:
-                dist.destroy_process_group(group)
+        release(*self._member_groups())  # the rest (embedding groups)
         self.grids.clear()
         self.collections.clear()
 
@@ -168,6 +166,13 @@ def create_process_groups(layouts, backend: str | None = None, timeout=None) -> 
         if rank in layout.ranks:
             result.collections[layout] = ProcessGroupCollection(**pgs)
     return result
+
+
+def release(*groups: dist.ProcessGroup | None) -> None:
+    """Destroy each group torch still knows (None and already destroyed ones are skipped)."""
+    for group in groups:
+        if group is not None and group in dist.distributed_c10d._world.pg_map:
+            dist.destroy_process_group(group)
 
 
 _control_groups: dict[int, dist.ProcessGroup] = {}

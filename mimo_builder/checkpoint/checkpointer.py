@@ -61,13 +61,12 @@ class Checkpointer:
         with self._guarded("checkpoint save"):
             return self._save(Path(root), step, data)
 
+    @contextlib.contextmanager
     def _guarded(self, what: str):
         """A failure or a stall here reaches every rank (the model's watchdog)."""
         guard = self.model.guard
-        stack = contextlib.ExitStack()
-        stack.enter_context(guard.watch("checkpoint", timeout_s=self.timeout_s or math.inf))
-        stack.enter_context(guard.publishing(what))
-        return stack
+        with guard.watch("checkpoint", timeout_s=self.timeout_s or math.inf), guard.publishing(what):
+            yield
 
     def _save(self, root: Path, step: int, data: DataPosition | None) -> Path:
         rank = dist.get_rank()
@@ -157,7 +156,7 @@ class Checkpointer:
                 loaded = dist_checkpointing.load(flat, str(step_dir))
         state.fill(tree, loaded)
         self._restore(tree, manifest)
-        reset = self._reset_notes(nodes, optimized, with_optimizer, self._rng_note(manifest, same_placement))
+        reset = self._reset_notes(nodes, optimized, with_optimizer, _rng_note(manifest, same_placement, same_device))
         return Resumed(manifest.step, manifest.data, resharded, tuple(reset))
 
     def _restore(self, tree: dict, manifest: Manifest) -> None:
@@ -175,14 +174,6 @@ class Checkpointer:
                 opt.scheduler.step(increment=record.scheduler_steps or 0)
         if any("optimizer" in node for node in tree.values()):
             self.optimizer.skipped_steps = manifest.skipped_steps
-
-    @staticmethod
-    def _rng_note(manifest: Manifest, same_placement: bool) -> str | None:
-        if not same_placement:
-            return "generator states (the placement differs; seeded afresh)"
-        if manifest.device != state.device_kind():
-            return f"generator states (saved on {manifest.device}, running on {state.device_kind()}; seeded afresh)"
-        return None
 
     def _reset_notes(self, nodes, optimized, with_optimizer, rng_note: str | None) -> list[str]:
         notes = [rng_note] if rng_note else []
@@ -236,6 +227,15 @@ class Checkpointer:
     def _scope(self):
         device = self.optimizer.device if self.optimizer else compat.resolve_device("auto")
         return compat.cuda_factories_on_cpu(device) if device.type == "cpu" else contextlib.nullcontext()
+
+
+def _rng_note(manifest: Manifest, same_placement: bool, same_device: bool) -> str | None:
+    """Why the generator states were not restored, if they were not."""
+    if not same_placement:
+        return "generator states (the placement differs; seeded afresh)"
+    if not same_device:
+        return f"generator states (saved on {manifest.device}, running on {state.device_kind()}; seeded afresh)"
+    return None
 
 
 def _kinds(builders: dict[str, str]) -> str:

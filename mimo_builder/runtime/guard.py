@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mimo_builder.placement import release
+
 FAILURE_KEY = "mimo_builder/failure"
 """The job's latest published root cause (read by :mod:`mimo_builder.launch`)."""
 EXIT_ABANDONED = 75
@@ -102,6 +104,10 @@ class StepGuard:
             self.store.set(FAILURE_KEY, message)
         return first
 
+    def publish_error(self, where: str, err: BaseException) -> str:
+        """:meth:`publish` ``err`` as raised on this rank at ``where`` (a node and phase)."""
+        return self.publish(f"rank {self.rank}, {where}: {type(err).__name__}: {err}")
+
     def published(self, step: int) -> str | None:
         """The failure some rank published for ``step``, if any (does not block)."""
         key = self._failure_key(step)
@@ -118,7 +124,7 @@ class StepGuard:
         try:
             yield
         except Exception as err:
-            self.publish(f"rank {self.rank}, {where}: {type(err).__name__}: {err}")
+            self.publish_error(where, err)
             raise
 
     def agree(self, failure: str | None) -> str | None:
@@ -132,8 +138,7 @@ class StepGuard:
 
     def close(self) -> None:
         """Stop the watchdog and release the agreement group (idempotent; no collective)."""
-        if self.group is not None and self.group in dist.distributed_c10d._world.pg_map:
-            dist.destroy_process_group(self.group)
+        release(self.group)
         self.group = None
         self._stop.set()
         if self._thread is not threading.current_thread():

@@ -123,7 +123,7 @@ class GraphOptimizer:
             except MimoError:
                 raise
             except Exception as err:
-                failure = guard.publish(f"rank {dist.get_rank()}, {guard.detail}: {type(err).__name__}: {err}")
+                failure = guard.publish_error(guard.detail, err)
                 cause = err.with_traceback(None)
             # every rank learns of a failure (a rank that failed before the norm's collective
             # leaves its peers blocked there: their watchdogs end them)

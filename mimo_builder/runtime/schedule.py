@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from mimo_builder.errors import MimoError
+from mimo_builder.placement import release
 from mimo_builder.runtime.batch import check_batch, dp_shard, shard_range
 from mimo_builder.runtime.bridge import Mailbox, broadcast_tensor
 from mimo_builder.runtime.pipeline import FORWARD, Op, PipelinePlan, Stage, needs_grad, plan_graph
@@ -99,10 +100,8 @@ class GraphSchedule:
 
     def close(self) -> None:
         """Release the schedule's own groups (called by ``CompositeModel.close``; idempotent)."""
-        for group in [self.bridge, self.control, *self.tp_groups.values()]:
-            if group is not None and group in dist.distributed_c10d._world.pg_map:
-                dist.destroy_process_group(group)
-        self.bridge, self.tp_groups = None, {}
+        release(self.bridge, self.control, *self.tp_groups.values())
+        self.bridge, self.control, self.tp_groups = None, None, {}
 
     def _run(self, batch, num_microbatches: int, per: int) -> float:
         key = (num_microbatches, per)
@@ -135,7 +134,7 @@ class GraphSchedule:
     def _fail(self, err: Exception) -> None:
         """Publish the first failure, break every collective this rank is in, raise everywhere."""
         where = self._current.where if self._current is not None else "the end of the step"
-        first = self.guard.publish(f"rank {self.rank}, {where}: {type(err).__name__}: {err}")
+        first = self.guard.publish_error(where, err)
         self.failed = first
         error = StepError(first)
         error.trace = "".join(traceback.format_exception(err))
@@ -154,7 +153,6 @@ class GraphSchedule:
                 dist.distributed_c10d._abort_process_group(group)
             return
         self.close()
-        self.control = None
         if self._current is not None:
             self._current.mailbox.group = None
         del groups
