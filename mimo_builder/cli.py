@@ -110,6 +110,11 @@ def _parser() -> argparse.ArgumentParser:
                         "S seconds (default 60; 0: no limit)")
     p.add_argument("--first-step-timeout", type=_seconds, default=600.0, metavar="S",
                    help="the same for the first step, which compiles and warms up (default 600)")
+    p.add_argument("--log-interval", type=_count, metavar="N",
+                   help="print a summary (means, each node's time split) every N steps "
+                        "(default: about 50 lines per run)")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="write every step's scalars for TensorBoard into DIR (needs the tensorboard extra)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("ckpt", help="checkpoint tools")
@@ -180,6 +185,7 @@ def _run(args) -> int:
     from mimo_builder.plan import make_plan
     from mimo_builder.plan_table import print_plan
     from mimo_builder.registry import allowed_prefixes
+    from mimo_builder.runtime.monitor import check_tensorboard
     from mimo_builder.runtime.schedule import check_runnable
     from mimo_builder.runtime.train import TrainOptions, train
     from mimo_builder.validation import validate_graph
@@ -190,6 +196,8 @@ def _run(args) -> int:
     check_runnable(validate_graph(graph, nproc))  # before any meta build or process
     _check_has_loss(graph)
     _check_checkpoint_args(args)
+    if args.tensorboard:
+        check_tensorboard()
     plan = make_plan(graph, nproc)
     if lead:
         print_plan(plan, num_microbatches=args.microbatches)
@@ -197,6 +205,7 @@ def _run(args) -> int:
                            lr=args.lr, save=args.save, save_interval=args.save_interval, save_frozen=args.save_frozen,
                            load=args.load, step_timeout_s=args.step_timeout,
                            first_step_timeout_s=args.first_step_timeout,
+                           log_interval=args.log_interval, tensorboard=args.tensorboard,
                            allowed_modules=allowed_prefixes())  # --allow reaches every rank
     start = time.perf_counter()
     losses = launch(train, nproc, graph, options)[0]

@@ -53,6 +53,8 @@ def quiet_dependency_warnings() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed\.checkpoint")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     logging.getLogger("megatron").setLevel(logging.WARNING)  # DDP lists every parameter at INFO
+    # with absl installed (tensorboard brings it), MCore's grid logs every group through it at INFO
+    logging.getLogger("absl").setLevel(logging.WARNING)
     # dist_checkpointing's synchronous save runs through its deprecated async writer and says so
     logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").setLevel(logging.ERROR)
     # The unfused Mamba path is the one the CPU kernels serve; MCore warns about it on every layer.

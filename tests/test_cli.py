@@ -124,16 +124,32 @@ def test_run_trains_a_pipelined_backbone_with_virtual_stages(tmp_path):
     lm["placement"] = {"pp": 2}
     path = tmp_path / "lm_pp2_vp2.yaml"
     path.write_text(yaml.safe_dump(doc))
+    events = tmp_path / "tensorboard"
     result = _cli("run", str(path), "--nproc", "2", "--steps", "4", "--microbatches", "4", "--batch-size", "8",
-                  "--lr", "3e-3")
+                  "--lr", "3e-3", "--tensorboard", str(events))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Schedule: 4 stages, 4 microbatches" in result.stdout
-    losses = [float(line.split("|")[1].split()[1]) for line in result.stdout.splitlines() if line.startswith("step")]
-    assert len(losses) == 4 and losses[-1] < losses[0], result.stdout
+    losses = _losses(result.stdout)
+    assert list(losses) == [1, 2, 3, 4] and float(losses[4]) < float(losses[1]), result.stdout
+    split = [line for line in result.stdout.splitlines() if "ms per step fwd/bwd/comm/opt: lm " in line]
+    assert len(split) == 4, result.stdout
+    scalars = _tensorboard_scalars(events)
+    assert [f"{v:.4f}" for _, v in scalars["train/loss"]] == list(losses.values())
+    assert [s for s, _ in scalars["time_ms/lm/forward"]] == [1, 2, 3, 4]
+    assert all(v > 0 for tag in ("forward", "backward", "optimizer") for _, v in scalars[f"time_ms/lm/{tag}"])
+
+
+def _tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def _losses(stdout: str) -> dict[int, str]:
-    return {int(line.split("|")[0].split()[1]): line.split("|")[1].split()[1]
+    """Step number -> printed loss, from the run's ``step N/LAST | loss X | ...`` lines."""
+    return {int(line.split("|")[0].split()[1].split("/")[0]): line.split("|")[1].split()[1]
             for line in stdout.splitlines() if line.startswith("step")}
 
 

@@ -30,6 +30,7 @@ from mimo_builder import compat
 from mimo_builder.errors import ConfigError, MimoError
 from mimo_builder.optim_config import OptimizerSettings
 from mimo_builder.placement import control_group
+from mimo_builder.runtime.timing import NoTimer, PhaseTimer
 from mimo_builder.walker import CompositeModel
 
 
@@ -76,11 +77,13 @@ class GraphOptimizer:
 
     ``settings`` defaults to the graph document's ``optimizer:`` (per-node overrides applied);
     ``total_steps`` is the run's length, the decay length when the settings give none.
+    ``timer`` receives each node's gradient reduction (communication) and update (optimizer).
     """
 
     def __init__(self, model: CompositeModel, settings: OptimizerSettings | None = None, *,
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, timer: PhaseTimer | None = None):
         self.model = model
+        self.timer = timer or NoTimer()
         self.settings = settings if settings is not None else model.valid.graph.optimizer
         self.device = _model_device(model)
         self.control = control_group()
@@ -136,9 +139,11 @@ class GraphOptimizer:
         guard = self.model.guard
         for name, node in self.nodes.items():  # graph order: overlapping node groups stay in step
             guard.note(f"optimizer of node '{name}' (gradient sync)")
-            # DP reduction, plus tied embeddings across pipeline stages (MCore's own finalizer)
-            finalize_model_grads(node.chunks, pg_collection=self.model.pg_collection(name))
-            node.optimizer.prepare_grads()
+            with self.timer.measure(name, "communication"):
+                # DP reduction, plus tied embeddings across pipeline stages (MCore's own finalizer)
+                finalize_model_grads(node.chunks, pg_collection=self.model.pg_collection(name))
+            with self.timer.measure(name, "optimizer"):
+                node.optimizer.prepare_grads()
         guard.note("optimizer (graph-wide gradient norm)")
         node_norms = self._node_norms()
         norm = math.sqrt(sum(n * n for n in node_norms.values()))
@@ -151,8 +156,9 @@ class GraphOptimizer:
                     clip_grad_by_total_norm_fp32(part.get_parameters(), self.settings.clip_grad, norm)
         for name, node in self.nodes.items():
             guard.note(f"optimizer of node '{name}' (update)")
-            node.optimizer.step_with_ready_grads()
-            node.scheduler.step(increment=1)
+            with self.timer.measure(name, "optimizer"):
+                node.optimizer.step_with_ready_grads()
+                node.scheduler.step(increment=1)
         return StepResult(norm, False)
 
     def _node_norms(self) -> dict[str, float]:

@@ -27,6 +27,7 @@ from mimo_builder.runtime.batch import check_batch, dp_shard, shard_range
 from mimo_builder.runtime.bridge import Mailbox, broadcast_tensor
 from mimo_builder.runtime.pipeline import FORWARD, Op, PipelinePlan, Stage, needs_grad, plan_graph
 from mimo_builder.runtime.routes import Routes
+from mimo_builder.runtime.timing import NoTimer, PhaseTimer
 from mimo_builder.walker import CompositeModel
 
 
@@ -50,11 +51,13 @@ class GraphSchedule:
 
     ``max_in_flight`` caps the microbatches any stage holds at once (None: 1F1B's own depth;
     1: the sequential schedule, one microbatch through the whole graph at a time).
+    ``timer`` receives the time of each node's forward, backward and communication.
     """
 
     def __init__(self, model: CompositeModel, device: torch.device | None = None, *,
-                 max_in_flight: int | None = None):
+                 max_in_flight: int | None = None, timer: PhaseTimer | None = None):
         self.model = model
+        self.timer = timer or NoTimer()
         self.max_in_flight = max_in_flight
         self.valid = model.valid
         self.rank = dist.get_rank()
@@ -184,20 +187,25 @@ class _Step:
         stage, m = op.stage, op.microbatch
         state = self.states[(stage, m)] = _StageState()
         inputs, hidden = self._batch_inputs(stage.node, m), None
-        for li in self.routes.in_links[stage]:
-            link = self.routes.links[li]
-            leaf = self._receive_activation(op, li).detach().requires_grad_(self.s.needs_grad[link.src.node])
-            state.leaves[li] = leaf
-            if link.edge is None:
-                hidden = leaf
-            else:
-                inputs[link.edge.dst_port] = leaf
+        timer = self.s.timer
+        with timer.measure(stage.node, "communication"):
+            for li in self.routes.in_links[stage]:
+                link = self.routes.links[li]
+                leaf = self._receive_activation(op, li).detach().requires_grad_(self.s.needs_grad[link.src.node])
+                state.leaves[li] = leaf
+                if link.edge is None:
+                    hidden = leaf
+                else:
+                    inputs[link.edge.dst_port] = leaf
         chunk = self.s.model.chunks(stage.node)[stage.chunk]
-        state.outputs = self.valid.builders[stage.node].run_stage(chunk, inputs, hidden, stage.index == 0, stage.last)
-        for key, t in self.routes.sends(op, self.rank):
-            link = self.routes.links[key[1]]
-            value = state.outputs[link.edge.src_port if link.edge else "hidden"]
-            self.mailbox.send(key, self._slice(value, link, link.src.node, t.src, t).detach(), t.dst)
+        with timer.measure(stage.node, "forward"):
+            state.outputs = self.valid.builders[stage.node].run_stage(chunk, inputs, hidden, stage.index == 0,
+                                                                      stage.last)
+        with timer.measure(stage.node, "communication"):
+            for key, t in self.routes.sends(op, self.rank):
+                link = self.routes.links[key[1]]
+                value = state.outputs[link.edge.src_port if link.edge else "hidden"]
+                self.mailbox.send(key, self._slice(value, link, link.src.node, t.src, t).detach(), t.dst)
 
     def _batch_inputs(self, node: str, m: int) -> dict[str, torch.Tensor]:
         layout = self.valid.layouts[node]
@@ -235,6 +243,22 @@ class _Step:
     def backward(self, op: Op) -> None:
         stage, m = op.stage, op.microbatch
         state = self.states[(stage, m)]
+        timer = self.s.timer
+        with timer.measure(stage.node, "communication"):
+            tensors, grads = self._output_gradients(op, state)
+        chunk = self.s.model.chunks(stage.node)[stage.chunk]
+        deferred = chunk.no_sync() if hasattr(chunk, "no_sync") and m < self.m - 1 else contextlib.nullcontext()
+        with deferred, timer.measure(stage.node, "backward"):  # DDP reduces once, after the last microbatch
+            pairs = [(t, g) for t, g in zip(tensors, grads) if t.requires_grad]
+            if pairs:
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        with timer.measure(stage.node, "communication"):
+            self._send_input_gradients(op, state)
+        del self.states[(stage, m)]
+
+    def _output_gradients(self, op: Op, state: _StageState):
+        """The stage's outputs with the gradients its consumers sent back (and its loss terms)."""
+        stage = op.stage
         tensors, grads = self._loss_terms(stage, state)
         for li in self.routes.out_links[stage]:
             link = self.routes.links[li]
@@ -248,12 +272,9 @@ class _Step:
                 grad = self._tp_broadcast(stage.node, grad)
             tensors.append(output)
             grads.append(grad.to(output.dtype))
-        chunk = self.s.model.chunks(stage.node)[stage.chunk]
-        deferred = chunk.no_sync() if hasattr(chunk, "no_sync") and m < self.m - 1 else contextlib.nullcontext()
-        with deferred:  # DDP reduces once, after the stage's last microbatch
-            pairs = [(t, g) for t, g in zip(tensors, grads) if t.requires_grad]
-            if pairs:
-                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        return tensors, grads
+
+    def _send_input_gradients(self, op: Op, state: _StageState) -> None:
         for key, t in self.routes.sends(op, self.rank):
             link = self.routes.links[key[1]]
             leaf = state.leaves[key[1]]
@@ -261,7 +282,6 @@ class _Step:
             ratio = self.valid.layouts[link.src.node].dp / self.valid.layouts[link.dst.node].dp
             piece = self._slice(grad, link, link.dst.node, t.dst, t) * ratio if link.edge else grad
             self.mailbox.send(key, piece.to(leaf.dtype), t.src)
-        del self.states[(stage, m)]
 
     def _loss_terms(self, stage: Stage, state: _StageState):
         tensors, grads = [], []

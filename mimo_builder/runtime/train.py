@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -12,9 +13,11 @@ from mimo_builder import compat
 from mimo_builder.checkpoint import Checkpointer, DataPosition
 from mimo_builder.graph import Graph
 from mimo_builder.registry import allow_modules, allowed_prefixes
+from mimo_builder.runtime.monitor import StepRecord, TrainingMonitor
 from mimo_builder.runtime.optim import GraphOptimizer
 from mimo_builder.runtime.schedule import GraphSchedule
 from mimo_builder.runtime.synthetic import synthetic_batch
+from mimo_builder.runtime.timing import PhaseTimer, gather_to_first, slowest_per_node
 from mimo_builder.walker import CompositeBuilder
 
 
@@ -44,13 +47,18 @@ class TrainOptions:
     """The same for the first step, which compiles kernels and warms caches."""
     checkpoint_timeout_s: float | None = None
     """How long one checkpoint save or load may take (None: no limit)."""
+    log_interval: int | None = None
+    """Print a summary every this many steps (None: about fifty lines per run)."""
+    tensorboard: str | None = None
+    """Folder for TensorBoard event files (None: none written; needs the ``tensorboard`` extra)."""
     allowed_modules: tuple[str, ...] = field(default_factory=allowed_prefixes)
     """Module prefixes trusted for ``module:attr`` references, applied on every rank before the
     graph is resolved (default: this process's allowlist when the options are made)."""
 
 
 def train(graph: Graph, options: TrainOptions = TrainOptions()) -> list[float]:
-    """Build ``graph`` on this process's ranks and train it; rank 0 prints one line per step.
+    """Build ``graph`` on this process's ranks and train it; rank 0 prints a summary every
+    ``log_interval`` steps (with each node's time split) and writes TensorBoard scalars if asked.
     Returns the loss of every step run here (the same on every rank)."""
     compat.quiet_dependency_warnings()
     allow_modules(*options.allowed_modules)  # a spawned rank starts with the default allowlist
@@ -65,28 +73,54 @@ def train(graph: Graph, options: TrainOptions = TrainOptions()) -> list[float]:
 
 
 def _train_built(model, options: TrainOptions, device) -> list[float]:
-    schedule = GraphSchedule(model, device=device)
-    optimizer = GraphOptimizer(model, total_steps=options.steps)
+    timer = PhaseTimer(device)
+    schedule = GraphSchedule(model, device=device, timer=timer)
+    optimizer = GraphOptimizer(model, total_steps=options.steps, timer=timer)
     checkpointer = Checkpointer(model, optimizer, save_frozen=options.save_frozen,
                                 timeout_s=options.checkpoint_timeout_s)
     done, data_seed = _resume(checkpointer, options)
     losses = []
-    for step in range(done + 1, options.steps + 1):
-        batch = synthetic_batch(model.valid, options.batch_size, seed=data_seed + step)
-        start = time.perf_counter()
-        optimizer.zero_grad()
-        loss = schedule.forward_backward(batch, options.num_microbatches)
-        result = optimizer.step(loss)
-        seconds = time.perf_counter() - start
-        losses.append(loss)
-        _print(_step_line(step, loss, result, batch, seconds))
-        if options.save and (step == options.steps or (options.save_interval and step % options.save_interval == 0)):
-            path = checkpointer.save(options.save, step, DataPosition(
-                seed=data_seed, batch_size=options.batch_size, consumed_samples=step * options.batch_size))
-            _print(f"saved step {step} to {path}")
-    if optimizer.skipped_steps:
-        _print(f"skipped {optimizer.skipped_steps} steps in all (non-finite loss or gradients)")
+    with _monitor(options, done + 1) as monitor:
+        for step in range(done + 1, options.steps + 1):
+            batch = synthetic_batch(model.valid, options.batch_size, seed=data_seed + step)
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            loss = schedule.forward_backward(batch, options.num_microbatches)
+            result = optimizer.step(loss)
+            seconds = time.perf_counter() - start
+            losses.append(loss)
+            _report(monitor, model, optimizer, timer.take(), StepRecord(
+                step, loss, result.grad_norm, _tokens(batch), seconds, skipped=result.skipped,
+                nonfinite_nodes=result.nonfinite_nodes))
+            if options.save and (step == options.steps or (options.save_interval and step % options.save_interval == 0)):
+                path = checkpointer.save(options.save, step, DataPosition(
+                    seed=data_seed, batch_size=options.batch_size, consumed_samples=step * options.batch_size))
+                _message(monitor, f"saved step {step} to {path}")
+        if optimizer.skipped_steps:
+            _message(monitor, f"skipped {optimizer.skipped_steps} steps in all (non-finite loss or gradients)")
     return losses
+
+
+def _monitor(options: TrainOptions, first_step: int):
+    """Rank 0 displays the run; the other ranks only send it their timings."""
+    if dist.get_rank() != 0:
+        return contextlib.nullcontext()
+    return TrainingMonitor(first_step, options.steps, options.log_interval, options.tensorboard)
+
+
+def _report(monitor, model, optimizer, seconds, record: StepRecord) -> None:
+    """Gather every rank's node timings and learning rates to rank 0, which records the step."""
+    parts = gather_to_first((seconds, optimizer.learning_rates()), optimizer.control)
+    if parts is None:
+        return
+    record.node_seconds = slowest_per_node([times for times, _ in parts], model.valid.order)
+    record.learning_rates = {node: rate for _, rates in parts for node, rate in rates.items()}
+    monitor.record(record)
+
+
+def _message(monitor, line: str) -> None:
+    if monitor is not None:
+        monitor.message(line)
 
 
 def _resume(checkpointer: Checkpointer, options: TrainOptions) -> tuple[int, int]:
@@ -105,8 +139,5 @@ def _print(line: str) -> None:
         print(line, flush=True)
 
 
-def _step_line(step, loss, result, batch, seconds) -> str:
-    tokens = sum(v.numel() for k, v in batch.items() if k == "input_ids")
-    note = f" | skipped: non-finite {', '.join(result.nonfinite_nodes) or 'loss'}" if result.skipped else ""
-    return (f"step {step:>3} | loss {loss:7.4f} | grad norm {result.grad_norm:7.3f} | "
-            f"{tokens / seconds:8.0f} tokens/s | {seconds * 1e3:6.0f} ms{note}")
+def _tokens(batch) -> int:
+    return sum(v.numel() for k, v in batch.items() if k == "input_ids")
