@@ -83,6 +83,9 @@ class SleepBuilder(ModelBuilder):
     def synthetic_inputs(self, batch_size, generator, tokens):
         return {"input": torch.randn((batch_size, TOKENS, self.config.features), generator=generator)}
 
+    def output_tokens(self, input_tokens):
+        return {"output": input_tokens["input"]}  # x * scale keeps the tokens
+
     def make_transformer_config(self, pg_collection) -> TransformerConfig:
         pp = pg_collection.pp.size()  # one layer per stage; MCore wants only what DDP reads
         return TransformerConfig(num_layers=pp, hidden_size=self.config.features, num_attention_heads=1,

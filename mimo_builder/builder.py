@@ -2,16 +2,17 @@
 
 Subclasses MCore 0.19's ``megatron.training.models.base.ModelBuilder`` and keeps its exact
 signatures, so Megatron-Bridge's training setup can call our builders unchanged. A concrete
-builder implements ``build_model``, ``transformer_config`` and ``ports``; the distributed
-lifecycle (VP chunks, meta init, mixed precision, DDP, hooks) is shared in
-:mod:`mimo_builder.distributed`.
+builder defines ``ports`` and ``build_model`` (and ``run``, ``output_tokens``, ... where
+:mod:`mimo_builder.contract` says so); a builder with MCore transformer layers also overrides
+``make_transformer_config``. The distributed lifecycle (VP chunks, meta init, mixed precision,
+DDP, hooks) is shared in :mod:`mimo_builder.distributed`. docs/extending.md walks through one.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 import torch
 from megatron.core.distributed import DistributedDataParallelConfig
@@ -19,11 +20,19 @@ from megatron.core.enums import ModelType
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import MegatronModule, TransformerConfig
 from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.training.models import base as mcore_base
 from megatron.training.models.base import compose_hooks
 
-from mimo_builder import distributed
+from mimo_builder import distributed, layer_costs
+from mimo_builder.compat import resolve_device
 from mimo_builder.config import ModelConfig
+from mimo_builder.errors import ConfigError
+from mimo_builder.layer_costs import StageCost
+from mimo_builder.transformer_config import parallel_transformer_config
+
+if TYPE_CHECKING:
+    from mimo_builder.hf import HFMapping
 
 
 @dataclass(frozen=True)
@@ -104,16 +113,31 @@ class ModelBuilder(mcore_base.ModelBuilder):
 
     def transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
         """The MCore TransformerConfig for builds on ``pg_collection``: one object shared by
-        every chunk and by the distributed wrapping, as in MCore."""
+        every chunk and by the distributed wrapping, as in MCore. On CPU it always initialises
+        on the CPU (``use_cpu_initialization``: MCore's default allocates on the GPU)."""
         cached = self._transformer_configs.get(id(pg_collection))
         if cached is None or cached[0] is not pg_collection:
-            cached = (pg_collection, self.make_transformer_config(pg_collection))
+            cached = (pg_collection, self._checked_transformer_config(pg_collection))
             self._transformer_configs[id(pg_collection)] = cached
         return cached[1]
 
-    @abc.abstractmethod
     def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
-        """A new TransformerConfig for ``pg_collection`` (parallel sizes from its groups)."""
+        """A new TransformerConfig for ``pg_collection`` (parallel sizes from its groups).
+
+        The default carries only what MCore's wrappers read (parallel sizes, the config's
+        ``dtype`` if it has one, CPU initialisation): enough for a module without transformer
+        layers. Builders with MCore transformer layers override it, usually with
+        :func:`mimo_builder.transformer_config.make_transformer_config`."""
+        return parallel_transformer_config(pg_collection, dtype=getattr(self.config, "dtype", "fp32"))
+
+    def _checked_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
+        config = self.make_transformer_config(pg_collection)
+        if not isinstance(config, TransformerConfig):
+            raise ConfigError(f"{type(self).__qualname__}.make_transformer_config() returned "
+                              f"{type(config).__name__}, not a megatron.core TransformerConfig")
+        if resolve_device().type == "cpu" and not config.init_model_with_meta_device:
+            config.use_cpu_initialization = True
+        return config
 
     @abc.abstractmethod
     def build_model(
@@ -149,15 +173,82 @@ class ModelBuilder(mcore_base.ModelBuilder):
         return self.run(model, inputs)
 
     def output_tokens(self, input_tokens: dict[str, int]) -> dict[str, int]:
-        """Length of the token axis of each output for inputs of these lengths (default: kept)."""
-        length = next(iter(input_tokens.values()), None)
-        return {name: length for name in self.ports().outputs}
+        """How many tokens each output carries, for inputs of these lengths.
+
+        ``input_tokens`` maps each input port to the length of its first axis after the batch
+        (tokens or frames; channels for an image). Required (validation says so) when an output
+        feeds a port with a ``tokens`` axis, e.g. a backbone's placeholder tokens: there is no
+        default, because no axis of an input says how many tokens an encoder makes.
+        """
+        raise ConfigError(f"{type(self).__qualname__} does not define output_tokens(); define it to return "
+                          f"the token count of each output in {sorted(self.ports().outputs)}")
 
     def synthetic_inputs(self, batch_size: int, generator: torch.Generator,
                          tokens: dict[str, int]) -> dict[str, torch.Tensor]:
         """Random inputs for this node's ports that a graph binds to the batch (for demos and
         benchmarks); ``tokens`` gives the token counts arriving on its edge-fed ports."""
         raise NotImplementedError(f"{type(self).__name__} cannot make synthetic inputs")
+
+    # --- export to MCore's MimoModel (mimo_builder.interop) ---------------------------------
+
+    mimo_roles: ClassVar[frozenset[str]] = frozenset()
+    """Roles a node of this builder can take in an MCore MimoModel: 'encoder', 'projection'
+    (an encoder's input projection), 'language'. Empty: the builder cannot be exported."""
+
+    mimo_encoder_keywords: ClassVar[dict[str, str]] = {}
+    """As a MIMO encoder: input port -> keyword of the module's forward (default: the port name)."""
+
+    def mimo_problems(self, role: str) -> list[str]:
+        """Why this node cannot take ``role`` in a MimoModel (empty when it can). Pure: checked
+        before any process group exists; builders add their own reasons."""
+        if role in self.mimo_roles:
+            return []
+        takes = ", ".join(sorted(self.mimo_roles)) or "no role"
+        return [f"builder {type(self).__name__} cannot be exported to MIMO as {role} (it takes {takes})"]
+
+    def check_mimo_role(self, role: str) -> None:
+        """Raise a ConfigError with the first of :meth:`mimo_problems`."""
+        problems = self.mimo_problems(role)
+        if problems:
+            raise ConfigError(problems[0])
+
+    def mimo_spec(self, role: str, pg_collection: ProcessGroupCollection) -> ModuleSpec:
+        """The MCore ModuleSpec MIMO builds for this node in ``role``, on ``pg_collection``. The
+        built module must hold the same parameters, by name, as :meth:`build_model`'s."""
+        self.check_mimo_role(role)
+        raise NotImplementedError(f"{type(self).__name__} declares MIMO role {role!r} but defines no mimo_spec()")
+
+    def mimo_special_token_ids(self) -> dict[str, int]:
+        """As MIMO's language model: input port -> placeholder token id of that modality."""
+        return {}
+
+    def hf_mapping(self) -> "HFMapping | None":
+        """How this node's parameters correspond to a Hugging Face model's tensors, for
+        ``init: {hf: DIR}``, :func:`mimo_builder.hf.load_hf` and :func:`mimo_builder.hf.export_hf`;
+        None (the default): the builder reads no Hugging Face weights. Pure (config only); raise
+        :class:`mimo_builder.hf.HFWeightsError` for configs no Hugging Face model matches."""
+        return None
+
+    def planned_tokens(self, tokens: dict[str, int]) -> int:
+        """Tokens per sample this node computes on, for the plan's estimates, given the token
+        counts arriving on its edge-fed ports. Default: the config's ``seq_length`` (every
+        sample a full sequence), else the largest arriving count, else 1."""
+        return getattr(self.config, "seq_length", None) or max(tokens.values(), default=None) or 1
+
+    def stage_costs(self, config: TransformerConfig, micro_batch: int, tokens: dict[str, int]) -> list[StageCost]:
+        """Activation bytes and FLOPs of one microbatch of ``micro_batch`` samples through each
+        virtual pipeline stage (pp x vp, in layer order) of this node built with ``config`` (the
+        TransformerConfig of its placement: TP/CP/PP sizes, dtype, recomputation); ``tokens`` as
+        in :meth:`planned_tokens`. See :mod:`mimo_builder.layer_costs` for what is counted.
+
+        The default, for builders that do not say: ``config.num_layers`` transformer layers with
+        MCore's local (unfused, ``s^2``) attention, split evenly over the stages, no embedding or
+        head. Builders of other layer kinds override it.
+        """
+        shape = layer_costs.Shape.of(config, micro_batch, self.planned_tokens(tokens))
+        layer = layer_costs.transformer_layer_cost(shape, config, te=False)
+        split = layer_costs.even_split(config.num_layers, layer_costs.virtual_stage_count(config))
+        return [layer_costs.stage_cost(config, [layer] * count) for count in split]
 
     def build_distributed_models(
         self,

@@ -23,11 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     # first: importing Megatron's training module would point the root logger at stdout.
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s:%(name)s:%(message)s")
     args = _parser().parse_args(argv)
-    from mimo_builder.registry import allow_modules
+    from mimo_builder.registry import default_registry, using
 
     try:
-        allow_modules(*args.allow)
-        code = args.func(args)
+        # this command's registry: messages speak --allow; packages in the current folder import
+        registry = default_registry().derive(allow=args.allow, audience="cli", roots=[os.getcwd()])
+        with using(registry):
+            code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return code
     except MimoError as err:
@@ -63,6 +65,16 @@ def _seconds(text: str) -> float | None:
     return value or None
 
 
+def _memory_size(text: str) -> tuple[int, str]:
+    """An argparse type: a memory size in bytes, with the text as the user wrote it."""
+    from mimo_builder.estimate import parse_bytes
+
+    try:
+        return parse_bytes(text), text.strip()
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimo-builder", description=__doc__.splitlines()[0])
     parser.add_argument("--allow", action="append", default=[], metavar="PREFIX",
@@ -80,18 +92,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--no-params", action="store_true", help="skip the meta-device parameter counts")
     p.add_argument("--microbatches", type=_count, default=1, help="microbatches per step, for the schedule")
+    p.add_argument("--micro-batch-size", type=_count, default=1, metavar="B",
+                   help="samples per microbatch on each DP rank of the node with the most DP ranks "
+                        "(a microbatch holds B x lcm(DP sizes) samples), for memory and FLOPs")
+    p.add_argument("--gpu-memory", type=_memory_size, metavar="SIZE",
+                   help="memory of one GPU (80GB, 80GiB, 512MB, 80e9): flag the ranks that do not fit")
     p.set_defaults(func=_plan)
 
-    p = sub.add_parser("schema", help="print the JSON Schema of the graph document")
+    p = sub.add_parser("schema", help="print the JSON Schema of the graph document (node configs checked "
+                                      "per builder), or of one builder's config")
+    p.add_argument("--builder", metavar="NAME", help="print only this builder's config schema (a registered "
+                                                     "name or module:Class)")
     p.set_defaults(func=_schema)
 
-    p = sub.add_parser("render", help="print the graph document as YAML (or JSON)")
+    p = sub.add_parser("render", help="the document as YAML/JSON, or pictures of the graph and its placement")
     p.add_argument("file")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--format", metavar="{yaml,json,dot,mermaid,svg,png}",
+                   help="default: from -o's suffix, else yaml; dot/mermaid draw the graph, svg/png the graph "
+                        "and the placement grid")
+    p.add_argument("-o", "--output", metavar="OUT",
+                   help="write to OUT (default: stdout; svg/png need it on a terminal)")
+    p.add_argument("--world-size", type=_count, metavar="N", help="ranks to place on (default: the smallest world the "
+                                                     "placements need)")
+    p.add_argument("--view", metavar="{graph,placement,both}", help="what svg/png show (default: both)")
+    p.add_argument("--json", action="store_true", help="the same as --format json")
     p.set_defaults(func=_render)
 
-    p = sub.add_parser("run", help="train a graph on synthetic data on N ranks (spawned gloo "
-                                   "processes, or the current torchrun job)")
+    p = sub.add_parser("run", help="train a graph on N ranks (spawned gloo processes, or the current "
+                                   "torchrun job), on synthetic data or --data")
     p.add_argument("file")
     p.add_argument("--nproc", type=_count, default=1, help="ranks to spawn (ignored under torchrun)")
     p.add_argument("--steps", type=_count, default=20)
@@ -99,6 +127,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--microbatches", type=_count, default=1)
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate for every node (default: the document's optimizer.lr)")
+    p.add_argument("--data", metavar="MODULE:FUNCTION",
+                   help="train on the samples this function's GraphData gives (default: synthetic batches); "
+                        "each rank reads only its nodes' shards")
+    p.add_argument("--eval-data", metavar="MODULE:FUNCTION",
+                   help="held-out GraphData: its loss and accuracy before and after training")
     p.add_argument("--save", metavar="DIR", help="write checkpoints into DIR (the last step always)")
     p.add_argument("--save-interval", type=_count, metavar="N", help="also save every N steps")
     p.add_argument("--save-frozen", action="store_true",
@@ -139,21 +172,23 @@ def _validate(args) -> int:
 
 def _plan(args) -> int:
     from mimo_builder.graph import load_graph
+    from mimo_builder.estimate import estimate_plan
     from mimo_builder.plan import make_plan
-    from mimo_builder.plan_table import print_plan
+    from mimo_builder.plan_table import pipeline_plan, print_plan
 
     plan = make_plan(load_graph(args.file), args.world_size, count_params=not args.no_params)
+    schedule = pipeline_plan(plan, args.microbatches)
+    memory, label = args.gpu_memory or (None, None)
+    estimates = estimate_plan(plan, schedule, args.micro_batch_size, memory, label)
     if args.json:
-        print(json.dumps({**plan.as_dict(), "schedule": _schedule_dict(plan, args.microbatches)}, indent=2))
+        print(json.dumps({**plan.as_dict(estimates), "schedule": _schedule_dict(plan, schedule)}, indent=2))
     else:
-        print_plan(plan, num_microbatches=args.microbatches)
+        print_plan(plan, num_microbatches=args.microbatches, schedule=schedule, estimates=estimates)
     return 0
 
 
-def _schedule_dict(plan, num_microbatches: int) -> dict:
-    from mimo_builder.plan_table import pipeline_plan
-
-    schedule = pipeline_plan(plan, num_microbatches)
+def _schedule_dict(plan, schedule) -> dict:
+    num_microbatches = schedule.num_microbatches
     return {"microbatches": num_microbatches, "stages": len(schedule.stages), "slots": schedule.makespan,
             "ranks": [{"rank": r, "operations": [f"{op.kind}:{op.stage.node}:{op.stage.index}:{op.microbatch}"
                                                  for op in schedule.order.get(r, [])],
@@ -162,17 +197,22 @@ def _schedule_dict(plan, num_microbatches: int) -> dict:
 
 
 def _schema(args) -> int:
-    from mimo_builder.graph import Graph
+    from mimo_builder.schema import builder_schema, graph_schema
 
-    print(json.dumps(Graph.json_schema(), indent=2))
+    print(json.dumps(builder_schema(args.builder) if args.builder else graph_schema(), indent=2))
     return 0
 
 
 def _render(args) -> int:
     from mimo_builder.graph import load_graph
+    from mimo_builder.render import check_request, choose_format, render, write
 
-    graph = load_graph(args.file)
-    print(graph.to_json() if args.json else graph.to_yaml(), end="" if not args.json else "\n")
+    fmt = choose_format(args.format, args.json, args.output)
+    check_request(fmt, out=args.output, world_size=args.world_size, view=args.view, stdout=sys.stdout)
+    data = render(load_graph(args.file), fmt, world_size=args.world_size, view=args.view or "both")
+    write(data, args.output, sys.stdout)
+    if args.output:
+        print(f"wrote {args.output} ({fmt}, {len(data):,} bytes)", file=sys.stderr)
     return 0
 
 
@@ -184,16 +224,23 @@ def _run(args) -> int:
     from mimo_builder.launch import launch, under_torchrun
     from mimo_builder.plan import make_plan
     from mimo_builder.plan_table import print_plan
-    from mimo_builder.registry import allowed_prefixes
+    from mimo_builder.registry import allowed_prefixes, import_reference
     from mimo_builder.runtime.monitor import check_tensorboard
     from mimo_builder.runtime.schedule import check_runnable
+    from mimo_builder.runtime.synthetic import check_synthetic
     from mimo_builder.runtime.train import TrainOptions, train
     from mimo_builder.validation import validate_graph
 
     nproc = int(os.environ["WORLD_SIZE"]) if under_torchrun() else args.nproc
     lead = os.environ.get("RANK", "0") == "0"
     graph = load_graph(args.file)
-    check_runnable(validate_graph(graph, nproc))  # before any meta build or process
+    valid = validate_graph(graph, nproc)
+    check_runnable(valid)  # before any meta build or process
+    if not args.data:
+        check_synthetic(valid)
+    for ref, flag in ((args.data, "--data"), (args.eval_data, "--eval-data")):
+        if ref:
+            import_reference(ref, flag)  # named before any rank starts: a typo, a module not allowed
     _check_has_loss(graph)
     _check_checkpoint_args(args)
     if args.tensorboard:
@@ -206,6 +253,7 @@ def _run(args) -> int:
                            load=args.load, step_timeout_s=args.step_timeout,
                            first_step_timeout_s=args.first_step_timeout,
                            log_interval=args.log_interval, tensorboard=args.tensorboard,
+                           data=args.data, eval_data=args.eval_data,
                            allowed_modules=allowed_prefixes())  # --allow reaches every rank
     start = time.perf_counter()
     losses = launch(train, nproc, graph, options)[0]

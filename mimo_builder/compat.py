@@ -89,10 +89,23 @@ class _NullStream:
         pass
 
     def record_event(self, event=None):
-        return event
+        return event if event is not None else _NullEvent()
 
     def synchronize(self) -> None:
         pass
+
+
+class _NullEvent:
+    """Stands in for a CUDA event on CPU (MoE token dispatch waits on one): already complete."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
 
 
 def _cpu_device_queries(patch: Patch) -> None:
@@ -139,6 +152,30 @@ def _cpu_attention_masks(patch: Patch) -> None:
         patch(module, "get_sliding_window_causal_mask", sliding_window_mask)
 
 
+def _rotary_cp_split_unpinned(patch: Patch) -> None:
+    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding
+
+    def pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> torch.Tensor:
+        size, rank = cp_group.size(), cp_group.rank()  # MCore's chunks r and 2*cp-1-r, unpinned
+        index = torch.tensor([rank, 2 * size - rank - 1], device=pos_emb.device)
+        pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * size, -1, *pos_emb.shape[seq_dim + 1:])
+        pos_emb = pos_emb.index_select(seq_dim, index)
+        return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2:])
+
+    for module in (rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding):
+        patch(module, "get_pos_emb_on_this_cp_rank", pos_emb_on_this_cp_rank)
+
+
+def _moe_split_sizes_as_lists(patch: Patch) -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    def move_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor  # already on the CPU
+
+    for module in (moe_utils, token_dispatcher):
+        patch(module, "maybe_move_tensor_to_cpu", move_to_cpu)
+
+
 def _hybrid_final_norm(patch: Patch) -> None:
     from megatron.core.models.hybrid import hybrid_block
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -159,14 +196,6 @@ class CudaFactoriesOnCpu(TorchFunctionMode):
         if func is torch.Tensor.type and len(args) == 1 and not kwargs and out.startswith("torch."):
             return out if out.startswith("torch.cuda.") else "torch.cuda." + out[len("torch."):]
         return out
-
-
-def _checkpoint_writes_in_process(patch: Patch) -> None:
-    import queue
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    patch(filesystem_async, "get_write_results_queue", lambda mp_mode="spawn": queue.Queue())
 
 
 def _checkpoint_staging_without_sync(patch: Patch) -> None:
@@ -205,12 +234,6 @@ def _torch_adam(device: torch.device) -> bool:
     return not distrib_optimizer.HAVE_APEX_OR_TE
 
 
-def _daemonic(device: torch.device) -> bool:
-    import multiprocessing
-
-    return multiprocessing.current_process().daemon
-
-
 def _is_cuda(device) -> bool:
     return isinstance(device, int) or torch.device(device).type == "cuda"
 
@@ -245,17 +268,22 @@ WORKAROUNDS: dict[str, Workaround] = {
             _cpu_attention_masks,
         ),
         Workaround(
+            "rotary_cp_split",
+            "Under context parallelism MCore's rotary embedding picks each rank's positions with "
+            "an index in pinned memory, which needs a CUDA device.",
+            _rotary_cp_split_unpinned,
+        ),
+        Workaround(
+            "moe_split_sizes",
+            "MoE all-to-all token dispatch turns its split sizes into lists only when it moves "
+            "them off a CUDA device; all_to_all_single refuses them as tensors.",
+            _moe_split_sizes_as_lists,
+        ),
+        Workaround(
             "hybrid_final_norm",
             "HybridStack hard-wires TENorm as its final norm, even with a local spec (CPU, or no TE).",
             _hybrid_final_norm,
             needed_on=_te_missing,
-        ),
-        Workaround(
-            "checkpoint_results_queue",
-            "dist_checkpointing's writer returns results through a multiprocessing Manager, which "
-            "a daemonic rank process (as mimo_builder.launch starts them) may not start.",
-            _checkpoint_writes_in_process,
-            needed_on=_daemonic,
         ),
         Workaround(
             "checkpoint_staging_sync",

@@ -93,8 +93,36 @@ def build_chunks(
     vp_size = transformer_config.virtual_pipeline_model_parallel_size
     if transformer_config.init_model_with_meta_device if meta is None else meta:
         with torch.device("meta"):
-            return dist_utils.build_virtual_pipeline_stages(build_model_func, pg_collection, vp_size, model_type)
-    return dist_utils.build_virtual_pipeline_stages(build_model_func, pg_collection, vp_size, model_type)
+            chunks = dist_utils.build_virtual_pipeline_stages(build_model_func, pg_collection, vp_size, model_type)
+    else:
+        chunks = dist_utils.build_virtual_pipeline_stages(build_model_func, pg_collection, vp_size, model_type)
+    return [as_megatron_module(chunk, transformer_config, pg_collection, build_model_func) for chunk in chunks]
+
+
+class PlainModuleChunk(MegatronModule):
+    """A plain ``torch.nn.Module`` as a model chunk. MCore's DDP and mixed-precision wrappers
+    read the chunk's ``config`` and checkpoints its ``sharded_state_dict`` (here: every tensor
+    replicated over TP, keys under ``module.``); the module itself is unchanged at ``.module``."""
+
+    def __init__(self, config: TransformerConfig, module: torch.nn.Module, pg_collection: ProcessGroupCollection):
+        super().__init__(config)
+        self.module = module
+        self.tp_group = pg_collection.tp  # read by sharded_state_dict (else MCore's global group)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def as_megatron_module(chunk: Any, config: TransformerConfig, pg_collection: ProcessGroupCollection,
+                       built_by: Callable) -> MegatronModule:
+    """``chunk`` itself when it is a MegatronModule, a plain module inside a
+    :class:`PlainModuleChunk`; anything else is a named error."""
+    if isinstance(chunk, MegatronModule):
+        return chunk
+    if isinstance(chunk, torch.nn.Module):
+        return PlainModuleChunk(config, chunk, pg_collection)
+    raise ConfigError(f"{getattr(built_by, '__qualname__', built_by)}() returned {type(chunk).__name__}, "
+                      "not a torch.nn.Module")
 
 
 def materialize(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -89,7 +89,8 @@ class NodeInit(_Strict):
     """In a unimodal Megatron-Core checkpoint, the key prefix of the model's tensors."""
 
     hf: str | None = None
-    """A Hugging Face model folder (reserved: not read yet)."""
+    """A Hugging Face model folder (config.json + safetensors), read through the node's builder's
+    ``hf_mapping()`` and sharded to the node's TP; the rest of the node is checked at validation."""
 
     def problems(self, node: str) -> list[str]:
         """What is wrong with this source, naming the node and field (checks the filesystem)."""
@@ -97,10 +98,11 @@ class NodeInit(_Strict):
 
         where = f"node '{node}' init"
         if self.hf is not None:
-            return [f"{where}.hf: Hugging Face weights are not supported yet; convert them to a "
-                    "Megatron-Core checkpoint and use init.checkpoint"]
+            if self.checkpoint is not None or self.node is not None or self.prefix:
+                return [f"{where}: hf and checkpoint (node, prefix) are two sources; name one"]
+            return []  # the folder and its fit are checked with the builder (mimo_builder.hf)
         if self.checkpoint is None:
-            return [f"{where}: name a source (checkpoint: DIR)"]
+            return [f"{where}: name a source (checkpoint: DIR or hf: DIR)"]
         path = pathlib.Path(self.checkpoint)
         if not path.is_dir():
             return [f"{where}.checkpoint: {self.checkpoint!r} is not a folder"]
@@ -139,6 +141,9 @@ class Node(_Strict):
 
     def model_config_object(self, where: str) -> ModelConfig:
         """The validated ModelConfig this node describes (raises ConfigError)."""
+        if "builder" in self.config:
+            raise ConfigError(f"{where}.builder: the builder is named beside 'config' (node 'builder: ...'), "
+                              "not inside it; remove config.builder")
         return ModelConfig.from_dict({**self.config, "builder": self.builder}, where=where)
 
 
@@ -232,7 +237,11 @@ class Graph(_Strict):
 
     @classmethod
     def json_schema(cls) -> dict[str, Any]:
-        return cls.model_json_schema()
+        """The document's JSON Schema, each node's config checked against its builder's config
+        class (:func:`mimo_builder.schema.graph_schema`)."""
+        from mimo_builder.schema import graph_schema
+
+        return graph_schema()
 
 
 def parse_port_ref(ref: str) -> tuple[str, str]:

@@ -99,7 +99,8 @@ def _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend):
         ctx.Process(
             target=_rank_main,
             args=(rank, nproc, store.port, init_timeout_s, backend, payload, results, os.getpid()),
-            daemon=True,
+            daemon=False,  # a rank may start processes (DataLoader workers, checkpoint writers); it
+            # still ends with the launcher (_die_with) and is killed after collection
         )
         for rank in range(nproc)
     ]

@@ -98,6 +98,13 @@ class Layout:
         """The global rank at these coordinates (inverse of :meth:`coords`)."""
         return self.offset + tp + self.tp * (cp + self.cp * (dp + self.dp * pp))
 
+    def expert_coords(self, rank: int) -> dict[str, int]:
+        """This rank's coordinates along the expert view's etp/ep/edp/pp (``rank`` in ``ranks``)."""
+        local, out = rank - self.offset, {}
+        for name, extent in zip(("etp", "ep", "edp", "pp"), (self.expert_tp, self.ep, self.edp, self.pp)):
+            out[name], local = local % extent, local // extent
+        return out
+
     def coords(self, rank: int) -> dict[str, int]:
         """This rank's coordinates along tp/cp/dp/pp (``rank`` must be in ``ranks``)."""
         local, out = rank - self.offset, {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch.distributed as dist
 
@@ -32,6 +33,10 @@ class NodePlan:
     params: int | None = None
     """Parameters of the whole node, unsharded (None when not counted)."""
 
+    transformer_config: Any = None
+    """The MCore TransformerConfig the node builds with on its layout (None when not counted):
+    what :mod:`mimo_builder.estimate` reads for dtype, parallel sizes and recomputation."""
+
 
 @dataclass
 class Plan:
@@ -53,17 +58,29 @@ class Plan:
             return None
         return sum(n.stage_params[c["pp"]] for n, c in hosted)
 
-    def as_dict(self) -> dict:
+    def as_dict(self, estimates=None) -> dict:
+        """The plan as JSON-ready data; with ``estimates`` (:func:`mimo_builder.estimate.estimate_plan`)
+        each node and rank also carries ``memory_bytes`` and ``flops_per_step`` (None without)."""
+        empty = {"memory_bytes": None, "flops_per_step": None}
         return {
             "world_size": self.world_size,
             "num_process_groups": self.num_groups,
             "nodes": [{"name": n.name, "builder": n.builder, "frozen": n.frozen, "offset": n.layout.offset,
                        "size": n.layout.size, "tp": n.layout.tp, "cp": n.layout.cp, "pp": n.layout.pp,
-                       "dp": n.layout.dp, "ep": n.layout.ep, "params": n.params, "stage_params": n.stage_params}
+                       "dp": n.layout.dp, "ep": n.layout.ep, "params": n.params, "stage_params": n.stage_params,
+                       **(estimates.node_dict(n.name, self) if estimates else empty)}
                       for n in self.nodes],
-            "ranks": [{"rank": r, "params": self.rank_params(r),
-                       "nodes": {n.name: c for n, c in self.hosted(r)}} for r in range(self.world_size)],
+            "ranks": [{"rank": r, "params": self.rank_params(r), "nodes": {n.name: _with_ep(n.layout, c, r)
+                                                                           for n, c in self.hosted(r)},
+                       **(estimates.rank_dict(r) if estimates else empty)} for r in range(self.world_size)],
+            "estimates": estimates.summary_dict() if estimates else None,
+            "warnings": estimates.warnings if estimates else [],
         }
+
+
+def _with_ep(layout: Layout, coords: dict[str, int], rank: int) -> dict[str, int]:
+    """A rank's coordinates, with its expert-parallel one on a node with ep > 1."""
+    return {**coords, "ep": layout.expert_coords(rank)["ep"]} if layout.ep > 1 else coords
 
 
 def make_plan(graph: Graph, world_size: int, count_params: bool = True) -> Plan:
@@ -74,21 +91,22 @@ def make_plan(graph: Graph, world_size: int, count_params: bool = True) -> Plan:
     if count_params:
         for node in nodes:
             counts = _count_stages(valid, node.name, _smallest_replica(node.layout))
-            node.stage_params = [held for held, _ in counts]
+            node.stage_params = [held for held, _, _ in counts]
+            node.transformer_config = counts[0][2]
             node.params = _node_total(valid, node, counts)
     return Plan(world_size, nodes, count_process_groups(valid.layouts.values()), valid)
 
 
-def _node_total(valid: ValidGraph, node: NodePlan, counts: list[tuple[int, int]]) -> int:
+def _node_total(valid: ValidGraph, node: NodePlan, counts: list[tuple[int, int, Any]]) -> int:
     """Whole-node parameters: the meta build at TP=EP=1 summed over stages, a tied embedding's
     copy on the last pipeline stage counted once (it is on that rank, but the same weight)."""
     layout = node.layout
     if layout.tp != 1 or layout.ep != 1:
         counts = _count_stages(valid, node.name, Layout(0, layout.pp, pp=layout.pp))
-    return sum(held - copies for held, copies in counts)
+    return sum(held - copies for held, copies, _ in counts)
 
 
-def _count_stages(valid: ValidGraph, name: str, layout: Layout) -> list[tuple[int, int]]:
+def _count_stages(valid: ValidGraph, name: str, layout: Layout) -> list[tuple[int, int, Any]]:
     return [_count_on_fake_world(valid, name, layout, stage) for stage in range(layout.pp)]
 
 
@@ -100,9 +118,10 @@ def _smallest_replica(layout: Layout) -> Layout:
     return Layout(0, per_stage * dp * layout.pp, layout.tp, layout.cp, layout.pp, layout.ep, layout.etp)
 
 
-def _count_on_fake_world(valid: ValidGraph, name: str, layout: Layout, stage: int) -> tuple[int, int]:
+def _count_on_fake_world(valid: ValidGraph, name: str, layout: Layout, stage: int) -> tuple[int, int, Any]:
     """Parameters of one rank at pipeline ``stage`` of ``layout``, built on meta in a fake world,
-    and how many of them are copies of a weight held by another stage (MCore's ``shared``)."""
+    how many of them are copies of a weight held by another stage (MCore's ``shared``), and the
+    TransformerConfig they were built with."""
     from torch.testing._internal.distributed import fake_pg  # noqa: F401  (registers the backend)
 
     from mimo_builder import compat, distributed
@@ -117,8 +136,10 @@ def _count_on_fake_world(valid: ValidGraph, name: str, layout: Layout, stage: in
             pgs = create_process_groups([layout]).for_layout(layout)
             compat.seed_rng(0, tp_rank=pgs.tp.rank())
             builder = valid.configs[name].make_builder()
-            chunks = distributed.build_chunks(builder.build_model, builder.transformer_config(pgs), pgs, meta=True)
+            config = builder.transformer_config(pgs)
+            chunks = distributed.build_chunks(builder.build_model, config, pgs, meta=True)
             params = [p for chunk in chunks for p in chunk.parameters()]
-            return sum(p.numel() for p in params), sum(p.numel() for p in params if getattr(p, "shared", False))
+            shared = sum(p.numel() for p in params if getattr(p, "shared", False))
+            return sum(p.numel() for p in params), shared, config
     finally:
         dist.destroy_process_group()

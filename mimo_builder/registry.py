@@ -7,18 +7,25 @@ arbitrary code (``os:system`` is refused without importing ``os``). The attribut
 without leaving the allowed modules: every object on it must be defined under an allowed prefix
 and none may be a module, so ``mimo_builder.launch:os.system`` is refused too.
 
-The state (allowed prefixes, in-code registrations, the entry points read once) lives in a
-:class:`Registry`; the module-level functions use one default instance per process. A spawned
-rank starts with the defaults: the prefixes travel with the run (``TrainOptions.allowed_modules``).
+The state (allowed prefixes, in-code registrations, the entry points read once, who reads the
+messages, extra import roots) lives in a :class:`Registry`; the module-level functions use the
+active one: the process's default, or the one a :func:`using` block selects (the CLI selects its
+own, which speaks ``--allow`` and imports from the current directory). A spawned rank starts with
+the defaults: the prefixes and roots travel with the run (``TrainOptions``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
+import importlib.machinery
+import importlib.util
 import inspect
+import sys
 import types
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 from mimo_builder.errors import ConfigError
 
@@ -26,30 +33,68 @@ BUILDER_GROUP = "mimo_builder.builders"
 HOOK_GROUP = "mimo_builder.hooks"
 DEFAULT_ALLOWED_PREFIXES = ("mimo_builder", "submodels", "graphs")
 
+Audience = Literal["python", "cli"]
+
 
 class Registry:
     """Allowed module prefixes, in-code registrations and installed entry points (read once).
 
-    A new instance reads the installed distributions afresh on first use.
+    ``audience`` says how messages tell the reader to trust a module: ``--allow PREFIX`` for
+    "cli", ``allow_modules(...)`` for "python". ``roots`` are folders an allowed top-level
+    package is imported from when it is not installed (the CLI passes the current directory,
+    so ``examples.my_node:MyBuilder`` works from a checkout). A new instance reads the installed
+    distributions afresh on first use.
     """
 
-    def __init__(self, prefixes: Iterable[str] = DEFAULT_ALLOWED_PREFIXES):
+    def __init__(self, prefixes: Iterable[str] = DEFAULT_ALLOWED_PREFIXES, *, audience: Audience = "python",
+                 roots: Iterable[str] = ()):
+        self.audience: Audience = audience
         self.prefixes: list[str] = []
+        self.roots: list[str] = list(roots)
         self.registered: dict[str, dict[str, Any]] = {BUILDER_GROUP: {}, HOOK_GROUP: {}}
         self._installed: dict[str, tuple[dict[str, EntryPoint], dict[str, list[EntryPoint]]]] = {}
         self.allow(*prefixes)
+
+    def derive(self, *, allow: Iterable[str] = (), audience: Audience | None = None,
+               roots: Iterable[str] = ()) -> "Registry":
+        """A copy of this registry (prefixes, registrations, roots) trusting ``allow`` too."""
+        child = Registry((), audience=audience or self.audience, roots=[*self.roots, *roots])
+        child.prefixes = list(self.prefixes)
+        child.registered = {group: dict(names) for group, names in self.registered.items()}
+        child._installed = self._installed
+        child.allow(*allow)
+        return child
 
     # --- allowlist ----------------------------------------------------------------------------
 
     def allow(self, *prefixes: str) -> None:
         """Also accept ``module:attr`` references whose module starts with one of ``prefixes``."""
         for prefix in prefixes:
-            _check_prefix(prefix)
+            self._check_prefix(prefix)
             if prefix not in self.prefixes:
                 self.prefixes.append(prefix)
 
     def allows(self, module_name: str) -> bool:
         return any(module_name == p or module_name.startswith(p + ".") for p in self.prefixes)
+
+    def add_roots(self, *folders: str) -> None:
+        """Also import allowed top-level packages that are not installed from these folders."""
+        self.roots.extend(f for f in folders if f not in self.roots)
+
+    def trust_hint(self, module_name: str) -> str:
+        """How the reader trusts ``module_name``, in the reader's terms (CLI or Python)."""
+        top = module_name.split(".")[0]
+        if self.audience == "cli":
+            return f"To trust it, add --allow {top} before the command (mimo-builder --allow {top} COMMAND ...)"
+        return (f"To trust it, call mimo_builder.registry.allow_modules({top!r}) before loading the graph "
+                f"(or Registry.allow({top!r}) on your own registry)")
+
+    def _check_prefix(self, prefix: str) -> None:
+        if not isinstance(prefix, str) or not all(part.isidentifier() for part in prefix.split(".")):
+            empty = " (an empty prefix is refused: it would trust every module)" if prefix == "" else ""
+            what = "--allow" if self.audience == "cli" else "allow_modules"
+            raise ConfigError(f"{what}: {prefix!r} is not a module prefix like 'mypackage' or "
+                              f"'mypackage.models'{empty}")
 
     # --- names --------------------------------------------------------------------------------
 
@@ -92,10 +137,15 @@ class Registry:
         """The builder class named by ``ref``; it must subclass mimo_builder's ModelBuilder."""
         from mimo_builder.builder import ModelBuilder
 
+        from mimo_builder.contract import builder_class_problems
+
         obj = self._resolve(BUILDER_GROUP, ref, where)
         if not (isinstance(obj, type) and issubclass(obj, ModelBuilder)):
             raise ConfigError(f"{where}: {ref!r} resolves to {_describe(obj)}, which is not a subclass of "
                               "mimo_builder.builder.ModelBuilder")
+        problems = builder_class_problems(obj, ref)
+        if problems:
+            raise ConfigError("\n".join(f"{where}: {p}" for p in problems))
         return obj
 
     def resolve_hook(self, ref: str | Callable, where: str = "hook") -> Callable:
@@ -141,16 +191,38 @@ class Registry:
             raise ConfigError(f"{where}: {ref!r} must look like 'package.module:Name'")
         if not self.allows(module_name):
             raise ConfigError(f"{where}: module {module_name!r} of {ref!r} is not under an allowed prefix "
-                              f"{self.prefixes}; nothing was imported. {_trust_hint(module_name)}")
+                              f"{self.prefixes}; nothing was imported. {self.trust_hint(module_name)}")
         try:
-            obj: Any = importlib.import_module(module_name)
+            obj: Any = self._import(module_name)
         except ImportError as err:
-            raise ConfigError(f"{where}: cannot import module {module_name!r} of {ref!r}: {err}") from err
+            roots = f" (looked in the installed packages and {self.roots})" if self.roots else ""
+            raise ConfigError(f"{where}: cannot import module {module_name!r} of {ref!r}{roots}: {err}") from err
         walked: list[str] = []
         for part in attr.split("."):
             obj = self._step(obj, part, ref, f"{module_name}:{'.'.join([*walked, part])}", where)
             walked.append(part)
         return obj
+
+    def _import(self, module_name: str) -> types.ModuleType:
+        """``module_name``, its top-level package taken from ``roots`` when it is not installed
+        (only that package is loaded from there: ``sys.path`` is left as it is)."""
+        try:
+            return importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            top = module_name.split(".")[0]
+            if err.name != top or not self.roots:
+                raise
+            spec = importlib.machinery.PathFinder.find_spec(top, self.roots)
+            if spec is None:
+                raise
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[top] = package
+        try:
+            spec.loader.exec_module(package)
+        except BaseException:
+            del sys.modules[top]
+            raise
+        return importlib.import_module(module_name)
 
     def _step(self, obj: Any, part: str, ref: str, name: str, where: str) -> Any:
         """``obj.part`` (called ``name``), refused unless defined under an allowed prefix and not a module."""
@@ -169,7 +241,7 @@ class Registry:
                               "a reference names a class, function or Graph")
         if not self.allows(owner):
             raise ConfigError(f"{where}: {ref!r}: {name} is defined in module {owner!r}, which is not under an "
-                              f"allowed prefix {self.prefixes}. {_trust_hint(owner)}")
+                              f"allowed prefix {self.prefixes}. {self.trust_hint(owner)}")
         return found
 
     def _resolve(self, group: str, ref: str, where: str) -> Any:
@@ -189,19 +261,6 @@ class Registry:
         known = ", ".join(self.names(group)) or "(none)"
         raise ConfigError(f"{where}: unknown {_kind(group)} {ref!r}. Registered {_kind(group)}s: {known}; "
                           "or use 'module:attr' under an allowed module prefix")
-
-
-def _check_prefix(prefix: str) -> None:
-    if not isinstance(prefix, str) or not all(part.isidentifier() for part in prefix.split(".")):
-        empty = " (an empty prefix is refused: it would trust every module)" if prefix == "" else ""
-        raise ConfigError(f"--allow / allow_modules: {prefix!r} is not a module prefix like 'mypackage' or "
-                          f"'mypackage.models'{empty}")
-
-
-def _trust_hint(module_name: str) -> str:
-    top = module_name.split(".")[0]
-    return (f"To trust it: --allow {top} on the command line, or "
-            f"mimo_builder.registry.allow_modules({top!r}) in Python")
 
 
 def _read_entry_points(group: str) -> tuple[dict[str, EntryPoint], dict[str, list[EntryPoint]]]:
@@ -253,54 +312,75 @@ def _describe(obj: Any) -> str:
     return f"a {type(obj).__qualname__}"
 
 
-# --- the process's default registry ---------------------------------------------------------
+# --- the active registry: the process's default, or one a `using` block selects -----------------
 
 _default = Registry()
 _allowed_prefixes = _default.prefixes  # the default registry's list (tests restore it in place)
+_active: contextvars.ContextVar[Registry | None] = contextvars.ContextVar("mimo_builder_registry", default=None)
 
 
 def default_registry() -> Registry:
     return _default
 
 
+def active_registry() -> Registry:
+    """The registry the module-level functions use: the innermost :func:`using`, else the default."""
+    return _active.get() or _default
+
+
+@contextlib.contextmanager
+def using(registry: Registry) -> Iterator[Registry]:
+    """Resolve names through ``registry`` inside the block (the CLI's registry speaks ``--allow``)."""
+    token = _active.set(registry)
+    try:
+        yield registry
+    finally:
+        _active.reset(token)
+
+
 def allow_modules(*prefixes: str) -> None:
     """Also accept ``module:attr`` references whose module starts with one of ``prefixes``."""
-    _default.allow(*prefixes)
+    active_registry().allow(*prefixes)
 
 
 def allowed_prefixes() -> tuple[str, ...]:
-    return tuple(_default.prefixes)
+    return tuple(active_registry().prefixes)
+
+
+def import_roots() -> tuple[str, ...]:
+    """Folders the active registry imports allowed, uninstalled top-level packages from."""
+    return tuple(active_registry().roots)
 
 
 def register_builder(name: str):
     """Class decorator: register a builder under a short name (in-process, e.g. for tests)."""
-    return _default.register(BUILDER_GROUP, name)
+    return active_registry().register(BUILDER_GROUP, name)
 
 
 def register_hook(name: str):
     """Function decorator: register a pre/post-wrap hook under a name usable in documents."""
-    return _default.register(HOOK_GROUP, name)
+    return active_registry().register(HOOK_GROUP, name)
 
 
 def registered_names(group: str = BUILDER_GROUP) -> list[str]:
-    return _default.names(group)
+    return active_registry().names(group)
 
 
 def resolve_builder(ref: str, where: str = "builder") -> type:
-    return _default.resolve_builder(ref, where)
+    return active_registry().resolve_builder(ref, where)
 
 
 def resolve_hook(ref: str | Callable, where: str = "hook") -> Callable:
-    return _default.resolve_hook(ref, where)
+    return active_registry().resolve_hook(ref, where)
 
 
 def resolve_graph(ref: str, where: str = "graph"):
-    return _default.resolve_graph(ref, where)
+    return active_registry().resolve_graph(ref, where)
 
 
 def import_reference(ref: str, where: str) -> Any:
-    return _default.import_reference(ref, where)
+    return active_registry().import_reference(ref, where)
 
 
 def reference_of(obj: Any) -> str:
-    return _default.reference_of(obj)
+    return active_registry().reference_of(obj)

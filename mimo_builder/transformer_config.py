@@ -146,3 +146,26 @@ def make_transformer_config(
         return TransformerConfig(**options)
     except (AssertionError, ValueError) as err:
         raise ConfigError(f"{type(cfg).__name__}: MCore rejected the TransformerConfig: {err}") from err
+
+
+def parallel_transformer_config(
+    pg_collection: ProcessGroupCollection,
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
+    device: str | torch.device = "auto",
+    **options: Any,
+) -> TransformerConfig:
+    """The TransformerConfig of a node without transformer layers: only what MCore's DDP,
+    mixed-precision and optimizer wrappers read (parallel sizes, dtype, CPU initialisation).
+    MCore requires layer and head counts; one layer and one head per TP rank satisfy it."""
+    tp = pg_collection.tp.size()
+    values = dict(
+        num_layers=pg_collection.pp.size(), hidden_size=tp, num_attention_heads=tp,
+        bf16=dtype == "bf16", fp16=dtype == "fp16", params_dtype=DTYPES[dtype], pipeline_dtype=DTYPES[dtype],
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pg_collection.pp.size(),
+        context_parallel_size=pg_collection.cp.size(),
+        use_cpu_initialization=resolve_device(device).type == "cpu",
+    )
+    try:
+        return TransformerConfig(**{**values, **options})
+    except (AssertionError, ValueError) as err:
+        raise ConfigError(f"MCore rejected the node's TransformerConfig: {err}") from err

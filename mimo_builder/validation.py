@@ -16,8 +16,10 @@ from megatron.core.distributed import DistributedDataParallelConfig
 
 from mimo_builder.builder import ModelBuilder, Ports
 from mimo_builder.config import ModelConfig
+from mimo_builder.contract import class_name, run_problems, token_count_problem
 from mimo_builder.errors import ConfigError, GraphError, excerpt
 from mimo_builder.graph import Graph, parse_edge, parse_port_ref
+from mimo_builder.hf.nodes import init_problems as hf_init_problems
 from mimo_builder.mcore_options import check_options
 from mimo_builder.optim_config import OptimizerSettings
 from mimo_builder.placement import Layout
@@ -84,6 +86,7 @@ def validate_graph(graph: Graph, world_size: int | None = None) -> ValidGraph:
     layouts = _check_layouts(graph, configs, world_size, problems) if world_size is not None else {}
     if layouts:
         _check_edge_dp(edges, layouts, problems)
+        _check_edge_cp(edges, layouts, problems)
     if problems:
         raise GraphError(problems)
     return ValidGraph(graph, configs, builders, edges, inputs, outputs, order, world_size, layouts)
@@ -100,7 +103,10 @@ def _check_nodes(graph: Graph, problems: list[str]):
             continue  # other messages would quote the bad name again
         try:
             configs[name] = node.model_config_object(where=f"node '{name}' config")
-            builders[name] = configs[name].make_builder()
+            builder = configs[name].make_builder()
+            ports = _ports_of(name, builder)
+            problems.extend(run_problems(name, builder, ports, node.placement.pp))
+            builders[name] = builder
             problems.extend(_expert_problems(name, node, configs[name]))
         except ConfigError as err:
             problems.extend(str(err).splitlines())
@@ -113,7 +119,10 @@ def _check_nodes(graph: Graph, problems: list[str]):
         except ValidationError as err:
             problems.append(f"node '{name}' optimizer: {err.errors()[0]['msg']}")
         if node.init is not None:
-            problems.extend(node.init.problems(name))
+            init_problems = node.init.problems(name)
+            if not init_problems and node.init.hf is not None and name in builders:
+                init_problems = hf_init_problems(name, builders[name], node)
+            problems.extend(init_problems)
         for which in ("pre_wrap", "post_wrap"):
             for i, hook in enumerate(getattr(node.hooks, which)):
                 try:
@@ -121,6 +130,21 @@ def _check_nodes(graph: Graph, problems: list[str]):
                 except ConfigError as err:
                     problems.append(str(err))
     return configs, builders
+
+
+def _ports_of(name: str, builder: ModelBuilder) -> Ports:
+    """``builder.ports()``, with any failure of the builder's own code named as the node's."""
+    where = f"node '{name}': {class_name(type(builder))}.ports()"
+    try:
+        ports = builder.ports()
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"{where} raised {type(err).__name__}: {err}") from err
+    if not isinstance(ports, Ports):
+        raise ConfigError(f"{where} returned {type(ports).__name__}; return Ports.of(inputs=[Port(...)], "
+                          "outputs=[Port(...)])")
+    return ports
 
 
 def _name_problems(name: str) -> list[str]:
@@ -136,7 +160,9 @@ def _name_problems(name: str) -> list[str]:
 def _expert_problems(name: str, node, config: ModelConfig) -> list[str]:
     """placement.ep / etp above 1 split expert layers: refused on a node that has none."""
     if config.has_experts():
-        return []
+        ep = node.placement.ep
+        return [f"node '{name}' placement.ep: {e}" for e in config.ep_problems(ep)] \
+            if ep > 1 and hasattr(config, "ep_problems") else []
     sizes = {"ep": node.placement.ep, "etp": node.placement.etp or 1}
     return [f"node '{name}' placement.{field}: {size} splits expert (MoE) layers, but this "
             f"{type(config).__name__} has none; remove placement.{field} (or set it to 1)"
@@ -156,6 +182,8 @@ def _check_edges(graph: Graph, builders: dict, problems: list[str]) -> list[Edge
         ok &= _port_exists(dst, dport, "inputs", builders, graph, f"edge '{edge}'", problems)
         if ok:
             _check_features(edge, builders, problems)
+            if "tokens" in builders[dst].ports().inputs[dport].dims:
+                problems.extend(filter(None, [token_count_problem(edge, builders[src])]))
         if (dst, dport) in fed:
             problems.append(f"edge '{edge}': {dst}.{dport} is already fed by '{fed[(dst, dport)]}'; "
                             "an input port takes one edge")
@@ -257,6 +285,7 @@ def _check_layouts(graph: Graph, configs, world_size: int, problems: list[str]) 
         if name in configs:
             problems.extend(f"node '{name}' placement.tp: {e}" for e in _tp_problems(configs[name], layout.tp))
             problems.extend(f"node '{name}' placement.pp: {e}" for e in _pp_problems(configs[name], layout.pp))
+            problems.extend(f"node '{name}' placement.cp: {e}" for e in _cp_problems(configs[name], layout))
         layouts[name] = layout
     return layouts
 
@@ -267,6 +296,25 @@ def _tp_problems(config, tp: int) -> list[str]:
 
 def _pp_problems(config, pp: int) -> list[str]:
     return config.pp_problems(pp) if hasattr(config, "pp_problems") else []
+
+
+def _cp_problems(config, layout: Layout) -> list[str]:
+    """Context parallelism needs a config that splits its sequences (``cp_problems``)."""
+    if layout.cp == 1:
+        return []
+    if not hasattr(config, "cp_problems"):
+        return [f"{layout.cp} splits sequences over context-parallel ranks, which {type(config).__name__} "
+                "does not support; set cp to 1"]
+    return config.cp_problems(layout.cp, layout.tp)
+
+
+def _check_edge_cp(edges: list[Edge], layouts: dict[str, Layout], problems: list[str]):
+    """A node with cp > 1 holds part of each sequence: its outputs cannot feed other nodes."""
+    for edge in edges:
+        if edge.src in layouts and layouts[edge.src].cp > 1:
+            problems.append(f"edge '{edge}': node '{edge.src}' has placement.cp {layouts[edge.src].cp} (each rank "
+                            "holds part of every sequence), so its outputs cannot feed another node; only "
+                            "graph outputs (its loss) leave it")
 
 
 def _check_edge_dp(edges: list[Edge], layouts: dict[str, Layout], problems: list[str]):

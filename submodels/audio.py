@@ -13,6 +13,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 
+from mimo_builder import layer_costs as costs
 from mimo_builder.builder import ModelBuilder, Port, Ports
 from mimo_builder.config import PositiveInt
 from mimo_builder.errors import ConfigError
@@ -34,6 +35,10 @@ class AudioConfig(TransformerModelConfig):
     position_embedding_type: Literal["sinusoidal", "learned"] = "sinusoidal"
     """Fixed sinusoidal positions (Whisper) or a learned table."""
 
+    features_layout: Literal["frames_mels", "mels_frames"] = "frames_mels"
+    """Axis order of the input: [B, frames, n_mels], or Whisper's [B, n_mels, frames] (then every
+    clip has max_frames frames, as Whisper pads each to 30 s)."""
+
     @property
     def max_tokens(self) -> int:
         """Output tokens for ``max_frames`` input frames: the stride-2 conv halves the frames."""
@@ -51,22 +56,57 @@ class AudioBuilder(ModelBuilder):
 
     def ports(self) -> Ports:
         cfg = self.config
+        features = Port("features", ("batch", "frames", "mels"), cfg.n_mels, doc="log-mel spectrogram")
+        if cfg.features_layout == "mels_frames":
+            features = Port("features", ("batch", "mels", "frames"), cfg.max_frames,
+                            shape=(None, cfg.n_mels, cfg.max_frames), doc="log-mel spectrogram [B, n_mels, max_frames] (Whisper's layout)")
         return Ports.of(
-            inputs=[Port("features", ("batch", "frames", "mels"), cfg.n_mels, doc="log-mel spectrogram")],
+            inputs=[features],
             outputs=[Port("embeddings", ("batch", "tokens", "hidden"), cfg.hidden_size,
                           doc="tokens = ceil(frames / 2)")],
         )
 
     def output_tokens(self, input_tokens):
-        return {"embeddings": math.ceil(input_tokens.get("features", self.config.max_frames) / 2)}
+        return {"embeddings": math.ceil(self._frames(input_tokens) / 2)}
+
+    def _frames(self, input_tokens) -> int:
+        """Input frames: the axis after the batch, or max_frames in Whisper's layout."""
+        if self.config.features_layout == "mels_frames":
+            return self.config.max_frames
+        return input_tokens.get("features", self.config.max_frames)
 
     def synthetic_inputs(self, batch_size, generator, tokens):
         """Log-mel-like features for ``max_frames`` frames."""
         cfg = self.config
-        return {"features": torch.randn((batch_size, cfg.max_frames, cfg.n_mels), generator=generator)}
+        shape = (cfg.n_mels, cfg.max_frames) if cfg.features_layout == "mels_frames" else (cfg.max_frames, cfg.n_mels)
+        return {"features": torch.randn((batch_size, *shape), generator=generator)}
+
+    def planned_tokens(self, tokens):
+        return math.ceil(self._frames(tokens) / 2)
+
+    def stage_costs(self, config, micro_batch, tokens):
+        """Clips of ``max_frames`` frames: the two convolutions (inputs and GELU inputs, replicated
+        on every TP rank), bidirectional transformer layers over ``ceil(frames / 2)`` tokens and
+        the final norm; one stage."""
+        cfg = self.config
+        frames, h = self._frames(tokens), cfg.hidden_size
+        shape = costs.Shape.of(config, micro_batch, self.planned_tokens(tokens))
+        te = costs.builds_te(cfg.impl)
+        layer = costs.transformer_layer_cost(shape, config, te, causal=False)
+        per_frame = cfg.n_mels + 2 * h  # conv1 input; GELU input and output at full frame rate
+        conv = micro_batch * shape.element * (frames * per_frame + shape.tokens * h)
+        conv_flops = 2 * micro_batch * 3 * h * (frames * cfg.n_mels + shape.tokens * h)
+        extra = conv + costs.norm_cost(shape, config, te, with_output=False)  # + the final norm
+        return [costs.stage_cost(config, [layer] * cfg.num_layers, extra, conv_flops)]
 
     def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
         return make_transformer_config(self.config, pg_collection)  # GELU, biases, LayerNorm: as Whisper
+
+    def hf_mapping(self):
+        """Hugging Face Whisper encoder weights (:mod:`submodels.hf_whisper`)."""
+        from submodels.hf_whisper import whisper_encoder_mapping
+
+        return whisper_encoder_mapping(self.config)
 
     def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None) -> "AudioEncoder":
         cfg = self.config
@@ -79,6 +119,7 @@ class AudioBuilder(ModelBuilder):
             n_mels=cfg.n_mels,
             max_tokens=cfg.max_tokens,
             learned_positions=cfg.position_embedding_type == "learned",
+            mels_first=cfg.features_layout == "mels_frames",
             pg_collection=pg_collection,
             vp_stage=vp_stage,
         )
@@ -108,15 +149,17 @@ def sinusoids(length: int, channels: int, device=None) -> torch.Tensor:
 
 
 class AudioEncoder(MegatronModule):
-    """Log-mel [B, T, n_mels] -> Conv1d+GELU, Conv1d(stride 2)+GELU -> + positions ->
-    MCore TransformerBlock with final norm -> [B, ceil(T/2), hidden].
+    """Log-mel [B, T, n_mels] ([B, n_mels, T] when ``mels_first``) -> Conv1d+GELU, Conv1d(stride 2)
+    +GELU -> + positions -> MCore TransformerBlock with final norm -> [B, ceil(T/2), hidden].
 
     The convolutions and the position table are plain torch, replicated on every TP rank.
     """
 
     def __init__(self, config: TransformerConfig, spec: ModuleSpec, *, n_mels: int, max_tokens: int,
-                 learned_positions: bool, pg_collection: ProcessGroupCollection, vp_stage: int | None = None):
+                 learned_positions: bool, pg_collection: ProcessGroupCollection, vp_stage: int | None = None,
+                 mels_first: bool = False):
         super().__init__(config=config)
+        self.mels_first = mels_first
         hidden, dtype = config.hidden_size, config.params_dtype
         self.max_tokens = max_tokens
         self.conv1 = torch.nn.Conv1d(n_mels, hidden, kernel_size=3, padding=1, dtype=dtype)
@@ -129,11 +172,11 @@ class AudioEncoder(MegatronModule):
         self.decoder.set_input_tensor(input_tensor)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.conv1(features.transpose(1, 2)))  # [B, H, T]
+        x = F.gelu(self.conv1(features if self.mels_first else features.transpose(1, 2)))  # [B, H, T]
         x = F.gelu(self.conv2(x)).transpose(1, 2)  # [B, T', H]
         tokens = x.shape[1]
         if tokens > self.max_tokens:
-            raise ValueError(f"{features.shape[1]} frames give {tokens} tokens, more than max_frames allows "
+            raise ValueError(f"{features.shape[1 + self.mels_first]} frames give {tokens} tokens, more than max_frames allows "
                              f"({self.max_tokens}); raise max_frames")
         x = x + self._positions(tokens, x)
         x = self.decoder(x.transpose(0, 1).contiguous(), attention_mask=None)  # MCore wants [S, B, H]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 
+from mimo_builder import layer_costs as costs
 from mimo_builder.builder import ModelBuilder, Port, Ports, token_input_ports
 from mimo_builder.config import PositiveInt, StrictBool
 from mimo_builder.transformer_config import (
@@ -60,6 +62,38 @@ class GPTBuilder(ModelBuilder):
 
     def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
         return make_transformer_config(self.config, pg_collection)
+
+    def run(self, model, inputs):
+        """One forward on one stage (pp 1): ``loss`` (mean over ``loss_mask``) when labels are
+        given, else ``logits``."""
+        ids = inputs["input_ids"]
+        positions = inputs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        labels = inputs.get("labels")
+        out = model(ids, positions, None, labels=labels)
+        if labels is None:
+            return {"logits": out}
+        mask = inputs.get("loss_mask")
+        mask = torch.ones_like(out, dtype=torch.float32) if mask is None else mask.float()
+        return {"loss": (out.float() * mask).sum() / mask.sum().clamp(min=1.0)}
+
+    def stage_costs(self, config, micro_batch, tokens):
+        """Transformer layers split evenly (Korthikanti et al.), the embedding's dropout mask on the
+        first stage, final norm, output layer and fp32 cross-entropy softmax on the last."""
+        cfg = self.config
+        shape = costs.Shape.of(config, micro_batch, self.planned_tokens(tokens))
+        te = costs.builds_te(cfg.impl)
+        layer = costs.transformer_layer_cost(shape, config, te, rope=cfg.position_embedding_type == "rope")
+        split = costs.even_split(cfg.num_layers, costs.virtual_stage_count(config))
+        vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, shape.tp)
+        head_bytes, head_flops = costs.output_cost(shape, config, te, vocab)
+        embedding_mask = shape.replicated(cfg.hidden_size, 1) if cfg.hidden_dropout > 0 else 0
+        last = len(split) - 1
+        return [costs.stage_cost(config, [layer] * count,
+                                 (embedding_mask if k == 0 else 0) + (head_bytes if k == last else 0),
+                                 head_flops if k == last else 0)
+                for k, count in enumerate(split)]
 
     def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None) -> GPTModel:
         from megatron.core.models.gpt import gpt_layer_specs

@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from submodels import mamba_kernels
+from submodels.context_parallel import ContextParallelAttention, cp_size, split_for_cp_rank
+from submodels.lm_metrics import exact_match, greedy_predictions
+from submodels.mamba_costs import hybrid_stage_costs
 
 mamba_kernels.ensure_mamba_ssm_importable()  # fails loudly if MCore's mixer loaded without mamba-ssm
 
@@ -30,7 +33,6 @@ from megatron.core.ssm.mlp_layer import MLPLayer  # noqa: E402
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules  # noqa: E402
-from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: E402
@@ -73,6 +75,10 @@ class MambaConfig(TransformerModelConfig):
     make_vocab_size_divisible_by: PositiveInt = 128
     """Pad the vocabulary to a multiple of this times TP."""
 
+    pad_vocab: StrictBool = True
+    """Pad the vocabulary (see make_vocab_size_divisible_by); false keeps vocab_size as is, like
+    MCore's HybridModelConfig.should_pad_vocab=False (MCore's default)."""
+
     seq_length: PositiveInt
     """Maximum sequence length."""
 
@@ -111,6 +117,14 @@ class MambaConfig(TransformerModelConfig):
 
     modality_token_ids: dict[str, StrictInt] = Field(default_factory=dict)
     """Input port name -> placeholder token id; that modality's embeddings replace those tokens."""
+
+    @classmethod
+    def from_mcore(cls, config, *, impl: str | None = None) -> "MambaConfig":
+        """This config from MCore's ``HybridModelConfig`` or its ``as_dict()`` form; fields it
+        cannot express are a ConfigError naming them (:mod:`submodels.mcore_interop`)."""
+        from submodels.mcore_interop import import_hybrid_config
+
+        return import_hybrid_config(config, impl=impl).config
 
     @property
     def layer_symbols(self) -> str:
@@ -158,6 +172,31 @@ class MambaConfig(TransformerModelConfig):
                 out.append(f"mamba_num_groups {self.mamba_num_groups} is not divisible by tp {tp}")
         return out
 
+    def cp_problems(self, cp: int, tp: int = 1) -> list[str]:
+        """Why sequences cannot be split over ``cp`` context-parallel ranks (load-balanced chunks;
+        MCore's Mamba context parallelism moves heads across the CP ranks)."""
+        out = []
+        if self.seq_length % (2 * cp):
+            out.append(f"seq_length {self.seq_length} is not divisible by 2 * cp = {2 * cp} (each sequence "
+                       "is cut into 2 * cp equal chunks)")
+        if "M" in self.layer_symbols and self.mamba_heads % (tp * cp):
+            out.append(f"Mamba heads {self.mamba_heads} are not divisible by tp * cp = {tp * cp}")
+        groups = self.mamba_num_groups // tp if self.mamba_num_groups % tp == 0 else 0
+        if "M" in self.layer_symbols and groups and (groups % cp if groups >= cp else cp % groups):
+            out.append(f"mamba_num_groups / tp = {groups} and cp {cp}: one must divide the other")
+        if "*" in self.layer_symbols and self.transformer.get("window_size") is not None:
+            out.append("transformer.window_size (sliding-window attention) is not supported with cp > 1")
+        if self.transformer.get("sequence_parallel"):
+            out.append("transformer.sequence_parallel with cp > 1 is not supported (the sequence is "
+                       "split for CP before the layers)")
+        return out
+
+    def ep_problems(self, ep: int) -> list[str]:
+        """Why the experts cannot be split over ``ep`` expert-parallel ranks."""
+        if self.num_experts is not None and self.num_experts % ep:
+            return [f"num_experts {self.num_experts} is not divisible by ep {ep}"]
+        return []
+
     def pp_problems(self, pp: int) -> list[str]:
         """Why this pattern cannot be split over ``pp`` pipeline stages (x virtual stages)."""
         vp = self.transformer.get("virtual_pipeline_model_parallel_size") or 1
@@ -192,6 +231,8 @@ class MambaBuilder(ModelBuilder):
             outputs=[
                 Port("logits", ("batch", "tokens", "vocab"), self.config.vocab_size),
                 Port("loss", ("batch", "tokens")),
+                Port("correct", ("batch",), doc="in eval mode, 1.0 where greedy decoding writes every label "
+                                                "under the loss mask, else 0.0 (GraphSchedule.evaluate)"),
             ],
         )
 
@@ -215,6 +256,11 @@ class MambaBuilder(ModelBuilder):
         )
 
     def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None) -> HybridModel:
+        return HybridModel(**self.hybrid_model_kwargs(pg_collection, pre_process, post_process, vp_stage))
+
+    def hybrid_model_kwargs(self, pg_collection, pre_process=None, post_process=None, vp_stage=None) -> dict:
+        """The keyword arguments of MCore's ``HybridModel`` for one stage on ``pg_collection``
+        (on CPU, installs the pure-torch Mamba kernels first)."""
         from megatron.core.pipeline_parallel.utils import is_pp_first_stage, is_pp_last_stage
 
         cfg = self.config
@@ -224,10 +270,11 @@ class MambaBuilder(ModelBuilder):
                                   "fused CUDA kernels; leave it unset on CPU")
             mamba_kernels.install_cpu_kernels()
         tp = pg_collection.tp.size()
-        return HybridModel(
+        return dict(
             config=self.transformer_config(pg_collection),
             hybrid_stack_spec=hybrid_stack_spec(use_te(cfg.impl), cfg.num_experts),
-            vocab_size=padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp),
+            vocab_size=padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
+            if cfg.pad_vocab else cfg.vocab_size,
             max_sequence_length=cfg.seq_length,
             hybrid_layer_pattern=cfg.hybrid_layer_pattern,
             share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
@@ -238,6 +285,28 @@ class MambaBuilder(ModelBuilder):
             vp_stage=vp_stage,
         )
 
+    # --- export to MCore's MimoModel (mimo_builder.interop) ---------------------------------
+
+    mimo_roles = frozenset({"language"})
+
+    def mimo_spec(self, role, pg_collection) -> ModuleSpec:
+        """As MIMO's language model: MCore's HybridModel, whole (one pipeline stage)."""
+        self.check_mimo_role(role)
+        return ModuleSpec(module=HybridModel, params=self.hybrid_model_kwargs(pg_collection, True, True))
+
+    def mimo_special_token_ids(self) -> dict[str, int]:
+        """Input port -> placeholder token id (``modality_token_ids``)."""
+        return dict(self.config.modality_token_ids)
+
+    def hf_mapping(self):
+        """Hugging Face ``Mamba2ForCausalLM`` weights (:mod:`submodels.hf_mamba`)."""
+        from submodels.hf_mamba import mamba2_mapping
+
+        return mamba2_mapping(self.config)
+
+    def stage_costs(self, config, micro_batch, tokens):
+        """Per virtual stage, full ``seq_length`` sequences: see :mod:`submodels.mamba_costs`."""
+        return hybrid_stage_costs(self.config, config, micro_batch, self.planned_tokens(tokens))
 
     def run(self, model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Embed ``input_ids``, put each modality's embeddings at its placeholder tokens, run the
@@ -247,34 +316,64 @@ class MambaBuilder(ModelBuilder):
     def run_stage(self, model, inputs, hidden, first, last) -> dict[str, torch.Tensor]:
         """One pipeline stage: the first embeds and places modalities, later ones continue from
         the previous stage's hidden states ([tokens, batch, hidden]), the last computes the loss."""
+        self._check_trainable_experts()
         ids = inputs["input_ids"]
         positions = inputs.get("position_ids")
         if positions is None:
             positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         core = unwrap(model)
+        cp = getattr(core, "pg_collection", None) and core.pg_collection.cp
         embedded = None
         if first:
             embedded = core.embedding(input_ids=ids, position_ids=positions)  # [tokens, batch, hidden]
             embedded = place_modalities(embedded, ids, self.config.modality_token_ids, inputs)
+            if cp_size(cp) > 1:  # the whole sequence is embedded, then split: placeholders anywhere
+                embedded = split_for_cp_rank({"e": embedded.transpose(0, 1)}, cp)["e"].transpose(0, 1)
         else:
             core.set_input_tensor(hidden)
         labels = inputs.get("labels") if last else None
-        out = model(ids, positions, None, decoder_input=embedded, labels=labels)
+        mask = inputs.get("loss_mask") if last else None
+        mask = torch.ones_like(ids, dtype=torch.float32) if mask is None else mask.float()
+        local = split_for_cp_rank({"labels": labels, "mask": mask} if labels is not None else {}, cp)
+        evaluating = last and labels is not None and not core.training
+        out = model(ids, positions, None, decoder_input=embedded, labels=None if evaluating else local.get("labels"))
         if not last:
             return {"hidden": out}
         if labels is None:
             return {"logits": out}
-        mask = inputs.get("loss_mask")
-        mask = torch.ones_like(out, dtype=torch.float32) if mask is None else mask.float()
-        return {"loss": (out.float() * mask).sum() / mask.sum().clamp(min=1.0)}
+        if evaluating:
+            return self._evaluate(core, out, local, mask, cp)
+        # under cp > 1 this CP rank's share: its tokens' losses over the whole sequence's count
+        return {"loss": (out.float() * local["mask"]).sum() / mask.sum().clamp(min=1.0)}
+
+    def _evaluate(self, core, logits, local, mask, cp) -> dict[str, torch.Tensor]:
+        """Eval mode: the loss from the logits ([batch, tokens, vocab / tp]) and, per sample,
+        whether greedy decoding writes every label under the loss mask (``correct``)."""
+        token_losses = core.compute_language_model_loss(local["labels"], logits.transpose(0, 1).contiguous())
+        outputs = {"loss": (token_losses.float() * local["mask"]).sum() / mask.sum().clamp(min=1.0)}
+        if cp_size(cp) <= 1:
+            predictions = greedy_predictions(logits, core.output_layer.tp_group)
+            outputs["correct"] = exact_match(predictions, local["labels"], local["mask"])
+        return outputs
+
+    def _check_trainable_experts(self) -> None:
+        cfg = self.config
+        if (cfg.num_experts and torch.is_grad_enabled() and cfg.transformer.get("add_bias_linear", True)
+                and not use_te(cfg.impl)):
+            raise ConfigError("MambaConfig.transformer.add_bias_linear: MCore's local expert MLP adds its bias in "
+                              "place to the output of a custom autograd function, so MoE layers with biases "
+                              "cannot train on the local spec; set transformer.add_bias_linear: false")
 
     def synthetic_inputs(self, batch_size, generator, tokens):
-        """Token sequences that count upwards (learnable), after one placeholder run per modality."""
+        """Token sequences that count upwards (learnable), after one placeholder run per modality;
+        the length a multiple of 16 where ``seq_length`` allows (context parallelism needs 2 * cp)."""
         cfg = self.config
         prefix = [torch.full((tokens[port],), token) for port, token in cfg.modality_token_ids.items()
                   if port in tokens]
         prefix = torch.cat(prefix) if prefix else torch.zeros(0, dtype=torch.long)
         text = min(32, cfg.seq_length - len(prefix))
+        if text - (len(prefix) + text) % 16 >= 2:  # a multiple of 16 tokens: splits evenly up to cp=8
+            text -= (len(prefix) + text) % 16
         if text < 2:
             raise ConfigError(f"MambaConfig.seq_length {cfg.seq_length} leaves no room for text after "
                               f"{len(prefix)} modality tokens")
@@ -309,7 +408,8 @@ def place_modalities(embedded: torch.Tensor, ids: torch.Tensor, token_ids: dict[
         if bool((counts != values.shape[1]).any()):
             raise ValueError(f"MambaConfig.modality_token_ids[{port!r}]: samples hold {counts.tolist()} "
                              f"placeholder tokens (id {token}) but '{port}' brings {values.shape[1]} "
-                             "embeddings per sample")
+                             "embeddings per sample (for synthetic batches the placeholders number what "
+                             "the upstream builder's output_tokens() declares)")
         batch_first = batch_first.masked_scatter(where.unsqueeze(-1), values.to(batch_first.dtype))
     return batch_first.transpose(0, 1).contiguous()
 
@@ -347,7 +447,7 @@ def local_hybrid_stack_spec(num_experts: int | None = None) -> ModuleSpec:
         self_attention=ModuleSpec(
             module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
             submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear,
-                                               core_attention=DotProductAttention,
+                                               core_attention=ContextParallelAttention,
                                                linear_proj=RowParallelLinear)),
         self_attn_bda=get_bias_dropout_add, sharded_state_dict_keys_map=FUSED_NORM_KEYS["attention"]))
     mlp = ModuleSpec(module=MLPLayer, submodules=TransformerLayerSubmodules(

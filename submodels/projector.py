@@ -14,8 +14,10 @@ from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
 from pydantic import Field, model_validator
 
+from mimo_builder import layer_costs as costs
 from mimo_builder.builder import ModelBuilder, Port, Ports
 from mimo_builder.config import ModelConfig, PositiveInt
 from mimo_builder.mcore_options import TransformerOptions
@@ -115,6 +117,21 @@ class ProjectorBuilder(ModelBuilder):
     def synthetic_inputs(self, batch_size, generator, tokens):
         return {"input": torch.randn((batch_size, 16, self.config.input_size), generator=generator)}
 
+    def planned_tokens(self, tokens):
+        """Input tokens arriving on the edge (16 when the batch binds the input, as synthetic data)."""
+        return tokens.get("input", 16)
+
+    def stage_costs(self, config, micro_batch, tokens):
+        """'mlp': fc1 input (merged tokens, whole on every TP rank), the activation's input and
+        output (split over TP); 'affine': the one linear's input. One stage."""
+        cfg = self.config
+        merged = costs.Shape.of(config, micro_batch, self.planned_tokens(tokens) // cfg.token_reduction)
+        width = cfg.input_size * cfg.token_reduction
+        if cfg.projector_type == "affine":
+            return [costs.StageCost(merged.replicated(width), merged.matmul_flops(width * cfg.output_size))]
+        saved = merged.replicated(width) + 2 * merged.sharded(cfg.ffn_width)
+        return [costs.StageCost(saved, merged.matmul_flops(width * cfg.ffn_width + cfg.ffn_width * cfg.output_size))]
+
     def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
         cfg = self.config
         return make_transformer_config(
@@ -127,6 +144,25 @@ class ProjectorBuilder(ModelBuilder):
         )
 
     def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None) -> "Projector":
+        return Projector(**self.projector_kwargs(pg_collection))
+
+    mimo_roles = frozenset({"projection"})
+
+    def mimo_problems(self, role: str) -> list[str]:
+        problems = super().mimo_problems(role)
+        if self.config.token_reduction != 1:
+            problems.append(f"token_reduction {self.config.token_reduction} cannot be exported to MIMO: MIMO "
+                            "flattens encoder outputs to [tokens, features] before projecting, so groups of "
+                            "tokens of one sample cannot be merged; use token_reduction 1")
+        return problems
+
+    def mimo_spec(self, role, pg_collection) -> ModuleSpec:
+        """As MIMO's input projection: the same Projector, which also takes MIMO's [tokens, F]."""
+        self.check_mimo_role(role)
+        return ModuleSpec(module=Projector, params=self.projector_kwargs(pg_collection))
+
+    def projector_kwargs(self, pg_collection) -> dict:
+        """The keyword arguments of :class:`Projector` on ``pg_collection``."""
         cfg = self.config
         # MCore's affine projector asks its linear for gather_output=True, which TE linears refuse.
         if use_te(cfg.impl) and cfg.projector_type == "mlp":
@@ -137,9 +173,9 @@ class ProjectorBuilder(ModelBuilder):
             from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
             linears = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-        return Projector(self.transformer_config(pg_collection), linears, projector_type=cfg.projector_type,
-                         input_size=cfg.input_size, token_reduction=cfg.token_reduction,
-                         pg_collection=pg_collection)
+        return dict(config=self.transformer_config(pg_collection), submodules=linears,
+                    projector_type=cfg.projector_type, input_size=cfg.input_size,
+                    token_reduction=cfg.token_reduction, pg_collection=pg_collection)
 
 
 class Projector(MultimodalProjector):
@@ -157,6 +193,8 @@ class Projector(MultimodalProjector):
             self.encoder.skip_bias_add = False
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.dim() == 2 and self.token_reduction == 1:  # MIMO's flattened [tokens, F]
+            return super().forward(hidden_states)
         batch, tokens, features = hidden_states.shape
         r = self.token_reduction
         if tokens % r:

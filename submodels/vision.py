@@ -9,10 +9,12 @@ from megatron.core.activations import quick_gelu
 from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from pydantic import model_validator
 
+from mimo_builder import layer_costs as costs
 from mimo_builder.builder import ModelBuilder, Port, Ports
-from mimo_builder.config import PositiveInt, StrictBool
+from mimo_builder.config import PositiveInt, StrictBool, StrictInt
 from mimo_builder.errors import ConfigError
 from mimo_builder.transformer_config import TransformerModelConfig, make_transformer_config, use_te
 
@@ -46,6 +48,18 @@ class VisionConfig(TransformerModelConfig):
     activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
     """MLP activation (CLIP uses quick_gelu)."""
 
+    ln_post: StrictBool = False
+    """LayerNorm over every output token after the last built layer (CLIP's post_layernorm)."""
+
+    feature_layer: StrictInt = -1
+    """Which layer's output the node returns, counted from the end as Hugging Face's
+    hidden_states: -1 the last, -2 the one before (LLaVA); layers after it are not built."""
+
+    @property
+    def built_layers(self) -> int:
+        """Layers the node builds and runs: num_layers up to feature_layer."""
+        return self.num_layers + 1 + self.feature_layer
+
     @property
     def num_patches(self) -> int:
         """Patches per image."""
@@ -61,6 +75,9 @@ class VisionConfig(TransformerModelConfig):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
                              "choose a patch_size that divides it")
+        if not -self.num_layers <= self.feature_layer <= -1:
+            raise ValueError(f"feature_layer {self.feature_layer} must be in [-num_layers, -1] = "
+                             f"[{-self.num_layers}, -1]")
         return self
 
     def pp_problems(self, pp: int) -> list[str]:
@@ -89,12 +106,46 @@ class VisionBuilder(ModelBuilder):
         shape = (batch_size, cfg.num_channels, cfg.image_size, cfg.image_size)
         return {"pixel_values": torch.randn(shape, generator=generator)}
 
+    def planned_tokens(self, tokens):
+        return self.config.num_tokens
+
+    def stage_costs(self, config, micro_batch, tokens):
+        """Bidirectional transformer layers over the patches (+ class token), plus the patch
+        convolution's input (the images) and the pre-norm's input; one stage."""
+        cfg = self.config
+        shape = costs.Shape.of(config, micro_batch, cfg.num_tokens)
+        te = costs.builds_te(cfg.impl)
+        layer = costs.transformer_layer_cost(shape, config, te, causal=False)
+        pixels = micro_batch * cfg.num_channels * cfg.image_size ** 2 * shape.element
+        conv_flops = 2 * micro_batch * cfg.num_patches * cfg.num_channels * cfg.patch_size ** 2 * cfg.hidden_size
+        extra = pixels + costs.norm_cost(shape, config, te, with_output=False)  # ln_pre
+        return [costs.stage_cost(config, [layer] * cfg.built_layers, extra, conv_flops)]
+
     def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
         cfg = self.config
         # MCore's defaults are CLIP's otherwise: biases on every linear, LayerNorm eps 1e-5.
-        return make_transformer_config(cfg, pg_collection, activation_func=ACTIVATIONS[cfg.activation])
+        return make_transformer_config(cfg, pg_collection, activation_func=ACTIVATIONS[cfg.activation],
+                                       num_layers=cfg.built_layers)
+
+    def hf_mapping(self):
+        """Hugging Face CLIP vision tower weights (:mod:`submodels.hf_clip`)."""
+        from submodels.hf_clip import clip_vision_mapping
+
+        return clip_vision_mapping(self.config)
 
     def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None) -> "ViTModel":
+        return ViTModel(**self.vit_model_kwargs(pg_collection, vp_stage))
+
+    mimo_roles = frozenset({"encoder"})
+    mimo_encoder_keywords = {"pixel_values": "x"}
+
+    def mimo_spec(self, role, pg_collection) -> ModuleSpec:
+        """As a MIMO encoder: the same ViTModel (forward ``x`` [B, C, H, W] -> [B, N, H])."""
+        self.check_mimo_role(role)
+        return ModuleSpec(module=ViTModel, params=self.vit_model_kwargs(pg_collection))
+
+    def vit_model_kwargs(self, pg_collection, vp_stage=None) -> dict:
+        """The keyword arguments of :class:`ViTModel` on ``pg_collection``."""
         from megatron.core.models.vision import vit_layer_specs
 
         cfg = self.config
@@ -108,10 +159,11 @@ class VisionBuilder(ModelBuilder):
         else:
             spec, norm = vit_layer_specs.get_vit_layer_with_local_spec(), vit_layer_specs.LNImpl
             spec.submodules.sharded_state_dict_keys_map = dict(FUSED_NORM_KEYS)  # checkpoint keys as TE names them
-        return ViTModel(
-            self.transformer_config(pg_collection),
-            spec,
+        return dict(
+            transformer_config=self.transformer_config(pg_collection),
+            transformer_layer_spec=spec,
             ln_pre_impl=norm,
+            ln_post=cfg.ln_post,
             add_class_token=cfg.class_token,
             patch_dim=cfg.patch_size,
             img_h=cfg.image_size,
@@ -132,8 +184,12 @@ class ViTModel(CLIPViTModel):
     project does not set). Forward: [B, C, H, W] -> [B, N, H].
     """
 
-    def __init__(self, *args, num_channels: int = 3, **kwargs):
+    def __init__(self, *args, num_channels: int = 3, ln_post: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        if ln_post:  # CLIP's post_layernorm, over every token (MCore builds it only for SigLIP)
+            config = self.config
+            self.ln_post = build_module(kwargs.get("ln_pre_impl"), config=config, hidden_size=config.hidden_size,
+                                        eps=config.layernorm_epsilon)
         self.tp_group = self.pg_collection.tp
         if num_channels != self.conv1.in_channels:
             self.conv1 = torch.nn.Conv2d(num_channels, self.visual_hidden_size, kernel_size=self.patch_dim,

@@ -188,5 +188,5 @@ def test_checkpoint_mistakes_are_named_before_any_rank_starts(tmp_path):
 
     invalid = _cli("validate", _vlm_yaml_with(tmp_path, hf))
     assert invalid.returncode == 2 and "Traceback" not in invalid.stderr
-    assert "node 'vision' init.hf: Hugging Face weights are not supported yet" in invalid.stderr
+    assert "node 'vision' init.hf: 'openai/clip-vit-base-patch16' is not a folder (nothing is downloaded" in invalid.stderr
     assert f"node 'lm' init.checkpoint: '{tmp_path / 'absent'}' is not a folder" in invalid.stderr

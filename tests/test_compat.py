@@ -126,7 +126,7 @@ def _mcore_optimizer_step(skip: tuple[str, ...]) -> float:
 
 
 def _checkpoint_save(skip: tuple[str, ...]) -> int:
-    """Save a small module with MCore's dist_checkpointing from a launched (daemonic) rank."""
+    """Save a small module with MCore's dist_checkpointing from a launched rank."""
     import tempfile
 
     from megatron.core import dist_checkpointing
@@ -196,9 +196,44 @@ def _distributed_optimizer_resume(skip: tuple[str, ...]) -> float:
     return 2.0
 
 
+def _rotary_embedding_under_cp(skip: tuple[str, ...]) -> int:
+    """MCore's rotary embedding with a context-parallel group of 2 ranks: this rank's positions."""
+    import torch.distributed as dist
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    compat.init_runtime("cpu", skip=skip)
+    rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, cp_group=dist.group.WORLD)
+    return rope(8).shape[0]  # 4 of the 8 positions: chunks r and 3 - r
+
+
+def _moe_alltoall_dispatch(skip: tuple[str, ...]) -> float:
+    """One MoE layer, 4 experts over 2 expert-parallel ranks: all-to-all token dispatch, backward."""
+    import torch.distributed as dist
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer import TransformerConfig
+
+    from mimo_builder.placement import Layout, create_process_groups
+
+    compat.init_runtime("cpu", skip=skip)
+    layout = Layout(offset=0, size=dist.get_world_size(), ep=2)
+    pgs = create_process_groups([layout]).for_layout(layout)
+    compat.seed_rng(5)
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, ffn_hidden_size=8,
+                               num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
+                               expert_model_parallel_size=2, add_bias_linear=False, use_cpu_initialization=True)
+    layer = get_moe_module_spec(use_te=False, num_experts=4, moe_grouped_gemm=False)(config=config, pg_collection=pgs)
+    output, _ = layer(torch.randn(6, 2, 8))
+    output.square().mean().backward()
+    return float(output.detach().abs().sum())
+
+
+TWO_RANKS = ("_tied_embeddings_across_pipeline_stages", "_mcore_optimizer_step", "_rotary_embedding_under_cp",
+             "_moe_alltoall_dispatch")
+
+
 def _run(scenario, skip):
-    # PP=2 needs 2 ranks; the optimizer scenario needs a rank outside its node
-    nproc = 2 if scenario in (_tied_embeddings_across_pipeline_stages, _mcore_optimizer_step) else 1
+    # PP=2, CP=2 and EP=2 need 2 ranks; the optimizer scenario needs a rank outside its node
+    nproc = 2 if scenario.__name__ in TWO_RANKS else 1
     # without node_scoped_gather, rank 0 waits in a world-wide gather that rank 1 never joins
     collective_timeout = 10 if scenario is _mcore_optimizer_step else 120
     return launch(scenario, nproc, skip, timeout_s=SCENARIO_TIMEOUT_S, init_timeout_s=collective_timeout)[0]
@@ -212,9 +247,10 @@ NEEDED_BY = {
     "global_memory_buffer": (_tiny_gpt_train_step, "global memory buffer is not initialized"),
     "attention_masks": (_tiny_gpt_train_step, "NVIDIA driver"),
     "hybrid_final_norm": (_hybrid_stack_with_final_norm, "Transformer Engine"),
+    "rotary_cp_split": (_rotary_embedding_under_cp, "NVIDIA driver"),
+    "moe_split_sizes": (_moe_alltoall_dispatch, "all_to_all_single(): incompatible function arguments"),
     "cuda_factories": (_mcore_optimizer_step, "NVIDIA driver"),
     "node_scoped_gather": (_mcore_optimizer_step, "all_gather_object"),
-    "checkpoint_results_queue": (_checkpoint_save, "daemonic processes are not allowed to have children"),
     "checkpoint_staging_sync": (_checkpoint_save, "NVIDIA driver"),
     "fresh_adam_steps": (_distributed_optimizer_resume, "assert len(steps) == 1"),
     "adam_step_on_load": (_distributed_optimizer_resume, "KeyError: 'step'"),
@@ -230,7 +266,8 @@ def test_every_workaround_has_a_reason_and_a_test():
 
 @pytest.mark.parametrize("scenario", [_tiny_gpt_train_step, _hybrid_stack_with_final_norm,
                                       _tied_embeddings_across_pipeline_stages, _mcore_optimizer_step,
-                                      _checkpoint_save, _distributed_optimizer_resume])
+                                      _checkpoint_save, _distributed_optimizer_resume,
+                                      _rotary_embedding_under_cp, _moe_alltoall_dispatch])
 def test_scenarios_pass_with_all_workarounds(scenario):
     assert _run(scenario, ()) > 0
 

@@ -21,7 +21,7 @@ from mimo_builder.placement import control_group
 
 
 def load_initial_weights(model) -> list[str]:
-    """Load every node whose document names ``init.checkpoint``; returns those nodes.
+    """Load every node whose document names ``init.checkpoint`` or ``init.hf``; returns those nodes.
 
     Collective over all ranks. Errors (a missing tensor, another shape) name the node and the
     source and are raised on every rank before any weight is copied.
@@ -34,7 +34,9 @@ def load_initial_weights(model) -> list[str]:
     group = control_group() if sources else None
     for step_dir, names in sources.items():  # the same order on every rank
         _load_source(model, step_dir, names, group)
-    return [n for names in sources.values() for n in names]
+    from mimo_builder.hf.nodes import load_hf_nodes  # init: {hf: DIR}
+
+    return [n for names in sources.values() for n in names] + load_hf_nodes(model)
 
 
 def _step_dir(checkpoint: str) -> Path:

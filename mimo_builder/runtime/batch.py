@@ -26,8 +26,39 @@ class BatchError(MimoError, ValueError):
 
 def check_batch(valid: ValidGraph, batch: dict[str, torch.Tensor]) -> int:
     """Return the global batch size, or raise BatchError listing every problem."""
+    problems, sizes = _tensor_problems(valid, batch, valid.inputs)
+    if len(set(sizes.values())) > 1:
+        problems.append(f"batch keys disagree on the batch size: {sizes}")
+    size = next(iter(sizes.values()), 0)
+    for name, layout in valid.layouts.items():
+        if sizes and size % layout.dp:
+            problems.append(f"batch size {size} is not divisible by node '{name}' data-parallel size {layout.dp}")
+    _raise(problems)
+    return size
+
+
+def check_rank_batch(valid: ValidGraph, batch, rank: int, num_microbatches: int) -> int:
+    """The same checks on a rank's share (a RankBatch): every key of the nodes on ``rank``, each
+    with its node's shard of every microbatch. Returns the global batch size."""
+    keys = {key: ref for key, ref in valid.inputs.items() if rank in valid.layouts[ref[0]].ranks}
+    problems, sizes = _tensor_problems(valid, batch.rows, keys)
+    if batch.num_microbatches != num_microbatches:
+        problems.append(f"the batch was cut into {batch.num_microbatches} microbatch(es), the step runs "
+                        f"{num_microbatches}")
+    for key, rows in sizes.items():
+        node = keys[key][0]
+        expected = batch.size // valid.layouts[node].dp
+        if rows != expected:
+            problems.append(f"batch[{key!r}] holds {rows} rows; node '{node}' (dp={valid.layouts[node].dp}) "
+                            f"takes {expected} of a global batch of {batch.size}")
+    _raise(problems)
+    return batch.size
+
+
+def _tensor_problems(valid: ValidGraph, batch: dict, keys: dict[str, tuple[str, str]]):
+    """Problems of each bound tensor against its port, and each tensor's first-axis size."""
     problems, sizes = [], {}
-    for key, (node, port_name) in valid.inputs.items():
+    for key, (node, port_name) in keys.items():
         port = valid.ports(node).inputs[port_name]
         if key not in batch:  # a binding promises the key, even for an optional port
             problems.append(f"batch has no {key!r}, which the graph binds to {node}.{port_name}")
@@ -41,15 +72,12 @@ def check_batch(valid: ValidGraph, batch: dict[str, torch.Tensor]) -> int:
         problems += _value_problems(where, port, value, _float_dtypes(valid, node))
         sizes[key] = value.shape[0]
     problems += _like_problems(valid, batch, sizes)
-    if len(set(sizes.values())) > 1:
-        problems.append(f"batch keys disagree on the batch size: {sizes}")
-    size = next(iter(sizes.values()), 0)
-    for name, layout in valid.layouts.items():
-        if sizes and size % layout.dp:
-            problems.append(f"batch size {size} is not divisible by node '{name}' data-parallel size {layout.dp}")
+    return problems, sizes
+
+
+def _raise(problems: list[str]) -> None:
     if problems:
         raise BatchError("bad batch:\n" + "\n".join(f"  - {p}" for p in problems))
-    return size
 
 
 def _shape_problems(where: str, port: Port, value: torch.Tensor) -> list[str]:
@@ -117,9 +145,3 @@ def shard_range(layout: Layout, dp_rank: int, batch_size: int) -> tuple[int, int
     """The global sample range [start, stop) of a node's DP rank."""
     per = batch_size // layout.dp
     return dp_rank * per, (dp_rank + 1) * per
-
-
-def dp_shard(value: torch.Tensor, layout: Layout, rank: int, batch_size: int) -> torch.Tensor:
-    """This rank's samples of a global-batch tensor for a node with ``layout``."""
-    start, stop = shard_range(layout, layout.coords(rank)["dp"], batch_size)
-    return value[start:stop]

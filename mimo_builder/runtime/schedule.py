@@ -23,10 +23,12 @@ import torch.distributed as dist
 
 from mimo_builder.errors import MimoError
 from mimo_builder.placement import release
-from mimo_builder.runtime.batch import check_batch, dp_shard, shard_range
+from mimo_builder.runtime.batch import check_batch, check_rank_batch, shard_range
 from mimo_builder.runtime.bridge import Mailbox, broadcast_tensor
 from mimo_builder.runtime.pipeline import FORWARD, Op, PipelinePlan, Stage, needs_grad, plan_graph
+from mimo_builder.runtime.outputs import output_means
 from mimo_builder.runtime.routes import Routes
+from mimo_builder.runtime.shards import RankBatch
 from mimo_builder.runtime.timing import NoTimer, PhaseTimer
 from mimo_builder.walker import CompositeModel
 
@@ -68,7 +70,7 @@ class GraphSchedule:
         # in them (a gloo wait cannot be aborted otherwise); they go when the model closes.
         self.bridge = dist.new_group(backend=dist.get_backend())  # all ranks; group rank == global rank
         self.control = dist.new_group(backend="gloo")
-        self.tp_groups = _tp_groups(model)
+        self.tp_groups = _tp_cp_groups(model)
         model.on_close(self.close)
         self.needs_grad = needs_grad(self.valid)
         self.loss_outputs = [(n, p) for n, p in self.valid.outputs if p == "loss"]
@@ -83,9 +85,47 @@ class GraphSchedule:
 
     # --- public -----------------------------------------------------------------------------
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], num_microbatches: int = 1) -> float:
-        """Forward and backward over ``batch`` in ``num_microbatches`` parts; returns the mean loss."""
-        size = check_batch(self.valid, batch)
+    def forward_backward(self, batch: dict[str, torch.Tensor] | RankBatch, num_microbatches: int = 1) -> float:
+        """Forward and backward over ``batch`` in ``num_microbatches`` parts; returns the mean loss.
+
+        ``batch`` is the whole global batch (the same on every rank), or this rank's share of it
+        (a :class:`~mimo_builder.runtime.shards.RankBatch`, e.g. from a per-rank data loader).
+        """
+        batch, per, signature = self._prepare(batch, num_microbatches)
+        self.guard.begin_step()
+        with self.guard.watch("forward_backward"):
+            try:
+                return self._global_loss(self._run(batch, num_microbatches, per, signature).losses)
+            except Exception as err:
+                self._fail(err)
+
+    def evaluate(self, batch: dict[str, torch.Tensor] | RankBatch, num_microbatches: int = 1) -> dict[str, float]:
+        """Forward only (no gradients, modules in eval mode): each graph output that is a loss
+        (a scalar) or one value per sample, averaged over the global batch, as ``{"node.port":
+        mean}`` on every rank. Outputs with more axes (logits) are left out."""
+        batch, per, signature = self._prepare(batch, num_microbatches)
+        self.guard.begin_step()
+        chunks = [chunk for name in self.valid.order if self.model.hosts(name) for chunk in self.model.chunks(name)]
+        modes = [chunk.training for chunk in chunks]
+        with self.guard.watch("evaluate"), torch.no_grad():
+            try:
+                for chunk in chunks:
+                    chunk.eval()
+                step = self._run(batch, num_microbatches, per, signature, forward_only=True)
+                return output_means(self.valid, step.outputs, self.rank, batch.size, self.control)
+            except Exception as err:
+                self._fail(err)
+            finally:
+                for chunk, mode in zip(chunks, modes):
+                    chunk.train(mode)
+
+    def _prepare(self, batch, num_microbatches: int) -> tuple[RankBatch, int, tuple | None]:
+        """Check ``batch`` and return this rank's share, the microbatch size and the batch's
+        signature (None for a share: it does not show the other ranks' shapes)."""
+        if isinstance(batch, RankBatch):
+            size, signature = check_rank_batch(self.valid, batch, self.rank, num_microbatches), None
+        else:
+            size, signature = check_batch(self.valid, batch), _signature(batch)
         if num_microbatches < 1 or size % num_microbatches:
             raise StepError(f"batch size {size} is not divisible by num_microbatches={num_microbatches}")
         per = size // num_microbatches
@@ -94,42 +134,41 @@ class GraphSchedule:
                 raise StepError(f"microbatch size {per} is not divisible by node '{name}' DP size {layout.dp}")
         if self.failed is not None:
             raise StepError(f"this schedule already failed ({self.failed}); build the graph again")
-        self.guard.begin_step()
-        with self.guard.watch("forward_backward"):
-            try:
-                return self._run(batch, num_microbatches, per)
-            except Exception as err:
-                self._fail(err)
+        if not isinstance(batch, RankBatch):
+            batch = RankBatch.from_global(self.valid, batch, self.rank, num_microbatches)
+        return batch, per, signature
 
     def close(self) -> None:
         """Release the schedule's own groups (called by ``CompositeModel.close``; idempotent)."""
         release(self.bridge, self.control, *self.tp_groups.values())
         self.bridge, self.control, self.tp_groups = None, None, {}
 
-    def _run(self, batch, num_microbatches: int, per: int) -> float:
+    def _run(self, batch: RankBatch, num_microbatches: int, per: int, signature, forward_only: bool = False):
         key = (num_microbatches, per)
         if key not in self._plans:
             plan = self.plan(num_microbatches)
             self._plans[key] = (plan, Routes(plan, self.valid.edges, self.valid.layouts, self.needs_grad, per))
         plan, routes = self._plans[key]
-        signature = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
-        headers = self._headers.setdefault((key, signature), {})
-        step = self._current = _Step(self, batch, per, num_microbatches, routes, headers)
+        # activations carry their shape the first time a batch signature is seen on every rank;
+        # a rank's share does not show the other ranks' shapes, so then every step carries them
+        headers = self._headers.setdefault((key, signature), {}) if signature is not None else {}
+        step = self._current = _Step(self, batch, per, num_microbatches, routes, headers, forward_only)
         for op in plan.order.get(self.rank, []):
-            step.run(op)
+            if op.kind == FORWARD or not forward_only:
+                step.run(op)
         step.where = "the end of the step"
         step.mailbox.close()
         self._current = None
-        return self._global_loss(step.losses)
+        return step
 
     # --- helpers ----------------------------------------------------------------------------
 
     def _global_loss(self, local: dict[str, float]) -> float:
-        """Sum over loss nodes of each node's mean loss over the global batch, on every rank."""
+        """Sum over loss nodes of each node's mean loss over the global batch, on every rank
+        (under context parallelism each CP rank holds its share of its samples' loss)."""
         value = torch.zeros(1, dtype=torch.float64)
         for node, loss in local.items():
-            coords = self.valid.layouts[node].coords(self.rank)
-            if coords["tp"] == 0 and coords["cp"] == 0:
+            if self.valid.layouts[node].coords(self.rank)["tp"] == 0:
                 value += loss / self.valid.layouts[node].dp
         dist.all_reduce(value, group=self.control)
         return float(value)
@@ -165,8 +204,12 @@ class GraphSchedule:
 class _Step:
     """One forward_backward on one rank: its operations, their tensors and messages."""
 
-    def __init__(self, schedule: GraphSchedule, batch, per: int, num_microbatches: int, routes: Routes, headers):
+    def __init__(self, schedule: GraphSchedule, batch: RankBatch, per: int, num_microbatches: int, routes: Routes,
+                 headers, forward_only: bool = False):
         self.s, self.batch, self.per, self.m = schedule, batch, per, num_microbatches
+        self.forward_only = forward_only
+        self.outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
+        """Forward only: each last stage's outputs, one dict per microbatch, by node."""
         self.routes, self.rank, self.valid = routes, schedule.rank, schedule.valid
         self.mailbox = Mailbox(schedule.bridge, self.rank, routes.channel_order, headers, schedule.device,
                                self._gradient_like)
@@ -206,12 +249,14 @@ class _Step:
                 link = self.routes.links[key[1]]
                 value = state.outputs[link.edge.src_port if link.edge else "hidden"]
                 self.mailbox.send(key, self._slice(value, link, link.src.node, t.src, t).detach(), t.dst)
+        if self.forward_only:  # nothing waits for a backward: keep only the graph's outputs
+            if stage.last:
+                self.outputs.setdefault(stage.node, []).append(state.outputs)
+            del self.states[(stage, m)]
 
     def _batch_inputs(self, node: str, m: int) -> dict[str, torch.Tensor]:
-        layout = self.valid.layouts[node]
-        return {port: dp_shard(self.batch[key][m * self.per:(m + 1) * self.per].to(self.s.device), layout,
-                               self.rank, self.per)
-                for key, (n, port) in self.valid.inputs.items() if n == node and key in self.batch}
+        return {port: self.batch.microbatch(key, m).to(self.s.device)
+                for key, (n, port) in self.valid.inputs.items() if n == node and key in self.batch.rows}
 
     def _receive_activation(self, op: Op, li: int) -> torch.Tensor:
         parts = [self.mailbox.take(key, t.src) for key, t in self.routes.receives(op, self.rank, li)]
@@ -275,6 +320,7 @@ class _Step:
         return tensors, grads
 
     def _send_input_gradients(self, op: Op, state: _StageState) -> None:
+        self._combine_cp_gradients(op, state)
         for key, t in self.routes.sends(op, self.rank):
             link = self.routes.links[key[1]]
             leaf = state.leaves[key[1]]
@@ -283,34 +329,59 @@ class _Step:
             piece = self._slice(grad, link, link.dst.node, t.dst, t) * ratio if link.edge else grad
             self.mailbox.send(key, piece.to(leaf.dtype), t.src)
 
+    def _combine_cp_gradients(self, op: Op, state: _StageState) -> None:
+        """Under context parallelism each CP rank's input gradient holds its own tokens' part
+        (scaled by cp, see ``_loss_terms``): their sum over the CP ranks, divided by cp, is the
+        input's gradient. TP ranks hold equal copies, so the mean over the TP x CP group does it."""
+        layout = self.valid.layouts[op.stage.node]
+        if layout.cp == 1:
+            return
+        group = self.s.tp_groups[layout]
+        for li in self.routes.in_links[op.stage]:
+            link = self.routes.links[li]
+            if link.edge is not None and self.s.needs_grad[link.src.node]:
+                leaf = state.leaves[li]
+                grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                dist.all_reduce(grad, group=group)
+                leaf.grad = grad / (layout.tp * layout.cp)
+
     def _loss_terms(self, stage: Stage, state: _StageState):
+        """Each loss over the microbatches; under context parallelism scaled by cp, as MCore's
+        ``forward_step`` does, since DDP averages the CP ranks' gradients with the DP ranks'."""
         tensors, grads = [], []
         if stage.last:
             for node, port in self.s.loss_outputs:
                 if node == stage.node:
                     loss = state.outputs[port]
                     self.losses[node] = self.losses.get(node, 0.0) + float(loss.detach()) / self.m
-                    tensors.append(loss / self.m)
+                    tensors.append(loss * self.valid.layouts[node].cp / self.m)
                     grads.append(None)
         return tensors, grads
 
     def _tp_broadcast(self, name: str, value: torch.Tensor | None) -> torch.Tensor:
-        """Share a tensor held by the node's first TP rank with the rest of its TP group."""
+        """Share a tensor held by the node's first TP (and CP) rank with the rest of its TP x CP
+        group: every CP rank takes the whole input (the builder keeps its part of the sequence)."""
         group = self.s.tp_groups.get(self.valid.layouts[name])
         if group is None:
             return value
         return broadcast_tensor(value, dist.get_global_rank(group, 0), group, self.s.device)
 
 
-def _tp_groups(model: CompositeModel) -> dict:
-    """A copy of each layout's TP groups for the schedule's broadcasts (layout -> this rank's)."""
+def _tp_cp_groups(model: CompositeModel) -> dict:
+    """A copy of each layout's TP x CP groups (ranks of equal DP and PP coordinates, contiguous)
+    for the schedule's broadcasts and CP gradient sums (layout -> this rank's)."""
     groups = {}
-    for layout in sorted({layout for layout in model.valid.layouts.values() if layout.tp > 1}):
-        enumeration = [list(layout.ranks[i:i + layout.tp]) for i in range(0, layout.size, layout.tp)]
+    for layout in sorted({layout for layout in model.valid.layouts.values() if layout.tp * layout.cp > 1}):
+        block = layout.tp * layout.cp
+        enumeration = [list(layout.ranks[i:i + block]) for i in range(0, layout.size, block)]
         group, _ = dist.new_subgroups_by_enumeration(enumeration, backend=dist.get_backend())
         if dist.get_rank() in layout.ranks:
             groups[layout] = group
     return groups
+
+
+def _signature(batch: dict[str, torch.Tensor]) -> tuple:
+    return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
 
 
 def check_runnable(valid) -> None:
@@ -319,7 +390,3 @@ def check_runnable(valid) -> None:
         if getattr(valid.configs[name], "dtype", None) == "fp16" and not valid.graph.nodes[name].frozen:
             raise StepError(f"node '{name}' config.dtype: fp16 training needs loss scaling, which the graph "
                             "optimizer does not apply; use bf16 (fp32 master weights) or freeze the node")
-    for name, layout in valid.layouts.items():
-        if layout.cp > 1:
-            raise StepError(f"node '{name}' has cp={layout.cp}: the runtime executes cp=1 nodes only for now "
-                            "(context parallelism inside a node is not scheduled yet); build-only use works")

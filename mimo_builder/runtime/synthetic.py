@@ -5,7 +5,19 @@ from __future__ import annotations
 
 import torch
 
+from mimo_builder.contract import class_name, synthetic_problems
+from mimo_builder.errors import ConfigError, GraphError
 from mimo_builder.validation import ValidGraph
+
+
+def check_synthetic(valid: ValidGraph) -> None:
+    """Every node the batch feeds can make synthetic inputs (what ``mimo-builder run`` needs)."""
+    problems = []
+    for name in valid.order:
+        bound = [port for node, port in valid.inputs.values() if node == name]
+        problems += synthetic_problems(name, valid.builders[name], bound)
+    if problems:
+        raise GraphError(problems)
 
 
 def synthetic_batch(valid: ValidGraph, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -14,13 +26,28 @@ def synthetic_batch(valid: ValidGraph, batch_size: int, seed: int = 0) -> dict[s
     batch, produced = {}, {}
     for name in valid.order:
         builder = valid.builders[name]
-        arriving = {e.dst_port: produced[(e.src, e.src_port)] for e in valid.edges if e.dst == name}
+        arriving = {e.dst_port: produced[(e.src, e.src_port)] for e in valid.edges
+                    if e.dst == name and (e.src, e.src_port) in produced}
         bound = {port: key for key, (node, port) in valid.inputs.items() if node == name}
         made = builder.synthetic_inputs(batch_size, generator, arriving) if bound else {}
         for port, key in bound.items():
             if port in made:
                 batch[key] = made[port]
         lengths = {**arriving, **{p: t.shape[1] for p, t in made.items() if t.dim() > 1}}
-        for port, count in builder.output_tokens(lengths).items():
-            produced[(name, port)] = count
+        produced.update(_counted_outputs(valid, name, lengths))
     return batch
+
+
+def _counted_outputs(valid: ValidGraph, name: str, lengths: dict[str, int]) -> dict[tuple[str, str], int]:
+    """Token counts of ``name``'s outputs that feed a port with a 'tokens' axis."""
+    needed = {e.src_port for e in valid.edges
+              if e.src == name and "tokens" in valid.ports(e.dst).inputs[e.dst_port].dims}
+    if not needed:
+        return {}
+    builder = valid.builders[name]
+    counts = builder.output_tokens(lengths)
+    missing = sorted(needed - set(counts))
+    if missing:
+        raise ConfigError(f"node '{name}': {class_name(type(builder))}.output_tokens() gave no token count for "
+                          f"{missing} (it returned {sorted(counts)}); return one for every output that feeds tokens")
+    return {(name, port): counts[port] for port in needed}

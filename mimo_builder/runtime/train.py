@@ -11,11 +11,13 @@ from megatron.core.distributed import DistributedDataParallelConfig
 
 from mimo_builder import compat
 from mimo_builder.checkpoint import Checkpointer, DataPosition
+from mimo_builder.data import load_data
 from mimo_builder.graph import Graph
-from mimo_builder.registry import allow_modules, allowed_prefixes
+from mimo_builder.registry import active_registry, allow_modules, allowed_prefixes, import_roots
 from mimo_builder.runtime.monitor import StepRecord, TrainingMonitor
 from mimo_builder.runtime.optim import GraphOptimizer
 from mimo_builder.runtime.schedule import GraphSchedule
+from mimo_builder.runtime.shards import RankBatch
 from mimo_builder.runtime.synthetic import synthetic_batch
 from mimo_builder.runtime.timing import PhaseTimer, gather_to_first, slowest_per_node
 from mimo_builder.walker import CompositeBuilder
@@ -47,6 +49,10 @@ class TrainOptions:
     """The same for the first step, which compiles kernels and warms caches."""
     checkpoint_timeout_s: float | None = None
     """How long one checkpoint save or load may take (None: no limit)."""
+    data: str | None = None
+    """``module:function`` returning the training GraphData (None: synthetic batches)."""
+    eval_data: str | None = None
+    """``module:function`` returning held-out GraphData, evaluated before and after training."""
     log_interval: int | None = None
     """Print a summary every this many steps (None: about fifty lines per run)."""
     tensorboard: str | None = None
@@ -54,6 +60,9 @@ class TrainOptions:
     allowed_modules: tuple[str, ...] = field(default_factory=allowed_prefixes)
     """Module prefixes trusted for ``module:attr`` references, applied on every rank before the
     graph is resolved (default: this process's allowlist when the options are made)."""
+    import_roots: tuple[str, ...] = field(default_factory=import_roots)
+    """Folders allowed top-level packages are imported from when not installed (the CLI's
+    current directory), applied on every rank like ``allowed_modules``."""
 
 
 def train(graph: Graph, options: TrainOptions = TrainOptions()) -> list[float]:
@@ -62,6 +71,7 @@ def train(graph: Graph, options: TrainOptions = TrainOptions()) -> list[float]:
     Returns the loss of every step run here (the same on every rank)."""
     compat.quiet_dependency_warnings()
     allow_modules(*options.allowed_modules)  # a spawned rank starts with the default allowlist
+    active_registry().add_roots(*options.import_roots)  # and imports from where the launcher did
     device = compat.init_runtime("auto")
     if options.lr is not None:
         graph = graph.model_copy(update={"optimizer": graph.optimizer.model_copy(update={"lr": options.lr})})
@@ -79,10 +89,12 @@ def _train_built(model, options: TrainOptions, device) -> list[float]:
     checkpointer = Checkpointer(model, optimizer, save_frozen=options.save_frozen,
                                 timeout_s=options.checkpoint_timeout_s)
     done, data_seed = _resume(checkpointer, options)
+    held_out = load_data(options.eval_data, "--eval-data") if options.eval_data else None
     losses = []
     with _monitor(options, done + 1) as monitor:
-        for step in range(done + 1, options.steps + 1):
-            batch = synthetic_batch(model.valid, options.batch_size, seed=data_seed + step)
+        before = _evaluate(monitor, schedule, model, held_out, options, "before training") if held_out else None
+        timer.take()  # evaluation is not part of the first step's time
+        for step, batch in _batches(model, options, done, data_seed):
             start = time.perf_counter()
             optimizer.zero_grad()
             loss = schedule.forward_backward(batch, options.num_microbatches)
@@ -90,15 +102,48 @@ def _train_built(model, options: TrainOptions, device) -> list[float]:
             seconds = time.perf_counter() - start
             losses.append(loss)
             _report(monitor, model, optimizer, timer.take(), StepRecord(
-                step, loss, result.grad_norm, _tokens(batch), seconds, skipped=result.skipped,
-                nonfinite_nodes=result.nonfinite_nodes))
+                step, loss, result.grad_norm, 0, seconds, skipped=result.skipped,
+                nonfinite_nodes=result.nonfinite_nodes), _tokens(batch))
             if options.save and (step == options.steps or (options.save_interval and step % options.save_interval == 0)):
                 path = checkpointer.save(options.save, step, DataPosition(
                     seed=data_seed, batch_size=options.batch_size, consumed_samples=step * options.batch_size))
                 _message(monitor, f"saved step {step} to {path}")
         if optimizer.skipped_steps:
             _message(monitor, f"skipped {optimizer.skipped_steps} steps in all (non-finite loss or gradients)")
+        if held_out:
+            after = _evaluate(monitor, schedule, model, held_out, options, "after training")
+            _accuracy(monitor, before, after)
     return losses
+
+
+def _batches(model, options: TrainOptions, done: int, data_seed: int):
+    """(step, batch) for the steps left: this rank's share read from ``--data``, else the whole
+    synthetic batch (the same on every rank)."""
+    steps = range(done + 1, options.steps + 1)
+    if not options.data:
+        return ((step, synthetic_batch(model.valid, options.batch_size, seed=data_seed + step)) for step in steps)
+    data = load_data(options.data, "--data")
+    return data.loader(model.valid, dist.get_rank(), options.batch_size, num_microbatches=options.num_microbatches,
+                       first_step=done + 1, last_step=options.steps, seed=data_seed)
+
+
+def _evaluate(monitor, schedule, model, held_out, options: TrainOptions, when: str) -> dict[str, float]:
+    """The means of the graph's losses and per-sample outputs over one ordered pass of the held-out set."""
+    steps = held_out.evaluation_steps(options.batch_size)
+    loader = held_out.loader(model.valid, dist.get_rank(), options.batch_size,
+                             num_microbatches=options.num_microbatches, last_step=steps, shuffle=False)
+    means: dict[str, float] = {}
+    for _, batch in loader:
+        for name, value in schedule.evaluate(batch, options.num_microbatches).items():
+            means[name] = means.get(name, 0.0) + value / steps
+    shown = " | ".join(f"{k} {v:.1%}" if k.endswith(".correct") else f"{k} {v:.4f}" for k, v in means.items())
+    _message(monitor, f"held-out {when}: {shown} ({steps * options.batch_size} samples)")
+    return means
+
+
+def _accuracy(monitor, before: dict[str, float], after: dict[str, float]) -> None:
+    for name in (k for k in after if k.endswith(".correct")):
+        _message(monitor, f"accuracy: before {before[name]:.1%}, after {after[name]:.1%}")
 
 
 def _monitor(options: TrainOptions, first_step: int):
@@ -108,13 +153,15 @@ def _monitor(options: TrainOptions, first_step: int):
     return TrainingMonitor(first_step, options.steps, options.log_interval, options.tensorboard)
 
 
-def _report(monitor, model, optimizer, seconds, record: StepRecord) -> None:
-    """Gather every rank's node timings and learning rates to rank 0, which records the step."""
-    parts = gather_to_first((seconds, optimizer.learning_rates()), optimizer.control)
+def _report(monitor, model, optimizer, seconds, record: StepRecord, tokens: int | None) -> None:
+    """Gather every rank's node timings, learning rates and token count to rank 0, which
+    records the step (a rank that holds no token ids counts none)."""
+    parts = gather_to_first((seconds, optimizer.learning_rates(), tokens), optimizer.control)
     if parts is None:
         return
-    record.node_seconds = slowest_per_node([times for times, _ in parts], model.valid.order)
-    record.learning_rates = {node: rate for _, rates in parts for node, rate in rates.items()}
+    record.node_seconds = slowest_per_node([times for times, _, _ in parts], model.valid.order)
+    record.learning_rates = {node: rate for _, rates, _ in parts for node, rate in rates.items()}
+    record.tokens = max((n for _, _, n in parts if n is not None), default=0)
     monitor.record(record)
 
 
@@ -139,5 +186,10 @@ def _print(line: str) -> None:
         print(line, flush=True)
 
 
-def _tokens(batch) -> int:
-    return sum(v.numel() for k, v in batch.items() if k == "input_ids")
+def _tokens(batch) -> int | None:
+    """Token ids in the global batch: its ``input_ids`` (None where this rank's share has none)."""
+    if isinstance(batch, RankBatch):
+        ids = batch.rows.get("input_ids")
+        return None if ids is None else batch.size * ids.shape[1]
+    ids = batch.get("input_ids")
+    return None if ids is None else ids.numel()

@@ -1,0 +1,68 @@
+"""What ``run --data REF`` and ``--eval-data REF`` name: a function returning :class:`GraphData`.
+
+    def train_data() -> GraphData:
+        return GraphData(MyDataset("train"), ByteTokenizer(), num_workers=2)
+
+``REF`` is ``module:function`` under an allowed module prefix (``--allow PREFIX``); every rank
+calls it, then reads only its own shards of each batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mimo_builder.data.collate import GraphCollator
+from mimo_builder.data.loader import IndexedSource, RankLoader
+from mimo_builder.data.tokenizer import ByteTokenizer
+from mimo_builder.errors import ConfigError
+from mimo_builder.validation import ValidGraph
+
+
+@dataclass
+class GraphData:
+    """Samples for a graph and how to read them.
+
+    ``dataset`` is a map-style dataset of sample dicts (see :mod:`mimo_builder.data.collate`)
+    or a ready :class:`~mimo_builder.data.loader.SampleSource` (e.g. an Energon source).
+    """
+
+    dataset: Any
+    tokenizer: Any = field(default_factory=ByteTokenizer)
+    seq_length: int | None = None
+    """Token rows per sample (None: the backbone's ``seq_length``)."""
+    num_workers: int = 1
+    """DataLoader workers per rank reading ahead (0: read in the rank's own process)."""
+
+    def loader(self, valid: ValidGraph, rank: int, batch_size: int, *, num_microbatches: int = 1,
+               first_step: int = 1, last_step: int, seed: int = 0, shuffle: bool = True) -> RankLoader:
+        """``rank``'s batches for steps ``first_step..last_step`` (a map-style dataset is read in
+        a fresh seeded order each epoch, or in order with ``shuffle=False``)."""
+        source = self.dataset if hasattr(self.dataset, "samples") else IndexedSource(self.dataset, seed, shuffle)
+        collate = GraphCollator(valid, self.tokenizer, self.seq_length)
+        return RankLoader(valid, source, collate, batch_size, rank, num_microbatches=num_microbatches,
+                          first_step=first_step, last_step=last_step, num_workers=self.num_workers)
+
+    def evaluation_steps(self, batch_size: int) -> int:
+        """How many whole batches one pass over a map-style dataset makes."""
+        if hasattr(self.dataset, "samples"):
+            raise ConfigError("evaluation reads a map-style dataset (len and [i]) once, in order; "
+                              "this GraphData holds a streaming source")
+        steps = len(self.dataset) // batch_size
+        if steps == 0:
+            raise ConfigError(f"the evaluation set has {len(self.dataset)} samples, fewer than one batch "
+                              f"of {batch_size}")
+        return steps
+
+
+def load_data(ref: str, where: str) -> GraphData:
+    """Call the function ``ref`` names (``module:function``) and check it returned GraphData."""
+    from mimo_builder.registry import import_reference
+
+    factory = import_reference(ref, where)
+    if not callable(factory):
+        raise ConfigError(f"{where}: {ref!r} is a {type(factory).__name__}, not a function returning GraphData")
+    data = factory()
+    if not isinstance(data, GraphData):
+        raise ConfigError(f"{where}: {ref}() returned {type(data).__name__}, not mimo_builder.data.GraphData")
+    return data

@@ -1,0 +1,92 @@
+"""A Hugging Face model folder on disk: ``config.json`` and safetensors weights (one file, or
+shards listed by ``model.safetensors.index.json``). Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def folder_problems(folder: str | Path) -> list[str]:
+    """Why ``folder`` is not a Hugging Face model folder (empty when it is)."""
+    path = Path(folder)
+    if not path.is_dir():
+        return [f"{str(folder)!r} is not a folder (nothing is downloaded: name a local folder, e.g. one "
+                "written by save_pretrained or huggingface-cli download)"]
+    if not (path / CONFIG).is_file():
+        return [f"{str(folder)!r} has no {CONFIG}"]
+    if not (path / WEIGHTS).is_file() and not (path / INDEX).is_file():
+        return [f"{str(folder)!r} has neither {WEIGHTS} nor {INDEX} (only safetensors weights are read)"]
+    return []
+
+
+def read_config(folder: str | Path) -> dict:
+    """The folder's config.json as a dict."""
+    with open(Path(folder) / CONFIG, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _shard_of(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the file holding it."""
+    if (folder / INDEX).is_file():
+        with open(folder / INDEX, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    from safetensors import safe_open
+
+    with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+        return {name: folder / WEIGHTS for name in f.keys()}
+
+
+def tensor_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape, from the safetensors headers only."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, file in _shard_of(Path(folder)).items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for name in names:
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def read_tensors(folder: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors, on the CPU."""
+    from safetensors import safe_open
+
+    where = _shard_of(Path(folder))
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(where[name], []).append(name)
+    for file, wanted in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in wanted:
+                out[name] = f.get_tensor(name)
+    return out
+
+
+def write(folder: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """Write ``tensors`` as ``model.safetensors`` and ``config`` as config.json (each written to a
+    temporary name, then renamed); returns the folder."""
+    from safetensors.torch import save_file
+
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    partial = path / f".{WEIGHTS}.partial"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(partial), metadata={"format": "pt"})
+    os.replace(partial, path / WEIGHTS)
+    partial = path / f".{CONFIG}.partial"
+    partial.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(partial, path / CONFIG)
+    return path

@@ -1,0 +1,29 @@
+"""Evaluation metrics of a language model's last stage, on vocabulary-parallel logits."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def greedy_predictions(logits: torch.Tensor, tp_group) -> torch.Tensor:
+    """The argmax token of ``logits`` ([batch, tokens, vocab / tp], this TP rank's vocabulary
+    slice) over the whole vocabulary: the same ids on every TP rank, ties to the lowest id."""
+    best, index = logits.float().max(dim=-1)
+    if tp_group is None or tp_group.size() <= 1:
+        return index
+    index = index + dist.get_rank(tp_group) * logits.shape[-1]
+    pairs = torch.stack([best, index.float()])
+    gathered = [torch.empty_like(pairs) for _ in range(tp_group.size())]
+    dist.all_gather(gathered, pairs, group=tp_group)
+    bests = torch.stack([g[0] for g in gathered])  # [tp, batch, tokens]; slices in vocabulary order
+    winner = bests.argmax(dim=0, keepdim=True)  # first (lowest-id) slice holding the maximum
+    return torch.stack([g[1] for g in gathered]).gather(0, winner)[0].long()
+
+
+def exact_match(predictions: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """Per sample: 1.0 when every token under the loss mask is predicted right, else 0.0 (a
+    sample with no masked token counts as wrong)."""
+    mask = torch.ones_like(labels, dtype=torch.bool) if loss_mask is None else loss_mask > 0
+    right = ((predictions == labels) | ~mask).all(dim=1) & mask.any(dim=1)
+    return right.float()
