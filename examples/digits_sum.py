@@ -4,8 +4,8 @@ Asked "<image>+<audio>=", the model answers "a+b=s": the digit it sees, the digi
 then their sum. An answer counts only when all three are right.
 
 Images are scikit-learn's bundled handwritten digits (8x8, 1,797 of them; nothing downloaded).
-Sounds are generated: a tone whose pitch encodes the digit (300 + 100 b Hz, random phase,
-loudness and noise), turned into a 16-band log spectrogram of 16 frames. Neither modality alone
+Sounds are generated: a tone whose pitch encodes the digit (375 + 250 b Hz, random phase,
+loudness and noise), turned into a 16-band log spectrogram of 4 frames. Neither modality alone
 gives the answer, so a model above chance on held-out samples uses both encoders.
 
     mimo-builder --allow examples run examples/digits_sum.yaml --nproc 4 \\
@@ -31,7 +31,8 @@ def digit_sound(digit: int, generator: torch.Generator) -> torch.Tensor:
     n = (FRAMES - 1) * HOP + 2 * HOP
     t = torch.arange(n) / SAMPLE_RATE
     phase, loudness = torch.rand(2, generator=generator)
-    wave = (0.5 + loudness) * torch.sin(2 * math.pi * (300 + 100 * digit) * t + 2 * math.pi * phase)
+    pitch = 375 + 250 * digit  # the middle of band digit + 1
+    wave = (0.5 + loudness) * torch.sin(2 * math.pi * pitch * t + 2 * math.pi * phase)
     wave = wave + 0.3 * torch.randn(n, generator=generator)
     power = torch.stft(wave, n_fft=2 * HOP, hop_length=HOP, window=torch.hann_window(2 * HOP),
                        return_complex=True).abs().square()[:, :FRAMES]  # [frequencies, frames]

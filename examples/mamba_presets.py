@@ -17,13 +17,13 @@ def _rss_mb() -> float:
 def build_on_meta(preset_name: str):
     from mimo_builder import compat, distributed
     from mimo_builder.placement import Layout, create_process_groups
-    from submodels import mamba
+    from submodels import mamba_presets
 
     compat.init_runtime("cpu")
     layout = Layout(0, 1)
     pgs = create_process_groups([layout]).for_layout(layout)
     compat.seed_rng(0)
-    preset = getattr(mamba, preset_name)
+    preset = getattr(mamba_presets, preset_name)
     config = preset(transformer={**preset().transformer, "init_model_with_meta_device": True})
     before, start = _rss_mb(), time.perf_counter()
     builder = config.make_builder()

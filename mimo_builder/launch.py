@@ -21,6 +21,7 @@ import time
 import traceback
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -142,6 +143,7 @@ def _rank_main(rank, nproc, port, init_timeout_s, backend, payload, results, lau
         os.environ.update(environment)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank))
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        _share_cores(nproc)
         timeout = datetime.timedelta(seconds=init_timeout_s)
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
         dist.init_process_group(backend, store=store, rank=rank, world_size=nproc, timeout=timeout)
@@ -159,6 +161,14 @@ def _rank_main(rank, nproc, port, init_timeout_s, backend, payload, results, lau
         dist.destroy_process_group()
     except Exception:
         pass
+
+
+def _share_cores(nproc: int) -> None:
+    """Give each of the ``nproc`` ranks on this machine its share of the cores for torch's
+    intra-op threads (as torchrun does), unless OMP_NUM_THREADS says otherwise: N ranks with a
+    thread per core each would contend for every core."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
 
 
 def _collect(procs, results, nproc, timeout_s, store):

@@ -159,6 +159,7 @@ class AudioEncoder(MegatronModule):
                  learned_positions: bool, pg_collection: ProcessGroupCollection, vp_stage: int | None = None,
                  mels_first: bool = False):
         super().__init__(config=config)
+        self.tp_group = pg_collection.tp  # MegatronModule's sharded_state_dict marks replicas by it
         self.mels_first = mels_first
         hidden, dtype = config.hidden_size, config.params_dtype
         self.max_tokens = max_tokens

@@ -15,32 +15,17 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from submodels import mamba_kernels
-from submodels.context_parallel import ContextParallelAttention, cp_size, split_for_cp_rank
+from submodels.context_parallel import cp_size, split_for_cp_rank
 from submodels.lm_metrics import exact_match, greedy_predictions
 from submodels.mamba_costs import hybrid_stage_costs
+from submodels.mamba_spec import hybrid_stack_spec
 
 mamba_kernels.ensure_mamba_ssm_importable()  # fails loudly if MCore's mixer loaded without mamba-ssm
 
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec  # noqa: E402
-from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec  # noqa: E402
-from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules  # noqa: E402
 from megatron.core.models.hybrid.hybrid_model import HybridModel  # noqa: E402
 from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
-from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules  # noqa: E402
-from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules  # noqa: E402
-from megatron.core.ssm.mlp_layer import MLPLayer  # noqa: E402
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules  # noqa: E402
-from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
-from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: E402
-from megatron.core.transformer.transformer_layer import (  # noqa: E402
-    MoETransformerLayer,
-    TransformerLayer,
-    TransformerLayerSubmodules,
-)
 
 from mimo_builder.builder import ModelBuilder, Port, Ports, token_input_ports  # noqa: E402
 from mimo_builder.compat import resolve_device  # noqa: E402
@@ -412,75 +397,3 @@ def place_modalities(embedded: torch.Tensor, ids: torch.Tensor, token_ids: dict[
                              "the upstream builder's output_tokens() declares)")
         batch_first = batch_first.masked_scatter(where.unsqueeze(-1), values.to(batch_first.dtype))
     return batch_first.transpose(0, 1).contiguous()
-
-
-def hybrid_stack_spec(te: bool, num_experts: int | None = None) -> ModuleSpec:
-    """MCore's TE hybrid spec, or the same structure with torch norms and local linears."""
-    if te:
-        from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec as te_spec
-
-        return te_spec
-    return local_hybrid_stack_spec(num_experts)
-
-
-# Checkpoint keys of the local spec's separate norms under the names Transformer Engine gives them
-# (fused into the next linear), as MCore's own local specs map them: checkpoints do not depend
-# on the spec. The MoE layer's norm stays separate in the TE spec too.
-FUSED_NORM_KEYS = {
-    "mamba": {"norm.": "mixer.in_proj.layer_norm_"},
-    "attention": {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"},
-    "mlp": {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
-}
-
-
-def local_hybrid_stack_spec(num_experts: int | None = None) -> ModuleSpec:
-    """Hybrid stack without Transformer Engine: separate norms, Column/RowParallelLinear, local
-    attention; checkpoint keys as the TE spec names them."""
-    norm = WrappedTorchNorm
-    mamba = ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
-        norm=norm,
-        mixer=ModuleSpec(module=MambaMixer, submodules=MambaMixerSubmodules(
-            in_proj=ColumnParallelLinear, out_proj=RowParallelLinear)),
-        mamba_bda=get_bias_dropout_add, sharded_state_dict_keys_map=FUSED_NORM_KEYS["mamba"]))
-    attention = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
-        input_layernorm=norm,
-        self_attention=ModuleSpec(
-            module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
-            submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear,
-                                               core_attention=ContextParallelAttention,
-                                               linear_proj=RowParallelLinear)),
-        self_attn_bda=get_bias_dropout_add, sharded_state_dict_keys_map=FUSED_NORM_KEYS["attention"]))
-    mlp = ModuleSpec(module=MLPLayer, submodules=TransformerLayerSubmodules(
-        pre_mlp_layernorm=norm, mlp=get_mlp_module_spec(use_te=False), mlp_bda=get_bias_dropout_add,
-        sharded_state_dict_keys_map=FUSED_NORM_KEYS["mlp"]))
-    layers = dict(mamba_layer=mamba, attention_layer=attention, mlp_layer=mlp)
-    if num_experts is not None:
-        layers["moe_layer"] = ModuleSpec(module=MoETransformerLayer, submodules=TransformerLayerSubmodules(
-            pre_mlp_layernorm=norm,
-            mlp=get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False),
-            mlp_bda=get_bias_dropout_add))
-    return ModuleSpec(module=HybridStack, submodules=HybridStackSubmodules(**layers))
-
-
-# --- presets: real published shapes ---------------------------------------------------------
-
-def mamba2_2p7b(**overrides) -> MambaConfig:
-    """Mamba2-2.7B (state-spaces/mamba2-2.7b): 64 Mamba-2 layers, d_model 2560, tied embeddings."""
-    return MambaConfig(**{**dict(
-        num_layers=64, hidden_size=2560, num_attention_heads=1, hybrid_layer_pattern="M" * 64,
-        vocab_size=50277, make_vocab_size_divisible_by=16, seq_length=2048,
-        share_embeddings_and_output_weights=True, mamba_state_dim=128, mamba_head_dim=64,
-        mamba_num_groups=1), **overrides})
-
-
-NEMOTRON_H_8B_PATTERN = "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"
-
-
-def nemotron_h_8b(**overrides) -> MambaConfig:
-    """Nemotron-H-8B-Base: 24 Mamba-2, 4 attention (GQA 32/8) and 24 squared-ReLU MLP layers."""
-    return MambaConfig(**{**dict(
-        num_layers=52, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
-        ffn_hidden_size=21504, hybrid_layer_pattern=NEMOTRON_H_8B_PATTERN, vocab_size=131072,
-        seq_length=8192, position_embedding_type="none", mlp_activation="squared_relu",
-        mamba_state_dim=128, mamba_head_dim=64, mamba_num_groups=8, mamba_num_heads=128,
-        transformer={"kv_channels": 128, "add_bias_linear": False}), **overrides})

@@ -20,7 +20,8 @@ import torch
 from megatron.core.transformer import TransformerConfig
 
 from mimo_builder.errors import ConfigError, excerpt
-from submodels.mamba import ACTIVATIONS, MambaConfig, hybrid_stack_spec, local_hybrid_stack_spec
+from submodels.mamba import ACTIVATIONS, MambaConfig
+from submodels.mamba_spec import hybrid_stack_spec, local_hybrid_stack_spec
 
 HYBRID_TARGET = "megatron.training.models.hybrid.HybridModelConfig"
 TRANSFORMER_TARGET = "megatron.core.transformer.transformer_config.TransformerConfig"

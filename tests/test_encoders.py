@@ -74,7 +74,7 @@ def _build_and_run(tp):
         (model,) = config.make_builder().build_distributed_models(pgs, DistributedDataParallelConfig())
         with torch.no_grad():
             output = model(_input(config))
-        results[name] = dict(output=output, params=_full_parameters(model, pgs.tp))
+        results[name] = dict(output=output, params=_full_parameters(model, pgs.tp), checkpoint=_state_keys(model, pgs))
         if name == "audio":  # move only the last frame: a causal encoder would keep token 0
             features = _input(config)
             features[:, -1] += 10.0
@@ -86,6 +86,16 @@ def _build_and_run(tp):
             except ValueError as err:
                 results[name]["odd_tokens_error"] = str(err)
     return results
+
+
+def _state_keys(model, pgs):
+    """The keys of the node's sharded checkpoint state, or the error that stops it."""
+    from mimo_builder.checkpoint.state import model_state
+
+    try:
+        return sorted(model_state([model], pgs, "node.")["chunk0"])
+    except Exception as err:  # noqa: BLE001 (reported by the test)
+        return f"{type(err).__name__}: {err}"
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +121,14 @@ def test_tp2_output_equals_tp1(builds, name):
     assert torch.equal(rank0[name]["output"], rank1[name]["output"])
     torch.testing.assert_close(rank0[name]["output"], reference, rtol=1e-5, atol=1e-5)
     assert reference.abs().max() > 1e-2  # a real model, not zeros
+
+
+@pytest.mark.parametrize("name", list(NODES))
+def test_every_kind_has_a_sharded_checkpoint_state_at_tp1_and_tp2(builds, name):
+    tp1, tp2 = builds
+    for state in (tp1[name]["checkpoint"], tp2[0][name]["checkpoint"]):
+        assert isinstance(state, list) and state, state
+    assert tp2[0][name]["checkpoint"] == tp1[name]["checkpoint"]  # the same keys under any TP
 
 
 @pytest.mark.parametrize("name", list(NODES))

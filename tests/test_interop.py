@@ -30,7 +30,7 @@ def _mcore_hybrid(pad: bool = False, **transformer):
     from megatron.core.transformer import TransformerConfig
     from megatron.training.models.hybrid import HybridModelConfig
 
-    from submodels.mamba import local_hybrid_stack_spec
+    from submodels.mamba_spec import local_hybrid_stack_spec
 
     options = dict(num_layers=4, hidden_size=64, num_attention_heads=4, normalization="RMSNorm",
                    mamba_state_dim=16, mamba_head_dim=16, mamba_num_groups=2, hidden_dropout=0.0,

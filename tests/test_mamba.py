@@ -174,13 +174,13 @@ def _meta_build(preset_name):
     from mimo_builder import distributed
     from mimo_builder.compat import seed_rng
     from mimo_builder.placement import Layout
-    from submodels import mamba
+    from submodels import mamba_presets
 
     layout = Layout(0, 1)
     pgs = _groups([layout]).for_layout(layout)
     seed_rng(0)
-    config = getattr(mamba, preset_name)(transformer={"init_model_with_meta_device": True,
-                                                      **getattr(mamba, preset_name)().transformer})
+    config = getattr(mamba_presets, preset_name)(transformer={"init_model_with_meta_device": True,
+                                                      **getattr(mamba_presets, preset_name)().transformer})
     before, start = _rss_mb(), time.perf_counter()
     builder = config.make_builder()
     (chunk,) = distributed.build_chunks(builder.build_model, builder.transformer_config(pgs), pgs)
