@@ -138,8 +138,11 @@ def test_run_refuses_fp16_training_before_spawning(tmp_path):
     assert "node 'proj' config.dtype: fp16 training needs loss scaling" in result.stderr
 
 
-def test_run_trains_a_pipelined_backbone_with_virtual_stages(tmp_path):
-    """pp=2 x vp=2 through the command line: the schedule is shown and the loss falls."""
+def test_run_trains_a_pipelined_backbone_and_a_resumed_run_prints_the_same_losses(tmp_path):
+    """pp=2 x vp=2 through the command line: the schedule is shown, the loss falls, each node's
+    time split is printed and logged for TensorBoard. Then a run resumed from the step-2
+    checkpoint prints the straight run's step 3-4 losses (weights, optimizer, schedule, data
+    stream and step count all continue), and ``ckpt inspect`` describes the folder."""
     import yaml
 
     doc = yaml.safe_load((ROOT / "graphs/mamba_lm.yaml").read_text())
@@ -149,11 +152,13 @@ def test_run_trains_a_pipelined_backbone_with_virtual_stages(tmp_path):
     lm["placement"] = {"pp": 2}
     path = tmp_path / "lm_pp2_vp2.yaml"
     path.write_text(yaml.safe_dump(doc))
-    events = tmp_path / "tensorboard"
-    result = _cli("run", str(path), "--nproc", "2", "--steps", "4", "--microbatches", "4", "--batch-size", "8",
-                  "--lr", "3e-3", "--tensorboard", str(events))
+    events, root = tmp_path / "tensorboard", tmp_path / "ckpt"
+    common = ("run", str(path), "--nproc", "2", "--steps", "4", "--microbatches", "4", "--batch-size", "8",
+              "--lr", "3e-3")
+    result = _cli(*common, "--tensorboard", str(events), "--save", str(root), "--save-interval", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Schedule: 4 stages, 4 microbatches" in result.stdout
+    assert f"saved step 2 to {root}/step_0000002" in result.stdout
     losses = _losses(result.stdout)
     assert list(losses) == [1, 2, 3, 4] and float(losses[4]) < float(losses[1]), result.stdout
     split = [line for line in result.stdout.splitlines() if "ms per step fwd/bwd/comm/opt: lm " in line]
@@ -162,6 +167,18 @@ def test_run_trains_a_pipelined_backbone_with_virtual_stages(tmp_path):
     assert [f"{v:.4f}" for _, v in scalars["train/loss"]] == list(losses.values())
     assert [s for s, _ in scalars["time_ms/lm/forward"]] == [1, 2, 3, 4]
     assert all(v > 0 for tag in ("forward", "backward", "optimizer") for _, v in scalars[f"time_ms/lm/{tag}"])
+
+    resumed = _cli(*common, "--load", str(root / "step_0000002"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+    assert _losses(resumed.stdout) == {k: v for k, v in losses.items() if k > 2}
+
+    shown = _main("ckpt", "inspect", str(root))
+    assert shown.returncode == 0, shown.stderr
+    assert "step 4, saved by 2 ranks" in shown.stdout and "step_0000002, step_0000004" in shown.stdout
+    assert "model + optimizer" in shown.stdout and "32 samples consumed" in shown.stdout
+    manifest = json.loads(_main("ckpt", "inspect", str(root), "--json").stdout)
+    assert manifest["step"] == 4 and manifest["nodes"]["lm"]["placement"]["pp"] == 2
 
 
 def _tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
@@ -176,28 +193,6 @@ def _losses(stdout: str) -> dict[int, str]:
     """Step number -> printed loss, from the run's ``step N/LAST | loss X | ...`` lines."""
     return {int(line.split("|")[0].split()[1].split("/")[0]): line.split("|")[1].split()[1]
             for line in stdout.splitlines() if line.startswith("step")}
-
-
-def test_a_resumed_run_prints_the_straight_runs_losses(tmp_path):
-    """4 steps saving every 2, then a run resumed from step 2 to 4: the same step 3-4 losses
-    (weights, optimizer, schedule, data stream and step count all continue)."""
-    root = tmp_path / "ckpt"
-    straight = _cli("run", "graphs/mamba_lm.yaml", "--nproc", "2", "--steps", "4", "--save", str(root),
-                    "--save-interval", "2")
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    assert f"saved step 2 to {root}/step_0000002" in straight.stdout
-    resumed = _cli("run", "graphs/mamba_lm.yaml", "--nproc", "2", "--steps", "4", "--load", str(root / "step_0000002"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
-    expected = {k: v for k, v in _losses(straight.stdout).items() if k > 2}
-    assert _losses(resumed.stdout) == expected and len(expected) == 2
-
-    shown = _main("ckpt", "inspect", str(root))
-    assert shown.returncode == 0, shown.stderr
-    assert "step 4, saved by 2 ranks" in shown.stdout and "step_0000002, step_0000004" in shown.stdout
-    assert "model + optimizer" in shown.stdout and "32 samples consumed" in shown.stdout
-    manifest = json.loads(_main("ckpt", "inspect", str(root), "--json").stdout)
-    assert manifest["step"] == 4 and manifest["nodes"]["lm"]["placement"]["size"] == 2
 
 
 def test_checkpoint_mistakes_are_named_before_any_rank_starts(tmp_path):
