@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import yaml
+from cli_in_process import main_in_process as _main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLI = pathlib.Path(sys.executable).parent / "mimo-builder"
@@ -18,27 +19,6 @@ CLI = pathlib.Path(sys.executable).parent / "mimo-builder"
 
 def _cli(*args):
     return subprocess.run([str(CLI), *args], cwd=ROOT, capture_output=True, text=True, timeout=180)
-
-
-def _main(*args):
-    """``mimo-builder ARGS`` in this process, from the repository root."""
-    import contextlib
-    import io
-    import os
-
-    from mimo_builder.cli import main
-
-    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
-    os.chdir(ROOT)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(list(args))
-            except SystemExit as exit_:  # argparse's usage errors
-                code = exit_.code
-    finally:
-        os.chdir(cwd)
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def test_validate_valid_file_exits_zero():

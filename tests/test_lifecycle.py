@@ -22,7 +22,7 @@ import pytest
 
 from multirank import run_ranks
 
-CYCLES, SETTLED = 25, 5
+CYCLES, SETTLED = 12, 4  # a leaked gloo group shows as 3 more threads every cycle
 
 
 def _cycles(n: int) -> list[tuple[int, int]]:

@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import yaml
 
+from cli_in_process import main_in_process
 from mimo_builder import registry
 from mimo_builder.errors import ConfigError, GraphError
 from mimo_builder.registry import BUILDER_GROUP, Registry
@@ -221,7 +222,7 @@ def test_allowed_prefixes_reach_the_spawned_ranks(tmp_path):
     marks.mkdir()
     env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "MIMO_TEST_MARKS": str(marks)}
 
-    refused = _cli("validate", str(path), env=env)
+    refused = main_in_process("validate", str(path))  # refused before anything is imported
     assert refused.returncode == 2 and f"--allow {module}" in refused.stderr, refused.stderr[-2000:]
     result = _cli("--allow", module, "run", str(path), "--nproc", "2", "--steps", "1", "--batch-size", "2", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
