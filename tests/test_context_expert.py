@@ -11,10 +11,10 @@ agree within 1e-5 (relative), with 1 and 2 microbatches. Validation names what c
 from __future__ import annotations
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from multirank import run_ranks
+from parity_steps import sgd_steps
 
 BATCH, SEED, DATA_SEED, LR = 8, 3, 11, 0.5
 HID, VOCAB = 32, 64
@@ -80,8 +80,6 @@ def _steps(graph, initial):
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from mimo_builder.optim_config import OptimizerSettings
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
     from mimo_builder.runtime.synthetic import synthetic_batch
     from mimo_builder.walker import CompositeBuilder
 
@@ -91,19 +89,7 @@ def _steps(graph, initial):
     if initial is None:
         initial = {n: {k: p.detach().clone() for k, p in ps.items()} for n, ps in params.items()}
     sgd = OptimizerSettings(optimizer="sgd", lr=LR, clip_grad=0.05, mcore={"sgd_momentum": 0.0})
-    schedule, optimizer = GraphSchedule(model), GraphOptimizer(model, sgd)
-    batch = synthetic_batch(model.valid, BATCH, seed=DATA_SEED)
-    runs = {}
-    for m in MICROBATCHES:
-        with torch.no_grad():
-            for n, ps in params.items():
-                for k, p in ps.items():
-                    p.copy_(initial[n][k])
-        optimizer.zero_grad()
-        loss = schedule.forward_backward(batch, m)
-        result = optimizer.step(loss)
-        runs[m] = dict(loss=loss, norm=result.grad_norm,
-                       updated={n: {k: p.detach().clone() for k, p in ps.items()} for n, ps in params.items()})
+    runs = sgd_steps(model, params, initial, synthetic_batch(model.valid, BATCH, seed=DATA_SEED), MICROBATCHES, sgd)
     model.close()
     return initial, runs
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from multirank import run_ranks
+from parity_steps import sgd_steps
 
 BATCH, SEED, DATA_SEED, LR = 48, 5, 13, 0.5
 HID, VOCAB = 32, 64
@@ -134,8 +135,6 @@ def _steps(kind: str, placed: bool, initial=None):
 
     from mimo_builder import compat
     from mimo_builder.optim_config import OptimizerSettings
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
     from mimo_builder.runtime.synthetic import synthetic_batch
     from mimo_builder.walker import CompositeBuilder
 
@@ -146,19 +145,7 @@ def _steps(kind: str, placed: bool, initial=None):
     if initial is None:
         initial = {n: {k: p.detach().clone() for k, p in ps.items()} for n, ps in params.items()}
     sgd = OptimizerSettings(optimizer="sgd", lr=LR, clip_grad=0.5, mcore={"sgd_momentum": 0.0})
-    schedule, optimizer = GraphSchedule(model), GraphOptimizer(model, sgd)
-    batch = synthetic_batch(model.valid, BATCH, seed=DATA_SEED)
-    runs = {}
-    for m in MICROBATCHES:
-        with torch.no_grad():
-            for n, ps in params.items():
-                for k, p in ps.items():
-                    p.copy_(initial[n][k])
-        optimizer.zero_grad()
-        loss = schedule.forward_backward(batch, m)
-        result = optimizer.step(loss)
-        updated = {n: {k: p.detach().clone() for k, p in ps.items()} for n, ps in params.items()}
-        runs[m] = dict(loss=loss, norm=result.grad_norm, updated=updated)
+    runs = sgd_steps(model, params, initial, synthetic_batch(model.valid, BATCH, seed=DATA_SEED), MICROBATCHES, sgd)
     return dict(initial=initial, runs=runs, rank=dist.get_rank())
 
 

@@ -1,0 +1,28 @@
+"""The step both parity suites take on every placement: the same start, one SGD step per
+microbatch count, and what it produced (run inside rank processes)."""
+
+from __future__ import annotations
+
+
+def sgd_steps(model, params: dict, initial: dict, batch, microbatch_counts, settings) -> dict:
+    """For each count in ``microbatch_counts``: copy ``initial`` into ``params`` (node -> name ->
+    tensor), zero the gradients, run forward/backward and one step of the graph optimizer with
+    ``settings``. Returns count -> loss, grad norm and the updated parameters."""
+    import torch
+
+    from mimo_builder.runtime.optim import GraphOptimizer
+    from mimo_builder.runtime.schedule import GraphSchedule
+
+    schedule, optimizer = GraphSchedule(model), GraphOptimizer(model, settings)
+    runs = {}
+    for m in microbatch_counts:
+        with torch.no_grad():
+            for n, ps in params.items():
+                for k, p in ps.items():
+                    p.copy_(initial[n][k])
+        optimizer.zero_grad()
+        loss = schedule.forward_backward(batch, m)
+        result = optimizer.step(loss)
+        runs[m] = dict(loss=loss, norm=result.grad_norm,
+                       updated={n: {k: p.detach().clone() for k, p in ps.items()} for n, ps in params.items()})
+    return runs
