@@ -17,8 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -26,51 +25,10 @@ from torch.overrides import TorchFunctionMode
 
 from mimo_builder.cpu_rng import CPURNGStatesTracker, seed_rng  # noqa: F401 (public here too)
 from mimo_builder.environment import prepare_mamba_ssm_import, quiet_dependency_warnings  # noqa: F401
-
-Patch = Callable[[object, str, object], None]
-"""``patch(owner, name, value)``: replace ``owner.name``, remembering the original."""
-
-
-@dataclass(frozen=True)
-class Workaround:
-    """One CPU workaround: a name, the MCore behaviour it answers, and how to apply it.
-
-    ``apply`` replaces attributes through the ``patch`` it is given; ``None`` marks a workaround
-    that is a scope instead (:func:`cuda_factories_on_cpu`), entered around the MCore calls that
-    need it and never installed process-wide.
-    """
-
-    name: str
-    reason: str
-    apply: Callable[[Patch], None] | None
-    needed_on: Callable[[torch.device], bool] = lambda device: device.type == "cpu"
-    """Which processes install it: CPU only, unless it answers something CUDA lacks too."""
-
+from mimo_builder.patching import Patch, Patches, Workaround  # noqa: F401 (public here too)
 
 def _te_missing(device: torch.device) -> bool:
     return device.type == "cpu" or importlib.util.find_spec("transformer_engine") is None
-
-
-class Patches:
-    """Attributes replaced by workarounds, with their originals, so they can be put back."""
-
-    def __init__(self):
-        self.applied: set[str] = set()
-        self._saved: list[tuple[object, str, object]] = []
-
-    def patch(self, owner: object, name: str, value: object) -> None:
-        self._saved.append((owner, name, getattr(owner, name)))
-        setattr(owner, name, value)
-
-    def apply(self, workaround: Workaround) -> None:
-        workaround.apply(self.patch)
-        self.applied.add(workaround.name)
-
-    def undo(self) -> None:
-        for owner, name, original in reversed(self._saved):
-            setattr(owner, name, original)
-        self._saved.clear()
-        self.applied.clear()
 
 
 _process = Patches()  # what init_runtime("cpu") installed for the life of this process
