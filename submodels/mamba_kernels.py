@@ -167,6 +167,7 @@ def ssd_chunk_scan(
     b, l, h, p = x.shape
     g = B.shape[2]
     r, cd = h // g, _compute_dtype(x)
+    chunk_size = min(chunk_size, l)  # a sequence shorter than a chunk is one chunk, not padding
     dt = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit, cd)
     xc = _to_chunks(x.to(cd), chunk_size).unflatten(3, (g, r))  # [b,c,s,g,r,p]
     Bc, Cc = _to_chunks(B.to(cd), chunk_size), _to_chunks(C.to(cd), chunk_size)  # [b,c,s,g,n]
