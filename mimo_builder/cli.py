@@ -125,6 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_count, default=20)
     p.add_argument("--batch-size", type=_count, default=8, help="global batch size")
     p.add_argument("--microbatches", type=_count, default=1)
+    p.add_argument("--seed", type=int, help="seeds the weights' initialisation and the order of the training "
+                   "samples (default: TrainOptions.seed); a resumed run keeps its data seed")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate for every node (default: the document's optimizer.lr)")
     p.add_argument("--data", metavar="MODULE:FUNCTION",
@@ -254,7 +256,8 @@ def _run(args) -> int:
                            first_step_timeout_s=args.first_step_timeout,
                            log_interval=args.log_interval, tensorboard=args.tensorboard,
                            data=args.data, eval_data=args.eval_data,
-                           allowed_modules=allowed_prefixes())  # --allow reaches every rank
+                           allowed_modules=allowed_prefixes(),  # --allow reaches every rank
+                           **({} if args.seed is None else {"seed": args.seed}))
     start = time.perf_counter()
     losses = launch(train, nproc, graph, options)[0]
     if lead and not losses:
