@@ -18,6 +18,7 @@ DDP buffers into ``p.grad`` and leaves the weights as they were.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import traceback
@@ -65,6 +66,10 @@ DIAMOND_SPREAD = {"root": dict(offset=0, size=2), "left": dict(offset=2, size=1)
 # two encoders on disjoint single ranks, the backbone on the other two at tp2
 FAN_IN_SPREAD = {"enc_a": dict(offset=0, size=1), "enc_b": dict(offset=1, size=1),
                  "lm": dict(offset=2, size=2, tp=2)}
+# both encoders data-parallel on ranks 0-1, the backbone on ranks 2-3 at tp2 dp1 (the demo's shape):
+# each backbone rank gathers the whole batch from two DP shards and returns each its rows' gradient
+FAN_IN_GATHER = {"enc_a": dict(offset=0, size=2), "enc_b": dict(offset=0, size=2),
+                 "lm": dict(offset=2, size=2, tp=2)}
 
 
 def _placer(spread, where):
@@ -88,10 +93,10 @@ def _diamond(spread: bool):
     return _text_bindings(graph).output("lm.loss")
 
 
-def _fan_in(spread: bool):
+def _fan_in(spread: bool, where: dict = FAN_IN_SPREAD):
     from mimo_builder.graph import Graph
 
-    at = _placer(spread, FAN_IN_SPREAD)
+    at = _placer(spread, where)
     graph = (Graph()
              .add("enc_a", _proj(8), placement=at("enc_a"))
              .add("enc_b", _proj(12, token_reduction=4), placement=at("enc_b"))
@@ -350,6 +355,7 @@ def _four_ranks(ref_diamond, ref_fan_in):
         ("diamond", _placed, _diamond, ref_diamond),
         ("diamond_overlap", _placed_overlap, _diamond, ref_diamond),
         ("fan_in", _placed, _fan_in, ref_fan_in, (1,)),
+        ("fan_in_gather", _placed, functools.partial(_fan_in, where=FAN_IN_GATHER), ref_fan_in, (1,)),
         ("vlm", _vlm_bad_batches),  # ends with a failed step (aborted groups): last
     )
 
@@ -431,12 +437,13 @@ def test_diamond_on_four_ranks_matches_one_rank(one_rank, four_ranks):
 
 # --- 2. fan-in --------------------------------------------------------------------------------
 
-def test_fan_in_from_disjoint_encoders_matches_one_rank(one_rank, four_ranks):
+@pytest.mark.parametrize("section", ["fan_in", "fan_in_gather"])
+def test_fan_in_from_disjoint_encoders_matches_one_rank(one_rank, four_ranks, section):
     ref = _get(one_rank, "fan_in")
     results = four_ranks
-    runs = _sections_of(results, "fan_in")
+    runs = _sections_of(results, section)
     assert all(_close(r[1]["loss"], ref["loss"]) for r in runs), ([r[1]["loss"] for r in runs], ref["loss"])
-    _assert_grads_match(_merged_grads(results, "fan_in", 1), ref["grads"], "fan_in")
+    _assert_grads_match(_merged_grads(results, section, 1), ref["grads"], section)
 
 
 # --- 3. microbatches --------------------------------------------------------------------------
