@@ -134,7 +134,7 @@ def test_run_trains_a_pipelined_backbone_and_a_resumed_run_prints_the_same_losse
     path.write_text(yaml.safe_dump(doc))
     events, root = tmp_path / "tensorboard", tmp_path / "ckpt"
     common = ("run", str(path), "--nproc", "2", "--steps", "4", "--microbatches", "4", "--batch-size", "8",
-              "--lr", "3e-3")
+              "--lr", "3e-3", "--seed", "7")
     result = _cli(*common, "--tensorboard", str(events), "--save", str(root), "--save-interval", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Schedule: 4 stages, 4 microbatches" in result.stdout
