@@ -8,8 +8,10 @@ Sounds are generated: a tone whose pitch encodes the digit (375 + 250 b Hz, rand
 loudness and noise), turned into a 16-band log spectrogram of 4 frames. Neither modality alone
 gives the answer, so a model above chance on held-out samples uses both encoders.
 
-    mimo-builder --allow examples run examples/digits_sum.yaml --nproc 4 \\
+    mimo-builder --allow examples run examples/digits_sum.yaml --nproc 4 --steps 400 --batch-size 64 \\
         --data examples.digits_sum:train_data --eval-data examples.digits_sum:held_out_data
+
+(what ``./scripts/demo`` runs; about 90% of held-out answers right after 400 steps, chance is 1%).
 
 The last 297 images are held out (never trained on), each paired with fresh sounds.
 """
