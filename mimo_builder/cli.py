@@ -226,7 +226,8 @@ def _run(args) -> int:
     from mimo_builder.launch import launch, under_torchrun
     from mimo_builder.plan import make_plan
     from mimo_builder.plan_table import print_plan
-    from mimo_builder.registry import allowed_prefixes, import_reference
+    from mimo_builder.data.spec import load_data
+    from mimo_builder.registry import allowed_prefixes
     from mimo_builder.runtime.monitor import check_tensorboard
     from mimo_builder.runtime.schedule import check_runnable
     from mimo_builder.runtime.synthetic import check_synthetic
@@ -241,8 +242,8 @@ def _run(args) -> int:
     if not args.data:
         check_synthetic(valid)
     for ref, flag in ((args.data, "--data"), (args.eval_data, "--eval-data")):
-        if ref:
-            import_reference(ref, flag)  # named before any rank starts: a typo, a module not allowed
+        if ref:  # named before any rank starts: a typo, a module not allowed, a sample the graph cannot take
+            load_data(ref, flag).check(valid, flag)
     _check_has_loss(graph)
     _check_checkpoint_args(args)
     if args.tensorboard:

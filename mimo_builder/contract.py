@@ -12,6 +12,7 @@ them with the node instead of a ``TypeError`` traceback at build time.
 from __future__ import annotations
 
 from mimo_builder.config import ModelConfig
+from mimo_builder.errors import ConfigError
 
 REQUIRED = {
     "ports": "ports() -> Ports: its named inputs and outputs",
@@ -71,6 +72,14 @@ def token_count_problem(edge, builder) -> str | None:
             f"{class_name(type(builder))} of node '{edge.src}' does not define output_tokens(); define "
             f"output_tokens(self, input_tokens) returning {{{edge.src_port!r}: number of tokens}} "
             "(e.g. the number of patches), so placeholder tokens can be counted")
+
+
+def output_tokens_of(node: str, builder, input_tokens: dict[str, int]) -> dict[str, int]:
+    """``builder.output_tokens(input_tokens)``; a count the builder refuses is an error naming ``node``."""
+    try:
+        return builder.output_tokens(input_tokens)
+    except ConfigError as err:
+        raise ConfigError(f"node '{node}': {err}") from None
 
 
 def synthetic_problems(node: str, builder, bound_ports: list[str]) -> list[str]:

@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 from mimo_builder import layer_costs as costs
 from mimo_builder.builder import ModelBuilder, Port, Ports
 from mimo_builder.config import ModelConfig, PositiveInt
+from mimo_builder.errors import ConfigError
 from mimo_builder.mcore_options import TransformerOptions
 from mimo_builder.transformer_config import OWNED_OPTIONS, make_transformer_config, use_te
 
@@ -112,7 +113,11 @@ class ProjectorBuilder(ModelBuilder):
         )
 
     def output_tokens(self, input_tokens):
-        return {"output": input_tokens["input"] // self.config.token_reduction}
+        tokens, r = input_tokens["input"], self.config.token_reduction
+        if tokens % r:
+            raise ConfigError(f"config.token_reduction {r} does not divide the {tokens} tokens arriving on "
+                              "input; choose a token_reduction that divides them")
+        return {"output": tokens // r}
 
     def synthetic_inputs(self, batch_size, generator, tokens):
         return {"input": torch.randn((batch_size, 16, self.config.input_size), generator=generator)}

@@ -190,3 +190,27 @@ def test_checkpoint_mistakes_are_named_before_any_rank_starts(tmp_path):
     assert invalid.returncode == 2 and "Traceback" not in invalid.stderr
     assert "node 'vision' init.hf: 'openai/clip-vit-base-patch16' is not a folder (nothing is downloaded" in invalid.stderr
     assert f"node 'lm' init.checkpoint: '{tmp_path / 'absent'}' is not a folder" in invalid.stderr
+
+
+def test_run_names_samples_and_token_counts_the_graph_cannot_take_before_any_rank_starts(tmp_path):
+    """A projector whose token_reduction does not divide what its encoder brings, and samples
+    longer than the backbone's seq_length, are errors naming node and field, with exit code 2,
+    before any process starts (with synthetic batches and with --data)."""
+    doc = yaml.safe_load((ROOT / "examples/digits_sum.yaml").read_text())
+    doc["nodes"]["audio_proj"]["config"]["token_reduction"] = 4  # the audio encoder brings 2 tokens
+    path = tmp_path / "digits.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    run = ("run", str(path), "--nproc", "4", "--steps", "20", "--batch-size", "64")
+    refused = "node 'audio_proj': config.token_reduction 4 does not divide the 2 tokens arriving on input"
+    synthetic = _main(*run)
+    assert synthetic.returncode == 2 and refused in synthetic.stderr and "Traceback" not in synthetic.stderr
+    data = _main("--allow", "examples", *run, "--data", "examples.digits_sum:train_data")
+    assert data.returncode == 2 and f"--data: sample 0 does not fit the graph: {refused}" in data.stderr
+
+    doc["nodes"]["audio_proj"]["config"]["token_reduction"] = 2
+    doc["nodes"]["lm"]["config"]["seq_length"] = 8  # prompt 4 tokens, answer 5-6 and its end
+    path.write_text(yaml.safe_dump(doc))
+    short = _main("--allow", "examples", *run, "--eval-data", "examples.digits_sum:held_out_data")
+    assert short.returncode == 2, short.stderr
+    assert "--eval-data: sample 0 does not fit the graph: sample 0: " in short.stderr
+    assert "(prompt 4, answer " in short.stderr and "do not fit node 'lm' seq_length 8" in short.stderr

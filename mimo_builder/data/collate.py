@@ -22,6 +22,7 @@ import re
 
 import torch
 
+from mimo_builder.contract import output_tokens_of
 from mimo_builder.errors import ConfigError, MimoError
 from mimo_builder.validation import ValidGraph
 
@@ -130,7 +131,7 @@ def arriving_tokens(valid: ValidGraph, lengths: dict[str, int]) -> dict[tuple[st
         feeding = [e for e in valid.edges if e.src == name and "tokens" in valid.ports(e.dst).inputs[e.dst_port].dims]
         if not feeding:
             continue
-        counts = valid.builders[name].output_tokens(ports)
+        counts = output_tokens_of(name, valid.builders[name], ports)
         for edge in feeding:
             arriving[(edge.dst, edge.dst_port)] = counts[edge.src_port]
     return arriving

@@ -15,7 +15,7 @@ from typing import Any
 from mimo_builder.data.collate import GraphCollator
 from mimo_builder.data.loader import IndexedSource, RankLoader
 from mimo_builder.data.tokenizer import ByteTokenizer
-from mimo_builder.errors import ConfigError
+from mimo_builder.errors import ConfigError, MimoError
 from mimo_builder.validation import ValidGraph
 
 
@@ -42,6 +42,19 @@ class GraphData:
         collate = GraphCollator(valid, self.tokenizer, self.seq_length)
         return RankLoader(valid, source, collate, batch_size, rank, num_microbatches=num_microbatches,
                           first_step=first_step, last_step=last_step, num_workers=self.num_workers)
+
+    def check(self, valid: ValidGraph, where: str) -> None:
+        """Collate the first sample of a map-style dataset for ``valid``, so that a sample the graph
+        cannot take (a missing key, a prompt too long, a token count a node refuses) is an error
+        naming ``where`` before any rank starts. A streaming source is checked by its readers."""
+        if hasattr(self.dataset, "samples"):
+            return
+        if len(self.dataset) == 0:
+            raise ConfigError(f"{where}: the dataset is empty")
+        try:
+            GraphCollator(valid, self.tokenizer, self.seq_length)([self.dataset[0]])
+        except MimoError as err:
+            raise ConfigError(f"{where}: sample 0 does not fit the graph: {err}") from None
 
     def evaluation_steps(self, batch_size: int) -> int:
         """How many whole batches one pass over a map-style dataset makes."""

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import torch
 
-from mimo_builder.contract import class_name, synthetic_problems
+from mimo_builder.contract import class_name, output_tokens_of, synthetic_problems
 from mimo_builder.errors import ConfigError, GraphError
 from mimo_builder.validation import ValidGraph
 
 
 def check_synthetic(valid: ValidGraph) -> None:
-    """Every node the batch feeds can make synthetic inputs (what ``mimo-builder run`` needs)."""
+    """Every node the batch feeds can make synthetic inputs (what ``mimo-builder run`` needs), and
+    a one-sample batch passes every node's token counts (a count a node refuses names the node)."""
     problems = []
     for name in valid.order:
         bound = [port for node, port in valid.inputs.values() if node == name]
         problems += synthetic_problems(name, valid.builders[name], bound)
     if problems:
         raise GraphError(problems)
+    synthetic_batch(valid, 1)
 
 
 def synthetic_batch(valid: ValidGraph, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -45,7 +47,7 @@ def _counted_outputs(valid: ValidGraph, name: str, lengths: dict[str, int]) -> d
     if not needed:
         return {}
     builder = valid.builders[name]
-    counts = builder.output_tokens(lengths)
+    counts = output_tokens_of(name, builder, lengths)
     missing = sorted(needed - set(counts))
     if missing:
         raise ConfigError(f"node '{name}': {class_name(type(builder))}.output_tokens() gave no token count for "
