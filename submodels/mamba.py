@@ -149,7 +149,9 @@ class MambaConfig(TransformerModelConfig):
         return "E" in self.layer_symbols
 
     def tp_problems(self, tp: int) -> list[str]:
-        out = super().tp_problems(tp) if "*" in self.layer_symbols else []
+        out = super().tp_problems(tp)
+        if out and "*" not in self.layer_symbols:  # MCore's TransformerConfig checks the heads anyway
+            out = [f"{p} (Megatron-Core requires it even without attention layers)" for p in out]
         if "M" in self.layer_symbols:
             if self.mamba_heads % tp:
                 out.append(f"Mamba heads {self.mamba_heads} are not divisible by tp {tp}")

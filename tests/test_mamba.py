@@ -156,6 +156,10 @@ def test_tp_problems_name_heads_and_mamba_heads():
     assert any("mamba_num_groups 1" in p for p in problems)
     assert any("Mamba heads 8" in p for p in _config(mamba_head_dim=8).tp_problems(16))
     assert _config().tp_problems(2) == []
+    # a pattern without attention still needs heads MCore's TransformerConfig can split
+    only_mamba = _config(hybrid_layer_pattern="MM", num_layers=2, num_attention_heads=1).tp_problems(2)
+    assert len(only_mamba) == 2 and "num_attention_heads 1 is not divisible by tp 2" in only_mamba[0]
+    assert "even without attention layers" in only_mamba[0]
 
 
 def test_pp_problems_compare_pipe_stages_with_pp():
