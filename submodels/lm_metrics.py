@@ -21,9 +21,16 @@ def greedy_predictions(logits: torch.Tensor, tp_group) -> torch.Tensor:
     return torch.stack([g[1] for g in gathered]).gather(0, winner)[0].long()
 
 
-def exact_match(predictions: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+def exact_match(predictions: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None,
+                cp_group=None) -> torch.Tensor:
     """Per sample: 1.0 when every token under the loss mask is predicted right, else 0.0 (a
-    sample with no masked token counts as wrong)."""
+    sample with no masked token counts as wrong). Under context parallelism each rank of
+    ``cp_group`` holds its chunks of every sample; the verdict covers the whole sample, on each."""
     mask = torch.ones_like(labels, dtype=torch.bool) if loss_mask is None else loss_mask > 0
-    right = ((predictions == labels) | ~mask).all(dim=1) & mask.any(dim=1)
-    return right.float()
+    wrong = ((predictions != labels) & mask).any(dim=1).float()
+    learned = mask.any(dim=1).float()
+    if cp_group is not None and cp_group.size() > 1:
+        both = torch.stack([wrong, learned])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=cp_group)
+        wrong, learned = both[0], both[1]
+    return (1.0 - wrong) * learned

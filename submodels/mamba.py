@@ -338,9 +338,8 @@ class MambaBuilder(ModelBuilder):
         whether greedy decoding writes every label under the loss mask (``correct``)."""
         token_losses = core.compute_language_model_loss(local["labels"], logits.transpose(0, 1).contiguous())
         outputs = {"loss": (token_losses.float() * local["mask"]).sum() / mask.sum().clamp(min=1.0)}
-        if cp_size(cp) <= 1:
-            predictions = greedy_predictions(logits, core.output_layer.tp_group)
-            outputs["correct"] = exact_match(predictions, local["labels"], local["mask"])
+        predictions = greedy_predictions(logits, core.output_layer.tp_group)
+        outputs["correct"] = exact_match(predictions, local["labels"], local["mask"], cp)
         return outputs
 
     def _check_trainable_experts(self) -> None:

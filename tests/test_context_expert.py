@@ -5,12 +5,15 @@ cp=2 on ranks 2-3, its modality embeddings at placeholders spread over both CP r
 EP: a backbone with MoE layers at ep=2 x expert-DP 2 (and cp=2 x DP 2) on ranks 0-3. Each is
 compared, within one spawn of 4 ranks, with the same graph on rank 0 alone (cp=1 / ep=1) from the
 same weights: the loss, the graph-wide grad norm and every parameter after one clipped SGD step
-agree within 1e-5 (relative), with 1 and 2 microbatches. Validation names what cannot work, before any process group exists.
+agree within 1e-5 (relative), with 1 and 2 microbatches. Evaluation at cp=2 gives cp=1's loss
+and the same per-sample right answers. Validation names what cannot work, before any process
+group exists.
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from multirank import run_ranks
@@ -43,7 +46,7 @@ def _cp_graph(cp: int):
              .connect("enc.output", "lm.image").bind("x", "enc.input"))
     for key in ("input_ids", "labels", "loss_mask"):
         graph.bind(key, f"lm.{key}")
-    return graph.output("lm.loss")
+    return graph.output("lm.loss").output("lm.correct")
 
 
 def _ep_graph(ep: int):
@@ -100,21 +103,73 @@ def _parity(make_graph):
     shared = [initial if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(shared, src=0)
     _, runs = _steps(make_graph(2), shared[0])
-    return dict(rank=dist.get_rank(), reference=reference if dist.get_rank() == 0 else None, runs=runs)
+    return dict(rank=dist.get_rank(), reference=reference if dist.get_rank() == 0 else None, runs=runs,
+                initial=shared[0])
+
+
+def _built_at(graph, initial):
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from mimo_builder.walker import CompositeBuilder
+
+    (model,) = CompositeBuilder(graph, seed=SEED).build_distributed_models(ddp_config=DistributedDataParallelConfig())
+    with torch.no_grad():
+        for name in model.valid.order:
+            if model.hosts(name):
+                for key, param in _global_params(model, name).items():
+                    param.copy_(initial[name][key])
+    return model
+
+
+def _greedy_answers_for_half(model, batch):
+    """``batch`` with the labels of its first half replaced by the backbone's greedy predictions
+    (those samples are right by construction), computed on one rank at cp=1. The next sample is
+    right but for one token in the middle of the sequence, which at cp=2 only the second CP rank
+    holds (2 * cp chunks; rank 0 holds the first and the last)."""
+    builders, enc, lm = model.valid.builders, model.chunks("enc")[0], model.chunks("lm")[0]
+    with torch.no_grad():
+        lm.eval(), enc.eval()
+        image = builders["enc"].run(enc, {"input": batch["x"]})["output"]
+        logits = builders["lm"].run(lm, {"input_ids": batch["input_ids"], "image": image})["logits"]
+    labels, mask, greedy = batch["labels"].clone(), batch["loss_mask"].clone(), logits.argmax(-1)
+    half, middle = BATCH // 2, labels.shape[1] // 2
+    labels[:half + 1] = greedy[:half + 1]
+    labels[half, middle] = (greedy[half, middle] + 1) % VOCAB
+    mask[half, middle] = 1.0
+    return {**batch, "labels": labels, "loss_mask": mask}
+
+
+def _cp_evaluation(initial):
+    """``evaluate`` at cp=1 (rank 0) and at cp=2 (ranks 2-3) from the same weights and batch."""
+    from mimo_builder.runtime.schedule import GraphSchedule
+    from mimo_builder.runtime.synthetic import synthetic_batch
+
+    reference = _built_at(_cp_graph(1), initial)
+    batch = synthetic_batch(reference.valid, BATCH, seed=DATA_SEED)
+    shared = [_greedy_answers_for_half(reference, batch) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(shared, src=0)
+    at_cp1 = GraphSchedule(reference).evaluate(shared[0])
+    reference.close()
+    split = _built_at(_cp_graph(2), initial)
+    at_cp2 = GraphSchedule(split).evaluate(shared[0], 2)
+    split.close()
+    return at_cp1, at_cp2
 
 
 def _both():
     from mimo_builder import compat
 
     compat.init_runtime("cpu")
-    return {"cp": _parity(_cp_graph), "ep": _parity(_ep_graph)}
+    cp, ep = _parity(_cp_graph), _parity(_ep_graph)
+    ep.pop("initial")
+    return {"cp": cp, "ep": ep, "cp_eval": _cp_evaluation(cp.pop("initial"))}
 
 
 @pytest.fixture(scope="module")
 def results():
     """Both parity runs in one spawn of 4 ranks (a spawn costs more than the runs)."""
     ranks = run_ranks(4, _both)
-    return {kind: [r[kind] for r in ranks] for kind in ("cp", "ep")}
+    return {kind: [r[kind] for r in ranks] for kind in ("cp", "ep", "cp_eval")}
 
 
 def _check_parity(results):
@@ -137,6 +192,15 @@ def _check_parity(results):
 
 def test_backbone_with_context_parallelism_matches_cp1(results):
     _check_parity(results["cp"])
+
+
+def test_evaluation_at_cp2_gives_the_loss_and_the_right_answers_of_cp1(results):
+    """Half the samples' labels are the model's own greedy answers, and one more sample is wrong in
+    one token that only the second CP rank holds: at cp=2 exactly that half counts as right, as at
+    cp=1, and the loss matches."""
+    for at_cp1, at_cp2 in results["cp_eval"]:
+        assert at_cp1["lm.correct"] == 0.5 and at_cp2["lm.correct"] == 0.5, (at_cp1, at_cp2)
+        assert at_cp2["lm.loss"] == pytest.approx(at_cp1["lm.loss"], rel=RTOL)
 
 
 def test_backbone_with_expert_parallelism_matches_ep1(results):

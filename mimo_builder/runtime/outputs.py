@@ -3,8 +3,9 @@
 A ``loss`` output is a node's mean over its microbatch shard: the graph's value is the mean
 over microbatches and DP ranks (under context parallelism each CP rank holds its part of it).
 An output with one value per sample (a port with axes ``("batch",)``, e.g. whether a sample's
-answer was right) is averaged over every sample of the global batch. Each value is added once:
-by the first TP rank of the last pipeline stage of each DP shard.
+answer was right) is averaged over every sample of the global batch; under context parallelism
+the node gives each CP rank the whole sample's value. Each value is added once: by the first TP
+and CP rank of the last pipeline stage of each DP shard.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mimo_builder.errors import MimoError
 from mimo_builder.validation import ValidGraph
 
 
@@ -27,10 +27,6 @@ def output_means(valid: ValidGraph, outputs: dict[str, list[dict[str, torch.Tens
     """``outputs``: this rank's last-stage outputs by node, one dict per microbatch. A collective
     over ``group`` (all ranks)."""
     wanted = reducible_outputs(valid)
-    for node, port in wanted:  # the same verdict on every rank, before the collective
-        if port != "loss" and valid.layouts[node].cp > 1:
-            raise MimoError(f"node '{node}' output {port!r}: per-sample outputs under context parallelism "
-                            "are not averaged yet (each CP rank sees part of every sample)")
     sums = torch.zeros(len(wanted), dtype=torch.float64)
     for i, (node, port) in enumerate(wanted):
         layout = valid.layouts[node]
