@@ -78,16 +78,21 @@ def _global_params(model, name):
     return out
 
 
-def _steps(graph, initial):
-    """One clipped SGD step per microbatch count, each from ``initial`` (None: the built weights)."""
+def _built(graph):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.optim_config import OptimizerSettings
-    from mimo_builder.runtime.synthetic import synthetic_batch
     from mimo_builder.walker import CompositeBuilder
 
-    (model,) = CompositeBuilder(graph, seed=SEED).build_distributed_models(
-        ddp_config=DistributedDataParallelConfig())
+    (model,) = CompositeBuilder(graph, seed=SEED).build_distributed_models(ddp_config=DistributedDataParallelConfig())
+    return model
+
+
+def _steps(graph, initial):
+    """One clipped SGD step per microbatch count, each from ``initial`` (None: the built weights)."""
+    from mimo_builder.optim_config import OptimizerSettings
+    from mimo_builder.runtime.synthetic import synthetic_batch
+
+    model = _built(graph)
     params = {n: _global_params(model, n) for n in model.valid.order if model.hosts(n)}
     if initial is None:
         initial = {n: {k: p.detach().clone() for k, p in ps.items()} for n, ps in params.items()}
@@ -108,11 +113,7 @@ def _parity(make_graph):
 
 
 def _built_at(graph, initial):
-    from megatron.core.distributed import DistributedDataParallelConfig
-
-    from mimo_builder.walker import CompositeBuilder
-
-    (model,) = CompositeBuilder(graph, seed=SEED).build_distributed_models(ddp_config=DistributedDataParallelConfig())
+    model = _built(graph)
     with torch.no_grad():
         for name in model.valid.order:
             if model.hosts(name):
