@@ -42,6 +42,7 @@ def _measure(repeats):
     import torch.distributed as dist
 
     from mimo_builder.runtime.bridge import Mailbox, recv_tensor, send_tensor
+    from mimo_builder.runtime.posting import Message
 
     rank, cpu = dist.get_rank(), torch.device("cpu")
     group = dist.new_group(backend="gloo")
@@ -49,9 +50,15 @@ def _measure(repeats):
     def mailbox_round(t, n):
         keys = [("act", 0, i, 0) for i in range(n)]
         headers = {"sent": {(0, 0)}, "received": {(0, 0): (t.shape, t.dtype)}}  # steady state
-        box = Mailbox(group, rank, {(0, 1): keys}, headers, cpu, gradient_like=None)
-        for key in keys:
-            box.send(key, t, 1) if rank == 0 else box.take(key, 0)
+        box = Mailbox(group, rank, [Message(key, 1 - rank, rank == 0) for key in keys], headers, cpu,
+                      gradient_like=None)
+        if rank == 0:
+            for key in keys:
+                box.send(key, t, 1)
+        box.post(len(keys), wait=True)
+        if rank == 1:
+            for key in keys:
+                box.take(key, 0)
         box.close()
 
     def round_(method, t, buf, n):

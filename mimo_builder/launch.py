@@ -1,9 +1,12 @@
-"""Run a function on N ranks: under torchrun, or by spawning N local gloo processes.
+"""Run a function on N ranks: under torchrun, or by spawning N local processes.
 
 ``launch(fn, nproc, *args)`` returns ``[fn(*args) on rank 0, ..., on rank N-1]`` when it spawns,
-or ``[fn(*args)]`` for this rank under torchrun. If any spawned rank raises, the other ranks are
-stopped at once and :class:`RankError` carries the failing rank's number and traceback: a failure
-never turns into a hang.
+or ``[fn(*args)]`` for this rank under torchrun. The backend follows the device, as under
+torchrun: NCCL with ``cuda:LOCAL_RANK`` where CUDA is available, gloo on CPU
+(``MIMO_BUILDER_P2P=strict`` makes gloo's point-to-point keep NCCL's rules:
+:mod:`mimo_builder.strict_p2p`). If any spawned rank raises, the other ranks are stopped at once
+and :class:`RankError` carries the failing rank's number and traceback: a failure never turns
+into a hang.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import queue
 import re
 import select
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -25,12 +29,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mimo_builder.compat import quiet_dependency_warnings
+from mimo_builder.compat import quiet_dependency_warnings, resolve_device
 from mimo_builder.errors import MimoError
+from mimo_builder.strict_p2p import BANNER, p2p_mode, strict_p2p
 
 DEFAULT_INIT_TIMEOUT_S = 120.0
 _POLL_S = 0.2
 _GRACE_S = 1.0  # how long to wait for other ranks' reports after a failure
+
+
+class LaunchError(MimoError, ValueError):
+    """The ranks asked for cannot start on this machine (named before any is spawned)."""
 
 
 class RankError(MimoError, RuntimeError):
@@ -48,9 +57,8 @@ def under_torchrun() -> bool:
 
 
 def default_backend() -> str:
-    """NCCL when this process runs on CUDA (``compat.resolve_device``), gloo otherwise."""
-    from mimo_builder.compat import resolve_device
-
+    """NCCL when the ranks run on CUDA (``compat.resolve_device``), gloo otherwise. Node groups
+    take this backend; the project's control groups are gloo on CPU tensors everywhere."""
     return "nccl" if resolve_device("auto").type == "cuda" else "gloo"
 
 
@@ -70,27 +78,49 @@ def launch(
     """
     if nproc < 1:
         raise ValueError(f"launch: nproc must be >= 1, got {nproc}")
+    backend = backend or default_backend()
+    strict = p2p_mode() == "strict" and backend == "gloo"
+    if strict and int(os.environ.get("RANK", "0")) == 0:
+        print(BANNER, file=sys.stderr, flush=True)
     if under_torchrun():
-        return [_run_here(fn, nproc, args, init_timeout_s, backend)]
-    return _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend or "gloo")
+        return [_run_here(fn, nproc, args, init_timeout_s, backend, strict)]
+    check_devices(backend, nproc)
+    return _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend, strict)
 
 
-def _run_here(fn, nproc, args, init_timeout_s, backend):
+def check_devices(backend: str, nproc: int) -> None:
+    """NCCL ranks on one machine need a GPU each: name the shortfall before spawning."""
+    if backend == "nccl" and nproc > torch.cuda.device_count():
+        raise LaunchError(f"--nproc {nproc}: NCCL ranks need a GPU each, and this machine has "
+                          f"{torch.cuda.device_count()}; run fewer ranks (--colocate puts every node on all "
+                          f"of them), or launch with torchrun across machines")
+
+
+def _run_here(fn, nproc, args, init_timeout_s, backend, strict):
     world = int(os.environ["WORLD_SIZE"])
     if world != nproc:
         raise ValueError(f"launch: nproc={nproc} but torchrun started WORLD_SIZE={world}")
+    timeout = datetime.timedelta(seconds=init_timeout_s)
     if not dist.is_initialized():
-        if "LOCAL_RANK" in os.environ and default_backend() == "nccl":
-            import torch
-
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(
-            backend or default_backend(), timeout=datetime.timedelta(seconds=init_timeout_s)
-        )
-    return fn(*args)
+        dist.init_process_group(backend, timeout=timeout, **_device_option(backend))
+    if not strict:
+        return fn(*args)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    with strict_p2p(store):
+        return fn(*args)
 
 
-def _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend):
+def _device_option(backend: str) -> dict:
+    """NCCL: this rank's GPU (``cuda:LOCAL_RANK``, as torchrun numbers them), made current and
+    bound to the default group (its communicator starts at once, on the right device)."""
+    if backend != "nccl":
+        return {}
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return {"device_id": device}
+
+
+def _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend, strict):
     # The parent owns the rendezvous store on a port the OS picks: no port races between tests.
     store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False)
     ctx = _rank_context()
@@ -99,7 +129,7 @@ def _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend):
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(rank, nproc, store.port, init_timeout_s, backend, payload, results, os.getpid()),
+            args=(rank, nproc, store.port, init_timeout_s, (backend, strict), payload, results, os.getpid()),
             daemon=False,  # a rank may start processes (DataLoader workers, checkpoint writers); it
             # still ends with the launcher (_die_with) and is killed after collection
         )
@@ -134,22 +164,26 @@ def _rank_context():
     return ctx
 
 
-def _rank_main(rank, nproc, port, init_timeout_s, backend, payload, results, launcher):
+def _rank_main(rank, nproc, port, init_timeout_s, mode, payload, results, launcher):
     _die_with(launcher)
     quiet_dependency_warnings()  # before unpickling fn/args imports MCore
+    backend, strict = mode
     try:
         fn, args, environment = pickle.loads(payload)
         os.environ.clear()  # the launcher's environment now, not the fork server's
         os.environ.update(environment)
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank))
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc))
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         _share_cores(nproc)
         timeout = datetime.timedelta(seconds=init_timeout_s)
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=nproc, timeout=timeout)
-        # Plain pickle copies tensor data; the multiprocessing pickler would share storage
-        # through file descriptors that die with this process.
-        value = pickle.dumps(fn(*args))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=nproc, timeout=timeout,
+                                **_device_option(backend))
+        with strict_p2p(dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)) if strict \
+                else contextlib.nullcontext():
+            # Plain pickle copies tensor data; the multiprocessing pickler would share storage
+            # through file descriptors that die with this process.
+            value = pickle.dumps(fn(*args))
         results.put((rank, True, value))
     except BaseException as err:  # report everything, including SystemExit and KeyboardInterrupt
         # a MimoError is a message for the user (bad input, a checkpoint that does not fit)

@@ -94,8 +94,10 @@ def _shape(header: torch.Tensor) -> list[int]:
 
 
 class Mailbox:
-    """One rank's point-to-point messages for one step: non-blocking sends, and receives taken
-    in each channel's send order (messages that arrive before they are needed wait in a stash).
+    """One rank's point-to-point messages for one step, posted in the order
+    :mod:`~mimo_builder.runtime.posting` gives them: an operation's outputs are handed over with
+    :meth:`send`, :meth:`post` posts the rank's messages up to a point of that order as one group
+    (waiting for the receives when asked), and :meth:`take` hands out what arrived.
 
     Activations carry a header (dtype and shape) the first time a (link, transfer) slot is used
     with a batch signature; afterwards both sides know the shape and only the data travels.
@@ -103,61 +105,95 @@ class Mailbox:
     (``gradient_like(key)``). A message to oneself goes straight into the stash.
     """
 
-    def __init__(self, group, rank: int, channel_order, headers: dict, device: torch.device, gradient_like):
+    def __init__(self, group, rank: int, messages: list, headers: dict, device: torch.device, gradient_like):
         self.group, self.rank, self.device = group, rank, device
-        self.pending = {src: list(reversed(keys)) for (src, dst), keys in channel_order.items() if dst == rank}
+        self.messages, self.posted = messages, 0
         self.sent_headers = headers.setdefault("sent", set())
         self.shapes = headers.setdefault("received", {})
         self.gradient_like = gradient_like
+        self.outgoing: dict = {}
         self.stash: dict = {}
-        self.works: list = []
+        self.receiving: list = []  # posted groups with receives, not yet waited for
+        self.sending: list = []  # posted groups of sends only, waited for at close
 
     def send(self, key, tensor: torch.Tensor, dst: int) -> None:
+        """Hand over a message; it leaves when :meth:`post` reaches it."""
         if dst == self.rank:
             self.stash[key] = tensor
-            return
-        tensor = tensor.contiguous()
-        slot = _slot(key)
-        if slot is not None and slot not in self.sent_headers:
-            self.sent_headers.add(slot)
-            self._isend(_header(tensor), dst)
-        self._isend(tensor, dst)
+        else:
+            self.outgoing[key] = tensor.contiguous()
 
-    def _isend(self, tensor: torch.Tensor, dst: int) -> None:
-        self.works.append((dist.isend(tensor, dst, group=self.group), tensor))  # keep the tensor alive
+    def post(self, upto: int, wait: bool = False) -> None:
+        """Post the messages before position ``upto`` as one group (split where a header must
+        arrive before its data can be received); with ``wait``, wait for every posted receive."""
+        ops, receives = [], False
+        while self.posted < upto:
+            message = self.messages[self.posted]
+            if message.send:
+                ops += self._send_ops(message)
+            else:
+                shape = self._known_shape(message.key)
+                if shape is None:  # the header now, then this message again
+                    header = self.shapes[_slot(message.key)] = torch.empty(_HEADER, dtype=torch.int64,
+                                                                           device=self.device)
+                    self._post(ops + [dist.P2POp(dist.irecv, header, message.peer, self.group)], True)
+                    self._wait()
+                    ops, receives = [], False
+                    continue
+                buffer = self.stash[message.key] = torch.empty(shape[0], dtype=shape[1], device=self.device)
+                ops.append(dist.P2POp(dist.irecv, buffer, message.peer, self.group))
+                receives = True
+            self.posted += 1
+        self._post(ops, receives)
+        if wait:
+            self._wait()
 
     def take(self, key, src: int) -> torch.Tensor:
-        """The message ``key`` from ``src``, receiving the channel's earlier messages first."""
-        while key not in self.stash:
-            channel = self.pending.get(src)
-            if not channel:
-                raise RuntimeError(f"rank {self.rank} expects message {key} from rank {src}, which the plan "
-                                   "does not send")
-            earlier = channel.pop()
-            self.stash[earlier] = self._receive(earlier, src)
+        """The message ``key`` from ``src`` (posted and waited for, or sent to oneself)."""
+        if key not in self.stash:
+            raise RuntimeError(f"rank {self.rank} expects message {key} from rank {src}, which the plan does "
+                               "not receive before this operation")
         return self.stash.pop(key)
 
-    def _receive(self, key, src: int) -> torch.Tensor:
+    def close(self) -> None:
+        """Post the rest, wait for everything, then let go of the group (a closed group can be
+        destroyed)."""
+        self.post(len(self.messages), wait=True)
+        for works, _ in self.sending:
+            for work in works:
+                work.wait()
+        self.sending.clear()
+        self.group = self.gradient_like = None
+
+    def _send_ops(self, message) -> list[dist.P2POp]:
+        tensor = self.outgoing.pop(message.key)
+        slot = _slot(message.key)
+        ops = []
+        if slot is not None and slot not in self.sent_headers:
+            self.sent_headers.add(slot)
+            ops.append(dist.P2POp(dist.isend, _header(tensor), message.peer, self.group))
+        return ops + [dist.P2POp(dist.isend, tensor, message.peer, self.group)]
+
+    def _known_shape(self, key):
         slot = _slot(key)
         if slot is None:
             like = self.gradient_like(key)
-            shape, dtype = like.shape, like.dtype
-        elif slot in self.shapes:
-            shape, dtype = self.shapes[slot]
-        else:
-            header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
-            dist.recv(header, src, group=self.group)
-            shape, dtype = self.shapes[slot] = (_shape(header), _DTYPES[int(header[0])])
-        out = torch.empty(shape, dtype=dtype, device=self.device)
-        dist.recv(out, src, group=self.group)
-        return out
+            return like.shape, like.dtype
+        known = self.shapes.get(slot)
+        if isinstance(known, torch.Tensor):  # its header arrived
+            known = self.shapes[slot] = (_shape(known), _DTYPES[int(known[0])])
+        return known
 
-    def close(self) -> None:
-        """Wait for every send, then let go of the group (a closed group can be destroyed)."""
-        for work, _ in self.works:
-            work.wait()
-        self.works.clear()
-        self.group = self.gradient_like = None
+    def _post(self, ops: list[dist.P2POp], receives: bool) -> None:
+        if ops:
+            works = dist.batch_isend_irecv(ops)
+            (self.receiving if receives else self.sending).append((works, ops))  # the tensors stay alive
+
+    def _wait(self) -> None:
+        for works, _ in self.receiving:
+            for work in works:
+                work.wait()
+        self.receiving.clear()
 
 
 def _slot(key) -> tuple[int, int] | None:

@@ -6,8 +6,9 @@ planned 1F1B-style order, so encoder ranks work on the next microbatch while the
 on this one. Activations arriving at a stage become detached leaves, so each stage's backward is
 its own autograd call; input gradients go back over the same transfers, scaled by
 ``dp_producer / dp_consumer`` so that, after each node's DDP averages over its own DP group,
-every parameter holds the gradient of the global mean loss. Sends are non-blocking; receives
-take each channel's messages in send order (:class:`~mimo_builder.runtime.bridge.Mailbox`).
+every parameter holds the gradient of the global mean loss. An operation's sends leave with the
+rank's next receive as one group, and receives take each channel's messages in send order
+(:class:`~mimo_builder.runtime.bridge.Mailbox`): NCCL's point-to-point rules hold.
 Gradients accumulate across microbatches in DDP's buffers.
 """
 
@@ -26,6 +27,7 @@ from mimo_builder.placement import release
 from mimo_builder.runtime.batch import check_batch, check_rank_batch, shard_range
 from mimo_builder.runtime.bridge import Mailbox, broadcast_tensor
 from mimo_builder.runtime.pipeline import FORWARD, Op, PipelinePlan, Stage, needs_grad, plan_graph
+from mimo_builder.runtime.posting import posting_plan, rank_ops
 from mimo_builder.runtime.outputs import output_means
 from mimo_builder.runtime.routes import Routes
 from mimo_builder.runtime.shards import RankBatch
@@ -70,12 +72,14 @@ class GraphSchedule:
         # in them (a gloo wait cannot be aborted otherwise); they go when the model closes.
         self.bridge = dist.new_group(backend=dist.get_backend())  # all ranks; group rank == global rank
         self.control = dist.new_group(backend="gloo")
+        if dist.get_backend(self.bridge) == "nccl":  # NCCL: the first call on a group that batches
+            dist.all_reduce(torch.zeros(1, device=self.device), group=self.bridge)  # P2P must have all ranks
         self.tp_groups = _tp_cp_groups(model)
         model.on_close(self.close)
         self.needs_grad = needs_grad(self.valid)
         self.loss_outputs = [(n, p) for n, p in self.valid.outputs if p == "loss"]
         self.failed: str | None = None
-        self._plans: dict[tuple[int, int], tuple[PipelinePlan, Routes]] = {}
+        self._plans: dict[tuple[int, int], tuple[PipelinePlan, Routes, dict]] = {}
         self._headers: dict = {}
         self._current: _Step | None = None
 
@@ -147,15 +151,18 @@ class GraphSchedule:
         key = (num_microbatches, per)
         if key not in self._plans:
             plan = self.plan(num_microbatches)
-            self._plans[key] = (plan, Routes(plan, self.valid.edges, self.valid.layouts, self.needs_grad, per))
-        plan, routes = self._plans[key]
+            self._plans[key] = (plan, Routes(plan, self.valid.edges, self.valid.layouts, self.needs_grad, per), {})
+        plan, routes, postings = self._plans[key]
+        if forward_only not in postings:
+            postings[forward_only] = posting_plan(plan, routes, forward_only)
         # activations carry their shape the first time a batch signature is seen on every rank;
         # a rank's share does not show the other ranks' shapes, so then every step carries them
         headers = self._headers.setdefault((key, signature), {}) if signature is not None else {}
-        step = self._current = _Step(self, batch, per, num_microbatches, routes, headers, forward_only)
-        for op in plan.order.get(self.rank, []):
-            if op.kind == FORWARD or not forward_only:
-                step.run(op)
+        posting = postings[forward_only]
+        step = self._current = _Step(self, batch, per, num_microbatches, routes, headers, forward_only,
+                                     posting.messages.get(self.rank, []))
+        for index, op in enumerate(rank_ops(plan, self.rank, forward_only)):
+            step.run(op, posting.by_start[self.rank][index], posting.by_end[self.rank][index])
         step.where = "the end of the step"
         step.mailbox.close()
         self._current = None
@@ -205,24 +212,29 @@ class _Step:
     """One forward_backward on one rank: its operations, their tensors and messages."""
 
     def __init__(self, schedule: GraphSchedule, batch: RankBatch, per: int, num_microbatches: int, routes: Routes,
-                 headers, forward_only: bool = False):
+                 headers, forward_only: bool, messages: list):
         self.s, self.batch, self.per, self.m = schedule, batch, per, num_microbatches
         self.forward_only = forward_only
         self.outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
         """Forward only: each last stage's outputs, one dict per microbatch, by node."""
         self.routes, self.rank, self.valid = routes, schedule.rank, schedule.valid
-        self.mailbox = Mailbox(schedule.bridge, self.rank, routes.channel_order, headers, schedule.device,
-                               self._gradient_like)
+        self.mailbox = Mailbox(schedule.bridge, self.rank, messages, headers, schedule.device, self._gradient_like)
         self.states: dict[tuple[Stage, int], _StageState] = {}
         self.losses: dict[str, float] = {}
         self.where = "the start of the step"
 
-    def run(self, op: Op) -> None:
-        """One operation of this rank's plan; ``where`` names it for failure reports."""
+    def run(self, op: Op, by_start: int, by_end: int) -> None:
+        """One operation of this rank's plan, its messages posted up to ``by_start`` before and up
+        to ``by_end`` after it (:mod:`~mimo_builder.runtime.posting`); ``where`` names it for
+        failure reports."""
         kind = "forward" if op.kind == FORWARD else "backward"
         self.where = f"node '{op.stage.node}' {kind} (microbatch {op.microbatch})"
         self.s.guard.note(self.where)
+        with self.s.timer.measure(op.stage.node, "communication"):
+            self.mailbox.post(by_start, wait=True)
         self.forward(op) if op.kind == FORWARD else self.backward(op)
+        with self.s.timer.measure(op.stage.node, "communication"):
+            self.mailbox.post(by_end)
 
     # --- forward ----------------------------------------------------------------------------
 
