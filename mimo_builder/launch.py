@@ -165,6 +165,7 @@ def _rank_context():
 
 
 def _rank_main(rank, nproc, port, init_timeout_s, mode, payload, results, launcher):
+    os.setpgid(0, 0)  # the rank leads a process group: ending it ends what it started (checkpoint writers)
     _die_with(launcher)
     quiet_dependency_warnings()  # before unpickling fn/args imports MCore
     backend, strict = mode
@@ -306,6 +307,7 @@ def _exit_after(pid: int) -> None:
     except (AttributeError, OSError):  # elsewhere, or already gone
         while _alive(pid):
             time.sleep(0.5)
+    os.killpg(os.getpgrp(), signal.SIGKILL)  # this rank and its helper processes
     os._exit(1)
 
 
@@ -320,8 +322,10 @@ def _alive(pid: int) -> bool:
 
 
 def _kill(procs):
+    """End every rank and the processes it started (each rank leads its process group:
+    MCore's checkpoint writer starts a helper per rank that outlives a killed rank otherwise)."""
     for p in procs:
-        if p.is_alive():
-            p.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError, TypeError):
+            os.killpg(p.pid, signal.SIGKILL)
     for p in procs:
         p.join()

@@ -67,3 +67,62 @@ def test_ranks_can_use_cuda_and_see_the_launchers_environment(monkeypatch):
     launch(_rank_and_sum, 1, timeout_s=120)  # the fork server is up before the variable is set
     monkeypatch.setenv("MIMO_TEST_LAUNCH_ENV", "now")
     assert launch(_rank_state, 2, timeout_s=120) == [dict(cuda_usable=True, marker="now")] * 2
+
+
+# --- the backend follows the device ------------------------------------------------------------
+
+def _fake_gpus(monkeypatch, count: int) -> list:
+    """CUDA "available" with ``count`` devices, and launch's spawn replaced by a recorder."""
+    import mimo_builder.launch as launcher
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    calls = []
+    monkeypatch.setattr(launcher, "_spawn", lambda fn, nproc, args, *rest: calls.append((nproc, rest)) or [])
+    return calls
+
+
+def test_spawned_ranks_on_a_cuda_machine_use_nccl(monkeypatch):
+    """The spawn path takes the device's backend, as torchrun does; gloo stays for CPU."""
+    from mimo_builder.launch import default_backend
+
+    assert default_backend() == "gloo"  # this machine
+    calls = _fake_gpus(monkeypatch, 2)
+    assert default_backend() == "nccl"
+    launch(_rank_and_sum, 2)
+    (nproc, (timeout_s, init_timeout_s, backend, strict)), = calls
+    assert (nproc, backend, strict) == (2, "nccl", False)
+
+
+def test_strict_p2p_never_reaches_nccl_ranks(monkeypatch):
+    monkeypatch.setenv("MIMO_BUILDER_P2P", "strict")
+    calls = _fake_gpus(monkeypatch, 1)
+    launch(_rank_and_sum, 1)
+    assert calls[0][1][2:] == ("nccl", False)
+
+
+def test_more_nccl_ranks_than_gpus_is_named_before_spawning(monkeypatch):
+    from mimo_builder.launch import LaunchError
+
+    calls = _fake_gpus(monkeypatch, 1)
+    with pytest.raises(LaunchError, match="--nproc 4: NCCL ranks need a GPU each, and this machine has 1"):
+        launch(_rank_and_sum, 4)
+    assert calls == []
+
+
+def test_control_groups_are_gloo_on_any_device():
+    """The groups that carry the project's own messages (failure agreement, norms, watchdog) are
+    made with backend="gloo" and CPU tensors; every other group takes the default backend."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "mimo_builder"
+    explicit = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("new_group",
+                                                                                   "new_subgroups_by_enumeration"):
+                backend = next((k.value for k in node.keywords if k.arg == "backend"), None)
+                if isinstance(backend, ast.Constant):
+                    explicit.append((path.name, backend.value))
+    assert explicit and {value for _, value in explicit} == {"gloo"}, explicit
