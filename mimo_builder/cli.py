@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a graph document; exit 0 when valid")
     p.add_argument("file")
     p.add_argument("--world-size", type=_count, help="also check placements for this many ranks")
+    _colocate_flag(p)
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("plan", help="show what every rank would host (no processes started)")
@@ -97,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(a microbatch holds B x lcm(DP sizes) samples), for memory and FLOPs")
     p.add_argument("--gpu-memory", type=_memory_size, metavar="SIZE",
                    help="memory of one GPU (80GB, 80GiB, 512MB, 80e9): flag the ranks that do not fit")
+    _colocate_flag(p)
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the graph document (node configs checked "
@@ -116,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
                                                      "placements need)")
     p.add_argument("--view", metavar="{graph,placement,both}", help="what svg/png show (default: both)")
     p.add_argument("--json", action="store_true", help="the same as --format json")
+    _colocate_flag(p)
     p.set_defaults(func=_render)
 
     p = sub.add_parser("run", help="train a graph on N ranks (spawned gloo processes, or the current "
@@ -150,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: about 50 lines per run)")
     p.add_argument("--tensorboard", metavar="DIR",
                    help="write every step's scalars for TensorBoard into DIR (needs the tensorboard extra)")
+    _colocate_flag(p)
     p.set_defaults(func=_run)
 
     p = sub.add_parser("ckpt", help="checkpoint tools")
@@ -161,11 +165,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _colocate_flag(parser) -> None:
+    parser.add_argument("--colocate", action="store_true",
+                        help="put every node on all ranks, keeping its tp/cp/pp/ep where they divide the world "
+                             "(larger ones shrink): any graph on fewer ranks, e.g. one GPU")
+
+
+def _load(args, world_size: int | None, lead: bool = True):
+    """The document FILE names, spread over ``world_size`` ranks with --colocate (what changed
+    goes to stderr)."""
+    from mimo_builder.errors import ConfigError
+    from mimo_builder.graph import colocation_changes, load_graph
+
+    graph = load_graph(args.file)
+    if not args.colocate:
+        return graph
+    if world_size is None:
+        raise ConfigError("--colocate spreads every node over the world: give its size (--world-size N)")
+    colocated = graph.colocated(world_size)
+    for line in colocation_changes(graph, colocated) if lead else ():
+        print(f"colocate: {line} (every node on all {world_size} ranks)", file=sys.stderr)
+    return colocated
+
+
 def _validate(args) -> int:
-    from mimo_builder.graph import load_graph
     from mimo_builder.validation import validate_graph
 
-    valid = validate_graph(load_graph(args.file), args.world_size)
+    valid = validate_graph(_load(args, args.world_size), args.world_size)
     where = f" for {args.world_size} ranks" if args.world_size else ""
     print(f"{args.file}: valid{where} ({len(valid.order)} nodes: {', '.join(valid.order)}; "
           f"{len(valid.edges)} edges)")
@@ -173,12 +199,11 @@ def _validate(args) -> int:
 
 
 def _plan(args) -> int:
-    from mimo_builder.graph import load_graph
     from mimo_builder.estimate import estimate_plan
     from mimo_builder.plan import make_plan
     from mimo_builder.plan_table import pipeline_plan, print_plan
 
-    plan = make_plan(load_graph(args.file), args.world_size, count_params=not args.no_params)
+    plan = make_plan(_load(args, args.world_size), args.world_size, count_params=not args.no_params)
     schedule = pipeline_plan(plan, args.microbatches)
     memory, label = args.gpu_memory or (None, None)
     estimates = estimate_plan(plan, schedule, args.micro_batch_size, memory, label)
@@ -206,12 +231,11 @@ def _schema(args) -> int:
 
 
 def _render(args) -> int:
-    from mimo_builder.graph import load_graph
     from mimo_builder.render import check_request, choose_format, render, write
 
     fmt = choose_format(args.format, args.json, args.output)
     check_request(fmt, out=args.output, world_size=args.world_size, view=args.view, stdout=sys.stdout)
-    data = render(load_graph(args.file), fmt, world_size=args.world_size, view=args.view or "both")
+    data = render(_load(args, args.world_size), fmt, world_size=args.world_size, view=args.view or "both")
     write(data, args.output, sys.stdout)
     if args.output:
         print(f"wrote {args.output} ({fmt}, {len(data):,} bytes)", file=sys.stderr)
@@ -222,7 +246,6 @@ def _run(args) -> int:
     import os
     import time
 
-    from mimo_builder.graph import load_graph
     from mimo_builder.launch import launch, under_torchrun
     from mimo_builder.plan import make_plan
     from mimo_builder.plan_table import print_plan
@@ -236,7 +259,7 @@ def _run(args) -> int:
 
     nproc = int(os.environ["WORLD_SIZE"]) if under_torchrun() else args.nproc
     lead = os.environ.get("RANK", "0") == "0"
-    graph = load_graph(args.file)
+    graph = _load(args, nproc, lead)
     valid = validate_graph(graph, nproc)
     check_runnable(valid)  # before any meta build or process
     if not args.data:

@@ -25,7 +25,7 @@ from mimo_builder.config import HookRef, ModelConfig, NonNegativeInt, PositiveIn
 from mimo_builder.document import load_file, parse_json, parse_yaml
 from mimo_builder.errors import ConfigError, excerpt
 from mimo_builder.optim_config import NodeOptimizer, OptimizerSettings
-from mimo_builder.placement import Layout
+from mimo_builder.placement import Layout, fit_to_world
 
 ARROW = "->"
 DOCUMENT_SUFFIXES = (".yaml", ".yml", ".json")
@@ -63,6 +63,16 @@ class Placement(_Strict):
         """The concrete rank layout in a world of ``world_size`` ranks."""
         size = self.size if self.size is not None else world_size - self.offset
         return Layout(self.offset, size, self.tp, self.cp, self.pp, self.ep, self.etp or 0)
+
+    def colocated(self, world_size: int, node: str) -> "Placement":
+        """This placement spread over all ``world_size`` ranks (:func:`fit_to_world`);
+        ConfigError names ``node`` and the field that cannot fit."""
+        declared = dict(tp=self.tp, cp=self.cp, pp=self.pp, ep=self.ep, etp=self.etp)
+        sizes, problems = fit_to_world(declared, world_size)
+        if problems:
+            raise ConfigError("\n".join(f"node '{node}' placement.{field}: {text}" for field, text in problems))
+        return Placement(tp=sizes["tp"], cp=sizes["cp"], pp=sizes["pp"], ep=sizes["ep"],
+                         etp=sizes["etp"] if self.etp is not None else None)
 
 
 class Hooks(_Strict):
@@ -225,6 +235,15 @@ class Graph(_Strict):
         """Parse JSON, refusing duplicate keys."""
         return cls.from_dict(parse_json(text, where), where)
 
+    def colocated(self, world_size: int) -> "Graph":
+        """Every node on all ``world_size`` ranks (``--colocate``): any graph on fewer ranks, e.g.
+        one GPU. Each node keeps its tp/cp/pp/ep/etp where they divide the world and shrinks
+        those larger than it (:meth:`Placement.colocated`); :func:`colocation_changes` lists what
+        changed."""
+        return self.model_copy(update={"nodes": {
+            name: node.model_copy(update={"placement": node.placement.colocated(world_size, name)})
+            for name, node in self.nodes.items()}})
+
     def as_dict(self) -> dict[str, Any]:
         """The document as plain data, without fields left at their defaults."""
         return _explicit_fields(self, mode="json")
@@ -242,6 +261,18 @@ class Graph(_Strict):
         from mimo_builder.schema import graph_schema
 
         return graph_schema()
+
+
+def colocation_changes(before: Graph, after: Graph) -> list[str]:
+    """The parallel sizes :meth:`Graph.colocated` changed, one line per node."""
+    out = []
+    for name, node in before.nodes.items():
+        old, new = node.placement, after.nodes[name].placement
+        changed = [f"{f} {getattr(old, f)} -> {getattr(new, f)}" for f in ("tp", "cp", "pp", "ep", "etp")
+                   if getattr(old, f) != getattr(new, f)]
+        if changed:
+            out.append(f"node '{name}': {', '.join(changed)}")
+    return out
 
 
 def parse_port_ref(ref: str) -> tuple[str, str]:

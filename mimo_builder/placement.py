@@ -113,6 +113,33 @@ class Layout:
         return out
 
 
+def fit_to_world(sizes: dict[str, int], world_size: int) -> tuple[dict[str, int], list[str]]:
+    """Parallel sizes for a node spanning all ``world_size`` ranks (``--colocate``), from its
+    declared ``tp``, ``cp``, ``pp``, ``ep``, ``etp``: each kept where it divides what the sizes
+    before it leave, shrunk to what is left where that is smaller, else a problem with the
+    numbers. ``etp`` (None: as tp) and ``ep`` split the ranks left by ``pp`` (the expert view).
+    Returns the sizes and the problems (field, text)."""
+    out, problems = dict(sizes), []
+    left = world_size
+    for field in ("tp", "cp", "pp"):
+        out[field], left = _fit(field, sizes[field], left, problems)
+    left = world_size // out["pp"]
+    for field in ("etp", "ep"):
+        declared = sizes.get(field) or out["tp"]  # etp None: as tp
+        out[field], left = _fit(field, declared, left, problems) if sizes.get(field) else (declared, left // declared)
+    return out, problems
+
+
+def _fit(field: str, size: int, left: int, problems: list) -> tuple[int, int]:
+    if left % size == 0:
+        return size, left // size
+    if size > left:
+        return left, 1
+    problems.append((field, f"{size} does not divide the {left} ranks left for it once every node spans the "
+                            f"world; choose a world size it divides, or a {field} that divides {left}"))
+    return 1, left
+
+
 @dataclass
 class ProcessGroups:
     """Groups created for a set of layouts: a collection per layout this rank belongs to."""

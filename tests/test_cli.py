@@ -214,3 +214,32 @@ def test_run_names_samples_and_token_counts_the_graph_cannot_take_before_any_ran
     assert short.returncode == 2, short.stderr
     assert "--eval-data: sample 0 does not fit the graph: sample 0: " in short.stderr
     assert "(prompt 4, answer " in short.stderr and "do not fit node 'lm' seq_length 8" in short.stderr
+
+
+# --- --colocate: any graph on fewer ranks ------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["graphs/vlm.yaml", "graphs/avlm.yaml", "examples/digits_sum.yaml"])
+def test_colocate_puts_every_node_on_one_rank(name):
+    result = _main("--allow", "examples", "validate", name, "--colocate", "--world-size", "1")
+    assert result.returncode == 0, result.stderr
+    assert f"{name}: valid for 1 ranks" in result.stdout
+    assert "colocate: node 'lm': tp 2 -> 1 (every node on all 1 ranks)" in result.stderr
+    plan = json.loads(_main("--allow", "examples", "plan", name, "--colocate", "--world-size", "1", "--json",
+                            "--no-params").stdout)
+    assert all((node["offset"], node["size"], node["tp"]) == (0, 1, 1) for node in plan["nodes"]), plan["nodes"]
+
+
+def test_colocate_names_the_node_and_field_that_cannot_fit():
+    result = _main("plan", "graphs/avlm.yaml", "--colocate", "--world-size", "3")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: node 'lm' placement.tp: 2 does not divide the 3 ranks left for it" in result.stderr
+    result = _main("validate", "graphs/avlm.yaml", "--colocate")
+    assert result.returncode == 2 and "--colocate spreads every node over the world: give its size" in result.stderr
+
+
+def test_run_trains_a_four_rank_graph_colocated_on_one_rank():
+    result = _cli("run", "graphs/avlm.yaml", "--colocate", "--nproc", "1", "--steps", "3", "--batch-size", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "colocate: node 'lm': tp 2 -> 1" in result.stderr
+    assert list(_losses(result.stdout)) == [1, 2, 3]
+    assert "done: 3 steps on 1 ranks" in result.stdout

@@ -139,3 +139,29 @@ def test_all_problems_are_collected_in_one_error():
 
 def test_a_world_size_is_optional_for_validation():
     assert validate_graph(_vlm()).layouts == {}
+
+
+# --- Graph.colocated ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("declared, world, expected", [
+    (dict(tp=2), 1, dict(tp=1)),  # larger than the world: shrinks
+    (dict(tp=4, pp=2), 4, dict(tp=4, pp=1)),  # tp takes the ranks; pp gets what is left
+    (dict(tp=2, pp=2), 8, dict(tp=2, pp=2)),  # divides: kept
+    (dict(tp=2, ep=4), 4, dict(tp=2, ep=2)),  # experts split the ranks left by pp, after etp (= tp)
+    (dict(tp=1, ep=2, etp=2), 4, dict(tp=1, ep=2, etp=2)),
+])
+def test_colocated_placements_span_the_world(declared, world, expected):
+    from mimo_builder.graph import Placement
+
+    placed = Placement(offset=3, size=2, **declared).colocated(world, "n")
+    assert (placed.offset, placed.size) == (0, None)
+    assert {k: getattr(placed, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("declared, field", [(dict(tp=2), "tp"), (dict(pp=2), "pp"), (dict(ep=2), "ep")])
+def test_a_size_that_does_not_divide_the_world_is_named(declared, field):
+    from mimo_builder.errors import ConfigError
+    from mimo_builder.graph import Placement
+
+    with pytest.raises(ConfigError, match=rf"node 'n' placement\.{field}: 2 does not divide the 3 ranks"):
+        Placement(**declared).colocated(3, "n")
