@@ -7,6 +7,7 @@ re-exports these two for its callers).
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 
@@ -18,7 +19,12 @@ def prepare_mamba_ssm_import() -> None:
     ``sys.modules``, which is all MCore's MambaMixer imports. Importing
     ``megatron.training.models`` imports that mixer, so this must run first: the package
     ``mimo_builder`` calls it on import. Without mamba-ssm installed it does nothing.
+
+    It first asks Triton to keep autotuning results in its cache (``TRITON_CACHE_AUTOTUNING=1``
+    unless set): mamba-ssm's kernels autotune on their first call, which takes minutes on a GPU,
+    and Triton reads the setting when those kernels are defined, at this import.
     """
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     try:
         import mamba_ssm  # noqa: F401
     except ImportError:

@@ -350,3 +350,30 @@ def test_cpu_scope_restores_every_patch():
         assert torch.cuda.current_device() is None  # the CPU answer is in place inside
         assert torch.Tensor.cuda is not before[1]
     assert (torch.cuda.current_device, torch.Tensor.cuda, torch.cuda.Stream) == before
+
+
+_AUTOTUNER = ("import os, sys, mimo_builder, megatron.core.ssm.mamba_mixer; "
+              "kernel = sys.modules['mamba_ssm.ops.triton.ssd_chunk_state']._chunk_cumsum_fwd_kernel; "
+              "print(os.environ['TRITON_CACHE_AUTOTUNING'], kernel.cache_results)")
+
+
+@pytest.mark.parametrize("setting, expected", [(None, "1 True"), ("0", "0 False")])
+def test_triton_keeps_mamba_ssms_autotuning_results_unless_told_otherwise(setting, expected):
+    """The package asks Triton to cache autotuning before mamba-ssm defines its kernels (Triton
+    reads the setting then); a user's own setting wins."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_CACHE_AUTOTUNING"}
+    if setting is not None:
+        env["TRITON_CACHE_AUTOTUNING"] = setting
+    out = subprocess.run([sys.executable, "-c", _AUTOTUNER], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == expected.split()
+
+
+def test_the_first_cuda_step_says_it_compiles(monkeypatch):
+    from mimo_builder.runtime.train import first_step_notice
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/scratch/triton")
+    assert first_step_notice() == ("compiling GPU kernels for the first step; later runs reuse the cache "
+                                   "(/scratch/triton)")

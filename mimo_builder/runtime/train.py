@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -94,6 +95,8 @@ def _train_built(model, options: TrainOptions, device) -> list[float]:
     with _monitor(options, done + 1) as monitor:
         before = _evaluate(monitor, schedule, model, held_out, options, "before training") if held_out else None
         timer.take()  # evaluation is not part of the first step's time
+        if device.type == "cuda":
+            _message(monitor, first_step_notice())
         for step, batch in _batches(model, options, done, data_seed):
             start = time.perf_counter()
             optimizer.zero_grad()
@@ -114,6 +117,13 @@ def _train_built(model, options: TrainOptions, device) -> list[float]:
             after = _evaluate(monitor, schedule, model, held_out, options, "after training")
             _accuracy(monitor, before, after)
     return losses
+
+
+def first_step_notice() -> str:
+    """What a CUDA run says before its first step, which compiles (and autotunes) the Triton
+    kernels: silence for minutes looks like a hang."""
+    cache = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.environ.get("TRITON_HOME", "~"), ".triton", "cache")
+    return f"compiling GPU kernels for the first step; later runs reuse the cache ({cache})"
 
 
 def _batches(model, options: TrainOptions, done: int, data_seed: int):
