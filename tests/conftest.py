@@ -48,3 +48,19 @@ def _xdist_worker(cmdline: str) -> bool:
     except ImportError:
         return False
     return popen_bootstrapline in cmdline
+
+
+STRICT_P2P_MODULES = {"test_pipeline", "test_runtime", "test_parity", "test_checkpoint", "test_context_expert"}
+"""Suites that run under NCCL's point-to-point rules (``MIMO_BUILDER_P2P=strict``): every
+pipelined step, bridge and checkpoint path must keep them, though gloo alone would not tell."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _strict_p2p_for_the_runtime_suites(request):
+    """Strict P2P for the ranks these modules spawn (module fixtures included: autouse first)."""
+    if request.module.__name__ not in STRICT_P2P_MODULES:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MIMO_BUILDER_P2P", "strict")
+        yield
