@@ -101,6 +101,7 @@ def _run_here(fn, nproc, args, init_timeout_s, backend, strict):
     if world != nproc:
         raise ValueError(f"launch: nproc={nproc} but torchrun started WORLD_SIZE={world}")
     timeout = datetime.timedelta(seconds=init_timeout_s)
+    _die_with(os.getppid())  # torchrun's agent: a killed agent must not leave its ranks training on
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timeout, **_device_option(backend))
     if not strict:
@@ -228,10 +229,24 @@ def _collect(procs, results, nproc, timeout_s, store):
 def _dead_ranks(procs, done) -> dict[int, str]:
     # A rank that exits normally has queued its report first; a non-zero exit never reports.
     return {
-        rank: f"process exited with code {p.exitcode} without reporting"
+        rank: f"process {_how_it_ended(p.exitcode)} without reporting"
         for rank, p in enumerate(procs)
         if rank not in done and p.exitcode not in (None, 0)
     }
+
+
+def _how_it_ended(exitcode: int) -> str:
+    if exitcode < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-exitcode).name}"
+    return f"exited with code {exitcode}"
+
+
+def _died_on_its_own(procs, dead: dict[int, str]) -> dict[int, str]:
+    """The dead ranks that no watchdog ended (killed, crashed): a cause, not a consequence."""
+    from mimo_builder.runtime.guard import EXIT_ABANDONED
+
+    return {rank: why for rank, why in dead.items() if procs[rank].exitcode != EXIT_ABANDONED}
 
 
 def _raise_root_cause(procs, results, done, failures, store):
@@ -250,7 +265,13 @@ def _raise_root_cause(procs, results, done, failures, store):
         if not ok:
             failures.setdefault(rank, payload)
     dead = _dead_ranks(procs, set(done) | set(failures))
+    killed = _died_on_its_own(procs, dead)
     published = _published_failure(store)
+    if killed:  # a rank killed or crashed: its peers' published errors (connection lost) follow from it
+        cause = min(killed)
+        context = f"\n(what the others saw: {published[1]})" if published is not None else ""
+        raise RankError(cause, f"rank {cause} {killed[cause][len('process '):]}" + context
+                        + _also_failed(set(failures) | set(dead), cause))
     # a published cause explains ranks that died unreported (their watchdog ended them) or that
     # report it; an older published failure (caught, then rebuilt) does not explain a new one
     if published is not None and (dead or any(published[1] in str(f) for f in failures.values())):
@@ -295,8 +316,9 @@ def _terminate_raises():
 
 
 def _die_with(launcher: int) -> None:
-    """End this rank when its launcher ends, even when the launcher is killed (a rank's parent
-    is the fork server, so the parent-death signal would watch the wrong process)."""
+    """End this rank when its launcher (or torchrun agent) ends, even when it is killed (a
+    spawned rank's parent is the fork server, so the parent-death signal would watch the wrong
+    process)."""
     threading.Thread(target=_exit_after, args=(launcher,), name="mimo-launcher-watch", daemon=True).start()
 
 
@@ -307,7 +329,10 @@ def _exit_after(pid: int) -> None:
     except (AttributeError, OSError):  # elsewhere, or already gone
         while _alive(pid):
             time.sleep(0.5)
-    os.killpg(os.getpgrp(), signal.SIGKILL)  # this rank and its helper processes
+    if os.getpgrp() == os.getpid():  # a rank spawned here leads its group: it and its helpers
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    print(f"mimo-builder: rank {os.environ.get('RANK', '?')} stops: its launcher (pid {pid}) is gone",
+          file=sys.stderr, flush=True)
     os._exit(1)
 
 

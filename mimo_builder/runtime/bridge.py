@@ -165,6 +165,14 @@ class Mailbox:
         self.sending.clear()
         self.group = self.gradient_like = None
 
+    def drop(self) -> None:
+        """Forget every message and the group (after a failure: nothing may keep the group alive)."""
+        self.receiving.clear()
+        self.sending.clear()
+        self.outgoing.clear()
+        self.stash.clear()
+        self.group = self.gradient_like = None
+
     def _send_ops(self, message) -> list[dist.P2POp]:
         tensor = self.outgoing.pop(message.key)
         slot = _slot(message.key)

@@ -29,6 +29,8 @@ FAILURE_KEY = "mimo_builder/failure"
 EXIT_ABANDONED = 75
 """Exit status of a rank whose watchdog ended it (blocked behind a failed or silent peer)."""
 PHASES = ("forward_backward", "optimizer", "checkpoint")  # in the order a step runs them
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+"""What gloo says when a peer's process is gone."""
 
 
 def job_store() -> dist.Store:
@@ -105,8 +107,20 @@ class StepGuard:
         return first
 
     def publish_error(self, where: str, err: BaseException) -> str:
-        """:meth:`publish` ``err`` as raised on this rank at ``where`` (a node and phase)."""
-        return self.publish(f"rank {self.rank}, {where}: {type(err).__name__}: {err}")
+        """:meth:`publish` ``err`` as raised on this rank at ``where`` (a node and phase). A lost
+        connection names the peers that stopped answering; a store that is gone says so."""
+        message = f"rank {self.rank}, {where}: {type(err).__name__}: {err}"
+        try:
+            if any(sign in str(err) for sign in _PEER_LOST):
+                message = self._peer_loss(message)
+            return self.publish(message)
+        except (RuntimeError, dist.DistError):  # the store went with the process that hosts it
+            return (f"{message}\n(the job's store at {_store_address()} is unreachable: the process hosting "
+                    "it, the launcher or the first torchrun agent, has stopped)")
+
+    def _peer_loss(self, message: str) -> str:
+        silent = [f"rank {r} {why}" for r, why in self.silent_ranks() if "not responding" in why]
+        return f"{'; '.join(silent)} — most likely dead\n({message})" if silent else message
 
     def published(self, step: int) -> str | None:
         """The failure some rank published for ``step``, if any (does not block)."""
@@ -147,6 +161,14 @@ class StepGuard:
     # --- the watchdog thread --------------------------------------------------------------------
 
     def _watch(self) -> None:
+        try:
+            self._watch_steps()
+        except (RuntimeError, dist.DistError):  # the store went with the process that hosts it
+            if not self._stop.is_set():
+                self._abandon(f"the job's store at {_store_address()} is unreachable: the process hosting it, "
+                              "the launcher or the first torchrun agent, has stopped")
+
+    def _watch_steps(self) -> None:
         failure_seen: tuple[_Active, float] | None = None
         while not self._stop.wait(self.poll_s):
             active = self._active
@@ -216,6 +238,10 @@ class StepGuard:
 
     def _beat_key(self, rank: int) -> str:
         return f"{self.prefix}/beat/{rank}"
+
+
+def _store_address() -> str:
+    return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
 
 
 def _said(beat: tuple[str, tuple[int, int], str]) -> str:

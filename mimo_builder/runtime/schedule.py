@@ -203,7 +203,7 @@ class GraphSchedule:
             return
         self.close()
         if self._current is not None:
-            self._current.mailbox.group = None
+            self._current.mailbox.drop()
         del groups
         gc.collect()  # the group objects must go now, not at some later collection
 

@@ -13,11 +13,12 @@ from megatron.core.distributed import DistributedDataParallelConfig
 from mimo_builder import compat
 from mimo_builder.checkpoint import Checkpointer, DataPosition
 from mimo_builder.data import load_data
+from mimo_builder.errors import MimoError
 from mimo_builder.graph import Graph
 from mimo_builder.registry import active_registry, allow_modules, allowed_prefixes, import_roots
 from mimo_builder.runtime.monitor import StepRecord, TrainingMonitor
 from mimo_builder.runtime.optim import GraphOptimizer
-from mimo_builder.runtime.schedule import GraphSchedule
+from mimo_builder.runtime.schedule import GraphSchedule, StepError
 from mimo_builder.runtime.shards import RankBatch
 from mimo_builder.runtime.synthetic import synthetic_batch
 from mimo_builder.runtime.timing import PhaseTimer, gather_to_first, slowest_per_node
@@ -80,7 +81,12 @@ def train(graph: Graph, options: TrainOptions = TrainOptions()) -> list[float]:
                                 first_step_timeout_s=options.first_step_timeout_s).build_distributed_models(
         ddp_config=DistributedDataParallelConfig())
     with model:  # its groups and watchdog go at the end, also after a failure
-        return _train_built(model, options, device)
+        try:
+            return _train_built(model, options, device)
+        except MimoError:
+            raise
+        except (RuntimeError, dist.DistError) as err:  # a collective between the watched phases
+            raise StepError(model.guard.publish_error(model.guard.detail, err)) from err
 
 
 def _train_built(model, options: TrainOptions, device) -> list[float]:
