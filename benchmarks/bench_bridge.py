@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
-    from mimo_builder.launch import launch
+    from mimo_builder.platform.launch import launch
 
     mbs = launch(_measure, 2, args.repeats, timeout_s=900)[1]
     rows = []

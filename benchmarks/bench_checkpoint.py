@@ -33,12 +33,12 @@ def _measure(folder: str) -> dict[str, float]:
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.vlm import vlm
-    from mimo_builder import compat
+    from mimo_builder.platform import compat
     from mimo_builder.checkpoint import Checkpointer
     from mimo_builder.runtime.optim import GraphOptimizer
     from mimo_builder.runtime.schedule import GraphSchedule
     from mimo_builder.runtime.synthetic import synthetic_batch
-    from mimo_builder.walker import CompositeBuilder
+    from mimo_builder.build.walker import CompositeBuilder
 
     compat.init_runtime("cpu")
     graph = vlm("colocated_dp2")
@@ -79,7 +79,7 @@ def _measure(folder: str) -> dict[str, float]:
 
 
 def main(argv=None) -> dict:
-    from mimo_builder.launch import launch
+    from mimo_builder.platform.launch import launch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")

@@ -43,7 +43,7 @@ SIZES = {
 
 
 def make_graph(s: dict):
-    from mimo_builder.graph import Graph
+    from mimo_builder.document.graph import Graph
     from submodels.mamba import MambaConfig
     from submodels.projector import ProjectorConfig
     from submodels.vision import VisionConfig
@@ -129,9 +129,9 @@ def _measure(size: str, steps: int, warmup: int) -> dict:
     import torch
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder import compat
+    from mimo_builder.platform import compat
     from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.walker import CompositeBuilder
+    from mimo_builder.build.walker import CompositeBuilder
 
     compat.quiet_dependency_warnings()
     device = compat.init_runtime("auto")
@@ -199,7 +199,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from mimo_builder.launch import launch
+    from mimo_builder.platform.launch import launch
 
     if size == "full" and not torch.cuda.is_available():
         parser.error("the full-size benchmark needs a CUDA device; use --tiny on CPU")

@@ -32,7 +32,7 @@ WORLD = 4
 def six_node_graph():
     from graphs import parts
     from graphs.avlm import avlm
-    from mimo_builder.graph import Placement
+    from mimo_builder.document.graph import Placement
 
     return (avlm("disjoint4")
             .add("text_proj", parts.projector(), placement=Placement(offset=2, size=2, tp=2))
@@ -71,10 +71,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
-    from mimo_builder.compat import quiet_dependency_warnings
+    from mimo_builder.platform.compat import quiet_dependency_warnings
 
     quiet_dependency_warnings()
-    from mimo_builder.launch import launch
+    from mimo_builder.platform.launch import launch
     from mimo_builder.placement import count_process_groups
     from mimo_builder.validation import validate_graph
 

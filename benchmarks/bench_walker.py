@@ -30,7 +30,7 @@ def _by_hand(nodes):
     """nodes: [(config, layout)] in topological order."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.compat import seed_rng
+    from mimo_builder.platform.compat import seed_rng
     from mimo_builder.placement import create_process_groups
 
     groups = create_process_groups([layout for _, layout in nodes])
@@ -45,7 +45,7 @@ def _by_hand(nodes):
 def _walker(graph):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.walker import CompositeBuilder
+    from mimo_builder.build.walker import CompositeBuilder
 
     return CompositeBuilder(graph, seed=SEED).build_distributed_models(ddp_config=DistributedDataParallelConfig())
 
@@ -55,7 +55,7 @@ def _measure(repeats, profile_dir):
 
     from graphs.parts import IMAGE_TOKEN, backbone, projector, vision
     from graphs.vlm import vlm
-    from mimo_builder import compat
+    from mimo_builder.platform import compat
     from mimo_builder.placement import Layout, create_process_groups
 
     compat.init_runtime("cpu")
@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
     if profile_dir:
         os.makedirs(profile_dir, exist_ok=True)
 
-    from mimo_builder.launch import launch
+    from mimo_builder.platform.launch import launch
 
     times = launch(_measure, 1, args.repeats, profile_dir, timeout_s=900)[0]
     ratio = times["walker"] / times["by_hand"]

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from mimo_builder.builder import ModelBuilder, Port, Ports
-from mimo_builder.config import ModelConfig, PositiveInt
+from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
+from mimo_builder.document.config import ModelConfig, PositiveInt
 
 
 class PatchMLPConfig(ModelConfig):

@@ -7,7 +7,7 @@ No parameter memory is allocated: the models are built on torch.device("meta").
 import resource
 import time
 
-from mimo_builder.launch import launch
+from mimo_builder.platform.launch import launch
 
 
 def _rss_mb() -> float:
@@ -15,7 +15,8 @@ def _rss_mb() -> float:
 
 
 def build_on_meta(preset_name: str):
-    from mimo_builder import compat, distributed
+    from mimo_builder.build import distributed
+    from mimo_builder.platform import compat
     from mimo_builder.placement import Layout, create_process_groups
     from submodels import mamba_presets
 

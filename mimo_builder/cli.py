@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from mimo_builder.compat import quiet_dependency_warnings
+from mimo_builder.platform.compat import quiet_dependency_warnings
 from mimo_builder.errors import MimoError
 
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     # first: importing Megatron's training module would point the root logger at stdout.
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s:%(name)s:%(message)s")
     args = _parser().parse_args(argv)
-    from mimo_builder.registry import default_registry, using
+    from mimo_builder.kinds.registry import default_registry, using
 
     try:
         # this command's registry: messages speak --allow; packages in the current folder import
@@ -67,7 +67,7 @@ def _seconds(text: str) -> float | None:
 
 def _memory_size(text: str) -> tuple[int, str]:
     """An argparse type: a memory size in bytes, with the text as the user wrote it."""
-    from mimo_builder.estimate import parse_bytes
+    from mimo_builder.planning.estimate import parse_bytes
 
     try:
         return parse_bytes(text), text.strip()
@@ -175,7 +175,7 @@ def _load(args, world_size: int | None, lead: bool = True):
     """The document FILE names, spread over ``world_size`` ranks with --colocate (what changed
     goes to stderr)."""
     from mimo_builder.errors import ConfigError
-    from mimo_builder.graph import colocation_changes, load_graph
+    from mimo_builder.document.graph import colocation_changes, load_graph
 
     graph = load_graph(args.file)
     if not args.colocate:
@@ -199,9 +199,9 @@ def _validate(args) -> int:
 
 
 def _plan(args) -> int:
-    from mimo_builder.estimate import estimate_plan
-    from mimo_builder.plan import make_plan
-    from mimo_builder.plan_table import pipeline_plan, print_plan
+    from mimo_builder.planning.estimate import estimate_plan
+    from mimo_builder.planning.plan import make_plan
+    from mimo_builder.planning.table import pipeline_plan, print_plan
 
     plan = make_plan(_load(args, args.world_size), args.world_size, count_params=not args.no_params)
     schedule = pipeline_plan(plan, args.microbatches)
@@ -224,7 +224,7 @@ def _schedule_dict(plan, schedule) -> dict:
 
 
 def _schema(args) -> int:
-    from mimo_builder.schema import builder_schema, graph_schema
+    from mimo_builder.kinds.schema import builder_schema, graph_schema
 
     print(json.dumps(builder_schema(args.builder) if args.builder else graph_schema(), indent=2))
     return 0
@@ -246,11 +246,11 @@ def _run(args) -> int:
     import os
     import time
 
-    from mimo_builder.launch import launch, under_torchrun
-    from mimo_builder.plan import make_plan
-    from mimo_builder.plan_table import print_plan
+    from mimo_builder.platform.launch import launch, under_torchrun
+    from mimo_builder.planning.plan import make_plan
+    from mimo_builder.planning.table import print_plan
     from mimo_builder.data.spec import load_data
-    from mimo_builder.registry import allowed_prefixes
+    from mimo_builder.kinds.registry import allowed_prefixes
     from mimo_builder.runtime.monitor import check_tensorboard
     from mimo_builder.runtime.schedule import check_runnable
     from mimo_builder.runtime.synthetic import check_synthetic
@@ -295,7 +295,7 @@ def _run(args) -> int:
 def _check_has_loss(graph) -> None:
     """Training needs a loss: an output on a port named 'loss' (validate/plan accept graphs without one)."""
     from mimo_builder.errors import ConfigError, clip
-    from mimo_builder.graph import parse_port_ref
+    from mimo_builder.document.graph import parse_port_ref
 
     if not any(parse_port_ref(ref)[1] == "loss" for ref in graph.outputs):
         shown = clip(", ".join(graph.outputs), 200) or "none"

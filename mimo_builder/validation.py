@@ -14,16 +14,16 @@ import torch
 from pydantic import ValidationError
 from megatron.core.distributed import DistributedDataParallelConfig
 
-from mimo_builder.builder import ModelBuilder, Ports
-from mimo_builder.config import ModelConfig
-from mimo_builder.contract import class_name, run_problems, token_count_problem
+from mimo_builder.kinds.builder import ModelBuilder, Ports
+from mimo_builder.document.config import ModelConfig
+from mimo_builder.kinds.contract import class_name, run_problems, token_count_problem
 from mimo_builder.errors import ConfigError, GraphError, excerpt
-from mimo_builder.graph import Graph, parse_edge, parse_port_ref
+from mimo_builder.document.graph import Graph, parse_edge, parse_port_ref
 from mimo_builder.hf.nodes import init_problems as hf_init_problems
-from mimo_builder.mcore_options import check_options
-from mimo_builder.optim_config import OptimizerSettings
+from mimo_builder.document.options import check_options
+from mimo_builder.document.optimizer import OptimizerSettings
 from mimo_builder.placement import Layout
-from mimo_builder.registry import resolve_hook
+from mimo_builder.kinds.registry import resolve_hook
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 """A node name, matched whole (``fullmatch``: no trailing newline)."""

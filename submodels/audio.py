@@ -13,11 +13,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 
-from mimo_builder import layer_costs as costs
-from mimo_builder.builder import ModelBuilder, Port, Ports
-from mimo_builder.config import PositiveInt
+from mimo_builder.kinds import costs
+from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
+from mimo_builder.document.config import PositiveInt
 from mimo_builder.errors import ConfigError
-from mimo_builder.transformer_config import TransformerModelConfig, make_transformer_config, use_te
+from mimo_builder.kinds.transformer import TransformerModelConfig, make_transformer_config, use_te
 
 
 class AudioConfig(TransformerModelConfig):

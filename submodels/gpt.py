@@ -9,10 +9,10 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 
-from mimo_builder import layer_costs as costs
-from mimo_builder.builder import ModelBuilder, Port, Ports, token_input_ports
-from mimo_builder.config import PositiveInt, StrictBool
-from mimo_builder.transformer_config import (
+from mimo_builder.kinds import costs
+from mimo_builder.kinds.builder import ModelBuilder, Port, Ports, token_input_ports
+from mimo_builder.document.config import PositiveInt, StrictBool
+from mimo_builder.kinds.transformer import (
     TransformerModelConfig,
     make_transformer_config,
     padded_vocab_size,

@@ -27,12 +27,12 @@ from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: 
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 
-from mimo_builder.builder import ModelBuilder, Port, Ports, token_input_ports  # noqa: E402
-from mimo_builder.compat import resolve_device  # noqa: E402
-from mimo_builder.config import PositiveInt, StrictBool, StrictInt  # noqa: E402
+from mimo_builder.kinds.builder import ModelBuilder, Port, Ports, token_input_ports  # noqa: E402
+from mimo_builder.platform.compat import resolve_device  # noqa: E402
+from mimo_builder.document.config import PositiveInt, StrictBool, StrictInt  # noqa: E402
 from mimo_builder.errors import ConfigError  # noqa: E402
-from mimo_builder.tp_shard import unwrap  # noqa: E402
-from mimo_builder.transformer_config import (  # noqa: E402
+from mimo_builder.build.tp_shard import unwrap  # noqa: E402
+from mimo_builder.kinds.transformer import (  # noqa: E402
     TransformerModelConfig,
     make_transformer_config,
     padded_vocab_size,

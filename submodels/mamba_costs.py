@@ -5,7 +5,7 @@ A Mamba-2 layer is counted as the tensors MCore's ``MambaMixer`` (training path 
 per token on one rank (``d`` = d_inner, ``g*n`` = B/C groups times state size, ``nh`` = heads,
 all split over TP):
 
-- the layer norm with its output, the ``in_proj`` input (:func:`mimo_builder.layer_costs.norm_cost`:
+- the layer norm with its output, the ``in_proj`` input (:func:`mimo_builder.kinds.costs.norm_cost`:
   whole on every TP rank without sequence parallelism);
 - the causal convolution's input ``xBC`` (``d + 2gn``; causal-conv1d's function keeps its input);
 - the SSD scan (``mamba_chunk_scan_combined`` keeps its output ``y``, ``x``, ``dt``, ``B``, ``C``
@@ -15,7 +15,7 @@ all split over TP):
   ``out_proj`` input: ``3d``.
 
 The mixer keeps ``6d + 4gn + nh`` elements per token besides the norm. Attention (``*``), MLP (``-``) and expert
-(``E``) layers are MCore's transformer pieces (:mod:`mimo_builder.layer_costs`). FLOPs: the two
+(``E``) layers are MCore's transformer pieces (:mod:`mimo_builder.kinds.costs`). FLOPs: the two
 projections, the depthwise convolution and the chunked scan (per head and token ``2Q(n + p) +
 4np`` for chunk size ``Q``, head dim ``p``; the Mamba-2 paper's SSD algorithm).
 """
@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from megatron.core.transformer import TransformerConfig
 
-from mimo_builder import layer_costs as costs
-from mimo_builder.transformer_config import padded_vocab_size
+from mimo_builder.kinds import costs
+from mimo_builder.kinds.transformer import padded_vocab_size
 
 CHUNK_SIZE = 128  # MambaMixer's default SSD chunk size
 CONV_WIDTH = 4  # MambaMixer's default d_conv

@@ -17,12 +17,12 @@ from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from pydantic import Field, model_validator
 
-from mimo_builder import layer_costs as costs
-from mimo_builder.builder import ModelBuilder, Port, Ports
-from mimo_builder.config import ModelConfig, PositiveInt
+from mimo_builder.kinds import costs
+from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
+from mimo_builder.document.config import ModelConfig, PositiveInt
 from mimo_builder.errors import ConfigError
-from mimo_builder.mcore_options import TransformerOptions
-from mimo_builder.transformer_config import OWNED_OPTIONS, make_transformer_config, use_te
+from mimo_builder.document.options import TransformerOptions
+from mimo_builder.kinds.transformer import OWNED_OPTIONS, make_transformer_config, use_te
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 

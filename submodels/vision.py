@@ -12,11 +12,11 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from pydantic import model_validator
 
-from mimo_builder import layer_costs as costs
-from mimo_builder.builder import ModelBuilder, Port, Ports
-from mimo_builder.config import PositiveInt, StrictBool, StrictInt
+from mimo_builder.kinds import costs
+from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
+from mimo_builder.document.config import PositiveInt, StrictBool, StrictInt
 from mimo_builder.errors import ConfigError
-from mimo_builder.transformer_config import TransformerModelConfig, make_transformer_config, use_te
+from mimo_builder.kinds.transformer import TransformerModelConfig, make_transformer_config, use_te
 
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": torch.nn.functional.gelu}
 

@@ -92,7 +92,7 @@ def test_ids_outside_the_vocabulary_name_the_range(key, value):
 
 def test_position_ids_are_bounded_by_a_learned_position_table_only():
     from graphs.mamba_lm import mamba_lm
-    from mimo_builder.graph import Graph
+    from mimo_builder.document.graph import Graph
     from mimo_builder.runtime.batch import check_batch
     from mimo_builder.validation import validate_graph
     from submodels.mamba import MambaConfig
@@ -147,7 +147,7 @@ def test_every_problem_is_listed_at_once():
 
 @pytest.mark.parametrize("node_dtype", ["fp32", "bf16"])
 def test_float_inputs_may_be_float32_or_the_nodes_own_dtype(node_dtype):
-    from mimo_builder.graph import Graph
+    from mimo_builder.document.graph import Graph
     from mimo_builder.runtime.batch import check_batch
     from mimo_builder.validation import validate_graph
     from submodels.vision import VisionConfig
@@ -171,11 +171,11 @@ def _refuse_then_step():
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.mamba_lm import mamba_lm
-    from mimo_builder import compat
+    from mimo_builder.platform import compat
     from mimo_builder.runtime.batch import BatchError
     from mimo_builder.runtime.schedule import GraphSchedule
     from mimo_builder.runtime.synthetic import synthetic_batch
-    from mimo_builder.walker import CompositeBuilder
+    from mimo_builder.build.walker import CompositeBuilder
 
     device = compat.init_runtime("cpu")
     (model,) = CompositeBuilder(mamba_lm(), seed=1).build_distributed_models(ddp_config=DistributedDataParallelConfig())

@@ -62,10 +62,10 @@ def _vlm(placement: str):
 def _build(graph, seed=SEED, total_steps=6):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder import compat
+    from mimo_builder.platform import compat
     from mimo_builder.runtime.optim import GraphOptimizer
     from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.walker import CompositeBuilder
+    from mimo_builder.build.walker import CompositeBuilder
 
     compat.init_runtime("cpu")
     (model,) = CompositeBuilder(graph, seed=seed).build_distributed_models(ddp_config=DistributedDataParallelConfig())
@@ -210,7 +210,7 @@ def _one_rank_checks(root, scratch):
     from megatron.core import dist_checkpointing
 
     from mimo_builder.checkpoint import CheckpointError, Checkpointer, UnsafeCheckpointError
-    from mimo_builder.graph import NodeInit
+    from mimo_builder.document.graph import NodeInit
 
     out = {}
     single = _build(_vlm("single"), seed=SEED + 1)
@@ -394,7 +394,7 @@ def _resume_after_crash(root):
 
 
 def test_a_rank_killed_during_save_leaves_the_previous_step(tmp_path):
-    from mimo_builder.launch import RankError, launch
+    from mimo_builder.platform.launch import RankError, launch
 
     root, groups = tmp_path / "ckpt", tmp_path / "groups"
     groups.mkdir()

@@ -1,12 +1,12 @@
-"""Each CPU workaround in mimo_builder.compat is needed: the scenario fails without it."""
+"""Each CPU workaround in mimo_builder.platform.compat is needed: the scenario fails without it."""
 
 import os
 
 import pytest
 import torch
 
-from mimo_builder import compat
-from mimo_builder.launch import RankError, launch
+from mimo_builder.platform import compat
+from mimo_builder.platform.launch import RankError, launch
 
 SCENARIO_TIMEOUT_S = 180
 
@@ -320,7 +320,7 @@ def current():
 before = current()
 from graphs.avlm import avlm
 from mimo_builder import cli
-from mimo_builder.plan import make_plan
+from mimo_builder.planning.plan import make_plan
 
 make_plan(avlm("disjoint4"), 4)
 assert cli.main(["plan", "graphs/avlm.yaml", "--world-size", "4"]) == 0

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mimo_builder import registry
-from mimo_builder.config import ModelConfig
+from mimo_builder.kinds import registry
+from mimo_builder.document.config import ModelConfig
 from mimo_builder.errors import ConfigError
 from submodels.gpt import GPTBuilder, GPTConfig
 
@@ -86,7 +86,7 @@ def test_references_outside_the_allowlist_are_refused_before_import():
 
 def test_allowlisted_reference_must_be_a_model_builder(restore_allowlist):
     registry.allow_modules("mark_on_import")
-    with pytest.raises(ConfigError, match="not a subclass of mimo_builder.builder.ModelBuilder"):
+    with pytest.raises(ConfigError, match="not a subclass of mimo_builder.kinds.builder.ModelBuilder"):
         ModelConfig.from_dict({**GPT, "builder": "mark_on_import:NotABuilder"})
     assert os.environ.get("MIMO_TEST_MARK_IMPORTED") == "1"  # now it was imported, on purpose
 

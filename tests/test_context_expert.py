@@ -36,7 +36,7 @@ def _lm(pattern: str, **extra):
 
 def _cp_graph(cp: int):
     """A projector feeding the backbone: colocated on rank 0 (cp=1) or disjoint, backbone cp=2."""
-    from mimo_builder.graph import Graph, Placement
+    from mimo_builder.document.graph import Graph, Placement
     from submodels.projector import ProjectorConfig
 
     enc, lm = (Placement(size=1), Placement(size=1)) if cp == 1 else \
@@ -50,7 +50,7 @@ def _cp_graph(cp: int):
 
 
 def _ep_graph(ep: int):
-    from mimo_builder.graph import Graph, Placement
+    from mimo_builder.document.graph import Graph, Placement
 
     # DP 2 x CP 2; the expert view splits the same 4 ranks as EP 2 x expert DP 2
     placement = Placement(size=1) if ep == 1 else Placement(offset=0, size=4, cp=2, ep=2)
@@ -62,7 +62,7 @@ def _ep_graph(ep: int):
 
 def _global_params(model, name):
     """``name``'s parameters on this rank, local experts under their global expert index."""
-    from mimo_builder.tp_shard import unwrap
+    from mimo_builder.build.tp_shard import unwrap
 
     out = {}
     for chunk in model.chunks(name):
@@ -81,7 +81,7 @@ def _global_params(model, name):
 def _built(graph):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.walker import CompositeBuilder
+    from mimo_builder.build.walker import CompositeBuilder
 
     (model,) = CompositeBuilder(graph, seed=SEED).build_distributed_models(ddp_config=DistributedDataParallelConfig())
     return model
@@ -89,7 +89,7 @@ def _built(graph):
 
 def _steps(graph, initial):
     """One clipped SGD step per microbatch count, each from ``initial`` (None: the built weights)."""
-    from mimo_builder.optim_config import OptimizerSettings
+    from mimo_builder.document.optimizer import OptimizerSettings
     from mimo_builder.runtime.synthetic import synthetic_batch
 
     model = _built(graph)
@@ -158,7 +158,7 @@ def _cp_evaluation(initial):
 
 
 def _both():
-    from mimo_builder import compat
+    from mimo_builder.platform import compat
 
     compat.init_runtime("cpu")
     cp, ep = _parity(_cp_graph), _parity(_ep_graph)
@@ -220,7 +220,7 @@ def _problems(graph, world_size: int) -> str:
 
 
 def _lm_only(config, **placement):
-    from mimo_builder.graph import Graph, Placement
+    from mimo_builder.document.graph import Graph, Placement
 
     return Graph().add("lm", config, placement=Placement(**placement)).bind("input_ids", "lm.input_ids") \
         .bind("labels", "lm.labels").output("lm.loss")
@@ -245,7 +245,7 @@ def test_cp_on_a_node_that_cannot_split_sequences_or_that_feeds_an_edge_is_refus
 
 
 def test_experts_that_ep_cannot_split_are_named_and_the_plan_shows_ep_coordinates():
-    from mimo_builder.plan import make_plan
+    from mimo_builder.planning.plan import make_plan
 
     text = _problems(_lm_only(_lm("ME", num_experts=3), size=2, ep=2), 2)
     assert "node 'lm' placement.ep: num_experts 3 is not divisible by ep 2" in text

@@ -21,7 +21,7 @@ IMAGE = 1  # the vlm backbone's placeholder id for images
 def _vlm(world_size=4):
     import yaml
 
-    from mimo_builder.graph import Graph
+    from mimo_builder.document.graph import Graph
     from mimo_builder.validation import validate_graph
 
     doc = yaml.safe_load((ROOT / "graphs/vlm.yaml").read_text())
@@ -148,10 +148,10 @@ def _read_per_rank(_):
     import torch.distributed as dist
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder import compat
+    from mimo_builder.platform import compat
     from mimo_builder.data import ByteTokenizer, GraphCollator, IndexedSource, RankLoader
     from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.walker import CompositeBuilder
+    from mimo_builder.build.walker import CompositeBuilder
 
     compat.init_runtime("cpu")
     valid, rank = _vlm(), dist.get_rank()

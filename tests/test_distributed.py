@@ -1,4 +1,4 @@
-"""The shared distributed path (mimo_builder.distributed) with real MCore modules on gloo."""
+"""The shared distributed path (mimo_builder.build.distributed) with real MCore modules on gloo."""
 
 import resource
 
@@ -20,7 +20,7 @@ def _gpt(**overrides):
 
 
 def _groups(layouts, mine=None):
-    from mimo_builder import compat
+    from mimo_builder.platform import compat
     from mimo_builder.placement import create_process_groups
 
     compat.init_runtime("cpu")
@@ -75,7 +75,7 @@ def test_hooks_run_in_order_pre_before_wrap_post_after():
 # --- DDP gradients ---------------------------------------------------------------------------
 
 def _ddp_grads_mean_over_own_group():
-    from mimo_builder.compat import seed_rng
+    from mimo_builder.platform.compat import seed_rng
     from mimo_builder.placement import Layout
 
     layouts = [Layout(0, 2), Layout(2, 2)]  # two independent DP=2 groups in a world of 4
@@ -104,7 +104,7 @@ def test_ddp_gradients_are_the_mean_over_the_node_dp_group_only():
 # --- DP broadcast ----------------------------------------------------------------------------
 
 def _params_after_build(random_init, wrap):
-    from mimo_builder.compat import seed_rng
+    from mimo_builder.platform.compat import seed_rng
     from mimo_builder.placement import Layout
 
     pgs = _groups([Layout(0, 2)])
@@ -147,7 +147,7 @@ def _rss_mb():
 
 
 def _meta_then_materialize():
-    from mimo_builder import distributed
+    from mimo_builder.build import distributed
     from mimo_builder.placement import Layout
 
     pgs = _groups([Layout(0, 1)])
@@ -180,7 +180,7 @@ def test_meta_init_uses_no_parameter_memory_until_materialized():
 def _bf16_model():
     from megatron.core.transformer.module import Float16Module
 
-    from mimo_builder.compat import seed_rng
+    from mimo_builder.platform.compat import seed_rng
     from mimo_builder.placement import Layout
 
     pgs = _groups([Layout(0, 1)])

@@ -24,7 +24,7 @@ NODES = {
 
 
 def _config(name, **overrides):
-    from mimo_builder.config import ModelConfig
+    from mimo_builder.document.config import ModelConfig
 
     return ModelConfig.from_dict({**NODES[name], **overrides})
 
@@ -39,7 +39,7 @@ def _input(config, tokens=TOKENS):
 
 
 def _groups(tp):
-    from mimo_builder import compat
+    from mimo_builder.platform import compat
     from mimo_builder.placement import Layout, create_process_groups
 
     compat.init_runtime("cpu")
@@ -64,7 +64,7 @@ def _full_parameters(model, tp_group):
 def _build_and_run(tp):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder import compat
+    from mimo_builder.platform import compat
 
     pgs = _groups(tp)
     results = {}
@@ -160,7 +160,8 @@ def test_projector_token_count_not_divisible_is_a_runtime_error(builds):
 # --- ViT-L/14 preset -------------------------------------------------------------------------
 
 def _meta_builds():
-    from mimo_builder import compat, distributed
+    from mimo_builder.build import distributed
+    from mimo_builder.platform import compat
     from submodels.vision import vit_l14_config
 
     pgs = _groups(1)

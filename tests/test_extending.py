@@ -15,11 +15,11 @@ import yaml
 from megatron.core.transformer import MegatronModule, TransformerConfig
 
 from mimo_builder import cli
-from mimo_builder.builder import ModelBuilder, Port, Ports
-from mimo_builder.config import ModelConfig, PositiveInt
+from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
+from mimo_builder.document.config import ModelConfig, PositiveInt
 from mimo_builder.errors import ConfigError, GraphError
-from mimo_builder.graph import Graph, load_graph
-from mimo_builder.registry import Registry, using
+from mimo_builder.document.graph import Graph, load_graph
+from mimo_builder.kinds.registry import Registry, using
 from mimo_builder.runtime.synthetic import check_synthetic, synthetic_batch
 from mimo_builder.validation import validate_graph
 from multirank import run_ranks
@@ -200,7 +200,7 @@ def test_the_allowlist_error_speaks_python_to_python_and_cli_to_the_cli(capsys):
 
 def test_the_cli_registry_is_the_commands_own(capsys, monkeypatch):
     """--allow trusts a prefix for the command only; the process's registry is unchanged after."""
-    from mimo_builder.registry import default_registry
+    from mimo_builder.kinds.registry import default_registry
 
     monkeypatch.chdir(ROOT)  # the CLI imports the uninstalled 'examples' from its working directory
 
@@ -235,7 +235,8 @@ def test_train_options_carry_the_allowlist_and_import_roots(tmp_path):
 def _build_plain_and_custom():
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder import compat, distributed
+    from mimo_builder.build import distributed
+    from mimo_builder.platform import compat
     from mimo_builder.placement import Layout, create_process_groups
 
     compat.init_runtime("cpu")

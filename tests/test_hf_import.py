@@ -64,8 +64,8 @@ def _save_reference_models(root: str) -> dict:
 def _build(config: dict, tp: int = 1, seed: int = SEED):
     import torch.distributed as dist
 
-    from mimo_builder import compat
-    from mimo_builder.config import ModelConfig
+    from mimo_builder.platform import compat
+    from mimo_builder.document.config import ModelConfig
     from mimo_builder.placement import Layout, create_process_groups
 
     compat.init_runtime("cpu")
@@ -191,10 +191,10 @@ def _tp2_from_document(root: str) -> torch.Tensor:
     """On 2 ranks: an lm graph whose node starts from ``init: {hf: ...}`` at TP=2; full logits."""
     import torch.distributed as dist
 
-    from mimo_builder import compat
-    from mimo_builder.graph import Graph
+    from mimo_builder.platform import compat
+    from mimo_builder.document.graph import Graph
     from mimo_builder.hf import export_node
-    from mimo_builder.walker import CompositeBuilder
+    from mimo_builder.build.walker import CompositeBuilder
 
     compat.init_runtime("cpu")
     config = {**MAMBA, "num_attention_heads": 2}  # MCore wants heads divisible by TP even without attention
@@ -225,7 +225,7 @@ def test_tp2_import_from_the_document_equals_tp1(imported):
 # --- named errors (no process group: folder, config.json and headers only) ------------------
 
 def _builder(config):
-    from mimo_builder.config import ModelConfig
+    from mimo_builder.document.config import ModelConfig
 
     return ModelConfig.from_dict(config).make_builder()
 
@@ -273,7 +273,7 @@ def test_config_mismatch_names_both_fields(imported):
 
 def test_document_with_a_mismatched_folder_fails_validation(imported):
     from mimo_builder.errors import GraphError
-    from mimo_builder.graph import Graph
+    from mimo_builder.document.graph import Graph
     from mimo_builder.validation import validate_graph
 
     root, _ = imported

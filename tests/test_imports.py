@@ -50,7 +50,7 @@ def test_imports_only_point_downwards(package):
 
 
 def test_no_mcore_or_cuda_patching_outside_compat():
-    """Assignments to torch.cuda.* or megatron.* attributes live only in mimo_builder/compat.py."""
+    """Assignments to torch.cuda.* or megatron.* attributes live only in mimo_builder/platform/compat.py."""
     offenders = []
     for package in PACKAGES:
         for path in (ROOT / package).rglob("*.py"):

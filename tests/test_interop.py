@@ -52,7 +52,7 @@ def _project_mamba(pad: bool):
 # --- the one-rank run -------------------------------------------------------------------------
 
 def _one_rank():
-    from mimo_builder import compat
+    from mimo_builder.platform import compat
 
     compat.init_runtime("cpu")
     out = {}
@@ -65,13 +65,13 @@ def _one_rank():
 
 
 def _params(module):
-    from mimo_builder.tp_shard import unwrap
+    from mimo_builder.build.tp_shard import unwrap
 
     return {n: p.detach().clone() for n, p in unwrap(module).named_parameters()}
 
 
 def _graph_params(graph):
-    from mimo_builder.walker import CompositeBuilder
+    from mimo_builder.build.walker import CompositeBuilder
 
     model = CompositeBuilder(graph, seed=SEED).build_model()
     return model, _params(model.chunks("lm")[0])
@@ -83,8 +83,8 @@ def _same_parameters():
     from megatron.training.models.hybrid import HybridModelBuilder
 
     from graphs.mamba_lm import language_model_graph, mamba_lm_from_mcore
-    from mimo_builder.compat import seed_rng
-    from mimo_builder.graph import Placement
+    from mimo_builder.platform.compat import seed_rng
+    from mimo_builder.document.graph import Placement
 
     out = {}
     for pad in (False, True):
@@ -110,7 +110,7 @@ def _same_loss():
     from graphs.vlm import vlm
     from mimo_builder.interop import mimo_forward_inputs, to_mimo_model
     from mimo_builder.runtime.synthetic import synthetic_batch
-    from mimo_builder.walker import CompositeBuilder
+    from mimo_builder.build.walker import CompositeBuilder
 
     graph = vlm("single")
     model = CompositeBuilder(graph, seed=SEED).build_model()
@@ -273,7 +273,7 @@ def _refusal(graph, world_size, match):
 
 def _vlm_like(proj=None):
     from graphs import parts
-    from mimo_builder.graph import Graph
+    from mimo_builder.document.graph import Graph
 
     return (Graph()
             .add("vision", parts.vision())
@@ -302,7 +302,7 @@ def test_a_dag_that_is_not_a_star_is_refused():
 
 
 def test_a_projector_on_its_own_ranks_is_refused():
-    from mimo_builder.graph import Placement
+    from mimo_builder.document.graph import Placement
 
     graph = _vlm_like()
     graph.nodes["proj"].placement = Placement(offset=1, size=1)

@@ -23,7 +23,7 @@ def _config(**overrides):
 
 
 def _groups(layouts):
-    from mimo_builder import compat
+    from mimo_builder.platform import compat
     from mimo_builder.placement import create_process_groups
 
     compat.init_runtime("cpu")
@@ -45,9 +45,9 @@ def _unwrap(chunk):
 def _tp2_vs_tp1():
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.compat import seed_rng
+    from mimo_builder.platform.compat import seed_rng
     from mimo_builder.placement import Layout
-    from mimo_builder.tp_shard import load_full_state
+    from mimo_builder.build.tp_shard import load_full_state
     from submodels import mamba_kernels
 
     rank = dist.get_rank()
@@ -82,7 +82,7 @@ def test_tp2_logits_equal_tp1_from_same_master_weights():
 def _pp_stages():
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.compat import seed_rng
+    from mimo_builder.platform.compat import seed_rng
     from mimo_builder.placement import Layout
 
     layout = Layout(0, 2, pp=2)
@@ -105,7 +105,7 @@ def test_pipe_pattern_at_pp2_gives_each_stage_its_layers_and_flags():
 def _train_steps(steps):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.compat import seed_rng
+    from mimo_builder.platform.compat import seed_rng
     from mimo_builder.placement import Layout
 
     layout = Layout(0, 1)
@@ -144,7 +144,7 @@ def test_a_few_steps_on_a_repeated_batch_lower_the_loss():
     (dict(mamba_num_groups=3), "not divisible by mamba_num_groups"),
 ])
 def test_config_errors_name_the_field(overrides, message):
-    from mimo_builder.config import ModelConfig
+    from mimo_builder.document.config import ModelConfig
 
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_dict({"builder": "mamba", **SMALL, **overrides})
@@ -175,8 +175,8 @@ def _rss_mb():
 
 
 def _meta_build(preset_name):
-    from mimo_builder import distributed
-    from mimo_builder.compat import seed_rng
+    from mimo_builder.build import distributed
+    from mimo_builder.platform.compat import seed_rng
     from mimo_builder.placement import Layout
     from submodels import mamba_presets
 

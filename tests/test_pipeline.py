@@ -91,7 +91,7 @@ def _proj(input_size):
 
 
 def _graph(kind: str, placed: bool):
-    from mimo_builder.graph import Graph, Placement
+    from mimo_builder.document.graph import Graph, Placement
 
     at = (lambda **p: Placement(**p)) if placed else (lambda **p: Placement())
     text = dict(input_ids="lm.input_ids", labels="lm.labels", loss_mask="lm.loss_mask")
@@ -117,7 +117,7 @@ def _graph(kind: str, placed: bool):
 
 def _global_params(model, name):
     """Parameters of ``name`` on this rank by pipeline-independent names (global layer index)."""
-    from mimo_builder.tp_shard import unwrap
+    from mimo_builder.build.tp_shard import unwrap
 
     out = {}
     for chunk in model.chunks(name):
@@ -133,10 +133,10 @@ def _global_params(model, name):
 def _steps(kind: str, placed: bool, initial=None):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder import compat
-    from mimo_builder.optim_config import OptimizerSettings
+    from mimo_builder.platform import compat
+    from mimo_builder.document.optimizer import OptimizerSettings
     from mimo_builder.runtime.synthetic import synthetic_batch
-    from mimo_builder.walker import CompositeBuilder
+    from mimo_builder.build.walker import CompositeBuilder
 
     compat.init_runtime("cpu")
     (model,) = CompositeBuilder(_graph(kind, placed), seed=SEED).build_distributed_models(

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from mimo_builder.launch import RankError, launch
+from mimo_builder.platform.launch import RankError, launch
 from multirank import run_ranks
 
 BATCH, SEED = 4, 3
@@ -32,10 +32,10 @@ def _build(placement: str, step_timeout_s: float | None = None, first_step_timeo
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.vlm import vlm
-    from mimo_builder import compat
+    from mimo_builder.platform import compat
     from mimo_builder.runtime.optim import GraphOptimizer
     from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.walker import CompositeBuilder
+    from mimo_builder.build.walker import CompositeBuilder
 
     compat.init_runtime("cpu")
     (model,) = CompositeBuilder(vlm(placement), seed=1, step_timeout_s=step_timeout_s,

@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from mimo_builder.cli import main
-from mimo_builder.graph import Graph, parse_edge
+from mimo_builder.document.graph import Graph, parse_edge
 from mimo_builder.placement import Layout
 from mimo_builder.render import render
 from mimo_builder.render.scene import PALETTE, NodeView, Scene, rank_columns, smallest_world

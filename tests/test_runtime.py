@@ -73,13 +73,13 @@ FAN_IN_GATHER = {"enc_a": dict(offset=0, size=2), "enc_b": dict(offset=0, size=2
 
 
 def _placer(spread, where):
-    from mimo_builder.graph import Placement
+    from mimo_builder.document.graph import Placement
 
     return lambda name: Placement(**where[name]) if spread else Placement()
 
 
 def _diamond(spread: bool):
-    from mimo_builder.graph import Graph
+    from mimo_builder.document.graph import Graph
 
     at = _placer(spread, DIAMOND_SPREAD)
     graph = (Graph()
@@ -94,7 +94,7 @@ def _diamond(spread: bool):
 
 
 def _fan_in(spread: bool, where: dict = FAN_IN_SPREAD):
-    from mimo_builder.graph import Graph
+    from mimo_builder.document.graph import Graph
 
     at = _placer(spread, where)
     graph = (Graph()
@@ -108,7 +108,7 @@ def _fan_in(spread: bool, where: dict = FAN_IN_SPREAD):
 
 def _text_only():
     """A backbone with two modality ports and nothing connected to them."""
-    from mimo_builder.graph import Graph
+    from mimo_builder.document.graph import Graph
 
     return _text_bindings(Graph().add("lm", _lm(**TOKENS))).output("lm.loss")
 
@@ -121,8 +121,8 @@ GRAPHS = {"diamond": _diamond, "fan_in": _fan_in}
 def _build(graph, **ddp):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder import compat
-    from mimo_builder.walker import CompositeBuilder
+    from mimo_builder.platform import compat
+    from mimo_builder.build.walker import CompositeBuilder
 
     compat.init_runtime("cpu")
     (model,) = CompositeBuilder(graph, seed=SEED).build_distributed_models(
@@ -131,7 +131,7 @@ def _build(graph, **ddp):
 
 
 def _runtime(model):
-    from mimo_builder.optim_config import OptimizerSettings
+    from mimo_builder.document.optimizer import OptimizerSettings
     from mimo_builder.runtime.optim import GraphOptimizer
     from mimo_builder.runtime.schedule import GraphSchedule
 
@@ -147,7 +147,7 @@ def _step(schedule, optimizer, batch, num_microbatches=1):
 
 
 def _named(model, name):
-    from mimo_builder.tp_shard import unwrap
+    from mimo_builder.build.tp_shard import unwrap
 
     return unwrap(model.chunks(name)[0]).named_parameters()
 
@@ -163,7 +163,7 @@ def _with_partition(param, tensor):
 
 def _full_grads(model, shapes):
     """Each node's full (TP-gathered) gradients, returned by the node's first rank only."""
-    from mimo_builder.tp_shard import unshard
+    from mimo_builder.build.tp_shard import unshard
 
     out = {}
     for name in model.valid.order:
@@ -264,7 +264,7 @@ def _text_only_and_loss_mask():
 
 
 def _two_losses():
-    from mimo_builder.graph import Graph
+    from mimo_builder.document.graph import Graph
     from mimo_builder.runtime.schedule import GraphSchedule
     from mimo_builder.runtime.synthetic import synthetic_batch
 
@@ -305,7 +305,7 @@ def _one_rank():
 
 def _placed(make_graph, ref, microbatches=(1, 2), warmup=False, **ddp):
     from mimo_builder.runtime.synthetic import synthetic_batch
-    from mimo_builder.tp_shard import load_full_state, unwrap
+    from mimo_builder.build.tp_shard import load_full_state, unwrap
 
     model = _build(make_graph(True), **ddp)
     for name in model.valid.order:

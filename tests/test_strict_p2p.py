@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mimo_builder.launch import RankError, launch
+from mimo_builder.platform.launch import RankError, launch
 
 STRICT = {"MIMO_BUILDER_P2P": "strict", "MIMO_BUILDER_P2P_TIMEOUT": "3"}
 
@@ -168,7 +168,7 @@ def _shapes():
     """(name, validated graph) of the shipped graphs and the pipeline tests' placements."""
     import test_pipeline
 
-    from mimo_builder.graph import load_graph
+    from mimo_builder.document.graph import load_graph
     from mimo_builder.validation import validate_graph
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

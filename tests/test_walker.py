@@ -10,7 +10,7 @@ from multirank import run_ranks
 
 
 def _init():
-    from mimo_builder import compat
+    from mimo_builder.platform import compat
 
     compat.init_runtime("cpu")
 
@@ -25,10 +25,10 @@ def _one_node_vs_direct(tp):
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.mamba_lm import mamba_lm
-    from mimo_builder.compat import seed_rng
+    from mimo_builder.platform.compat import seed_rng
     from mimo_builder.placement import create_process_groups
     from mimo_builder.validation import validate_graph
-    from mimo_builder.walker import CompositeBuilder
+    from mimo_builder.build.walker import CompositeBuilder
 
     _init()
     graph = mamba_lm(tp=tp)
@@ -59,8 +59,8 @@ def test_one_node_graph_equals_direct_build_bitwise_at_tp2():
 def _disjoint_memory():
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.graph import Graph, Placement
-    from mimo_builder.walker import CompositeBuilder
+    from mimo_builder.document.graph import Graph, Placement
+    from mimo_builder.build.walker import CompositeBuilder
     from submodels.projector import ProjectorConfig
 
     _init()
@@ -89,10 +89,10 @@ def test_a_node_not_hosted_costs_zero_parameter_memory():
 def _shared_groups_frozen_ddp():
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from mimo_builder.graph import Graph, Placement
+    from mimo_builder.document.graph import Graph, Placement
     from mimo_builder.placement import count_process_groups, create_process_groups
     from mimo_builder.validation import validate_graph
-    from mimo_builder.walker import CompositeBuilder
+    from mimo_builder.build.walker import CompositeBuilder
     from submodels.projector import ProjectorConfig
 
     _init()
@@ -147,8 +147,8 @@ def _fail_on_rank(bad_rank):
 def _build_with_failure(bad_rank):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.graph import Graph, Placement
-    from mimo_builder.walker import BuildError, CompositeBuilder
+    from mimo_builder.document.graph import Graph, Placement
+    from mimo_builder.build.walker import BuildError, CompositeBuilder
     from submodels.projector import ProjectorConfig
 
     _init()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from mimo_builder import compat
+from mimo_builder.platform import compat
 from mimo_builder.checkpoint import files, state
 from mimo_builder.checkpoint.checks import raise_if_any, shape_problems
 from mimo_builder.checkpoint.files import DataPosition, Manifest, NodeRecord

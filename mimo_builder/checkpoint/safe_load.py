@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 from torch.distributed.checkpoint._traverse import set_element
 
-from mimo_builder.patching import Patches
+from mimo_builder.platform.patching import Patches
 from mimo_builder.errors import MimoError
 
 _DCP = "torch.distributed.checkpoint"

@@ -18,7 +18,7 @@ from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
 from megatron.core.optimizer.optimizer import param_group_identifier_keys
 from megatron.core.utils import unwrap_model
 
-from mimo_builder import compat
+from mimo_builder.platform import compat
 
 Path = tuple[Any, ...]
 

@@ -22,7 +22,7 @@ import re
 
 import torch
 
-from mimo_builder.contract import output_tokens_of
+from mimo_builder.kinds.contract import output_tokens_of
 from mimo_builder.errors import ConfigError, MimoError
 from mimo_builder.validation import ValidGraph
 

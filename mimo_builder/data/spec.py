@@ -70,7 +70,7 @@ class GraphData:
 
 def load_data(ref: str, where: str) -> GraphData:
     """Call the function ``ref`` names (``module:function``) and check it returned GraphData."""
-    from mimo_builder.registry import import_reference
+    from mimo_builder.kinds.registry import import_reference
 
     factory = import_reference(ref, where)
     if not callable(factory):

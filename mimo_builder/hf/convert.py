@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mimo_builder import tp_shard
+from mimo_builder.build import tp_shard
 from mimo_builder.hf import files
 from mimo_builder.hf.mapping import (
     HFConfigError,

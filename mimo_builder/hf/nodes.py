@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from mimo_builder.hf.convert import copy_weights, export_hf, folder_problems, mapping_of, shape_problems
 from mimo_builder.hf.mapping import HFShapeError, HFWeightsError, problem_text
-from mimo_builder.tp_shard import unwrap
+from mimo_builder.build.tp_shard import unwrap
 
 
 def init_problems(name: str, builder, node) -> list[str]:

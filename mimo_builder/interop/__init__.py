@@ -3,7 +3,7 @@
 :func:`to_mimo_model` exports a star-shaped graph (encoders -> projections -> one language node)
 to MCore's ``MimoModel`` with the same weights; :func:`check_exportable` says, before any process
 group exists, why a graph cannot be exported. Each node's builder supplies its part through
-:meth:`mimo_builder.builder.ModelBuilder.mimo_spec`. See docs/interop.md.
+:meth:`mimo_builder.kinds.builder.ModelBuilder.mimo_spec`. See docs/interop.md.
 """
 
 from mimo_builder.interop.export import (

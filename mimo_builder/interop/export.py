@@ -20,14 +20,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mimo_builder.compat import seed_rng
+from mimo_builder.platform.compat import seed_rng
 from mimo_builder.errors import MimoError
-from mimo_builder.graph import Graph
+from mimo_builder.document.graph import Graph
 from mimo_builder.interop.star import LANGUAGE_INPUTS, Star, check_exportable, star_shape
 from mimo_builder.placement import ProcessGroups, create_process_groups
-from mimo_builder.tp_shard import unwrap
+from mimo_builder.build.tp_shard import unwrap
 from mimo_builder.validation import ValidGraph, validate_graph
-from mimo_builder.walker import CompositeModel
+from mimo_builder.build.walker import CompositeModel
 
 MIMO_LANGUAGE_KEY = "language"
 """MCore's key for the language model in ``module_to_grid_map`` (``MIMO_LANGUAGE_MODULE_KEY``)."""
@@ -46,7 +46,7 @@ def to_mimo_model(source: Graph | CompositeModel, *, seed: int = 1234, device: s
     graph = source.valid.graph if isinstance(source, CompositeModel) else source
     if not dist.is_initialized():
         raise MimoError("to_mimo_model builds on process groups: initialise torch.distributed first "
-                        "(e.g. under mimo_builder.launch or torchrun)")
+                        "(e.g. under mimo_builder.platform.launch or torchrun)")
     valid, star = check_exportable(graph, dist.get_world_size(), device)
     groups = source.process_groups if isinstance(source, CompositeModel) else create_process_groups(
         valid.layouts.values())

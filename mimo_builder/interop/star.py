@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mimo_builder.builder import token_input_ports
-from mimo_builder.compat import resolve_device
+from mimo_builder.kinds.builder import token_input_ports
+from mimo_builder.platform.compat import resolve_device
 from mimo_builder.errors import ConfigError
-from mimo_builder.graph import Graph
+from mimo_builder.document.graph import Graph
 from mimo_builder.placement import Layout
 from mimo_builder.validation import ValidGraph, validate_graph
 

@@ -12,7 +12,7 @@ import os
 from typing import IO
 
 from mimo_builder.errors import ConfigError
-from mimo_builder.graph import Graph
+from mimo_builder.document.graph import Graph
 
 FORMATS = ("yaml", "json", "dot", "mermaid", "svg", "png")
 PICTURES = ("svg", "png")

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 from mimo_builder.errors import ConfigError
-from mimo_builder.graph import Graph, Placement
+from mimo_builder.document.graph import Graph, Placement
 from mimo_builder.placement import Layout
 from mimo_builder.validation import ValidGraph, validate_graph
 

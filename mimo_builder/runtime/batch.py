@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from mimo_builder.builder import Port
+from mimo_builder.kinds.builder import Port
 from mimo_builder.errors import MimoError
 from mimo_builder.placement import Layout
-from mimo_builder.transformer_config import DTYPES
+from mimo_builder.kinds.transformer import DTYPES
 from mimo_builder.validation import ValidGraph
 
 INT_DTYPES = (torch.int64, torch.int32)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from mimo_builder.placement import release
 
 FAILURE_KEY = "mimo_builder/failure"
-"""The job's latest published root cause (read by :mod:`mimo_builder.launch`)."""
+"""The job's latest published root cause (read by :mod:`mimo_builder.platform.launch`)."""
 EXIT_ABANDONED = 75
 """Exit status of a rank whose watchdog ended it (blocked behind a failed or silent peer)."""
 PHASES = ("forward_backward", "optimizer", "checkpoint")  # in the order a step runs them

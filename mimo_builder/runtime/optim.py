@@ -26,12 +26,12 @@ from megatron.core.optimizer import ChainedOptimizer, OptimizerConfig, get_megat
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32, get_grad_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from mimo_builder import compat
+from mimo_builder.platform import compat
 from mimo_builder.errors import ConfigError, MimoError
-from mimo_builder.optim_config import OptimizerSettings
+from mimo_builder.document.optimizer import OptimizerSettings
 from mimo_builder.placement import control_group
 from mimo_builder.runtime.timing import NoTimer, PhaseTimer
-from mimo_builder.walker import CompositeModel
+from mimo_builder.build.walker import CompositeModel
 
 
 class NonFiniteError(MimoError, FloatingPointError):

@@ -32,7 +32,7 @@ from mimo_builder.runtime.outputs import output_means
 from mimo_builder.runtime.routes import Routes
 from mimo_builder.runtime.shards import RankBatch
 from mimo_builder.runtime.timing import NoTimer, PhaseTimer
-from mimo_builder.walker import CompositeModel
+from mimo_builder.build.walker import CompositeModel
 
 
 class StepError(MimoError, RuntimeError):

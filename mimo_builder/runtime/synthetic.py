@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from mimo_builder.contract import class_name, output_tokens_of, synthetic_problems
+from mimo_builder.kinds.contract import class_name, output_tokens_of, synthetic_problems
 from mimo_builder.errors import ConfigError, GraphError
 from mimo_builder.validation import ValidGraph
 

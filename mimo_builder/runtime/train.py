@@ -10,19 +10,19 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallelConfig
 
-from mimo_builder import compat
+from mimo_builder.platform import compat
 from mimo_builder.checkpoint import Checkpointer, DataPosition
 from mimo_builder.data import load_data
 from mimo_builder.errors import MimoError
-from mimo_builder.graph import Graph
-from mimo_builder.registry import active_registry, allow_modules, allowed_prefixes, import_roots
+from mimo_builder.document.graph import Graph
+from mimo_builder.kinds.registry import active_registry, allow_modules, allowed_prefixes, import_roots
 from mimo_builder.runtime.monitor import StepRecord, TrainingMonitor
 from mimo_builder.runtime.optim import GraphOptimizer
 from mimo_builder.runtime.schedule import GraphSchedule, StepError
 from mimo_builder.runtime.shards import RankBatch
 from mimo_builder.runtime.synthetic import synthetic_batch
 from mimo_builder.runtime.timing import PhaseTimer, gather_to_first, slowest_per_node
-from mimo_builder.walker import CompositeBuilder
+from mimo_builder.build.walker import CompositeBuilder
 
 
 @dataclass(frozen=True)

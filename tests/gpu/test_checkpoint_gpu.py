@@ -25,10 +25,10 @@ def _build(device: str, seed: int):
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.vlm import vlm
-    from mimo_builder import compat
+    from mimo_builder.platform import compat
     from mimo_builder.runtime.optim import GraphOptimizer
     from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.walker import CompositeBuilder
+    from mimo_builder.build.walker import CompositeBuilder
 
     resolved = compat.init_runtime(device)
     graph = vlm("single")
@@ -92,7 +92,7 @@ def _cpu_to_cuda(root: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from mimo_builder.launch import RankError, launch
+    from mimo_builder.platform.launch import RankError, launch
 
     root = str(tmp_path_factory.mktemp("ckpt"))
     out = {}

@@ -39,7 +39,7 @@ def _graph(name: str):
     from graphs.avlm import avlm
     from graphs.mamba_lm import mamba_lm
     from graphs.vlm import vlm
-    from mimo_builder.graph import Graph
+    from mimo_builder.document.graph import Graph
 
     if name == "text_only":  # a backbone with modality ports and nothing connected to them
         lm = parts.backbone(image=parts.IMAGE_TOKEN, audio=parts.AUDIO_TOKEN)
@@ -93,10 +93,10 @@ def _schedule_equals_plain_forward() -> dict:
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.vlm import vlm
-    from mimo_builder import compat
+    from mimo_builder.platform import compat
     from mimo_builder.runtime.schedule import GraphSchedule
     from mimo_builder.runtime.synthetic import synthetic_batch
-    from mimo_builder.walker import CompositeBuilder
+    from mimo_builder.build.walker import CompositeBuilder
 
     device = compat.init_runtime("auto")
     (model,) = CompositeBuilder(vlm("single"), seed=5).build_distributed_models(
@@ -140,7 +140,7 @@ def _all_cases() -> dict:
 
 @pytest.fixture(scope="module")
 def results():
-    from mimo_builder.launch import RankError, launch
+    from mimo_builder.platform.launch import RankError, launch
 
     try:
         return launch(_all_cases, 1, backend="nccl", timeout_s=150)[0]

@@ -5,7 +5,7 @@ A builder or hook is named in documents either by a registered short name (``mam
 prefix, checked BEFORE anything is imported, so a document cannot make the process import
 arbitrary code (``os:system`` is refused without importing ``os``). The attribute path is walked
 without leaving the allowed modules: every object on it must be defined under an allowed prefix
-and none may be a module, so ``mimo_builder.launch:os.system`` is refused too.
+and none may be a module, so ``mimo_builder.platform.launch:os.system`` is refused too.
 
 The state (allowed prefixes, in-code registrations, the entry points read once, who reads the
 messages, extra import roots) lives in a :class:`Registry`; the module-level functions use the
@@ -86,7 +86,7 @@ class Registry:
         top = module_name.split(".")[0]
         if self.audience == "cli":
             return f"To trust it, add --allow {top} before the command (mimo-builder --allow {top} COMMAND ...)"
-        return (f"To trust it, call mimo_builder.registry.allow_modules({top!r}) before loading the graph "
+        return (f"To trust it, call mimo_builder.kinds.registry.allow_modules({top!r}) before loading the graph "
                 f"(or Registry.allow({top!r}) on your own registry)")
 
     def _check_prefix(self, prefix: str) -> None:
@@ -135,14 +135,14 @@ class Registry:
 
     def resolve_builder(self, ref: str, where: str = "builder") -> type:
         """The builder class named by ``ref``; it must subclass mimo_builder's ModelBuilder."""
-        from mimo_builder.builder import ModelBuilder
+        from mimo_builder.kinds.builder import ModelBuilder
 
-        from mimo_builder.contract import builder_class_problems
+        from mimo_builder.kinds.contract import builder_class_problems
 
         obj = self._resolve(BUILDER_GROUP, ref, where)
         if not (isinstance(obj, type) and issubclass(obj, ModelBuilder)):
             raise ConfigError(f"{where}: {ref!r} resolves to {_describe(obj)}, which is not a subclass of "
-                              "mimo_builder.builder.ModelBuilder")
+                              "mimo_builder.kinds.builder.ModelBuilder")
         problems = builder_class_problems(obj, ref)
         if problems:
             raise ConfigError("\n".join(f"{where}: {p}" for p in problems))
@@ -161,26 +161,26 @@ class Registry:
     def resolve_graph(self, ref: str, where: str = "graph"):
         """The Graph named by ``module:attr``: a Graph, or a function called without arguments
         that returns one (both defined under an allowed prefix)."""
-        from mimo_builder.graph import Graph
+        from mimo_builder.document.graph import Graph
 
         obj = self.import_reference(ref, where)
         if isinstance(obj, Graph):
             return obj
         if not (inspect.isfunction(obj) or inspect.ismethod(obj)):
-            raise ConfigError(f"{where}: {ref!r} is {_describe(obj)}, not a mimo_builder.graph.Graph "
+            raise ConfigError(f"{where}: {ref!r} is {_describe(obj)}, not a mimo_builder.document.graph.Graph "
                               "or a function returning one")
         signature = inspect.signature(obj)
         if not _may_return(signature.return_annotation, Graph):
             raise ConfigError(f"{where}: {ref!r} is annotated to return "
                               f"{inspect.formatannotation(signature.return_annotation)}, "
-                              "not a mimo_builder.graph.Graph; it was not called")
+                              "not a mimo_builder.document.graph.Graph; it was not called")
         try:
             signature.bind()
         except TypeError as err:
             raise ConfigError(f"{where}: {ref!r} must be callable without arguments to return a Graph: {err}") from err
         graph = obj()
         if not isinstance(graph, Graph):
-            raise ConfigError(f"{where}: {ref!r} returned {_describe(graph)}, not a mimo_builder.graph.Graph")
+            raise ConfigError(f"{where}: {ref!r} returned {_describe(graph)}, not a mimo_builder.document.graph.Graph")
         return graph
 
     def import_reference(self, ref: str, where: str) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from mimo_builder.graph import Graph
+from mimo_builder.document.graph import Graph
 from mimo_builder.placement import Layout, count_process_groups, create_process_groups
 from mimo_builder.validation import ValidGraph, validate_graph
 
@@ -35,7 +35,7 @@ class NodePlan:
 
     transformer_config: Any = None
     """The MCore TransformerConfig the node builds with on its layout (None when not counted):
-    what :mod:`mimo_builder.estimate` reads for dtype, parallel sizes and recomputation."""
+    what :mod:`mimo_builder.planning.estimate` reads for dtype, parallel sizes and recomputation."""
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Plan:
         return sum(n.stage_params[c["pp"]] for n, c in hosted)
 
     def as_dict(self, estimates=None) -> dict:
-        """The plan as JSON-ready data; with ``estimates`` (:func:`mimo_builder.estimate.estimate_plan`)
+        """The plan as JSON-ready data; with ``estimates`` (:func:`mimo_builder.planning.estimate.estimate_plan`)
         each node and rank also carries ``memory_bytes`` and ``flops_per_step`` (None without)."""
         empty = {"memory_bytes": None, "flops_per_step": None}
         return {
@@ -124,7 +124,8 @@ def _count_on_fake_world(valid: ValidGraph, name: str, layout: Layout, stage: in
     TransformerConfig they were built with."""
     from torch.testing._internal.distributed import fake_pg  # noqa: F401  (registers the backend)
 
-    from mimo_builder import compat, distributed
+    from mimo_builder.build import distributed
+    from mimo_builder.platform import compat
 
     if dist.is_initialized():
         raise RuntimeError("make_plan counts parameters on a fake world; call it before torch.distributed "

@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from mimo_builder.estimate import Estimates, format_bytes, format_flops
-from mimo_builder.plan import Plan
+from mimo_builder.planning.estimate import Estimates, format_bytes, format_flops
+from mimo_builder.planning.plan import Plan
 
 PER_RANK_ROWS = 32  # above this many ranks, consecutive ranks with the same hosting are merged
 

@@ -23,13 +23,13 @@ from megatron.core.transformer.module import Float16Module
 from megatron.training.models import base as mcore_base
 from megatron.training.models.base import compose_hooks
 
-from mimo_builder.builder import Port, Ports
+from mimo_builder.kinds.builder import Port, Ports
 from mimo_builder.checkpoint.pretrained import load_initial_weights
-from mimo_builder.compat import seed_rng
+from mimo_builder.platform.compat import seed_rng
 from mimo_builder.errors import MimoError
-from mimo_builder.graph import Graph
+from mimo_builder.document.graph import Graph
 from mimo_builder.placement import ProcessGroups, control_group, create_process_groups
-from mimo_builder.registry import resolve_hook
+from mimo_builder.kinds.registry import resolve_hook
 from mimo_builder.runtime.guard import StepGuard
 from mimo_builder.validation import ValidGraph, validate_graph
 

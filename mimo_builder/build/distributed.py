@@ -4,7 +4,7 @@ Steps, in order: build the virtual-pipeline chunks (on the meta device if the co
 pre-wrap hook, TP attribute defaults, device placement, mixed-precision wrapper, meta
 materialization, DDP (or FSDP) wrapping on the node's own groups, DP-rank-0 broadcast.
 The steps reuse ``megatron.training.models.dist_utils``; what differs is that the device comes
-from :func:`mimo_builder.compat.resolve_device` instead of being assumed to be CUDA.
+from :func:`mimo_builder.platform.compat.resolve_device` instead of being assumed to be CUDA.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from megatron.core.transformer import MegatronModule, TransformerConfig
 from megatron.core.transformer.module import Float16Module
 from megatron.training.models import dist_utils
 
-from mimo_builder.compat import resolve_device
+from mimo_builder.platform.compat import resolve_device
 from mimo_builder.errors import ConfigError
 
 Hook = Callable[[list[MegatronModule]], list[MegatronModule]]

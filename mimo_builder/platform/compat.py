@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
-from mimo_builder.cpu_rng import CPURNGStatesTracker, seed_rng  # noqa: F401 (public here too)
-from mimo_builder.environment import prepare_mamba_ssm_import, quiet_dependency_warnings  # noqa: F401
-from mimo_builder.patching import Patch, Patches, Workaround  # noqa: F401 (public here too)
+from mimo_builder.platform.cpu_rng import CPURNGStatesTracker, seed_rng  # noqa: F401 (public here too)
+from mimo_builder.platform.environment import prepare_mamba_ssm_import, quiet_dependency_warnings  # noqa: F401
+from mimo_builder.platform.patching import Patch, Patches, Workaround  # noqa: F401 (public here too)
 
 def _te_missing(device: torch.device) -> bool:
     return device.type == "cpu" or importlib.util.find_spec("transformer_engine") is None

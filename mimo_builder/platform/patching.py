@@ -1,5 +1,5 @@
 """Replacing attributes of other libraries and putting them back: the mechanism behind
-:mod:`mimo_builder.compat`'s workarounds (and the checkpoint loader's safe unpickling)."""
+:mod:`mimo_builder.platform.compat`'s workarounds (and the checkpoint loader's safe unpickling)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class Workaround:
     """One CPU workaround: a name, the MCore behaviour it answers, and how to apply it.
 
     ``apply`` replaces attributes through the ``patch`` it is given; ``None`` marks a workaround
-    that is a scope instead (:func:`mimo_builder.compat.cuda_factories_on_cpu`), entered around the MCore calls that
+    that is a scope instead (:func:`mimo_builder.platform.compat.cuda_factories_on_cpu`), entered around the MCore calls that
     need it and never installed process-wide.
     """
 

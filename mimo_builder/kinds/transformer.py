@@ -16,10 +16,10 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from pydantic import Field
 
-from mimo_builder.compat import resolve_device
-from mimo_builder.config import ModelConfig, PositiveInt
+from mimo_builder.platform.compat import resolve_device
+from mimo_builder.document.config import ModelConfig, PositiveInt
 from mimo_builder.errors import ConfigError
-from mimo_builder.mcore_options import TransformerOptions
+from mimo_builder.document.options import TransformerOptions
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Options owned by named fields or by the process groups; refused in the passthrough dict.

@@ -4,7 +4,7 @@
 or ``[fn(*args)]`` for this rank under torchrun. The backend follows the device, as under
 torchrun: NCCL with ``cuda:LOCAL_RANK`` where CUDA is available, gloo on CPU
 (``MIMO_BUILDER_P2P=strict`` makes gloo's point-to-point keep NCCL's rules:
-:mod:`mimo_builder.strict_p2p`). If any spawned rank raises, the other ranks are stopped at once
+:mod:`mimo_builder.platform.strict_p2p`). If any spawned rank raises, the other ranks are stopped at once
 and :class:`RankError` carries the failing rank's number and traceback: a failure never turns
 into a hang.
 """
@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mimo_builder.compat import quiet_dependency_warnings, resolve_device
+from mimo_builder.platform.compat import quiet_dependency_warnings, resolve_device
 from mimo_builder.errors import MimoError
-from mimo_builder.strict_p2p import BANNER, p2p_mode, strict_p2p
+from mimo_builder.platform.strict_p2p import BANNER, p2p_mode, strict_p2p
 
 DEFAULT_INIT_TIMEOUT_S = 120.0
 _POLL_S = 0.2
@@ -153,7 +153,7 @@ def _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend, strict):
 
 def _rank_context():
     """Without a GPU, ranks fork from a server process that imported most of the stack once
-    (:mod:`mimo_builder.preload`): a fresh process per rank, as with "spawn", without importing
+    (:mod:`mimo_builder.platform.preload`): a fresh process per rank, as with "spawn", without importing
     torch again each time. With a GPU, "spawn": importing torch's compiler stack there queries
     the device, after which torch refuses CUDA in forked children."""
     import torch
@@ -161,7 +161,7 @@ def _rank_context():
     if torch.cuda.is_available():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["mimo_builder.preload"])
+    ctx.set_forkserver_preload(["mimo_builder.platform.preload"])
     return ctx
 
 

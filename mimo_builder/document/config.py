@@ -15,10 +15,10 @@ from typing import Annotated, Any, Callable, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_serializer
 
-from mimo_builder.document import parse_json, parse_yaml
+from mimo_builder.document.files import parse_json, parse_yaml
 from mimo_builder.errors import ConfigError, clip, excerpt
-from mimo_builder.mcore_options import closest
-from mimo_builder.registry import reference_of, resolve_builder, resolve_hook
+from mimo_builder.document.options import closest
+from mimo_builder.kinds.registry import reference_of, resolve_builder, resolve_hook
 
 PositiveInt = Annotated[int, Field(strict=True, gt=0)]
 """An int > 0 written as an int: booleans, floats and strings ("2") are refused, not converted."""
@@ -94,7 +94,7 @@ class ModelConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, text: str, where: str | None = None) -> "ModelConfig":
-        """Parse with safe YAML only (:func:`mimo_builder.document.parse_yaml`): YAML tags cannot
+        """Parse with safe YAML only (:func:`mimo_builder.document.files.parse_yaml`): YAML tags cannot
         construct Python objects, duplicate keys and alias bombs are refused."""
         return cls.from_dict(parse_yaml(text, where or "config"), where)
 
@@ -145,7 +145,7 @@ def _hook_reference(hook: Callable) -> str:
     ref = reference_of(hook)
     if getattr(hook, "__mimo_name__", None) is None and "<" in ref:
         raise ConfigError(
-            f"hook {ref} is not serializable: register it with @mimo_builder.registry.register_hook('name') "
+            f"hook {ref} is not serializable: register it with @mimo_builder.kinds.registry.register_hook('name') "
             "or define it at module level under an allowed prefix"
         )
     return ref

@@ -12,8 +12,8 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from mimo_builder.graph import Graph
-from mimo_builder.registry import BUILDER_GROUP, Registry, active_registry
+from mimo_builder.document.graph import Graph
+from mimo_builder.kinds.registry import BUILDER_GROUP, Registry, active_registry
 
 REFERENCE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
 """A ``module:Class`` builder reference."""

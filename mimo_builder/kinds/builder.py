@@ -3,9 +3,9 @@
 Subclasses MCore 0.19's ``megatron.training.models.base.ModelBuilder`` and keeps its exact
 signatures, so Megatron-Bridge's training setup can call our builders unchanged. A concrete
 builder defines ``ports`` and ``build_model`` (and ``run``, ``output_tokens``, ... where
-:mod:`mimo_builder.contract` says so); a builder with MCore transformer layers also overrides
+:mod:`mimo_builder.kinds.contract` says so); a builder with MCore transformer layers also overrides
 ``make_transformer_config``. The distributed lifecycle (VP chunks, meta init, mixed precision,
-DDP, hooks) is shared in :mod:`mimo_builder.distributed`. docs/extending.md walks through one.
+DDP, hooks) is shared in :mod:`mimo_builder.build.distributed`. docs/extending.md walks through one.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.training.models import base as mcore_base
 from megatron.training.models.base import compose_hooks
 
-from mimo_builder import distributed, layer_costs
-from mimo_builder.compat import resolve_device
-from mimo_builder.config import ModelConfig
+from mimo_builder.build import distributed
+from mimo_builder.kinds import costs as layer_costs
+from mimo_builder.platform.compat import resolve_device
+from mimo_builder.document.config import ModelConfig
 from mimo_builder.errors import ConfigError
-from mimo_builder.layer_costs import StageCost
-from mimo_builder.transformer_config import parallel_transformer_config
+from mimo_builder.kinds.costs import StageCost
+from mimo_builder.kinds.transformer import parallel_transformer_config
 
 if TYPE_CHECKING:
     from mimo_builder.hf import HFMapping
@@ -127,7 +128,7 @@ class ModelBuilder(mcore_base.ModelBuilder):
         The default carries only what MCore's wrappers read (parallel sizes, the config's
         ``dtype`` if it has one, CPU initialisation): enough for a module without transformer
         layers. Builders with MCore transformer layers override it, usually with
-        :func:`mimo_builder.transformer_config.make_transformer_config`."""
+        :func:`mimo_builder.kinds.transformer.make_transformer_config`."""
         return parallel_transformer_config(pg_collection, dtype=getattr(self.config, "dtype", "fp32"))
 
     def _checked_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
@@ -239,7 +240,7 @@ class ModelBuilder(mcore_base.ModelBuilder):
         """Activation bytes and FLOPs of one microbatch of ``micro_batch`` samples through each
         virtual pipeline stage (pp x vp, in layer order) of this node built with ``config`` (the
         TransformerConfig of its placement: TP/CP/PP sizes, dtype, recomputation); ``tokens`` as
-        in :meth:`planned_tokens`. See :mod:`mimo_builder.layer_costs` for what is counted.
+        in :meth:`planned_tokens`. See :mod:`mimo_builder.kinds.costs` for what is counted.
 
         The default, for builders that do not say: ``config.num_layers`` transformer layers with
         MCore's local (unfused, ``s^2``) attention, split evenly over the stages, no embedding or

@@ -1,7 +1,7 @@
 """What a node kind must define, checked before anything is built.
 
-A node kind is a :class:`~mimo_builder.config.ModelConfig` subclass (its fields) and a
-:class:`~mimo_builder.builder.ModelBuilder` subclass that names it in ``config_class`` and defines
+A node kind is a :class:`~mimo_builder.document.config.ModelConfig` subclass (its fields) and a
+:class:`~mimo_builder.kinds.builder.ModelBuilder` subclass that names it in ``config_class`` and defines
 ``ports()`` and ``build_model()``; ``run()`` unless it has exactly one input and one output port;
 ``run_stage()`` to run with pp > 1; ``output_tokens()`` when an output feeds a port with a
 ``tokens`` axis; ``synthetic_inputs()`` for ``mimo-builder run`` when the batch feeds it.
@@ -11,7 +11,7 @@ them with the node instead of a ``TypeError`` traceback at build time.
 
 from __future__ import annotations
 
-from mimo_builder.config import ModelConfig
+from mimo_builder.document.config import ModelConfig
 from mimo_builder.errors import ConfigError
 
 REQUIRED = {
@@ -27,7 +27,7 @@ def class_name(cls: type) -> str:
 
 def defines(builder: object, method: str) -> bool:
     """Whether ``builder``'s class (or a base other than ModelBuilder) defines ``method``."""
-    from mimo_builder.builder import ModelBuilder
+    from mimo_builder.kinds.builder import ModelBuilder
 
     cls = builder if isinstance(builder, type) else type(builder)
     return getattr(cls, method) is not getattr(ModelBuilder, method)

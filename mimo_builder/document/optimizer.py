@@ -16,8 +16,8 @@ from typing import Any, Literal
 from megatron.core.optimizer import OptimizerConfig
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
 
-from mimo_builder.config import NonNegativeInt, PositiveInt
-from mimo_builder.mcore_options import options_type
+from mimo_builder.document.config import NonNegativeInt, PositiveInt
+from mimo_builder.document.options import options_type
 
 OptimizerOptions = options_type(OptimizerConfig)
 # OptimizerConfig fields set by named settings, by the node's model (precision) or by its DDP

@@ -1,4 +1,4 @@
-"""Memory and compute per rank for a dry-run :class:`~mimo_builder.plan.Plan`: arithmetic only.
+"""Memory and compute per rank for a dry-run :class:`~mimo_builder.planning.plan.Plan`: arithmetic only.
 
 **Memory** of a node on one of its ranks (bytes):
 
@@ -12,7 +12,7 @@
   optimizer (Megatron's table: 18 bytes per bf16 parameter with fp32 gradients, 6 + 12/d
   distributed);
 - ``activations``: the bytes each (virtual) stage keeps for backward per microbatch (the
-  builder's :meth:`~mimo_builder.builder.ModelBuilder.stage_costs`) times the microbatches in
+  builder's :meth:`~mimo_builder.kinds.builder.ModelBuilder.stage_costs`) times the microbatches in
   flight on the rank, walked along the rank's 1F1B order from the pipeline plan (a forward adds
   its microbatch, the backward frees it); nodes that run no backward keep nothing. A node's
   figure is its own peak; a rank's total is the peak of the sum over its nodes.
@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 
 from mimo_builder.errors import MimoError
-from mimo_builder.layer_costs import StageCost
-from mimo_builder.plan import NodePlan, Plan
+from mimo_builder.kinds.costs import StageCost
+from mimo_builder.planning.plan import NodePlan, Plan
 
 MEMORY_KEYS = ("params", "grads", "optimizer", "activations", "total")
 UNBALANCED = 2.0  # slowest / fastest rank group above this gets a warning

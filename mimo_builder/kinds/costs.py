@@ -92,7 +92,7 @@ def builds_te(impl: str) -> bool:
     """Whether a node with this ``impl`` ('te', 'local', 'auto') builds Transformer Engine layers
     (fused attention without ``s^2`` probabilities, fused norms); 'auto': TE when importable with
     a GPU on the machine that plans, so plan with ``impl: te`` for a TE run elsewhere."""
-    from mimo_builder.transformer_config import te_available
+    from mimo_builder.kinds.transformer import te_available
 
     return impl == "te" or (impl == "auto" and te_available())
 

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from mimo_builder.errors import ConfigError, MimoError
-from mimo_builder.patching import Patches
+from mimo_builder.platform.patching import Patches
 
 MODE_VARIABLE = "MIMO_BUILDER_P2P"
 TIMEOUT_VARIABLE = "MIMO_BUILDER_P2P_TIMEOUT"

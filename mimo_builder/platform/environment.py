@@ -1,6 +1,6 @@
 """The Python environment MCore runs in: its optional-package imports and their notices.
 
-Not workarounds of MCore's CUDA assumptions (those are in :mod:`mimo_builder.compat`, which
+Not workarounds of MCore's CUDA assumptions (those are in :mod:`mimo_builder.platform.compat`, which
 re-exports these two for its callers).
 """
 

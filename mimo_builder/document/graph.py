@@ -21,10 +21,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mimo_builder.config import HookRef, ModelConfig, NonNegativeInt, PositiveInt, StrictBool, _describe
-from mimo_builder.document import load_file, parse_json, parse_yaml
+from mimo_builder.document.config import HookRef, ModelConfig, NonNegativeInt, PositiveInt, StrictBool, _describe
+from mimo_builder.document.files import load_file, parse_json, parse_yaml
 from mimo_builder.errors import ConfigError, excerpt
-from mimo_builder.optim_config import NodeOptimizer, OptimizerSettings
+from mimo_builder.document.optimizer import NodeOptimizer, OptimizerSettings
 from mimo_builder.placement import Layout, fit_to_world
 
 ARROW = "->"
@@ -227,7 +227,7 @@ class Graph(_Strict):
 
     @classmethod
     def from_yaml(cls, text: str, where: str = "graph") -> "Graph":
-        """Parse with safe YAML only, refusing duplicate keys and alias bombs (:mod:`mimo_builder.document`)."""
+        """Parse with safe YAML only, refusing duplicate keys and alias bombs (:mod:`mimo_builder.document.files`)."""
         return cls.from_dict(parse_yaml(text, where), where)
 
     @classmethod
@@ -257,8 +257,8 @@ class Graph(_Strict):
     @classmethod
     def json_schema(cls) -> dict[str, Any]:
         """The document's JSON Schema, each node's config checked against its builder's config
-        class (:func:`mimo_builder.schema.graph_schema`)."""
-        from mimo_builder.schema import graph_schema
+        class (:func:`mimo_builder.kinds.schema.graph_schema`)."""
+        from mimo_builder.kinds.schema import graph_schema
 
         return graph_schema()
 
@@ -311,7 +311,7 @@ def load_graph(source: str) -> Graph:
     """A graph from a YAML/JSON file path (JSON for ``.json``; a regular file of at most 1 MiB),
     or from ``module:attr`` naming a Graph (or a function returning one) under the allowed
     module prefixes."""
-    from mimo_builder.registry import resolve_graph
+    from mimo_builder.kinds.registry import resolve_graph
 
     if source.endswith(DOCUMENT_SUFFIXES) or os.path.lexists(source):
         return Graph.from_dict(load_file(source, what="graph file"), where=source)

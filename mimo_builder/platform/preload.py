@@ -8,7 +8,7 @@ stack queries the device too, so ranks there are spawned (``launch._rank_context
 ``tests/test_launch.py`` checks that ranks can still use CUDA.
 """
 
-from mimo_builder.environment import quiet_dependency_warnings
+from mimo_builder.platform.environment import quiet_dependency_warnings
 
 quiet_dependency_warnings()  # the server's imports print nothing either
 
