@@ -39,7 +39,7 @@ from pydantic import NonNegativeFloat, PositiveInt  # noqa: E402
 
 from common import report  # noqa: E402
 from mimo_builder.kinds.builder import ModelBuilder, Port, Ports  # noqa: E402
-from mimo_builder.document.config import ModelConfig  # noqa: E402
+from mimo_builder.kinds.config import ModelConfig  # noqa: E402
 from mimo_builder.kinds.registry import allow_modules  # noqa: E402
 
 STAGES, WORLD, BATCH, TOKENS = 4, 4, 8, 4

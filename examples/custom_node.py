@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
-from mimo_builder.document.config import ModelConfig, PositiveInt
+from mimo_builder.kinds.config import ModelConfig, PositiveInt
 
 
 class PatchMLPConfig(ModelConfig):

@@ -15,7 +15,7 @@ def _rss_mb() -> float:
 
 
 def build_on_meta(preset_name: str):
-    from mimo_builder.build import distributed
+    from mimo_builder.kinds import distributed
     from mimo_builder.platform import compat
     from mimo_builder.placement import Layout, create_process_groups
     from submodels import mamba_presets

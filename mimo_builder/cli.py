@@ -175,7 +175,8 @@ def _load(args, world_size: int | None, lead: bool = True):
     """The document FILE names, spread over ``world_size`` ranks with --colocate (what changed
     goes to stderr)."""
     from mimo_builder.errors import ConfigError
-    from mimo_builder.document.graph import colocation_changes, load_graph
+    from mimo_builder.document.graph import colocation_changes
+    from mimo_builder.kinds.loading import load_graph
 
     graph = load_graph(args.file)
     if not args.colocate:

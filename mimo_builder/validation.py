@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from megatron.core.distributed import DistributedDataParallelConfig
 
 from mimo_builder.kinds.builder import ModelBuilder, Ports
-from mimo_builder.document.config import ModelConfig
+from mimo_builder.kinds.config import ModelConfig
 from mimo_builder.kinds.contract import class_name, run_problems, token_count_problem
 from mimo_builder.errors import ConfigError, GraphError, excerpt
 from mimo_builder.document.graph import Graph, parse_edge, parse_port_ref
@@ -23,6 +23,7 @@ from mimo_builder.hf.nodes import init_problems as hf_init_problems
 from mimo_builder.document.options import check_options
 from mimo_builder.document.optimizer import OptimizerSettings
 from mimo_builder.placement import Layout
+from mimo_builder.kinds.loading import node_config
 from mimo_builder.kinds.registry import resolve_hook
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -61,6 +62,7 @@ class ValidGraph:
     layouts: dict[str, Layout] = field(default_factory=dict)
 
     def ports(self, node: str) -> Ports:
+        """The input and output ports of ``node``, as its builder declares them."""
         return self.builders[node].ports()
 
     def ddp_config(self, node: str, defaults: DistributedDataParallelConfig | None = None) -> DistributedDataParallelConfig:
@@ -102,7 +104,7 @@ def _check_nodes(graph: Graph, problems: list[str]):
             problems.extend(bad_name)
             continue  # other messages would quote the bad name again
         try:
-            configs[name] = node.model_config_object(where=f"node '{name}' config")
+            configs[name] = node_config(node, where=f"node '{name}' config")
             builder = configs[name].make_builder()
             ports = _ports_of(name, builder)
             problems.extend(run_problems(name, builder, ports, node.placement.pp))

@@ -15,9 +15,10 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 
 from mimo_builder.kinds import costs
 from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
-from mimo_builder.document.config import PositiveInt
+from mimo_builder.kinds.config import PositiveInt
 from mimo_builder.errors import ConfigError
 from mimo_builder.kinds.transformer import TransformerModelConfig, make_transformer_config, use_te
+from submodels.hf_whisper import sinusoids, whisper_encoder_mapping  # noqa: F401 (sinusoids: public here too)
 
 
 class AudioConfig(TransformerModelConfig):
@@ -55,6 +56,7 @@ class AudioBuilder(ModelBuilder):
     config_class = AudioConfig
 
     def ports(self) -> Ports:
+        """Input ``features`` (log-mel, in the configured axis order); output ``embeddings`` [B, tokens, hidden]."""
         cfg = self.config
         features = Port("features", ("batch", "frames", "mels"), cfg.n_mels, doc="log-mel spectrogram")
         if cfg.features_layout == "mels_frames":
@@ -67,6 +69,7 @@ class AudioBuilder(ModelBuilder):
         )
 
     def output_tokens(self, input_tokens):
+        """``embeddings`` carries ceil(frames / 2) tokens (the stride-2 conv)."""
         return {"embeddings": math.ceil(self._frames(input_tokens) / 2)}
 
     def _frames(self, input_tokens) -> int:
@@ -82,6 +85,7 @@ class AudioBuilder(ModelBuilder):
         return {"features": torch.randn((batch_size, *shape), generator=generator)}
 
     def planned_tokens(self, tokens):
+        """The transformer's tokens per sample: ceil(frames / 2)."""
         return math.ceil(self._frames(tokens) / 2)
 
     def stage_costs(self, config, micro_batch, tokens):
@@ -100,15 +104,15 @@ class AudioBuilder(ModelBuilder):
         return [costs.stage_cost(config, [layer] * cfg.num_layers, extra, conv_flops)]
 
     def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
+        """The common transformer config for ``pg_collection``, unchanged (GELU, biases, LayerNorm)."""
         return make_transformer_config(self.config, pg_collection)  # GELU, biases, LayerNorm: as Whisper
 
     def hf_mapping(self):
         """Hugging Face Whisper encoder weights (:mod:`submodels.hf_whisper`)."""
-        from submodels.hf_whisper import whisper_encoder_mapping
-
         return whisper_encoder_mapping(self.config)
 
     def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None) -> "AudioEncoder":
+        """The :class:`AudioEncoder` on ``pg_collection``; a ConfigError when its pipeline group has pp > 1."""
         cfg = self.config
         problems = cfg.pp_problems(pg_collection.pp.size())
         if problems:
@@ -138,16 +142,6 @@ def bidirectional_layer_spec(te: bool) -> ModuleSpec:
     return spec
 
 
-def sinusoids(length: int, channels: int, device=None) -> torch.Tensor:
-    """Whisper's fixed position table [length, channels]: sin then cos, timescales 1 to 10000."""
-    half = channels // 2
-    rate = math.log(10000) / max(half - 1, 1)
-    inv_timescales = torch.exp(-rate * torch.arange(half, device=device, dtype=torch.float32))
-    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_timescales[None, :]
-    table = torch.cat([angles.sin(), angles.cos()], dim=1)
-    return F.pad(table, (0, channels - 2 * half))
-
-
 class AudioEncoder(MegatronModule):
     """Log-mel [B, T, n_mels] ([B, n_mels, T] when ``mels_first``) -> Conv1d+GELU, Conv1d(stride 2)
     +GELU -> + positions -> MCore TransformerBlock with final norm -> [B, ceil(T/2), hidden].
@@ -170,9 +164,11 @@ class AudioEncoder(MegatronModule):
                                         pg_collection=pg_collection, vp_stage=vp_stage)
 
     def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
+        """Pass MCore's pipeline input tensor on to the transformer block."""
         self.decoder.set_input_tensor(input_tensor)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Embeddings [B, ceil(T/2), hidden] of log-mel ``features``; a ValueError beyond ``max_tokens``."""
         x = F.gelu(self.conv1(features if self.mels_first else features.transpose(1, 2)))  # [B, H, T]
         x = F.gelu(self.conv2(x)).transpose(1, 2)  # [B, T', H]
         tokens = x.shape[1]

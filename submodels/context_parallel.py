@@ -23,6 +23,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 
 def cp_size(group: dist.ProcessGroup | None) -> int:
+    """Ranks in the CP ``group``; 1 when it is None."""
     return 1 if group is None else group.size()
 
 
@@ -84,6 +85,7 @@ class ContextParallelAttention(DotProductAttention):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
+        """MCore's attention; with cp > 1, over keys and values of every CP rank, causal by global position."""
         size = cp_size(self.cp_group)
         if size == 1:
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,

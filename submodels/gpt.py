@@ -11,7 +11,7 @@ from megatron.core.transformer import TransformerConfig
 
 from mimo_builder.kinds import costs
 from mimo_builder.kinds.builder import ModelBuilder, Port, Ports, token_input_ports
-from mimo_builder.document.config import PositiveInt, StrictBool
+from mimo_builder.kinds.config import PositiveInt, StrictBool
 from mimo_builder.kinds.transformer import (
     TransformerModelConfig,
     make_transformer_config,
@@ -48,6 +48,7 @@ class GPTBuilder(ModelBuilder):
     config_class = GPTConfig
 
     def ports(self) -> Ports:
+        """Token inputs (ids, positions, labels, loss mask); outputs ``logits`` and per-token ``loss``."""
         cfg = self.config
         positions = cfg.seq_length if cfg.position_embedding_type == "learned_absolute" else None  # a table
         return Ports.of(
@@ -61,6 +62,7 @@ class GPTBuilder(ModelBuilder):
         )
 
     def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
+        """The common transformer config for ``pg_collection``, with no GPT-specific fields."""
         return make_transformer_config(self.config, pg_collection)
 
     def run(self, model, inputs):
@@ -96,6 +98,7 @@ class GPTBuilder(ModelBuilder):
                 for k, count in enumerate(split)]
 
     def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None) -> GPTModel:
+        """MCore's GPTModel for one (virtual) stage, vocabulary padded for TP; None flags mean True."""
         from megatron.core.models.gpt import gpt_layer_specs
 
         cfg = self.config

@@ -9,6 +9,11 @@ and written on export.
 
 from __future__ import annotations
 
+import math
+
+import torch
+import torch.nn.functional as F
+
 from mimo_builder.hf import Expect, HFMapping, HFWeightsError, fused_qkv, rename
 
 LAYER = {"self_attn_layer_norm": "input_layernorm", "self_attn.out_proj": "self_attention.linear_proj",
@@ -17,8 +22,6 @@ LAYER = {"self_attn_layer_norm": "input_layernorm", "self_attn.out_proj": "self_
 
 def whisper_encoder_mapping(cfg) -> HFMapping:
     """The mapping of an :class:`~submodels.audio.AudioConfig` to a Whisper encoder."""
-    from submodels.audio import sinusoids
-
     if cfg.num_query_groups not in (None, cfg.num_attention_heads):
         raise HFWeightsError("Whisper attention has one key/value head per query head; leave num_query_groups unset")
     heads = cfg.num_attention_heads
@@ -56,3 +59,13 @@ def _expected_fields(cfg) -> dict[str, Expect]:
         "max_source_positions": Expect(cfg.max_tokens, "max_frames / 2", 1500),
         "activation_function": Expect("gelu", "the node's GELU", "gelu"),
     }
+
+
+def sinusoids(length: int, channels: int, device=None) -> torch.Tensor:
+    """Whisper's fixed position table [length, channels]: sin then cos, timescales 1 to 10000."""
+    half = channels // 2
+    rate = math.log(10000) / max(half - 1, 1)
+    inv_timescales = torch.exp(-rate * torch.arange(half, device=device, dtype=torch.float32))
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_timescales[None, :]
+    table = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return F.pad(table, (0, channels - 2 * half))

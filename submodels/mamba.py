@@ -29,7 +29,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 
 from mimo_builder.kinds.builder import ModelBuilder, Port, Ports, token_input_ports  # noqa: E402
 from mimo_builder.platform.compat import resolve_device  # noqa: E402
-from mimo_builder.document.config import PositiveInt, StrictBool, StrictInt  # noqa: E402
+from mimo_builder.kinds.config import PositiveInt, StrictBool, StrictInt  # noqa: E402
 from mimo_builder.errors import ConfigError  # noqa: E402
 from mimo_builder.build.tp_shard import unwrap  # noqa: E402
 from mimo_builder.kinds.transformer import (  # noqa: E402
@@ -103,14 +103,6 @@ class MambaConfig(TransformerModelConfig):
     modality_token_ids: dict[str, StrictInt] = Field(default_factory=dict)
     """Input port name -> placeholder token id; that modality's embeddings replace those tokens."""
 
-    @classmethod
-    def from_mcore(cls, config, *, impl: str | None = None) -> "MambaConfig":
-        """This config from MCore's ``HybridModelConfig`` or its ``as_dict()`` form; fields it
-        cannot express are a ConfigError naming them (:mod:`submodels.mcore_interop`)."""
-        from submodels.mcore_interop import import_hybrid_config
-
-        return import_hybrid_config(config, impl=impl).config
-
     @property
     def layer_symbols(self) -> str:
         """The pattern without pipeline separators."""
@@ -118,6 +110,7 @@ class MambaConfig(TransformerModelConfig):
 
     @property
     def mamba_heads(self) -> int:
+        """Mamba heads: ``mamba_num_heads``, else 2 * hidden_size / mamba_head_dim."""
         return self.mamba_num_heads or 2 * self.hidden_size // self.mamba_head_dim
 
     @model_validator(mode="after")
@@ -146,9 +139,11 @@ class MambaConfig(TransformerModelConfig):
         return self
 
     def has_experts(self) -> bool:
+        """Whether the pattern has MoE layers ('E')."""
         return "E" in self.layer_symbols
 
     def tp_problems(self, tp: int) -> list[str]:
+        """Why this config cannot be split over ``tp`` ranks: attention heads and groups, Mamba heads and groups."""
         out = super().tp_problems(tp)
         if out and "*" not in self.layer_symbols:  # MCore's TransformerConfig checks the heads anyway
             out = [f"{p} (Megatron-Core requires it even without attention layers)" for p in out]
@@ -206,6 +201,7 @@ class MambaBuilder(ModelBuilder):
     config_class = MambaConfig
 
     def ports(self) -> Ports:
+        """Token inputs plus one optional embeddings input per modality; outputs logits, loss and correct."""
         cfg = self.config
         positions = cfg.seq_length if cfg.position_embedding_type == "learned_absolute" else None  # a table
         return Ports.of(
@@ -224,6 +220,7 @@ class MambaBuilder(ModelBuilder):
         )
 
     def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
+        """The transformer config with the norm, activation, Mamba sizes and, with experts, the MoE options."""
         cfg = self.config
         moe: dict[str, Any] = {}
         if cfg.num_experts is not None:
@@ -243,6 +240,7 @@ class MambaBuilder(ModelBuilder):
         )
 
     def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None) -> HybridModel:
+        """MCore's HybridModel for one stage (:meth:`hybrid_model_kwargs`)."""
         return HybridModel(**self.hybrid_model_kwargs(pg_collection, pre_process, post_process, vp_stage))
 
     def hybrid_model_kwargs(self, pg_collection, pre_process=None, post_process=None, vp_stage=None) -> dict:

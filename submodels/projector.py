@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 
 from mimo_builder.kinds import costs
 from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
-from mimo_builder.document.config import ModelConfig, PositiveInt
+from mimo_builder.kinds.config import ModelConfig, PositiveInt
 from mimo_builder.errors import ConfigError
 from mimo_builder.document.options import TransformerOptions
 from mimo_builder.kinds.transformer import OWNED_OPTIONS, make_transformer_config, use_te
@@ -105,6 +105,7 @@ class ProjectorBuilder(ModelBuilder):
     config_class = ProjectorConfig
 
     def ports(self) -> Ports:
+        """Input ``input`` [B, tokens, input_size]; output ``output`` [B, tokens / token_reduction, output_size]."""
         cfg = self.config
         return Ports.of(
             inputs=[Port("input", ("batch", "tokens", "features"), cfg.input_size)],
@@ -113,6 +114,7 @@ class ProjectorBuilder(ModelBuilder):
         )
 
     def output_tokens(self, input_tokens):
+        """``output`` carries input tokens / token_reduction; a ConfigError when that does not divide."""
         tokens, r = input_tokens["input"], self.config.token_reduction
         if tokens % r:
             raise ConfigError(f"config.token_reduction {r} does not divide the {tokens} tokens arriving on "
@@ -120,6 +122,7 @@ class ProjectorBuilder(ModelBuilder):
         return {"output": tokens // r}
 
     def synthetic_inputs(self, batch_size, generator, tokens):
+        """Random normal ``input`` of 16 tokens per sample."""
         return {"input": torch.randn((batch_size, 16, self.config.input_size), generator=generator)}
 
     def planned_tokens(self, tokens):
@@ -138,6 +141,7 @@ class ProjectorBuilder(ModelBuilder):
         return [costs.StageCost(saved, merged.matmul_flops(width * cfg.ffn_width + cfg.ffn_width * cfg.output_size))]
 
     def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
+        """The transformer config with the projector's hidden width and activation (no gated or fused unit)."""
         cfg = self.config
         return make_transformer_config(
             cfg, pg_collection,
@@ -149,11 +153,13 @@ class ProjectorBuilder(ModelBuilder):
         )
 
     def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None) -> "Projector":
+        """The :class:`Projector` on ``pg_collection`` (one stage: the pipeline flags are ignored)."""
         return Projector(**self.projector_kwargs(pg_collection))
 
     mimo_roles = frozenset({"projection"})
 
     def mimo_problems(self, role: str) -> list[str]:
+        """The base role check, plus a refusal of token_reduction other than 1."""
         problems = super().mimo_problems(role)
         if self.config.token_reduction != 1:
             problems.append(f"token_reduction {self.config.token_reduction} cannot be exported to MIMO: MIMO "
@@ -198,6 +204,7 @@ class Projector(MultimodalProjector):
             self.encoder.skip_bias_add = False
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Projected tokens [B, N / token_reduction, out] of [B, N, F]; MIMO's [tokens, F] as is when r = 1."""
         if hidden_states.dim() == 2 and self.token_reduction == 1:  # MIMO's flattened [tokens, F]
             return super().forward(hidden_states)
         batch, tokens, features = hidden_states.shape

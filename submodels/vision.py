@@ -14,7 +14,7 @@ from pydantic import model_validator
 
 from mimo_builder.kinds import costs
 from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
-from mimo_builder.document.config import PositiveInt, StrictBool, StrictInt
+from mimo_builder.kinds.config import PositiveInt, StrictBool, StrictInt
 from mimo_builder.errors import ConfigError
 from mimo_builder.kinds.transformer import TransformerModelConfig, make_transformer_config, use_te
 
@@ -91,6 +91,7 @@ class VisionBuilder(ModelBuilder):
     config_class = VisionConfig
 
     def ports(self) -> Ports:
+        """Input ``pixel_values`` [B, C, H, W]; output ``embeddings`` [B, patches (+ class token), hidden]."""
         return Ports.of(
             inputs=[Port("pixel_values", ("batch", "channels", "height", "width"), self.config.image_size,
                          doc="images [B, C, H, W]; the last axis is the width",
@@ -99,14 +100,17 @@ class VisionBuilder(ModelBuilder):
         )
 
     def output_tokens(self, input_tokens):
+        """``embeddings`` carries the config's ``num_tokens``, whatever the input."""
         return {"embeddings": self.config.num_tokens}
 
     def synthetic_inputs(self, batch_size, generator, tokens):
+        """Random normal ``pixel_values`` of the configured channels and image size."""
         cfg = self.config
         shape = (batch_size, cfg.num_channels, cfg.image_size, cfg.image_size)
         return {"pixel_values": torch.randn(shape, generator=generator)}
 
     def planned_tokens(self, tokens):
+        """Tokens per image: the patches plus the class token if any."""
         return self.config.num_tokens
 
     def stage_costs(self, config, micro_batch, tokens):
@@ -122,6 +126,7 @@ class VisionBuilder(ModelBuilder):
         return [costs.stage_cost(config, [layer] * cfg.built_layers, extra, conv_flops)]
 
     def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
+        """The transformer config with the configured activation and only the built layers."""
         cfg = self.config
         # MCore's defaults are CLIP's otherwise: biases on every linear, LayerNorm eps 1e-5.
         return make_transformer_config(cfg, pg_collection, activation_func=ACTIVATIONS[cfg.activation],
@@ -134,6 +139,7 @@ class VisionBuilder(ModelBuilder):
         return clip_vision_mapping(self.config)
 
     def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None) -> "ViTModel":
+        """The :class:`ViTModel` on ``pg_collection`` (:meth:`vit_model_kwargs`)."""
         return ViTModel(**self.vit_model_kwargs(pg_collection, vp_stage))
 
     mimo_roles = frozenset({"encoder"})
@@ -197,10 +203,12 @@ class ViTModel(CLIPViTModel):
 
     @property
     def position_ids(self) -> torch.Tensor:
+        """[1, seq_length] positions 0..seq_length-1, on the position embedding's device."""
         return torch.arange(self.seq_length, device=self.position_embeddings.weight.device).unsqueeze(0)
 
     @position_ids.setter
     def position_ids(self, value) -> None:
+        """Ignore the assigned value: the getter computes the ids."""
         pass  # CLIPViTModel.__init__ assigns a fixed tensor; the getter builds it where needed
 
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mimo_builder.kinds import registry
-from mimo_builder.document.config import ModelConfig
+from mimo_builder.kinds.config import ModelConfig
 from mimo_builder.errors import ConfigError
 from submodels.gpt import GPTBuilder, GPTConfig
 

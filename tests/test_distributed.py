@@ -1,4 +1,4 @@
-"""The shared distributed path (mimo_builder.build.distributed) with real MCore modules on gloo."""
+"""The shared distributed path (mimo_builder.kinds.distributed) with real MCore modules on gloo."""
 
 import resource
 
@@ -147,7 +147,7 @@ def _rss_mb():
 
 
 def _meta_then_materialize():
-    from mimo_builder.build import distributed
+    from mimo_builder.kinds import distributed
     from mimo_builder.placement import Layout
 
     pgs = _groups([Layout(0, 1)])

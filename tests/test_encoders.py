@@ -24,7 +24,7 @@ NODES = {
 
 
 def _config(name, **overrides):
-    from mimo_builder.document.config import ModelConfig
+    from mimo_builder.kinds.config import ModelConfig
 
     return ModelConfig.from_dict({**NODES[name], **overrides})
 
@@ -160,7 +160,7 @@ def test_projector_token_count_not_divisible_is_a_runtime_error(builds):
 # --- ViT-L/14 preset -------------------------------------------------------------------------
 
 def _meta_builds():
-    from mimo_builder.build import distributed
+    from mimo_builder.kinds import distributed
     from mimo_builder.platform import compat
     from submodels.vision import vit_l14_config
 

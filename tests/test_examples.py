@@ -61,7 +61,7 @@ def test_held_out_samples_are_the_last_images_with_other_sounds(train, held_out)
 
 def test_a_collated_batch_fits_the_demo_graph(train):
     from mimo_builder.data import GraphCollator
-    from mimo_builder.document.graph import load_graph
+    from mimo_builder.kinds.loading import load_graph
     from mimo_builder.kinds.registry import active_registry
     from mimo_builder.validation import validate_graph
 

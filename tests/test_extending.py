@@ -16,9 +16,10 @@ from megatron.core.transformer import MegatronModule, TransformerConfig
 
 from mimo_builder import cli
 from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
-from mimo_builder.document.config import ModelConfig, PositiveInt
+from mimo_builder.kinds.config import ModelConfig, PositiveInt
 from mimo_builder.errors import ConfigError, GraphError
-from mimo_builder.document.graph import Graph, load_graph
+from mimo_builder.document.graph import Graph
+from mimo_builder.kinds.loading import load_graph
 from mimo_builder.kinds.registry import Registry, using
 from mimo_builder.runtime.synthetic import check_synthetic, synthetic_batch
 from mimo_builder.validation import validate_graph
@@ -235,7 +236,7 @@ def test_train_options_carry_the_allowlist_and_import_roots(tmp_path):
 def _build_plain_and_custom():
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.build import distributed
+    from mimo_builder.kinds import distributed
     from mimo_builder.platform import compat
     from mimo_builder.placement import Layout, create_process_groups
 

@@ -1,5 +1,5 @@
-"""The GPU check kit, as far as it runs on CPU: ``scripts/gpu-check`` (help, --prepare, --out)
-and ``benchmarks/bench_gpu.py --tiny``.
+"""The GPU check kit, as far as it runs on CPU: ``scripts/gpu-check`` (help, --prepare, --out),
+``benchmarks/bench_gpu.py --tiny`` and ``scripts/gpu_cli_checks.py --quick`` (the user's commands).
 
 The ``network`` tests download from PyPI (``--prepare``) and take about a minute; the --out run
 installs the prepared wheels and the working tree into a temporary target, runs the GPU tests
@@ -14,12 +14,17 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu-check"
+CLI_CHECKS = ROOT / "scripts" / "gpu_cli_checks.py"
 TINY = ["--tiny", "--steps", "2", "--warmup", "1"]
+sys.path.insert(0, str(ROOT / "scripts"))
+import gpu_check_report  # noqa: E402
+import gpu_cli_checks  # noqa: E402
 
 
 def _env(**extra) -> dict:
@@ -101,13 +106,18 @@ def test_out_installs_and_reports_on_cpu(wheels, tmp_path):
     folder, _ = wheels
     out = tmp_path / "out"
     result = _run("--out", str(out), "--wheels", str(folder), timeout=900, MIMO_SITE=str(tmp_path / "site"),
-                  GPU_CHECK_BENCH_ARGS=" ".join(TINY), GPU_CHECK_JOBS="0")  # one process: 2 cores here
+                  GPU_CHECK_BENCH_ARGS=" ".join(TINY), GPU_CHECK_JOBS="0",  # one process: 2 cores here
+                  GPU_CHECK_CLI_ARGS="--quick --only mamba_lm")
     assert result.returncode == 0, result.stdout + result.stderr
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(["report.md", "env.txt", "install.log", "pytest.log", "junit.xml", "bench.log",
-                            "bench.json"]), files
+    assert files == sorted(["report.md", "env.txt", "install.log", "pytest.log", "junit.xml", "cli.log", "cli.json",
+                            "cli", "bench.log", "bench.json"]), files
     report = (out / "report.md").read_text()
     assert "| install (install.log) | ok |" in report and "| benchmark (bench.log, bench.json) | ok |" in report
+    assert "| user commands (cli.log, cli.json, cli/) | ok |" in report, report
+    assert "| `mimo-builder run graphs/mamba_lm.yaml --nproc 1 --steps 2` | 0 |" in report, report
+    # the kit's mode: one config per kernel, which mimo_builder's TRITON_CACHE_AUTOTUNING=1 would undo
+    assert "MAMBA_DETERMINISTIC=1, TRITON_CACHE_AUTOTUNING=0" in report, report
     assert re.search(r"`pytest -m gpu tests/gpu`: \d+ skipped", report), report
     _check_tiny_benchmark((out / "bench.log").read_text(), out / "bench.json")  # the benchmark runs on CPU
     builders = (out / "env.txt").read_text().split("--- builders")[1]
@@ -117,3 +127,100 @@ def test_out_installs_and_reports_on_cpu(wheels, tmp_path):
     assert (site / "megatron" / "core").is_dir() and (site / "mamba_ssm" / "ops" / "triton").is_dir()
     (entry_points,) = site.glob("mimo_builder-*.dist-info/entry_points.txt")
     assert "[mimo_builder.builders]" in entry_points.read_text()
+
+
+def _cli_checks(out, *args, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CLI_CHECKS), "--out", str(out), *args], capture_output=True,
+                          text=True, timeout=timeout, env=_env(), cwd=ROOT)
+
+
+def test_cli_checks_quick_on_cpu(tmp_path, capsys):
+    """The driver runs command 1 (2 steps on CPU), logs it, parses it, and the report shows it."""
+    start = time.monotonic()
+    result = _cli_checks(tmp_path, "--quick", "--only", "mamba_lm", "--budget", "100")
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads((tmp_path / "cli.json").read_text())
+    assert data["quick"] and not data["cuda"] and data["first_step"] == []
+    (run,) = data["runs"]
+    assert run["name"] == "mamba_lm" and run["rc"] == 0 and run["ok"] and run["log"] == "cli/mamba_lm.log"
+    assert run["command"] == "mimo-builder run graphs/mamba_lm.yaml --nproc 1 --steps 2"
+    done = run["figures"]["done"]
+    assert done["steps"] == 2 and done["ranks"] == 1 and done["last_loss"] < done["first_loss"]
+    assert run["figures"]["first_step_line"]["step"] == 1 and run["figures"]["last_step_line"]["step"] == 2
+    assert run["figures"]["first_step_line"]["loss"] == pytest.approx(done["first_loss"], abs=1e-4)
+    assert ["'compiling GPU kernels for the first step' printed", None] in run["checks"]  # CUDA only
+    log = (tmp_path / "cli" / "mamba_lm.log").read_text()
+    assert log.startswith("# mimo-builder run graphs/mamba_lm.yaml --nproc 1 --steps 2\n") and "# exit 0 after" in log
+    row = "| `mimo-builder run graphs/mamba_lm.yaml --nproc 1 --steps 2` | 0 |"
+    assert row in result.stdout, result.stdout
+    gpu_check_report.main([str(tmp_path), "0", "0", "0", "0"])
+    report = capsys.readouterr().out
+    assert "| user commands (cli.log, cli.json, cli/) | ok |" in report and row in report, report
+    assert f"loss {done['first_loss']:.4f} -> {done['last_loss']:.4f}; done: 2 steps on 1 ranks" in report
+    assert time.monotonic() - start < 60
+
+
+def test_cli_checks_budget_spent(tmp_path):
+    """Commands that no longer fit the kit's time are listed as not run, and the driver fails."""
+    result = _cli_checks(tmp_path, "--only", "avlm,first_step", "--budget", "0", timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    data = json.loads((tmp_path / "cli.json").read_text())
+    assert [r["name"] for r in data["runs"]] == ["avlm", "first_step_one_config_cold", "first_step_one_config_warm",
+                                                 "first_step_autotune_cold", "first_step_autotune_warm"]
+    statuses = {r["name"]: r["status"] for r in data["runs"] if r["rc"] is None}
+    assert all(statuses[name].startswith("not run (kit budget spent: 0 s left") for name in
+               ("avlm", "first_step_one_config_cold", "first_step_autotune_cold")), statuses
+    for mode in ("one_config", "autotune"):  # a warm run needs its cold run
+        assert statuses[f"first_step_{mode}_warm"] == f"not run (first_step_{mode}_cold did not pass)", statuses
+    assert len(statuses) == 5 and data["first_step"][1]["cold_first_ms"] is None
+    assert not list((tmp_path / "cli").iterdir())
+    assert "| `mimo-builder run graphs/avlm.yaml --colocate --nproc 1 --steps 20` | not run (kit budget spent" \
+        in result.stdout, result.stdout
+
+
+CUDA_LOG = """\
+process groups to create: 16 (every rank takes part in each)
+compiling GPU kernels for the first step; later runs reuse the cache (/tmp/gpu-check-triton-x/one_config)
+step 1/3 | loss  5.5613 | grad norm   2.537 |       17 tokens/s |  41234 ms
+    ms per step fwd/bwd/comm/opt: lm 30000/11000/1/13
+step 2/3 | loss  5.2745 | grad norm   2.633 |    86370 tokens/s |     12 ms
+step 3/3 | loss  5.0101 | grad norm   2.433 |    86370 tokens/s |      9 ms
+held-out after training: lm.loss 0.1883 | lm.correct 90.2% (256 samples)
+accuracy: before 0.0%, after 90.2%
+done: 3 steps on 1 ranks in 50.1 s; loss 5.5613 -> 5.0101
+"""
+
+
+def test_cli_parse_and_first_step_table():
+    """What a CUDA run prints (the lines of monitor.py, train.py, cli.py) and the mode table the report shows."""
+    figures = gpu_cli_checks.parse(CUDA_LOG)
+    assert figures["compile_notice"] and figures["step_lines"] == 3
+    assert figures["first_step_line"] == {"step": 1, "of": 3, "loss": 5.5613, "ms": 41234}
+    assert figures["last_step_line"]["ms"] == 9
+    assert figures["done"] == {"steps": 3, "ranks": 1, "seconds": 50.1, "first_loss": 5.5613, "last_loss": 5.0101}
+    assert figures["accuracy"] == {"before": 0.0, "after": 90.2}
+    commands = {c.name: c for c in gpu_cli_checks.commands(quick=False)}
+    assert commands["digits"].steps == 400 and commands["torchrun"].argv[:2] == ["-m", "torch.distributed.run"]
+    cold = commands["first_step_one_config_cold"]
+    assert all(ok for _, ok in gpu_cli_checks.checks(cold, 0, figures, cuda=True))
+    assert not dict(gpu_cli_checks.checks(cold, 0, gpu_cli_checks.parse(CUDA_LOG.replace("compiling", "x")),
+                                          cuda=True))["'compiling GPU kernels for the first step' printed"]
+
+    def run(mode, phase, rc, first=None, last=None, wall=None, limit=60):
+        figures = {} if first is None else {"first_step_line": {"step": 1, "ms": first},
+                                            "last_step_line": {"step": 3, "ms": last}}
+        return {"mode": mode, "phase": phase, "rc": rc, "status": gpu_cli_checks._status(rc) if rc is not None
+                else "not run (first_step_autotune_cold did not pass)", "figures": figures, "wall_s": wall,
+                "limit_s": limit}
+
+    rows = gpu_cli_checks.first_step_table([
+        run("one_config", "cold", 0, 41234, 10, 60.2), run("one_config", "warm", 0, 812, 9, 15.0),
+        run("autotune", "cold", 124, wall=200.0, limit=190), run("autotune", "warm", None)])
+    lines = gpu_check_report.cli_tables({"device": "NVIDIA H200", "budget_s": 300, "elapsed_s": 290.0,
+                                         "environment": {}, "runs": [], "first_step": rows})
+    table = "\n".join(lines)
+    assert ("| one config per kernel (MAMBA_DETERMINISTIC=1 TRITON_CACHE_AUTOTUNING=0) | 41,234 ms | 812 ms | 9 ms "
+            "| 60.2 | 15.0 |") in table, table
+    assert ("| default: autotune, cached (TRITON_CACHE_AUTOTUNING=1, MAMBA_DETERMINISTIC unset) | > 190 s (timed out) "
+            "| not run (first_step_autotune_cold did not pass) | not run (first_step_autotune_cold did not pass) "
+            "| 200.0 | - |") in table, table

@@ -65,7 +65,7 @@ def _build(config: dict, tp: int = 1, seed: int = SEED):
     import torch.distributed as dist
 
     from mimo_builder.platform import compat
-    from mimo_builder.document.config import ModelConfig
+    from mimo_builder.kinds.config import ModelConfig
     from mimo_builder.placement import Layout, create_process_groups
 
     compat.init_runtime("cpu")
@@ -225,7 +225,7 @@ def test_tp2_import_from_the_document_equals_tp1(imported):
 # --- named errors (no process group: folder, config.json and headers only) ------------------
 
 def _builder(config):
-    from mimo_builder.document.config import ModelConfig
+    from mimo_builder.kinds.config import ModelConfig
 
     return ModelConfig.from_dict(config).make_builder()
 

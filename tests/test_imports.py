@@ -80,3 +80,90 @@ def test_importing_the_library_prints_nothing():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "" and result.stderr == "", result.stdout + result.stderr
+
+
+# --- no import circle, at any depth ------------------------------------------------------------
+
+def _module_files() -> dict[str, pathlib.Path]:
+    out = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    return {id(n) for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+
+
+def _imports(name: str, path: pathlib.Path, modules: dict) -> set[str]:
+    """The project modules ``name`` imports anywhere in its file (inside functions too; not under
+    TYPE_CHECKING). ``from package import submodule`` counts as the submodule alone."""
+    tree = ast.parse(path.read_text())
+    skip, out = _type_checking_nodes(tree), set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    package = package.rpartition(".")[0]
+                base = f"{package}.{base}" if base else package
+            submodules = {f"{base}.{alias.name}" for alias in node.names} & modules.keys()
+            out.update(submodules if len(submodules) == len(node.names) else {base, *submodules})
+    return {_owner(target, modules) for target in out} - {None, name}
+
+
+def _owner(target: str, modules: dict) -> str | None:
+    while target and target not in modules:
+        target = target.rpartition(".")[0]
+    return target or None
+
+
+def test_no_module_imports_itself_through_others():
+    """Every import counts, also one inside a function: a deferred import is a circle with the
+    lights off. A circle is listed with its modules."""
+    import networkx as nx
+
+    modules = _module_files()
+    graph = nx.DiGraph((name, target) for name, path in modules.items() for target in _imports(name, path, modules))
+    circles = [sorted(c) for c in nx.strongly_connected_components(graph) if len(c) > 1]
+    assert not circles, f"import circles: {circles}"
+
+
+def test_the_circle_check_sees_a_deferred_import(tmp_path, monkeypatch):
+    """The check can fail: two modules that import each other, one of them inside a function."""
+    import networkx as nx
+
+    (tmp_path / "a.py").write_text("import b\n")
+    (tmp_path / "b.py").write_text("def f():\n    from a import g\n")
+    modules = {"a": tmp_path / "a.py", "b": tmp_path / "b.py"}
+    graph = nx.DiGraph((n, t) for n, p in modules.items() for t in _imports(n, p, modules))
+    assert [sorted(c) for c in nx.strongly_connected_components(graph) if len(c) > 1] == [["a", "b"]]
+
+
+def _undocumented(path: pathlib.Path) -> list[str]:
+    out = []
+
+    def visit(node, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not child.name.startswith("_"):
+                if ast.get_docstring(child) is None:
+                    out.append(f"{path.relative_to(ROOT)}:{child.lineno} {prefix}{child.name}")
+                if isinstance(child, ast.ClassDef):
+                    visit(child, f"{prefix}{child.name}.")
+
+    visit(ast.parse(path.read_text()), "")
+    return out
+
+
+def test_every_public_function_class_and_method_has_a_docstring():
+    missing = [line for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))
+               for line in _undocumented(path)]
+    assert not missing, f"{len(missing)} without a docstring:\n" + "\n".join(missing)

@@ -144,7 +144,7 @@ def test_a_few_steps_on_a_repeated_batch_lower_the_loss():
     (dict(mamba_num_groups=3), "not divisible by mamba_num_groups"),
 ])
 def test_config_errors_name_the_field(overrides, message):
-    from mimo_builder.document.config import ModelConfig
+    from mimo_builder.kinds.config import ModelConfig
 
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_dict({"builder": "mamba", **SMALL, **overrides})
@@ -175,7 +175,7 @@ def _rss_mb():
 
 
 def _meta_build(preset_name):
-    from mimo_builder.build import distributed
+    from mimo_builder.kinds import distributed
     from mimo_builder.platform.compat import seed_rng
     from mimo_builder.placement import Layout
     from submodels import mamba_presets

@@ -124,16 +124,19 @@ def test_graph_references_check_kind_before_and_after_calling(tmp_path, monkeypa
             return mamba_lm()
         GRAPH = mamba_lm()
     """)
+    from mimo_builder.kinds.loading import resolve_graph
+
     reg = Registry([*registry.DEFAULT_ALLOWED_PREFIXES, name])
-    assert isinstance(reg.resolve_graph("graphs.vlm:vlm"), Graph)
-    assert isinstance(reg.resolve_graph(f"{name}:GRAPH"), Graph)
+    with registry.using(reg):
+        assert isinstance(resolve_graph("graphs.vlm:vlm"), Graph)
+        assert isinstance(resolve_graph(f"{name}:GRAPH"), Graph)
     for ref, why in [("graphs.parts:vision", "annotated to return submodels.vision.VisionConfig"),
                      ("mimo_builder.cli:main", "annotated to return 'int'"),
                      ("mimo_builder.platform.launch:RankError", "is the class mimo_builder.platform.launch.RankError"),
                      (f"{name}:needs", "callable without arguments"),
                      (f"{name}:not_a_graph", "returned a int, not a mimo_builder.document.graph.Graph")]:
-        with pytest.raises(ConfigError, match=why):
-            reg.resolve_graph(ref)
+        with pytest.raises(ConfigError, match=why), registry.using(reg):
+            resolve_graph(ref)
     assert sys.modules[name].CALLS == [1]  # only the unannotated zero-argument function was called
 
 

@@ -168,7 +168,7 @@ def _shapes():
     """(name, validated graph) of the shipped graphs and the pipeline tests' placements."""
     import test_pipeline
 
-    from mimo_builder.document.graph import load_graph
+    from mimo_builder.kinds.loading import load_graph
     from mimo_builder.validation import validate_graph
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -37,7 +37,9 @@ def _one_node_vs_direct(tp):
     layout = validate_graph(graph, dist.get_world_size()).layouts["lm"]
     pgs = create_process_groups([layout]).for_layout(layout)
     seed_rng(7, tp_rank=pgs.tp.rank())
-    config = graph.nodes["lm"].model_config_object("lm")
+    from mimo_builder.kinds.loading import node_config
+
+    config = node_config(graph.nodes["lm"], "lm")
     (direct,) = config.make_builder().build_distributed_models(pgs, DistributedDataParallelConfig())
     direct = _params(direct)
     same = via_graph.keys() == direct.keys() and all(torch.equal(via_graph[k], direct[k]) for k in direct)

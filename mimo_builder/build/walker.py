@@ -78,6 +78,7 @@ class CompositeModel(torch.nn.Module):
         return node in self.nodes
 
     def chunks(self, node: str) -> list[MegatronModule]:
+        """The model chunks of node ``name`` on this rank (one per virtual stage; empty where it is not hosted)."""
         return list(self.nodes[node])
 
     def pg_collection(self, node: str) -> ProcessGroupCollection | None:

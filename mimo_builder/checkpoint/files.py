@@ -62,6 +62,8 @@ class DataPosition(_Record):
 
 
 class Manifest(_Record):
+    """The ``mimo.json`` of one step folder: step, world size, graph document, per-node records, data position."""
+
     format: int = FORMAT
     step: int
     world_size: int
@@ -74,15 +76,18 @@ class Manifest(_Record):
 
 
 def layout_record(layout: Layout) -> dict[str, int]:
+    """``layout`` as the manifest stores it: offset, size, tp, cp, pp, ep and etp (expert TP)."""
     return {"offset": layout.offset, "size": layout.size, "tp": layout.tp, "cp": layout.cp,
             "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp}
 
 
 def step_name(step: int) -> str:
+    """The folder name of ``step``, e.g. ``step_0000006``."""
     return f"step_{step:07d}"
 
 
 def partial_dir(root: Path, step: int) -> Path:
+    """The staging folder ``step`` is written into before commit: ``root/.step_NNNNNNN.partial``."""
     return root / f".{step_name(step)}.partial"
 
 
@@ -104,11 +109,13 @@ def resolve(path: str | os.PathLike) -> Path:
 
 
 def is_project_checkpoint(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds a manifest or a ``latest`` pointer (a step folder or a checkpoint root)."""
     path = Path(path)
     return (path / MANIFEST).is_file() or (path / LATEST).is_file()
 
 
 def read_manifest(step_dir: Path) -> Manifest:
+    """The parsed manifest of ``step_dir``; a :class:`CheckpointError` when unreadable or invalid."""
     try:
         return Manifest.model_validate(json.loads((step_dir / MANIFEST).read_text()))
     except (OSError, json.JSONDecodeError, ValidationError) as err:
@@ -154,6 +161,7 @@ def _sync_dir(path: Path) -> None:
 
 
 def folder_bytes(path: Path) -> int:
+    """Total size in bytes of the files under ``path``, recursively."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 

@@ -71,6 +71,7 @@ def rng_state(rank: int, world_size: int) -> dict[str, ShardedTensor]:
 
 
 def restore_rng(loaded: dict[str, torch.Tensor]) -> None:
+    """Set this rank's generator states (torch CPU, CUDA, MCore's tracker) from the rows :func:`rng_state` saved."""
     from megatron.core.tensor_parallel import random as mcore_random
 
     tracker = {}
@@ -101,6 +102,7 @@ def leaves(tree: Any, path: Path = ()) -> Iterator[tuple[Path, Any]]:
 
 
 def set_at(tree: Any, path: Path, value: Any) -> None:
+    """Replace the leaf at ``path`` of nested dicts and lists with ``value``, in place."""
     for key in path[:-1]:
         tree = tree[key]
     tree[path[-1]] = value

@@ -86,6 +86,7 @@ class EnergonSource:
         self._chunks: dict[int, _ChunkReader] = {}
 
     def samples(self, step: int, chunk: int, layout: BatchLayout) -> list[dict]:
+        """The ``layout.chunk_size`` samples of ``chunk`` in global batch ``step`` (1-based), read from this chunk's slice."""
         if step < 1:
             raise ValueError(f"steps count from 1, got {step}")
         if not 0 <= chunk < layout.num_chunks:

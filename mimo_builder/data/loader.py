@@ -40,6 +40,7 @@ class IndexedSource:
         self._orders: dict[int, torch.Tensor] = {}
 
     def samples(self, step: int, chunk: int, layout: BatchLayout) -> list[dict]:
+        """The ``layout.chunk_size`` samples of ``chunk`` in global batch ``step`` (1-based), in the seeded order."""
         start = (step - 1) * layout.batch_size + layout.rows(chunk).start
         return [self.dataset[self._index(position)] for position in range(start, start + layout.chunk_size)]
 

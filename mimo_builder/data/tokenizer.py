@@ -27,12 +27,15 @@ class ByteTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of ids: 256 bytes plus the reserved ids."""
         return 256 + self.reserved
 
     def encode(self, text: str) -> list[int]:
+        """The ids of ``text``'s UTF-8 bytes."""
         return [self.reserved + b for b in text.encode("utf-8")]
 
     def decode(self, ids) -> str:
+        """The text of ``ids``, reserved ids dropped and invalid UTF-8 replaced."""
         return bytes(i - self.reserved for i in ids if i >= self.reserved).decode("utf-8", errors="replace")
 
 
@@ -47,10 +50,13 @@ class HFTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of ids, added tokens included."""
         return len(self.tokenizer)
 
     def encode(self, text: str) -> list[int]:
+        """The ids of ``text``, without special tokens."""
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def decode(self, ids) -> str:
+        """The text of ``ids``, as the wrapped tokenizer decodes it."""
         return self.tokenizer.decode(list(ids))

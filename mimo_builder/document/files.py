@@ -107,6 +107,7 @@ class StrictLoader(_SafeBase):
         self.composed = 0
 
     def compose_node(self, parent, index):
+        """PyYAML's compose_node, stopping with a ConfigError once more than MAX_VALUES nodes are composed."""
         self.composed += 1  # stop a large document early, before all of it is composed
         if self.composed > MAX_VALUES:
             raise ConfigError(f"{self.where}: the document has more than {MAX_VALUES} values; graph documents "
@@ -114,10 +115,12 @@ class StrictLoader(_SafeBase):
         return super().compose_node(parent, index)
 
     def construct_document(self, node):
+        """PyYAML's construct_document, after refusing recursive, too deep or too large alias expansion."""
         _check_expansion(node)
         return super().construct_document(node)
 
     def construct_mapping(self, node, deep=False):
+        """PyYAML's construct_mapping, after refusing duplicate keys."""
         if isinstance(node, yaml.MappingNode):
             _check_duplicates(self, node)
         return super().construct_mapping(node, deep)

@@ -14,18 +14,17 @@ or in YAML/JSON with the same content (``Graph.from_yaml``). The document is pla
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mimo_builder.document.config import HookRef, ModelConfig, NonNegativeInt, PositiveInt, StrictBool, _describe
-from mimo_builder.document.files import load_file, parse_json, parse_yaml
+from mimo_builder.document.types import HookRef, NonNegativeInt, PositiveInt, StrictBool, describe_errors
+from mimo_builder.document.files import parse_json, parse_yaml
 from mimo_builder.errors import ConfigError, excerpt
 from mimo_builder.document.optimizer import NodeOptimizer, OptimizerSettings
-from mimo_builder.placement import Layout, fit_to_world
+from mimo_builder.document.layout import Layout, fit_to_world
 
 ARROW = "->"
 DOCUMENT_SUFFIXES = (".yaml", ".yml", ".json")
@@ -149,13 +148,6 @@ class Node(_Strict):
     init: NodeInit | None = None
     """Start from these weights (e.g. a pretrained encoder) instead of the seeded initialisation."""
 
-    def model_config_object(self, where: str) -> ModelConfig:
-        """The validated ModelConfig this node describes (raises ConfigError)."""
-        if "builder" in self.config:
-            raise ConfigError(f"{where}.builder: the builder is named beside 'config' (node 'builder: ...'), "
-                              "not inside it; remove config.builder")
-        return ModelConfig.from_dict({**self.config, "builder": self.builder}, where=where)
-
 
 class Graph(_Strict):
     """A DAG of named nodes; edges connect output ports to input ports."""
@@ -180,14 +172,14 @@ class Graph(_Strict):
 
     # --- declaring in Python ----------------------------------------------------------------
 
-    def add(self, name: str, config: ModelConfig | Mapping[str, Any], *, placement: Placement | Mapping | None = None,
+    def add(self, name: str, config: BaseModel | Mapping[str, Any], *, placement: Placement | Mapping | None = None,
             ddp: Mapping[str, Any] | None = None, frozen: bool = False,
             hooks: Hooks | Mapping | None = None, optimizer: NodeOptimizer | Mapping | None = None,
             init: NodeInit | Mapping | None = None) -> "Graph":
         """Add a node from a ModelConfig (or a dict with 'builder'); returns self to chain."""
         if name in self.nodes:
             raise ConfigError(f"node {name!r} is already in the graph")
-        if isinstance(config, ModelConfig):
+        if isinstance(config, BaseModel):  # a ModelConfig (mimo_builder.kinds.config)
             data = {**_explicit_fields(config), "builder": config.builder}
         else:
             data = dict(config)
@@ -218,12 +210,13 @@ class Graph(_Strict):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "graph") -> "Graph":
+        """A graph from plain data, every problem named by its place under ``where``."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{where}: expected a mapping with nodes/edges/inputs/outputs, got {type(data).__name__}")
         try:
             return cls.model_validate(dict(data))
         except ValidationError as err:
-            raise ConfigError(_describe(cls, err, where)) from None
+            raise ConfigError(describe_errors(cls, err, where)) from None
 
     @classmethod
     def from_yaml(cls, text: str, where: str = "graph") -> "Graph":
@@ -249,18 +242,12 @@ class Graph(_Strict):
         return _explicit_fields(self, mode="json")
 
     def to_yaml(self) -> str:
+        """The document as YAML (fields left at their defaults omitted)."""
         return yaml.safe_dump(self.as_dict(), sort_keys=False)
 
     def to_json(self, indent: int | None = 2) -> str:
+        """The document as JSON (fields left at their defaults omitted)."""
         return json.dumps(self.as_dict(), indent=indent)
-
-    @classmethod
-    def json_schema(cls) -> dict[str, Any]:
-        """The document's JSON Schema, each node's config checked against its builder's config
-        class (:func:`mimo_builder.kinds.schema.graph_schema`)."""
-        from mimo_builder.kinds.schema import graph_schema
-
-        return graph_schema()
 
 
 def colocation_changes(before: Graph, after: Graph) -> list[str]:
@@ -305,14 +292,3 @@ def _explicit_fields(model: BaseModel, mode: str = "python") -> dict[str, Any]:
         else:
             out[name] = model.__pydantic_serializer__.to_python(model, mode=mode, include={name})[name]
     return out
-
-
-def load_graph(source: str) -> Graph:
-    """A graph from a YAML/JSON file path (JSON for ``.json``; a regular file of at most 1 MiB),
-    or from ``module:attr`` naming a Graph (or a function returning one) under the allowed
-    module prefixes."""
-    from mimo_builder.kinds.registry import resolve_graph
-
-    if source.endswith(DOCUMENT_SUFFIXES) or os.path.lexists(source):
-        return Graph.from_dict(load_file(source, what="graph file"), where=source)
-    return resolve_graph(source, where="graph")

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from megatron.core.optimizer import OptimizerConfig
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
 
-from mimo_builder.document.config import NonNegativeInt, PositiveInt
+from mimo_builder.document.types import NonNegativeInt, PositiveInt
 from mimo_builder.document.options import options_type
 
 OptimizerOptions = options_type(OptimizerConfig)
@@ -47,6 +47,7 @@ class NodeOptimizer(_Strict):
     """Other OptimizerConfig options for this node, over the graph-wide ones."""
 
     def model_post_init(self, __context: Any) -> None:
+        """Refuse ``mcore`` options that named fields, the node's dtype or its DDP options set."""
         _refuse_owned(self.mcore)
 
 
@@ -84,6 +85,7 @@ class OptimizerSettings(_Strict):
     """Any other OptimizerConfig option by its MCore field name (adam_beta2, sgd_momentum, ...)."""
 
     def model_post_init(self, __context: Any) -> None:
+        """Refuse owned ``mcore`` options, ``min_lr`` above ``lr`` and ``decay_steps`` not after the warm-up."""
         _refuse_owned(self.mcore)
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr {self.min_lr} is larger than lr {self.lr}")

@@ -169,6 +169,7 @@ class HFMapping:
         return {s for rule in self.rules for s in rule.sources}
 
     def is_skipped(self, name: str) -> bool:
+        """True when the HF tensor ``name`` (without model prefix) starts with one of the ``skipped`` prefixes."""
         return any(name.startswith(p) for p in self.skipped)
 
     def hf_config(self) -> dict[str, Any]:

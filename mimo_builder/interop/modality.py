@@ -13,4 +13,5 @@ class EncoderModality(ModalitySubmodules):
     """MCore's ModalitySubmodules for any input modality: its encoder, then its input projection."""
 
     def decode(self, embeddings, data_batch):
+        """Always raises NotImplementedError: an exported modality is input-only."""
         raise NotImplementedError("an exported modality has no decoder (the graph has no output modalities)")

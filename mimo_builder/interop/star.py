@@ -50,6 +50,7 @@ class Star:
         return roles
 
     def modality_of(self, node: str) -> Modality | None:
+        """The modality whose encoder or projection ``node`` is; None for the language node or a node in none."""
         return next((m for m in self.modalities if node in (m.encoder, m.projection)), None)
 
 

@@ -5,7 +5,7 @@ signatures, so Megatron-Bridge's training setup can call our builders unchanged.
 builder defines ``ports`` and ``build_model`` (and ``run``, ``output_tokens``, ... where
 :mod:`mimo_builder.kinds.contract` says so); a builder with MCore transformer layers also overrides
 ``make_transformer_config``. The distributed lifecycle (VP chunks, meta init, mixed precision,
-DDP, hooks) is shared in :mod:`mimo_builder.build.distributed`. docs/extending.md walks through one.
+DDP, hooks) is shared in :mod:`mimo_builder.kinds.distributed`. docs/extending.md walks through one.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.training.models import base as mcore_base
 from megatron.training.models.base import compose_hooks
 
-from mimo_builder.build import distributed
+from mimo_builder.kinds import distributed
 from mimo_builder.kinds import costs as layer_costs
 from mimo_builder.platform.compat import resolve_device
-from mimo_builder.document.config import ModelConfig
+from mimo_builder.kinds.config import ModelConfig
 from mimo_builder.errors import ConfigError
 from mimo_builder.kinds.costs import StageCost
 from mimo_builder.kinds.transformer import parallel_transformer_config
@@ -70,6 +70,7 @@ class Ports:
 
     @classmethod
     def of(cls, inputs: list[Port], outputs: list[Port]) -> "Ports":
+        """Ports from lists of inputs and outputs (each keyed by its name)."""
         return cls({p.name: p for p in inputs}, {p.name: p for p in outputs})
 
 
@@ -96,6 +97,7 @@ class ModelBuilder(mcore_base.ModelBuilder):
     """
 
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
+    __mimo_builder_base__: ClassVar[bool] = True  # how contract and registry recognise builders
 
     def __init__(self, model_config: ModelConfig):
         if not isinstance(model_config, self.config_class):
@@ -106,6 +108,7 @@ class ModelBuilder(mcore_base.ModelBuilder):
 
     @property
     def config(self) -> ModelConfig:
+        """The config this builder was made with (read, never modified)."""
         return self._model_config
 
     @abc.abstractmethod

@@ -1,6 +1,6 @@
 """What a node kind must define, checked before anything is built.
 
-A node kind is a :class:`~mimo_builder.document.config.ModelConfig` subclass (its fields) and a
+A node kind is a :class:`~mimo_builder.kinds.config.ModelConfig` subclass (its fields) and a
 :class:`~mimo_builder.kinds.builder.ModelBuilder` subclass that names it in ``config_class`` and defines
 ``ports()`` and ``build_model()``; ``run()`` unless it has exactly one input and one output port;
 ``run_stage()`` to run with pp > 1; ``output_tokens()`` when an output feeds a port with a
@@ -11,7 +11,6 @@ them with the node instead of a ``TypeError`` traceback at build time.
 
 from __future__ import annotations
 
-from mimo_builder.document.config import ModelConfig
 from mimo_builder.errors import ConfigError
 
 REQUIRED = {
@@ -22,15 +21,21 @@ REQUIRED = {
 
 
 def class_name(cls: type) -> str:
+    """``module:Qualname`` of a class, as documents name it."""
     return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def builder_base(cls: type) -> type | None:
+    """mimo_builder's ModelBuilder among ``cls``'s bases (itself included), found by the marker it
+    carries (``__mimo_builder_base__``), or None: this module and the registry check builder
+    classes without importing the builder module, which imports the configs they resolve."""
+    return next((c for c in getattr(cls, "__mro__", ()) if c.__dict__.get("__mimo_builder_base__")), None)
 
 
 def defines(builder: object, method: str) -> bool:
     """Whether ``builder``'s class (or a base other than ModelBuilder) defines ``method``."""
-    from mimo_builder.kinds.builder import ModelBuilder
-
     cls = builder if isinstance(builder, type) else type(builder)
-    return getattr(cls, method) is not getattr(ModelBuilder, method)
+    return getattr(cls, method) is not getattr(builder_base(cls), method)
 
 
 def builder_class_problems(cls: type, ref: str) -> list[str]:
@@ -41,10 +46,11 @@ def builder_class_problems(cls: type, ref: str) -> list[str]:
     for method in sorted(getattr(cls, "__abstractmethods__", ())):
         what = REQUIRED.get(method, f"{method}()")
         problems.append(f"builder {named} does not define {method}(); a node kind defines {what}")
+    base_config = builder_base(cls).config_class  # ModelConfig
     config_class = getattr(cls, "config_class", None)
-    if not (isinstance(config_class, type) and issubclass(config_class, ModelConfig)):
+    if not (isinstance(config_class, type) and issubclass(config_class, base_config)):
         problems.append(f"builder {named}: config_class is {config_class!r}, not a ModelConfig subclass")
-    elif config_class is ModelConfig:
+    elif config_class is base_config:
         problems.append(f"builder {named} does not set config_class; define 'class MyConfig(ModelConfig)' "
                         "with the node's fields and set config_class = MyConfig")
     return problems

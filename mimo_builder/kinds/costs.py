@@ -22,6 +22,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from mimo_builder.kinds.transformer import te_available
 from megatron.core.transformer import TransformerConfig
 
 FP32 = 4
@@ -65,6 +67,7 @@ class Shape:
 
     @classmethod
     def of(cls, config: TransformerConfig, batch: int, tokens: int) -> "Shape":
+        """The shape of ``batch`` samples of ``tokens`` tokens under ``config``'s dtype, TP, CP and sequence parallelism."""
         return cls(batch, tokens, torch.empty((), dtype=config.params_dtype).element_size(),
                    config.tensor_model_parallel_size, config.context_parallel_size, config.sequence_parallel)
 
@@ -92,8 +95,6 @@ def builds_te(impl: str) -> bool:
     """Whether a node with this ``impl`` ('te', 'local', 'auto') builds Transformer Engine layers
     (fused attention without ``s^2`` probabilities, fused norms); 'auto': TE when importable with
     a GPU on the machine that plans, so plan with ``impl: te`` for a TE run elsewhere."""
-    from mimo_builder.kinds.transformer import te_available
-
     return impl == "te" or (impl == "auto" and te_available())
 
 

@@ -21,13 +21,13 @@ import contextvars
 import importlib
 import importlib.machinery
 import importlib.util
-import inspect
 import sys
 import types
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 from mimo_builder.errors import ConfigError
+from mimo_builder.kinds.contract import builder_base, builder_class_problems
 
 BUILDER_GROUP = "mimo_builder.builders"
 HOOK_GROUP = "mimo_builder.hooks"
@@ -75,6 +75,7 @@ class Registry:
                 self.prefixes.append(prefix)
 
     def allows(self, module_name: str) -> bool:
+        """Whether ``module_name`` is under one of the allowed prefixes."""
         return any(module_name == p or module_name.startswith(p + ".") for p in self.prefixes)
 
     def add_roots(self, *folders: str) -> None:
@@ -134,13 +135,10 @@ class Registry:
     # --- resolution ---------------------------------------------------------------------------
 
     def resolve_builder(self, ref: str, where: str = "builder") -> type:
-        """The builder class named by ``ref``; it must subclass mimo_builder's ModelBuilder."""
-        from mimo_builder.kinds.builder import ModelBuilder
-
-        from mimo_builder.kinds.contract import builder_class_problems
-
+        """The builder class named by ``ref``; it must subclass mimo_builder's ModelBuilder and
+        keep its contract (:func:`~mimo_builder.kinds.contract.builder_class_problems`)."""
         obj = self._resolve(BUILDER_GROUP, ref, where)
-        if not (isinstance(obj, type) and issubclass(obj, ModelBuilder)):
+        if not (isinstance(obj, type) and builder_base(obj) is not None):
             raise ConfigError(f"{where}: {ref!r} resolves to {_describe(obj)}, which is not a subclass of "
                               "mimo_builder.kinds.builder.ModelBuilder")
         problems = builder_class_problems(obj, ref)
@@ -157,31 +155,6 @@ class Registry:
             raise ConfigError(f"{where}: {ref!r} resolves to {_describe(obj)}; a hook must be a function "
                               "taking and returning the list of model chunks")
         return obj
-
-    def resolve_graph(self, ref: str, where: str = "graph"):
-        """The Graph named by ``module:attr``: a Graph, or a function called without arguments
-        that returns one (both defined under an allowed prefix)."""
-        from mimo_builder.document.graph import Graph
-
-        obj = self.import_reference(ref, where)
-        if isinstance(obj, Graph):
-            return obj
-        if not (inspect.isfunction(obj) or inspect.ismethod(obj)):
-            raise ConfigError(f"{where}: {ref!r} is {_describe(obj)}, not a mimo_builder.document.graph.Graph "
-                              "or a function returning one")
-        signature = inspect.signature(obj)
-        if not _may_return(signature.return_annotation, Graph):
-            raise ConfigError(f"{where}: {ref!r} is annotated to return "
-                              f"{inspect.formatannotation(signature.return_annotation)}, "
-                              "not a mimo_builder.document.graph.Graph; it was not called")
-        try:
-            signature.bind()
-        except TypeError as err:
-            raise ConfigError(f"{where}: {ref!r} must be callable without arguments to return a Graph: {err}") from err
-        graph = obj()
-        if not isinstance(graph, Graph):
-            raise ConfigError(f"{where}: {ref!r} returned {_describe(graph)}, not a mimo_builder.document.graph.Graph")
-        return graph
 
     def import_reference(self, ref: str, where: str) -> Any:
         """The object named by ``module:attr``: the module is checked before import, and every
@@ -274,15 +247,6 @@ def _read_entry_points(group: str) -> tuple[dict[str, EntryPoint], dict[str, lis
     return points, conflicts
 
 
-def _may_return(annotation: Any, cls: type) -> bool:
-    """False when a return annotation rules out ``cls`` (a string annotation is matched by name)."""
-    if annotation is inspect.Signature.empty:
-        return True
-    if isinstance(annotation, str):
-        return annotation.rsplit(".", 1)[-1] == cls.__name__
-    return isinstance(annotation, type) and issubclass(annotation, cls)
-
-
 def _load(point: EntryPoint, where: str) -> Any:
     try:
         return point.load()
@@ -320,6 +284,7 @@ _active: contextvars.ContextVar[Registry | None] = contextvars.ContextVar("mimo_
 
 
 def default_registry() -> Registry:
+    """The process's default registry (the one used outside any :func:`using` block)."""
     return _default
 
 
@@ -344,6 +309,7 @@ def allow_modules(*prefixes: str) -> None:
 
 
 def allowed_prefixes() -> tuple[str, ...]:
+    """The active registry's allowed module prefixes."""
     return tuple(active_registry().prefixes)
 
 
@@ -363,24 +329,25 @@ def register_hook(name: str):
 
 
 def registered_names(group: str = BUILDER_GROUP) -> list[str]:
+    """Every name of ``group`` the active registry knows (registered and installed)."""
     return active_registry().names(group)
 
 
 def resolve_builder(ref: str, where: str = "builder") -> type:
+    """The builder class ``ref`` names, through the active registry."""
     return active_registry().resolve_builder(ref, where)
 
 
 def resolve_hook(ref: str | Callable, where: str = "hook") -> Callable:
+    """The hook ``ref`` names, through the active registry."""
     return active_registry().resolve_hook(ref, where)
 
 
-def resolve_graph(ref: str, where: str = "graph"):
-    return active_registry().resolve_graph(ref, where)
-
-
 def import_reference(ref: str, where: str) -> Any:
+    """The object a ``module:attr`` reference names, through the active registry."""
     return active_registry().import_reference(ref, where)
 
 
 def reference_of(obj: Any) -> str:
+    """The name a document uses for ``obj``, through the active registry."""
     return active_registry().reference_of(obj)

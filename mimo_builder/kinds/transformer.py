@@ -17,7 +17,7 @@ from megatron.core.transformer import TransformerConfig
 from pydantic import Field
 
 from mimo_builder.platform.compat import resolve_device
-from mimo_builder.document.config import ModelConfig, PositiveInt
+from mimo_builder.kinds.config import ModelConfig, PositiveInt
 from mimo_builder.errors import ConfigError
 from mimo_builder.document.options import TransformerOptions
 
@@ -64,6 +64,7 @@ class TransformerModelConfig(ModelConfig):
     """Any other TransformerConfig option, by its MCore field name."""
 
     def model_post_init(self, __context: Any) -> None:
+        """Refuse owned options in ``transformer`` and head counts that do not divide evenly."""
         owned = sorted(set(self.transformer) & OWNED_OPTIONS)
         if owned:
             raise ValueError(f"transformer: {owned} are set by named fields or by the node's placement, "

@@ -56,9 +56,11 @@ class Memory:
 
     @property
     def total(self) -> int:
+        """Bytes of parameters, gradients, optimizer state and activations together."""
         return self.params + self.grads + self.optimizer + self.activations
 
     def as_dict(self) -> dict[str, int]:
+        """Each part and the total, in bytes, keyed as in MEMORY_KEYS."""
         return {key: getattr(self, key) for key in MEMORY_KEYS}
 
 
@@ -128,11 +130,13 @@ class Estimates:
                 "stage_activation_bytes": [s.activation_bytes for s in node.stages]}
 
     def rank_dict(self, rank: int) -> dict:
+        """A rank's memory in bytes (total and per node), whether it fits, and its FLOPs per step."""
         return {"memory_bytes": self.memory[rank].as_dict(), "fits": self.fits(rank),
                 "flops_per_step": self.flops[rank],
                 "node_memory_bytes": {n: m.as_dict() for n, m in self.node_memory[rank].items()}}
 
     def summary_dict(self) -> dict:
+        """Plan-wide figures: batch sizes, GPU memory limit, imbalance, idle share and rank groups."""
         return {"micro_batch_size": self.micro_batch_size, "microbatches": self.num_microbatches,
                 "samples_per_microbatch": self.global_microbatch, "gpu_memory_bytes": self.gpu_memory,
                 "imbalance": round(self.imbalance, 4), "idle_share": round(1 - 1 / self.imbalance, 4),

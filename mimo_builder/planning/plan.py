@@ -124,7 +124,7 @@ def _count_on_fake_world(valid: ValidGraph, name: str, layout: Layout, stage: in
     TransformerConfig they were built with."""
     from torch.testing._internal.distributed import fake_pg  # noqa: F401  (registers the backend)
 
-    from mimo_builder.build import distributed
+    from mimo_builder.kinds import distributed
     from mimo_builder.platform import compat
 
     if dist.is_initialized():

@@ -54,6 +54,7 @@ def schedule_table(plan: Plan, num_microbatches: int, schedule=None) -> Table:
 
 
 def pipeline_plan(plan: Plan, num_microbatches: int):
+    """The graph-wide pipeline schedule of ``plan`` for ``num_microbatches`` (:func:`plan_graph`)."""
     from mimo_builder.runtime.pipeline import plan_graph
 
     return plan_graph(plan.valid, num_microbatches)
@@ -74,6 +75,7 @@ def _schedule_rows(plan: Plan, schedule):
 
 
 def nodes_table(plan: Plan, estimates: Estimates | None = None) -> Table:
+    """One row per node: builder, rank span, tp/cp/pp/dp/ep, parameters, and FLOPs per step with ``estimates``."""
     table = Table(title=f"Graph plan on {plan.world_size} ranks")
     extra = ("FLOP/step",) if estimates else ()
     for column in ("node", "builder", "ranks", "tp", "cp", "pp", "dp", "ep", "params", *extra):
@@ -92,6 +94,7 @@ def nodes_table(plan: Plan, estimates: Estimates | None = None) -> Table:
 
 
 def ranks_table(plan: Plan) -> Table:
+    """One row per rank (equal neighbours merged in large worlds): nodes hosted, coordinates, parameters."""
     table = Table(title="Per rank")
     table.add_column("ranks", justify="right", no_wrap=True)
     table.add_column("nodes (tp, cp, dp, pp coordinates)")

@@ -18,21 +18,26 @@ class CPURNGStatesTracker:
         self.reset()
 
     def reset(self) -> None:
+        """Forget every named state and seed; the tracker is uninitialised again."""
         self.states_: dict[str, torch.Tensor] = {}
         self.seeds_: set[int] = set()
         self._is_initialized = False
 
     def is_initialized(self) -> bool:
+        """Whether a state was added or set since the last reset."""
         return self._is_initialized
 
     def get_states(self) -> dict[str, torch.Tensor]:
+        """A copy of the name -> CPU generator state mapping."""
         return dict(self.states_)
 
     def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        """Replace every named state with ``states`` (a copy is kept)."""
         self._is_initialized = True
         self.states_ = dict(states)
 
     def add(self, name: str, seed: int) -> None:
+        """Track a new state ``name`` seeded with ``seed``; a ValueError if the name or seed is taken."""
         if seed in self.seeds_:
             raise ValueError(f"RNG seed {seed} is already tracked")
         if name in self.states_:
@@ -43,6 +48,7 @@ class CPURNGStatesTracker:
 
     @contextlib.contextmanager
     def fork(self, name: str = "model-parallel-rng"):
+        """Run the block on state ``name`` of the CPU generator, then save it and restore the outer state."""
         if name not in self.states_:
             raise RuntimeError(f"RNG state {name!r} was never added: call compat.seed_rng(seed) first")
         outer = torch.get_rng_state()

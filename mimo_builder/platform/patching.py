@@ -36,14 +36,17 @@ class Patches:
         self._saved: list[tuple[object, str, object]] = []
 
     def patch(self, owner: object, name: str, value: object) -> None:
+        """Replace ``owner.name`` with ``value``, remembering the original."""
         self._saved.append((owner, name, getattr(owner, name)))
         setattr(owner, name, value)
 
     def apply(self, workaround: Workaround) -> None:
+        """Apply a workaround through :meth:`patch` and record its name."""
         workaround.apply(self.patch)
         self.applied.add(workaround.name)
 
     def undo(self) -> None:
+        """Put every replaced attribute back, the latest first."""
         for owner, name, original in reversed(self._saved):
             setattr(owner, name, original)
         self._saved.clear()

@@ -97,15 +97,18 @@ class StrictWork:
         self.source = source
 
     def wait(self, timeout=None) -> bool:
+        """Block until the unit is done (``timeout`` is ignored); re-raise its error, else return True."""
         self._done.wait()
         if self._error is not None:
             raise self._error
         return True
 
     def is_completed(self) -> bool:
+        """Whether the unit is done, successfully or not."""
         return self._done.is_set()
 
     def exception(self):
+        """The error the unit finished with; None while running or after success."""
         return self._error
 
     def _finish(self, error: BaseException | None = None) -> None:

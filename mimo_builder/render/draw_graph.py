@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from mimo_builder.render.draw import PAD, Panel, Sheet, titled
+from mimo_builder.render.sheet import PAD, Panel, Sheet, titled
 from mimo_builder.render.scene import NodeView, Scene, plural
 
 NAME_FONT = {"fontsize": 10, "fontweight": "bold"}

@@ -4,7 +4,7 @@ shows the coordinates the rank has in it; cells stacked in one column are coloca
 
 from __future__ import annotations
 
-from mimo_builder.render.draw import PAD, Panel, Sheet, titled
+from mimo_builder.render.sheet import PAD, Panel, Sheet, titled
 from mimo_builder.render.scene import Column, Scene, plural, rank_columns
 
 CELL_FONT = {"fontsize": 7}

@@ -37,6 +37,7 @@ class NodeView:
 
     @property
     def ranks_text(self) -> str:
+        """The node's ranks as ranges, e.g. '0-63' or '3'."""
         return span_text(self.layout.ranks)
 
     @property
@@ -69,6 +70,7 @@ class EdgeView:
 
     @property
     def label(self) -> str:
+        """'src_port → dst_port (features)', without the size when it varies."""
         size = "" if self.features is None else f" ({self.features})"
         return f"{self.src_port} → {self.dst_port}{size}"
 
@@ -84,6 +86,7 @@ class Column:
 
     @property
     def title(self) -> str:
+        """'3' for one rank, '0-7' for several."""
         return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
 
 

@@ -61,6 +61,7 @@ def recv_into(buffer: torch.Tensor, src: int, group=None) -> torch.Tensor:
 
 
 def recv_tensor(src: int, device: torch.device, group=None) -> torch.Tensor:
+    """Receive a tensor :func:`send_tensor` sent with its header: a new tensor of the sent dtype and shape."""
     header = torch.empty(_HEADER, dtype=torch.int64, device=device)
     dist.recv(header, src, group=group)
     out = torch.empty(_shape(header), dtype=_DTYPES[int(header[0])], device=device)

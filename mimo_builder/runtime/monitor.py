@@ -88,6 +88,7 @@ class TrainingMonitor:
             print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
+        """Stop the progress bar and close the TensorBoard writer; calling it again does nothing."""
         if self._progress is not None:
             self._progress[0].stop()
             self._progress = None

@@ -47,10 +47,12 @@ class BatchLayout:
 
     @property
     def num_chunks(self) -> int:
+        """Chunks in the global batch, every microbatch together."""
         return self.num_microbatches * self.chunks_per_microbatch
 
     @property
     def chunk_size(self) -> int:
+        """Samples per chunk."""
         return self.batch_size // self.num_chunks
 
     def rows(self, chunk: int) -> range:

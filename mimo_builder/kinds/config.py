@@ -10,36 +10,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Annotated, Any, Callable, Union
+from typing import Any, Callable
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer
 
 from mimo_builder.document.files import parse_json, parse_yaml
-from mimo_builder.errors import ConfigError, clip, excerpt
-from mimo_builder.document.options import closest
+from mimo_builder.document.types import (  # noqa: F401 (the value types are public here too)
+    MAX_SHOWN_ERRORS, HookRef, NonNegativeInt, PositiveInt, StrictBool, StrictInt, describe_errors)
+from mimo_builder.errors import ConfigError
 from mimo_builder.kinds.registry import reference_of, resolve_builder, resolve_hook
-
-PositiveInt = Annotated[int, Field(strict=True, gt=0)]
-"""An int > 0 written as an int: booleans, floats and strings ("2") are refused, not converted."""
-
-NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
-"""An int >= 0 written as an int (strict like PositiveInt)."""
-
-StrictInt = Annotated[int, Field(strict=True)]
-"""Any int written as an int (strict like PositiveInt)."""
-
-StrictBool = Annotated[bool, Field(strict=True)]
-"""true or false written as such: "yes", 1 or "false" are refused, not converted."""
-
-MAX_SHOWN_ERRORS = 20
-"""A ConfigError from validation lists at most this many fields."""
-
-HookRef = Annotated[
-    Union[str, Callable],
-    WithJsonSchema({"type": "string", "description": "registered hook name or 'module:function'"}),
-]
-
 
 class ModelConfig(BaseModel):
     """Base of every node config. Pure data: construction lives in the matching ModelBuilder."""
@@ -86,10 +66,11 @@ class ModelConfig(BaseModel):
         try:
             return cls.model_validate(dict(data))
         except ValidationError as err:
-            raise ConfigError(_describe(cls, err, where or cls.__name__)) from None
+            raise ConfigError(describe_errors(cls, err, where or cls.__name__)) from None
 
     @classmethod
     def from_json(cls, text: str, where: str | None = None) -> "ModelConfig":
+        """The config a JSON text describes (as :meth:`from_dict`)."""
         return cls.from_dict(parse_json(text, where or "config"), where)
 
     @classmethod
@@ -108,18 +89,22 @@ class ModelConfig(BaseModel):
         return self.model_dump(mode="json")
 
     def to_json(self, indent: int | None = 2) -> str:
+        """The config as JSON (:meth:`as_dict`)."""
         return json.dumps(self.as_dict(), indent=indent)
 
     def to_yaml(self) -> str:
+        """The config as YAML (:meth:`as_dict`)."""
         return yaml.safe_dump(self.as_dict(), sort_keys=False)
 
     @classmethod
     def json_schema(cls) -> dict[str, Any]:
+        """The JSON Schema of this config class."""
         return cls.model_json_schema()
 
     # --- builder and hooks ------------------------------------------------------------------
 
     def builder_class(self) -> type:
+        """The builder class ``builder`` names, resolved through the active registry."""
         return resolve_builder(self.builder, where=f"{type(self).__name__}.builder")
 
     def has_experts(self) -> bool:
@@ -149,24 +134,3 @@ def _hook_reference(hook: Callable) -> str:
             "or define it at module level under an allowed prefix"
         )
     return ref
-
-
-def _describe(cls: type[BaseModel], err: ValidationError, where: str) -> str:
-    """One line per invalid field (at most MAX_SHOWN_ERRORS), quoting only short excerpts of input."""
-    lines = []
-    errors = err.errors(include_url=False)
-    for e in errors[:MAX_SHOWN_ERRORS]:
-        loc = ".".join(clip(str(p), 40) for p in e["loc"]) or "(root)"
-        if e["type"] == "extra_forbidden":
-            key = str(e["loc"][-1])
-            lines.append(f"{where}.{loc}: unknown key {excerpt(key)} for {cls.__name__}"
-                         f"{closest(key, cls.model_fields)}")
-        elif e["type"] == "missing":
-            lines.append(f"{where}.{loc}: required by {cls.__name__} but missing")
-        elif e["type"] == "value_error":
-            lines.append(f"{where}.{loc}: {clip(e['msg'].removeprefix('Value error, '), 300)}")
-        else:
-            lines.append(f"{where}.{loc}: {e['msg']} (got {excerpt(e.get('input'))})")
-    if len(errors) > MAX_SHOWN_ERRORS:
-        lines.append(f"{where}: ... and {len(errors) - MAX_SHOWN_ERRORS} more invalid fields")
-    return "\n".join(lines)

@@ -110,6 +110,7 @@ class PlainModuleChunk(MegatronModule):
         self.tp_group = pg_collection.tp  # read by sharded_state_dict (else MCore's global group)
 
     def forward(self, *args, **kwargs):
+        """Call the wrapped module with the same arguments and return its output."""
         return self.module(*args, **kwargs)
 
 
