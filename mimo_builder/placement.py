@@ -16,6 +16,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 from mimo_builder.document.layout import (  # noqa: F401 (public here too)
     BASE_DIMS, BASE_GROUPS, EXPERT_DIMS, EXPERT_GROUPS, Layout, fit_to_world)
+from mimo_builder.platform import private
 
 
 @dataclass
@@ -56,7 +57,7 @@ class ProcessGroups:
         """Abort every group this rank belongs to: peers blocked in their collectives fail at
         once ("connection closed") instead of waiting for the timeout. The groups are unusable."""
         for group in self._member_groups():
-            dist.distributed_c10d._abort_process_group(group)
+            private.abort_group(group)
         self.grids.clear()
         self.collections.clear()
 
@@ -83,20 +84,8 @@ def create_process_groups(layouts, backend: str | None = None, timeout=None) -> 
 def release(*groups: dist.ProcessGroup | None) -> None:
     """Destroy each group torch still knows (None and already destroyed ones are skipped)."""
     for group in groups:
-        if group is not None and group in dist.distributed_c10d._world.pg_map:
+        if group is not None and private.group_alive(group):
             dist.destroy_process_group(group)
-
-
-_control_groups: dict[int, dist.ProcessGroup] = {}
-
-
-def control_group() -> dist.ProcessGroup:
-    """A gloo group over all ranks for small control messages (failure flags, norms), created
-    once per default process group: every rank must make its first call at the same point."""
-    key = id(dist.group.WORLD)
-    if key not in _control_groups:
-        _control_groups[key] = dist.new_group(backend="gloo")
-    return _control_groups[key]
 
 
 def count_process_groups(layouts) -> int:

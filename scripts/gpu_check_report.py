@@ -83,15 +83,16 @@ def _ms(value, status, limit) -> str:
 
 def cli_tables(data: dict) -> list[str]:
     """The user's commands (cli.json of scripts/gpu_cli_checks.py) as markdown lines."""
-    env = data.get("environment", {})
+    env, budget = data.get("environment", {}), data.get("budget_s")
     lines = [f"Device: {data.get('device')}{'; quick mode (small step counts)' if data.get('quick') else ''}; "
-             f"{data.get('elapsed_s')} s of a {data.get('budget_s') or 'unlimited'} s budget. Commands 1-4 ran with "
-             + ", ".join(f"{k}={v}" for k, v in env.items()) + ". Logs: cli/NAME.log.", "",
+             f"{data.get('elapsed_s')} s of a {'unlimited' if budget is None else budget} s budget. Commands 1-4 "
+             "ran with " + ", ".join(f"{k}={v}" for k, v in env.items()) + ". Logs: cli/NAME.log.", "",
              "| command | exit | wall s | figures | checks |", "|---|---|---|---|---|"]
     for run in data.get("runs", []):
         rc = run["status"] if run.get("rc") is None else (str(run["rc"]) if run["rc"] == 0 else run["status"])
         wall = "-" if run.get("wall_s") is None else f"{run['wall_s']:.1f}"
-        lines.append(f"| `{run['command']}` | {rc} | {wall} | {_figures(run)} | {_checks(run)} |")
+        phase = f" ({run['phase']})" if run.get("phase") else ""
+        lines.append(f"| `{run['command']}`{phase} | {rc} | {wall} | {_figures(run)} | {_checks(run)} |")
     if data.get("first_step"):
         lines += ["", "First step, cold and warm (`mimo-builder run graphs/mamba_lm.yaml --nproc 1 --steps N "
                   "--log-interval 1`; cold: a fresh empty TRITON_CACHE_DIR, warm: the same command again on it; "

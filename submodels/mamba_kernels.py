@@ -35,6 +35,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from mimo_builder.platform import compat
+
 _MIXER = "megatron.core.ssm.mamba_mixer"
 _LAYERNORM_GATED = "mamba_ssm.ops.triton.layernorm_gated"
 _NO_LIMIT = (0.0, float("inf"))
@@ -275,6 +277,9 @@ def gated_rms_norm(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_befo
 # --------------------------------------------------------------------------- install
 
 
+KERNELS_REASON = "MCore's MambaMixer calls mamba-ssm's Triton kernels (SSD scan, causal conv, gated RMSNorm), which need a GPU."
+
+
 def _targets():
     """(module, global name, replacement) for the three patched globals."""
     ensure_mamba_ssm_importable()
@@ -294,8 +299,7 @@ def install_cpu_kernels(force: bool = False) -> bool:
     """
     if torch.cuda.is_available() and not force:
         return False
-    for module, name, fn in _targets():
-        setattr(module, name, fn)
+    compat.replace_for_process(KERNELS_REASON, _targets())
     return True
 
 

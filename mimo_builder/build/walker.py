@@ -10,7 +10,6 @@ error on one rank becomes a :class:`BuildError` on every rank instead of a hang.
 from __future__ import annotations
 
 import datetime
-import itertools
 from typing import Any, Callable
 
 import torch
@@ -28,13 +27,13 @@ from mimo_builder.checkpoint.pretrained import load_initial_weights
 from mimo_builder.platform.compat import seed_rng
 from mimo_builder.errors import MimoError
 from mimo_builder.document.graph import Graph
-from mimo_builder.placement import ProcessGroups, control_group, create_process_groups
+from mimo_builder.placement import ProcessGroups, create_process_groups, release
 from mimo_builder.kinds.registry import resolve_hook
 from mimo_builder.runtime.guard import StepGuard
 from mimo_builder.validation import ValidGraph, validate_graph
+from mimo_builder.platform import private
 
 _FAILURE_KEY = "mimo_builder/build_failure"
-_builds = itertools.count()  # every rank builds in the same sequence: a per-build key for failures
 
 
 class BuildError(MimoError, RuntimeError):
@@ -45,11 +44,14 @@ class CompositeModel(torch.nn.Module):
     """This rank's built nodes (name -> list of chunks), the plan, and the per-node groups."""
 
     def __init__(self, valid: ValidGraph, chunks: dict[str, list[MegatronModule]],
-                 process_groups: ProcessGroups, guard: StepGuard):
+                 process_groups: ProcessGroups, guard: StepGuard, control: dist.ProcessGroup):
         super().__init__()
         self.valid = valid
         self.process_groups = process_groups
         self.guard = guard
+        self.control = control
+        """A gloo group over all ranks for the graph's small control messages (failure flags,
+        norms, timings, checkpoint agreement), on CPU tensors whatever the device."""
         self.nodes = torch.nn.ModuleDict({name: torch.nn.ModuleList(c) for name, c in chunks.items()})
         self._closers: list[Callable[[], None]] = []
 
@@ -65,6 +67,7 @@ class CompositeModel(torch.nn.Module):
         self._closers.clear()
         self.guard.close()
         self.process_groups.destroy()
+        release(self.control)
         _clear_method_caches(self)
 
     def __enter__(self) -> "CompositeModel":
@@ -150,8 +153,8 @@ class CompositeBuilder(mcore_base.ModelBuilder):
         placement. ``ddp_config`` is the default under each node's ``ddp`` options.
         """
         valid = validate_graph(self.graph, world_size=dist.get_world_size())
-        control = control_group()  # for agreeing on failures, on any device
-        failure_key = f"{_FAILURE_KEY}/{control.group_name}/{next(_builds)}"
+        control = dist.new_group(backend="gloo")  # for agreeing on failures, on any device
+        failure_key = f"{_FAILURE_KEY}/{control.group_name}"  # a new group: a new name, the same on every rank
         groups = create_process_groups(valid.layouts.values(), timeout=self.build_timeout)
         options = dict(overlap_param_gather_with_optimizer_step=overlap_param_gather_with_optimizer_step,
                        use_megatron_fsdp=use_megatron_fsdp, use_torch_fsdp2=use_torch_fsdp2,
@@ -171,7 +174,7 @@ class CompositeBuilder(mcore_base.ModelBuilder):
         groups.set_timeout(self.timeout)
         guard = StepGuard(failure_key.removeprefix(_FAILURE_KEY + "/"), step_timeout_s=self.step_timeout_s,
                           first_step_timeout_s=self.first_step_timeout_s)
-        model = CompositeModel(valid, chunks, groups, guard)
+        model = CompositeModel(valid, chunks, groups, guard, control)
         load_initial_weights(model)  # nodes whose document names pretrained weights
         return compose_hooks(self.post_wrap_hooks)([model])
 
@@ -201,7 +204,7 @@ def _renamed(port: Port, name: str) -> Port:
 
 def _agree(control, node: str, failure: BaseException | None, key: str) -> None:
     """All ranks learn whether any rank failed building ``node``; every rank raises if so."""
-    store = dist.distributed_c10d._get_default_store()
+    store = private.default_store()
     if failure is not None:
         message = f"rank {dist.get_rank()} failed building node '{node}': {type(failure).__name__}: {failure}"
         store.compare_set(key, "", message)  # the first failure is the root cause

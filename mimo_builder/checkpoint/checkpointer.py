@@ -25,7 +25,6 @@ from mimo_builder.checkpoint import files, state
 from mimo_builder.checkpoint.checks import raise_if_any, shape_problems
 from mimo_builder.checkpoint.files import DataPosition, Manifest, NodeRecord
 from mimo_builder.checkpoint.safe_load import safe_unpickling
-from mimo_builder.placement import control_group
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ class Checkpointer:
         self.optimizer = optimizer
         self.save_frozen = save_frozen
         self.valid = model.valid
-        self.control = control_group()
+        self.control = model.control
 
     # --- save -----------------------------------------------------------------------------------
 

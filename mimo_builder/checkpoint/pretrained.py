@@ -17,7 +17,6 @@ from megatron.core import dist_checkpointing
 from mimo_builder.checkpoint import files, state
 from mimo_builder.checkpoint.checks import raise_if_any, shape_problems
 from mimo_builder.checkpoint.safe_load import safe_unpickling
-from mimo_builder.placement import control_group
 
 
 def load_initial_weights(model) -> list[str]:
@@ -31,7 +30,7 @@ def load_initial_weights(model) -> list[str]:
         init = model.valid.graph.nodes[name].init
         if init is not None and init.checkpoint is not None:
             sources.setdefault(_step_dir(init.checkpoint), []).append(name)
-    group = control_group() if sources else None
+    group = model.control if sources else None
     for step_dir, names in sources.items():  # the same order on every rank
         _load_source(model, step_dir, names, group)
     from mimo_builder.hf.nodes import load_hf_nodes  # init: {hf: DIR}

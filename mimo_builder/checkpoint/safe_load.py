@@ -16,10 +16,10 @@ import types
 from typing import Iterator
 
 import torch
-from torch.distributed.checkpoint._traverse import set_element
 
 from mimo_builder.platform.patching import Patches
 from mimo_builder.errors import MimoError
+from mimo_builder.platform.private import set_element
 
 _DCP = "torch.distributed.checkpoint"
 _RECORD_MODULES = {f"{_DCP}.metadata", f"{_DCP}.planner"}

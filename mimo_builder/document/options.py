@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import types
 import typing
 from typing import Annotated, Any
 
@@ -66,8 +67,9 @@ def _init_fields(dataclass_type: type) -> frozenset[str]:
 
 
 @functools.cache
-def _type_hints(dataclass_type: type) -> dict[str, Any]:
-    return typing.get_type_hints(dataclass_type)
+def _type_hints(dataclass_type: type) -> types.MappingProxyType:
+    """The dataclass's field types, read-only: the cache hands the same object to every caller."""
+    return types.MappingProxyType(typing.get_type_hints(dataclass_type))
 
 
 @functools.cache

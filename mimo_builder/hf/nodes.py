@@ -31,12 +31,10 @@ def load_hf_nodes(model) -> list[str]:
     """Load every node whose document names ``init.hf`` (each hosting rank its TP shard);
     returns those nodes. Collective over every rank: shape problems found on any rank raise
     :class:`HFShapeError` on all ranks before any weight is copied."""
-    from mimo_builder.placement import control_group
-
     names = [n for n in model.valid.order if (init := model.valid.graph.nodes[n].init) and init.hf]
     if not names:
         return []
-    group = control_group()
+    group = model.control
     problems = []
     for name in names:
         if model.hosts(name):

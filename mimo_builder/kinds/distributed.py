@@ -24,6 +24,7 @@ from megatron.training.models import dist_utils
 
 from mimo_builder.platform.compat import resolve_device
 from mimo_builder.errors import ConfigError
+from mimo_builder.platform import private
 
 Hook = Callable[[list[MegatronModule]], list[MegatronModule]]
 
@@ -62,12 +63,12 @@ def build_distributed_models(
             chunk.pg_collection = pg_collection
     if device.type == "cuda" and not on_meta and not use_torch_fsdp2:
         chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
-    chunks = dist_utils._wrap_with_mp_wrapper(chunks, transformer_config, mixed_precision_wrapper)
+    chunks = private.wrap_with_mixed_precision(chunks, transformer_config, mixed_precision_wrapper)
     if on_meta and not (use_torch_fsdp2 or use_megatron_fsdp):
         chunks = [materialize(chunk, device) for chunk in chunks]
     if wrap_with_ddp:
         # MCore sizes buckets by writing into the DDP config: give each node its own copy.
-        return dist_utils._ddp_wrap(
+        return private.wrap_with_ddp(
             chunks,
             data_parallel_random_init,
             copy.copy(ddp_config),

@@ -279,7 +279,6 @@ def _describe(obj: Any) -> str:
 # --- the active registry: the process's default, or one a `using` block selects -----------------
 
 _default = Registry()
-_allowed_prefixes = _default.prefixes  # the default registry's list (tests restore it in place)
 _active: contextvars.ContextVar[Registry | None] = contextvars.ContextVar("mimo_builder_registry", default=None)
 
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from mimo_builder.document.graph import Graph
 from mimo_builder.placement import Layout, count_process_groups, create_process_groups
 from mimo_builder.validation import ValidGraph, validate_graph
+from mimo_builder.platform import private
 
 
 @dataclass
@@ -122,7 +123,7 @@ def _count_on_fake_world(valid: ValidGraph, name: str, layout: Layout, stage: in
     """Parameters of one rank at pipeline ``stage`` of ``layout``, built on meta in a fake world,
     how many of them are copies of a weight held by another stage (MCore's ``shared``), and the
     TransformerConfig they were built with."""
-    from torch.testing._internal.distributed import fake_pg  # noqa: F401  (registers the backend)
+    private.register_fake_backend()
 
     from mimo_builder.kinds import distributed
     from mimo_builder.platform import compat

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from mimo_builder.placement import release
+from mimo_builder.platform import private
 
 FAILURE_KEY = "mimo_builder/failure"
 """The job's latest published root cause (read by :mod:`mimo_builder.platform.launch`)."""
@@ -40,7 +41,7 @@ def job_store() -> dist.Store:
     address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if address and port:
         return dist.TCPStore(address, int(port), is_master=False, timeout=datetime.timedelta(seconds=60))
-    return dist.distributed_c10d._get_default_store()
+    return private.default_store()
 
 
 @dataclass(frozen=True)

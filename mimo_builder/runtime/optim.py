@@ -29,7 +29,6 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from mimo_builder.platform import compat
 from mimo_builder.errors import ConfigError, MimoError
 from mimo_builder.document.optimizer import OptimizerSettings
-from mimo_builder.placement import control_group
 from mimo_builder.runtime.timing import NoTimer, PhaseTimer
 from mimo_builder.build.walker import CompositeModel
 
@@ -86,7 +85,7 @@ class GraphOptimizer:
         self.timer = timer or NoTimer()
         self.settings = settings if settings is not None else model.valid.graph.optimizer
         self.device = _model_device(model)
-        self.control = control_group()
+        self.control = model.control
         self.skipped_steps = 0
         self.nodes: dict[str, _NodeOptimizer] = {}
         with self._mcore_scope():

@@ -33,6 +33,7 @@ from mimo_builder.runtime.routes import Routes
 from mimo_builder.runtime.shards import RankBatch
 from mimo_builder.runtime.timing import NoTimer, PhaseTimer
 from mimo_builder.build.walker import CompositeModel
+from mimo_builder.platform import private
 
 
 class StepError(MimoError, RuntimeError):
@@ -199,7 +200,7 @@ class GraphSchedule:
         groups = [self.bridge, self.control, *self.tp_groups.values()]
         if dist.get_backend(self.bridge) != "gloo":
             for group in groups:
-                dist.distributed_c10d._abort_process_group(group)
+                private.abort_group(group)
             return
         self.close()
         if self._current is not None:
