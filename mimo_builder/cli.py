@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from mimo_builder.platform.compat import quiet_dependency_warnings
+from mimo_builder.platform.environment import quiet_dependency_warnings
 from mimo_builder.errors import MimoError
 
 

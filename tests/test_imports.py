@@ -193,3 +193,40 @@ def test_private_torch_and_mcore_names_only_in_the_fence():
     found = [use for package in PACKAGES for path in (ROOT / package).rglob("*.py") if path.name not in FENCED
              for use in _private_uses(path)]
     assert not found, "private torch/MCore names outside mimo_builder/platform/private.py: " + ", ".join(found)
+
+
+_LIGHT = """
+import sys
+from mimo_builder.cli import main
+for argv in (["--help"], ["run"], ["plan", "x.yaml", "--world-size", "0"], ["validate", "--help"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+heavy = sorted(name for name in ("torch", "megatron", "mamba_ssm", "pydantic") if name in sys.modules)
+print("heavy:", heavy)
+"""
+
+
+def test_help_and_argument_errors_import_neither_torch_nor_megatron():
+    """``mimo-builder --help`` (and a subcommand's), and argument errors, answer before anything
+    heavy is imported: the package import is light, MCore's preparation waits for MCore."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _LIGHT], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("heavy: []"), result.stdout + result.stderr
+
+
+def test_mamba_ssm_is_prepared_before_the_first_megatron_import():
+    """The package's import leaves mamba-ssm alone; the first MCore import prepares it, so MCore's
+    Mamba mixer finds mamba-ssm's Triton modules (else it refuses to construct)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mimo_builder; assert 'mamba_ssm' not in sys.modules; "
+            "import megatron.core.ssm.mamba_mixer as m; print(m.HAVE_MAMBA_SSM)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "True"

@@ -6,8 +6,10 @@ re-exports these two for its callers).
 
 from __future__ import annotations
 
+import importlib.abc
 import logging
 import os
+import sys
 import warnings
 
 
@@ -17,8 +19,9 @@ def prepare_mamba_ssm_import() -> None:
     Without its CUDA extension, ``import mamba_ssm`` raises (its ``__init__`` imports
     ``selective_scan_cuda``), but the failed attempt leaves ``mamba_ssm.ops.triton.*`` in
     ``sys.modules``, which is all MCore's MambaMixer imports. Importing
-    ``megatron.training.models`` imports that mixer, so this must run first: the package
-    ``mimo_builder`` calls it on import. Without mamba-ssm installed it does nothing.
+    ``megatron.training.models`` imports that mixer, so this must run first:
+    :func:`prepare_before_megatron` runs it the moment anything first imports ``megatron``.
+    Without mamba-ssm installed it does nothing.
 
     It first asks Triton to keep autotuning results in its cache (``TRITON_CACHE_AUTOTUNING=1``
     unless set): mamba-ssm's kernels autotune on their first call, which takes minutes on a GPU,
@@ -29,6 +32,28 @@ def prepare_mamba_ssm_import() -> None:
         import mamba_ssm  # noqa: F401
     except ImportError:
         pass
+
+
+class _BeforeMegatron(importlib.abc.MetaPathFinder):
+    """An import finder that finds nothing: it runs :func:`prepare_mamba_ssm_import` just before
+    the first import of any ``megatron`` module, then leaves ``sys.meta_path``."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        """Prepare on the first ``megatron`` import; never find a module itself."""
+        if fullname.partition(".")[0] == "megatron" and self in sys.meta_path:
+            sys.meta_path.remove(self)
+            prepare_mamba_ssm_import()
+        return None
+
+
+def prepare_before_megatron() -> None:
+    """Make sure :func:`prepare_mamba_ssm_import` runs before MCore is first imported, without
+    importing anything now: the package's own import stays light (``mimo-builder --help`` imports
+    neither torch nor MCore)."""
+    if "megatron" in sys.modules:
+        prepare_mamba_ssm_import()
+    elif not any(isinstance(finder, _BeforeMegatron) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _BeforeMegatron())
 
 
 OPTIONAL_PACKAGE_NOTICES = (
