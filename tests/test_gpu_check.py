@@ -28,8 +28,9 @@ import gpu_cli_checks  # noqa: E402
 
 
 def _env(**extra) -> dict:
-    """This environment without pytest's own variables (the runs below start their own pytest)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    """This environment without pytest's own variables (the runs below start their own pytest) and
+    without what importing mimo_builder set in this process (TRITON_CACHE_AUTOTUNING): as from a shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and k != "TRITON_CACHE_AUTOTUNING"}
     return {**env, "PYTHON": sys.executable, **extra}
 
 

@@ -15,7 +15,7 @@ from mimo_builder.document.files import load_file
 from mimo_builder.document.graph import DOCUMENT_SUFFIXES, Graph, Node
 from mimo_builder.errors import ConfigError
 from mimo_builder.kinds.config import ModelConfig
-from mimo_builder.kinds.registry import active_registry
+from mimo_builder.kinds.registry import active_registry, describe_object
 
 
 def load_graph(source: str) -> Graph:
@@ -34,7 +34,7 @@ def resolve_graph(ref: str, where: str = "graph") -> Graph:
     if isinstance(obj, Graph):
         return obj
     if not (inspect.isfunction(obj) or inspect.ismethod(obj)):
-        raise ConfigError(f"{where}: {ref!r} is {_describe(obj)}, not a mimo_builder.document.graph.Graph "
+        raise ConfigError(f"{where}: {ref!r} is {describe_object(obj)}, not a mimo_builder.document.graph.Graph "
                           "or a function returning one")
     signature = inspect.signature(obj)
     if not _may_return(signature.return_annotation, Graph):
@@ -47,7 +47,7 @@ def resolve_graph(ref: str, where: str = "graph") -> Graph:
         raise ConfigError(f"{where}: {ref!r} must be callable without arguments to return a Graph: {err}") from err
     graph = obj()
     if not isinstance(graph, Graph):
-        raise ConfigError(f"{where}: {ref!r} returned {_describe(graph)}, not a mimo_builder.document.graph.Graph")
+        raise ConfigError(f"{where}: {ref!r} returned {describe_object(graph)}, not a mimo_builder.document.graph.Graph")
     return graph
 
 
@@ -66,11 +66,3 @@ def _may_return(annotation: Any, cls: type) -> bool:
     if isinstance(annotation, str):
         return annotation.rsplit(".", 1)[-1] == cls.__name__
     return isinstance(annotation, type) and issubclass(annotation, cls)
-
-
-def _describe(obj: Any) -> str:
-    if isinstance(obj, type):
-        return f"the class {obj.__module__}.{obj.__qualname__}"
-    if callable(obj) and hasattr(obj, "__qualname__"):
-        return f"the function {getattr(obj, '__module__', '?')}.{obj.__qualname__}"
-    return f"a {type(obj).__qualname__}"

@@ -139,7 +139,7 @@ class Registry:
         keep its contract (:func:`~mimo_builder.kinds.contract.builder_class_problems`)."""
         obj = self._resolve(BUILDER_GROUP, ref, where)
         if not (isinstance(obj, type) and builder_base(obj) is not None):
-            raise ConfigError(f"{where}: {ref!r} resolves to {_describe(obj)}, which is not a subclass of "
+            raise ConfigError(f"{where}: {ref!r} resolves to {describe_object(obj)}, which is not a subclass of "
                               "mimo_builder.kinds.builder.ModelBuilder")
         problems = builder_class_problems(obj, ref)
         if problems:
@@ -152,7 +152,7 @@ class Registry:
             return ref
         obj = self._resolve(HOOK_GROUP, ref, where)
         if isinstance(obj, type) or not callable(obj):
-            raise ConfigError(f"{where}: {ref!r} resolves to {_describe(obj)}; a hook must be a function "
+            raise ConfigError(f"{where}: {ref!r} resolves to {describe_object(obj)}; a hook must be a function "
                               "taking and returning the list of model chunks")
         return obj
 
@@ -210,7 +210,7 @@ class Registry:
                               "an object defined in the module before ':' and does not walk into other modules")
         owner = getattr(found, "__module__", None)
         if not isinstance(owner, str):
-            raise ConfigError(f"{where}: {ref!r}: {name} is {_describe(found)}, which names no defining module; "
+            raise ConfigError(f"{where}: {ref!r}: {name} is {describe_object(found)}, which names no defining module; "
                               "a reference names a class, function or Graph")
         if not self.allows(owner):
             raise ConfigError(f"{where}: {ref!r}: {name} is defined in module {owner!r}, which is not under an "
@@ -268,7 +268,8 @@ def _qualname(obj: Any) -> str:
     return getattr(obj, "__qualname__", type(obj).__qualname__)
 
 
-def _describe(obj: Any) -> str:
+def describe_object(obj: Any) -> str:
+    """How a message names ``obj``: "the class m.C", "the function m.f" or "a T"."""
     if isinstance(obj, type):
         return f"the class {obj.__module__}.{obj.__qualname__}"
     if callable(obj) and hasattr(obj, "__qualname__"):
