@@ -52,12 +52,11 @@ def _measure(repeats):
         headers = {"sent": {(0, 0)}, "received": {(0, 0): (t.shape, t.dtype)}}  # steady state
         box = Mailbox(group, rank, [Message(key, 1 - rank, rank == 0) for key in keys], headers, cpu,
                       gradient_like=None)
-        if rank == 0:
-            for key in keys:
+        for i, key in enumerate(keys):  # one message per operation, as a pipelined step posts them
+            if rank == 0:
                 box.send(key, t, 1)
-        box.post(len(keys), wait=True)
-        if rank == 1:
-            for key in keys:
+            box.post(i + 1, wait=True)
+            if rank == 1:
                 box.take(key, 0)
         box.close()
 
