@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     # first: importing Megatron's training module would point the root logger at stdout.
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s:%(name)s:%(message)s")
     args = _parser().parse_args(argv)
+    args.allow = [*args.allow, *getattr(args, "allow_here", [])]  # --allow before or after the command
     from mimo_builder.kinds.registry import default_registry, using
 
     try:
@@ -63,6 +64,29 @@ def _seconds(text: str) -> float | None:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
     return value or None
+
+
+def _learning_rate(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _writable_folder(path: str, flag: str) -> None:
+    """A folder a run will create or write into: none of it may be a file (named before any rank starts)."""
+    from pathlib import Path
+
+    from mimo_builder.errors import ConfigError
+
+    for part in (Path(path), *Path(path).parents):
+        if part.exists() and not part.is_dir():
+            what = "is a file" if part == Path(path) else f"lies under {part}, which is a file"
+            raise ConfigError(f"{flag} {path}: {what}; give a folder")
 
 
 def _memory_size(text: str) -> tuple[int, str]:
@@ -130,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--microbatches", type=_count, default=1)
     p.add_argument("--seed", type=int, help="seeds the weights' initialisation and the order of the training "
                    "samples (default: TrainOptions.seed); a resumed run keeps its data seed")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=_learning_rate, default=None,
                    help="peak learning rate for every node (default: the document's optimizer.lr)")
     p.add_argument("--data", metavar="MODULE:FUNCTION",
                    help="train on the samples this function's GraphData gives (default: synthetic batches); "
@@ -156,6 +180,8 @@ def _parser() -> argparse.ArgumentParser:
     _colocate_flag(p)
     p.set_defaults(func=_run)
 
+    for command in sub.choices.values():
+        _allow_flag(command)
     p = sub.add_parser("ckpt", help="checkpoint tools")
     ckpt = p.add_subparsers(required=True, metavar="ACTION")
     p = ckpt.add_parser("inspect", help="print a checkpoint's steps, nodes, placements and sizes")
@@ -163,6 +189,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=_ckpt_inspect)
     return parser
+
+
+def _allow_flag(parser) -> None:
+    parser.add_argument("--allow", action="append", default=[], dest="allow_here", metavar="PREFIX",
+                        help="also accept module:attr references under this module prefix (also before the command)")
 
 
 def _colocate_flag(parser) -> None:
@@ -312,6 +343,9 @@ def _check_checkpoint_args(args) -> None:
         raise ConfigError("--save-interval and --save-frozen need --save DIR")
     if args.load:
         resolve(args.load)  # a missing or empty folder is named before any rank starts
+    for folder, flag in ((args.save, "--save"), (args.tensorboard, "--tensorboard")):
+        if folder:
+            _writable_folder(folder, flag)
 
 
 def _ckpt_inspect(args) -> int:

@@ -243,3 +243,40 @@ def test_run_trains_a_four_rank_graph_colocated_on_one_rank():
     assert "colocate: node 'lm': tp 2 -> 1" in result.stderr
     assert list(_losses(result.stdout)) == [1, 2, 3]
     assert "done: 3 steps on 1 ranks" in result.stdout
+
+
+# --- bad numbers and paths, named before any rank starts --------------------------------------
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "x"])
+def test_a_learning_rate_that_is_not_a_finite_positive_number_is_refused(value):
+    result = _main("run", "graphs/mamba_lm.yaml", "--lr", value)
+    assert result.returncode == 2 and "argument --lr: must be a finite number > 0" in result.stderr, result.stderr
+
+
+def test_a_document_learning_rate_of_inf_is_named(tmp_path):
+    doc = yaml.safe_load((ROOT / "graphs/mamba_lm.yaml").read_text())
+    doc["optimizer"] = {"lr": float("inf")}
+    path = tmp_path / "inf.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = _main("validate", str(path))
+    assert result.returncode == 2 and "optimizer.lr" in result.stderr and "finite" in result.stderr, result.stderr
+
+
+def test_folders_that_are_files_are_named(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for args, message in [(("--save", str(a_file / "ckpt")), f"--save {a_file}/ckpt: lies under {a_file}, which is a file"),
+                          (("--save", str(a_file)), f"--save {a_file}: is a file"),
+                          (("--tensorboard", str(a_file / "tb")), f"--tensorboard {a_file}/tb: lies under"),
+                          (("--load", str(a_file)), f"no checkpoint at {a_file}: it is a file")]:
+        result = _main("run", "graphs/mamba_lm.yaml", *args)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    result = _main("ckpt", "inspect", str(a_file))
+    assert result.returncode == 2 and f"no checkpoint at {a_file}: it is a file" in result.stderr
+
+
+def test_allow_works_after_the_command_too():
+    before = _main("--allow", "examples", "validate", "examples/custom_graph.yaml")
+    after = _main("validate", "examples/custom_graph.yaml", "--allow", "examples")
+    assert before.returncode == after.returncode == 0, before.stderr + after.stderr
+    assert before.stdout == after.stdout

@@ -287,3 +287,20 @@ def test_document_with_a_mismatched_folder_fails_validation(imported):
 def test_shape_mismatch_names_the_tensor_and_both_shapes(imported):
     _, results = imported
     assert "backbone.norm_f.weight (63,) cannot make decoder.final_norm.weight (64,)" in results["shape_error"]
+
+
+def test_unreadable_hugging_face_files_are_named(tmp_path):
+    """A config.json that is not JSON (or not an object), or a truncated safetensors file, is an
+    HFWeightsError naming the file, not a traceback."""
+    from mimo_builder.hf import files
+    from mimo_builder.hf.mapping import HFWeightsError
+
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(HFWeightsError, match="config.json cannot be read as JSON"):
+        files.read_config(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(HFWeightsError, match="config.json holds a list, not a JSON object"):
+        files.read_config(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"w\": {\"dtype\"")
+    with pytest.raises(HFWeightsError, match="model.safetensors cannot be read as safetensors"):
+        files.tensor_shapes(tmp_path)

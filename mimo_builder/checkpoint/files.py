@@ -94,6 +94,9 @@ def partial_dir(root: Path, step: int) -> Path:
 def resolve(path: str | os.PathLike) -> Path:
     """The step folder ``path`` names: itself, or the one its ``latest`` points to."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"no checkpoint at {path}: it is a file; name the checkpoint folder (or a step "
+                              "folder inside it)")
     if (path / MANIFEST).is_file():
         return path
     latest = path / LATEST

@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from megatron.core.optimizer import OptimizerConfig
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
+from pydantic import BaseModel, ConfigDict, Field
 
-from mimo_builder.document.types import NonNegativeInt, PositiveInt
+from mimo_builder.document.types import FiniteNonNegativeFloat, NonNegativeInt, PositiveInt
 from mimo_builder.document.options import options_type
 
 OptimizerOptions = options_type(OptimizerConfig)
@@ -34,13 +34,13 @@ class _Strict(BaseModel):
 class NodeOptimizer(_Strict):
     """Per-node overrides of the graph-wide optimizer settings (unset fields inherit)."""
 
-    lr: NonNegativeFloat | None = None
+    lr: FiniteNonNegativeFloat | None = None
     """Peak learning rate of this node."""
 
-    min_lr: NonNegativeFloat | None = None
+    min_lr: FiniteNonNegativeFloat | None = None
     """Learning rate at the end of the decay for this node."""
 
-    weight_decay: NonNegativeFloat | None = None
+    weight_decay: FiniteNonNegativeFloat | None = None
     """Decoupled weight decay of this node (norms and biases get none, as in Megatron)."""
 
     mcore: OptimizerOptions = Field(default_factory=dict)
@@ -57,16 +57,16 @@ class OptimizerSettings(_Strict):
     optimizer: Literal["adam", "sgd"] = "adam"
     """Megatron-Core's Adam (decoupled weight decay, i.e. AdamW) or SGD."""
 
-    lr: NonNegativeFloat = 1e-3
+    lr: FiniteNonNegativeFloat = 1e-3
     """Peak learning rate (after warm-up)."""
 
-    min_lr: NonNegativeFloat = 0.0
+    min_lr: FiniteNonNegativeFloat = 0.0
     """Learning rate at the end of the decay."""
 
-    weight_decay: NonNegativeFloat = 0.0
+    weight_decay: FiniteNonNegativeFloat = 0.0
     """Decoupled weight decay (norms and biases get none, as in Megatron)."""
 
-    clip_grad: NonNegativeFloat = 1.0
+    clip_grad: FiniteNonNegativeFloat = 1.0
     """Clip by one L2 norm over every parameter of the graph; 0 disables clipping."""
 
     warmup_steps: NonNegativeInt = 0

@@ -23,6 +23,10 @@ NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
 StrictInt = Annotated[int, Field(strict=True)]
 """Any int written as an int (strict like PositiveInt)."""
 
+FiniteNonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+"""A number >= 0 that is finite: ``.inf`` and ``.nan`` are refused (a learning rate of inf turns
+every weight into NaN at the first step)."""
+
 StrictBool = Annotated[bool, Field(strict=True)]
 """true or false written as such: "yes", 1 or "false" are refused, not converted."""
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from mimo_builder.hf.mapping import HFWeightsError
+
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -28,35 +30,51 @@ def folder_problems(folder: str | Path) -> list[str]:
 
 
 def read_config(folder: str | Path) -> dict:
-    """The folder's config.json as a dict."""
-    with open(Path(folder) / CONFIG, encoding="utf-8") as f:
-        return json.load(f)
+    """The folder's config.json as a dict; an unreadable one is an HFWeightsError naming it."""
+    data = _read_json(Path(folder) / CONFIG)
+    if not isinstance(data, dict):
+        raise HFWeightsError(f"{Path(folder) / CONFIG} holds a {type(data).__name__}, not a JSON object")
+    return data
+
+
+def _read_json(path: Path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise HFWeightsError(f"{path} cannot be read as JSON: {err}") from None
+
+
+def _safetensors_header(file: Path, read):
+    """``read(handle)`` on an open safetensors file; a truncated or corrupt one is an HFWeightsError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            return read(handle)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
+        raise HFWeightsError(f"{file} cannot be read as safetensors ({type(err).__name__}: {err}); "
+                             "is it complete?") from None
 
 
 def _shard_of(folder: Path) -> dict[str, Path]:
     """Tensor name -> the file holding it."""
     if (folder / INDEX).is_file():
-        with open(folder / INDEX, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
-    from safetensors import safe_open
-
-    with safe_open(str(folder / WEIGHTS), framework="pt") as f:
-        return {name: folder / WEIGHTS for name in f.keys()}
+        index = _read_json(folder / INDEX)
+        if not (isinstance(index, dict) and isinstance(index.get("weight_map"), dict)):
+            raise HFWeightsError(f"{folder / INDEX} has no 'weight_map' object")
+        return {name: folder / file for name, file in index["weight_map"].items()}
+    return _safetensors_header(folder / WEIGHTS, lambda f: {name: folder / WEIGHTS for name in f.keys()})
 
 
 def tensor_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
     """Every tensor's name and shape, from the safetensors headers only."""
-    from safetensors import safe_open
-
     shapes: dict[str, tuple[int, ...]] = {}
     by_file: dict[Path, list[str]] = {}
     for name, file in _shard_of(Path(folder)).items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
-        with safe_open(str(file), framework="pt") as f:
-            for name in names:
-                shapes[name] = tuple(f.get_slice(name).get_shape())
+        shapes.update(_safetensors_header(file, lambda f: {n: tuple(f.get_slice(n).get_shape()) for n in names}))
     return shapes
 
 
