@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s:%(name)s:%(message)s")
     args = _parser().parse_args(argv)
     args.allow = [*args.allow, *getattr(args, "allow_here", [])]  # --allow before or after the command
+    if args.traceback:
+        os.environ["MIMO_BUILDER_TRACEBACK"] = "1"  # the ranks inherit it
     from mimo_builder.kinds.registry import default_registry, using
 
     try:
@@ -34,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return code
     except MimoError as err:
+        if os.environ.get("MIMO_BUILDER_TRACEBACK") == "1":
+            import traceback
+
+            traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:
@@ -103,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimo-builder", description=__doc__.splitlines()[0])
     parser.add_argument("--allow", action="append", default=[], metavar="PREFIX",
                         help="also accept module:attr references under this module prefix")
+    parser.add_argument("--traceback", action="store_true",
+                        help="print the full traceback of a failure, a rank's included (also MIMO_BUILDER_TRACEBACK=1)")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     p = sub.add_parser("validate", help="check a graph document; exit 0 when valid")

@@ -5,6 +5,7 @@ and stderr captured), which saves the seconds each new interpreter spends import
 """
 
 import json
+import re
 import pathlib
 import subprocess
 import sys
@@ -280,3 +281,28 @@ def test_allow_works_after_the_command_too():
     after = _main("validate", "examples/custom_graph.yaml", "--allow", "examples")
     assert before.returncode == after.returncode == 0, before.stderr + after.stderr
     assert before.stdout == after.stdout
+
+
+def test_traceback_shows_where_a_users_forward_failed(tmp_path):
+    """A node kind whose forward raises: one line by default; with --traceback, the rank's
+    traceback with the user's own file and line."""
+    package = tmp_path / "mykinds"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    source = (ROOT / "examples/custom_node.py").read_text()
+    marker = "        p = self.patch_size\n"
+    assert marker in source
+    (package / "broken.py").write_text(source.replace(marker, '        raise ValueError("boom in my forward")\n'))
+    graph = yaml.safe_load((ROOT / "examples/custom_graph.yaml").read_text())
+    graph["nodes"]["encoder"]["builder"] = "mykinds.broken:PatchMLPBuilder"
+    for node in graph["nodes"].values():
+        node["placement"] = {}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(graph))
+    common = ["--allow", "mykinds", "run", "g.yaml", "--nproc", "1", "--steps", "1", "--batch-size", "2"]
+    plain = subprocess.run([str(CLI), *common], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert plain.returncode == 2 and "boom in my forward" in plain.stderr and "Traceback" not in plain.stderr, \
+        plain.stderr[-3000:]
+    shown = subprocess.run([str(CLI), "--traceback", *common], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=180)
+    assert shown.returncode == 2, shown.stderr[-3000:]
+    assert re.search(r'File ".*mykinds/broken\.py", line \d+, in forward', shown.stderr), shown.stderr[-3000:]

@@ -189,7 +189,7 @@ def _rank_main(rank, nproc, port, init_timeout_s, mode, payload, results, launch
         results.put((rank, True, value))
     except BaseException as err:  # report everything, including SystemExit and KeyboardInterrupt
         # a MimoError is a message for the user (bad input, a checkpoint that does not fit)
-        report = f"{type(err).__name__}: {err}" if isinstance(err, MimoError) else traceback.format_exc()
+        report = _report(err)
         results.put((rank, False, report))
         return
     try:
@@ -197,6 +197,20 @@ def _rank_main(rank, nproc, port, init_timeout_s, mode, payload, results, launch
         dist.destroy_process_group()
     except Exception:
         pass
+
+
+TRACEBACK_VARIABLE = "MIMO_BUILDER_TRACEBACK"
+"""Set to 1 (``mimo-builder --traceback``): a rank's failure comes with its full traceback."""
+
+
+def _report(err: BaseException) -> str:
+    """A rank's failure as the launcher shows it: a MimoError's message (what the user must fix),
+    anything else with its traceback; with ``MIMO_BUILDER_TRACEBACK=1`` every failure with the
+    traceback of where it was raised (a step's: the node's own code, e.g. a user's ``forward``)."""
+    if isinstance(err, MimoError) and os.environ.get(TRACEBACK_VARIABLE) != "1":
+        return f"{type(err).__name__}: {err}"
+    where = getattr(err, "trace", "")  # a StepError carries the failing rank's own traceback
+    return (f"{where}\n" if where else "") + traceback.format_exc()
 
 
 def _share_cores(nproc: int) -> None:
@@ -276,6 +290,8 @@ def _raise_root_cause(procs, results, done, failures, store):
     # report it; an older published failure (caught, then rebuilt) does not explain a new one
     if published is not None and (dead or any(published[1] in str(f) for f in failures.values())):
         rank, message = published
+        if os.environ.get(TRACEBACK_VARIABLE) == "1" and rank in failures:
+            message = failures[rank]  # the rank's own report: the published cause with its traceback
         raise RankError(rank, message + _also_failed(set(failures) | set(dead), rank))
     cause = min(dead) if dead else next(iter(failures))
     trace = {**failures, **dead}[cause]
