@@ -346,3 +346,16 @@ def _from_mcore(config, **kwargs):
     from submodels.mcore_interop import import_hybrid_config
 
     return import_hybrid_config(config, **kwargs).config
+
+
+def _export_in_a_fresh_process():
+    """to_mimo_model(graph) as the first thing a process does (nothing built or seeded before)."""
+    from graphs.vlm import vlm
+    from mimo_builder.interop import to_mimo_model
+
+    return sum(p.numel() for p in to_mimo_model(vlm("single"), seed=SEED).parameters())
+
+
+def test_to_mimo_model_works_in_a_fresh_process():
+    (count,) = run_ranks(1, _export_in_a_fresh_process, timeout_s=240)
+    assert count > 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mimo_builder.platform.compat import seed_rng
+from mimo_builder.platform.compat import init_runtime, seed_rng
 from mimo_builder.errors import MimoError
 from mimo_builder.document.graph import Graph
 from mimo_builder.interop.star import LANGUAGE_INPUTS, Star, check_exportable, star_shape
@@ -48,9 +48,12 @@ def to_mimo_model(source: Graph | CompositeModel, *, seed: int = 1234, device: s
         raise MimoError("to_mimo_model builds on process groups: initialise torch.distributed first "
                         "(e.g. under mimo_builder.platform.launch or torchrun)")
     valid, star = check_exportable(graph, dist.get_world_size(), device)
+    init_runtime(device)  # a fresh process too: MCore's CPU workarounds, idempotent
     groups = source.process_groups if isinstance(source, CompositeModel) else create_process_groups(
         valid.layouts.values())
-    model = _mimo_model(valid, star, groups)
+    language = _groups_here(valid, groups, star.language)
+    seed_rng(seed, tp_rank=language.tp.rank(), ep_rank=language.ep.rank(), etp_rank=language.expt_tp.rank())
+    model = _mimo_model(valid, star, groups)  # MCore draws its (overwritten) weights from the seeded tracker
     if not isinstance(source, CompositeModel):
         model.mimo_builder_groups = groups
     for name in valid.order:
