@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 from megatron.core.models.gpt import GPTModel
@@ -11,35 +10,8 @@ from megatron.core.transformer import TransformerConfig
 
 from mimo_builder.kinds import costs
 from mimo_builder.kinds.builder import ModelBuilder, Port, Ports, token_input_ports
-from mimo_builder.kinds.config import PositiveInt, StrictBool
-from mimo_builder.kinds.transformer import (
-    TransformerModelConfig,
-    make_transformer_config,
-    padded_vocab_size,
-    use_te,
-)
-
-
-class GPTConfig(TransformerModelConfig):
-    """A GPT language model."""
-
-    builder: str = "gpt"
-    """Builder of this node (registered name or 'module:Class')."""
-
-    vocab_size: PositiveInt
-    """Tokenizer vocabulary size (padded for TP at build time)."""
-
-    make_vocab_size_divisible_by: PositiveInt = 128
-    """Pad the vocabulary to a multiple of this times TP."""
-
-    seq_length: PositiveInt
-    """Maximum sequence length."""
-
-    position_embedding_type: Literal["learned_absolute", "rope", "none"] = "rope"
-    """How positions are encoded."""
-
-    share_embeddings_and_output_weights: StrictBool = True
-    """Tie the output layer to the input embedding."""
+from mimo_builder.kinds.transformer import make_transformer_config, padded_vocab_size, use_te
+from submodels.gpt_config import GPTConfig  # noqa: F401 (the kind's config, public here too)
 
 
 class GPTBuilder(ModelBuilder):

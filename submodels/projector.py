@@ -6,7 +6,6 @@ before projecting, so an encoder's N tokens become N / token_reduction tokens.
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,88 +14,14 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from pydantic import Field, model_validator
 
 from mimo_builder.kinds import costs
 from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
-from mimo_builder.kinds.config import ModelConfig, PositiveInt
 from mimo_builder.errors import ConfigError
-from mimo_builder.document.options import TransformerOptions
-from mimo_builder.kinds.transformer import OWNED_OPTIONS, make_transformer_config, use_te
+from mimo_builder.kinds.transformer import make_transformer_config, use_te
+from submodels.projector_config import ProjectorConfig  # noqa: F401 (the kind's config, public here too)
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
-
-
-class ProjectorConfig(ModelConfig):
-    """A one- or two-layer projection between a modality encoder and a language model.
-
-    Not a TransformerModelConfig: a projector has no layers, heads or attention, so those keys
-    would be meaningless in its document. MCore still wants a TransformerConfig; the fixed
-    properties below give :func:`make_transformer_config` what it reads.
-    """
-
-    builder: str = "projector"
-    """Builder of this node (registered name or 'module:Class')."""
-
-    input_size: PositiveInt
-    """Features per input token (the encoder's hidden size)."""
-
-    output_size: PositiveInt
-    """Features per output token (the language model's hidden size)."""
-
-    ffn_hidden_size: PositiveInt | None = None
-    """Width of the 'mlp' projector's hidden layer (None: output_size)."""
-
-    projector_type: Literal["mlp", "affine"] = "mlp"
-    """'mlp': linear, activation, linear; 'affine': one linear layer."""
-
-    activation: Literal["gelu", "relu", "silu"] = "gelu"
-    """Activation between the two linears of the 'mlp' projector."""
-
-    token_reduction: PositiveInt = 1
-    """Merge this many consecutive tokens (features concatenated) before projecting."""
-
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Parameter dtype; bf16/fp16 wrap the model in MCore's Float16Module."""
-
-    impl: Literal["auto", "te", "local"] = "auto"
-    """Linear implementation: Transformer Engine ('te'), MCore-local ('local'), or TE when importable."""
-
-    transformer: TransformerOptions = Field(default_factory=dict)
-    """Any other TransformerConfig option (e.g. add_bias_linear, init_method_std), by MCore name."""
-
-    # What make_transformer_config reads from a transformer node, fixed for a projector.
-    num_layers = property(lambda self: 1)
-    num_attention_heads = property(lambda self: 1)
-    num_query_groups = property(lambda self: None)
-    hidden_dropout = property(lambda self: 0.0)
-    attention_dropout = property(lambda self: 0.0)
-
-    @property
-    def hidden_size(self) -> int:
-        """MCore's name for the projection's output width."""
-        return self.output_size
-
-    @property
-    def ffn_width(self) -> int:
-        """Hidden width of the 'mlp' projector."""
-        return self.ffn_hidden_size or self.output_size
-
-    @model_validator(mode="after")
-    def _check_transformer_options(self) -> "ProjectorConfig":
-        owned = sorted(set(self.transformer) & (OWNED_OPTIONS | {"activation_func"}))
-        if owned:
-            raise ValueError(f"transformer: {owned} are set by named fields or by the node's placement, "
-                             "not in the transformer dict")
-        return self
-
-    def tp_problems(self, tp: int) -> list[str]:
-        """Why this projector cannot be split over ``tp`` ranks (empty when it can)."""
-        if self.projector_type == "mlp" and self.ffn_width % tp:
-            return [f"ffn_hidden_size {self.ffn_width} is not divisible by tp {tp}"]
-        if self.projector_type == "affine" and self.output_size % tp:
-            return [f"output_size {self.output_size} is not divisible by tp {tp}"]
-        return []
 
 
 class ProjectorBuilder(ModelBuilder):

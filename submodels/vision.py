@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 from megatron.core.activations import quick_gelu
@@ -10,13 +9,12 @@ from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from pydantic import model_validator
 
 from mimo_builder.kinds import costs
 from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
-from mimo_builder.kinds.config import PositiveInt, StrictBool, StrictInt
 from mimo_builder.errors import ConfigError
-from mimo_builder.kinds.transformer import TransformerModelConfig, make_transformer_config, use_te
+from mimo_builder.kinds.transformer import make_transformer_config, use_te
+from submodels.vision_config import VisionConfig  # noqa: F401 (the kind's config, public here too)
 
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": torch.nn.functional.gelu}
 
@@ -25,64 +23,6 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": torch.nn.functional.gelu}
 # MCore's local GPT layer spec applies; its ViT local spec omits it).
 FUSED_NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
                    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
-
-
-class VisionConfig(TransformerModelConfig):
-    """A ViT image encoder (CLIP layout: conv patches, class token, learned positions, pre-LN)."""
-
-    builder: str = "vision"
-    """Builder of this node (registered name or 'module:Class')."""
-
-    image_size: PositiveInt
-    """Height and width of the (square) input image in pixels."""
-
-    patch_size: PositiveInt
-    """Height and width of one patch; must divide image_size."""
-
-    num_channels: PositiveInt = 3
-    """Channels of the input image."""
-
-    class_token: StrictBool = True
-    """Prepend a learned class token to the patch tokens."""
-
-    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
-    """MLP activation (CLIP uses quick_gelu)."""
-
-    ln_post: StrictBool = False
-    """LayerNorm over every output token after the last built layer (CLIP's post_layernorm)."""
-
-    feature_layer: StrictInt = -1
-    """Which layer's output the node returns, counted from the end as Hugging Face's
-    hidden_states: -1 the last, -2 the one before (LLaVA); layers after it are not built."""
-
-    @property
-    def built_layers(self) -> int:
-        """Layers the node builds and runs: num_layers up to feature_layer."""
-        return self.num_layers + 1 + self.feature_layer
-
-    @property
-    def num_patches(self) -> int:
-        """Patches per image."""
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def num_tokens(self) -> int:
-        """Output tokens per image: the patches plus the class token if any."""
-        return self.num_patches + int(self.class_token)
-
-    @model_validator(mode="after")
-    def _check_patches(self) -> "VisionConfig":
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
-                             "choose a patch_size that divides it")
-        if not -self.num_layers <= self.feature_layer <= -1:
-            raise ValueError(f"feature_layer {self.feature_layer} must be in [-num_layers, -1] = "
-                             f"[{-self.num_layers}, -1]")
-        return self
-
-    def pp_problems(self, pp: int) -> list[str]:
-        """Why this encoder cannot be split over ``pp`` pipeline stages (empty when it can)."""
-        return [] if pp == 1 else [f"the vision encoder runs on one pipeline stage, not pp {pp}"]
 
 
 class VisionBuilder(ModelBuilder):

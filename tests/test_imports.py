@@ -196,7 +196,7 @@ def test_private_torch_and_mcore_names_only_in_the_fence():
 
 
 _LIGHT = """
-import sys
+import contextlib, io, sys
 from mimo_builder.cli import main
 for argv in (["--help"], ["run"], ["plan", "x.yaml", "--world-size", "0"], ["validate", "--help"]):
     try:
@@ -204,19 +204,37 @@ for argv in (["--help"], ["run"], ["plan", "x.yaml", "--world-size", "0"], ["val
     except SystemExit:
         pass
 heavy = sorted(name for name in ("torch", "megatron", "mamba_ssm", "pydantic") if name in sys.modules)
-print("heavy:", heavy)
+print("help and errors:", heavy)
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    codes = [main(["schema"]), main(["schema", "--builder", "mamba"])]
+assert codes == [0, 0] and '"MambaConfig"' in out.getvalue(), codes
+print("schema:", sorted(name for name in ("torch", "megatron", "mamba_ssm") if name in sys.modules))
 """
 
 
-def test_help_and_argument_errors_import_neither_torch_nor_megatron():
-    """``mimo-builder --help`` (and a subcommand's), and argument errors, answer before anything
-    heavy is imported: the package import is light, MCore's preparation waits for MCore."""
+def test_help_argument_errors_and_schema_import_neither_torch_nor_megatron(tmp_path):
+    """``mimo-builder --help`` (and a subcommand's) and argument errors answer before anything
+    heavy is imported, and ``schema`` reads the kinds' config modules alone (entry-point group
+    ``mimo_builder.configs``): the package import is light, MCore's preparation waits for MCore.
+    (Run outside the repository root: an in-tree egg-info, which the GPU kit's install makes for
+    a moment, would shadow the installed entry points there.)"""
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-c", _LIGHT], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", _LIGHT], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("heavy: []"), result.stdout + result.stderr
+    assert result.stdout.split("\n")[-3:-1] == ["help and errors: []", "schema: []"], result.stdout + result.stderr
+
+
+def test_each_installed_kinds_config_entry_point_is_its_builders_config_class():
+    from mimo_builder.kinds.registry import BUILDER_GROUP, CONFIG_GROUP, active_registry
+
+    registry = active_registry()
+    configs, _ = registry.installed(CONFIG_GROUP)
+    assert set(configs) == set(registry.installed(BUILDER_GROUP)[0])
+    for name, point in configs.items():
+        assert point.load() is registry.resolve_builder(name).config_class, name
 
 
 def test_mamba_ssm_is_prepared_before_the_first_megatron_import():

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from megatron.core.optimizer import OptimizerConfig
 from pydantic import BaseModel, ConfigDict, Field
 
 from mimo_builder.document.types import FiniteNonNegativeFloat, NonNegativeInt, PositiveInt
-from mimo_builder.document.options import options_type
+from mimo_builder.document.options import OPTIMIZER_CONFIG, options_type
 
-OptimizerOptions = options_type(OptimizerConfig)
+OptimizerOptions = options_type(OPTIMIZER_CONFIG)
 # OptimizerConfig fields set by named settings, by the node's model (precision) or by its DDP
 # options (distributed optimizer); refused in the ``mcore`` passthrough dict.
 OWNED_OPTIONS = {"optimizer", "lr", "min_lr", "weight_decay", "clip_grad", "bf16", "fp16", "params_dtype",

@@ -10,14 +10,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import importlib
 import types
 import typing
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, TypeAdapter, ValidationError
 
-from megatron.core.distributed import DistributedDataParallelConfig
-from megatron.core.transformer import TransformerConfig
+TRANSFORMER_CONFIG = "megatron.core.transformer:TransformerConfig"
+DDP_CONFIG = "megatron.core.distributed:DistributedDataParallelConfig"
+OPTIMIZER_CONFIG = "megatron.core.optimizer:OptimizerConfig"
 
 
 def closest(name: str, candidates, n: int = 3) -> str:
@@ -26,11 +28,13 @@ def closest(name: str, candidates, n: int = 3) -> str:
     return f"; did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""
 
 
-def check_options(dataclass_type: type, options: dict[str, Any]) -> dict[str, Any]:
-    """Return ``options`` if every key is a field of ``dataclass_type`` with a value of its type.
+def check_options(dataclass_type: type | str, options: dict[str, Any]) -> dict[str, Any]:
+    """Return ``options`` if every key is a field of ``dataclass_type`` (a class, or its
+    ``module:Name``, imported on first use) with a value of its type.
 
     Raises ValueError naming the first bad key; pydantic adds the location it was found at.
     """
+    dataclass_type = mcore_dataclass(dataclass_type)
     if not isinstance(options, dict):
         raise ValueError(f"expected a mapping of {dataclass_type.__name__} options, got {type(options).__name__}")
     fields = _init_fields(dataclass_type)
@@ -52,13 +56,24 @@ def check_options(dataclass_type: type, options: dict[str, Any]) -> dict[str, An
     return options
 
 
-def options_type(dataclass_type: type):
-    """A pydantic field type: a dict of options checked against ``dataclass_type``."""
+def options_type(dataclass_type: type | str):
+    """A pydantic field type: a dict of options checked against ``dataclass_type`` (a class, or its
+    ``module:Name``: a document model that names MCore's dataclasses this way imports MCore only
+    when it validates options, so ``mimo-builder schema`` stays light)."""
     return Annotated[dict[str, Any], AfterValidator(functools.partial(check_options, dataclass_type))]
 
 
-TransformerOptions = options_type(TransformerConfig)
-DDPOptions = options_type(DistributedDataParallelConfig)
+@functools.cache
+def mcore_dataclass(ref: type | str) -> type:
+    """The dataclass ``ref`` names (``module:Name``), imported once; a class is returned as is."""
+    if isinstance(ref, type):
+        return ref
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+TransformerOptions = options_type(TRANSFORMER_CONFIG)
+DDPOptions = options_type(DDP_CONFIG)
 
 
 @functools.cache

@@ -31,6 +31,8 @@ from mimo_builder.kinds.contract import builder_base, builder_class_problems
 
 BUILDER_GROUP = "mimo_builder.builders"
 HOOK_GROUP = "mimo_builder.hooks"
+CONFIG_GROUP = "mimo_builder.configs"
+"""Installed kinds' config classes alone (read by ``mimo-builder schema`` without the builders)."""
 DEFAULT_ALLOWED_PREFIXES = ("mimo_builder", "submodels", "graphs")
 
 Audience = Literal["python", "cli"]

@@ -13,24 +13,38 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from mimo_builder.document.graph import Graph
-from mimo_builder.kinds.registry import BUILDER_GROUP, Registry, active_registry
+from mimo_builder.errors import ConfigError
+from mimo_builder.kinds.config import ModelConfig
+from mimo_builder.kinds.registry import BUILDER_GROUP, CONFIG_GROUP, Registry, active_registry
 
 REFERENCE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
 """A ``module:Class`` builder reference."""
+
+
+def config_class_of(name: str, registry: Registry, where: str) -> type[ModelConfig]:
+    """The config class of the kind ``name``: from the ``mimo_builder.configs`` entry point of an
+    installed kind (its config module alone: no torch, no MCore), else from its builder."""
+    if name not in registry.registered[BUILDER_GROUP]:
+        points, _ = registry.installed(CONFIG_GROUP)
+        if name in points:
+            config = points[name].load()
+            if not (isinstance(config, type) and issubclass(config, ModelConfig)):
+                raise ConfigError(f"{where}: entry point {name!r} of {CONFIG_GROUP} is not a ModelConfig subclass")
+            return config
+    return registry.resolve_builder(name, where=where).config_class
 
 
 def builder_schema(name: str, registry: Registry | None = None) -> dict[str, Any]:
     """The JSON Schema of one builder's config (raises ConfigError naming the known builders)."""
     registry = registry or active_registry()
     where = "--builder" if registry.audience == "cli" else "builder_schema(name)"
-    return registry.resolve_builder(name, where=where).config_class.model_json_schema()
+    return config_class_of(name, registry, where).model_json_schema()
 
 
 def graph_schema(registry: Registry | None = None) -> dict[str, Any]:
     """The graph document's JSON Schema, every registered kind's config checked by ``builder``."""
     registry = registry or active_registry()
-    kinds = {name: registry.resolve_builder(name, where=f"builder {name!r}").config_class
-             for name in registry.names(BUILDER_GROUP)}
+    kinds = {name: config_class_of(name, registry, f"builder {name!r}") for name in registry.names(BUILDER_GROUP)}
     models = [Graph, *dict.fromkeys(kinds.values())]
     refs, top = models_json_schema([(m, "validation") for m in models], ref_template="#/$defs/{model}")
     defs = top["$defs"]

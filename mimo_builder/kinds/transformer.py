@@ -1,4 +1,5 @@
-"""Shared fields of MCore transformer-based node configs, and their TransformerConfig.
+"""The TransformerConfig of MCore transformer-based nodes (their shared fields are
+:mod:`mimo_builder.kinds.transformer_fields`, re-exported here).
 
 Parallel sizes are not config: they come from the process groups the node is built on, so
 the same document builds at any TP/PP/CP/EP. The ``transformer`` dict passes any other
@@ -14,77 +15,12 @@ from typing import Any, Literal
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
-from pydantic import Field
 
-from mimo_builder.platform.compat import resolve_device
-from mimo_builder.kinds.config import ModelConfig, PositiveInt
 from mimo_builder.errors import ConfigError
-from mimo_builder.document.options import TransformerOptions
+from mimo_builder.kinds.transformer_fields import OWNED_OPTIONS, TransformerModelConfig  # noqa: F401 (public here too)
+from mimo_builder.platform.compat import resolve_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Options owned by named fields or by the process groups; refused in the passthrough dict.
-OWNED_OPTIONS = {
-    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-    "bf16", "fp16", "params_dtype", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-    "context_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size",
-}
-
-
-class TransformerModelConfig(ModelConfig):
-    """Fields common to nodes built from MCore transformer blocks."""
-
-    num_layers: PositiveInt
-    """Number of layers (for a hybrid backbone: length of the layer pattern without '|')."""
-
-    hidden_size: PositiveInt
-    """Model width."""
-
-    num_attention_heads: PositiveInt
-    """Attention heads; must divide hidden_size and be divisible by TP."""
-
-    num_query_groups: PositiveInt | None = None
-    """Key/value head groups for grouped-query attention (None: one per head)."""
-
-    ffn_hidden_size: PositiveInt | None = None
-    """MLP width (None: 4 * hidden_size)."""
-
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Parameter dtype; bf16/fp16 wrap the model in MCore's Float16Module."""
-
-    impl: Literal["auto", "te", "local"] = "auto"
-    """Layer implementation: Transformer Engine ('te'), torch/MCore-local ('local'), or TE when importable."""
-
-    hidden_dropout: float = Field(0.0, ge=0.0, le=1.0)
-    """Dropout after attention/MLP blocks."""
-
-    attention_dropout: float = Field(0.0, ge=0.0, le=1.0)
-    """Dropout on attention probabilities."""
-
-    transformer: TransformerOptions = Field(default_factory=dict)
-    """Any other TransformerConfig option, by its MCore field name."""
-
-    def model_post_init(self, __context: Any) -> None:
-        """Refuse owned options in ``transformer`` and head counts that do not divide evenly."""
-        owned = sorted(set(self.transformer) & OWNED_OPTIONS)
-        if owned:
-            raise ValueError(f"transformer: {owned} are set by named fields or by the node's placement, "
-                             "not in the transformer dict")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                             f"{self.num_attention_heads}")
-        if self.num_query_groups and self.num_attention_heads % self.num_query_groups:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
-                             f"num_query_groups {self.num_query_groups}")
-
-    def tp_problems(self, tp: int) -> list[str]:
-        """Why this config cannot be split over ``tp`` ranks (empty when it can)."""
-        out = []
-        if self.num_attention_heads % tp:
-            out.append(f"num_attention_heads {self.num_attention_heads} is not divisible by tp {tp}")
-        groups = self.num_query_groups or self.num_attention_heads
-        if groups % tp:
-            out.append(f"num_query_groups {groups} is not divisible by tp {tp}")
-        return out
 
 
 def use_te(impl: str) -> bool:
