@@ -1,9 +1,10 @@
 """More than one machine, on torchrun's c10d rendezvous: two agents on this machine stand for two
 nodes of two ranks each (what the README's multi-node launch and ``examples/slurm.sbatch`` run).
 
-The graph trains across both agents; then one agent is killed with SIGKILL. Its ranks stop with
-it (they watch their agent), and the surviving agent's ranks end with a message that names the
-ranks that died, not the connection error they saw.
+The graph trains across both agents; then the agent that does not serve the rendezvous is killed
+with SIGKILL. Its ranks stop with it (they watch their agent), and the surviving agent's ranks
+end with a message that names what died: the killed agent's ranks, or, when it held ranks 0-1
+and with them the workers' store, the store.
 """
 
 from __future__ import annotations
@@ -36,6 +37,19 @@ def _agent(port: int, log: Path) -> subprocess.Popen:
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def _rendezvous_host(agents: list[subprocess.Popen], port: int) -> subprocess.Popen:
+    """The agent that serves the rendezvous store (the first to bind the endpoint)."""
+    import psutil
+
+    for _ in range(300):
+        for agent in agents:
+            if any(c.laddr.port == port and c.status == psutil.CONN_LISTEN
+                   for c in psutil.Process(agent.pid).net_connections()):
+                return agent
+        time.sleep(0.1)
+    raise AssertionError("no agent serves the rendezvous store")
+
+
 def _wait_for(paths: list[Path], pattern: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -50,16 +64,18 @@ def test_two_agents_train_together_and_a_killed_agent_is_named(tmp_path):
     logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
     agents = [_agent(port, log) for log in logs]
     try:
+        rendezvous = _rendezvous_host(agents, port)  # killing it would end torchrun itself
         _wait_for(logs, r"step +3/400 \| loss", timeout_s=150)  # four ranks train across both agents
-        # the agent of ranks 0-1 prints the steps and hosts the workers' store; the other one dies
-        first = next(i for i, log in enumerate(logs) if re.search(r"step +3/400", log.read_text()))
-        agents[1 - first].send_signal(signal.SIGKILL)
-        assert agents[first].wait(timeout=90) != 0
-        text = logs[first].read_text()
-        named = {int(r) for r in re.findall(r"rank (\d+) is not responding", text)}
-        assert named == {2, 3}, text[-3000:]  # exactly the killed agent's ranks
-        assert "most likely dead" in text, text[-3000:]
+        victim = next(agent for agent in agents if agent is not rendezvous)
+        victim.send_signal(signal.SIGKILL)
+        assert rendezvous.wait(timeout=90) != 0
+        text = logs[agents.index(rendezvous)].read_text()
         assert "mimo_builder/" not in text, text[-3000:]  # no traceback of ours (torchrun prints its own)
+        if re.search(r"step +3/400", text):  # the survivor holds ranks 0-1: the victim's ranks are named
+            assert {int(r) for r in re.findall(r"rank (\d+) is not responding", text)} == {2, 3}, text[-3000:]
+            assert "most likely dead" in text, text[-3000:]
+        else:  # the victim held ranks 0-1 and the workers' store: the survivors say the store is gone
+            assert "is unreachable: the process hosting it" in text, text[-3000:]
     finally:
         for agent in agents:
             if agent.poll() is None:

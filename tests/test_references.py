@@ -130,7 +130,7 @@ def test_graph_references_check_kind_before_and_after_calling(tmp_path, monkeypa
     with registry.using(reg):
         assert isinstance(resolve_graph("graphs.vlm:vlm"), Graph)
         assert isinstance(resolve_graph(f"{name}:GRAPH"), Graph)
-    for ref, why in [("graphs.parts:vision", "annotated to return submodels.vision.VisionConfig"),
+    for ref, why in [("graphs.parts:vision", "annotated to return submodels.vision_config.VisionConfig"),
                      ("mimo_builder.cli:main", "annotated to return 'int'"),
                      ("mimo_builder.platform.launch:RankError", "is the class mimo_builder.platform.launch.RankError"),
                      (f"{name}:needs", "callable without arguments"),
