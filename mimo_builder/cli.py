@@ -229,9 +229,11 @@ def _load(args, world_size: int | None, lead: bool = True):
 
 
 def _validate(args) -> int:
+    from mimo_builder.runtime.synthetic import check_token_budget
     from mimo_builder.validation import validate_graph
 
     valid = validate_graph(_load(args, args.world_size), args.world_size)
+    check_token_budget(valid)
     where = f" for {args.world_size} ranks" if args.world_size else ""
     print(f"{args.file}: valid{where} ({len(valid.order)} nodes: {', '.join(valid.order)}; "
           f"{len(valid.edges)} edges)")

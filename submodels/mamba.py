@@ -201,8 +201,9 @@ class MambaBuilder(ModelBuilder):
         if text - (len(prefix) + text) % 16 >= 2:  # a multiple of 16 tokens: splits evenly up to cp=8
             text -= (len(prefix) + text) % 16
         if text < 2:
-            raise ConfigError(f"MambaConfig.seq_length {cfg.seq_length} leaves no room for text after "
-                              f"{len(prefix)} modality tokens")
+            arriving = ", ".join(f"{port} {count}" for port, count in tokens.items())
+            raise ConfigError(f"config.seq_length: {cfg.seq_length} leaves no room for text after {len(prefix)} "
+                              f"modality tokens ({arriving}); it must be at least {len(prefix) + 2}")
         reserved = max(cfg.modality_token_ids.values(), default=-1) + 1
         start = torch.randint(reserved, cfg.vocab_size, (batch_size, 1), generator=generator)
         counting = reserved + (start + torch.arange(text + 1) - reserved) % (cfg.vocab_size - reserved)

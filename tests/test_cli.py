@@ -306,3 +306,21 @@ def test_traceback_shows_where_a_users_forward_failed(tmp_path):
                            timeout=180)
     assert shown.returncode == 2, shown.stderr[-3000:]
     assert re.search(r'File ".*mykinds/broken\.py", line \d+, in forward', shown.stderr), shown.stderr[-3000:]
+
+
+def test_a_backbone_too_short_for_its_modality_tokens_is_named_at_validate(tmp_path):
+    """The token budget: avlm brings 17 image and 32 audio tokens to 'lm'; seq_length 20 cannot
+    hold them and some text. validate says so by node and field, as run does, before any rank."""
+    doc = yaml.safe_load((ROOT / "graphs/avlm.yaml").read_text())
+    doc["nodes"]["lm"]["config"]["seq_length"] = 20
+    path = tmp_path / "short.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    vision, audio = doc["nodes"]["vision"]["config"], doc["nodes"]["audio"]["config"]
+    image = (vision["image_size"] // vision["patch_size"]) ** 2 + 1  # patches and the class token
+    sound = audio["max_frames"] // 2  # the second convolution halves the frames
+    expected = (f"node 'lm' config.seq_length: 20 leaves no room for text after {image + sound} modality tokens "
+                f"(image {image}, audio {sound}); it must be at least {image + sound + 2}")
+    for command in (("validate", str(path)), ("run", str(path), "--nproc", "4")):
+        result = _main(*command)
+        assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr, \
+            result.stderr
