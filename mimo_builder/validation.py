@@ -108,6 +108,7 @@ def _check_nodes(graph: Graph, problems: list[str]):
             builder = configs[name].make_builder()
             ports = _ports_of(name, builder)
             problems.extend(run_problems(name, builder, ports, node.placement.pp))
+            problems.extend(f"node '{name}' {p}" for p in builder.training_problems(trains=not node.frozen))
             builders[name] = builder
             problems.extend(_expert_problems(name, node, configs[name]))
         except ConfigError as err:

@@ -182,13 +182,19 @@ class MambaBuilder(ModelBuilder):
         outputs["correct"] = exact_match(predictions, local["labels"], local["mask"], cp)
         return outputs
 
-    def _check_trainable_experts(self) -> None:
+    def training_problems(self, trains: bool) -> list[str]:
+        """MoE layers with biases cannot train on the local spec (no Transformer Engine here)."""
         cfg = self.config
-        if (cfg.num_experts and torch.is_grad_enabled() and cfg.transformer.get("add_bias_linear", True)
-                and not use_te(cfg.impl)):
-            raise ConfigError("MambaConfig.transformer.add_bias_linear: MCore's local expert MLP adds its bias in "
-                              "place to the output of a custom autograd function, so MoE layers with biases "
-                              "cannot train on the local spec; set transformer.add_bias_linear: false")
+        if trains and cfg.num_experts and cfg.transformer.get("add_bias_linear", True) and not use_te(cfg.impl):
+            return ["config.transformer.add_bias_linear: MCore's local expert MLP adds its bias in place to the "
+                    "output of a custom autograd function, so MoE layers with biases cannot train on the local "
+                    "spec; set transformer.add_bias_linear: false"]
+        return []
+
+    def _check_trainable_experts(self) -> None:
+        problems = self.training_problems(trains=torch.is_grad_enabled())
+        if problems:
+            raise ConfigError(f"MambaConfig.{problems[0].removeprefix('config.')}")
 
     def synthetic_inputs(self, batch_size, generator, tokens):
         """Token sequences that count upwards (learnable), after one placeholder run per modality;

@@ -324,3 +324,23 @@ def test_a_backbone_too_short_for_its_modality_tokens_is_named_at_validate(tmp_p
         result = _main(*command)
         assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr, \
             result.stderr
+
+
+def test_an_moe_backbone_with_biases_is_named_at_validate(tmp_path):
+    """MCore's local expert MLP cannot train with biases (this machine has no Transformer Engine):
+    validate names the node and the option, instead of the first step failing; frozen, it passes."""
+    doc = yaml.safe_load((ROOT / "graphs/mamba_lm.yaml").read_text())
+    lm = doc["nodes"]["lm"]["config"]
+    lm.update(hybrid_layer_pattern=lm["hybrid_layer_pattern"].replace("-", "E"), num_experts=4, impl="local")
+    path = tmp_path / "moe.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = _main("validate", str(path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "node 'lm' config.transformer.add_bias_linear: MCore's local expert MLP" in result.stderr, result.stderr
+    doc["nodes"]["lm"]["frozen"] = True
+    path.write_text(yaml.safe_dump(doc))
+    assert _main("validate", str(path)).returncode == 0
+    doc["nodes"]["lm"]["frozen"] = False
+    lm["transformer"] = {**lm.get("transformer", {}), "add_bias_linear": False}
+    path.write_text(yaml.safe_dump(doc))
+    assert _main("validate", str(path)).returncode == 0

@@ -111,6 +111,11 @@ class ModelBuilder(mcore_base.ModelBuilder):
         """The config this builder was made with (read, never modified)."""
         return self._model_config
 
+    def training_problems(self, trains: bool) -> list[str]:
+        """Why this node cannot be built (and, when ``trains``, trained) on this machine, each
+        starting with the config field to change; checked at validate. None by default."""
+        return []
+
     @abc.abstractmethod
     def ports(self) -> Ports:
         """Named inputs and outputs with their feature sizes, used to check graph edges."""
