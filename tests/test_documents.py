@@ -227,8 +227,9 @@ def test_expert_parallelism_needs_expert_layers(tmp_path, capsys, field):
 
 
 def test_expert_parallelism_is_accepted_with_expert_layers(tmp_path, capsys):
-    text = _with_lm("    placement: {ep: 2}\n").replace("hybrid_layer_pattern: M*-M",
-                                                          "hybrid_layer_pattern: M*EM\n      num_experts: 4")
+    text = _with_lm("    placement: {ep: 2}\n").replace(  # trainable on the local spec: no expert biases
+        "hybrid_layer_pattern: M*-M",
+        "hybrid_layer_pattern: M*EM\n      num_experts: 4\n      transformer: {add_bias_linear: false}")
     assert main(["validate", _write(tmp_path, text), "--world-size", "2"]) == 0, capsys.readouterr().err
 
 
