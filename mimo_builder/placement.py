@@ -128,3 +128,17 @@ def _create_layout_groups(layout: Layout, backend, options):
 def _subgroup(enumeration: list[list[int]], backend, options):
     group, _ = dist.new_subgroups_by_enumeration(enumeration, backend=backend, **options)
     return group
+
+
+def tp_cp_groups(layouts) -> dict:
+    """A fresh copy of each layout's TP x CP groups (ranks of equal DP and PP coordinates,
+    contiguous), for the schedule's broadcasts and CP gradient sums: layout -> this rank's group.
+    Collective over WORLD: every rank calls it with the same layouts."""
+    groups = {}
+    for layout in sorted({layout for layout in layouts if layout.tp * layout.cp > 1}):
+        block = layout.tp * layout.cp
+        enumeration = [list(layout.ranks[i:i + block]) for i in range(0, layout.size, block)]
+        group, _ = dist.new_subgroups_by_enumeration(enumeration, backend=dist.get_backend())
+        if dist.get_rank() in layout.ranks:
+            groups[layout] = group
+    return groups

@@ -312,19 +312,14 @@ def init_runtime(device: str | torch.device = "auto", *, skip: tuple[str, ...] =
 
 def replace_for_process(reason: str, targets) -> None:
     """The fenced way for a submodel to replace another library's attributes for the rest of a CPU
-    process (its CPU kernels for mamba-ssm's Triton ones, say): through the process's patches, so
-    the originals are kept and put back with the other workarounds. ``targets``: (owner, name,
+    process (its CPU kernels for mamba-ssm's Triton ones, say): through the process's patches,
+    which keep the originals. ``targets``: (owner, name,
     value) triples; an attribute that already holds its value is left alone. ``reason``, one line,
     says which assumption of the other library it answers."""
     for owner, name, value in targets:
         if getattr(owner, name, None) is not value:
             _process.patch(owner, name, value)
     _process.applied.add(reason)
-
-
-def undo_process_patches() -> None:
-    """Put back everything :func:`init_runtime` and :func:`replace_for_process` replaced."""
-    _process.undo()
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from mimo_builder.errors import MimoError
-from mimo_builder.placement import release
+from mimo_builder.placement import release, tp_cp_groups
 from mimo_builder.runtime.batch import check_batch, check_rank_batch, shard_range
 from mimo_builder.runtime.bridge import Mailbox, broadcast_tensor
 from mimo_builder.runtime.pipeline import FORWARD, Op, PipelinePlan, Stage, needs_grad, plan_graph
@@ -75,7 +75,7 @@ class GraphSchedule:
         self.control = dist.new_group(backend="gloo")
         if dist.get_backend(self.bridge) == "nccl":  # NCCL: the first call on a group that batches
             dist.all_reduce(torch.zeros(1, device=self.device), group=self.bridge)  # P2P must have all ranks
-        self.tp_groups = _tp_cp_groups(model)
+        self.tp_groups = tp_cp_groups(model.valid.layouts.values())
         model.on_close(self.close)
         self.needs_grad = needs_grad(self.valid)
         self.loss_outputs = [(n, p) for n, p in self.valid.outputs if p == "loss"]
@@ -378,19 +378,6 @@ class _Step:
         if group is None:
             return value
         return broadcast_tensor(value, dist.get_global_rank(group, 0), group, self.s.device)
-
-
-def _tp_cp_groups(model: CompositeModel) -> dict:
-    """A copy of each layout's TP x CP groups (ranks of equal DP and PP coordinates, contiguous)
-    for the schedule's broadcasts and CP gradient sums (layout -> this rank's)."""
-    groups = {}
-    for layout in sorted({layout for layout in model.valid.layouts.values() if layout.tp * layout.cp > 1}):
-        block = layout.tp * layout.cp
-        enumeration = [list(layout.ranks[i:i + block]) for i in range(0, layout.size, block)]
-        group, _ = dist.new_subgroups_by_enumeration(enumeration, backend=dist.get_backend())
-        if dist.get_rank() in layout.ranks:
-            groups[layout] = group
-    return groups
 
 
 def _signature(batch: dict[str, torch.Tensor]) -> tuple:
