@@ -20,13 +20,18 @@ import torch.distributed as dist
 
 from mimo_builder.platform.launch import RankError, launch
 
-STRICT = {"MIMO_BUILDER_P2P": "strict", "MIMO_BUILDER_P2P_TIMEOUT": "3"}
+@pytest.fixture
+def strict(monkeypatch):
+    """Strict P2P with a timeout no loaded machine reaches in a pattern that completes."""
+    monkeypatch.setenv("MIMO_BUILDER_P2P", "strict")
+    monkeypatch.setenv("MIMO_BUILDER_P2P_TIMEOUT", "30")
 
 
 @pytest.fixture
-def strict(monkeypatch):
-    for name, value in STRICT.items():
-        monkeypatch.setenv(name, value)
+def strict_bite(monkeypatch):
+    """Strict P2P with a short timeout, for the pattern that never completes."""
+    monkeypatch.setenv("MIMO_BUILDER_P2P", "strict")
+    monkeypatch.setenv("MIMO_BUILDER_P2P_TIMEOUT", "3")
 
 
 def _crossing():
@@ -44,7 +49,7 @@ def test_a_crossing_pattern_passes_on_plain_gloo(monkeypatch):
     assert launch(_crossing, 2, timeout_s=60) == [[1.0] * 4, [0.0] * 4]
 
 
-def test_a_crossing_pattern_is_refused_under_strict_p2p(strict, capsys):
+def test_a_crossing_pattern_is_refused_under_strict_p2p(strict_bite, capsys):
     with pytest.raises(RankError) as err:
         launch(_crossing, 2, timeout_s=60)
     assert "strict P2P: rank 0's send of 16 bytes to rank 1 found no matching receive in 3 s" in err.value.trace \
