@@ -111,6 +111,7 @@ def _check_nodes(graph: Graph, problems: list[str]):
             problems.extend(f"node '{name}' {p}" for p in builder.training_problems(trains=not node.frozen))
             builders[name] = builder
             problems.extend(_expert_problems(name, node, configs[name]))
+            problems.extend(_lora_problems(name, node, builder, configs[name]))
         except ConfigError as err:
             problems.extend(str(err).splitlines())
         try:
@@ -158,6 +159,25 @@ def _name_problems(name: str) -> list[str]:
         return [f"node name {name!r} is reserved (an attribute of torch.nn.ModuleDict, which holds the "
                 "built nodes); rename the node"]
     return []
+
+
+def _lora_problems(name: str, node, builder: ModelBuilder, config: ModelConfig) -> list[str]:
+    lora = node.lora
+    if lora is None:
+        return []
+    where = f"node '{name}' lora"
+    if node.frozen:
+        return [f"{where}: a frozen node trains nothing; drop frozen: true (LoRA freezes the base weights itself)"]
+    if getattr(config, "transformer", {}).get("sequence_parallel"):
+        return [f"{where}: adapters with config.transformer.sequence_parallel are not supported; turn it off"]
+    known = builder.linear_layers()
+    if lora.targets is not None and not lora.targets:
+        return [f"{where}.targets: empty; omit it to adapt every linear layer"]
+    if known is not None and not known:
+        return [f"{where}: builder '{node.builder}' declares no linear layers to adapt"]
+    unknown = [t for t in lora.targets or () if known is not None and t not in known]
+    return [f"{where}.targets: {excerpt(t)} is not a linear layer of this node (it has: {', '.join(sorted(known))})"
+            for t in unknown]
 
 
 def _expert_problems(name: str, node, config: ModelConfig) -> list[str]:

@@ -15,7 +15,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from mimo_builder.kinds import costs
 from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
 from mimo_builder.errors import ConfigError
-from mimo_builder.kinds.transformer import make_transformer_config, use_te
+from mimo_builder.kinds.transformer import TRANSFORMER_LINEARS, make_transformer_config, use_te
 from submodels.hf_whisper import sinusoids, whisper_encoder_mapping  # noqa: F401 (sinusoids: public here too)
 from submodels.audio_config import AudioConfig  # noqa: F401 (the kind's config, public here too)
 
@@ -24,6 +24,10 @@ class AudioBuilder(ModelBuilder):
     """Builds an :class:`AudioEncoder` whose layers are MCore's GPT layer spec made bidirectional."""
 
     config_class = AudioConfig
+
+    def linear_layers(self) -> frozenset[str]:
+        """Each layer's attention (linear_qkv, linear_proj) and MLP (linear_fc1, linear_fc2) linears."""
+        return TRANSFORMER_LINEARS
 
     def ports(self) -> Ports:
         """Input ``features`` (log-mel, in the configured axis order); output ``embeddings`` [B, tokens, hidden]."""

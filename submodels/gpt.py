@@ -10,7 +10,7 @@ from megatron.core.transformer import TransformerConfig
 
 from mimo_builder.kinds import costs
 from mimo_builder.kinds.builder import ModelBuilder, Port, Ports, token_input_ports
-from mimo_builder.kinds.transformer import make_transformer_config, padded_vocab_size, use_te
+from mimo_builder.kinds.transformer import TRANSFORMER_LINEARS, make_transformer_config, padded_vocab_size, use_te
 from submodels.gpt_config import GPTConfig  # noqa: F401 (the kind's config, public here too)
 
 
@@ -18,6 +18,10 @@ class GPTBuilder(ModelBuilder):
     """Builds MCore's GPTModel (Transformer Engine spec when available, else the local spec)."""
 
     config_class = GPTConfig
+
+    def linear_layers(self) -> frozenset[str]:
+        """Each layer's attention (linear_qkv, linear_proj) and MLP (linear_fc1, linear_fc2) linears."""
+        return TRANSFORMER_LINEARS
 
     def ports(self) -> Ports:
         """Token inputs (ids, positions, labels, loss mask); outputs ``logits`` and per-token ``loss``."""

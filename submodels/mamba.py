@@ -42,6 +42,13 @@ class MambaBuilder(ModelBuilder):
 
     config_class = MambaConfig
 
+    def linear_layers(self) -> frozenset[str]:
+        """The pattern's Mamba (in_proj, out_proj), attention (linear_qkv, linear_proj) and MLP
+        (linear_fc1, linear_fc2) linears; MoE experts are not adapted."""
+        symbols = set(self.config.hybrid_layer_pattern)
+        names = {"M": ("in_proj", "out_proj"), "*": ("linear_qkv", "linear_proj"), "-": ("linear_fc1", "linear_fc2")}
+        return frozenset(n for symbol, pair in names.items() if symbol in symbols for n in pair)
+
     def ports(self) -> Ports:
         """Token inputs plus one optional embeddings input per modality; outputs logits, loss and correct."""
         cfg = self.config

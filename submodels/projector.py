@@ -29,6 +29,10 @@ class ProjectorBuilder(ModelBuilder):
 
     config_class = ProjectorConfig
 
+    def linear_layers(self) -> frozenset[str]:
+        """The MLP's linear_fc1 and linear_fc2, or the affine projector's one linear (``encoder``)."""
+        return frozenset({"encoder"} if self.config.projector_type == "affine" else {"linear_fc1", "linear_fc2"})
+
     def ports(self) -> Ports:
         """Input ``input`` [B, tokens, input_size]; output ``output`` [B, tokens / token_reduction, output_size]."""
         cfg = self.config

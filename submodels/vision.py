@@ -13,7 +13,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from mimo_builder.kinds import costs
 from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
 from mimo_builder.errors import ConfigError
-from mimo_builder.kinds.transformer import make_transformer_config, use_te
+from mimo_builder.kinds.transformer import TRANSFORMER_LINEARS, make_transformer_config, use_te
 from submodels.vision_config import VisionConfig  # noqa: F401 (the kind's config, public here too)
 
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": torch.nn.functional.gelu}
@@ -29,6 +29,10 @@ class VisionBuilder(ModelBuilder):
     """Builds MCore's CLIPViTModel with the ViT layer spec (Transformer Engine or local)."""
 
     config_class = VisionConfig
+
+    def linear_layers(self) -> frozenset[str]:
+        """Each layer's attention (linear_qkv, linear_proj) and MLP (linear_fc1, linear_fc2) linears."""
+        return TRANSFORMER_LINEARS
 
     def ports(self) -> Ports:
         """Input ``pixel_values`` [B, C, H, W]; output ``embeddings`` [B, patches (+ class token), hidden]."""

@@ -10,6 +10,7 @@ error on one rank becomes a :class:`BuildError` on every rank instead of a hang.
 from __future__ import annotations
 
 import datetime
+import functools
 from typing import Any, Callable
 
 import torch
@@ -23,6 +24,7 @@ from megatron.training.models import base as mcore_base
 from megatron.training.models.base import compose_hooks
 
 from mimo_builder.kinds.builder import Port, Ports
+from mimo_builder.build.lora import add_adapters
 from mimo_builder.checkpoint.pretrained import load_initial_weights
 from mimo_builder.platform.compat import seed_rng
 from mimo_builder.errors import MimoError
@@ -184,6 +186,8 @@ class CompositeBuilder(mcore_base.ModelBuilder):
         pre = [*config.pre_wrap_hooks, *node.hooks.pre_wrap, *self.pre_wrap_hooks]
         if node.frozen:
             pre.append(_freeze)
+        if node.lora is not None:
+            pre.append(functools.partial(_with_adapters, lora=node.lora, seed=self.seed, node=name))
         config = config.model_copy(update={"pre_wrap_hooks": pre,
                                            "post_wrap_hooks": [*config.post_wrap_hooks, *node.hooks.post_wrap]})
         seed_rng(self.seed, tp_rank=pgs.tp.rank(), ep_rank=pgs.ep.rank(), etp_rank=pgs.expt_tp.rank())
@@ -195,6 +199,11 @@ class CompositeBuilder(mcore_base.ModelBuilder):
 def _freeze(chunks: list[MegatronModule]) -> list[MegatronModule]:
     for chunk in chunks:
         chunk.requires_grad_(False)
+    return chunks
+
+
+def _with_adapters(chunks: list[MegatronModule], *, lora, seed: int, node: str) -> list[MegatronModule]:
+    add_adapters(chunks, lora, seed, node)
     return chunks
 
 

@@ -25,6 +25,7 @@ from mimo_builder.checkpoint import files, state
 from mimo_builder.checkpoint.checks import raise_if_any, shape_problems
 from mimo_builder.checkpoint.files import DataPosition, Manifest, NodeRecord
 from mimo_builder.checkpoint.safe_load import safe_unpickling
+from mimo_builder.build.lora import is_adapter_key
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class Checkpointer:
         if rank == 0:
             files.prepare(root, step)
         dist.barrier(group=self.control)
-        tree = self._tree(loading=False, nodes=self._saved_nodes())
+        tree = self._tree(loading=False, nodes=self._saved_nodes(), adapters_only=self._adapters_only())
         tree["rng"] = state.rng_state(rank, dist.get_world_size())
         records = self._records(tree)
         with self._scope():
@@ -86,6 +87,11 @@ class Checkpointer:
             files.commit(root, step, manifest)
         dist.barrier(group=self.control)
         return root / files.step_name(step)
+
+    def _adapters_only(self) -> set[str]:
+        """LoRA nodes whose frozen base is left out of a save (unless ``save_frozen``)."""
+        graph = self.valid.graph
+        return set() if self.save_frozen else {n for n in self.valid.order if graph.nodes[n].lora is not None}
 
     def _saved_nodes(self) -> list[str]:
         graph = self.valid.graph
@@ -121,7 +127,7 @@ class Checkpointer:
                 builder=self.valid.graph.nodes[name].builder,
                 placement=files.layout_record(self.valid.layouts[name]), saved=True,
                 optimizer=first["optimizer"], scheduler_steps=first["scheduler_steps"],
-                bytes=sum(p["bytes"] for p in parts))
+                bytes=sum(p["bytes"] for p in parts), adapters_only=name in self._adapters_only())
         for name in set(self.valid.order) - records.keys():
             records[name] = NodeRecord(builder=self.valid.graph.nodes[name].builder,
                                        placement=files.layout_record(self.valid.layouts[name]), saved=False)
@@ -145,7 +151,8 @@ class Checkpointer:
         same_device = manifest.device == state.device_kind()
         with_optimizer = with_optimizer and self.optimizer is not None
         optimized = [n for n in nodes if with_optimizer and manifest.nodes[n].optimizer is not None]
-        tree = self._tree(loading=True, nodes=nodes, optimized=optimized)
+        adapters_only = {n for n in nodes if manifest.nodes[n].adapters_only}
+        tree = self._tree(loading=True, nodes=nodes, optimized=optimized, adapters_only=adapters_only)
         if same_placement and same_device:
             tree["rng"] = state.rng_state(dist.get_rank(), dist.get_world_size())
         flat = state.sharded_leaves(tree)
@@ -163,7 +170,7 @@ class Checkpointer:
             if name == "rng":
                 state.restore_rng(node)
                 continue
-            state.load_model(self.model.chunks(name), node["model"])
+            state.load_model(self.model.chunks(name), node["model"], partial=manifest.nodes[name].adapters_only)
             if "optimizer" in node:
                 record = manifest.nodes[name]
                 opt = self.optimizer.nodes[name]
@@ -198,6 +205,9 @@ class Checkpointer:
             elif record.builder != node.builder:
                 problems.append(f"node '{name}': the checkpoint holds a '{record.builder}' node, "
                                 f"the graph declares '{node.builder}'")
+            elif record.adapters_only and node.lora is None:
+                problems.append(f"node '{name}': the checkpoint holds its LoRA adapters only; declare the "
+                                "same lora: for the node (the base comes from its init: source or the seed)")
         return problems
 
     def _describer(self, manifest: Manifest):
@@ -209,13 +219,15 @@ class Checkpointer:
 
     # --- shared ---------------------------------------------------------------------------------
 
-    def _tree(self, *, loading: bool, nodes: list[str], optimized: list[str] | None = None) -> dict:
+    def _tree(self, *, loading: bool, nodes: list[str], optimized: list[str] | None = None,
+              adapters_only: set[str] = frozenset()) -> dict:
         tree = {}
         for name in nodes:
             if not self.model.hosts(name):
                 continue
             pgs = self.model.pg_collection(name)
-            model_sd = state.model_state(self.model.chunks(name), pgs, f"{name}.")
+            keep = is_adapter_key if name in adapters_only else None
+            model_sd = state.model_state(self.model.chunks(name), pgs, f"{name}.", keep)
             tree[name] = {"model": model_sd}
             node_optimizer = self.optimizer.nodes.get(name) if self.optimizer else None
             if node_optimizer and (optimized is None or name in optimized):

@@ -51,6 +51,8 @@ class NodeRecord(_Record):
     scheduler_steps: int | None = None
     """The learning-rate schedule position."""
     bytes: int = 0
+    adapters_only: bool = False
+    """True for a LoRA node saved without its frozen base (which comes back from ``init`` or the seed)."""
 
 
 class DataPosition(_Record):

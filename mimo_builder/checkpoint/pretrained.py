@@ -17,6 +17,7 @@ from megatron.core import dist_checkpointing
 from mimo_builder.checkpoint import files, state
 from mimo_builder.checkpoint.checks import raise_if_any, shape_problems
 from mimo_builder.checkpoint.safe_load import safe_unpickling
+from mimo_builder.build.lora import is_adapter_key
 
 
 def load_initial_weights(model) -> list[str]:
@@ -51,7 +52,8 @@ def _load_source(model, step_dir: Path, names: list[str], group) -> None:
         init = model.valid.graph.nodes[name].init
         prefix = f"{init.node or name}." if project else init.prefix
         owner[prefix] = name
-        tree[name] = state.model_state(model.chunks(name), model.pg_collection(name), prefix)
+        base_only = _not_adapter if model.valid.graph.nodes[name].lora is not None else None
+        tree[name] = state.model_state(model.chunks(name), model.pg_collection(name), prefix, base_only)
     flat = state.sharded_leaves(tree)
 
     def describe(key: str) -> tuple[str, str]:
@@ -63,4 +65,9 @@ def _load_source(model, step_dir: Path, names: list[str], group) -> None:
         loaded = dist_checkpointing.load(flat, str(step_dir))
     state.fill(tree, loaded)
     for name, model_state in tree.items():
-        state.load_model(model.chunks(name), model_state)
+        state.load_model(model.chunks(name), model_state, partial=model.valid.graph.nodes[name].lora is not None)
+
+
+def _not_adapter(key: str) -> bool:
+    """A LoRA node's base weights come from its init source; its adapters start fresh."""
+    return not is_adapter_key(key)

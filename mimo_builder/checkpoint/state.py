@@ -10,7 +10,7 @@ checkpoint's manifest, never through the common state that only rank 0 writes.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase, ShardedTensor
@@ -28,12 +28,15 @@ _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable",
                      "chained_optim_avoid_prefix": True}
 
 
-def model_state(chunks, pg_collection, prefix: str) -> dict[str, Any]:
+def model_state(chunks, pg_collection, prefix: str, keep: Callable[[str], bool] | None = None) -> dict[str, Any]:
     """The node's sharded model state, one entry per virtual-pipeline chunk, with ``prefix``
-    before every key (the node's name and a dot)."""
+    before every key (the node's name and a dot); only the entries whose key ``keep`` accepts
+    when given (a LoRA node's adapters, or its base)."""
     state = {}
     for i, chunk in enumerate(chunks):
         sd = unwrap_model(chunk).sharded_state_dict(prefix="", metadata=_metadata(pg_collection))
+        if keep is not None:
+            sd = {key: value for key, value in sd.items() if keep(key)}
         add_prefix_for_sharding(sd, prefix)
         state[f"chunk{i}"] = sd
     return state
@@ -127,10 +130,13 @@ def _joined(path: Path) -> str:
     return "/".join(map(str, path))
 
 
-def load_model(chunks, model_state_loaded: dict[str, Any]) -> None:
-    """Copy loaded weights into the node's chunks (strict: every parameter must be there)."""
+def load_model(chunks, model_state_loaded: dict[str, Any], partial: bool = False) -> None:
+    """Copy loaded weights into the node's chunks: every parameter must be there, or with
+    ``partial`` (a state :func:`model_state` filtered) every loaded one must have its place."""
     for i, chunk in enumerate(chunks):
-        unwrap_model(chunk).load_state_dict(model_state_loaded[f"chunk{i}"], strict=True)
+        result = unwrap_model(chunk).load_state_dict(model_state_loaded[f"chunk{i}"], strict=not partial)
+        if partial and result.unexpected_keys:
+            raise KeyError(f"loaded tensors without a place in the model: {result.unexpected_keys[:5]}")
 
 
 # --- the plain (non-tensor) part ------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -121,6 +121,31 @@ class NodeInit(_Strict):
         return []
 
 
+class NodeLora(_Strict):
+    """LoRA adapters on the node's linear layers: ``y = W x + alpha / rank * B A x``. The base
+    weights are frozen (they come from ``init:`` or the seed); only the adapters train and are
+    checkpointed. See :mod:`mimo_builder.build.lora`."""
+
+    rank: PositiveInt
+    """Inner size of each adapter (A is rank x in, B is out x rank)."""
+
+    alpha: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    """Scale numerator: the update is ``alpha / rank * B A x`` (None: alpha = rank, scale 1)."""
+
+    dropout: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
+    """Dropout on the adapters' input while training."""
+
+    targets: list[str] | None = None
+    """Megatron-Core linear layers to adapt, by module name (``linear_qkv``, ``linear_proj``,
+    ``linear_fc1``, ``linear_fc2``, ``in_proj``, ``out_proj``, ...); None: every linear layer of
+    the node's blocks (not the output layer, not MoE experts)."""
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank``."""
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
 class Node(_Strict):
     """One named module of the graph."""
 
@@ -147,6 +172,9 @@ class Node(_Strict):
 
     init: NodeInit | None = None
     """Start from these weights (e.g. a pretrained encoder) instead of the seeded initialisation."""
+
+    lora: NodeLora | None = None
+    """Fine-tune with LoRA adapters: the node's base weights frozen, adapters trained."""
 
 
 class Graph(_Strict):
@@ -175,7 +203,7 @@ class Graph(_Strict):
     def add(self, name: str, config: BaseModel | Mapping[str, Any], *, placement: Placement | Mapping | None = None,
             ddp: Mapping[str, Any] | None = None, frozen: bool = False,
             hooks: Hooks | Mapping | None = None, optimizer: NodeOptimizer | Mapping | None = None,
-            init: NodeInit | Mapping | None = None) -> "Graph":
+            init: NodeInit | Mapping | None = None, lora: NodeLora | Mapping | None = None) -> "Graph":
         """Add a node from a ModelConfig (or a dict with 'builder'); returns self to chain."""
         if name in self.nodes:
             raise ConfigError(f"node {name!r} is already in the graph")
@@ -188,7 +216,7 @@ class Graph(_Strict):
             raise ConfigError(f"node {name!r}: the config must name its builder")
         self.nodes[name] = Node(builder=builder, config=data, placement=placement or Placement(),
                                 ddp=dict(ddp or {}), frozen=frozen, hooks=hooks or Hooks(),
-                                optimizer=optimizer or NodeOptimizer(), init=init)
+                                optimizer=optimizer or NodeOptimizer(), init=init, lora=lora)
         return self
 
     def connect(self, src: str, dst: str) -> "Graph":

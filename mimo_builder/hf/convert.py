@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from mimo_builder.build import tp_shard
+from mimo_builder.build.lora import is_adapter_key, merged_weights
 from mimo_builder.hf import files
 from mimo_builder.hf.mapping import (
     HFConfigError,
@@ -95,8 +96,13 @@ def full_shape(param: torch.Tensor, tp_size: int) -> torch.Size:
     return torch.Size(shape)
 
 
+def base_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The module's parameters by name, LoRA adapters left out (they have no Hugging Face name)."""
+    return {name: p for name, p in module.named_parameters() if not is_adapter_key(name)}
+
+
 def _params(module: torch.nn.Module, mapping: HFMapping, where: str) -> dict[str, torch.nn.Parameter]:
-    params = dict(module.named_parameters())
+    params = base_parameters(module)
     wanted = {rule.param for rule in mapping.rules}
     if set(params) != wanted:
         raise HFWeightsError(f"{where}: the Hugging Face mapping and the built module disagree: the module "
@@ -141,7 +147,7 @@ def copy_weights(module, mapping: HFMapping, folder: str | Path, tp_rank: int, t
     """Read, convert and copy every rule's tensors (checks already done)."""
     prefix = model_prefix(mapping, files.tensor_shapes(folder))
     tensors = files.read_tensors(folder, [prefix + s for s in sorted(mapping.sources())])
-    params = dict(module.named_parameters())
+    params = base_parameters(module)
     with torch.no_grad():
         for rule in mapping.rules:
             param = params[rule.param]
@@ -157,7 +163,8 @@ def export_hf(chunks, builder, folder: str | Path, pg_collection=None) -> Path |
     """
     mapping = mapping_of(builder)
     _, tp_size = _tp(pg_collection)
-    params = _params(_single_chunk(chunks), mapping, type(builder).__name__)
+    module = _single_chunk(chunks)
+    params = {**_params(module, mapping, type(builder).__name__), **merged_weights(module)}  # LoRA folded in
     tensors: dict[str, torch.Tensor] = {}
     for rule in mapping.rules:
         param = params[rule.param]

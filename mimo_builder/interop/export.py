@@ -25,6 +25,7 @@ from mimo_builder.errors import MimoError
 from mimo_builder.document.graph import Graph
 from mimo_builder.interop.star import LANGUAGE_INPUTS, Star, check_exportable, star_shape
 from mimo_builder.placement import ProcessGroups, create_process_groups
+from mimo_builder.build.lora import merged_state_dict
 from mimo_builder.build.tp_shard import unwrap
 from mimo_builder.validation import ValidGraph, validate_graph
 from mimo_builder.build.walker import CompositeModel
@@ -154,7 +155,7 @@ def _seeded(valid: ValidGraph, name: str, pgs, seed: int) -> torch.nn.Module:
 
 
 def _copy_weights(name: str, source: torch.nn.Module, part: torch.nn.Module) -> None:
-    result = part.load_state_dict(source.state_dict(), strict=False)
+    result = part.load_state_dict(merged_state_dict(source), strict=False)  # LoRA folded in
     if result.missing_keys or result.unexpected_keys:
         raise MimoError(f"node '{name}': its MIMO part does not hold the same tensors as its build: missing "
                         f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}; its builder's "

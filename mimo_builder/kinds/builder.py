@@ -116,6 +116,11 @@ class ModelBuilder(mcore_base.ModelBuilder):
         starting with the config field to change; checked at validate. None by default."""
         return []
 
+    def linear_layers(self) -> frozenset[str] | None:
+        """Module names of the Megatron-Core linear layers this node builds in its blocks (what
+        ``lora.targets`` may name, checked at validate); None: not declared, checked at build."""
+        return None
+
     @abc.abstractmethod
     def ports(self) -> Ports:
         """Named inputs and outputs with their feature sizes, used to check graph edges."""

@@ -21,6 +21,8 @@ from mimo_builder.kinds.transformer_fields import OWNED_OPTIONS, TransformerMode
 from mimo_builder.platform.compat import resolve_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRANSFORMER_LINEARS = frozenset({"linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"})
+"""The linear layers of Megatron-Core's transformer layer (self-attention and MLP), by module name."""
 
 
 def use_te(impl: str) -> bool:

@@ -4,10 +4,11 @@
 
 - ``params``: the rank's parameters (the plan's meta-device count at its pipeline stage) times
   the parameter dtype's size (``dtype`` bf16/fp16: Float16Module holds every parameter in it);
-- ``grads``: MCore DDP's gradient buffer, one element per parameter, fp32 when the node's DDP
-  options say ``grad_reduce_in_fp32``, else the parameter dtype; none for a frozen node;
+- ``grads``: MCore DDP's gradient buffer, one element per trained parameter (a LoRA node's
+  adapters only), fp32 when the node's DDP options say ``grad_reduce_in_fp32``, else the
+  parameter dtype; none for a frozen node;
 - ``optimizer``: Adam's two fp32 moments (SGD: one momentum buffer unless ``sgd_momentum`` is
-  0), fp32 master weights for 16-bit parameters, and the fp32 copy of 16-bit gradients MCore's
+  0), fp32 master weights for 16-bit parameters (trained parameters only), and the fp32 copy of 16-bit gradients MCore's
   mixed-precision optimizer makes; divided over the node's DP x CP group with the distributed
   optimizer (Megatron's table: 18 bytes per bf16 parameter with fp32 gradients, 6 + 12/d
   distributed);
@@ -232,9 +233,9 @@ def _rank_estimate(plan: Plan, nodes: dict[str, NodeEstimate], rank: int, schedu
     own_peak, total_peak = _activation_peaks(nodes, schedule.order.get(rank, []))
     per_node, flops = {}, 0
     for node, coords in hosted:
-        count = node.stage_params[coords["pp"]]
+        count, trained = node.stage_params[coords["pp"]], node.stage_trainable[coords["pp"]]
         param, grad, optimizer = _param_bytes(node, plan)
-        per_node[node.name] = Memory(count * param, int(count * grad), int(count * optimizer),
+        per_node[node.name] = Memory(count * param, int(trained * grad), int(trained * optimizer),
                                      own_peak.get(node.name, 0))
         flops += _rank_flops(nodes[node.name], node, coords["pp"], schedule.num_microbatches)
     total = Memory(sum(m.params for m in per_node.values()), sum(m.grads for m in per_node.values()),

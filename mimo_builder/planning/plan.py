@@ -34,6 +34,12 @@ class NodePlan:
     params: int | None = None
     """Parameters of the whole node, unsharded (None when not counted)."""
 
+    stage_trainable: list[int] | None = None
+    """Of ``stage_params``, those that train (all but a LoRA node's frozen base)."""
+
+    trainable_params: int | None = None
+    """Of ``params``, those that train (a LoRA node: its adapters)."""
+
     transformer_config: Any = None
     """The MCore TransformerConfig the node builds with on its layout (None when not counted):
     what :mod:`mimo_builder.planning.estimate` reads for dtype, parallel sizes and recomputation."""
@@ -69,6 +75,7 @@ class Plan:
             "nodes": [{"name": n.name, "builder": n.builder, "frozen": n.frozen, "offset": n.layout.offset,
                        "size": n.layout.size, "tp": n.layout.tp, "cp": n.layout.cp, "pp": n.layout.pp,
                        "dp": n.layout.dp, "ep": n.layout.ep, "params": n.params, "stage_params": n.stage_params,
+                       "trainable_params": n.trainable_params,
                        **(estimates.node_dict(n.name, self) if estimates else empty)}
                       for n in self.nodes],
             "ranks": [{"rank": r, "params": self.rank_params(r), "nodes": {n.name: _with_ep(n.layout, c, r)
@@ -92,22 +99,39 @@ def make_plan(graph: Graph, world_size: int, count_params: bool = True) -> Plan:
     if count_params:
         for node in nodes:
             counts = _count_stages(valid, node.name, _smallest_replica(node.layout))
-            node.stage_params = [held for held, _, _ in counts]
-            node.transformer_config = counts[0][2]
-            node.params = _node_total(valid, node, counts)
+            node.stage_params = [c.held for c in counts]
+            node.stage_trainable = [c.trainable for c in counts]
+            node.transformer_config = counts[0].config
+            node.params, node.trainable_params = _node_total(valid, node, counts)
     return Plan(world_size, nodes, count_process_groups(valid.layouts.values()), valid)
 
 
-def _node_total(valid: ValidGraph, node: NodePlan, counts: list[tuple[int, int, Any]]) -> int:
-    """Whole-node parameters: the meta build at TP=EP=1 summed over stages, a tied embedding's
-    copy on the last pipeline stage counted once (it is on that rank, but the same weight)."""
+@dataclass(frozen=True)
+class _StageCount:
+    held: int
+    """Parameters on one rank of the stage."""
+    copies: int
+    """Of them, copies of a weight another stage holds (MCore's ``shared``)."""
+    trainable: int
+    """Of them, those that train."""
+    trainable_copies: int
+    """Of the copies, those that train."""
+    config: Any
+    """The TransformerConfig they were built with."""
+
+
+def _node_total(valid: ValidGraph, node: NodePlan, counts: list[_StageCount]) -> tuple[int, int]:
+    """Whole-node (parameters, trainable parameters): the meta build at TP=EP=1 summed over
+    stages, a tied embedding's copy on the last pipeline stage counted once (it is on that
+    rank, but the same weight)."""
     layout = node.layout
     if layout.tp != 1 or layout.ep != 1:
         counts = _count_stages(valid, node.name, Layout(0, layout.pp, pp=layout.pp))
-    return sum(held - copies for held, copies, _ in counts)
+    params = sum(c.held - c.copies for c in counts)
+    return params, 0 if node.frozen else sum(c.trainable - c.trainable_copies for c in counts)
 
 
-def _count_stages(valid: ValidGraph, name: str, layout: Layout) -> list[tuple[int, int, Any]]:
+def _count_stages(valid: ValidGraph, name: str, layout: Layout) -> list[_StageCount]:
     return [_count_on_fake_world(valid, name, layout, stage) for stage in range(layout.pp)]
 
 
@@ -119,12 +143,12 @@ def _smallest_replica(layout: Layout) -> Layout:
     return Layout(0, per_stage * dp * layout.pp, layout.tp, layout.cp, layout.pp, layout.ep, layout.etp)
 
 
-def _count_on_fake_world(valid: ValidGraph, name: str, layout: Layout, stage: int) -> tuple[int, int, Any]:
-    """Parameters of one rank at pipeline ``stage`` of ``layout``, built on meta in a fake world,
-    how many of them are copies of a weight held by another stage (MCore's ``shared``), and the
-    TransformerConfig they were built with."""
+def _count_on_fake_world(valid: ValidGraph, name: str, layout: Layout, stage: int) -> _StageCount:
+    """The parameters of one rank at pipeline ``stage`` of ``layout``, built on meta in a fake
+    world (with the node's LoRA adapters)."""
     private.register_fake_backend()
 
+    from mimo_builder.build.lora import add_adapters
     from mimo_builder.kinds import distributed
     from mimo_builder.platform import compat
 
@@ -140,8 +164,17 @@ def _count_on_fake_world(valid: ValidGraph, name: str, layout: Layout, stage: in
             builder = valid.configs[name].make_builder()
             config = builder.transformer_config(pgs)
             chunks = distributed.build_chunks(builder.build_model, config, pgs, meta=True)
+            lora = valid.graph.nodes[name].lora
+            if lora is not None:
+                add_adapters(chunks, lora, 0, name)
             params = [p for chunk in chunks for p in chunk.parameters()]
-            shared = sum(p.numel() for p in params if getattr(p, "shared", False))
-            return sum(p.numel() for p in params), shared, config
+            shared = [p for p in params if getattr(p, "shared", False)]
+            trained = [p for p in params if p.requires_grad or lora is None]
+            return _StageCount(_numel(params), _numel(shared), _numel(trained),
+                               _numel(p for p in shared if p.requires_grad or lora is None), config)
     finally:
         dist.destroy_process_group()
+
+
+def _numel(params) -> int:
+    return sum(p.numel() for p in params)

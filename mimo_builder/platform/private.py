@@ -45,3 +45,12 @@ def wrap_with_mixed_precision(chunks, transformer_config, wrapper):
 def wrap_with_ddp(chunks, *args, **kwargs):
     """MCore's DDP / FSDP wrapping of model chunks (``dist_utils._ddp_wrap``), with no public name."""
     return dist_utils._ddp_wrap(chunks, *args, **kwargs)
+
+
+def split_tensor_factory(sharded, sections: list[int], names: list[str], dim: int):
+    """A checkpoint entry of a tensor that packs parts split over TP one by one, as MCore's
+    Mamba mixer saves ``in_proj.weight`` (``ssm.utils._split_tensor_factory``); LoRA's B of that
+    layer packs the same parts."""
+    from megatron.core.ssm.utils import _split_tensor_factory
+
+    return _split_tensor_factory(sharded, sections, names, dim)

@@ -1,0 +1,314 @@
+"""LoRA adapters per node (``lora:`` in the document): validation, outputs, TP parity, merge,
+plan counts and checkpoints that hold the adapters only."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from cli_in_process import main_in_process
+from multirank import run_ranks
+
+LORA = {"rank": 4, "alpha": 8}
+SEED, BATCH, LR = 3, 4, 0.5
+# SGD, as in test_parity: the update is the gradient itself, so TP rounding stays at rounding size.
+
+
+def _graph(placement="single", lm=LORA, proj=None):
+    from graphs.vlm import vlm
+    from mimo_builder.document.graph import Graph
+
+    data = vlm(placement).as_dict()
+    data["nodes"]["lm"]["lora"] = lm
+    if proj is not None:
+        data["nodes"]["proj"]["lora"] = proj
+    return Graph.from_dict({k: v for k, v in data.items()})
+
+
+def _adapter_params_of_the_vlm_backbone(rank: int) -> int:
+    """rank * (in + out) of every linear of graphs.parts.backbone(): pattern M*-M, hidden 64,
+    Mamba expand 2, 2 groups of state 16, head dim 16; 4 heads without GQA; MLP 4 x hidden."""
+    hidden, d_inner, groups, state, head_dim = 64, 128, 2, 16, 16
+    in_proj = (hidden, 2 * d_inner + 2 * groups * state + d_inner // head_dim)
+    mamba = [in_proj, (d_inner, hidden)]
+    attention = [(hidden, 3 * hidden), (hidden, hidden)]
+    mlp = [(hidden, 4 * hidden), (4 * hidden, hidden)]
+    layers = 2 * mamba + attention + mlp
+    return sum(rank * (i + o) for i, o in layers)
+
+
+# --- validation (no ranks) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("lora, frozen, message", [
+    ({"rank": 4, "targets": ["in_proj", "linear_qvk"]}, False, "node 'lm' lora.targets: 'linear_qvk' is not a linear"),
+    ({"rank": 4, "targets": []}, False, "node 'lm' lora.targets: empty"),
+    ({"rank": 4}, True, "node 'lm' lora: a frozen node trains nothing"),
+    ({"rank": 0}, False, "lora.rank"),
+    ({"rank": 4, "dropout": 1.0}, False, "lora.dropout"),
+    ({"rank": 4, "alpha": -1}, False, "lora.alpha"),
+])
+def test_bad_lora_settings_are_named_by_node_and_field(tmp_path, lora, frozen, message):
+    from graphs.vlm import vlm
+
+    data = vlm("single").as_dict()
+    data["nodes"]["lm"]["lora"] = lora
+    data["nodes"]["lm"]["frozen"] = frozen
+    doc = tmp_path / "g.yaml"
+    import yaml
+
+    doc.write_text(yaml.safe_dump(data))
+    result = main_in_process("validate", str(doc))
+    assert result.returncode == 2, result
+    assert message in result.stderr + result.stdout, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_plan_counts_adapters_as_the_only_trained_parameters():
+    from mimo_builder.planning.estimate import estimate_plan
+    from mimo_builder.planning.plan import make_plan
+    from mimo_builder.planning.table import pipeline_plan
+
+    full, lora = make_plan(_graph(lm=None), 1), make_plan(_graph(), 1)
+    node = {n.name: n for n in lora.nodes}["lm"]
+    base = {n.name: n for n in full.nodes}["lm"]
+    expected = _adapter_params_of_the_vlm_backbone(4)
+    assert node.trainable_params == expected
+    assert node.params == base.params + expected
+    memory_full, memory_lora = (estimate_plan(p, pipeline_plan(p, 1)).node_memory[0]["lm"] for p in (full, lora))
+    assert memory_lora.grads == expected * 4  # fp32 gradients of the adapters only
+    assert memory_lora.optimizer == expected * 8  # Adam's two fp32 moments
+    assert memory_lora.params == (base.params + expected) * 4
+    assert memory_full.optimizer == base.params * 8
+
+
+# --- one rank: outputs, training state, merge ------------------------------------------------
+
+def _build(graph):
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder.platform import compat
+
+    compat.init_runtime("cpu")
+    (model,) = CompositeBuilder(graph, seed=SEED).build_distributed_models(ddp_config=DistributedDataParallelConfig())
+    return model
+
+
+def _loss(model, batch):
+    from mimo_builder.runtime.schedule import GraphSchedule
+
+    with torch.no_grad():
+        return GraphSchedule(model).evaluate(batch)["lm.loss"]
+
+
+def _one_rank_checks():
+    from mimo_builder.build.lora import merge_lora, merged_state_dict
+    from mimo_builder.build.tp_shard import unwrap
+    from mimo_builder.document.optimizer import OptimizerSettings
+    from mimo_builder.runtime.optim import GraphOptimizer
+    from mimo_builder.runtime.synthetic import synthetic_batch
+
+    base = _build(_graph(lm=None))
+    batch = synthetic_batch(base.valid, BATCH, seed=11)
+    base_loss = _loss(base, batch)
+    base.close()
+    model = _build(_graph(proj={"rank": 2, "targets": ["linear_fc2"]}))
+    out = {"base": base_loss, "fresh": _loss(model, batch)}
+    lm = unwrap(model.chunks("lm")[0])
+    out["trained"] = sorted(n for n, p in lm.named_parameters() if p.requires_grad)
+    out["proj_trained"] = sorted(n for n, p in unwrap(model.chunks("proj")[0]).named_parameters() if p.requires_grad)
+    out["ddp_buffer"] = sum(b.numel_unpadded for b in model.chunks("lm")[0].buffers)
+    optimizer = GraphOptimizer(model, OptimizerSettings(lr=1e-3))
+    held = {id(p) for p in lm.parameters()}
+    out["optimized"] = sorted(n for n, p in lm.named_parameters()
+                              if any(id(q) == id(p) for g in optimizer.nodes["lm"].optimizer.param_groups
+                                     for q in g["params"]) and id(p) in held)
+    with torch.no_grad():  # adapters as after training: B no longer zero
+        generator = torch.Generator().manual_seed(5)
+        for name, p in lm.named_parameters():
+            if name.endswith("lora_b"):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    out["adapted"] = _loss(model, batch)
+    merged = merged_state_dict(lm)
+    out["merge_count"] = merge_lora(model)
+    out["merged"] = _loss(model, batch)
+    weights = {n: p.detach() for n, p in lm.named_parameters() if not n.endswith(("lora_a", "lora_b"))}
+    out["merged_state_matches"] = all(torch.allclose(merged[n], w, atol=1e-6) for n, w in weights.items())
+    out["merged_state_keys"] = sorted(merged) == sorted(k for k in lm.state_dict() if ".lora_" not in k)
+    model.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    return run_ranks(1, _one_rank_checks)[0]
+
+
+def test_fresh_adapters_leave_the_outputs_unchanged(one_rank):
+    assert one_rank["fresh"] == one_rank["base"]  # B = 0: exactly the base's loss
+
+
+def test_only_adapters_get_gradients_buffers_and_optimizer_state(one_rank):
+    trained = one_rank["trained"]
+    assert trained and all(n.endswith(("lora_a", "lora_b")) for n in trained)
+    assert {n.rsplit(".", 2)[-2] for n in trained} == {"in_proj", "out_proj", "linear_qkv", "linear_proj",
+                                                       "linear_fc1", "linear_fc2"}
+    assert one_rank["proj_trained"] == ["encoder.linear_fc2.lora_a", "encoder.linear_fc2.lora_b"]
+    assert one_rank["ddp_buffer"] == _adapter_params_of_the_vlm_backbone(4)
+    assert one_rank["optimized"] == trained
+
+
+def test_merged_weights_give_the_adapted_outputs(one_rank):
+    assert one_rank["adapted"] != one_rank["fresh"]  # the adapters change the output
+    assert one_rank["merge_count"] == 4 * 2 + 1  # lm: 4 layers x 2 linears; proj: its fc2
+    assert abs(one_rank["merged"] - one_rank["adapted"]) <= 1e-5 * abs(one_rank["adapted"])
+    assert one_rank["merged_state_matches"] and one_rank["merged_state_keys"]
+
+
+# --- TP=2 equals TP=1 after a step ------------------------------------------------------------
+
+def _sgd_step(model, batch):
+    from mimo_builder.document.optimizer import OptimizerSettings
+    from mimo_builder.runtime.optim import GraphOptimizer
+    from mimo_builder.runtime.schedule import GraphSchedule
+
+    sgd = OptimizerSettings(optimizer="sgd", lr=LR, clip_grad=0.5, mcore={"sgd_momentum": 0.0})
+    optimizer = GraphOptimizer(model, sgd)
+    optimizer.zero_grad()
+    loss = GraphSchedule(model).forward_backward(batch)
+    return loss, optimizer.step().grad_norm
+
+
+def _adapters(module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in module.named_parameters() if n.endswith(("lora_a", "lora_b"))}
+
+
+def _tp_reference():
+    from mimo_builder.build.tp_shard import unwrap
+    from mimo_builder.runtime.synthetic import synthetic_batch
+
+    model = _build(_graph(proj=LORA))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # B != 0, so A's gradient (and its TP path) is exercised too
+        for name in ("lm", "proj"):
+            for n, p in _adapters(unwrap(model.chunks(name)[0])).items():
+                if n.endswith("lora_b"):
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    initial = {n: {k: p.detach().clone() for k, p in unwrap(model.chunks(n)[0]).named_parameters()}
+               for n in model.valid.order}
+    loss, norm = _sgd_step(model, synthetic_batch(model.valid, BATCH, seed=11))
+    updated = {n: {k: p.detach().clone() for k, p in _adapters(unwrap(model.chunks(n)[0])).items()}
+               for n in ("lm", "proj")}
+    return initial, loss, norm, updated
+
+
+def _tp2_step(initial):
+    from mimo_builder.build.tp_shard import load_full_state, unshard, unwrap
+    from mimo_builder.runtime.synthetic import synthetic_batch
+
+    model = _build(_graph("colocated_tp2", proj=LORA))
+    for name in model.valid.order:
+        tp = model.pg_collection(name).tp
+        load_full_state(unwrap(model.chunks(name)[0]), initial[name], tp.rank(), tp.size())
+    loss, norm = _sgd_step(model, synthetic_batch(model.valid, BATCH, seed=11))
+    updated = {}
+    for name in ("lm", "proj"):
+        tp = model.pg_collection(name).tp
+        updated[name] = {k: unshard(p, initial[name][k].shape, tp)
+                         for k, p in _adapters(unwrap(model.chunks(name)[0])).items()}
+    return loss, norm, updated if dist.get_rank() == 0 else None
+
+
+def test_adapters_at_tp2_take_the_step_they_take_at_tp1():
+    initial, ref_loss, ref_norm, ref_updated = run_ranks(1, _tp_reference)[0]
+    loss, norm, updated = run_ranks(2, _tp2_step, initial)[0]
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss) and abs(norm - ref_norm) <= 1e-5 * ref_norm
+    for name, params in ref_updated.items():
+        assert params.keys() == updated[name].keys() and params
+        for key, expected in params.items():
+            moved = (expected - initial[name][key]).abs().max()
+            assert moved > 0, (name, key)  # both A and B took a step
+            diff = (updated[name][key] - expected).abs().max()
+            assert diff <= 1e-5 * max(expected.abs().max(), 1e-3), (name, key, float(diff), float(moved))
+
+
+# --- checkpoints: adapters only, exact resume, resharded ---------------------------------------
+
+def _train_and_save(root):
+    from mimo_builder.build.tp_shard import unshard, unwrap
+    from mimo_builder.checkpoint.checkpointer import Checkpointer
+    from mimo_builder.document.optimizer import OptimizerSettings
+    from mimo_builder.runtime.optim import GraphOptimizer
+    from mimo_builder.runtime.schedule import GraphSchedule
+    from mimo_builder.runtime.synthetic import synthetic_batch
+
+    model = _build(_graph("disjoint4"))
+    schedule, optimizer = GraphSchedule(model), GraphOptimizer(model, OptimizerSettings(lr=1e-2))
+    losses, saved = [], None
+    for step in (1, 2):
+        optimizer.zero_grad()
+        losses.append(schedule.forward_backward(synthetic_batch(model.valid, BATCH, seed=step)))
+        optimizer.step()
+        if step == 1:
+            Checkpointer(model, optimizer).save(root, step)
+            if model.hosts("lm"):
+                lm = unwrap(model.chunks("lm")[0])
+                tp = model.pg_collection("lm").tp
+                saved = {k: unshard(p, _full_shape(p, tp.size()), tp) for k, p in _adapters(lm).items()}
+    return losses, saved
+
+
+def _full_shape(p, tp_size):
+    shape = list(p.shape)
+    if getattr(p, "tensor_model_parallel", False):
+        shape[p.partition_dim] *= tp_size
+    return torch.Size(shape)
+
+
+def _resume(root, placement):
+    from mimo_builder.build.tp_shard import unwrap
+    from mimo_builder.checkpoint.checkpointer import Checkpointer
+    from mimo_builder.document.optimizer import OptimizerSettings
+    from mimo_builder.runtime.optim import GraphOptimizer
+    from mimo_builder.runtime.schedule import GraphSchedule
+    from mimo_builder.runtime.synthetic import synthetic_batch
+
+    model = _build(_graph(placement))
+    schedule, optimizer = GraphSchedule(model), GraphOptimizer(model, OptimizerSettings(lr=1e-2))
+    Checkpointer(model, optimizer).load(root)
+    adapters = {k: p.detach().clone() for k, p in _adapters(unwrap(model.chunks("lm")[0])).items()} \
+        if model.hosts("lm") and placement == "single" else None
+    optimizer.zero_grad()
+    loss = schedule.forward_backward(synthetic_batch(model.valid, BATCH, seed=2))
+    return loss, adapters
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_ckpt")
+    results = run_ranks(4, _train_and_save, str(root))
+    saved = next(s for _, s in results if s is not None)
+    return root, results[0][0], saved
+
+
+def test_a_lora_checkpoint_holds_the_backbones_adapters_only(lora_checkpoint):
+    from megatron.core import dist_checkpointing
+
+    from mimo_builder.checkpoint import files
+
+    root, _, _ = lora_checkpoint
+    step_dir = files.resolve(root)
+    keys = set(dist_checkpointing.load_tensors_metadata(str(step_dir)))
+    lm = {k for k in keys if k.startswith("lm.")}
+    assert lm and all(".lora_a" in k or ".lora_b" in k for k in lm), sorted(lm)[:5]
+    assert any(k.startswith("vision.") and "lora" not in k for k in keys)  # fully trained nodes stay whole
+    manifest = files.read_manifest(step_dir)
+    assert manifest.nodes["lm"].adapters_only and not manifest.nodes["vision"].adapters_only
+
+
+def test_a_lora_run_resumes_exactly_and_reshards(lora_checkpoint):
+    root, straight, saved = lora_checkpoint
+    resumed = run_ranks(4, _resume, str(root), "disjoint4")
+    assert all(loss == straight[1] for loss, _ in resumed), ([r[0] for r in resumed], straight)
+    _, adapters = run_ranks(1, _resume, str(root), "single")[0]
+    assert adapters.keys() == saved.keys()
+    assert all(torch.equal(adapters[k], saved[k]) for k in saved)  # TP2 -> TP1, in_proj's packed B too
