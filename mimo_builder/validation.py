@@ -118,6 +118,9 @@ def _check_nodes(graph: Graph, problems: list[str]):
             check_options(DistributedDataParallelConfig, node.ddp)
         except ValueError as err:
             problems.append(f"node '{name}' ddp: {err}")
+        if node.ddp.get("use_megatron_fsdp") and not torch.cuda.is_available():
+            problems.append(f"node '{name}' ddp.use_megatron_fsdp: Megatron-FSDP runs on CUDA devices only "
+                            "(see docs/architecture.md, 'Megatron-FSDP'); use MCore DDP (the default) here")
         try:
             graph.optimizer.for_node(node.optimizer)
         except ValidationError as err:

@@ -62,6 +62,19 @@ def test_bad_lora_settings_are_named_by_node_and_field(tmp_path, lora, frozen, m
     assert "Traceback" not in result.stderr
 
 
+def test_megatron_fsdp_per_node_is_refused_on_cpu_by_node_and_field(tmp_path):
+    import yaml
+
+    from graphs.vlm import vlm
+
+    data = vlm("single").as_dict()
+    data["nodes"]["lm"]["ddp"] = {"use_megatron_fsdp": True}
+    doc = tmp_path / "g.yaml"
+    doc.write_text(yaml.safe_dump(data))
+    result = main_in_process("validate", str(doc))
+    assert result.returncode == 2 and "node 'lm' ddp.use_megatron_fsdp: Megatron-FSDP runs on CUDA" in result.stderr
+
+
 def test_the_plan_counts_adapters_as_the_only_trained_parameters():
     from mimo_builder.planning.estimate import estimate_plan
     from mimo_builder.planning.plan import make_plan

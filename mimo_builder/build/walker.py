@@ -192,8 +192,10 @@ class CompositeBuilder(mcore_base.ModelBuilder):
                                            "post_wrap_hooks": [*config.post_wrap_hooks, *node.hooks.post_wrap]})
         seed_rng(self.seed, tp_rank=pgs.tp.rank(), ep_rank=pgs.ep.rank(), etp_rank=pgs.expt_tp.rank())
         wrap = wrap_with_ddp and not node.frozen  # frozen: no gradients, so no DDP buffers
-        return config.make_builder().build_distributed_models(
-            pgs, valid.ddp_config(name, ddp_config) if wrap else None, wrap_with_ddp=wrap, **options)
+        ddp = valid.ddp_config(name, ddp_config)
+        # Megatron-FSDP per node: the node's ddp option (or the graph-wide argument) picks the wrapper
+        options = {**options, "use_megatron_fsdp": options["use_megatron_fsdp"] or ddp.use_megatron_fsdp}
+        return config.make_builder().build_distributed_models(pgs, ddp if wrap else None, wrap_with_ddp=wrap, **options)
 
 
 def _freeze(chunks: list[MegatronModule]) -> list[MegatronModule]:

@@ -40,7 +40,8 @@ def _node_line(name: str, record: files.NodeRecord) -> str:
     p = record.placement
     dp = p["size"] // (p["tp"] * p["cp"] * p["pp"])
     ranks = f"{p['offset']}-{p['offset'] + p['size'] - 1}"
-    held = ("model + optimizer" if record.optimizer is not None else "model") if record.saved else "not saved (frozen)"
+    model = "adapters" if record.adapters_only else "model"
+    held = (f"{model} + optimizer" if record.optimizer is not None else model) if record.saved else "not saved (frozen)"
     schedule = "-" if record.scheduler_steps is None else str(record.scheduler_steps)
     return (f"{name:<12} {record.builder:<10} {ranks:<8} {p['tp']:>3} {p['pp']:>3} {dp:>3} {p['ep']:>3}  "
             f"{held:<22} {schedule:>8} {_size(record.bytes):>10}")

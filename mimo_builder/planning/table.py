@@ -17,6 +17,10 @@ def print_plan(plan: Plan, console: Console | None = None, num_microbatches: int
     console = console or Console()
     schedule = schedule or pipeline_plan(plan, num_microbatches)
     console.print(nodes_table(plan, estimates))
+    for n in plan.nodes:
+        if n.trainable_params is not None and n.trainable_params != n.params and not n.frozen:
+            console.print(f"LoRA: node '{n.name}' trains {n.trainable_params:,} of its {n.params:,} parameters "
+                          f"({n.trainable_params / n.params:.1%}); the rest is frozen", highlight=False)
     console.print(ranks_table(plan))
     if estimates is not None:
         console.print(estimates_table(plan, estimates))
@@ -83,13 +87,15 @@ def nodes_table(plan: Plan, estimates: Estimates | None = None) -> Table:
         table.add_column(column, justify="left" if left else "right", no_wrap=not left)
     for n in plan.nodes:
         lay = n.layout
-        name = f"{n.name} (frozen)" if n.frozen else n.name
+        name, params = f"{n.name} (frozen)" if n.frozen else n.name, _count(n.params)
+        if n.trainable_params is not None and n.trainable_params != n.params and not n.frozen:
+            name = f"{n.name} (LoRA)"
         values = ()
         if estimates:
             node = estimates.nodes[n.name]
             values = (format_flops(node.flops_per_step, unit=""),)
         table.add_row(name, n.builder, f"{lay.offset}-{lay.offset + lay.size - 1}", str(lay.tp), str(lay.cp),
-                      str(lay.pp), str(lay.dp), str(lay.ep), _count(n.params), *values)
+                      str(lay.pp), str(lay.dp), str(lay.ep), params, *values)
     return table
 
 
