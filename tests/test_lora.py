@@ -325,3 +325,52 @@ def test_a_lora_run_resumes_exactly_and_reshards(lora_checkpoint):
     _, adapters = run_ranks(1, _resume, str(root), "single")[0]
     assert adapters.keys() == saved.keys()
     assert all(torch.equal(adapters[k], saved[k]) for k in saved)  # TP2 -> TP1, in_proj's packed B too
+
+
+# --- the base from init:, merged export ---------------------------------------------------------
+
+MAMBA = dict(builder="mamba", num_layers=2, hybrid_layer_pattern="MM", hidden_size=64, num_attention_heads=1,
+             vocab_size=100, seq_length=32, mamba_state_dim=16, mamba_head_dim=16, mamba_num_groups=2,
+             mamba_num_heads=8)
+
+
+def _lm_logits(root: str, seed: int, hf: str | None, lora: dict | None, export_to: str | None,
+               randomize_b: bool = False) -> torch.Tensor:
+    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder.document.graph import Graph
+    from mimo_builder.hf import export_node
+    from mimo_builder.platform import compat
+
+    compat.init_runtime("cpu")
+    graph = Graph().add("lm", MAMBA, init={"hf": f"{root}/{hf}"} if hf else None, lora=lora)
+    graph.bind("input_ids", "lm.input_ids").output("lm.logits")
+    (model,) = CompositeBuilder(graph, seed=seed).build_distributed_models(wrap_with_ddp=False)
+    if randomize_b:
+        generator = torch.Generator().manual_seed(9)
+        with torch.no_grad():
+            for name, p in model.chunks("lm")[0].named_parameters():
+                if name.endswith("lora_b"):
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model.valid.builders["lm"].run(model.chunks("lm")[0], {"input_ids": ids})["logits"][..., :100]
+    if export_to:  # (the padded vocabulary rows are zeros after an import, seeded in a fresh build)
+        export_node(model, "lm", f"{root}/{export_to}")
+    model.close()
+    return logits
+
+
+def _base_and_export(root: str) -> dict:
+    pretrained = _lm_logits(root, 1, None, None, "base")
+    fresh = _lm_logits(root, 2, "base", {"rank": 4}, None)  # another seed: the base must come from init
+    adapted = _lm_logits(root, 2, "base", {"rank": 4, "alpha": 16}, "merged", randomize_b=True)
+    reloaded = _lm_logits(root, 3, "merged", None, None)
+    return dict(pretrained=pretrained, fresh=fresh, adapted=adapted, reloaded=reloaded)
+
+
+def test_the_base_comes_from_init_and_the_export_holds_merged_weights(tmp_path):
+    r = run_ranks(1, _base_and_export, str(tmp_path))[0]
+    assert torch.equal(r["fresh"], r["pretrained"])
+    assert not torch.allclose(r["adapted"], r["pretrained"], atol=1e-3)
+    error = float((r["reloaded"] - r["adapted"]).abs().max() / r["adapted"].abs().max())
+    assert error <= 1e-5, error
