@@ -294,7 +294,7 @@ def _run(args) -> int:
     from mimo_builder.data.spec import load_data
     from mimo_builder.kinds.registry import allowed_prefixes
     from mimo_builder.runtime.monitor import check_tensorboard
-    from mimo_builder.runtime.schedule import check_runnable
+    from mimo_builder.runtime.optim import check_runnable
     from mimo_builder.runtime.synthetic import check_synthetic
     from mimo_builder.runtime.train import TrainOptions, train
     from mimo_builder.validation import validate_graph

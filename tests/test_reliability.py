@@ -44,12 +44,21 @@ def _build(placement: str, step_timeout_s: float | None = None, first_step_timeo
     return model, GraphSchedule(model), GraphOptimizer(model, total_steps=4)
 
 
-def _step(run) -> float:
+def _step(run, poisoned_share: bool = False) -> float:
+    """One step; with ``poisoned_share`` each rank passes its own share, rank 0's pixels NaN."""
+    import torch.distributed as dist
+
+    from mimo_builder.runtime.shards import RankBatch
     from mimo_builder.runtime.synthetic import synthetic_batch
 
     model, schedule, optimizer = run
     optimizer.zero_grad()
-    loss = schedule.forward_backward(synthetic_batch(model.valid, BATCH, seed=SEED), 2)
+    batch = synthetic_batch(model.valid, BATCH, seed=SEED)
+    if poisoned_share:
+        batch = RankBatch.from_global(model.valid, batch, dist.get_rank(), 2)
+        if dist.get_rank() == 0:
+            batch.rows["pixel_values"][0, 0, 0, 0] = float("nan")
+    loss = schedule.forward_backward(batch, 2)
     optimizer.step(loss)
     return loss
 
@@ -66,7 +75,8 @@ def _first_hosted(model, names):
 
 def _caught_then_rebuilt(placement: str) -> dict:
     """Attempt 1: a forward raises on rank 0. Attempt 2: an optimizer update raises on the last
-    rank. Attempt 3: clean. The caller catches each failure, closes the model and builds again."""
+    rank. Attempt 3: rank 0's own share of the batch holds a NaN pixel. Attempt 4: clean. The
+    caller catches each failure, closes the model and builds again."""
     import torch.distributed as dist
 
     from mimo_builder.runtime.optim import OptimizerStepError
@@ -74,7 +84,7 @@ def _caught_then_rebuilt(placement: str) -> dict:
 
     rank, last = dist.get_rank(), dist.get_world_size() - 1
     out = {}
-    for attempt in ("forward", "optimizer", "clean"):
+    for attempt in ("forward", "optimizer", "batch", "clean"):
         start = time.monotonic()
         run = _build(placement)
         with run[0] as model:
@@ -83,7 +93,7 @@ def _caught_then_rebuilt(placement: str) -> dict:
             if attempt == "optimizer" and rank == last:
                 run[2].nodes[_first_hosted(model, ("lm", "proj"))].optimizer.step_with_ready_grads = _raise
             try:
-                out[attempt] = ("ok", _step(run))
+                out[attempt] = ("ok", _step(run, poisoned_share=attempt == "batch"))
             except (StepError, OptimizerStepError) as err:
                 out[attempt] = (type(err).__name__, str(err))
         out[f"{attempt}_s"] = time.monotonic() - start
@@ -101,6 +111,15 @@ def test_a_forward_failure_is_the_same_step_error_on_every_rank(caught):
         assert kind == "StepError", r
         assert message.startswith("rank 0, node 'vision' forward (microbatch 0): RuntimeError: injected fault"), message
         assert r["forward_s"] < 60, r
+
+
+def test_a_bad_share_of_the_batch_on_one_rank_is_the_same_error_on_every_rank(caught):
+    for r in caught:
+        kind, message = r["batch"]
+        assert kind == "StepError", r
+        assert message.startswith("rank 0, its share of the batch: "), message
+        assert "pixel_values" in message and "not finite" in message, message
+        assert r["batch_s"] < 60, r
 
 
 def test_an_optimizer_failure_is_the_same_error_on_every_rank(caught):

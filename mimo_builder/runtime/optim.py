@@ -267,3 +267,11 @@ def _model_device(model: CompositeModel) -> torch.device:
             for p in model.chunks(name)[0].parameters():
                 return p.device
     return compat.resolve_device("auto")
+
+
+def check_runnable(valid) -> None:
+    """Raise ConfigError for graphs the graph optimizer cannot train (before anything is built)."""
+    for name in valid.order:
+        if getattr(valid.configs[name], "dtype", None) == "fp16" and not valid.graph.nodes[name].frozen:
+            raise ConfigError(f"node '{name}' config.dtype: fp16 training needs loss scaling, which the graph "
+                              "optimizer does not apply; use bf16 (fp32 master weights) or freeze the node")

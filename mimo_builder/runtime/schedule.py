@@ -27,7 +27,9 @@ from mimo_builder.placement import release, tp_cp_groups
 from mimo_builder.runtime.batch import check_batch, check_rank_batch, shard_range
 from mimo_builder.runtime.bridge import Mailbox, broadcast_tensor
 from mimo_builder.runtime.pipeline import FORWARD, Op, PipelinePlan, Stage, needs_grad, plan_graph
+from mimo_builder.runtime.port_check import PortContract
 from mimo_builder.runtime.posting import posting_plan, rank_ops
+from mimo_builder.runtime.optim import check_runnable
 from mimo_builder.runtime.outputs import output_means
 from mimo_builder.runtime.routes import Routes
 from mimo_builder.runtime.shards import RankBatch
@@ -78,6 +80,7 @@ class GraphSchedule:
         self.tp_groups = tp_cp_groups(model.valid.layouts.values())
         model.on_close(self.close)
         self.needs_grad = needs_grad(self.valid)
+        self.contract = PortContract(self.valid)
         self.loss_outputs = [(n, p) for n, p in self.valid.outputs if p == "loss"]
         self.failed: str | None = None
         self._plans: dict[tuple[int, int], tuple[PipelinePlan, Routes, dict]] = {}
@@ -96,8 +99,8 @@ class GraphSchedule:
         ``batch`` is the whole global batch (the same on every rank), or this rank's share of it
         (a :class:`~mimo_builder.runtime.shards.RankBatch`, e.g. from a per-rank data loader).
         """
-        batch, per, signature = self._prepare(batch, num_microbatches)
-        self.guard.begin_step()
+        self.guard.begin_step()  # before the check: a failure there is published under this step
+        batch, per, signature = self._checked(batch, num_microbatches)
         with self.guard.watch("forward_backward"):
             try:
                 return self._global_loss(self._run(batch, num_microbatches, per, signature).losses)
@@ -108,8 +111,8 @@ class GraphSchedule:
         """Forward only (no gradients, modules in eval mode): each graph output that is a loss
         (a scalar) or one value per sample, averaged over the global batch, as ``{"node.port":
         mean}`` on every rank. Outputs with more axes (logits) are left out."""
-        batch, per, signature = self._prepare(batch, num_microbatches)
-        self.guard.begin_step()
+        self.guard.begin_step()  # before the check: a failure there is published under this step
+        batch, per, signature = self._checked(batch, num_microbatches)
         chunks = [chunk for name in self.valid.order if self.model.hosts(name) for chunk in self.model.chunks(name)]
         modes = [chunk.training for chunk in chunks]
         with self.guard.watch("evaluate"), torch.no_grad():
@@ -123,6 +126,16 @@ class GraphSchedule:
             finally:
                 for chunk, mode in zip(chunks, modes):
                     chunk.train(mode)
+
+    def _checked(self, batch, num_microbatches: int) -> tuple[RankBatch, int, tuple | None]:
+        """:meth:`_prepare`; a problem in this rank's own share is published like a step failure,
+        since no other rank sees that share (a global batch is checked alike on every rank)."""
+        if not isinstance(batch, RankBatch) or self.failed is not None:
+            return self._prepare(batch, num_microbatches)
+        try:
+            return self._prepare(batch, num_microbatches)
+        except Exception as err:
+            self._fail(err, where="its share of the batch")
 
     def _prepare(self, batch, num_microbatches: int) -> tuple[RankBatch, int, tuple | None]:
         """Check ``batch`` and return this rank's share, the microbatch size and the batch's
@@ -181,9 +194,9 @@ class GraphSchedule:
         dist.all_reduce(value, group=self.control)
         return float(value)
 
-    def _fail(self, err: Exception) -> None:
+    def _fail(self, err: Exception, where: str | None = None) -> None:
         """Publish the first failure, break every collective this rank is in, raise everywhere."""
-        where = self._current.where if self._current is not None else "the end of the step"
+        where = where or (self._current.where if self._current is not None else "the end of the step")
         first = self.guard.publish_error(where, err)
         self.failed = first
         error = StepError(first)
@@ -257,6 +270,8 @@ class _Step:
         with timer.measure(stage.node, "forward"):
             state.outputs = self.valid.builders[stage.node].run_stage(chunk, inputs, hidden, stage.index == 0,
                                                                       stage.last)
+        if stage.last:
+            self.s.contract.check(stage.node, inputs, state.outputs)
         with timer.measure(stage.node, "communication"):
             for key, t in self.routes.sends(op, self.rank):
                 link = self.routes.links[key[1]]
@@ -382,11 +397,3 @@ class _Step:
 
 def _signature(batch: dict[str, torch.Tensor]) -> tuple:
     return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
-
-
-def check_runnable(valid) -> None:
-    """Raise StepError for graphs the runtime cannot execute yet (before anything is built)."""
-    for name in valid.order:
-        if getattr(valid.configs[name], "dtype", None) == "fp16" and not valid.graph.nodes[name].frozen:
-            raise StepError(f"node '{name}' config.dtype: fp16 training needs loss scaling, which the graph "
-                            "optimizer does not apply; use bf16 (fp32 master weights) or freeze the node")
