@@ -22,7 +22,7 @@ from megatron.core import dist_checkpointing
 
 from mimo_builder.platform import compat
 from mimo_builder.checkpoint import files, state
-from mimo_builder.checkpoint.checks import raise_if_any, shape_problems
+from mimo_builder.checkpoint.checks import raise_if_any, shape_problems, shard_problems
 from mimo_builder.checkpoint.files import DataPosition, Manifest, NodeRecord
 from mimo_builder.checkpoint.safe_load import safe_unpickling
 from mimo_builder.build.lora import is_adapter_key
@@ -157,6 +157,8 @@ class Checkpointer:
             tree["rng"] = state.rng_state(dist.get_rank(), dist.get_world_size())
         flat = state.sharded_leaves(tree)
         with safe_unpickling():
+            damaged = shard_problems(step_dir) if dist.get_rank() == 0 else []
+            raise_if_any(self.control, damaged, title=f"checkpoint {step_dir} is damaged; load an earlier step")
             raise_if_any(self.control, shape_problems(flat, step_dir, self._describer(manifest)))
             with self._scope():
                 loaded = dist_checkpointing.load(flat, str(step_dir))

@@ -52,3 +52,26 @@ def _tensors(leaves: Iterable) -> Iterator[ShardedTensor]:
             yield from _tensors(sharded_leaves(leaf.build()).values())
         elif isinstance(leaf, ShardedTensor):
             yield leaf
+
+
+def shard_problems(step_dir: Path) -> list[str]:
+    """Files of ``step_dir`` that its dist_checkpointing metadata lists but that are missing or
+    shorter than the bytes it places in them (a truncated or deleted shard). Reads the metadata
+    only (call inside ``safe_unpickling``)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(step_dir)).read_metadata()
+    except (OSError, EOFError, ValueError) as err:
+        return [f"{step_dir}: its tensor metadata (.metadata) is unreadable: {type(err).__name__}: {err}"]
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    problems = []
+    for name, size in sorted(needed.items()):
+        path = step_dir / name
+        if not path.is_file():
+            problems.append(f"{path}: missing (the metadata places {size:,} bytes in it)")
+        elif path.stat().st_size < size:
+            problems.append(f"{path}: {path.stat().st_size:,} bytes, the metadata needs {size:,} (truncated)")
+    return problems

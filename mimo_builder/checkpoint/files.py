@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from mimo_builder.errors import MimoError
 from mimo_builder.placement import Layout
@@ -44,6 +44,19 @@ class NodeRecord(_Record):
     builder: str
     placement: dict[str, int]
     """The node's layout when saved (offset, size, tp, cp, pp, ep, etp)."""
+
+    @field_validator("placement")
+    @classmethod
+    def _whole_layout(cls, value: dict[str, int]) -> dict[str, int]:
+        missing = [k for k in ("offset", "size", "tp", "cp", "pp", "ep") if k not in value]
+        if missing:
+            raise ValueError(f"lacks {', '.join(missing)}")
+        bad = [f"{k} {v}" for k, v in value.items() if v < (0 if k == "offset" else 1)]
+        if bad:
+            raise ValueError(f"has {', '.join(bad)} (sizes are at least 1, the offset at least 0)")
+        if value["size"] % (value["tp"] * value["cp"] * value["pp"]):
+            raise ValueError(f"size {value['size']} is not a multiple of tp x cp x pp")
+        return value
     saved: bool
     """False for a frozen node left out of the save (it is reloaded from its ``init`` source)."""
     optimizer: Any = None

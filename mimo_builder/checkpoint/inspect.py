@@ -1,10 +1,13 @@
-"""``mimo-builder ckpt inspect DIR``: what a checkpoint folder holds, read from manifests only."""
+"""``mimo-builder ckpt inspect DIR``: what a checkpoint folder holds, read from its manifests and
+tensor metadata (no tensor is read); a missing or truncated shard is a CheckpointError."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from mimo_builder.checkpoint import files
+from mimo_builder.checkpoint.checks import shard_problems
+from mimo_builder.checkpoint.safe_load import safe_unpickling
 
 
 def describe(path: str, as_json: bool = False) -> str:
@@ -33,6 +36,12 @@ def describe(path: str, as_json: bool = False) -> str:
                  f"{'state':<22} {'schedule':>8} {'bytes':>10}")
     for name, record in manifest.nodes.items():
         lines.append(_node_line(name, record))
+    with safe_unpickling():
+        damaged = shard_problems(step_dir)
+    if damaged:
+        raise files.CheckpointError("\n".join(lines) + f"\n\n{step_dir} is damaged:\n" +
+                                    "\n".join(f"  - {p}" for p in damaged))
+    lines.append("\nshards: every file the tensor metadata lists is present and complete")
     return "\n".join(lines)
 
 

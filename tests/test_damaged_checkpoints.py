@@ -1,0 +1,108 @@
+"""Damaged checkpoints are named before anything is resumed: a truncated or deleted shard, and a
+manifest whose placement is incomplete or impossible, in ``ckpt inspect`` and on load."""
+
+import json
+import shutil
+
+import pytest
+
+from cli_in_process import main_in_process
+from multirank import run_ranks
+
+
+def _save(root: str) -> None:
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from graphs.mamba_lm import mamba_lm
+    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder.checkpoint import Checkpointer
+    from mimo_builder.platform import compat
+    from mimo_builder.runtime.optim import GraphOptimizer
+
+    from mimo_builder.runtime.schedule import GraphSchedule
+    from mimo_builder.runtime.synthetic import synthetic_batch
+
+    compat.init_runtime("cpu")
+    (model,) = CompositeBuilder(mamba_lm()).build_distributed_models(ddp_config=DistributedDataParallelConfig())
+    optimizer = GraphOptimizer(model)
+    optimizer.step(GraphSchedule(model).forward_backward(synthetic_batch(model.valid, 2)))
+    Checkpointer(model, optimizer).save(root, 1)
+    model.close()
+
+
+def _load(root: str) -> str:
+    """The load's error, and whether any weight moved before it."""
+    import torch
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from graphs.mamba_lm import mamba_lm
+    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder.checkpoint import Checkpointer
+    from mimo_builder.platform import compat
+    from mimo_builder.runtime.optim import GraphOptimizer
+
+    compat.init_runtime("cpu")
+    (model,) = CompositeBuilder(mamba_lm(), seed=99).build_distributed_models(
+        ddp_config=DistributedDataParallelConfig())
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        Checkpointer(model, GraphOptimizer(model)).load(root)
+        message = "loaded"
+    except Exception as err:  # noqa: BLE001 - the test reads the message
+        message = f"{type(err).__name__}: {err}"
+    untouched = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    model.close()
+    return message, untouched
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt") / "root"
+    run_ranks(1, _save, str(root))
+    return root
+
+
+def _copy(saved, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(saved, copy)
+    step = copy / "step_0000001"
+    return copy, step, sorted(step.glob("*.distcp"))[0]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_a_damaged_shard_is_named_by_inspect_and_before_a_load(saved, tmp_path, damage):
+    copy, step, shard = _copy(saved, tmp_path)
+    size = shard.stat().st_size
+    if damage == "truncated":
+        with open(shard, "r+b") as f:
+            f.truncate(size // 2)
+        expected = f"{shard}: {size // 2:,} bytes, the metadata needs"
+    else:
+        shard.unlink()
+        expected = f"{shard}: missing"
+    result = main_in_process("ckpt", "inspect", str(copy))
+    assert result.returncode == 2 and "is damaged" in result.stderr and expected in result.stderr, result.stderr
+    message, untouched = run_ranks(1, _load, str(copy))[0]
+    assert message.startswith(f"CheckpointError: checkpoint {step} is damaged; load an earlier step"), message
+    assert expected in message and untouched
+
+
+def test_a_whole_checkpoint_inspects_and_loads(saved):
+    result = main_in_process("ckpt", "inspect", str(saved))
+    assert result.returncode == 0 and "every file the tensor metadata lists is present" in result.stdout
+    assert run_ranks(1, _load, str(saved))[0] == ("loaded", False)
+
+
+@pytest.mark.parametrize("placement, expected", [
+    ({"offset": 0, "size": 1, "cp": 1, "pp": 1, "ep": 1}, "lacks tp"),
+    ({"offset": 0, "size": 1, "tp": 0, "cp": 1, "pp": 1, "ep": 1}, "has tp 0"),
+    ({"offset": 0, "size": 3, "tp": 2, "cp": 1, "pp": 1, "ep": 1}, "size 3 is not a multiple of tp x cp x pp"),
+])
+def test_a_manifest_with_an_impossible_placement_is_named(saved, tmp_path, placement, expected):
+    copy, step, _ = _copy(saved, tmp_path)
+    manifest = json.loads((step / "mimo.json").read_text())
+    manifest["nodes"]["lm"]["placement"] = placement
+    (step / "mimo.json").write_text(json.dumps(manifest))
+    result = main_in_process("ckpt", "inspect", str(copy))
+    assert result.returncode == 2 and "is not a readable manifest" in result.stderr, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr
