@@ -4,9 +4,11 @@ requests with one line, and a 1,024-rank placement stays quick and readable."""
 
 import ast
 import io
+import math
 import os
 import pathlib
 import pty
+import re
 import time
 import xml.etree.ElementTree as ET
 
@@ -66,7 +68,7 @@ def test_dot_shows_layouts_feature_sizes_and_colocation():
     lm = nodes["lm"].get_label()
     assert "ranks 2-3" in lm and "tp2" in lm  # vlm.yaml: offset 2, size 2, tp 2
     assert "dp2" in nodes["vision"].get_label()  # 2 ranks, no model parallelism
-    assert "(64)" in dot.get_edges()[1].get_label()  # proj output_size: 64
+    assert "× 64)" in dot.get_edges()[1].get_label()  # proj output_size: 64
     (cluster,) = dot.get_subgraphs()  # vision and proj share ranks 0-1; lm stands alone
     assert {n.get_name().strip('"') for n in cluster.get_nodes()} == {"vision", "proj"}
 
@@ -114,7 +116,92 @@ def test_an_edge_that_skips_a_layer_is_drawn_with_its_label():
     doc["edges"] = [e for e in doc["edges"] if "audio_proj" not in e] + ["audio.embeddings -> lm.audio"]
     root = ET.fromstring(render(Graph.from_dict(doc), "svg", view="graph"))
     texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
-    assert "embeddings → audio (64)" in texts and texts.count("lm") == 1
+    frames = doc["nodes"]["audio"]["config"]["max_frames"]  # the stride-2 conv halves them
+    assert f"embeddings → audio ({math.ceil(frames / 2)} tokens × 64)" in texts and texts.count("lm") == 1
+
+
+def _unused_port(graph: Graph, node: str, port: str) -> str:
+    """``port`` of ``node``, checked to be neither fed by an edge nor bound to the batch."""
+    assert not any(f"{node}.{port}" in text for text in [*graph.edges, *graph.inputs.values()])
+    return port
+
+
+@pytest.mark.parametrize("name", ["vlm", "avlm"])
+def test_boxes_list_every_port_even_an_unconnected_one(name):
+    """The backbone's optional position_ids is fed by nothing, and its logits read by nothing."""
+    graph = _graph(name)
+    position_ids, logits = _unused_port(graph, "lm", "position_ids"), "logits"
+    (dot,) = pydot.graph_from_dot_data(render(graph, "dot"))
+    lm = _dot_nodes(dot)["lm"].get_label()
+    assert re.search(rf"\\nin: [^\\\\]*\b{position_ids}\b", lm) and re.search(rf"\\nout: [^\\\\]*\b{logits}\b", lm)
+    assert "in: pixel_values" in _dot_nodes(dot)["vision"].get_label()
+    (mermaid_lm,) = [line for line in render(graph, "mermaid").splitlines() if line.strip().startswith('n_lm["')]
+    assert f"<br/>in: input_ids, {position_ids}," in mermaid_lm and f"<br/>out: {logits}," in mermaid_lm
+    texts = [t.text or "" for t in ET.fromstring(render(graph, "svg", view="graph")).iter(f"{SVG}text")]
+    assert any(t.startswith("in: ") and position_ids in t for t in texts)
+
+
+def _vlm_tokens(doc) -> int:
+    """Tokens per image by hand: (image_size / patch_size)^2 patches, plus the class token
+    (VisionConfig's default: on), divided by the projector's token_reduction (default 1)."""
+    vision, proj = doc["nodes"]["vision"]["config"], doc["nodes"]["proj"]["config"]
+    patches = (vision["image_size"] // vision["patch_size"]) ** 2
+    return (patches + int(vision.get("class_token", True))) // proj.get("token_reduction", 1)
+
+
+@pytest.mark.parametrize("changes", [{}, {"vision": {"class_token": False}, "proj": {"token_reduction": 4}}])
+def test_edge_labels_carry_the_tokens_per_sample(changes):
+    doc = yaml.safe_load((ROOT / "graphs/vlm.yaml").read_text())
+    for node, config in changes.items():
+        doc["nodes"][node]["config"].update(config)
+    vision = doc["nodes"]["vision"]["config"]
+    encoded = (vision["image_size"] // vision["patch_size"]) ** 2 + int(vision.get("class_token", True))
+    projected = _vlm_tokens(doc)
+    assert (encoded, projected) == ((17, 17) if not changes else (16, 4))  # 32 / 8 = 4 patches a side
+    graph = Graph.from_dict(doc)
+    (dot,) = pydot.graph_from_dot_data(render(graph, "dot"))
+    labels = [e.get_label().strip('"') for e in dot.get_edges()]
+    assert labels == [f"embeddings → input ({encoded} tokens × 64)", f"output → image ({projected} tokens × 64)"]
+    assert f'n_proj -->|"output → image ({projected} tokens × 64)"| n_lm' in render(graph, "mermaid")
+
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _frame_and_names(svg: bytes, frame_id: str):
+    """The bounding box of the dashed path with id ``frame_id``, where each bold (node name) text
+    sits, and every text."""
+    root = ET.fromstring(svg)
+    (group,) = [g for g in root.iter(f"{SVG}g") if g.get("id") == frame_id]
+    path = group.find(f"{SVG}path")
+    assert "stroke-dasharray" in path.get("style")
+    numbers = [float(v) for v in re.findall(r"-?\d+(?:\.\d+)?", path.get("d"))]
+    xs, ys = numbers[0::2], numbers[1::2]
+    names = {t.text: (float(t.get("x")), float(t.get("y"))) for t in root.iter(f"{SVG}text")
+             if "font-weight: 700" in (t.get("style") or "")}
+    texts = [t.text for t in root.iter(f"{SVG}text")]
+    return (min(xs), min(ys), max(xs), max(ys)), names, texts
+
+
+def test_svg_frames_colocated_nodes_with_their_ranks():
+    """vlm: vision and proj share ranks 0-1 (one dashed frame, labelled as DOT's cluster), lm is outside."""
+    svg = render(_graph("vlm"), "svg", view="graph")
+    (left, low, right, high), names, texts = _frame_and_names(svg, "colocated_0")
+    inside = {n for n, (x, y) in names.items() if left < x < right and low < y < high}
+    assert inside == {"vision", "proj"} and "lm" in names
+    assert "ranks 0-1: colocated" in texts
+    apart = render(_vlm_with(proj={"offset": 2, "size": 2}, lm={"offset": 4, "size": 2, "tp": 2}), "svg", view="graph")
+    assert b'id="colocated_' not in apart and b"colocated" not in apart
+
+
+def test_a_frame_that_would_cover_another_node_is_drawn_per_layer():
+    """vision and lm share ranks 0-1 with proj between them on 2-3: two frames, proj in neither."""
+    graph = _vlm_with(proj={"offset": 2, "size": 2}, lm={"offset": 0, "size": 2, "tp": 2})
+    svg = render(graph, "svg", view="graph")
+    for piece, member in (("colocated_0_0", "vision"), ("colocated_0_1", "lm")):
+        (left, low, right, high), names, texts = _frame_and_names(svg, piece)
+        assert {n for n, (x, y) in names.items() if left < x < right and low < y < high} == {member}
+    assert texts.count("ranks 0-1: colocated") == 2
 
 
 def test_svg_is_the_same_bytes_each_time():

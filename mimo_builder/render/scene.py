@@ -1,5 +1,6 @@
-"""What every picture shows, computed once: nodes with their layouts, edges with ports and feature
-sizes, colours, and the placement as columns of ranks (consecutive ranks merged in large worlds).
+"""What every picture shows, computed once: nodes with their layouts and port names, edges with
+ports, feature sizes and tokens per sample, colours, and the placement as columns of ranks
+(consecutive ranks merged in large worlds).
 
 Pure data and arithmetic over a validated graph: no drawing library is imported here.
 """
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from mimo_builder.errors import ConfigError
 from mimo_builder.document.graph import Graph, Placement
 from mimo_builder.placement import Layout
+from mimo_builder.planning.estimate import token_arrivals
 from mimo_builder.validation import ValidGraph, validate_graph
 
 # matplotlib's tab20 pairs (dark edge, light fill): the same colour for a node in every picture.
@@ -26,7 +28,8 @@ host the same nodes (at the same pipeline stage, then at all) share a column."""
 
 @dataclass(frozen=True)
 class NodeView:
-    """One node as drawn: name, builder, ranks and split, frozen, colours."""
+    """One node as drawn: name, builder, ranks and split, frozen, colours, and the names of the
+    builder's input and output ports (connected or not)."""
 
     name: str
     builder: str
@@ -34,6 +37,8 @@ class NodeView:
     frozen: bool
     edge_colour: str
     fill_colour: str
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
 
     @property
     def ranks_text(self) -> str:
@@ -57,22 +62,35 @@ class NodeView:
         lines = [f"{self.builder} · {self.ranks_label}", self.split_text]
         return lines + ["frozen"] if self.frozen else lines
 
+    def port_lines(self) -> list[str]:
+        """'in: a, b' and 'out: c', each line only where the builder has such ports."""
+        return [f"{side}: {', '.join(names)}" for side, names in (("in", self.inputs), ("out", self.outputs))
+                if names]
+
+    def box_lines(self) -> list[str]:
+        """Everything under the name in a text box: the details, then the ports."""
+        return self.detail_lines() + self.port_lines()
+
 
 @dataclass(frozen=True)
 class EdgeView:
-    """One edge: ports at both ends and the feature size carried (None where it varies)."""
+    """One edge: ports at both ends, the feature size carried and the tokens per sample (each
+    None where it varies or is not known)."""
 
     src: str
     src_port: str
     dst: str
     dst_port: str
     features: int | None
+    tokens: int | None = None
 
     @property
     def label(self) -> str:
-        """'src_port → dst_port (features)', without the size when it varies."""
-        size = "" if self.features is None else f" ({self.features})"
-        return f"{self.src_port} → {self.dst_port}{size}"
+        """'src_port → dst_port (17 tokens × 64)': tokens per sample × features, each left out
+        where it is not known."""
+        sizes = ([plural(self.tokens, "token")] if self.tokens is not None else []) + \
+            ([str(self.features)] if self.features is not None else [])
+        return f"{self.src_port} → {self.dst_port}" + (f" ({' × '.join(sizes)})" if sizes else "")
 
 
 @dataclass(frozen=True)
@@ -121,15 +139,23 @@ def build_scene(graph: Graph, world_size: int | None = None) -> Scene:
     else:
         note = f"--world-size {world_size}"
     valid = validate_graph(graph, world_size)
-    nodes = [NodeView(name, graph.nodes[name].builder, valid.layouts[name], graph.nodes[name].frozen,
-                      *PALETTE[i % len(PALETTE)]) for i, name in enumerate(valid.order)]
-    return Scene(nodes, [_edge_view(valid, e) for e in valid.edges], world_size, note)
+    nodes = [_node_view(valid, name, i) for i, name in enumerate(valid.order)]
+    arrivals = token_arrivals(valid)
+    return Scene(nodes, [_edge_view(valid, e, arrivals) for e in valid.edges], world_size, note)
 
 
-def _edge_view(valid: ValidGraph, edge) -> EdgeView:
+def _node_view(valid: ValidGraph, name: str, index: int) -> NodeView:
+    node, ports = valid.graph.nodes[name], valid.ports(name)
+    return NodeView(name, node.builder, valid.layouts[name], node.frozen, *PALETTE[index % len(PALETTE)],
+                    tuple(ports.inputs), tuple(ports.outputs))
+
+
+def _edge_view(valid: ValidGraph, edge, arrivals: dict[str, dict[str, int]]) -> EdgeView:
+    """The edge with its feature size and the tokens per sample arriving on its input port."""
     out = valid.ports(edge.src).outputs[edge.src_port].features
     inp = valid.ports(edge.dst).inputs[edge.dst_port].features
-    return EdgeView(edge.src, edge.src_port, edge.dst, edge.dst_port, out if out is not None else inp)
+    return EdgeView(edge.src, edge.src_port, edge.dst, edge.dst_port, out if out is not None else inp,
+                    arrivals[edge.dst].get(edge.dst_port))
 
 
 def smallest_world(graph: Graph) -> tuple[int, str]:

@@ -53,14 +53,15 @@ class Sheet:
         self.ax.text(x, y, text, **props)
 
     def box(self, x: float, y: float, width: float, height: float, *, fill: str, edge: str,
-            dashed: bool = False, hatch: str | None = None, rounded: bool = False) -> None:
-        """A rectangle with its lower-left corner at (x, y)."""
+            dashed: bool = False, hatch: str | None = None, rounded: bool = False, zorder: float = 2,
+            gid: str | None = None) -> None:
+        """A rectangle with its lower-left corner at (x, y); ``gid`` names it in an SVG (the group's id)."""
         from matplotlib.patches import FancyBboxPatch
 
         style = f"round,pad=0,rounding_size={min(0.08, height / 4)}" if rounded else "square,pad=0"
         self.ax.add_patch(FancyBboxPatch((x, y), width, height, boxstyle=style, facecolor=fill, edgecolor=edge,
                                          linewidth=1.2 if rounded else 0.8, linestyle="--" if dashed else "-",
-                                         hatch=hatch, zorder=2))
+                                         hatch=hatch, zorder=zorder, gid=gid))
 
     def arrow(self, start: tuple[float, float], end: tuple[float, float]) -> None:
         """A grey arrow from ``start`` to ``end`` (inches), behind the boxes."""

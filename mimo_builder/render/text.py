@@ -1,6 +1,7 @@
 """The graph as Graphviz DOT and as a Mermaid flowchart: one box per node (name, builder, ranks,
-split, frozen), one arrow per edge (ports and feature size); nodes on exactly the same ranks
-share a labelled cluster (colocated), other nodes stand alone.
+split, frozen, input and output port names), one arrow per edge (ports, tokens per sample and
+feature size); nodes on exactly the same ranks share a labelled cluster (colocated), other nodes
+stand alone.
 
 DOT is written here rather than through a library: every identifier and label is a
 double-quoted string with ``\\`` and ``"`` escaped, which is all DOT's grammar needs.
@@ -31,7 +32,7 @@ def to_dot(scene: Scene) -> str:
 
 
 def _dot_node(node: NodeView) -> str:
-    label = "\\n".join(_escape(line) for line in [node.name, *node.detail_lines()])
+    label = "\\n".join(_escape(line) for line in [node.name, *node.box_lines()])
     style = ', style="rounded,filled,dashed"' if node.frozen else ""
     return (f'{_q(node.name)} [label="{label}", fillcolor={_q(node.fill_colour)}, '
             f"color={_q(node.edge_colour)}{style}];")
@@ -64,7 +65,7 @@ def to_mermaid(scene: Scene) -> str:
 
 
 def _mermaid_node(node: NodeView) -> str:
-    body = "<br/>".join(_mermaid_text(line) for line in node.detail_lines())
+    body = "<br/>".join(_mermaid_text(line) for line in node.box_lines())
     return f'n_{node.name}["<b>{_mermaid_text(node.name)}</b><br/>{body}"]'
 
 
