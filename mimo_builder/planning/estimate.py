@@ -22,7 +22,8 @@
 backward of a trained node (2 for a frozen node that passes gradients on, 1 without backward),
 plus what recomputation repeats; per rank divided over TP x CP, each pipeline rank doing its own
 stages, every DP replica its share of the batch. Ranks hosting the same stages form a group; the
-slowest group sets the step.
+slowest group sets the step. A builder without its own ``stage_costs`` gets ModelBuilder's
+default (transformer layers from its TransformerConfig), and a warning naming the node.
 
 **Batch**: a microbatch holds ``micro_batch_size x lcm(DP sizes)`` samples, so each DP rank of
 the widest node runs ``micro_batch_size`` of them and a node of DP size ``d`` runs
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from mimo_builder.errors import MimoError
+from mimo_builder.kinds.contract import defines
 from mimo_builder.kinds.costs import StageCost
 from mimo_builder.planning.plan import NodePlan, Plan
 
@@ -274,8 +276,29 @@ def _groups(plan: Plan, flops: list[int]) -> list[RankGroup]:
     return list(groups.values())
 
 
-def _warnings(plan: Plan, est: Estimates, gpu_memory_label: str | None) -> list[str]:
+def _default_cost_warnings(plan: Plan, est: Estimates) -> list[str]:
+    """One per node whose builder does not override ``stage_costs``: its costs are ModelBuilder's
+    guess (``num_layers`` transformer layers of its TransformerConfig), whatever its layers are."""
     out = []
+    for node in plan.nodes:
+        if defines(plan.valid.builders[node.name], "stage_costs"):
+            continue
+        config, tokens = node.transformer_config, est.nodes[node.name].tokens
+        out.append(f"node '{node.name}' (builder '{node.builder}'): no stage_costs(); its FLOPs and activations "
+                   f"assume {_count(config.num_layers, 'transformer layer')} of hidden {config.hidden_size} "
+                   f"on {_count(tokens, 'token')} per sample "
+                   "(ModelBuilder's default); define stage_costs(self, config, micro_batch, tokens) for its "
+                   "real layers (docs/extending.md)")
+    return out
+
+
+def _count(number: int, noun: str) -> str:
+    """'1 token', '2,048 tokens'."""
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
+
+
+def _warnings(plan: Plan, est: Estimates, gpu_memory_label: str | None) -> list[str]:
+    out = _default_cost_warnings(plan, est)
     idle = [r for g in est.groups if not g.stages for r in g.ranks]
     if idle:
         out.append(f"{len(idle)} of {plan.world_size} ranks host no node and idle every step: {ranges(idle)}")
