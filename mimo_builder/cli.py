@@ -294,6 +294,8 @@ def _run(args) -> int:
     from mimo_builder.data.spec import load_data
     from mimo_builder.kinds.registry import allowed_prefixes
     from mimo_builder.runtime.monitor import check_tensorboard
+    from mimo_builder.errors import ConfigError
+    from mimo_builder.runtime.batch import split_problems
     from mimo_builder.runtime.optim import check_runnable
     from mimo_builder.runtime.synthetic import check_synthetic
     from mimo_builder.runtime.train import TrainOptions, train
@@ -304,13 +306,16 @@ def _run(args) -> int:
     graph = _load(args, nproc, lead)
     valid = validate_graph(graph, nproc)
     check_runnable(valid)  # before any meta build or process
+    problems = split_problems(valid, args.batch_size, args.microbatches)
+    if problems:
+        raise ConfigError("--batch-size / --microbatches:\n" + "\n".join(f"  - {p}" for p in problems))
     if not args.data:
         check_synthetic(valid)
     for ref, flag in ((args.data, "--data"), (args.eval_data, "--eval-data")):
         if ref:  # named before any rank starts: a typo, a module not allowed, a sample the graph cannot take
             load_data(ref, flag).check(valid, flag)
     _check_has_loss(graph)
-    _check_checkpoint_args(args)
+    _check_checkpoint_args(args, valid)
     if args.tensorboard:
         check_tensorboard()
     plan = make_plan(graph, nproc)
@@ -345,14 +350,14 @@ def _check_has_loss(graph) -> None:
                           f"{shown}; add the loss port of a node (e.g. 'lm.loss') under 'outputs'")
 
 
-def _check_checkpoint_args(args) -> None:
-    from mimo_builder.checkpoint.files import resolve
+def _check_checkpoint_args(args, valid) -> None:
+    from mimo_builder.checkpoint.checkpointer import check_resumable
     from mimo_builder.errors import ConfigError
 
     if (args.save_interval is not None or args.save_frozen) and not args.save:
         raise ConfigError("--save-interval and --save-frozen need --save DIR")
-    if args.load:
-        resolve(args.load)  # a missing or empty folder is named before any rank starts
+    if args.load:  # a missing folder, a bad manifest, another graph or a damaged shard: before any rank starts
+        check_resumable(valid, args.load)
     for folder, flag in ((args.save, "--save"), (args.tensorboard, "--tensorboard")):
         if folder:
             _writable_folder(folder, flag)

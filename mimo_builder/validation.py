@@ -129,6 +129,8 @@ def _check_nodes(graph: Graph, problems: list[str]):
             init_problems = node.init.problems(name)
             if not init_problems and node.init.hf is not None and name in builders:
                 init_problems = hf_init_problems(name, builders[name], node)
+            elif not init_problems and node.init.checkpoint is not None:
+                init_problems = _init_checkpoint_problems(name, node)
             problems.extend(init_problems)
         for which in ("pre_wrap", "post_wrap"):
             for i, hook in enumerate(getattr(node.hooks, which)):
@@ -161,6 +163,31 @@ def _name_problems(name: str) -> list[str]:
     if name in RESERVED_NAMES:
         return [f"node name {name!r} is reserved (an attribute of torch.nn.ModuleDict, which holds the "
                 "built nodes); rename the node"]
+    return []
+
+
+def _init_checkpoint_problems(name: str, node) -> list[str]:
+    """A project checkpoint named by ``init.checkpoint`` must hold the node, of the same builder,
+    with its weights saved (its manifest only is read)."""
+    from mimo_builder.checkpoint import files
+
+    where, source = f"node '{name}' init.checkpoint", node.init.checkpoint
+    if not files.is_project_checkpoint(source):
+        return []  # a unimodal Megatron-Core checkpoint: its tensors are checked when it loads
+    try:
+        manifest = files.read_manifest(files.resolve(source))
+    except files.CheckpointError as err:
+        return [f"{where}: {err}"]
+    wanted = node.init.node or name
+    record = manifest.nodes.get(wanted)
+    if record is None:
+        return [f"{where}: {source!r} holds no node '{wanted}' (it has {', '.join(manifest.nodes) or 'none'}); "
+                "name the node to read with init.node"]
+    if record.builder != node.builder:
+        return [f"{where}: node '{wanted}' of {source!r} is a '{record.builder}' node, this one is '{node.builder}'"]
+    if not record.saved or record.adapters_only:
+        held = "LoRA adapters only" if record.saved else "no weights (it was frozen and not saved)"
+        return [f"{where}: node '{wanted}' of {source!r} holds {held}; start from the checkpoint its base came from"]
     return []
 
 

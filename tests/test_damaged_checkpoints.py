@@ -6,7 +6,9 @@ import shutil
 
 import pytest
 
-from cli_in_process import main_in_process
+import yaml
+
+from cli_in_process import ROOT, main_in_process
 from multirank import run_ranks
 
 
@@ -106,3 +108,33 @@ def test_a_manifest_with_an_impossible_placement_is_named(saved, tmp_path, place
     result = main_in_process("ckpt", "inspect", str(copy))
     assert result.returncode == 2 and "is not a readable manifest" in result.stderr, result.stderr
     assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_names_a_damaged_or_foreign_checkpoint_before_any_rank(saved, tmp_path):
+    copy, step, shard = _copy(saved, tmp_path)
+    shard.unlink()
+    mamba_lm, vlm = str(ROOT / "graphs" / "mamba_lm.yaml"), str(ROOT / "graphs" / "vlm.yaml")
+    for graph, load, expected in ((mamba_lm, copy, f"{shard}: missing"),
+                                  (vlm, saved, "node 'vision' (vision) is not in the checkpoint")):
+        result = main_in_process("run", graph, "--nproc", "1" if graph == mamba_lm else "4", "--steps", "2",
+                                 "--load", str(load))
+        assert result.returncode == 2 and "cannot resume from" in result.stderr and expected in result.stderr
+        assert "Traceback" not in result.stderr and "step 2" not in result.stdout
+
+
+@pytest.mark.parametrize("init, expected", [
+    ({"node": "vision"}, "holds no node 'vision' (it has lm)"),
+    ({}, "node 'vision' of"),
+])
+def test_an_init_checkpoint_that_does_not_hold_the_node_is_named_at_validate(saved, tmp_path, init, expected):
+    data = yaml.safe_load((ROOT / "graphs" / "vlm.yaml").read_text())
+    node = "lm" if init else "vision"
+    data["nodes"][node]["init"] = {"checkpoint": str(saved), **init}
+    if not init:
+        data["nodes"]["vision"]["init"]["node"] = "lm"
+        expected = "node 'lm' of"
+    doc = tmp_path / "g.yaml"
+    doc.write_text(yaml.safe_dump(data))
+    result = main_in_process("validate", str(doc))
+    assert result.returncode == 2 and f"node '{node}' init.checkpoint: " in result.stderr, result.stderr
+    assert expected in result.stderr, result.stderr

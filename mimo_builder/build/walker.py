@@ -9,6 +9,7 @@ error on one rank becomes a :class:`BuildError` on every rank instead of a hang.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 from typing import Any, Callable
@@ -210,7 +211,7 @@ def _with_adapters(chunks: list[MegatronModule], *, lora, seed: int, node: str) 
 
 
 def _renamed(port: Port, name: str) -> Port:
-    return Port(name, port.dims, port.features, port.required, port.doc, port.shape)
+    return dataclasses.replace(port, name=name)  # every other field (dtype, high, like) kept
 
 
 def _agree(control, node: str, failure: BaseException | None, key: str) -> None:

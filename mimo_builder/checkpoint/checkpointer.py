@@ -143,7 +143,7 @@ class Checkpointer:
     def _load(self, path: str | Path, with_optimizer: bool) -> Resumed:
         step_dir = files.resolve(path)
         manifest = files.read_manifest(step_dir)
-        raise_if_any(self.control, self._graph_problems(manifest, step_dir))
+        raise_if_any(self.control, graph_problems(self.valid, manifest, step_dir))
         nodes = [n for n in self.valid.order if n in manifest.nodes and manifest.nodes[n].saved]
         resharded = tuple(n for n in nodes if manifest.nodes[n].placement
                           != files.layout_record(self.valid.layouts[n]))
@@ -192,26 +192,6 @@ class Checkpointer:
                 notes.append(f"optimizer of node '{name}' (the checkpoint has none; moments start at zero)")
         return notes
 
-    def _graph_problems(self, manifest: Manifest, step_dir: Path) -> list[str]:
-        """Differences that make the checkpoint unusable for this graph (pure: same on all ranks)."""
-        if manifest.format != files.FORMAT:
-            return [f"{step_dir}: checkpoint format {manifest.format}, this build reads {files.FORMAT}"]
-        problems = []
-        for name, node in self.valid.graph.nodes.items():
-            record = manifest.nodes.get(name)
-            if record is None:
-                if not (node.frozen or node.init):
-                    problems.append(f"node '{name}' ({node.builder}) is not in the checkpoint (it has "
-                                    f"{_kinds({n: r.builder for n, r in manifest.nodes.items()})}); "
-                                    f"give it an init: source or freeze it")
-            elif record.builder != node.builder:
-                problems.append(f"node '{name}': the checkpoint holds a '{record.builder}' node, "
-                                f"the graph declares '{node.builder}'")
-            elif record.adapters_only and node.lora is None:
-                problems.append(f"node '{name}': the checkpoint holds its LoRA adapters only; declare the "
-                                "same lora: for the node (the base comes from its init: source or the seed)")
-        return problems
-
     def _describer(self, manifest: Manifest):
         def describe(key: str) -> tuple[str, str]:
             node = key.removeprefix("optimizer.state.").split(".", 1)[-1] if key.startswith("optimizer.") else key
@@ -240,6 +220,41 @@ class Checkpointer:
     def _scope(self):
         device = self.optimizer.device if self.optimizer else compat.resolve_device("auto")
         return compat.cuda_factories_on_cpu(device) if device.type == "cpu" else contextlib.nullcontext()
+
+
+def graph_problems(valid, manifest: Manifest, step_dir: Path) -> list[str]:
+    """Differences that make the checkpoint unusable for ``valid``'s graph (pure: the same on
+    every rank, so it can run before any rank starts)."""
+    if manifest.format != files.FORMAT:
+        return [f"{step_dir}: checkpoint format {manifest.format}, this build reads {files.FORMAT}"]
+    problems = []
+    for name, node in valid.graph.nodes.items():
+        record = manifest.nodes.get(name)
+        if record is None:
+            if not (node.frozen or node.init):
+                problems.append(f"node '{name}' ({node.builder}) is not in the checkpoint (it has "
+                                f"{_kinds({n: r.builder for n, r in manifest.nodes.items()})}); "
+                                f"give it an init: source or freeze it")
+        elif record.builder != node.builder:
+            problems.append(f"node '{name}': the checkpoint holds a '{record.builder}' node, "
+                            f"the graph declares '{node.builder}'")
+        elif record.adapters_only and node.lora is None:
+            problems.append(f"node '{name}': the checkpoint holds its LoRA adapters only; declare the "
+                            "same lora: for the node (the base comes from its init: source or the seed)")
+    return problems
+
+
+def check_resumable(valid, path) -> Path:
+    """The step folder ``path`` names, after checking (before any rank starts) that its manifest
+    reads, fits ``valid``'s graph and every shard is there; CheckpointError otherwise."""
+    step_dir = files.resolve(path)
+    problems = graph_problems(valid, files.read_manifest(step_dir), step_dir)
+    with safe_unpickling():
+        problems += shard_problems(step_dir)
+    if problems:
+        raise files.CheckpointError(f"--load {path}: cannot resume from {step_dir}:\n" +
+                                    "\n".join(f"  - {p}" for p in problems))
+    return step_dir
 
 
 def _rng_note(manifest: Manifest, same_placement: bool, same_device: bool) -> str | None:

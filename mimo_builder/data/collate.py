@@ -62,6 +62,9 @@ class GraphCollator:
         """One sample's ``input_ids``, ``labels``, ``loss_mask`` and ``position_ids`` rows."""
         counts = self.modality_tokens(sample)
         prompt = self._prompt_ids(sample.get("prompt", ""), counts, index)
+        for key in ("prompt", "answer"):
+            if sample.get(key) is not None and not isinstance(sample[key], str):
+                raise DataError(f"sample {index}[{key!r}] is of type {type(sample[key]).__name__}, not text (str)")
         answer = self.tokenizer.encode(sample["answer"]) if sample.get("answer") is not None else []
         eos = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None and answer else []
         ids = prompt + answer + eos
@@ -113,7 +116,11 @@ class GraphCollator:
             if key not in sample:
                 node, port = self.valid.inputs[key]
                 raise DataError(f"sample {i} has no {key!r}, which the graph binds to {node}.{port}")
-            values.append(torch.as_tensor(sample[key]))
+            try:
+                values.append(torch.as_tensor(sample[key]))
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise DataError(f"sample {i}[{key!r}] is of type {type(sample[key]).__name__}, not an array of numbers "
+                                f"({err})") from None
         shapes = {tuple(v.shape) for v in values}
         if len(shapes) > 1:
             raise DataError(f"samples disagree on the shape of {key!r}: {sorted(shapes)}; resize or pad them "

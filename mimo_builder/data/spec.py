@@ -9,6 +9,7 @@ calls it, then reads only its own shards of each batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ from mimo_builder.data.collate import GraphCollator
 from mimo_builder.data.loader import IndexedSource, RankLoader
 from mimo_builder.data.tokenizer import ByteTokenizer
 from mimo_builder.errors import ConfigError, MimoError
+from mimo_builder.runtime.batch import check_batch
 from mimo_builder.validation import ValidGraph
 
 
@@ -52,7 +54,12 @@ class GraphData:
         if len(self.dataset) == 0:
             raise ConfigError(f"{where}: the dataset is empty")
         try:
-            GraphCollator(valid, self.tokenizer, self.seq_length)([self.dataset[0]])
+            sample = self.dataset[0]
+        except Exception as err:  # the user's dataset: any failure is named, not a traceback
+            raise ConfigError(f"{where}: reading sample 0 raised {type(err).__name__}: {err}") from None
+        try:
+            copies = math.lcm(*(layout.dp for layout in valid.layouts.values()))  # a batch every DP size divides
+            check_batch(valid, GraphCollator(valid, self.tokenizer, self.seq_length)([sample] * copies))
         except MimoError as err:
             raise ConfigError(f"{where}: sample 0 does not fit the graph: {err}") from None
 
@@ -72,10 +79,18 @@ def load_data(ref: str, where: str) -> GraphData:
     """Call the function ``ref`` names (``module:function``) and check it returned GraphData."""
     from mimo_builder.kinds.registry import import_reference
 
-    factory = import_reference(ref, where)
+    try:
+        factory = import_reference(ref, where)
+    except MimoError:
+        raise
+    except Exception as err:  # the module itself fails to import (a syntax error, a failing import)
+        raise ConfigError(f"{where}: importing {ref.partition(':')[0]!r} raised {type(err).__name__}: {err}") from None
     if not callable(factory):
         raise ConfigError(f"{where}: {ref!r} is a {type(factory).__name__}, not a function returning GraphData")
-    data = factory()
+    try:
+        data = factory()
+    except Exception as err:  # the user's factory: named, not a traceback
+        raise ConfigError(f"{where}: {ref}() raised {type(err).__name__}: {err}") from None
     if not isinstance(data, GraphData):
         raise ConfigError(f"{where}: {ref}() returned {type(data).__name__}, not mimo_builder.data.GraphData")
     return data

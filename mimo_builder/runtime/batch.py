@@ -37,6 +37,22 @@ def check_batch(valid: ValidGraph, batch: dict[str, torch.Tensor]) -> int:
     return size
 
 
+def split_problems(valid: ValidGraph, size: int, num_microbatches: int) -> list[str]:
+    """Why a ``size``-sample batch does not split into ``num_microbatches`` microbatches that
+    every node's data-parallel size divides (empty when it does)."""
+    if num_microbatches < 1 or size % num_microbatches:
+        return [f"batch size {size} is not divisible by {num_microbatches} microbatch(es)"]
+    per = size // num_microbatches
+    return [f"microbatch size {per} (batch size {size} / {num_microbatches} microbatches) is not divisible by "
+            f"node '{name}' data-parallel size {layout.dp}" for name, layout in valid.layouts.items() if per % layout.dp]
+
+
+def check_split(valid: ValidGraph, size: int, num_microbatches: int) -> int:
+    """Samples per microbatch; BatchError with :func:`split_problems` when the batch does not split."""
+    _raise(split_problems(valid, size, num_microbatches))
+    return size // num_microbatches
+
+
 def check_rank_batch(valid: ValidGraph, batch, rank: int, num_microbatches: int) -> int:
     """The same checks on a rank's share (a RankBatch): every key of the nodes on ``rank``, each
     with its node's shard of every microbatch. Returns the global batch size."""

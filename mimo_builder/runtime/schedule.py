@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from mimo_builder.errors import MimoError
 from mimo_builder.placement import release, tp_cp_groups
-from mimo_builder.runtime.batch import check_batch, check_rank_batch, shard_range
+from mimo_builder.runtime.batch import check_batch, check_rank_batch, check_split, shard_range
 from mimo_builder.runtime.bridge import Mailbox, broadcast_tensor
 from mimo_builder.runtime.pipeline import FORWARD, Op, PipelinePlan, Stage, needs_grad, plan_graph
 from mimo_builder.runtime.port_check import PortContract
@@ -144,12 +144,7 @@ class GraphSchedule:
             size, signature = check_rank_batch(self.valid, batch, self.rank, num_microbatches), None
         else:
             size, signature = check_batch(self.valid, batch), _signature(batch)
-        if num_microbatches < 1 or size % num_microbatches:
-            raise StepError(f"batch size {size} is not divisible by num_microbatches={num_microbatches}")
-        per = size // num_microbatches
-        for name, layout in self.valid.layouts.items():
-            if per % layout.dp:
-                raise StepError(f"microbatch size {per} is not divisible by node '{name}' DP size {layout.dp}")
+        per = check_split(self.valid, size, num_microbatches)
         if self.failed is not None:
             raise StepError(f"this schedule already failed ({self.failed}); build the graph again")
         if not isinstance(batch, RankBatch):
