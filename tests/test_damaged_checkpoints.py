@@ -138,3 +138,26 @@ def test_an_init_checkpoint_that_does_not_hold_the_node_is_named_at_validate(sav
     result = main_in_process("validate", str(doc))
     assert result.returncode == 2 and f"node '{node}' init.checkpoint: " in result.stderr, result.stderr
     assert expected in result.stderr, result.stderr
+
+
+def _save_into(root: str) -> str:
+    try:
+        _save(root)
+        return "saved"
+    except Exception as err:  # noqa: BLE001 - the test reads the message
+        return f"{type(err).__name__}: {err}"
+
+
+def test_a_full_disk_names_the_path_and_no_space(tmp_path):
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs is not permitted here (needs root)")
+    try:
+        message = run_ranks(1, _save_into, str(disk / "ckpt"))[0]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    assert message.startswith(f"CheckpointError: saving step 1 under {disk / 'ckpt'}: no space left on its device"), \
+        message

@@ -13,12 +13,15 @@ rank, before any weight is touched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 from mimo_builder.platform import compat
 from mimo_builder.checkpoint import files, state
@@ -78,7 +81,10 @@ class Checkpointer:
         tree["rng"] = state.rng_state(rank, dist.get_world_size())
         records = self._records(tree)
         with self._scope():
-            dist_checkpointing.save(state.sharded_leaves(tree), str(files.partial_dir(root, step)))
+            try:
+                dist_checkpointing.save(state.sharded_leaves(tree), str(files.partial_dir(root, step)))
+            except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
+                raise _save_error(err, root, step, state.tensor_bytes(tree)) from err
         if rank == 0:
             manifest = Manifest(step=step, world_size=dist.get_world_size(), graph=self.valid.graph.as_dict(),
                                 nodes=records, data=data,
@@ -255,6 +261,22 @@ def check_resumable(valid, path) -> Path:
         raise files.CheckpointError(f"--load {path}: cannot resume from {step_dir}:\n" +
                                     "\n".join(f"  - {p}" for p in problems))
     return step_dir
+
+
+def _save_error(err: BaseException, root: Path, step: int, needed: int) -> Exception:
+    """The save's failure as a CheckpointError: a full disk named as such (MCore's async writer
+    reports only the error's class), torch's writer failures summarised; other errors as they are."""
+    free = shutil.disk_usage(root).free
+    full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left" in str(err) or free < needed
+    if full:
+        return files.CheckpointError(f"saving step {step} under {root}: no space left on its device ({free:,} bytes "
+                                     f"free; this rank writes {needed:,}); the last complete step stays loadable")
+    if isinstance(err, CheckpointException):
+        failures = {r: e if isinstance(e, BaseException) else e[0] for r, e in err.failures.items()}  # (exc, trace)
+        causes = "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, e in sorted(failures.items()))
+        return files.CheckpointError(f"saving step {step} under {root} failed ({causes}); the last complete step "
+                                     "stays loadable")
+    return err
 
 
 def _rng_note(manifest: Manifest, same_placement: bool, same_device: bool) -> str | None:

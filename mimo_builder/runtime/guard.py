@@ -227,7 +227,7 @@ class StepGuard:
                 tick, step, phase, detail = self.store.get(key).decode().split("|", 3)
                 beats[rank] = (tick, (int(step), int(phase)), detail)
             else:
-                beats[rank] = ("never", (-1, 0), "no heartbeat yet")
+                beats[rank] = ("never", (-1, 0), "nothing: its watchdog never reported for this model")
         return beats
 
     def _abandon(self, message: str) -> None:
