@@ -14,10 +14,10 @@ it is checked.
 from __future__ import annotations
 
 import math
-import traceback
 
 import pytest
 import torch
+from cuda_cases import case, on_cuda_rank, run_cases
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (NCCL rank)")]
@@ -73,40 +73,23 @@ def _steps(graph) -> dict:
 
 
 def _all_cases() -> dict:
-    out = {}
-    for name, graph in (("ddp", lambda: _graph()), ("fsdp", lambda: _graph(fsdp=True)),
-                        ("lora", lambda: _graph(lora=True))):
-        try:
-            out[name] = _steps(graph())
-        except Exception:  # noqa: BLE001 - reported by the test that reads this case
-            out[name] = {"error": traceback.format_exc()}
-    return out
+    return run_cases({"ddp": (_steps, _graph()), "fsdp": (_steps, _graph(fsdp=True)),
+                      "lora": (_steps, _graph(lora=True))})
 
 
 @pytest.fixture(scope="module")
 def results():
-    from mimo_builder.platform.launch import RankError, launch
-
-    try:
-        return launch(_all_cases, 1, backend="nccl", timeout_s=150)[0]
-    except RankError as err:
-        pytest.fail(f"the CUDA rank failed:\n{err.trace}", pytrace=False)
-
-
-def _case(results, name) -> dict:
-    if "error" in results[name]:
-        pytest.fail(f"{name} raised in the CUDA rank:\n{results[name]['error']}", pytrace=False)
-    return results[name]
+    return on_cuda_rank(_all_cases)
 
 
 def test_megatron_fsdp_node_takes_the_steps_ddp_takes(results):
-    ddp, fsdp = _case(results, "ddp"), _case(results, "fsdp")
+    ddp, fsdp = case(results, "ddp"), case(results, "fsdp")
     for a, b in zip(ddp["losses"] + ddp["norms"], fsdp["losses"] + fsdp["norms"]):
         assert math.isfinite(b) and abs(a - b) <= 1e-5 * max(abs(a), 1e-3), (ddp, fsdp)
 
 
 def test_lora_trains_only_adapters_on_cuda(results):
-    r = _case(results, "lora")
+    r = case(results, "lora")
     assert all(math.isfinite(x) for x in r["losses"]) and r["losses"][1] < r["losses"][0], r
     assert r["moved"] and all(k.endswith(("lora_a", "lora_b")) for k in r["moved"]), r["moved"][:5]
     assert abs(r["merged"] - r["adapted"]) <= 1e-5 * abs(r["adapted"]), r

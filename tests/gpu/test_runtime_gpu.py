@@ -11,10 +11,10 @@ CUDA process. One spawned rank runs every case; each case is one test here.
 from __future__ import annotations
 
 import math
-import traceback
 
 import pytest
 import torch
+from cuda_cases import case, on_cuda_rank, run_cases
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (NCCL rank)")]
@@ -66,10 +66,10 @@ def _capture(models):
     return models
 
 
-def _train(case: str, seed: int) -> dict:
+def _train(train_case: str, seed: int) -> dict:
     from mimo_builder.runtime.train import TrainOptions, train
 
-    name, dtype, frozen = TRAIN_CASES[case]
+    name, dtype, frozen = TRAIN_CASES[train_case]
     graph = _graph(name)
     for node_name, node in graph.nodes.items():
         node.config["dtype"] = dtype
@@ -125,52 +125,35 @@ def _workarounds() -> dict:
 
 def _all_cases() -> dict:
     """Run every case in this rank; a case that raises records its traceback instead."""
-    sections = {case: (_train, case, seed) for seed, case in enumerate(TRAIN_CASES, start=11)}
+    sections = {name: (_train, name, seed) for seed, name in enumerate(TRAIN_CASES, start=11)}
     sections.update(parity=(_schedule_equals_plain_forward,), workarounds=(_workarounds,))
-    out = {}
-    for name, (fn, *args) in sections.items():
-        try:
-            out[name] = fn(*args)
-        except Exception:  # noqa: BLE001 - reported by the test that reads this case
-            out[name] = {"error": traceback.format_exc()}
-    return out
+    return run_cases(sections)
 
 
 # --- the tests ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def results():
-    from mimo_builder.platform.launch import RankError, launch
-
-    try:
-        return launch(_all_cases, 1, backend="nccl", timeout_s=150)[0]
-    except RankError as err:
-        pytest.fail(f"the CUDA rank failed:\n{err.trace}", pytrace=False)
+    return on_cuda_rank(_all_cases)
 
 
-def _case(results, name) -> dict:
-    value = results[name]
-    if "error" in value:
-        pytest.fail(f"{name} raised in the CUDA rank:\n{value['error']}", pytrace=False)
-    return value
 
-
-@pytest.mark.parametrize("case", TRAIN_CASES)
-def test_trains_on_cuda(results, case):
-    r = _case(results, case)
+@pytest.mark.parametrize("name", TRAIN_CASES)
+def test_trains_on_cuda(results, name):
+    r = case(results, name)
     assert len(r["losses"]) == STEPS and all(math.isfinite(x) for x in r["losses"]), r
     assert r["devices"] == ["cuda"], r
-    assert ("torch.bfloat16" in r["dtypes"]) == (TRAIN_CASES[case][1] == "bf16"), r
+    assert ("torch.bfloat16" in r["dtypes"]) == (TRAIN_CASES[name][1] == "bf16"), r
     for node, changed in r["changed"].items():
         assert changed == (node not in r["frozen"]), f"{node}: parameters changed={changed}; {r}"
 
 
 def test_schedule_loss_equals_plain_forward(results):
-    r = _case(results, "parity")
+    r = case(results, "parity")
     assert math.isfinite(r["schedule"]) and abs(r["schedule"] - r["plain"]) <= 1e-5 * max(1.0, abs(r["plain"])), r
 
 
 def test_no_cpu_workaround_in_the_cuda_process(results):
-    r = _case(results, "workarounds")
+    r = case(results, "workarounds")
     assert r == dict(current_device_module="torch.cuda", cpu_kernels=False, rng_tracker=r["rng_tracker"]), r
     assert r["rng_tracker"] != "CPURNGStatesTracker", r
