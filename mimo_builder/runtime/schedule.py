@@ -30,7 +30,7 @@ from mimo_builder.runtime.pipeline import FORWARD, Op, PipelinePlan, Stage, need
 from mimo_builder.runtime.port_check import PortContract
 from mimo_builder.runtime.posting import posting_plan, rank_ops
 from mimo_builder.runtime.optim import check_runnable
-from mimo_builder.runtime.outputs import output_means
+from mimo_builder.runtime.outputs import check_requested, gathered_outputs, output_means
 from mimo_builder.runtime.routes import Routes
 from mimo_builder.runtime.shards import RankBatch
 from mimo_builder.runtime.timing import NoTimer, PhaseTimer
@@ -107,10 +107,13 @@ class GraphSchedule:
             except Exception as err:
                 self._fail(err)
 
-    def evaluate(self, batch: dict[str, torch.Tensor] | RankBatch, num_microbatches: int = 1) -> dict[str, float]:
+    def evaluate(self, batch: dict[str, torch.Tensor] | RankBatch, num_microbatches: int = 1,
+                 outputs: list[str] | None = None) -> dict[str, float | torch.Tensor]:
         """Forward only (no gradients, modules in eval mode): each graph output that is a loss
         (a scalar) or one value per sample, averaged over the global batch, as ``{"node.port":
-        mean}`` on every rank. Outputs with more axes (logits) are left out."""
+        mean}`` on every rank. ``outputs`` names further ``node.port`` outputs, of any node,
+        returned whole on global rank 0 as tensors (every sample in order, TP pieces joined)."""
+        wanted = check_requested(self.valid, outputs or [])
         self.guard.begin_step()  # before the check: a failure there is published under this step
         batch, per, signature = self._checked(batch, num_microbatches)
         chunks = [chunk for name in self.valid.order if self.model.hosts(name) for chunk in self.model.chunks(name)]
@@ -120,7 +123,9 @@ class GraphSchedule:
                 for chunk in chunks:
                     chunk.eval()
                 step = self._run(batch, num_microbatches, per, signature, forward_only=True)
-                return output_means(self.valid, step.outputs, self.rank, batch.size, self.control)
+                means = output_means(self.valid, step.outputs, self.rank, batch.size, self.control)
+                tensors = gathered_outputs(self.valid, step.outputs, wanted, self.rank, per, self.control) if wanted else {}
+                return {**means, **tensors}
             except Exception as err:
                 self._fail(err)
             finally:
