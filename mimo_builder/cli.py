@@ -188,6 +188,15 @@ def _parser() -> argparse.ArgumentParser:
     _colocate_flag(p)
     p.set_defaults(func=_run)
 
+    p = sub.add_parser("export", help="write a trained graph's nodes as Hugging Face folders (LoRA merged), "
+                                      "with the graph document")
+    p.add_argument("file")
+    p.add_argument("--load", metavar="DIR", required=True, help="the checkpoint (its latest step, or a step folder)")
+    p.add_argument("-o", "--output", metavar="OUT", required=True, help="folder to write: OUT/<node>/, OUT/graph.yaml")
+    p.add_argument("--nproc", type=_count, help="ranks to build on (default: the checkpoint's world size)")
+    _colocate_flag(p)
+    p.set_defaults(func=_export)
+
     for command in sub.choices.values():
         _allow_flag(command)
     p = sub.add_parser("ckpt", help="checkpoint tools")
@@ -357,10 +366,22 @@ def _check_checkpoint_args(args, valid) -> None:
     if (args.save_interval is not None or args.save_frozen) and not args.save:
         raise ConfigError("--save-interval and --save-frozen need --save DIR")
     if args.load:  # a missing folder, a bad manifest, another graph or a damaged shard: before any rank starts
-        check_resumable(valid, args.load)
+        from mimo_builder.runtime.train import TrainOptions
+
+        check_resumable(valid, args.load, TrainOptions.seed if args.seed is None else args.seed)
     for folder, flag in ((args.save, "--save"), (args.tensorboard, "--tensorboard")):
         if folder:
             _writable_folder(folder, flag)
+
+
+def _export(args) -> int:
+    from mimo_builder.hf.graph_export import export
+
+    if args.colocate and not args.nproc:
+        raise MimoError("export --colocate needs --nproc N (the ranks to spread every node over)")
+    for line in export(_load(args, args.nproc), args.load, args.output, args.nproc):
+        print(line)
+    return 0
 
 
 def _ckpt_inspect(args) -> int:

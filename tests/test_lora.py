@@ -374,3 +374,16 @@ def test_the_base_comes_from_init_and_the_export_holds_merged_weights(tmp_path):
     assert not torch.allclose(r["adapted"], r["pretrained"], atol=1e-3)
     error = float((r["reloaded"] - r["adapted"]).abs().max() / r["adapted"].abs().max())
     assert error <= 1e-5, error
+
+
+def test_resuming_adapters_on_the_base_of_another_seed_is_named(lora_checkpoint):
+    from mimo_builder.checkpoint.checkpointer import check_resumable
+    from mimo_builder.checkpoint.files import CheckpointError
+    from mimo_builder.validation import validate_graph
+
+    root, _, _ = lora_checkpoint
+    valid = validate_graph(_graph("disjoint4"), 4)
+    check_resumable(valid, root, SEED)  # the seed it was trained with
+    with pytest.raises(CheckpointError, match=f"node 'lm': its base weights come from the seed, and the checkpoint's "
+                                              f"adapters were trained on the base of seed {SEED}, not 5"):
+        check_resumable(valid, root, 5)

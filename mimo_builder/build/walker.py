@@ -47,9 +47,11 @@ class CompositeModel(torch.nn.Module):
     """This rank's built nodes (name -> list of chunks), the plan, and the per-node groups."""
 
     def __init__(self, valid: ValidGraph, chunks: dict[str, list[MegatronModule]],
-                 process_groups: ProcessGroups, guard: StepGuard, control: dist.ProcessGroup):
+                 process_groups: ProcessGroups, guard: StepGuard, control: dist.ProcessGroup, seed: int | None = None):
         super().__init__()
         self.valid = valid
+        self.seed = seed
+        """The seed the nodes were initialised from (None: not built by the walker)."""
         self.process_groups = process_groups
         self.guard = guard
         self.control = control
@@ -177,7 +179,7 @@ class CompositeBuilder(mcore_base.ModelBuilder):
         groups.set_timeout(self.timeout)
         guard = StepGuard(failure_key.removeprefix(_FAILURE_KEY + "/"), step_timeout_s=self.step_timeout_s,
                           first_step_timeout_s=self.first_step_timeout_s)
-        model = CompositeModel(valid, chunks, groups, guard, control)
+        model = CompositeModel(valid, chunks, groups, guard, control, self.seed)
         load_initial_weights(model)  # nodes whose document names pretrained weights
         return compose_hooks(self.post_wrap_hooks)([model])
 

@@ -88,7 +88,7 @@ class Checkpointer:
         if rank == 0:
             manifest = Manifest(step=step, world_size=dist.get_world_size(), graph=self.valid.graph.as_dict(),
                                 nodes=records, data=data,
-                                skipped_steps=getattr(self.optimizer, "skipped_steps", 0),
+                                skipped_steps=getattr(self.optimizer, "skipped_steps", 0), seed=self.model.seed,
                                 device=state.device_kind())
             files.commit(root, step, manifest)
         dist.barrier(group=self.control)
@@ -149,7 +149,7 @@ class Checkpointer:
     def _load(self, path: str | Path, with_optimizer: bool) -> Resumed:
         step_dir = files.resolve(path)
         manifest = files.read_manifest(step_dir)
-        raise_if_any(self.control, graph_problems(self.valid, manifest, step_dir))
+        raise_if_any(self.control, graph_problems(self.valid, manifest, step_dir, self.model.seed))
         nodes = [n for n in self.valid.order if n in manifest.nodes and manifest.nodes[n].saved]
         resharded = tuple(n for n in nodes if manifest.nodes[n].placement
                           != files.layout_record(self.valid.layouts[n]))
@@ -228,9 +228,9 @@ class Checkpointer:
         return compat.cuda_factories_on_cpu(device) if device.type == "cpu" else contextlib.nullcontext()
 
 
-def graph_problems(valid, manifest: Manifest, step_dir: Path) -> list[str]:
-    """Differences that make the checkpoint unusable for ``valid``'s graph (pure: the same on
-    every rank, so it can run before any rank starts)."""
+def graph_problems(valid, manifest: Manifest, step_dir: Path, seed: int | None = None) -> list[str]:
+    """Differences that make the checkpoint unusable for ``valid``'s graph built from ``seed``
+    (pure: the same on every rank, so it can run before any rank starts)."""
     if manifest.format != files.FORMAT:
         return [f"{step_dir}: checkpoint format {manifest.format}, this build reads {files.FORMAT}"]
     problems = []
@@ -247,14 +247,18 @@ def graph_problems(valid, manifest: Manifest, step_dir: Path) -> list[str]:
         elif record.adapters_only and node.lora is None:
             problems.append(f"node '{name}': the checkpoint holds its LoRA adapters only; declare the "
                             "same lora: for the node (the base comes from its init: source or the seed)")
+        elif record.adapters_only and node.init is None and None not in (seed, manifest.seed) and seed != manifest.seed:
+            problems.append(f"node '{name}': its base weights come from the seed, and the checkpoint's adapters "
+                            f"were trained on the base of seed {manifest.seed}, not {seed}; build with seed "
+                            f"{manifest.seed} (run --seed {manifest.seed})")
     return problems
 
 
-def check_resumable(valid, path) -> Path:
+def check_resumable(valid, path, seed: int | None = None) -> Path:
     """The step folder ``path`` names, after checking (before any rank starts) that its manifest
-    reads, fits ``valid``'s graph and every shard is there; CheckpointError otherwise."""
+    reads, fits ``valid``'s graph built from ``seed`` and every shard is there; CheckpointError otherwise."""
     step_dir = files.resolve(path)
-    problems = graph_problems(valid, files.read_manifest(step_dir), step_dir)
+    problems = graph_problems(valid, files.read_manifest(step_dir), step_dir, seed)
     with safe_unpickling():
         problems += shard_problems(step_dir)
     if problems:

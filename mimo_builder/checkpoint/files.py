@@ -88,6 +88,9 @@ class Manifest(_Record):
     skipped_steps: int = 0
     device: str = "cpu"
     """Where the saving run computed ("cpu" or "cuda"): generator states only fit the same kind."""
+    seed: int | None = None
+    """The seed the saving run built its weights from: where a node's base weights come from the
+    seed (a LoRA node without ``init``), a resumed run needs the same one."""
 
 
 def layout_record(layout: Layout) -> dict[str, int]:
