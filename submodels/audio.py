@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from mimo_builder.kinds import costs
 from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
 from mimo_builder.errors import ConfigError
+from submodels.sdpa_attention import with_core_attention
 from mimo_builder.kinds.transformer import TRANSFORMER_LINEARS, make_transformer_config, use_te
 from submodels.hf_whisper import sinusoids, whisper_encoder_mapping  # noqa: F401 (sinusoids: public here too)
 from submodels.audio_config import AudioConfig  # noqa: F401 (the kind's config, public here too)
@@ -93,7 +94,7 @@ class AudioBuilder(ModelBuilder):
             raise ConfigError(f"{type(cfg).__name__}: {problems[0]}")
         return AudioEncoder(
             self.transformer_config(pg_collection),
-            bidirectional_layer_spec(use_te(cfg.impl)),
+            bidirectional_layer_spec(use_te(cfg.impl), cfg.impl),
             n_mels=cfg.n_mels,
             max_tokens=cfg.max_tokens,
             learned_positions=cfg.position_embedding_type == "learned",
@@ -103,14 +104,15 @@ class AudioBuilder(ModelBuilder):
         )
 
 
-def bidirectional_layer_spec(te: bool) -> ModuleSpec:
-    """MCore's GPT layer spec (TE or local) with self-attention unmasked instead of causal."""
+def bidirectional_layer_spec(te: bool, impl: str = "local") -> ModuleSpec:
+    """MCore's GPT layer spec (TE or local, with ``impl``'s core attention) with self-attention
+    unmasked instead of causal."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if te:
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     else:
-        spec = gpt_layer_specs.get_gpt_layer_local_spec()
+        spec = with_core_attention(gpt_layer_specs.get_gpt_layer_local_spec(), impl)
     attention = spec.submodules.self_attention  # a fresh spec per call: safe to change
     attention.params = {**attention.params, "attn_mask_type": AttnMaskType.no_mask}
     return spec

@@ -10,6 +10,7 @@ from megatron.core.transformer import TransformerConfig
 
 from mimo_builder.kinds import costs
 from mimo_builder.kinds.builder import ModelBuilder, Port, Ports, token_input_ports
+from submodels.sdpa_attention import with_core_attention
 from mimo_builder.kinds.transformer import TRANSFORMER_LINEARS, make_transformer_config, padded_vocab_size, use_te
 from submodels.gpt_config import GPTConfig  # noqa: F401 (the kind's config, public here too)
 
@@ -82,7 +83,7 @@ class GPTBuilder(ModelBuilder):
         if use_te(cfg.impl):
             spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
         else:
-            spec = gpt_layer_specs.get_gpt_layer_local_spec()
+            spec = with_core_attention(gpt_layer_specs.get_gpt_layer_local_spec(), cfg.impl)
         return GPTModel(
             config=config,
             transformer_layer_spec=spec,

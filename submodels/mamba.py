@@ -18,6 +18,7 @@ from submodels.context_parallel import cp_size, split_for_cp_rank
 from submodels.lm_metrics import exact_match, greedy_predictions
 from submodels.mamba_costs import hybrid_stage_costs
 from submodels.mamba_spec import hybrid_stack_spec
+from submodels.sdpa_attention import core_attention
 
 mamba_kernels.ensure_mamba_ssm_importable()  # fails loudly if MCore's mixer loaded without mamba-ssm
 
@@ -106,7 +107,7 @@ class MambaBuilder(ModelBuilder):
         tp = pg_collection.tp.size()
         return dict(
             config=self.transformer_config(pg_collection),
-            hybrid_stack_spec=hybrid_stack_spec(use_te(cfg.impl), cfg.num_experts),
+            hybrid_stack_spec=hybrid_stack_spec(use_te(cfg.impl), cfg.num_experts, core_attention(cfg.impl)),
             vocab_size=padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
             if cfg.pad_vocab else cfg.vocab_size,
             max_sequence_length=cfg.seq_length,

@@ -28,13 +28,14 @@ from megatron.core.transformer.transformer_layer import (  # noqa: E402
 from submodels.context_parallel import ContextParallelAttention  # noqa: E402
 
 
-def hybrid_stack_spec(te: bool, num_experts: int | None = None) -> ModuleSpec:
-    """MCore's TE hybrid spec, or the same structure with torch norms and local linears."""
+def hybrid_stack_spec(te: bool, num_experts: int | None = None, attention: type = ContextParallelAttention) -> ModuleSpec:
+    """MCore's TE hybrid spec, or the same structure with torch norms, local linears and the
+    ``attention`` core attention."""
     if te:
         from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec as te_spec
 
         return te_spec
-    return local_hybrid_stack_spec(num_experts)
+    return local_hybrid_stack_spec(num_experts, attention)
 
 
 # Checkpoint keys of the local spec's separate norms under the names Transformer Engine gives them
@@ -47,7 +48,7 @@ FUSED_NORM_KEYS = {
 }
 
 
-def local_hybrid_stack_spec(num_experts: int | None = None) -> ModuleSpec:
+def local_hybrid_stack_spec(num_experts: int | None = None, attention: type = ContextParallelAttention) -> ModuleSpec:
     """Hybrid stack without Transformer Engine: separate norms, Column/RowParallelLinear, local
     attention; checkpoint keys as the TE spec names them."""
     norm = WrappedTorchNorm
@@ -61,7 +62,7 @@ def local_hybrid_stack_spec(num_experts: int | None = None) -> ModuleSpec:
         self_attention=ModuleSpec(
             module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
             submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear,
-                                               core_attention=ContextParallelAttention,
+                                               core_attention=attention,
                                                linear_proj=RowParallelLinear)),
         self_attn_bda=get_bias_dropout_add, sharded_state_dict_keys_map=FUSED_NORM_KEYS["attention"]))
     mlp = ModuleSpec(module=MLPLayer, submodules=TransformerLayerSubmodules(

@@ -13,6 +13,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from mimo_builder.kinds import costs
 from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
 from mimo_builder.errors import ConfigError
+from submodels.sdpa_attention import with_core_attention
 from mimo_builder.kinds.transformer import TRANSFORMER_LINEARS, make_transformer_config, use_te
 from submodels.vision_config import VisionConfig  # noqa: F401 (the kind's config, public here too)
 
@@ -107,7 +108,8 @@ class VisionBuilder(ModelBuilder):
 
             spec, norm = vit_layer_specs.get_vit_layer_with_transformer_engine_spec(), TENorm
         else:
-            spec, norm = vit_layer_specs.get_vit_layer_with_local_spec(), vit_layer_specs.LNImpl
+            spec = with_core_attention(vit_layer_specs.get_vit_layer_with_local_spec(), cfg.impl)
+            norm = vit_layer_specs.LNImpl
             spec.submodules.sharded_state_dict_keys_map = dict(FUSED_NORM_KEYS)  # checkpoint keys as TE names them
         return dict(
             transformer_config=self.transformer_config(pg_collection),

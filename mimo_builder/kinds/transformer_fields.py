@@ -44,8 +44,10 @@ class TransformerModelConfig(ModelConfig):
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Parameter dtype; bf16/fp16 wrap the model in MCore's Float16Module."""
 
-    impl: Literal["auto", "te", "local"] = "auto"
-    """Layer implementation: Transformer Engine ('te'), torch/MCore-local ('local'), or TE when importable."""
+    impl: Literal["auto", "te", "local", "sdpa"] = "auto"
+    """Layer implementation: Transformer Engine ('te'); MCore's local layers with their own attention
+    ('local') or with PyTorch's scaled_dot_product_attention ('sdpa': flash kernels on CUDA);
+    'auto': TE when importable, else 'sdpa' on CUDA and 'local' on CPU."""
 
     hidden_dropout: float = Field(0.0, ge=0.0, le=1.0)
     """Dropout after attention/MLP blocks."""
