@@ -13,7 +13,7 @@ SEED, BATCH, LR = 3, 4, 0.5
 # SGD, as in test_parity: the update is the gradient itself, so TP rounding stays at rounding size.
 
 
-def _graph(placement="single", lm=LORA, proj=None):
+def _graph(placement="single", lm=LORA, proj=None, vision=None):
     from graphs.vlm import vlm
     from mimo_builder.document.graph import Graph
 
@@ -21,6 +21,8 @@ def _graph(placement="single", lm=LORA, proj=None):
     data["nodes"]["lm"]["lora"] = lm
     if proj is not None:
         data["nodes"]["proj"]["lora"] = proj
+    if vision is not None:
+        data["nodes"]["vision"]["lora"] = vision
     return Graph.from_dict({k: v for k, v in data.items()})
 
 
@@ -199,10 +201,10 @@ def _tp_reference():
     from mimo_builder.build.tp_shard import unwrap
     from mimo_builder.runtime.synthetic import synthetic_batch
 
-    model = _build(_graph(proj=LORA))
+    model = _build(_graph(proj=LORA, vision=LORA))
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():  # B != 0, so A's gradient (and its TP path) is exercised too
-        for name in ("lm", "proj"):
+        for name in ("lm", "proj", "vision"):
             for n, p in _adapters(unwrap(model.chunks(name)[0])).items():
                 if n.endswith("lora_b"):
                     p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
@@ -210,7 +212,7 @@ def _tp_reference():
                for n in model.valid.order}
     loss, norm = _sgd_step(model, synthetic_batch(model.valid, BATCH, seed=11))
     updated = {n: {k: p.detach().clone() for k, p in _adapters(unwrap(model.chunks(n)[0])).items()}
-               for n in ("lm", "proj")}
+               for n in ("lm", "proj", "vision")}
     return initial, loss, norm, updated
 
 
@@ -218,13 +220,13 @@ def _tp2_step(initial):
     from mimo_builder.build.tp_shard import load_full_state, unshard, unwrap
     from mimo_builder.runtime.synthetic import synthetic_batch
 
-    model = _build(_graph("colocated_tp2", proj=LORA))
+    model = _build(_graph("colocated_tp2", proj=LORA, vision=LORA))
     for name in model.valid.order:
         tp = model.pg_collection(name).tp
         load_full_state(unwrap(model.chunks(name)[0]), initial[name], tp.rank(), tp.size())
     loss, norm = _sgd_step(model, synthetic_batch(model.valid, BATCH, seed=11))
     updated = {}
-    for name in ("lm", "proj"):
+    for name in ("lm", "proj", "vision"):
         tp = model.pg_collection(name).tp
         updated[name] = {k: unshard(p, initial[name][k].shape, tp)
                          for k, p in _adapters(unwrap(model.chunks(name)[0])).items()}
@@ -387,3 +389,41 @@ def test_resuming_adapters_on_the_base_of_another_seed_is_named(lora_checkpoint)
     with pytest.raises(CheckpointError, match=f"node 'lm': its base weights come from the seed, and the checkpoint's "
                                               f"adapters were trained on the base of seed {SEED}, not 5"):
         check_resumable(valid, root, 5)
+
+
+def _pipelined_lora_step() -> float:
+    from mimo_builder.document.optimizer import OptimizerSettings
+    from mimo_builder.runtime.optim import GraphOptimizer
+    from mimo_builder.runtime.schedule import GraphSchedule
+    from mimo_builder.runtime.synthetic import synthetic_batch
+
+    model = _build(_pipelined_graph())
+    optimizer = GraphOptimizer(model, OptimizerSettings(lr=1e-2))
+    loss = GraphSchedule(model).forward_backward(synthetic_batch(model.valid, BATCH, seed=1), 2)
+    optimizer.step(loss)
+    trained = sorted(n for c in model.chunks("lm") for n, p in c.named_parameters() if p.requires_grad)
+    model.close()
+    return loss, trained
+
+
+def _pipelined_graph():
+    from graphs.mamba_lm import mamba_lm
+    from mimo_builder.document.graph import Graph
+
+    data = mamba_lm().as_dict()
+    data["nodes"]["lm"]["config"]["hybrid_layer_pattern"] = "M*|-M"  # stage 0: M*, stage 1: -M
+    data["nodes"]["lm"]["placement"] = {"pp": 2}
+    data["nodes"]["lm"]["lora"] = {"rank": 4, "targets": ["in_proj", "linear_fc2"]}  # fc2 on stage 1 only
+    return Graph.from_dict(data)
+
+
+def test_targets_on_one_pipeline_stage_only_train_there_and_the_plan_counts_them():
+    from mimo_builder.planning.plan import make_plan
+
+    hidden, in_proj_out, ffn = 64, 2 * 128 + 2 * 2 * 16 + 128 // 16, 4 * 64
+    node = make_plan(_pipelined_graph(), 2).nodes[0]
+    assert node.stage_trainable == [4 * (hidden + in_proj_out), 4 * (hidden + in_proj_out) + 4 * (ffn + hidden)]
+    (loss0, trained0), (loss1, trained1) = run_ranks(2, _pipelined_lora_step)
+    assert loss0 == loss1 and loss0 > 0
+    assert [n.rsplit(".", 2)[-2] for n in trained0] == ["in_proj", "in_proj"]
+    assert sorted({n.rsplit(".", 2)[-2] for n in trained1}) == ["in_proj", "linear_fc2"]

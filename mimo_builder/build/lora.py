@@ -104,10 +104,13 @@ def _adapted_class(cls: type) -> type:
     return _ADAPTED_CLASSES[cls]
 
 
-def add_adapters(chunks: list[torch.nn.Module], lora: NodeLora, seed: int, node: str) -> list[str]:
+def add_adapters(chunks: list[torch.nn.Module], lora: NodeLora, seed: int, node: str,
+                 every_target_here: bool = False) -> list[str]:
     """Adapt the targeted linear layers of ``chunks`` and freeze everything else; returns the
-    adapted modules' names. ConfigError names the node when a target matches nothing here or a
-    layer cannot be adapted (Transformer Engine's fused layers)."""
+    adapted modules' names. ConfigError names the node when a layer cannot be adapted
+    (Transformer Engine's fused layers) and, with ``every_target_here`` (the rank holds every
+    layer kind of the node and validation could not check the names), when a target matches
+    nothing here. A pipeline stage may hold none of the targets."""
     targets = set(lora.targets) if lora.targets is not None else None
     adapted, found = [], set()
     for chunk in chunks:
@@ -129,7 +132,7 @@ def add_adapters(chunks: list[torch.nn.Module], lora: NodeLora, seed: int, node:
             adapted.append(name)
             found.add(leaf)
     missing = sorted((targets or set()) - found)
-    if missing or not adapted:
+    if every_target_here and (missing or not adapted):
         raise ConfigError(f"node '{node}' lora.targets: {', '.join(map(repr, missing)) or 'nothing'} matches no "
                           "linear layer on this rank")
     return adapted

@@ -190,7 +190,9 @@ class CompositeBuilder(mcore_base.ModelBuilder):
         if node.frozen:
             pre.append(_freeze)
         if node.lora is not None:
-            pre.append(functools.partial(_with_adapters, lora=node.lora, seed=self.seed, node=name))
+            unchecked = valid.builders[name].linear_layers() is None and valid.layouts[name].pp == 1
+            pre.append(functools.partial(_with_adapters, lora=node.lora, seed=self.seed, node=name,
+                                         every_target_here=unchecked))
         config = config.model_copy(update={"pre_wrap_hooks": pre,
                                            "post_wrap_hooks": [*config.post_wrap_hooks, *node.hooks.post_wrap]})
         seed_rng(self.seed, tp_rank=pgs.tp.rank(), ep_rank=pgs.ep.rank(), etp_rank=pgs.expt_tp.rank())
@@ -207,8 +209,9 @@ def _freeze(chunks: list[MegatronModule]) -> list[MegatronModule]:
     return chunks
 
 
-def _with_adapters(chunks: list[MegatronModule], *, lora, seed: int, node: str) -> list[MegatronModule]:
-    add_adapters(chunks, lora, seed, node)
+def _with_adapters(chunks: list[MegatronModule], *, lora, seed: int, node: str,
+                   every_target_here: bool) -> list[MegatronModule]:
+    add_adapters(chunks, lora, seed, node, every_target_here)
     return chunks
 
 
