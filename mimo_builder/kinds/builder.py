@@ -116,6 +116,14 @@ class ModelBuilder(mcore_base.ModelBuilder):
         starting with the config field to change; checked at validate. None by default."""
         return []
 
+    outputs_in_use: frozenset[str] | None = None
+    """The output ports the running graph reads from this node (set by the schedule; None: all).
+    A builder may skip computing an optional output that is not among them."""
+
+    def uses_output(self, port: str) -> bool:
+        """Whether the running graph reads output ``port`` (see :attr:`outputs_in_use`)."""
+        return self.outputs_in_use is None or port in self.outputs_in_use
+
     def linear_layers(self) -> frozenset[str] | None:
         """Module names of the Megatron-Core linear layers this node builds in its blocks (what
         ``lora.targets`` may name, checked at validate); None: not declared, checked at build."""

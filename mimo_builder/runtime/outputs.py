@@ -73,7 +73,9 @@ def gathered_outputs(valid: ValidGraph, outputs: dict[str, list[dict[str, torch.
                      per: int, group) -> dict[str, torch.Tensor]:
     """Each ``wanted`` port's tensor for the whole batch, on global rank 0 ({} elsewhere): every
     DP shard of every microbatch in order, a TP-split last axis (vocabulary-parallel logits)
-    joined and cut to the port's size. A collective over ``group`` (all ranks)."""
+    joined and cut to the port's size. A collective over ``group`` (all ranks) unless nothing is wanted."""
+    if not wanted:
+        return {}
     pieces = []
     for node, port in wanted:
         layout = valid.layouts[node]

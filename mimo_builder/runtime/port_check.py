@@ -95,6 +95,15 @@ class PortContract:
         self.fed = {n: {e.src_port for e in valid.edges if e.src == n} for n in valid.order}
         self.returned = {n: {port for node, port in valid.outputs if node == n} for n in valid.order}
 
+    def announce(self, requested: Iterable[tuple[str, str]] = ()) -> None:
+        """Tell each node's builder which of its outputs the graph (and ``requested``) reads."""
+        extra: dict[str, set[str]] = {}
+        for node, port in requested:
+            extra.setdefault(node, set()).add(port)
+        for node in self.valid.order:
+            used = self.fed[node] | self.returned[node] | extra.get(node, set())
+            self.valid.builders[node].outputs_in_use = frozenset(used)
+
     def check(self, node: str, inputs: Mapping[str, torch.Tensor], outputs) -> None:
         """Raise :class:`PortContractError` where ``outputs`` of ``node`` break its ports."""
         check_outputs(self.valid.builders[node], self.valid.ports(node), inputs, outputs,

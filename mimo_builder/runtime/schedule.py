@@ -81,6 +81,7 @@ class GraphSchedule:
         model.on_close(self.close)
         self.needs_grad = needs_grad(self.valid)
         self.contract = PortContract(self.valid)
+        self.contract.announce()
         self.loss_outputs = [(n, p) for n, p in self.valid.outputs if p == "loss"]
         self.failed: str | None = None
         self._plans: dict[tuple[int, int], tuple[PipelinePlan, Routes, dict]] = {}
@@ -122,10 +123,10 @@ class GraphSchedule:
             try:
                 for chunk in chunks:
                     chunk.eval()
+                self.contract.announce(wanted)  # (every evaluate says what it reads)
                 step = self._run(batch, num_microbatches, per, signature, forward_only=True)
                 means = output_means(self.valid, step.outputs, self.rank, batch.size, self.control)
-                tensors = gathered_outputs(self.valid, step.outputs, wanted, self.rank, per, self.control) if wanted else {}
-                return {**means, **tensors}
+                return {**means, **gathered_outputs(self.valid, step.outputs, wanted, self.rank, per, self.control)}
             except Exception as err:
                 self._fail(err)
             finally:

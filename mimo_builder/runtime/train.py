@@ -143,6 +143,9 @@ def _batches(model, options: TrainOptions, done: int, data_seed: int):
                        first_step=done + 1, last_step=options.steps, seed=data_seed)
 
 
+RATES = (".correct", ".free_running")  # per-sample outputs shown as shares
+
+
 def _evaluate(monitor, schedule, model, held_out, options: TrainOptions, when: str) -> dict[str, float]:
     """The means of the graph's losses and per-sample outputs over one ordered pass of the held-out set."""
     steps = held_out.evaluation_steps(options.batch_size)
@@ -152,7 +155,7 @@ def _evaluate(monitor, schedule, model, held_out, options: TrainOptions, when: s
     for _, batch in loader:
         for name, value in schedule.evaluate(batch, options.num_microbatches).items():
             means[name] = means.get(name, 0.0) + value / steps
-    shown = " | ".join(f"{k} {v:.1%}" if k.endswith(".correct") else f"{k} {v:.4f}" for k, v in means.items())
+    shown = " | ".join(f"{k} {v:.1%}" if k.endswith(RATES) else f"{k} {v:.4f}" for k, v in means.items())
     _message(monitor, f"held-out {when}: {shown} ({steps * options.batch_size} samples)")
     return means
 
@@ -160,6 +163,8 @@ def _evaluate(monitor, schedule, model, held_out, options: TrainOptions, when: s
 def _accuracy(monitor, before: dict[str, float], after: dict[str, float]) -> None:
     for name in (k for k in after if k.endswith(".correct")):
         _message(monitor, f"accuracy: before {before[name]:.1%}, after {after[name]:.1%}")
+    for name in (k for k in after if k.endswith(".free_running")):
+        _message(monitor, f"free-running accuracy: {after[name]:.1%} (the answer generated from the prompt alone)")
 
 
 def _monitor(options: TrainOptions, first_step: int):
