@@ -32,6 +32,8 @@ from mimo_builder.platform.compat import resolve_device  # noqa: E402
 from mimo_builder.errors import ConfigError  # noqa: E402
 from mimo_builder.build.tp_shard import unwrap  # noqa: E402
 from mimo_builder.kinds.transformer import make_transformer_config, padded_vocab_size, use_te  # noqa: E402
+from mimo_builder.runtime.generation import GenerationOptions  # noqa: E402
+from submodels.mamba_generate import generate  # noqa: E402
 from submodels.mamba_config import LAYER_SYMBOLS, PIPE, MambaConfig  # noqa: E402,F401 (public here too)
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu,
@@ -66,6 +68,9 @@ class MambaBuilder(ModelBuilder):
                 Port("loss", ("batch", "tokens")),
                 Port("correct", ("batch",), doc="in eval mode, 1.0 where greedy decoding writes every label "
                                                 "under the loss mask, else 0.0 (GraphSchedule.evaluate)"),
+                Port("generated", ("batch", "tokens"), required=False,
+                     doc="in eval mode under GraphSchedule.generate, the new tokens after each prompt (the "
+                         "input ids up to the first loss-masked position), -1 after a row stopped"),
                 Port("free_running", ("batch",), required=False,
                      doc="in eval mode, 1.0 where greedy decoding from the prompt alone, each answer token "
                          "fed back, writes every label under the loss mask (one pipeline stage, cp=1)"),
@@ -181,8 +186,8 @@ class MambaBuilder(ModelBuilder):
             return {"logits": out}
         if evaluating:
             outputs = self._evaluate(core, out, local, mask, cp)
-            if first and cp_size(cp) == 1 and self.uses_output("free_running"):  # the whole model and sequence here
-                outputs["free_running"] = self._free_running(model, core, inputs, ids, positions, labels, mask)
+            if first and cp_size(cp) == 1:  # the whole model and sequence here: decoding from prompts
+                outputs.update(self._decoded(model, core, inputs, ids, positions, labels, mask))
             return outputs
         # under cp > 1 this CP rank's share: its tokens' losses over the whole sequence's count
         return {"loss": (out.float() * local["mask"]).sum() / mask.sum().clamp(min=1.0)}
@@ -196,26 +201,35 @@ class MambaBuilder(ModelBuilder):
         outputs["correct"] = exact_match(predictions, local["labels"], local["mask"], cp)
         return outputs
 
-    def _free_running(self, model, core, inputs, ids, positions, labels, mask) -> torch.Tensor:
-        """Per sample, 1.0 when greedy decoding writes every masked label with each predicted
-        token fed back as the next input (the answer's tokens are never seen); one forward of
-        the stack per answer token, recomputed whole (no decoding cache)."""
-        ids, answer = ids.clone(), mask > 0
-        predicted = torch.full_like(labels, -1)
-        reserved = set(self.config.modality_token_ids.values())
-        placeholders = torch.tensor(sorted(reserved), dtype=ids.dtype, device=ids.device)
-        free = next(t for t in range(self.config.vocab_size) if t not in reserved)  # fed instead of a placeholder
-        for k in range(int(answer.sum(dim=1).max())):
-            embedded = place_modalities(core.embedding(input_ids=ids, position_ids=positions), ids,
-                                        self.config.modality_token_ids, inputs)
-            logits = model(ids, positions, None, decoder_input=embedded, labels=None)
-            tokens = greedy_predictions(logits, core.output_layer.tp_group)
-            rows, cols = _kth_answer_position(answer, k)
-            predicted[rows, cols] = tokens[rows, cols]
-            fed = cols + 1 < ids.shape[1]  # the prediction becomes the next position's input
-            ids[rows[fed], cols[fed] + 1] = torch.where(torch.isin(tokens[rows, cols], placeholders), free,
-                                                        tokens[rows, cols])[fed]
-        return exact_match(predicted, labels, mask)
+    generation: GenerationOptions | None = None
+    """Set by :meth:`GraphSchedule.generate` for one pass: how the ``generated`` output picks tokens."""
+
+    def _decoded(self, model, core, inputs, ids, positions, labels, mask) -> dict[str, torch.Tensor]:
+        """The outputs that decode from each prompt (the ids before the first loss-masked label),
+        where the graph reads them: ``generated`` and ``free_running``."""
+        answer = mask > 0
+        prompts = answer.float().argmax(dim=1) + 1  # the last prompt token predicts the first answer token
+        prompts = torch.where(answer.any(dim=1), prompts, torch.full_like(prompts, ids.shape[1]))
+        outputs = {}
+        if self.uses_output("generated") and self.generation is not None:
+            outputs["generated"] = self._generate(model, core, inputs, ids, prompts, self.generation)
+        if self.uses_output("free_running"):
+            new = self._generate(model, core, inputs, ids, prompts,
+                                 GenerationOptions(max_new_tokens=int(answer.sum(dim=1).max())))
+            predicted = torch.full_like(labels, -1)
+            rows, cols = torch.nonzero(answer, as_tuple=True)
+            predicted[rows, cols] = new[rows, (answer.long().cumsum(dim=1) - 1)[rows, cols]]
+            outputs["free_running"] = exact_match(predicted, labels, mask)
+        return outputs
+
+    def _generate(self, model, core, inputs, ids, prompts, options) -> torch.Tensor:
+        """New tokens after each row's prompt: prefilled once, then one incremental step per token."""
+        def embed(window, window_positions):
+            return place_modalities(core.embedding(input_ids=window, position_ids=window_positions), window,
+                                    self.config.modality_token_ids, inputs)
+
+        return generate(model, core, self.config.vocab_size, embed, ids, prompts,
+                        sorted(self.config.modality_token_ids.values()), options)
 
     def training_problems(self, trains: bool) -> list[str]:
         """MoE layers with biases cannot train on the local spec (no Transformer Engine here)."""
@@ -254,12 +268,6 @@ class MambaBuilder(ModelBuilder):
         loss_mask[:, :len(prefix)] = 0.0  # no loss where the label is a placeholder
         return {"input_ids": ids, "labels": labels, "loss_mask": loss_mask,
                 "position_ids": torch.arange(ids.shape[1]).expand_as(ids).contiguous()}
-
-
-def _kth_answer_position(answer: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, columns) of each sample's ``k``-th answer position (samples with fewer are left out)."""
-    order = answer.long().cumsum(dim=1) - 1  # the index of each answer position within its sample
-    return torch.nonzero(answer & (order == k), as_tuple=True)
 
 
 def place_modalities(embedded: torch.Tensor, ids: torch.Tensor, token_ids: dict[str, int],

@@ -300,6 +300,9 @@ def install_cpu_kernels(force: bool = False) -> bool:
     if torch.cuda.is_available() and not force:
         return False
     compat.replace_for_process(KERNELS_REASON, _targets())
+    from submodels.mamba_decode import DECODE_REASON, decode_targets
+
+    compat.replace_for_process(DECODE_REASON, decode_targets())
     return True
 
 

@@ -111,3 +111,14 @@ def _assembled(pieces) -> dict[str, torch.Tensor]:
             blocks.append(block[..., :features] if features is not None else block)
         out[ref] = torch.cat(blocks)
     return out
+
+
+def global_loss(valid: ValidGraph, local: dict[str, float], rank: int, group) -> float:
+    """Sum over loss nodes of each node's mean loss over the global batch, on every rank (under
+    context parallelism each CP rank holds its share of its samples' loss). A collective over ``group``."""
+    value = torch.zeros(1, dtype=torch.float64)
+    for node, loss in local.items():
+        if valid.layouts[node].coords(rank)["tp"] == 0:
+            value += loss / valid.layouts[node].dp
+    dist.all_reduce(value, group=group)
+    return float(value)

@@ -29,8 +29,9 @@ from mimo_builder.runtime.bridge import Mailbox, broadcast_tensor
 from mimo_builder.runtime.pipeline import FORWARD, Op, PipelinePlan, Stage, needs_grad, plan_graph
 from mimo_builder.runtime.port_check import PortContract
 from mimo_builder.runtime.posting import posting_plan, rank_ops
+from mimo_builder.runtime.generation import GenerationOptions, generate
 from mimo_builder.runtime.optim import check_runnable
-from mimo_builder.runtime.outputs import check_requested, gathered_outputs, output_means
+from mimo_builder.runtime.outputs import check_requested, gathered_outputs, global_loss, output_means
 from mimo_builder.runtime.routes import Routes
 from mimo_builder.runtime.shards import RankBatch
 from mimo_builder.runtime.timing import NoTimer, PhaseTimer
@@ -104,7 +105,8 @@ class GraphSchedule:
         batch, per, signature = self._checked(batch, num_microbatches)
         with self.guard.watch("forward_backward"):
             try:
-                return self._global_loss(self._run(batch, num_microbatches, per, signature).losses)
+                return global_loss(self.valid, self._run(batch, num_microbatches, per, signature).losses, self.rank,
+                                   self.control)
             except Exception as err:
                 self._fail(err)
 
@@ -132,6 +134,13 @@ class GraphSchedule:
             finally:
                 for chunk, mode in zip(chunks, modes):
                     chunk.train(mode)
+
+    def generate(self, batch: dict[str, torch.Tensor] | RankBatch, max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int | None = None, seed: int = 0, eos_id: int | None = None, num_microbatches: int = 1):
+        """New tokens ``[batch, max_new_tokens]`` after each sample's prompt (its ids before the first
+        loss-masked label) on global rank 0, None elsewhere: see :mod:`mimo_builder.runtime.generation`."""
+        options = GenerationOptions(max_new_tokens, temperature, top_k, seed, eos_id)
+        return generate(self, batch, options, num_microbatches)
 
     def _checked(self, batch, num_microbatches: int) -> tuple[RankBatch, int, tuple | None]:
         """:meth:`_prepare`; a problem in this rank's own share is published like a step failure,
@@ -184,16 +193,6 @@ class GraphSchedule:
         return step
 
     # --- helpers ----------------------------------------------------------------------------
-
-    def _global_loss(self, local: dict[str, float]) -> float:
-        """Sum over loss nodes of each node's mean loss over the global batch, on every rank
-        (under context parallelism each CP rank holds its share of its samples' loss)."""
-        value = torch.zeros(1, dtype=torch.float64)
-        for node, loss in local.items():
-            if self.valid.layouts[node].coords(self.rank)["tp"] == 0:
-                value += loss / self.valid.layouts[node].dp
-        dist.all_reduce(value, group=self.control)
-        return float(value)
 
     def _fail(self, err: Exception, where: str | None = None) -> None:
         """Publish the first failure, break every collective this rank is in, raise everywhere."""

@@ -1,0 +1,75 @@
+"""Incremental generation with the hybrid backbone: the prompts are prefilled once, then each new
+token costs one step through MCore's static inference context (each Mamba layer carries its
+conv and SSM state, each attention layer its key/value cache; on CPU the decode step runs
+through :mod:`submodels.mamba_decode`).
+
+Prompts may differ in length: the shortest common part is prefilled, and each later position
+takes a row's own prompt token while it has one, else the token generated for it. Placeholder
+tokens (modality embeddings) must lie within the shortest prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.inference.utils import InferenceMode
+
+from mimo_builder.errors import ConfigError
+from mimo_builder.runtime.generation import GenerationOptions
+
+
+def generate(model, core, vocab_size: int, embed, ids: torch.Tensor, prompt_lengths: torch.Tensor,
+             placeholders: list[int], options: GenerationOptions) -> torch.Tensor:
+    """New tokens per row, ``[batch, max_new_tokens]`` (-1 after a row stopped).
+
+    ``model`` is the node's chunk (``core`` its HybridModel); ``embed(ids, positions)`` gives the
+    prefill's ``[tokens, batch, hidden]`` input with the modalities in place; ``ids`` holds each
+    row's prompt in its first ``prompt_lengths[i]`` positions."""
+    batch, width = ids.shape
+    shortest, longest = int(prompt_lengths.min()), int(prompt_lengths.max())
+    late = torch.isin(ids[:, shortest:longest], torch.tensor(placeholders, dtype=ids.dtype, device=ids.device))
+    if bool((late & (torch.arange(shortest, longest, device=ids.device) < prompt_lengths[:, None])).any()):
+        raise ConfigError("generation: a modality placeholder lies beyond the shortest prompt; put modality tags "
+                          "at the start of every prompt")
+    total = longest + options.max_new_tokens
+    positions = torch.arange(total, device=ids.device).expand(batch, total)
+    context = StaticInferenceContext(batch, total)
+    picker = _Picker(options, vocab_size)
+    out = torch.full((batch, options.max_new_tokens), -1, dtype=torch.long, device=ids.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    with torch.no_grad(), InferenceMode.active():
+        logits = model(ids[:, :shortest], positions[:, :shortest], None, inference_context=context,
+                       decoder_input=embed(ids[:, :shortest], positions[:, :shortest]), runtime_gather_output=True)
+        context.increment_sequence_len_offset(shortest)
+        for t in range(shortest, total):
+            predicted = picker(logits[:, -1])
+            index = t - prompt_lengths  # which new token position t's prediction is, per row
+            active = (index >= 0) & (index < options.max_new_tokens) & ~done
+            out[active, index[active]] = predicted[active]
+            if options.eos_id is not None:
+                done |= active & (predicted == options.eos_id)
+            if bool((done | (index >= options.max_new_tokens - 1)).all()):
+                break
+            prompt = ids[:, min(t, width - 1)]
+            feed = torch.where(t < prompt_lengths, prompt, predicted)[:, None]
+            logits = model(feed, positions[:, t:t + 1], None, inference_context=context, runtime_gather_output=True)
+            context.increment_sequence_len_offset(1)
+    return out
+
+
+class _Picker:
+    """Greedy or seeded sampling over the first ``vocab_size`` logits (the rest is TP padding)."""
+
+    def __init__(self, options: GenerationOptions, vocab_size: int):
+        self.options, self.vocab_size = options, vocab_size
+        self.generator = torch.Generator().manual_seed(options.seed)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits[..., :self.vocab_size].float()
+        if self.options.temperature <= 0:
+            return logits.argmax(dim=-1)
+        device, logits = logits.device, (logits / self.options.temperature).cpu()
+        if self.options.top_k is not None:
+            kth = logits.topk(min(self.options.top_k, self.vocab_size), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator)[:, 0].to(device)
