@@ -1,4 +1,5 @@
-"""``mimo-builder``: validate | plan | schema | render | run | ckpt.
+"""``mimo-builder``: validate | plan | schema | render | run | generate | export | ckpt (the
+commands; their flags are :mod:`mimo_builder.cli_args`).
 
 FILE is a YAML/JSON graph document or ``module:attr`` naming a Python Graph under the allowed
 module prefixes (``--allow PREFIX`` trusts more).
@@ -6,13 +7,13 @@ module prefixes (``--allow PREFIX`` trusts more).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
 
 from mimo_builder.platform.environment import quiet_dependency_warnings
+from mimo_builder.cli_args import build_parser
 from mimo_builder.errors import MimoError
 
 
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     # stdout carries only the command's output (JSON, tables); log records go to stderr. Set up
     # first: importing Megatron's training module would point the root logger at stdout.
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s:%(name)s:%(message)s")
-    args = _parser().parse_args(argv)
+    args = build_parser(_COMMANDS).parse_args(argv)
     args.allow = [*args.allow, *getattr(args, "allow_here", [])]  # --allow before or after the command
     if args.traceback:
         os.environ["MIMO_BUILDER_TRACEBACK"] = "1"  # the ranks inherit it
@@ -53,36 +54,6 @@ def _stdout_closed() -> int:
     return 128 + 13  # what a shell reports for a tool ended by SIGPIPE
 
 
-def _count(text: str) -> int:
-    """An argparse type: a positive integer (steps, ranks, batch sizes, microbatches)."""
-    value = int(text) if text.strip().lstrip("+").isdecimal() else 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _seconds(text: str) -> float | None:
-    """An argparse type: seconds >= 0; 0 means no limit (None)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
-    return value or None
-
-
-def _learning_rate(text: str) -> float:
-    """An argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
-
-
 def _writable_folder(path: str, flag: str) -> None:
     """A folder a run will create or write into: none of it may be a file (named before any rank starts)."""
     from pathlib import Path
@@ -93,130 +64,6 @@ def _writable_folder(path: str, flag: str) -> None:
         if part.exists() and not part.is_dir():
             what = "is a file" if part == Path(path) else f"lies under {part}, which is a file"
             raise ConfigError(f"{flag} {path}: {what}; give a folder")
-
-
-def _memory_size(text: str) -> tuple[int, str]:
-    """An argparse type: a memory size in bytes, with the text as the user wrote it."""
-    from mimo_builder.planning.estimate import parse_bytes
-
-    try:
-        return parse_bytes(text), text.strip()
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mimo-builder", description=__doc__.splitlines()[0])
-    parser.add_argument("--allow", action="append", default=[], metavar="PREFIX",
-                        help="also accept module:attr references under this module prefix")
-    parser.add_argument("--traceback", action="store_true",
-                        help="print the full traceback of a failure, a rank's included (also MIMO_BUILDER_TRACEBACK=1)")
-    sub = parser.add_subparsers(required=True, metavar="COMMAND")
-
-    p = sub.add_parser("validate", help="check a graph document; exit 0 when valid")
-    p.add_argument("file")
-    p.add_argument("--world-size", type=_count, help="also check placements for this many ranks")
-    _colocate_flag(p)
-    p.set_defaults(func=_validate)
-
-    p = sub.add_parser("plan", help="show what every rank would host (no processes started)")
-    p.add_argument("file")
-    p.add_argument("--world-size", type=_count, required=True)
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--no-params", action="store_true", help="skip the meta-device parameter counts")
-    p.add_argument("--microbatches", type=_count, default=1, help="microbatches per step, for the schedule")
-    p.add_argument("--micro-batch-size", type=_count, default=1, metavar="B",
-                   help="samples per microbatch on each DP rank of the node with the most DP ranks "
-                        "(a microbatch holds B x lcm(DP sizes) samples), for memory and FLOPs")
-    p.add_argument("--gpu-memory", type=_memory_size, metavar="SIZE",
-                   help="memory of one GPU (80GB, 80GiB, 512MB, 80e9): flag the ranks that do not fit")
-    _colocate_flag(p)
-    p.set_defaults(func=_plan)
-
-    p = sub.add_parser("schema", help="print the JSON Schema of the graph document (node configs checked "
-                                      "per builder), or of one builder's config")
-    p.add_argument("--builder", metavar="NAME", help="print only this builder's config schema (a registered "
-                                                     "name or module:Class)")
-    p.set_defaults(func=_schema)
-
-    p = sub.add_parser("render", help="the document as YAML/JSON, or pictures of the graph and its placement")
-    p.add_argument("file")
-    p.add_argument("--format", metavar="{yaml,json,dot,mermaid,svg,png}",
-                   help="default: from -o's suffix, else yaml; dot/mermaid draw the graph, svg/png the graph "
-                        "and the placement grid")
-    p.add_argument("-o", "--output", metavar="OUT",
-                   help="write to OUT (default: stdout; svg/png need it on a terminal)")
-    p.add_argument("--world-size", type=_count, metavar="N", help="ranks to place on (default: the smallest world the "
-                                                     "placements need)")
-    p.add_argument("--view", metavar="{graph,placement,both}", help="what svg/png show (default: both)")
-    p.add_argument("--json", action="store_true", help="the same as --format json")
-    _colocate_flag(p)
-    p.set_defaults(func=_render)
-
-    p = sub.add_parser("run", help="train a graph on N ranks (spawned gloo processes, or the current "
-                                   "torchrun job), on synthetic data or --data")
-    p.add_argument("file")
-    p.add_argument("--nproc", type=_count, default=1, help="ranks to spawn (ignored under torchrun)")
-    p.add_argument("--steps", type=_count, default=20)
-    p.add_argument("--batch-size", type=_count, default=8, help="global batch size")
-    p.add_argument("--microbatches", type=_count, default=1)
-    p.add_argument("--seed", type=int, help="seeds the weights' initialisation and the order of the training "
-                   "samples (default: TrainOptions.seed); a resumed run keeps its data seed")
-    p.add_argument("--lr", type=_learning_rate, default=None,
-                   help="peak learning rate for every node (default: the document's optimizer.lr)")
-    p.add_argument("--data", metavar="MODULE:FUNCTION",
-                   help="train on the samples this function's GraphData gives (default: synthetic batches); "
-                        "each rank reads only its nodes' shards")
-    p.add_argument("--eval-data", metavar="MODULE:FUNCTION",
-                   help="held-out GraphData: its loss and accuracy before and after training")
-    p.add_argument("--save", metavar="DIR", help="write checkpoints into DIR (the last step always)")
-    p.add_argument("--save-interval", type=_count, metavar="N", help="also save every N steps")
-    p.add_argument("--save-frozen", action="store_true",
-                   help="also save frozen nodes (by default they come back from their init: source)")
-    p.add_argument("--load", metavar="DIR", help="resume from DIR (its latest step, or a step folder); "
-                                                 "--steps is the step to finish at")
-    p.add_argument("--step-timeout", type=_seconds, default=60.0, metavar="S",
-                   help="end the run, naming the silent ranks, when a step phase makes no progress for "
-                        "S seconds (default 60; 0: no limit)")
-    p.add_argument("--first-step-timeout", type=_seconds, default=600.0, metavar="S",
-                   help="the same for the first step, which compiles and warms up (default 600)")
-    p.add_argument("--log-interval", type=_count, metavar="N",
-                   help="print a summary (means, each node's time split) every N steps "
-                        "(default: about 50 lines per run)")
-    p.add_argument("--tensorboard", metavar="DIR",
-                   help="write every step's scalars for TensorBoard into DIR (needs the tensorboard extra)")
-    _colocate_flag(p)
-    p.set_defaults(func=_run)
-
-    p = sub.add_parser("export", help="write a trained graph's nodes as Hugging Face folders (LoRA merged), "
-                                      "with the graph document")
-    p.add_argument("file")
-    p.add_argument("--load", metavar="DIR", required=True, help="the checkpoint (its latest step, or a step folder)")
-    p.add_argument("-o", "--output", metavar="OUT", required=True, help="folder to write: OUT/<node>/, OUT/graph.yaml")
-    p.add_argument("--nproc", type=_count, help="ranks to build on (default: the checkpoint's world size)")
-    _colocate_flag(p)
-    p.set_defaults(func=_export)
-
-    for command in sub.choices.values():
-        _allow_flag(command)
-    p = sub.add_parser("ckpt", help="checkpoint tools")
-    ckpt = p.add_subparsers(required=True, metavar="ACTION")
-    p = ckpt.add_parser("inspect", help="print a checkpoint's steps, nodes, placements and sizes")
-    p.add_argument("dir")
-    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    p.set_defaults(func=_ckpt_inspect)
-    return parser
-
-
-def _allow_flag(parser) -> None:
-    parser.add_argument("--allow", action="append", default=[], dest="allow_here", metavar="PREFIX",
-                        help="also accept module:attr references under this module prefix (also before the command)")
-
-
-def _colocate_flag(parser) -> None:
-    parser.add_argument("--colocate", action="store_true",
-                        help="put every node on all ranks, keeping its tp/cp/pp/ep where they divide the world "
-                             "(larger ones shrink): any graph on fewer ranks, e.g. one GPU")
 
 
 def _load(args, world_size: int | None, lead: bool = True):
@@ -316,7 +163,7 @@ def _run(args) -> int:
     from mimo_builder.runtime.monitor import check_tensorboard
     from mimo_builder.errors import ConfigError
     from mimo_builder.runtime.batch import split_problems
-    from mimo_builder.runtime.optim import check_runnable
+    from mimo_builder.runtime.optim import check_runnable, schedule_problems
     from mimo_builder.runtime.synthetic import check_synthetic
     from mimo_builder.runtime.train import TrainOptions, train
     from mimo_builder.validation import validate_graph
@@ -326,6 +173,10 @@ def _run(args) -> int:
     graph = _load(args, nproc, lead)
     valid = validate_graph(graph, nproc)
     check_runnable(valid)  # before any meta build or process
+    problems = [p for n in valid.order if not graph.nodes[n].frozen
+                for p in schedule_problems(n, valid.optimizer_settings(n), args.steps)]
+    if problems:
+        raise ConfigError("\n".join(problems))
     problems = split_problems(valid, args.batch_size, args.microbatches)
     if problems:
         raise ConfigError("--batch-size / --microbatches:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -385,6 +236,16 @@ def _check_checkpoint_args(args, valid) -> None:
             _writable_folder(folder, flag)
 
 
+def _generate(args) -> int:
+    from mimo_builder.runtime.generate_command import run_generate
+
+    if args.colocate and not args.nproc:
+        raise MimoError("generate --colocate needs --nproc N (the ranks to spread every node over)")
+    for line in run_generate(_load(args, args.nproc), args):
+        print(line)
+    return 0
+
+
 def _export(args) -> int:
     from mimo_builder.hf.graph_export import export
 
@@ -400,6 +261,10 @@ def _ckpt_inspect(args) -> int:
 
     print(describe(args.dir, as_json=args.json))
     return 0
+
+
+_COMMANDS = {"validate": _validate, "plan": _plan, "schema": _schema, "render": _render, "run": _run,
+             "generate": _generate, "export": _export, "ckpt inspect": _ckpt_inspect}
 
 
 if __name__ == "__main__":

@@ -47,3 +47,8 @@ def test_a_data_module_that_does_not_import_is_named(tmp_path, monkeypatch):
 def test_a_batch_that_does_not_split_is_named_by_its_flags(batch, microbatches, expected):
     stderr = _run(VLM, "--nproc", "4", "--steps", "1", "--batch-size", batch, "--microbatches", microbatches)
     assert "--batch-size / --microbatches:" in stderr and expected in stderr, stderr
+
+
+def test_a_run_shorter_than_its_warmup_is_named_by_node():
+    stderr = _run(str(ROOT / "examples" / "digits_sum.yaml"), "--allow", "examples", "--nproc", "4", "--steps", "2")
+    assert "node 'lm': the run's 2 steps must exceed optimizer.warmup_steps (10)" in stderr, stderr

@@ -235,16 +235,25 @@ def _mcore_config(name: str, settings: OptimizerSettings, chunks) -> OptimizerCo
         use_distributed_optimizer=distributed, **settings.mcore)
 
 
-def _scheduler(name: str, optimizer, settings: OptimizerSettings, total_steps: int | None):
+def schedule_problems(name: str, settings: OptimizerSettings, total_steps: int | None) -> list[str]:
+    """Why node ``name``'s learning-rate schedule cannot run ``total_steps`` steps (pure: the CLI
+    asks before any rank starts)."""
     decay = settings.decay_steps or total_steps
     if decay is None:
         if settings.decay_style != "constant" or settings.warmup_steps:
-            raise ConfigError(f"node '{name}': decay_style {settings.decay_style!r} with warmup_steps "
-                              f"{settings.warmup_steps} needs optimizer.decay_steps (or the run's length)")
-        decay = 1
-    if decay <= settings.warmup_steps:
-        raise ConfigError(f"node '{name}': the run's {decay} steps must exceed optimizer.warmup_steps "
-                          f"({settings.warmup_steps}); set decay_steps or train longer")
+            return [f"node '{name}': decay_style {settings.decay_style!r} with warmup_steps "
+                    f"{settings.warmup_steps} needs optimizer.decay_steps (or the run's length)"]
+    elif decay <= settings.warmup_steps:
+        return [f"node '{name}': the run's {decay} steps must exceed optimizer.warmup_steps "
+                f"({settings.warmup_steps}); set decay_steps or train longer"]
+    return []
+
+
+def _scheduler(name: str, optimizer, settings: OptimizerSettings, total_steps: int | None):
+    problems = schedule_problems(name, settings, total_steps)
+    if problems:
+        raise ConfigError(problems[0])
+    decay = settings.decay_steps or total_steps or 1
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=settings.lr, min_lr=settings.min_lr,
         lr_warmup_steps=settings.warmup_steps, lr_decay_steps=decay, lr_decay_style=settings.decay_style,

@@ -1,0 +1,41 @@
+"""``mimo-builder generate FILE --load DIR --data MODULE:FUNCTION``: answers from a checkpoint on
+the ranks it was saved on, one line per sample with its reference answer, then the share right;
+bad options and a missing checkpoint are named before any rank starts."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from cli_in_process import ROOT, main_in_process
+
+CLI = Path(sys.executable).parent / "mimo-builder"
+DIGITS = ["--allow", "examples"]
+
+
+def _cli(*args):
+    return subprocess.run([str(CLI), *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_generate_answers_the_prompts_of_a_dataset(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    trained = _cli(*DIGITS, "run", "examples/digits_sum.yaml", "--nproc", "4", "--steps", "12", "--batch-size", "8",
+                   "--data", "examples.digits_sum:train_data", "--save", str(ckpt))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    result = _cli(*DIGITS, "generate", "examples/digits_sum.yaml", "--load", str(ckpt), "--data",
+                  "examples.digits_sum:held_out_data", "--samples", "3", "--max-new-tokens", "4",
+                  "--temperature", "0.8", "--top-k", "5", "--seed", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert [re.match(r"sample (\d+): '.*' \(answer '\d\+\d=\d+'\)$", line).group(1) for line in lines[:3]] == [
+        "0", "1", "2"], lines
+    assert re.fullmatch(r"exact match: \d+\.\d% of 3 samples", lines[3]), lines
+
+
+def test_bad_generation_requests_are_named_before_any_rank(tmp_path):
+    for args, message in ((["--load", str(tmp_path / "none")], "no checkpoint at"),
+                          (["--load", str(tmp_path), "--temperature", "nan"], "temperature: nan; it must be finite"),
+                          (["--load", str(tmp_path), "--temperature", "-1"], "temperature: -1.0")):
+        result = main_in_process(*DIGITS, "generate", "examples/digits_sum.yaml", "--data",
+                                 "examples.digits_sum:held_out_data", *args)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result
