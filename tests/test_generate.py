@@ -126,3 +126,17 @@ def test_bad_generation_options_are_named():
                              (GenerationOptions(4, top_k=0), "top_k: 0")):
         with pytest.raises(ConfigError, match=message):
             generate(None, None, options)
+
+
+def test_a_pipelined_generating_node_is_refused_by_node_and_field():
+    from graphs.vlm import vlm
+    from mimo_builder.document.graph import Placement
+    from mimo_builder.errors import ConfigError
+    from mimo_builder.runtime.generation import generating_node
+    from mimo_builder.validation import validate_graph
+
+    graph = vlm("single")
+    graph.nodes["lm"].config["hybrid_layer_pattern"] = "M*|-M"
+    graph.nodes["lm"].placement = Placement(pp=2)
+    with pytest.raises(ConfigError, match="node 'lm' placement.pp: 2; it decodes on one pipeline stage"):
+        generating_node(validate_graph(graph, 2))

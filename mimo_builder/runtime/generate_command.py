@@ -13,7 +13,7 @@ from mimo_builder.data.spec import load_data
 from mimo_builder.document.graph import Graph
 from mimo_builder.kinds.registry import active_registry, allow_modules, allowed_prefixes, import_roots
 from mimo_builder.platform.compat import init_runtime
-from mimo_builder.runtime.generation import GenerationOptions
+from mimo_builder.runtime.generation import GenerationOptions, generating_node
 from mimo_builder.runtime.schedule import GraphSchedule
 
 
@@ -75,6 +75,7 @@ def run_generate(graph: Graph, args) -> list[str]:
         raise ConfigError("generate: " + "; ".join(options.problems()))
     nproc = args.nproc or read_manifest(check_resumable(validate_graph(graph), args.load)).world_size
     valid = validate_graph(graph, nproc)
+    generating_node(valid)
     check_resumable(valid, args.load)
     load_data(args.data, "--data").check(valid, "--data")
     return launch(generate_answers, nproc, graph, args.load, args.data, options, args.batch_size, args.samples,

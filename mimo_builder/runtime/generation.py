@@ -43,11 +43,17 @@ class GenerationOptions:
 
 
 def generating_node(valid) -> str:
-    """The one node with a ``generated`` output; ConfigError otherwise."""
+    """The one node with a ``generated`` output, on one pipeline stage without context
+    parallelism (it decodes the whole model and sequence); ConfigError otherwise."""
     nodes = [n for n in valid.order if GENERATED in valid.ports(n).outputs]
     if len(nodes) != 1:
         raise ConfigError(f"generate: the graph needs exactly one node with a '{GENERATED}' output "
                           f"(a language model such as 'mamba'); it has {nodes or 'none'}")
+    layout = valid.layouts[nodes[0]]
+    for field, size in (("pp", layout.pp), ("cp", layout.cp)):
+        if size > 1:
+            raise ConfigError(f"generate: node '{nodes[0]}' placement.{field}: {size}; it decodes on one pipeline "
+                              "stage with the whole sequence (pp=1, cp=1); export it or --colocate it smaller")
     return nodes[0]
 
 
