@@ -26,3 +26,13 @@ def sgd_steps(model, params: dict, initial: dict, batch, microbatch_counts, sett
         runs[m] = dict(loss=loss, norm=result.grad_norm,
                        updated={n: {k: p.detach().clone() for k, p in ps.items()} for n, ps in params.items()})
     return runs
+
+
+def load_initial(model, initial: dict) -> None:
+    """Copy full (TP=1) weights ``initial`` (node -> name -> tensor) into this rank's shards of every hosted node."""
+    from mimo_builder.build.tp_shard import load_full_state, unwrap
+
+    for name in model.valid.order:
+        if model.hosts(name):
+            tp = model.pg_collection(name).tp
+            load_full_state(unwrap(model.chunks(name)[0]), initial[name], tp.rank(), tp.size())

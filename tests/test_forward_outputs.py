@@ -55,15 +55,12 @@ def _reference():
 
 
 def _placed(placement, initial):
-    from mimo_builder.build.tp_shard import load_full_state, unwrap
+    from parity_steps import load_initial
     from mimo_builder.runtime.schedule import GraphSchedule
     from mimo_builder.runtime.synthetic import synthetic_batch
 
     model = _build(placement)
-    for name in model.valid.order:
-        if model.hosts(name):
-            tp = model.pg_collection(name).tp
-            load_full_state(unwrap(model.chunks(name)[0]), initial[name], tp.rank(), tp.size())
+    load_initial(model, initial)
     result = GraphSchedule(model).evaluate(synthetic_batch(model.valid, BATCH, seed=11), 2,
                                            outputs=REFS)
     return {ref: result[ref] for ref in REFS if ref in result} if dist.get_rank() == 0 else result

@@ -74,14 +74,11 @@ def _one_rank() -> dict:
 
 
 def _disjoint(initial):
-    from mimo_builder.build.tp_shard import load_full_state, unwrap
+    from parity_steps import load_initial
     from mimo_builder.runtime.schedule import GraphSchedule
 
     model = _build("disjoint4")
-    for name in model.valid.order:
-        if model.hosts(name):
-            tp = model.pg_collection(name).tp
-            load_full_state(unwrap(model.chunks(name)[0]), initial[name], tp.rank(), tp.size())
+    load_initial(model, initial)
     generated = GraphSchedule(model).generate(_batch(model), NEW)
     model.close()
     return generated if dist.get_rank() == 0 else None

@@ -1,29 +1,13 @@
 """LoRA adapters per node (``lora:`` in the document): validation, outputs, TP parity, merge,
-plan counts and checkpoints that hold the adapters only."""
+plan counts; a pipelined LoRA node (its checkpoints: tests/test_lora_checkpoints.py)."""
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from cli_in_process import main_in_process
+from lora_graphs import BATCH, LORA, LR, adapters, build, eval_loss, lora_vlm
 from multirank import run_ranks
-
-LORA = {"rank": 4, "alpha": 8}
-SEED, BATCH, LR = 3, 4, 0.5
-# SGD, as in test_parity: the update is the gradient itself, so TP rounding stays at rounding size.
-
-
-def _graph(placement="single", lm=LORA, proj=None, vision=None):
-    from graphs.vlm import vlm
-    from mimo_builder.document.graph import Graph
-
-    data = vlm(placement).as_dict()
-    data["nodes"]["lm"]["lora"] = lm
-    if proj is not None:
-        data["nodes"]["proj"]["lora"] = proj
-    if vision is not None:
-        data["nodes"]["vision"]["lora"] = vision
-    return Graph.from_dict({k: v for k, v in data.items()})
 
 
 def _adapter_params_of_the_vlm_backbone(rank: int) -> int:
@@ -82,7 +66,7 @@ def test_the_plan_counts_adapters_as_the_only_trained_parameters():
     from mimo_builder.planning.plan import make_plan
     from mimo_builder.planning.table import pipeline_plan
 
-    full, lora = make_plan(_graph(lm=None), 1), make_plan(_graph(), 1)
+    full, lora = make_plan(lora_vlm(lm=None), 1), make_plan(lora_vlm(), 1)
     node = {n.name: n for n in lora.nodes}["lm"]
     base = {n.name: n for n in full.nodes}["lm"]
     expected = _adapter_params_of_the_vlm_backbone(4)
@@ -97,24 +81,6 @@ def test_the_plan_counts_adapters_as_the_only_trained_parameters():
 
 # --- one rank: outputs, training state, merge ------------------------------------------------
 
-def _build(graph):
-    from megatron.core.distributed import DistributedDataParallelConfig
-
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.platform import compat
-
-    compat.init_runtime("cpu")
-    (model,) = CompositeBuilder(graph, seed=SEED).build_distributed_models(ddp_config=DistributedDataParallelConfig())
-    return model
-
-
-def _loss(model, batch):
-    from mimo_builder.runtime.schedule import GraphSchedule
-
-    with torch.no_grad():
-        return GraphSchedule(model).evaluate(batch)["lm.loss"]
-
-
 def _one_rank_checks():
     from mimo_builder.build.lora import merge_lora, merged_state_dict
     from mimo_builder.build.tp_shard import unwrap
@@ -122,12 +88,12 @@ def _one_rank_checks():
     from mimo_builder.runtime.optim import GraphOptimizer
     from mimo_builder.runtime.synthetic import synthetic_batch
 
-    base = _build(_graph(lm=None))
+    base = build(lora_vlm(lm=None))
     batch = synthetic_batch(base.valid, BATCH, seed=11)
-    base_loss = _loss(base, batch)
+    base_loss = eval_loss(base, batch)
     base.close()
-    model = _build(_graph(proj={"rank": 2, "targets": ["linear_fc2"]}))
-    out = {"base": base_loss, "fresh": _loss(model, batch)}
+    model = build(lora_vlm(proj={"rank": 2, "targets": ["linear_fc2"]}))
+    out = {"base": base_loss, "fresh": eval_loss(model, batch)}
     lm = unwrap(model.chunks("lm")[0])
     out["trained"] = sorted(n for n, p in lm.named_parameters() if p.requires_grad)
     out["proj_trained"] = sorted(n for n, p in unwrap(model.chunks("proj")[0]).named_parameters() if p.requires_grad)
@@ -142,10 +108,10 @@ def _one_rank_checks():
         for name, p in lm.named_parameters():
             if name.endswith("lora_b"):
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    out["adapted"] = _loss(model, batch)
+    out["adapted"] = eval_loss(model, batch)
     merged = merged_state_dict(lm)
     out["merge_count"] = merge_lora(model)
-    out["merged"] = _loss(model, batch)
+    out["merged"] = eval_loss(model, batch)
     weights = {n: p.detach() for n, p in lm.named_parameters() if not n.endswith(("lora_a", "lora_b"))}
     out["merged_state_matches"] = all(torch.allclose(merged[n], w, atol=1e-6) for n, w in weights.items())
     out["merged_state_keys"] = sorted(merged) == sorted(k for k in lm.state_dict() if ".lora_" not in k)
@@ -193,43 +159,39 @@ def _sgd_step(model, batch):
     return loss, optimizer.step().grad_norm
 
 
-def _adapters(module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in module.named_parameters() if n.endswith(("lora_a", "lora_b"))}
-
-
 def _tp_reference():
     from mimo_builder.build.tp_shard import unwrap
     from mimo_builder.runtime.synthetic import synthetic_batch
 
-    model = _build(_graph(proj=LORA, vision=LORA))
+    model = build(lora_vlm(proj=LORA, vision=LORA))
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():  # B != 0, so A's gradient (and its TP path) is exercised too
         for name in ("lm", "proj", "vision"):
-            for n, p in _adapters(unwrap(model.chunks(name)[0])).items():
+            for n, p in adapters(unwrap(model.chunks(name)[0])).items():
                 if n.endswith("lora_b"):
                     p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
     initial = {n: {k: p.detach().clone() for k, p in unwrap(model.chunks(n)[0]).named_parameters()}
                for n in model.valid.order}
     loss, norm = _sgd_step(model, synthetic_batch(model.valid, BATCH, seed=11))
-    updated = {n: {k: p.detach().clone() for k, p in _adapters(unwrap(model.chunks(n)[0])).items()}
+    updated = {n: {k: p.detach().clone() for k, p in adapters(unwrap(model.chunks(n)[0])).items()}
                for n in ("lm", "proj", "vision")}
     return initial, loss, norm, updated
 
 
 def _tp2_step(initial):
-    from mimo_builder.build.tp_shard import load_full_state, unshard, unwrap
+    from mimo_builder.build.tp_shard import unshard, unwrap
+
+    from parity_steps import load_initial
     from mimo_builder.runtime.synthetic import synthetic_batch
 
-    model = _build(_graph("colocated_tp2", proj=LORA, vision=LORA))
-    for name in model.valid.order:
-        tp = model.pg_collection(name).tp
-        load_full_state(unwrap(model.chunks(name)[0]), initial[name], tp.rank(), tp.size())
+    model = build(lora_vlm("colocated_tp2", proj=LORA, vision=LORA))
+    load_initial(model, initial)
     loss, norm = _sgd_step(model, synthetic_batch(model.valid, BATCH, seed=11))
     updated = {}
     for name in ("lm", "proj", "vision"):
         tp = model.pg_collection(name).tp
         updated[name] = {k: unshard(p, initial[name][k].shape, tp)
-                         for k, p in _adapters(unwrap(model.chunks(name)[0])).items()}
+                         for k, p in adapters(unwrap(model.chunks(name)[0])).items()}
     return loss, norm, updated if dist.get_rank() == 0 else None
 
 
@@ -246,158 +208,13 @@ def test_adapters_at_tp2_take_the_step_they_take_at_tp1():
             assert diff <= 1e-5 * max(expected.abs().max(), 1e-3), (name, key, float(diff), float(moved))
 
 
-# --- checkpoints: adapters only, exact resume, resharded ---------------------------------------
-
-def _train_and_save(root):
-    from mimo_builder.build.tp_shard import unshard, unwrap
-    from mimo_builder.checkpoint.checkpointer import Checkpointer
-    from mimo_builder.document.optimizer import OptimizerSettings
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
-
-    model = _build(_graph("disjoint4"))
-    schedule, optimizer = GraphSchedule(model), GraphOptimizer(model, OptimizerSettings(lr=1e-2))
-    losses, saved = [], None
-    for step in (1, 2):
-        optimizer.zero_grad()
-        losses.append(schedule.forward_backward(synthetic_batch(model.valid, BATCH, seed=step)))
-        optimizer.step()
-        if step == 1:
-            Checkpointer(model, optimizer).save(root, step)
-            if model.hosts("lm"):
-                lm = unwrap(model.chunks("lm")[0])
-                tp = model.pg_collection("lm").tp
-                saved = {k: unshard(p, _full_shape(p, tp.size()), tp) for k, p in _adapters(lm).items()}
-    return losses, saved
-
-
-def _full_shape(p, tp_size):
-    shape = list(p.shape)
-    if getattr(p, "tensor_model_parallel", False):
-        shape[p.partition_dim] *= tp_size
-    return torch.Size(shape)
-
-
-def _resume(root, placement):
-    from mimo_builder.build.tp_shard import unwrap
-    from mimo_builder.checkpoint.checkpointer import Checkpointer
-    from mimo_builder.document.optimizer import OptimizerSettings
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
-
-    model = _build(_graph(placement))
-    schedule, optimizer = GraphSchedule(model), GraphOptimizer(model, OptimizerSettings(lr=1e-2))
-    Checkpointer(model, optimizer).load(root)
-    adapters = {k: p.detach().clone() for k, p in _adapters(unwrap(model.chunks("lm")[0])).items()} \
-        if model.hosts("lm") and placement == "single" else None
-    optimizer.zero_grad()
-    loss = schedule.forward_backward(synthetic_batch(model.valid, BATCH, seed=2))
-    return loss, adapters
-
-
-@pytest.fixture(scope="module")
-def lora_checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora_ckpt")
-    results = run_ranks(4, _train_and_save, str(root))
-    saved = next(s for _, s in results if s is not None)
-    return root, results[0][0], saved
-
-
-def test_a_lora_checkpoint_holds_the_backbones_adapters_only(lora_checkpoint):
-    from megatron.core import dist_checkpointing
-
-    from mimo_builder.checkpoint import files
-
-    root, _, _ = lora_checkpoint
-    step_dir = files.resolve(root)
-    keys = set(dist_checkpointing.load_tensors_metadata(str(step_dir)))
-    lm = {k for k in keys if k.startswith("lm.")}
-    assert lm and all(".lora_a" in k or ".lora_b" in k for k in lm), sorted(lm)[:5]
-    assert any(k.startswith("vision.") and "lora" not in k for k in keys)  # fully trained nodes stay whole
-    manifest = files.read_manifest(step_dir)
-    assert manifest.nodes["lm"].adapters_only and not manifest.nodes["vision"].adapters_only
-
-
-def test_a_lora_run_resumes_exactly_and_reshards(lora_checkpoint):
-    root, straight, saved = lora_checkpoint
-    resumed = run_ranks(4, _resume, str(root), "disjoint4")
-    assert all(loss == straight[1] for loss, _ in resumed), ([r[0] for r in resumed], straight)
-    _, adapters = run_ranks(1, _resume, str(root), "single")[0]
-    assert adapters.keys() == saved.keys()
-    assert all(torch.equal(adapters[k], saved[k]) for k in saved)  # TP2 -> TP1, in_proj's packed B too
-
-
-# --- the base from init:, merged export ---------------------------------------------------------
-
-MAMBA = dict(builder="mamba", num_layers=2, hybrid_layer_pattern="MM", hidden_size=64, num_attention_heads=1,
-             vocab_size=100, seq_length=32, mamba_state_dim=16, mamba_head_dim=16, mamba_num_groups=2,
-             mamba_num_heads=8)
-
-
-def _lm_logits(root: str, seed: int, hf: str | None, lora: dict | None, export_to: str | None,
-               randomize_b: bool = False) -> torch.Tensor:
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.document.graph import Graph
-    from mimo_builder.hf import export_node
-    from mimo_builder.platform import compat
-
-    compat.init_runtime("cpu")
-    graph = Graph().add("lm", MAMBA, init={"hf": f"{root}/{hf}"} if hf else None, lora=lora)
-    graph.bind("input_ids", "lm.input_ids").output("lm.logits")
-    (model,) = CompositeBuilder(graph, seed=seed).build_distributed_models(wrap_with_ddp=False)
-    if randomize_b:
-        generator = torch.Generator().manual_seed(9)
-        with torch.no_grad():
-            for name, p in model.chunks("lm")[0].named_parameters():
-                if name.endswith("lora_b"):
-                    p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = model.valid.builders["lm"].run(model.chunks("lm")[0], {"input_ids": ids})["logits"][..., :100]
-    if export_to:  # (the padded vocabulary rows are zeros after an import, seeded in a fresh build)
-        export_node(model, "lm", f"{root}/{export_to}")
-    model.close()
-    return logits
-
-
-def _base_and_export(root: str) -> dict:
-    pretrained = _lm_logits(root, 1, None, None, "base")
-    fresh = _lm_logits(root, 2, "base", {"rank": 4}, None)  # another seed: the base must come from init
-    adapted = _lm_logits(root, 2, "base", {"rank": 4, "alpha": 16}, "merged", randomize_b=True)
-    reloaded = _lm_logits(root, 3, "merged", None, None)
-    return dict(pretrained=pretrained, fresh=fresh, adapted=adapted, reloaded=reloaded)
-
-
-def test_the_base_comes_from_init_and_the_export_holds_merged_weights(tmp_path):
-    r = run_ranks(1, _base_and_export, str(tmp_path))[0]
-    assert torch.equal(r["fresh"], r["pretrained"])
-    assert not torch.allclose(r["adapted"], r["pretrained"], atol=1e-3)
-    error = float((r["reloaded"] - r["adapted"]).abs().max() / r["adapted"].abs().max())
-    assert error <= 1e-5, error
-
-
-def test_resuming_adapters_on_the_base_of_another_seed_is_named(lora_checkpoint):
-    from mimo_builder.checkpoint.checkpointer import check_resumable
-    from mimo_builder.checkpoint.files import CheckpointError
-    from mimo_builder.validation import validate_graph
-
-    root, _, _ = lora_checkpoint
-    valid = validate_graph(_graph("disjoint4"), 4)
-    check_resumable(valid, root, SEED)  # the seed it was trained with
-    with pytest.raises(CheckpointError, match=f"node 'lm': its base weights come from the seed, and the checkpoint's "
-                                              f"adapters were trained on the base of seed {SEED}, not 5"):
-        check_resumable(valid, root, 5)
-
-
 def _pipelined_lora_step() -> float:
     from mimo_builder.document.optimizer import OptimizerSettings
     from mimo_builder.runtime.optim import GraphOptimizer
     from mimo_builder.runtime.schedule import GraphSchedule
     from mimo_builder.runtime.synthetic import synthetic_batch
 
-    model = _build(_pipelined_graph())
+    model = build(_pipelined_graph())
     optimizer = GraphOptimizer(model, OptimizerSettings(lr=1e-2))
     loss = GraphSchedule(model).forward_backward(synthetic_batch(model.valid, BATCH, seed=1), 2)
     optimizer.step(loss)

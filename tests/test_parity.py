@@ -54,13 +54,12 @@ def _reference():
 
 
 def _placed_step(placement, initial):
-    from mimo_builder.build.tp_shard import load_full_state, unshard, unwrap
+    from mimo_builder.build.tp_shard import unshard, unwrap
+
+    from parity_steps import load_initial
 
     model = _build(placement)
-    for name in model.valid.order:
-        if model.hosts(name):
-            tp = model.pg_collection(name).tp
-            load_full_state(unwrap(model.chunks(name)[0]), initial[name], tp.rank(), tp.size())
+    load_initial(model, initial)
     loss, norm = _one_step(model)
     updated = {}
     for name in model.valid.order:

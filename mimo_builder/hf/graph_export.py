@@ -11,12 +11,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from mimo_builder.build.walker import CompositeBuilder
-from mimo_builder.checkpoint import Checkpointer
+from mimo_builder.build.trained import build_trained
 from mimo_builder.document.graph import Graph
 from mimo_builder.errors import ConfigError, MimoError
 from mimo_builder.hf.nodes import export_node
-from mimo_builder.platform.compat import init_runtime
 
 GRAPH_FILE = "graph.yaml"
 
@@ -41,14 +39,7 @@ def export(graph: Graph, load: str, out: str, nproc: int | None = None) -> list[
 
 def export_trained(graph: Graph, load: str, out: str) -> dict[str, str]:
     """Run in every rank; returns, on rank 0, node -> the folder written or why not ({} elsewhere)."""
-    from mimo_builder.checkpoint.files import read_manifest, resolve
-
-    init_runtime("auto")
-    seed = read_manifest(resolve(load)).seed  # a LoRA node's base comes from the training run's seed
-    builder = CompositeBuilder(graph) if seed is None else CompositeBuilder(graph, seed=seed)
-    (model,) = builder.build_distributed_models(wrap_with_ddp=False, mixed_precision_wrapper=None)
-    with model:
-        Checkpointer(model).load(load, with_optimizer=False)
+    with build_trained(graph, load) as model:
         written = {}
         for name in model.valid.order:
             reason = _not_exportable(model, name)

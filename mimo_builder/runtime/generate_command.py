@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from mimo_builder.build.walker import CompositeBuilder
-from mimo_builder.checkpoint import Checkpointer
-from mimo_builder.checkpoint.files import read_manifest, resolve
+from mimo_builder.build.trained import build_trained
+from mimo_builder.checkpoint.files import read_manifest
 from mimo_builder.data.spec import load_data
 from mimo_builder.document.graph import Graph
 from mimo_builder.kinds.registry import active_registry, allow_modules, allowed_prefixes, import_roots
-from mimo_builder.platform.compat import init_runtime
 from mimo_builder.runtime.generation import GenerationOptions, generating_node
 from mimo_builder.runtime.schedule import GraphSchedule
 
@@ -23,12 +21,7 @@ def generate_answers(graph: Graph, load: str, data_ref: str, options: Generation
     ``allowed`` and ``roots``: the launcher's module allowlist and import roots (as ``train``)."""
     allow_modules(*allowed)  # a spawned rank starts with the default allowlist
     active_registry().add_roots(*roots)
-    init_runtime("auto")
-    seed = read_manifest(resolve(load)).seed  # a LoRA node's base comes from the training run's seed
-    builder = CompositeBuilder(graph) if seed is None else CompositeBuilder(graph, seed=seed)
-    (model,) = builder.build_distributed_models(wrap_with_ddp=False, mixed_precision_wrapper=None)
-    with model:
-        Checkpointer(model).load(load, with_optimizer=False)
+    with build_trained(graph, load) as model:
         data = load_data(data_ref, "--data")
         steps = max(1, -(-samples // batch_size))
         loader = data.loader(model.valid, dist.get_rank(), batch_size, last_step=steps, shuffle=False)
