@@ -6,6 +6,7 @@ DDP, and LoRA adapters.
   only difference is the order of the optimizer's arithmetic over flat buffers: 1e-5 relative).
 - ``lora: {rank: 4, alpha: 8}`` on the backbone: two steps train, only the adapters move, and
   merging them gives the adapted loss.
+- ``GraphSchedule.generate`` through MCore's Triton decode kernels: the argmax chain of full forwards.
 
 CPU refuses Megatron-FSDP by node and field (docs/architecture.md says why), so this is where
 it is checked.
@@ -72,9 +73,38 @@ def _steps(graph) -> dict:
     return out
 
 
+def _generation() -> dict:
+    """Incremental greedy decoding on CUDA (MCore's Triton decode kernels) against the argmax
+    chain of full forwards, 4 prompts of 24 tokens, 6 new tokens."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder.platform import compat
+    from mimo_builder.runtime.schedule import GraphSchedule
+    from mimo_builder.runtime.synthetic import synthetic_batch
+
+    device = compat.init_runtime("auto")
+    (model,) = CompositeBuilder(_graph(), seed=5).build_distributed_models(ddp_config=DistributedDataParallelConfig())
+    batch = synthetic_batch(model.valid, 4, seed=6)
+    batch["loss_mask"] = torch.zeros_like(batch["loss_mask"])
+    batch["loss_mask"][:, 23:] = 1.0
+    new = GraphSchedule(model, device=device).generate(batch, 6)
+    with torch.no_grad():
+        image = model.valid.builders["proj"].run(model.chunks("proj")[0].eval(), {"input": model.valid.builders[
+            "vision"].run(model.chunks("vision")[0].eval(), {"pixel_values": batch["pixel_values"].to(device)})[
+            "embeddings"]})["output"]
+        ids, reference = batch["input_ids"].to(device).clone(), []
+        for k in range(6):
+            logits = model.valid.builders["lm"].run(model.chunks("lm")[0].eval(), {"input_ids": ids, "image": image})
+            reference.append(logits["logits"][:, 23 + k, :256].argmax(dim=-1))
+            ids[:, 24 + k] = reference[-1]
+    model.close()
+    return dict(generated=new.cpu(), reference=torch.stack(reference, dim=1).cpu())
+
+
 def _all_cases() -> dict:
     return run_cases({"ddp": (_steps, _graph()), "fsdp": (_steps, _graph(fsdp=True)),
-                      "lora": (_steps, _graph(lora=True))})
+                      "lora": (_steps, _graph(lora=True)), "generate": (_generation,)})
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +123,8 @@ def test_lora_trains_only_adapters_on_cuda(results):
     assert all(math.isfinite(x) for x in r["losses"]) and r["losses"][1] < r["losses"][0], r
     assert r["moved"] and all(k.endswith(("lora_a", "lora_b")) for k in r["moved"]), r["moved"][:5]
     assert abs(r["merged"] - r["adapted"]) <= 1e-5 * abs(r["adapted"]), r
+
+
+def test_incremental_generation_on_cuda_is_the_argmax_chain_of_full_forwards(results):
+    r = case(results, "generate")
+    assert torch.equal(r["generated"], r["reference"]), r
