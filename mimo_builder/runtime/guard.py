@@ -95,8 +95,12 @@ class StepGuard:
             self._active = None
 
     def note(self, detail: str) -> None:
-        """What the main thread does now (shown when this rank is the one others wait for)."""
+        """What the main thread does now (shown when this rank is the one others wait for),
+        published at once: a rank stopped right after (SIGSTOP, a debugger) is named with it,
+        not with what its watchdog last saw up to a poll earlier. One store write per call."""
         self.detail = detail
+        if self._active is not None:
+            self._beat(self._active)
 
     def publish(self, message: str, step: int | None = None) -> str:
         """Record ``message`` as the step's failure unless another rank's came first; returns
