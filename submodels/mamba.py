@@ -201,9 +201,6 @@ class MambaBuilder(ModelBuilder):
         outputs["correct"] = exact_match(predictions, local["labels"], local["mask"], cp)
         return outputs
 
-    generation: GenerationOptions | None = None
-    """Set by :meth:`GraphSchedule.generate` for one pass: how the ``generated`` output picks tokens."""
-
     def _decoded(self, model, core, inputs, ids, positions, labels, mask) -> dict[str, torch.Tensor]:
         """The outputs that decode from each prompt (the ids before the first loss-masked label),
         where the graph reads them: ``generated`` and ``free_running``."""

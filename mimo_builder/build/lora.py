@@ -87,11 +87,14 @@ class _Adapted:
                 out[key] = private.split_tensor_factory(out[key], list(sizes), [f"part{i}" for i in range(len(sizes))], 0)
         return out
 
+    def lora_delta(self) -> torch.Tensor:
+        """``scale * B A`` in fp32: what the adapter adds to this rank's weight shard."""
+        return self.lora_scale * (self.lora_b.detach().float() @ self.lora_a.detach().float())
+
     def merge_adapter(self) -> None:
-        """Fold ``scale * B A`` into this rank's weight shard and zero B (the output is unchanged)."""
+        """Fold :meth:`lora_delta` into this rank's weight shard and zero B (the output is unchanged)."""
         with torch.no_grad():
-            delta = self.lora_scale * (self.lora_b.float() @ self.lora_a.float())
-            self.weight.add_(delta.to(self.weight.dtype))
+            self.weight.add_(self.lora_delta().to(self.weight.dtype))
             self.lora_b.zero_()
 
 
@@ -156,8 +159,7 @@ def merged_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, sub in module.named_modules():
         if isinstance(sub, _Adapted):
-            delta = sub.lora_scale * (sub.lora_b.detach().float() @ sub.lora_a.detach().float())
-            merged = (sub.weight.detach().float() + delta).to(sub.weight.dtype)
+            merged = (sub.weight.detach().float() + sub.lora_delta()).to(sub.weight.dtype)
             copy_tensor_model_parallel_attributes(merged, sub.weight)
             if hasattr(sub.weight, "partition_sizes"):
                 merged.partition_sizes = sub.weight.partition_sizes

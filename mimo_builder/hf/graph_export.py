@@ -23,12 +23,12 @@ def export(graph: Graph, load: str, out: str, nproc: int | None = None) -> list[
     """Check the checkpoint and ``out`` (before any rank starts), export on ``nproc`` ranks (default:
     the checkpoint's world size); returns one line per node and the document's path."""
     from mimo_builder.checkpoint.checkpointer import check_resumable
-    from mimo_builder.checkpoint.files import read_manifest
+    from mimo_builder.checkpoint.files import read_manifest, resolve
     from mimo_builder.platform.launch import launch
     from mimo_builder.validation import validate_graph
 
-    nproc = nproc or read_manifest(check_resumable(validate_graph(graph), load)).world_size
-    check_resumable(validate_graph(graph, nproc), load)
+    nproc = nproc or read_manifest(resolve(load)).world_size
+    check_resumable(validate_graph(graph, nproc), load)  # read once: manifest, graph, shards
     for part in (Path(out), *Path(out).parents):
         if part.exists() and not part.is_dir():
             raise ConfigError(f"-o {out}: {part} is a file; give a folder")

@@ -34,6 +34,7 @@ from mimo_builder.kinds.transformer import parallel_transformer_config
 
 if TYPE_CHECKING:
     from mimo_builder.hf import HFMapping
+    from mimo_builder.runtime.generation import GenerationOptions
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,10 @@ class ModelBuilder(mcore_base.ModelBuilder):
     outputs_in_use: frozenset[str] | None = None
     """The output ports the running graph reads from this node (set by the schedule; None: all).
     A builder may skip computing an optional output that is not among them."""
+
+    generation: "GenerationOptions | None" = None
+    """Set by ``GraphSchedule.generate`` for one forward-only pass: how a node with a ``generated``
+    output picks its new tokens (:mod:`mimo_builder.runtime.generation`); None otherwise."""
 
     def uses_output(self, port: str) -> bool:
         """Whether the running graph reads output ``port`` (see :attr:`outputs_in_use`)."""

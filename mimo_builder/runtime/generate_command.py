@@ -4,10 +4,12 @@ answers."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch.distributed as dist
 
 from mimo_builder.build.trained import build_trained
-from mimo_builder.checkpoint.files import read_manifest
+from mimo_builder.checkpoint.files import read_manifest, resolve
 from mimo_builder.data.spec import load_data
 from mimo_builder.document.graph import Graph
 from mimo_builder.kinds.registry import active_registry, allow_modules, allowed_prefixes, import_roots
@@ -26,8 +28,8 @@ def generate_answers(graph: Graph, load: str, data_ref: str, options: Generation
         steps = max(1, -(-samples // batch_size))
         loader = data.loader(model.valid, dist.get_rank(), batch_size, last_step=steps, shuffle=False)
         schedule, tokenizer = GraphSchedule(model), data.tokenizer
-        options = GenerationOptions(options.max_new_tokens, options.temperature, options.top_k, options.seed,
-                                    tokenizer.eos_id if options.eos_id is None else options.eos_id)
+        if options.eos_id is None:
+            options = dataclasses.replace(options, eos_id=tokenizer.eos_id)
         lines, right, counted = [], 0, 0
         for step, batch in loader:
             new = schedule.generate(batch, options.max_new_tokens, temperature=options.temperature,
@@ -66,7 +68,7 @@ def run_generate(graph: Graph, args) -> list[str]:
     options = GenerationOptions(args.max_new_tokens, args.temperature, args.top_k, args.seed)
     if options.problems():
         raise ConfigError("generate: " + "; ".join(options.problems()))
-    nproc = args.nproc or read_manifest(check_resumable(validate_graph(graph), args.load)).world_size
+    nproc = args.nproc or read_manifest(resolve(args.load)).world_size
     valid = validate_graph(graph, nproc)
     generating_node(valid)
     check_resumable(valid, args.load)
