@@ -171,6 +171,8 @@ def _run(args) -> int:
     nproc = int(os.environ["WORLD_SIZE"]) if under_torchrun() else args.nproc
     lead = os.environ.get("RANK", "0") == "0"
     graph = _load(args, nproc, lead)
+    if args.pack:
+        graph = graph.packed()
     valid = validate_graph(graph, nproc)
     check_runnable(valid)  # before any meta build or process
     problems = [p for n in valid.order if not graph.nodes[n].frozen

@@ -112,6 +112,9 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                         "each rank reads only its nodes' shards")
     p.add_argument("--eval-data", metavar="MODULE:FUNCTION",
                    help="held-out GraphData: its loss and accuracy before and after training")
+    p.add_argument("--pack", action="store_true",
+                   help="pack the backbone's samples several to a row of its seq_length (the batch binds "
+                        "seq_lengths to the node that reads input_ids)")
     p.add_argument("--save", metavar="DIR", help="write checkpoints into DIR (the last step always)")
     p.add_argument("--save-interval", type=_count, metavar="N", help="also save every N steps")
     p.add_argument("--save-frozen", action="store_true",

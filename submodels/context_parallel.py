@@ -64,6 +64,14 @@ class _GatherSequence(torch.autograd.Function):
         return total.chunk(ctx.group.size())[ctx.group.rank()], None
 
 
+def boundaries_in_mask(packed_seq_params):
+    """None for packed rows in ``sbhd`` layout (:mod:`mimo_builder.runtime.packing`): their sample
+    boundaries are in the attention mask, and MCore's local attention takes no packed parameters."""
+    if packed_seq_params is not None and packed_seq_params.qkv_format == "sbhd":
+        return None
+    return packed_seq_params
+
+
 class ContextParallelAttention(DotProductAttention):
     """MCore's local ``DotProductAttention`` that also runs with ``cp > 1`` (load-balanced
     chunks): keys and values are gathered over the CP group, the causal mask uses global
@@ -86,6 +94,7 @@ class ContextParallelAttention(DotProductAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         """MCore's attention; with cp > 1, over keys and values of every CP rank, causal by global position."""
+        packed_seq_params = boundaries_in_mask(packed_seq_params)
         size = cp_size(self.cp_group)
         if size == 1:
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,

@@ -8,6 +8,7 @@ so MCore's own MambaMixer runs unchanged.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import torch
@@ -33,11 +34,20 @@ from mimo_builder.errors import ConfigError  # noqa: E402
 from mimo_builder.build.tp_shard import unwrap  # noqa: E402
 from mimo_builder.kinds.transformer import make_transformer_config, padded_vocab_size, use_te  # noqa: E402
 from mimo_builder.runtime.generation import GenerationOptions  # noqa: E402
+from mimo_builder.runtime.packing import LENGTHS_PORT, Packing  # noqa: E402
 from submodels.mamba_generate import generate  # noqa: E402
 from submodels.mamba_config import LAYER_SYMBOLS, PIPE, MambaConfig  # noqa: E402,F401 (public here too)
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu,
                "squared_relu": lambda x: F.relu(x).pow(2)}
+
+
+def mem_eff_path_available() -> bool:
+    """Whether MCore's Mamba training path (``use_mamba_mem_eff_path``, the one that takes packed rows)
+    can run: on CPU through the project's kernels, on CUDA when causal-conv1d is installed."""
+    if resolve_device().type == "cpu":
+        return True
+    return importlib.util.find_spec("causal_conv1d") is not None
 
 
 class MambaBuilder(ModelBuilder):
@@ -62,6 +72,9 @@ class MambaBuilder(ModelBuilder):
                 *(Port(name, ("batch", "tokens", "hidden"), self.config.hidden_size, required=False,
                        doc=f"embeddings placed at token id {token}")
                   for name, token in self.config.modality_token_ids.items()),
+                Port(LENGTHS_PORT, ("batch",), required=False, dtype="int", high=cfg.seq_length + 1,
+                     doc="per sample, its tokens (the rest of its row is padding): a training step packs "
+                         "the samples several to a row of seq_length"),
             ],
             outputs=[
                 Port("logits", ("batch", "tokens", "vocab"), self.config.vocab_size),
@@ -93,7 +106,7 @@ class MambaBuilder(ModelBuilder):
             mamba_head_dim=cfg.mamba_head_dim,
             mamba_num_groups=cfg.mamba_num_groups,
             mamba_num_heads=cfg.mamba_num_heads,
-            use_mamba_mem_eff_path=False,
+            use_mamba_mem_eff_path=mem_eff_path_available(),
             **moe,
         )
 
@@ -108,9 +121,6 @@ class MambaBuilder(ModelBuilder):
 
         cfg = self.config
         if resolve_device().type == "cpu":
-            if cfg.transformer.get("use_mamba_mem_eff_path"):
-                raise ConfigError("MambaConfig.transformer.use_mamba_mem_eff_path=True needs mamba-ssm's "
-                                  "fused CUDA kernels; leave it unset on CPU")
             mamba_kernels.install_cpu_kernels()
         tp = pg_collection.tp.size()
         return dict(
@@ -158,7 +168,8 @@ class MambaBuilder(ModelBuilder):
 
     def run_stage(self, model, inputs, hidden, first, last) -> dict[str, torch.Tensor]:
         """One pipeline stage: the first embeds and places modalities, later ones continue from
-        the previous stage's hidden states ([tokens, batch, hidden]), the last computes the loss."""
+        the previous stage's hidden states ([tokens, batch, hidden]), the last computes the loss.
+        With ``seq_lengths`` a training step packs the samples several to a row (:meth:`packing`)."""
         self._check_trainable_experts()
         ids = inputs["input_ids"]
         positions = inputs.get("position_ids")
@@ -166,10 +177,13 @@ class MambaBuilder(ModelBuilder):
             positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         core = unwrap(model)
         cp = getattr(core, "pg_collection", None) and core.pg_collection.cp
+        packing = self.packing(inputs, core.training)
         embedded = None
         if first:
             embedded = core.embedding(input_ids=ids, position_ids=positions)  # [tokens, batch, hidden]
             embedded = place_modalities(embedded, ids, self.config.modality_token_ids, inputs)
+            if packing is not None:  # each token, its placed modality included, moves to its packed row
+                embedded = packing.pack(embedded.transpose(0, 1)).transpose(0, 1).contiguous()
             if cp_size(cp) > 1:  # the whole sequence is embedded, then split: placeholders anywhere
                 embedded = split_for_cp_rank({"e": embedded.transpose(0, 1)}, cp)["e"].transpose(0, 1)
         else:
@@ -177,6 +191,8 @@ class MambaBuilder(ModelBuilder):
         labels = inputs.get("labels") if last else None
         mask = inputs.get("loss_mask") if last else None
         mask = torch.ones_like(ids, dtype=torch.float32) if mask is None else mask.float()
+        if packing is not None:
+            return self._run_packed(model, packing, embedded, ids, labels, mask, last)
         local = split_for_cp_rank({"labels": labels, "mask": mask} if labels is not None else {}, cp)
         evaluating = last and labels is not None and not core.training
         out = model(ids, positions, None, decoder_input=embedded, labels=None if evaluating else local.get("labels"))
@@ -191,6 +207,27 @@ class MambaBuilder(ModelBuilder):
             return outputs
         # under cp > 1 this CP rank's share: its tokens' losses over the whole sequence's count
         return {"loss": (out.float() * local["mask"]).sum() / mask.sum().clamp(min=1.0)}
+
+    def packing(self, inputs: dict[str, torch.Tensor], training: bool) -> Packing | None:
+        """The packed layout of this microbatch: when ``seq_lengths`` arrives with labels in a
+        training step (evaluation and logits run one sample per row, which computes the same)."""
+        lengths = inputs.get(LENGTHS_PORT)
+        if lengths is None or inputs.get("labels") is None or not training:
+            return None
+        return Packing.plan(lengths, inputs["input_ids"].shape[1], self.config.seq_length)
+
+    def _run_packed(self, model, packing, embedded, ids, labels, mask, last) -> dict[str, torch.Tensor]:
+        """The stack over packed rows: MCore's packed-sequence parameters restart each Mamba layer's
+        state at every sample, attention is causal within each sample; the loss is the same sum
+        over the same tokens. (RoPE runs over row positions: under the per-sample mask it sees
+        only differences of positions inside one sample, the same as from each sample's start.)"""
+        attention = packing.attention_mask() if "*" in self.config.hybrid_layer_pattern else None
+        packed_labels = packing.pack(labels) if labels is not None else None
+        out = model(packing.pack(ids), packing.positions(), attention, decoder_input=embedded,
+                    labels=packed_labels, packed_seq_params=packing.seq_params())
+        if not last:
+            return {"hidden": out}
+        return {"loss": (out.float() * packing.pack(mask)).sum() / mask.sum().clamp(min=1.0)}
 
     def _evaluate(self, core, logits, local, mask, cp) -> dict[str, torch.Tensor]:
         """Eval mode: the loss from the logits ([batch, tokens, vocab / tp]) and, per sample,
@@ -264,7 +301,8 @@ class MambaBuilder(ModelBuilder):
         loss_mask = torch.ones_like(ids, dtype=torch.float32)
         loss_mask[:, :len(prefix)] = 0.0  # no loss where the label is a placeholder
         return {"input_ids": ids, "labels": labels, "loss_mask": loss_mask,
-                "position_ids": torch.arange(ids.shape[1]).expand_as(ids).contiguous()}
+                "position_ids": torch.arange(ids.shape[1]).expand_as(ids).contiguous(),
+                LENGTHS_PORT: torch.full((batch_size,), ids.shape[1])}
 
 
 def place_modalities(embedded: torch.Tensor, ids: torch.Tensor, token_ids: dict[str, int],

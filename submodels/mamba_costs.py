@@ -1,12 +1,17 @@
 """Activation memory and FLOPs of the Mamba/hybrid backbone, for the plan's estimates.
 
-A Mamba-2 layer is counted as the tensors MCore's ``MambaMixer`` (training path with
-``use_mem_eff_path=False``, as this project builds it) and mamba-ssm's kernels keep for backward,
-per token on one rank (``d`` = d_inner, ``g*n`` = B/C groups times state size, ``nh`` = heads,
-all split over TP):
+A Mamba-2 layer is counted as the tensors MCore's ``MambaMixer`` and mamba-ssm's kernels keep for
+backward, per token on one rank (``d`` = d_inner, ``g*n`` = B/C groups times state size, ``nh`` =
+heads, all split over TP), besides the layer norm with its output and the ``in_proj`` input
+(:func:`mimo_builder.kinds.costs.norm_cost`: whole on every TP rank without sequence parallelism).
 
-- the layer norm with its output, the ``in_proj`` input (:func:`mimo_builder.kinds.costs.norm_cost`:
-  whole on every TP rank without sequence parallelism);
+On MCore's training path (``use_mem_eff_path``, built where it runs: on CPU, and on CUDA with
+causal-conv1d), the fused ``mamba_split_conv1d_scan_combined`` keeps its input ``zxBCdt``
+(``2d + 2gn + nh``) and the scan's output ``y`` (``d``) and recomputes the rest; the gated RMSNorm
+keeps ``y`` again and fp32 statistics per group, ``out_proj`` its input: ``5d + 2gn + nh``.
+
+On the other path (CUDA without causal-conv1d) the kernels run one by one:
+
 - the causal convolution's input ``xBC`` (``d + 2gn``; causal-conv1d's function keeps its input);
 - the SSD scan (``mamba_chunk_scan_combined`` keeps its output ``y``, ``x``, ``dt``, ``B``, ``C``
   and the fp32 ``dA_cumsum``): ``2d + 2gn + nh`` plus ``nh`` fp32; the chunk states are
@@ -14,7 +19,7 @@ all split over TP):
 - the gated RMSNorm (``y`` and ``z`` again, re-laid out, plus fp32 statistics per group) and the
   ``out_proj`` input: ``3d``.
 
-The mixer keeps ``6d + 4gn + nh`` elements per token besides the norm. Attention (``*``), MLP (``-``) and expert
+There the mixer keeps ``6d + 4gn + nh`` elements per token besides the norm. Attention (``*``), MLP (``-``) and expert
 (``E``) layers are MCore's transformer pieces (:mod:`mimo_builder.kinds.costs`). FLOPs: the two
 projections, the depthwise convolution and the chunked scan (per head and token ``2Q(n + p) +
 4np`` for chunk size ``Q``, head dim ``p``; the Mamba-2 paper's SSD algorithm).
@@ -36,8 +41,12 @@ def mamba_layer_cost(shape: costs.Shape, cfg, config: TransformerConfig) -> cost
     h, heads, head_dim = cfg.hidden_size, cfg.mamba_heads, cfg.mamba_head_dim
     inner, groups_state = heads * head_dim, cfg.mamba_num_groups * cfg.mamba_state_dim
     norm = costs.norm_cost(shape, config, costs.builds_te(cfg.impl))
-    kept = shape.sharded(6 * inner + 4 * groups_state + heads)
-    stats = shape.sharded(heads + cfg.mamba_num_groups, costs.FP32)
+    if getattr(config, "use_mamba_mem_eff_path", False):  # the fused conv + scan: zxBCdt in, y out
+        kept = shape.sharded(5 * inner + 2 * groups_state + heads)
+        stats = shape.sharded(cfg.mamba_num_groups, costs.FP32)
+    else:
+        kept = shape.sharded(6 * inner + 4 * groups_state + heads)
+        stats = shape.sharded(heads + cfg.mamba_num_groups, costs.FP32)
     projections = h * (2 * inner + 2 * groups_state + heads) + inner * h
     conv = (inner + 2 * groups_state) * CONV_WIDTH
     scan = heads * (CHUNK_SIZE * (cfg.mamba_state_dim + head_dim) + 2 * cfg.mamba_state_dim * head_dim)

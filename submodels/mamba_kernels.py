@@ -70,12 +70,20 @@ _try_import_mamba_ssm()  # on import, so that importing this module first is eno
 # --------------------------------------------------------------------------- SSD scan
 
 
-def _reject_varlen(seq_idx, cu_seqlens, return_varlen_states) -> None:
-    if seq_idx is not None or cu_seqlens is not None or return_varlen_states:
+def _reject_varlen(cu_seqlens, return_varlen_states) -> None:
+    if cu_seqlens is not None or return_varlen_states:
         raise NotImplementedError(
-            "CPU ssd_chunk_scan: variable-length/packed sequences (seq_idx, cu_seqlens, "
-            "return_varlen_states) are not supported; the static training path does not use them."
+            "CPU ssd_chunk_scan: cu_seqlens and return_varlen_states (MCore's inference paths) are "
+            "not supported; packed training rows pass seq_idx."
         )
+
+
+def _check_seq_idx(seq_idx, b, l):
+    """seq_idx [b, l] (int): each row's sequence number, non-decreasing along the row."""
+    if seq_idx.shape != (b, l):
+        raise ValueError(f"seq_idx has shape {tuple(seq_idx.shape)}, expected {(b, l)}")
+    if bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
+        raise ValueError("seq_idx must not decrease along a row (each sequence is one contiguous run)")
 
 
 def _compute_dtype(t):
@@ -126,6 +134,14 @@ def _to_chunks(t, chunk_size):
     return t.unflatten(1, (t.shape[1] // chunk_size, chunk_size))
 
 
+def _seq_chunks(seq_idx, chunk_size):
+    """seq_idx [b, l] in chunks [b, c, s], the padded tail continuing the last sequence."""
+    pad = (-seq_idx.shape[1]) % chunk_size
+    if pad:
+        seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1)
+    return seq_idx.unflatten(1, (seq_idx.shape[1] // chunk_size, chunk_size))
+
+
 def _segsum_decay(a):
     """exp(sum_{j<k<=i} a[..., k]) for i >= j, 0 above the diagonal: [..., T] -> [..., T, T]."""
     cs = torch.cumsum(a, dim=-1)
@@ -135,17 +151,21 @@ def _segsum_decay(a):
     return torch.exp(diff.masked_fill(~keep, float("-inf")))
 
 
-def _pass_states(chunk_states, chunk_decay, initial_states):
+def _pass_states(chunk_states, chunk_decay, initial_states, owners=None):
     """Inter-chunk recurrence s_{c+1} = exp(a_c) s_c + S_c, vectorised as one segment-sum matmul.
 
     chunk_states [b,c,g,r,p,n], chunk_decay (log) [b,c,g,r], initial [b,g,r,p,n] or None.
-    Returns (states entering each chunk [b,c,g,r,p,n], final state [b,g,r,p,n]).
+    ``owners`` [b,c+1]: the sequence each state belongs to (the initial one, then each chunk's
+    last token); a state passes on only within its sequence. Returns (states entering each
+    chunk [b,c,g,r,p,n], final state [b,g,r,p,n]).
     """
     if initial_states is None:
         initial_states = torch.zeros_like(chunk_states[:, 0])
     seq = torch.cat([initial_states[:, None], chunk_states], dim=1)
     log_a = F.pad(chunk_decay.permute(0, 2, 3, 1), (1, 0))  # [b,g,r,c+1], first step no-op
     decay = _segsum_decay(log_a)  # [b,g,r,c+1,c+1]
+    if owners is not None:
+        decay = decay * (owners[:, :, None] == owners[:, None, :])[:, None, None]
     out = torch.einsum("bgrzc,bcgrpn->bzgrpn", decay, seq)
     return out[:, :-1], out[:, -1]
 
@@ -155,16 +175,18 @@ def ssd_chunk_scan(
     seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=_NO_LIMIT,
     return_final_states=False, return_varlen_states=False, **unused,
 ):
-    """Mamba-2 SSD scan; drop-in for mamba-ssm's ``mamba_chunk_scan_combined`` (no varlen).
+    """Mamba-2 SSD scan; drop-in for mamba-ssm's ``mamba_chunk_scan_combined``.
 
     Shapes: x [b,l,h,p], dt [b,l,h], A [h], B/C [b,l,g,n], D [h] or [h,p], z like x,
     dt_bias [h], initial_states [b,h,p,n]. Chunked algorithm: a causal quadratic form
     inside each chunk plus a segment-sum pass of the chunk states across chunks.
+    ``seq_idx`` [b,l] (packed rows): the state restarts where the sequence number changes, as
+    in mamba-ssm; ``initial_states`` then belong to each row's first sequence.
     Computes in fp32 (fp64 for fp64 x); returns y in x's dtype, plus the final state
     [b,h,p,n] in the compute dtype if ``return_final_states``. Extra keywords (e.g.
     MCore's ``state_dtype``) are ignored.
     """
-    _reject_varlen(seq_idx, cu_seqlens, return_varlen_states)
+    _reject_varlen(cu_seqlens, return_varlen_states)
     _check_shapes(x, dt, A, B, C)
     b, l, h, p = x.shape
     g = B.shape[2]
@@ -176,22 +198,43 @@ def ssd_chunk_scan(
     dtc = _to_chunks(dt, chunk_size).unflatten(3, (g, r)).permute(0, 1, 3, 4, 2)  # [b,c,g,r,s]
     dA = dtc * A.to(cd).view(g, r, 1)  # padded steps have dt = 0: no input, no decay
     dA_cs = torch.cumsum(dA, dim=-1)
+    same = _same_sequence(seq_idx, b, l, chunk_size)
 
     # Intra-chunk (diagonal blocks): y_l = sum_{s<=l} C_l.B_s exp(dA_cs_l - dA_cs_s) dt_s x_s
-    scores = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)[:, :, :, None] * _segsum_decay(dA)
+    decay = _segsum_decay(dA) if same is None else _segsum_decay(dA) * same["pairs"]
+    scores = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)[:, :, :, None] * decay
     y = torch.einsum("bcgrls,bcsgrp->bclgrp", scores * dtc[..., None, :], xc)
 
-    # State at the end of each chunk from that chunk's inputs alone.
-    w = (torch.exp(dA_cs[..., -1:] - dA_cs) * dtc).permute(0, 1, 4, 2, 3)  # [b,c,s,g,r]
+    # State at the end of each chunk from that chunk's inputs alone (its last sequence's inputs).
+    w = torch.exp(dA_cs[..., -1:] - dA_cs) * dtc
+    w = (w if same is None else w * same["with_last"]).permute(0, 1, 4, 2, 3)  # [b,c,s,g,r]
     chunk_states = torch.einsum("bcsgn,bcsgrp->bcgrpn", Bc, xc * w[..., None])
     init = None if initial_states is None else initial_states.to(cd).unflatten(1, (g, r))
-    states_in, final = _pass_states(chunk_states, dA_cs[..., -1], init)
+    states_in, final = _pass_states(chunk_states, dA_cs[..., -1], init, None if same is None else same["owners"])
 
-    # Off-diagonal: contribution of the state entering each chunk.
+    # Off-diagonal: contribution of the state entering each chunk (to its own sequence only).
     y_off = torch.einsum("bclgn,bcgrpn->bclgrp", Cc, states_in)
-    y = y + y_off * torch.exp(dA_cs).permute(0, 1, 4, 2, 3)[..., None]
+    carried = torch.exp(dA_cs) if same is None else torch.exp(dA_cs) * same["with_entering"]
+    y = y + y_off * carried.permute(0, 1, 4, 2, 3)[..., None]
     y = _skip_term(y.reshape(b, -1, h, p)[:, :l], x, D, z).to(x.dtype)
     return (y, final.flatten(1, 2)) if return_final_states else y
+
+
+def _same_sequence(seq_idx, b, l, chunk_size):
+    """For packed rows, where two positions share a sequence (None without ``seq_idx``):
+    ``pairs`` [b,c,1,1,s,s] inside a chunk, ``with_last`` [b,c,1,1,s] with the chunk's last
+    token, ``with_entering`` [b,c,1,1,s] with the state entering the chunk, ``owners`` [b,c+1]."""
+    if seq_idx is None:
+        return None
+    _check_seq_idx(seq_idx, b, l)
+    sc = _seq_chunks(seq_idx.to(torch.int64), chunk_size)  # [b,c,s]
+    owners = torch.cat([sc[:, :1, 0], sc[:, :, -1]], dim=1)  # the initial state's, then each chunk's end
+    return {
+        "pairs": (sc[..., :, None] == sc[..., None, :])[:, :, None, None],
+        "with_last": (sc == sc[..., -1:])[:, :, None, None],
+        "with_entering": (sc == owners[:, :-1, None])[:, :, None, None],
+        "owners": owners,
+    }
 
 
 def naive_sequential_scan(
@@ -228,21 +271,25 @@ def causal_conv1d(
     x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
     final_states_out=None, activation=None,
 ):
-    """Depthwise causal conv1d; drop-in for ``causal_conv1d.causal_conv1d_fn`` (no varlen/states).
+    """Depthwise causal conv1d; drop-in for ``causal_conv1d.causal_conv1d_fn`` (no states).
 
     x [b,d,l], weight [d,w], bias [d]; out[..., t] = bias + sum_k weight[:, k] x[..., t-w+1+k]
-    (zeros before t=0), then silu if activation is 'silu'/'swish'. fp32/fp64 inside, x's dtype out.
+    (zeros before t=0, and with ``seq_idx`` [b,l] zeros before the start of t's sequence),
+    then silu if activation is 'silu'/'swish'. fp32/fp64 inside, x's dtype out.
     """
-    stateful = (seq_idx, initial_states, final_states_out)
-    if any(v is not None for v in stateful) or return_final_states:
-        raise NotImplementedError(
-            "CPU causal_conv1d: seq_idx, initial_states and final states are not supported."
-        )
+    if initial_states is not None or final_states_out is not None or return_final_states:
+        raise NotImplementedError("CPU causal_conv1d: initial and final states are not supported.")
     if activation not in (None, "silu", "swish"):
         raise NotImplementedError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
     width, l, cd = weight.shape[-1], x.shape[-1], _compute_dtype(x)
     xp, w = F.pad(x.to(cd), (width - 1, 0)), weight.to(cd)
-    out = sum(w[:, k, None] * xp[..., k : k + l] for k in range(width))
+    if seq_idx is None:
+        out = sum(w[:, k, None] * xp[..., k : k + l] for k in range(width))
+    else:
+        _check_seq_idx(seq_idx, x.shape[0], l)
+        sp = F.pad(seq_idx.to(torch.int64), (width - 1, 0), value=-1)
+        same = [(sp[:, k : k + l] == seq_idx)[:, None] for k in range(width)]  # [b,1,l] per tap
+        out = sum(w[:, k, None] * xp[..., k : k + l] * same[k] for k in range(width))
     if bias is not None:
         out = out + bias.to(cd)[:, None]
     if activation is not None:
@@ -301,8 +348,14 @@ def install_cpu_kernels(force: bool = False) -> bool:
         return False
     compat.replace_for_process(KERNELS_REASON, _targets())
     from submodels.mamba_decode import DECODE_REASON, decode_targets
+    from submodels.mamba_split_scan import SPLIT_SCAN_REASON, packing_supported, split_conv1d_scan
 
     compat.replace_for_process(DECODE_REASON, decode_targets())
+    mixer = importlib.import_module(_MIXER)
+    compat.replace_for_process(SPLIT_SCAN_REASON, [
+        (mixer, "mamba_split_conv1d_scan_combined", split_conv1d_scan),
+        (mixer, "_check_mamba_sequence_packing_support", packing_supported),
+    ])
     return True
 
 

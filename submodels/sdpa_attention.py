@@ -4,7 +4,7 @@ kernels on CUDA) for nodes built without Transformer Engine.
 :class:`SDPAttention` is MCore's local core attention (:class:`ContextParallelAttention`, itself
 ``DotProductAttention``) whose plain cases go to SDPA: causal or no mask, or a boolean mask; a
 plain softmax without window. Anything else (context parallelism, a sliding window, an attention
-bias, packed sequences, a softmax offset) runs MCore's own path unchanged. It has no parameters,
+bias, THD packed sequences, a softmax offset) runs MCore's own path unchanged. It has no parameters,
 so checkpoints do not depend on it. A node picks it with ``impl: sdpa``; ``impl: auto`` picks it on
 CUDA when Transformer Engine is absent (see :func:`core_attention`).
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 
-from submodels.context_parallel import ContextParallelAttention, cp_size
+from submodels.context_parallel import ContextParallelAttention, boundaries_in_mask, cp_size
 
 
 class SDPAttention(ContextParallelAttention):
@@ -24,6 +24,7 @@ class SDPAttention(ContextParallelAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         """Context [sq, b, heads x head size] of query [sq, b, np, hn] and key/value [sk, b, ng, hn]."""
+        packed_seq_params = boundaries_in_mask(packed_seq_params)
         if not self._plain(attention_mask, attention_bias, packed_seq_params):
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
                                    packed_seq_params)

@@ -304,10 +304,11 @@ class _SavedBytes:
 
 
 def _gpu_kernel_saves(saved: _SavedBytes):
-    """The Mamba mixer's three kernels run as the CPU stand-ins (which keep their intermediates
-    for autograd); count instead what mamba-ssm's and causal-conv1d's autograd functions keep:
-    the scan's x, dt, B, C, output and fp32 dA_cumsum; the conv's input; the gated norm's x, z
-    and fp32 rstd. Everything else in the layer is measured as it runs."""
+    """The Mamba mixer's kernels run as the CPU stand-ins (which keep their intermediates for
+    autograd); count instead what mamba-ssm's and causal-conv1d's autograd functions keep: the
+    fused conv + scan's input zxBCdt and its ungated output (MCore's training path); the scan's
+    x, dt, B, C, output and fp32 dA_cumsum; the conv's input; the gated norm's x, z and fp32
+    rstd. Everything else in the layer is measured as it runs."""
     import contextlib
     import sys
     from unittest import mock
@@ -317,6 +318,7 @@ def _gpu_kernel_saves(saved: _SavedBytes):
     mixer = sys.modules["megatron.core.ssm.mamba_mixer"]
     norm = sys.modules["mamba_ssm.ops.triton.layernorm_gated"]
     scan_fn, conv_fn, norm_fn = mixer.mamba_chunk_scan_combined, mixer.causal_conv1d_fn, norm.rmsnorm_fn
+    split_fn = mixer.mamba_split_conv1d_scan_combined
 
     def uncounted(fn, *args, **kwargs):
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
@@ -327,6 +329,13 @@ def _gpu_kernel_saves(saved: _SavedBytes):
         saved.keep(y if torch.is_tensor(y) else y[0], x, dt, B, C, kwargs.get("z"))
         batch, length, heads = dt.shape
         saved.extra += batch * heads * math.ceil(length / chunk_size) * chunk_size * 4
+        return y
+
+    def split(zxbcdt, *args, **kwargs):
+        y = uncounted(split_fn, zxbcdt, *args, **kwargs)
+        out = y if torch.is_tensor(y) else y[0]
+        saved.keep(zxbcdt)
+        saved.extra += out.numel() * out.element_size()  # the scan's output before the gate
         return y
 
     def conv(x, *args, **kwargs):
@@ -343,5 +352,6 @@ def _gpu_kernel_saves(saved: _SavedBytes):
     stack = contextlib.ExitStack()
     stack.enter_context(mock.patch.object(mixer, "mamba_chunk_scan_combined", scan))
     stack.enter_context(mock.patch.object(mixer, "causal_conv1d_fn", conv))
+    stack.enter_context(mock.patch.object(mixer, "mamba_split_conv1d_scan_combined", split))
     stack.enter_context(mock.patch.object(norm, "rmsnorm_fn", gated_norm))
     return stack

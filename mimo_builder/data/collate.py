@@ -24,9 +24,10 @@ import torch
 
 from mimo_builder.kinds.contract import output_tokens_of
 from mimo_builder.errors import ConfigError, MimoError
+from mimo_builder.runtime.packing import LENGTHS_PORT
 from mimo_builder.validation import ValidGraph
 
-TEXT_PORTS = ("input_ids", "labels", "loss_mask", "position_ids")
+TEXT_PORTS = ("input_ids", "labels", "loss_mask", "position_ids", LENGTHS_PORT)
 
 
 class DataError(MimoError, ValueError):
@@ -34,9 +35,13 @@ class DataError(MimoError, ValueError):
 
 
 class GraphCollator:
-    """Turns a list of samples into one batch (dict of tensors) for ``valid``'s bound inputs."""
+    """Turns a list of samples into one batch (dict of tensors) for ``valid``'s bound inputs.
 
-    def __init__(self, valid: ValidGraph, tokenizer, seq_length: int | None = None):
+    Where the graph binds the backbone's ``seq_lengths`` (``Graph.packed()``, ``run --pack``), each
+    sample's token count goes with it and the backbone packs the samples several to a row;
+    ``pack=True`` asks for that and refuses a graph that does not bind it."""
+
+    def __init__(self, valid: ValidGraph, tokenizer, seq_length: int | None = None, pack: bool = False):
         self.valid, self.tokenizer = valid, tokenizer
         self.text_node = _text_node(valid)
         self.text_keys = {port: key for key, (node, port) in valid.inputs.items() if node == self.text_node}
@@ -48,6 +53,9 @@ class GraphCollator:
             raise ConfigError(f"node '{self.text_node}' has no seq_length: give GraphCollator(seq_length=...)")
         self._tags = re.compile("<(" + "|".join(map(re.escape, self.placeholders)) + ")>") if self.placeholders else None
         self._counts: dict[tuple, dict[str, int]] = {}
+        if pack and LENGTHS_PORT not in self.text_keys:
+            raise ConfigError(f"GraphCollator(pack=True): the graph binds no batch key to '{self.text_node}."
+                              f"{LENGTHS_PORT}', which packing needs; bind one (Graph.packed() does, as run --pack)")
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         if not samples:
@@ -78,7 +86,8 @@ class GraphCollator:
         return {"input_ids": torch.tensor(ids[:-1] + [self.tokenizer.pad_id] * pad),
                 "labels": torch.tensor(ids[1:] + [self.tokenizer.pad_id] * pad),
                 "loss_mask": torch.tensor(mask),
-                "position_ids": torch.arange(self.seq_length)}
+                "position_ids": torch.arange(self.seq_length),
+                LENGTHS_PORT: torch.tensor(len(ids) - 1)}
 
     def modality_tokens(self, sample: dict) -> dict[str, int]:
         """Placeholder tokens per backbone modality port, for this sample's input sizes."""

@@ -265,6 +265,19 @@ class Graph(_Strict):
             name: node.model_copy(update={"placement": node.placement.colocated(world_size, name)})
             for name, node in self.nodes.items()}})
 
+    def packed(self) -> "Graph":
+        """A copy whose batch also binds ``seq_lengths`` to the node the batch feeds ``input_ids``
+        (``run --pack``): that node then packs its samples several to a row."""
+        nodes = sorted({parse_port_ref(ref)[0] for ref in self.inputs.values() if ref.endswith(".input_ids")})
+        if len(nodes) != 1:
+            raise ConfigError(f"--pack: packing needs exactly one node whose input_ids the batch feeds, found "
+                              f"{nodes or 'none'}")
+        if f"{nodes[0]}.seq_lengths" in self.inputs.values():
+            return self.model_copy(deep=True)
+        if "seq_lengths" in self.inputs:
+            raise ConfigError(f"--pack: the batch key 'seq_lengths' is already bound to {self.inputs['seq_lengths']}")
+        return self.model_copy(update={"inputs": {**self.inputs, "seq_lengths": f"{nodes[0]}.seq_lengths"}}, deep=True)
+
     def as_dict(self) -> dict[str, Any]:
         """The document as plain data, without fields left at their defaults."""
         return _explicit_fields(self, mode="json")

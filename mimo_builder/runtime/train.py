@@ -19,6 +19,7 @@ from mimo_builder.kinds.registry import active_registry, allow_modules, allowed_
 from mimo_builder.runtime.monitor import StepRecord, TrainingMonitor
 from mimo_builder.runtime.optim import GraphOptimizer
 from mimo_builder.runtime.schedule import GraphSchedule, StepError
+from mimo_builder.runtime.packing import LENGTHS_PORT
 from mimo_builder.runtime.shards import RankBatch
 from mimo_builder.runtime.synthetic import synthetic_batch
 from mimo_builder.runtime.timing import PhaseTimer, gather_to_first, slowest_per_node
@@ -208,9 +209,15 @@ def _print(line: str) -> None:
 
 
 def _tokens(batch) -> int | None:
-    """Token ids in the global batch: its ``input_ids`` (None where this rank's share has none)."""
+    """Tokens in the global batch: the samples' own (``seq_lengths``) where the batch packs, else
+    every ``input_ids`` slot; a rank's share of a packed batch scales its samples' count to the
+    global batch (None where the share has neither)."""
     if isinstance(batch, RankBatch):
-        ids = batch.rows.get("input_ids")
+        lengths, ids = batch.rows.get(LENGTHS_PORT), batch.rows.get("input_ids")
+        if lengths is not None:
+            return round(int(lengths.sum()) * batch.size / lengths.shape[0])
         return None if ids is None else batch.size * ids.shape[1]
+    if LENGTHS_PORT in batch:
+        return int(batch[LENGTHS_PORT].sum())
     ids = batch.get("input_ids")
     return None if ids is None else ids.numel()

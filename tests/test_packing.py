@@ -1,0 +1,213 @@
+"""Sequence packing: the layout, the kernels' per-sequence restart, the checks before launch, and
+the packed step against the same samples one per row (loss, grad norm, updated weights)."""
+
+import pytest
+import torch
+
+from multirank import run_ranks
+from packing_steps import LENGTHS
+
+from mimo_builder.errors import ConfigError, GraphError
+from mimo_builder.runtime.packing import Packing
+
+# --------------------------------------------------------------------------- the layout
+
+
+def test_first_fit_puts_the_longest_samples_first_and_keeps_each_row_in_sample_order():
+    packing = Packing.plan(torch.tensor([3, 6, 2, 5]), width=6, row_length=8)
+    # longest first: 6 -> row 0 (room 2), 5 -> row 1 (room 3), 3 -> row 1 (room 0), 2 -> row 0 (room 0)
+    assert packing.rows == 2
+    assert packing.seq_idx.tolist() == [[0, 0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1]]
+    tokens = torch.arange(24).view(4, 6)  # sample i's token t is 6 i + t
+    assert packing.pack(tokens, fill=-1).tolist() == [[6, 7, 8, 9, 10, 11, 12, 13],
+                                                      [0, 1, 2, 18, 19, 20, 21, 22]]
+    assert packing.positions().tolist() == [[0, 1, 2, 3, 4, 5, 0, 1], [0, 1, 2, 0, 1, 2, 3, 4]]
+
+
+def test_a_row_with_room_left_ends_in_one_padding_sequence():
+    packing = Packing.plan(torch.tensor([2, 3]), width=4, row_length=8)
+    assert packing.seq_idx.tolist() == [[0, 0, 1, 1, 1, 2, 2, 2]]
+    assert packing.pack(torch.ones(2, 4), fill=0.0).tolist() == [[1, 1, 1, 1, 1, 0, 0, 0]]
+    params = packing.seq_params()
+    assert params.qkv_format == "sbhd" and params.cu_seqlens_q.tolist() == [0, 2, 5, 8]
+
+
+def test_the_mask_is_causal_inside_each_sample_and_closed_between_samples():
+    mask = Packing.plan(torch.tensor([2, 2]), width=2, row_length=4).attention_mask()[0, 0]
+    allowed = (~mask).int().tolist()
+    assert allowed == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("lengths", [[9, 2], [0, 2]])
+def test_a_sample_longer_than_a_row_or_empty_is_named(lengths):
+    with pytest.raises(ConfigError, match=r"node 'lm' seq_lengths\[0\] = (9|0): a sample holds 1 to 8"):
+        Packing.plan(torch.tensor(lengths), width=12, row_length=8, node="lm")
+
+
+# --------------------------------------------------------------------------- the kernels
+
+
+def _split_scan_case(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    heads, head_dim, groups, state, width = 4, 8, 2, 16, 4
+    dim, conv = heads * head_dim, heads * head_dim + 2 * groups * state
+    f64 = dict(dtype=torch.float64, generator=g)
+    weights = dict(conv1d_weight=torch.randn(conv, width, **f64), conv1d_bias=torch.randn(conv, **f64),
+                   dt_bias=torch.randn(heads, **f64), A=-torch.rand(heads, **f64) - 0.1, D=torch.randn(heads, **f64),
+                   chunk_size=8, headdim=head_dim, ngroups=groups)
+    zxbcdt = torch.randn(1, sum(lengths), 2 * dim + 2 * groups * state + heads, **f64)
+    seq_idx = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).to(torch.int32)[None]
+    return zxbcdt, seq_idx, weights
+
+
+@pytest.mark.parametrize("lengths", [[5, 37, 20, 1, 9], [8, 8, 8], [64]])
+def test_a_packed_row_scans_like_its_sequences_one_by_one(lengths):
+    from submodels.mamba_split_scan import split_conv1d_scan
+
+    zxbcdt, seq_idx, weights = _split_scan_case(lengths)
+    packed = split_conv1d_scan(zxbcdt, seq_idx=seq_idx, **weights)
+    start = 0
+    for n in lengths:
+        alone = split_conv1d_scan(zxbcdt[:, start:start + n], **weights)
+        torch.testing.assert_close(packed[:, start:start + n], alone, rtol=0, atol=1e-12)
+        start += n
+
+
+def test_the_packed_scan_restarts_the_state_and_the_convolution():
+    """Without seq_idx the second sequence sees the first (so the check above can fail)."""
+    from submodels.mamba_split_scan import split_conv1d_scan
+
+    zxbcdt, seq_idx, weights = _split_scan_case([6, 6])
+    joined = split_conv1d_scan(zxbcdt, **weights)
+    packed = split_conv1d_scan(zxbcdt, seq_idx=seq_idx, **weights)
+    torch.testing.assert_close(joined[:, :6], packed[:, :6], rtol=0, atol=1e-12)
+    assert (joined[:, 6] - packed[:, 6]).abs().max() > 1e-3
+
+
+def test_a_decreasing_seq_idx_is_refused():
+    from submodels.mamba_kernels import causal_conv1d
+
+    with pytest.raises(ValueError, match="must not decrease"):
+        causal_conv1d(torch.zeros(1, 2, 3), torch.zeros(2, 4), seq_idx=torch.tensor([[1, 0, 0]]))
+
+
+# --------------------------------------------------------------------------- before launch
+
+
+def test_packing_is_refused_by_node_and_field_on_pipeline_and_context_parallel_nodes():
+    from graphs.mamba_lm import mamba_lm
+    from mimo_builder.document.graph import Placement
+    from mimo_builder.validation import validate_graph
+
+    graph = mamba_lm()
+    graph.nodes["lm"].placement = Placement(pp=2, cp=2)
+    graph.nodes["lm"].config["transformer"] = {"sequence_parallel": True}
+    with pytest.raises(GraphError) as err:
+        validate_graph(graph.packed())
+    text = str(err.value)
+    assert "node 'lm' placement.pp: a node packing its samples (inputs bind its seq_lengths) runs with pp 1, got 2" in text
+    assert "node 'lm' placement.cp:" in text and "node 'lm' config.transformer.sequence_parallel:" in text
+    validate_graph(graph)  # unpacked, the same document is fine
+
+
+def test_packed_binds_seq_lengths_to_the_node_that_reads_input_ids():
+    from graphs.vlm import vlm
+
+    graph = vlm("single")
+    assert graph.packed().inputs["seq_lengths"] == "lm.seq_lengths"
+    assert "seq_lengths" not in graph.inputs  # a copy
+    del graph.inputs["input_ids"]
+    with pytest.raises(ConfigError, match="exactly one node whose input_ids the batch feeds, found none"):
+        graph.packed()
+
+
+def test_the_collator_counts_each_samples_tokens_and_pack_needs_the_binding():
+    from graphs.mamba_lm import mamba_lm
+    from mimo_builder.data.collate import GraphCollator
+    from mimo_builder.data.tokenizer import ByteTokenizer
+    from mimo_builder.validation import validate_graph
+
+    samples = [{"prompt": "ab", "answer": "c"}, {"answer": "hello"}]
+    batch = GraphCollator(validate_graph(mamba_lm().packed()), ByteTokenizer(), pack=True)(samples)
+    # "ab" + "c" + end of sequence: 4 ids, 3 read; "hello" + end: 6 ids, 5 read
+    assert batch["seq_lengths"].tolist() == [3, 5]
+    assert batch["input_ids"].shape[0] == 2
+    with pytest.raises(ConfigError, match=r"GraphCollator\(pack=True\): the graph binds no batch key to 'lm.seq_lengths'"):
+        GraphCollator(validate_graph(mamba_lm()), ByteTokenizer(), pack=True)
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def _step(graph_name, packed, initial=None):
+    from packing_steps import step
+    from graphs.vlm import vlm
+
+    graph = vlm("single") if graph_name == "single" else disjoint3()
+    return step(graph, packed, initial)
+
+
+def disjoint3():
+    """vision and projector on rank 0, the backbone on ranks 1-2 with tp 2."""
+    from graphs.vlm import vlm
+    from mimo_builder.document.graph import Placement
+
+    graph = vlm("single")
+    graph.nodes["vision"].placement = graph.nodes["proj"].placement = Placement(offset=0, size=1)
+    graph.nodes["lm"].placement = Placement(offset=1, size=2, tp=2)
+    return graph
+
+
+@pytest.fixture(scope="module")
+def one_per_row():
+    return run_ranks(1, _step, "single", False)[0]
+
+
+def _assert_same_step(results, reference):
+    ref_loss, ref_norm, ref_updated, initial = reference
+    for loss, norm, _, _ in results:
+        assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)
+        assert abs(norm - ref_norm) <= 1e-5 * ref_norm, (norm, ref_norm)
+    updated = {name: params for _, _, part, _ in results for name, params in part.items()}
+    assert updated.keys() == ref_updated.keys()
+    for name, params in ref_updated.items():
+        for key, expected in params.items():
+            diff = (updated[name][key] - expected).abs().max()
+            assert diff <= 1e-5 * max(expected.abs().max(), 1e-3), (name, key, float(diff))
+    assert any(not torch.equal(initial["lm"][k], v) for k, v in ref_updated["lm"].items())
+
+
+def test_a_packed_step_on_one_rank_matches_the_samples_one_per_row(one_per_row):
+    _assert_same_step(run_ranks(1, _step, "single", True, one_per_row[3]), one_per_row)
+    assert max(LENGTHS) < sum(LENGTHS) // 2  # several samples share a row of 128
+
+
+def test_a_packed_step_on_a_disjoint_tensor_parallel_placement_matches(one_per_row):
+    _assert_same_step(run_ranks(3, _step, "disjoint3", True, one_per_row[3]), one_per_row)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_run_pack_trains_the_backbone_on_packed_rows():
+    import pathlib
+    import subprocess
+    import sys
+
+    cli = pathlib.Path(sys.executable).parent / "mimo-builder"
+    done = subprocess.run([str(cli), "run", "graphs/vlm.yaml", "--colocate", "--nproc", "2", "--pack", "--steps", "2"],
+                          cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "done: 2 steps on 2 ranks" in done.stdout
+
+
+def test_run_pack_on_a_node_kind_that_cannot_pack_is_named_before_launch(tmp_path):
+    from cli_in_process import main_in_process
+
+    document = tmp_path / "gpt.yaml"
+    document.write_text("nodes:\n  gpt:\n    builder: gpt\n    config: {num_layers: 1, hidden_size: 32, "
+                        "num_attention_heads: 4, vocab_size: 64, seq_length: 16}\n"
+                        "inputs: {input_ids: gpt.input_ids, labels: gpt.labels}\noutputs: [gpt.loss]\n")
+    done = main_in_process("run", str(document), "--pack", "--steps", "1")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "inputs.seq_lengths: node 'gpt' has no input port 'seq_lengths'" in done.stderr
