@@ -163,3 +163,126 @@ def test_without_energon_installed_the_source_names_the_extra(monkeypatch, tmp_p
     monkeypatch.setitem(sys.modules, "megatron.energon", None)  # what `import` sees when it is absent
     with pytest.raises(DependencyError, match=r"pip install 'mimo-builder\[energon\]'"):
         EnergonSource(tmp_path)
+
+
+# --- the stream's state in a checkpoint ------------------------------------------------------------
+
+
+class _Converted:
+    """A converter that also notes which samples it converted (energon converts each sample it reads)."""
+
+    def __init__(self):
+        self.keys = []
+
+    def __call__(self, sample):
+        self.keys.append(sample.__key__)
+        return _keyed(sample)
+
+
+@pytest.mark.parametrize("num_workers, shuffle", [(0, None), (0, 4), (2, 4)])
+def test_a_restored_stream_reads_on_exactly_where_the_straight_run_does(digits, num_workers, shuffle):
+    """Steps 1-3, the state through JSON, a fresh source: steps 4-6 give the straight run's samples."""
+    import json
+
+    from test_data import _vlm
+
+    from mimo_builder.data import ByteTokenizer, GraphCollator, RankLoader
+    from mimo_builder.data.energon import EnergonSource
+    from mimo_builder.document.graph import Placement
+    from mimo_builder.validation import validate_graph
+
+    graph = _vlm().graph
+    for node in graph.nodes.values():
+        node.placement = Placement(tp=2) if node.builder == "mamba" else Placement(size=1)  # rank 0 reads all
+    valid = validate_graph(graph, 2)
+    collate = GraphCollator(valid, ByteTokenizer())
+
+    sources = []
+
+    def loader(converter, first, last):
+        sources.append(EnergonSource(digits[0], converter, num_workers=num_workers, shuffle_buffer_size=shuffle))
+        return RankLoader(valid, sources[-1], collate, 4, 0, first_step=first, last_step=last)
+
+    def answers(batches):
+        return [batch.rows["labels"][:, IMAGE_TOKENS].tolist() for _, batch in batches]
+
+    straight = answers(loader(_keyed, 1, 6))
+    first = loader(_keyed, 1, 3)
+    assert answers(first) == straight[:3]
+    states = json.loads(json.dumps(first.states()))  # what the checkpoint files hold
+    assert sorted(states) == ["0"] and states["0"]["step"] == 3  # one chunk: the lm's dp is 1
+    converted = _Converted()
+    resumed = loader(converted, 4, 6)
+    resumed.restore({int(c): s for c, s in states.items()})
+    assert answers(resumed) == straight[3:]
+    if num_workers == 0 and shuffle is None:  # read on, not again: only steps 4-6's 3 x 4 samples
+        assert len(converted.keys) == 12
+    for source in sources:
+        source.close()  # energon's worker processes end with their loaders
+
+
+def test_a_saved_stream_state_creates_only_energon_records():
+    from mimo_builder.data import DataError
+    from mimo_builder.data.energon_state import decode, encode
+
+    for bad in ({"class": {"name": "os:system", "fields": {}}}, {"dict": [], "kind": "subprocess:Popen"},
+                {"ndarray": {"dtype": "|O", "shape": [1], "data": ""}}, {"pickle": "gASV"}):
+        with pytest.raises(DataError, match="data loader state"):
+            decode(bad)
+    with pytest.raises(DataError, match="cannot save a value of type object"):
+        encode([object()])
+    state = {"rng": b"\x00\x01", "order": (1, [2.5, None]), "tensor": torch.arange(3)}
+    back = decode(encode(state))
+    assert back["rng"] == b"\x00\x01" and back["order"] == (1, [2.5, None]) and back["tensor"].tolist() == [0, 1, 2]
+
+
+DATA_MODULE = '''
+import os
+
+from mimo_builder.data import ByteTokenizer, GraphData
+from mimo_builder.data.energon import EnergonSource
+
+
+def _logged(sample):
+    with open(os.environ["READ_LOG"], "a") as log:
+        log.write(sample.__key__ + "\\n")
+    return {"pixel_values": sample.image, "prompt": "<image>#", "answer": sample.caption}
+
+
+def train_data():
+    return GraphData(EnergonSource(os.environ["DIGITS"], _logged), ByteTokenizer(), num_workers=0)
+'''
+
+
+def test_a_resumed_run_reads_the_samples_the_straight_run_reads_and_no_others(digits, tmp_path):
+    """mimo-builder run --save at step 3, then --load to step 6: the samples read are the straight
+    run's, in the same order, and none of steps 1-3 is read again."""
+    import os
+    import subprocess
+    import yaml
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "digits_stream.py").write_text(DATA_MODULE)
+    doc = yaml.safe_load((root / "graphs/vlm.yaml").read_text())
+    doc["nodes"]["lm"]["config"].update(vocab_size=260, seq_length=24)
+    for node in doc["nodes"].values():
+        node["placement"] = {}
+    (tmp_path / "graph.yaml").write_text(yaml.safe_dump(doc))
+    cli = Path(sys.executable).parent / "mimo-builder"
+
+    def run(log, *extra):
+        env = {**os.environ, "DIGITS": str(digits[0]), "READ_LOG": str(tmp_path / log)}
+        done = subprocess.run([str(cli), "--allow", "digits_stream", "run", "graph.yaml", "--batch-size", "4",
+                               "--data", "digits_stream:train_data", *extra], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout, (tmp_path / log).read_text().split()
+
+    _, straight = run("straight.log", "--steps", "6")
+    _, first = run("split.log", "--steps", "3", "--save", "ckpt")
+    (step_dir,) = (tmp_path / "ckpt").glob("step_*")
+    assert (step_dir / "data" / "chunk_0.json").is_file()
+    out, both = run("split.log", "--steps", "6", "--load", "ckpt")
+    assert "data: the stream continues after step 3 from the checkpoint's state" in out
+    assert both == straight and len(straight) == 24

@@ -37,6 +37,8 @@ class Resumed:
 
     step: int
     data: DataPosition | None
+    folder: Path | None = None
+    """The step folder loaded (where the data stream's states are)."""
     resharded: tuple[str, ...] = ()
     """Nodes whose placement differs from the checkpoint's (their state was resharded)."""
     reset: tuple[str, ...] = ()
@@ -59,10 +61,12 @@ class Checkpointer:
 
     # --- save -----------------------------------------------------------------------------------
 
-    def save(self, root: str | Path, step: int, data: DataPosition | None = None) -> Path:
-        """Write step ``step`` under ``root``; returns the step folder (on every rank)."""
+    def save(self, root: str | Path, step: int, data: DataPosition | None = None,
+             stream_states: dict[int, dict] | None = None) -> Path:
+        """Write step ``step`` under ``root``; returns the step folder (on every rank).
+        ``stream_states``: this rank's share of the data stream's state per chunk (RankLoader.states)."""
         with self._guarded("checkpoint save"):
-            return self._save(Path(root), step, data)
+            return self._save(Path(root), step, data, stream_states or {})
 
     @contextlib.contextmanager
     def _guarded(self, what: str):
@@ -71,12 +75,13 @@ class Checkpointer:
         with guard.watch("checkpoint", timeout_s=self.timeout_s or math.inf), guard.publishing(what):
             yield
 
-    def _save(self, root: Path, step: int, data: DataPosition | None) -> Path:
+    def _save(self, root: Path, step: int, data: DataPosition | None, stream_states: dict[int, dict]) -> Path:
         rank = dist.get_rank()
         raise_if_any(self.control, self._overwrite_problems(root) if rank == 0 else [])
         if rank == 0:
             files.prepare(root, step)
         dist.barrier(group=self.control)
+        files.write_stream_states(files.partial_dir(root, step), stream_states)
         tree = self._tree(loading=False, nodes=self._saved_nodes(), adapters_only=self._adapters_only())
         tree["rng"] = state.rng_state(rank, dist.get_world_size())
         records = self._records(tree)
@@ -171,7 +176,7 @@ class Checkpointer:
         state.fill(tree, loaded)
         self._restore(tree, manifest)
         reset = self._reset_notes(nodes, optimized, with_optimizer, _rng_note(manifest, same_placement, same_device))
-        return Resumed(manifest.step, manifest.data, resharded, tuple(reset))
+        return Resumed(manifest.step, manifest.data, step_dir, resharded, tuple(reset))
 
     def _restore(self, tree: dict, manifest: Manifest) -> None:
         for name, node in tree.items():

@@ -27,6 +27,7 @@ from mimo_builder.placement import Layout
 
 FORMAT = 1
 MANIFEST = "mimo.json"
+DATA = "data"  # the data stream's state per chunk
 LATEST = "latest"
 
 
@@ -74,6 +75,10 @@ class DataPosition(_Record):
     seed: int
     batch_size: int
     consumed_samples: int
+    num_chunks: int | None = None
+    """The chunks each batch was read in (a stream's saved states fit only the same cut)."""
+    stream_states: bool = False
+    """Whether the step folder holds the stream's state per chunk (``data/chunk_C.json``)."""
 
 
 class Manifest(_Record):
@@ -179,6 +184,27 @@ def _sync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_stream_states(folder: Path, states: dict[int, dict]) -> None:
+    """Each chunk's data-stream state as ``folder/data/chunk_C.json`` (JSON values only)."""
+    if states:
+        (folder / DATA).mkdir(exist_ok=True)
+    for chunk, state in states.items():
+        _write_durably(folder / DATA / f"chunk_{chunk}.json", json.dumps(state))
+
+
+def read_stream_states(step_dir: Path, chunks: list[int]) -> dict[int, dict]:
+    """The saved data-stream states of ``chunks``; a missing one is a CheckpointError."""
+    states = {}
+    for chunk in chunks:
+        path = step_dir / DATA / f"chunk_{chunk}.json"
+        try:
+            states[chunk] = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: the data stream's state of chunk {chunk} cannot be read ({err}); "
+                                  "the checkpoint is damaged") from None
+    return states
 
 
 def folder_bytes(path: Path) -> int:

@@ -11,9 +11,11 @@ Energon needs the optional extra: ``pip install 'mimo-builder[energon]'``.
 
 from __future__ import annotations
 
+import gc
 import warnings
 from typing import Any, Callable
 
+from mimo_builder.data.energon_state import decode, encode
 from mimo_builder.data.collate import DataError
 from mimo_builder.errors import DependencyError
 from mimo_builder.runtime.shards import BatchLayout
@@ -60,8 +62,11 @@ class EnergonSource:
       seeded order per epoch, optionally through a ``shuffle_buffer_size`` buffer. The ``C``
       chunks' slices are disjoint, so no two chunks give the same sample in one pass.
     - **Steps are sequential.** A source asked for step ``s`` after ``s - 1`` continues; asked for
-      a later step first (a resumed run), it reads and drops that chunk's batches before ``s``; asked for an earlier step, it starts the chunk over. The same step again is served
-      from memory.
+      a later step first, it reads and drops that chunk's batches before ``s``; asked for an earlier
+      step, it starts the chunk over. The same step again is served from memory.
+    - **Resume.** :meth:`state` is a chunk's position and energon's own loader state (JSON values,
+      :mod:`mimo_builder.data.energon_state`); a resumed run :meth:`restore` puts it back and reads on from
+      there, the samples a straight run would read, without reading the steps before again.
     - **Workers.** ``num_workers`` energon worker processes per chunk the rank reads (persistent
       while the source lives); ``0`` reads in the calling process. RankLoader reads this source in
       the rank's own process (``sequential``).
@@ -91,12 +96,32 @@ class EnergonSource:
             raise ValueError(f"steps count from 1, got {step}")
         if not 0 <= chunk < layout.num_chunks:
             raise ValueError(f"chunk {chunk} is not one of the layout's {layout.num_chunks} chunks")
+        return self._reader(chunk, layout).batch(step)
+
+    def state(self, chunk: int) -> dict | None:
+        """Where ``chunk``'s reader stands (the last step read and energon's loader state, as JSON
+        values), None before it read a step."""
+        reader = self._chunks.get(chunk)
+        return None if reader is None else reader.state()
+
+    def restore(self, chunk: int, layout: BatchLayout, saved: dict) -> None:
+        """Continue ``chunk`` from a :meth:`state` of a source with the same layout and options:
+        energon's loader restored, the next step read is the one after the saved step."""
+        self._reader(chunk, layout).restore(saved)
+
+    def close(self) -> None:
+        """End every chunk's loader (and its worker processes); a later read opens them again."""
+        for reader in self._chunks.values():
+            reader.close()
+        self._chunks = {}
+        gc.collect()  # energon's loader and its epoch iterator hold each other: a cycle ends them
+    def _reader(self, chunk: int, layout: BatchLayout) -> "_ChunkReader":
         if layout != self._layout:
             self._check_size(layout.num_chunks)
             self._layout, self._chunks = layout, {}
         if chunk not in self._chunks:
             self._chunks[chunk] = _ChunkReader(lambda: self._open(chunk, layout))
-        return self._chunks[chunk].batch(step)
+        return self._chunks[chunk]
 
     def _worker_config(self, rank: int, world_size: int):
         return self._energon.WorkerConfig(rank=rank, world_size=world_size, num_workers=self.num_workers,
@@ -125,7 +150,7 @@ class EnergonSource:
                             f"{slices} in each (energon gives every loader worker its own slice)")
 
     def _open(self, chunk: int, layout: BatchLayout):
-        from megatron.energon.savable_loader import BasicDataLoader  # get_loader without its gc settings
+        """Energon's savable loader for ``chunk`` (not yet iterated)."""
 
         energon = self._energon
         dataset = energon.get_train_dataset(
@@ -133,28 +158,49 @@ class EnergonSource:
             batch_size=layout.chunk_size, task_encoder=_task_encoder(energon, self.to_sample), **self._options)
         # In this process, energon's gc.freeze/collect would reach the whole training process.
         in_process = {"gc_collect_every_n_steps": 0, "gc_freeze_at_start": False} if not self.num_workers else {}
-        loader = BasicDataLoader(dataset, **in_process)
         with warnings.catch_warnings():  # energon always asks to pin memory; on CPU torch warns per loader
             warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator", category=UserWarning)
-            return iter(loader)
+            return energon.SavableDataLoader(dataset, **in_process)
 
 
 class _ChunkReader:
-    """One chunk's batches in step order: continues, skips ahead, or starts over as asked."""
+    """One chunk's batches in step order: continues, skips ahead, or starts over as asked; its
+    energon loader's state can be saved after a step and restored into a fresh loader."""
 
-    def __init__(self, open_batches: Callable[[], Any]):
-        self._open, self._batches, self._read = open_batches, None, 0
-        self._last: list[dict] = []
+    def __init__(self, open_loader: Callable[[], Any]):
+        self._open, self._loader, self._batches, self._read = open_loader, None, None, 0
+        self._last: list[dict] | None = None
 
     def batch(self, step: int) -> list[dict]:
-        if step == self._read and self._batches is not None:
+        if step == self._read and self._batches is not None and self._last is not None:
             return self._last
-        if self._batches is None or step < self._read:
-            self._batches, self._read = self._open(), 0
+        if self._batches is None or step <= self._read:
+            self._start(None)
         while self._read < step:
             self._last = next(self._batches)
             self._read += 1
         return self._last
+
+    def state(self) -> dict | None:
+        if self._loader is None or self._read == 0:
+            return None
+        return {"step": self._read, "loader": encode(self._loader.save_state_rank())}
+
+    def restore(self, saved: dict) -> None:
+        self._start(decode(saved["loader"]))
+        self._read = int(saved["step"])
+
+    def close(self) -> None:
+        self._loader, self._batches, self._read, self._last = None, None, 0, None
+
+    def _start(self, state) -> None:
+        self._loader = self._open()
+        if state is not None:
+            self._loader.restore_state_rank(state)
+        with warnings.catch_warnings():  # energon always asks to pin memory; on CPU torch warns per loader
+            warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator", category=UserWarning)
+            self._batches = iter(self._loader)
+        self._read, self._last = 0, None
 
 
 def _task_encoder(energon, to_sample: Callable[[Any], dict]):

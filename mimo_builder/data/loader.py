@@ -63,7 +63,7 @@ class RankLoader:
 
     def __init__(self, valid: ValidGraph, source: SampleSource, collate, batch_size: int, rank: int, *,
                  num_microbatches: int = 1, first_step: int = 1, last_step: int, num_workers: int = 0):
-        self.valid, self.rank = valid, rank
+        self.valid, self.rank, self.source = valid, rank, source
         self.layout = BatchLayout.of(valid, batch_size, num_microbatches)
         self.chunks = self.layout.needed_chunks(valid, rank)
         self.steps = range(first_step, last_step + 1)
@@ -74,6 +74,25 @@ class RankLoader:
         context = multiprocessing.get_context("fork") if workers and _can_fork() else None
         self._loader = DataLoader(reads, batch_size=None, num_workers=workers, collate_fn=_as_is,
                                   multiprocessing_context=context, prefetch_factor=4 if workers else None)
+
+    def states(self) -> dict[int, dict]:
+        """The source's state of each chunk this rank is the first to read (a stream that can
+        resume, like energon's; {} for a source that needs none): what a checkpoint keeps."""
+        if not hasattr(self.source, "state"):
+            return {}
+        found = {c: self.source.state(c) for c in self._first_readers()}
+        return {c: state for c, state in found.items() if state is not None}
+
+    def restore(self, states: dict[int, dict]) -> None:
+        """Continue each of this rank's chunks from its saved state (before iterating)."""
+        for chunk in self.chunks:
+            if chunk in states:
+                self.source.restore(chunk, self.layout, states[chunk])
+
+    def _first_readers(self) -> list[int]:
+        """This rank's chunks that no lower rank reads."""
+        lower = {c for r in range(self.rank) for c in self.layout.needed_chunks(self.valid, r)}
+        return [c for c in self.chunks if c not in lower]
 
     def __iter__(self) -> Iterator[tuple[int, RankBatch]]:
         reads = iter(self._loader)

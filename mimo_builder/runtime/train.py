@@ -12,7 +12,9 @@ from megatron.core.distributed import DistributedDataParallelConfig
 
 from mimo_builder.platform import compat
 from mimo_builder.checkpoint import Checkpointer, DataPosition
+from mimo_builder.checkpoint.files import read_stream_states
 from mimo_builder.data import load_data
+from mimo_builder.data.loader import RankLoader
 from mimo_builder.errors import MimoError
 from mimo_builder.document.graph import Graph
 from mimo_builder.kinds.registry import active_registry, allow_modules, allowed_prefixes, import_roots
@@ -96,7 +98,10 @@ def _train_built(model, options: TrainOptions, device) -> list[float]:
     optimizer = GraphOptimizer(model, total_steps=options.steps, timer=timer)
     checkpointer = Checkpointer(model, optimizer, save_frozen=options.save_frozen,
                                 timeout_s=options.checkpoint_timeout_s)
-    done, data_seed = _resume(checkpointer, options)
+    resumed = _resume(checkpointer, options)
+    done = resumed.step if resumed else 0
+    data_seed = resumed.data.seed if resumed and resumed.data else options.seed
+    loader = _loader(model, options, done, data_seed)
     held_out = load_data(options.eval_data, "--eval-data") if options.eval_data else None
     losses = []
     with _monitor(options, done + 1) as monitor:
@@ -104,7 +109,10 @@ def _train_built(model, options: TrainOptions, device) -> list[float]:
         timer.take()  # evaluation is not part of the first step's time
         if device.type == "cuda":
             _message(monitor, first_step_notice())
-        for step, batch in _batches(model, options, done, data_seed):
+        if loader is not None and resumed is not None:
+            _message(monitor, _restore_stream(loader, resumed))
+        batches = loader if loader is not None else _synthetic(model, options, done, data_seed)
+        for step, batch in batches:
             start = time.perf_counter()
             optimizer.zero_grad()
             loss = schedule.forward_backward(batch, options.num_microbatches)
@@ -115,8 +123,8 @@ def _train_built(model, options: TrainOptions, device) -> list[float]:
                 step, loss, result.grad_norm, 0, seconds, skipped=result.skipped,
                 nonfinite_nodes=result.nonfinite_nodes), _tokens(batch))
             if options.save and (step == options.steps or (options.save_interval and step % options.save_interval == 0)):
-                path = checkpointer.save(options.save, step, DataPosition(
-                    seed=data_seed, batch_size=options.batch_size, consumed_samples=step * options.batch_size))
+                path = checkpointer.save(options.save, step, _position(loader, options, data_seed, step),
+                                         loader.states() if loader is not None else None)
                 _message(monitor, f"saved step {step} to {path}")
         if optimizer.skipped_steps:
             _message(monitor, f"skipped {optimizer.skipped_steps} steps in all (non-finite loss or gradients)")
@@ -133,15 +141,40 @@ def first_step_notice() -> str:
     return f"compiling GPU kernels for the first step; later runs reuse the cache ({cache})"
 
 
-def _batches(model, options: TrainOptions, done: int, data_seed: int):
-    """(step, batch) for the steps left: this rank's share read from ``--data``, else the whole
-    synthetic batch (the same on every rank)."""
-    steps = range(done + 1, options.steps + 1)
+def _synthetic(model, options: TrainOptions, done: int, data_seed: int):
+    """(step, whole synthetic batch) for the steps left, the same on every rank."""
+    return ((step, synthetic_batch(model.valid, options.batch_size, seed=data_seed + step))
+            for step in range(done + 1, options.steps + 1))
+
+
+def _loader(model, options: TrainOptions, done: int, data_seed: int) -> RankLoader | None:
+    """This rank's share of ``--data`` for the steps left (None: synthetic batches)."""
     if not options.data:
-        return ((step, synthetic_batch(model.valid, options.batch_size, seed=data_seed + step)) for step in steps)
+        return None
     data = load_data(options.data, "--data")
     return data.loader(model.valid, dist.get_rank(), options.batch_size, num_microbatches=options.num_microbatches,
                        first_step=done + 1, last_step=options.steps, seed=data_seed)
+
+
+def _position(loader: RankLoader | None, options: TrainOptions, data_seed: int, step: int) -> DataPosition:
+    """Where the data stream stands after ``step``, for the checkpoint."""
+    return DataPosition(seed=data_seed, batch_size=options.batch_size, consumed_samples=step * options.batch_size,
+                        num_chunks=loader.layout.num_chunks if loader is not None else None,
+                        stream_states=loader is not None and hasattr(loader.source, "state"))
+
+
+def _restore_stream(loader: RankLoader, resumed) -> str | None:
+    """Put a stream's saved per-chunk states back (its next batch is the one after the checkpoint's
+    step); where they do not fit this run's batches the stream reads up to that step again."""
+    saved = resumed.data
+    if saved is None or not saved.stream_states:
+        return None
+    if saved.num_chunks != loader.layout.num_chunks or saved.batch_size != loader.layout.batch_size:
+        return (f"data: the checkpoint's stream states are for batches of {saved.batch_size} in {saved.num_chunks} "
+                f"chunks, this run reads {loader.layout.batch_size} in {loader.layout.num_chunks}; the stream "
+                f"reads up to step {resumed.step} again")
+    loader.restore(read_stream_states(resumed.folder, loader.chunks))
+    return f"data: the stream continues after step {resumed.step} from the checkpoint's state"
 
 
 RATES = (".correct", ".free_running")  # per-sample outputs shown as shares
@@ -187,20 +220,20 @@ def _report(monitor, model, optimizer, seconds, record: StepRecord, tokens: int 
     monitor.record(record)
 
 
-def _message(monitor, line: str) -> None:
-    if monitor is not None:
+def _message(monitor, line: str | None) -> None:
+    if monitor is not None and line:
         monitor.message(line)
 
 
-def _resume(checkpointer: Checkpointer, options: TrainOptions) -> tuple[int, int]:
-    """The last step done and the data stream's seed: from the checkpoint when loading."""
+def _resume(checkpointer: Checkpointer, options: TrainOptions):
+    """What the checkpoint restored (None when not loading)."""
     if not options.load:
-        return 0, options.seed
+        return None
     resumed = checkpointer.load(options.load)
     _print(f"resumed from {options.load} at step {resumed.step}"
            + "".join(f"\n  resharded: node '{n}' (placement differs)" for n in resumed.resharded)
            + "".join(f"\n  reset: {note}" for note in resumed.reset))
-    return resumed.step, resumed.data.seed if resumed.data else options.seed
+    return resumed
 
 
 def _print(line: str) -> None:
