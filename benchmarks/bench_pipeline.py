@@ -66,6 +66,9 @@ class SleepConfig(ModelConfig):
     backward_ms: NonNegativeFloat = 40.0
     """Sleep in each backward of each pipeline stage."""
 
+    per_sample_ms: NonNegativeFloat = 0.0
+    """Further sleep per sample of the call, in the forward (twice that in the backward)."""
+
     def tp_problems(self, tp: int) -> list[str]:
         return [] if tp == 1 else [f"a sleep node runs at tp=1 only, got {tp}"]
 
@@ -94,7 +97,8 @@ class SleepBuilder(ModelBuilder):
 
     def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None) -> "SleepModule":
         cfg = self.config
-        return SleepModule(self.transformer_config(pg_collection), cfg.forward_ms / 1e3, cfg.backward_ms / 1e3)
+        return SleepModule(self.transformer_config(pg_collection), cfg.forward_ms / 1e3, cfg.backward_ms / 1e3,
+                           cfg.per_sample_ms / 1e3)
 
     def run_stage(self, model, inputs, hidden, first, last):
         out = model(inputs["input"] if first else hidden)
@@ -104,14 +108,14 @@ class SleepBuilder(ModelBuilder):
 class SleepModule(MegatronModule):
     """``x * scale`` (one parameter, so autograd and DDP have work), after sleeping; its backward sleeps."""
 
-    def __init__(self, config: TransformerConfig, forward_s: float, backward_s: float):
+    def __init__(self, config: TransformerConfig, forward_s: float, backward_s: float, per_sample_s: float = 0.0):
         super().__init__(config)
         self.scale = torch.nn.Parameter(torch.ones(1))
-        self.forward_s, self.backward_s = forward_s, backward_s
+        self.forward_s, self.backward_s, self.per_sample_s = forward_s, backward_s, per_sample_s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(self.forward_s)
-        return _SleepInBackward.apply(x * self.scale, self.backward_s)
+        time.sleep(self.forward_s + self.per_sample_s * x.shape[0])
+        return _SleepInBackward.apply(x * self.scale, self.backward_s + 2 * self.per_sample_s * x.shape[0])
 
 
 class _SleepInBackward(torch.autograd.Function):

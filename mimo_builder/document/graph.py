@@ -175,6 +175,10 @@ class Node(_Strict):
 
     lora: NodeLora | None = None
     """Fine-tune with LoRA adapters: the node's base weights frozen, adapters trained."""
+    batch_microbatches: StrictBool = True
+    """Where this node shares its ranks with a node downstream (an encoder colocated with its
+    backbone), run its forward once over all microbatches of a step and its backward once after
+    the last downstream backward (false: microbatch by microbatch, interleaved)."""
 
 
 class Graph(_Strict):

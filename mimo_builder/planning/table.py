@@ -58,10 +58,12 @@ def schedule_table(plan: Plan, num_microbatches: int, schedule=None) -> Table:
 
 
 def pipeline_plan(plan: Plan, num_microbatches: int):
-    """The graph-wide pipeline schedule of ``plan`` for ``num_microbatches`` (:func:`plan_graph`)."""
+    """The graph-wide pipeline schedule of ``plan`` for ``num_microbatches`` (:func:`plan_graph`),
+    encoders batched where the runtime would on CPU (:mod:`~mimo_builder.runtime.batching`)."""
+    from mimo_builder.runtime.batching import batched_nodes
     from mimo_builder.runtime.pipeline import plan_graph
 
-    return plan_graph(plan.valid, num_microbatches)
+    return plan_graph(plan.valid, num_microbatches, batched=batched_nodes(plan.valid, num_microbatches))
 
 
 def _schedule_rows(plan: Plan, schedule):

@@ -45,12 +45,19 @@ class Stage:
 
 @dataclass(frozen=True)
 class Op:
-    """A forward or backward of one stage for one microbatch."""
+    """A forward or backward of one stage for one microbatch. A batched stage runs all
+    ``span`` microbatches at once: its ops share one start and one end."""
 
     kind: str
     stage: Stage
     microbatch: int
     start: float = field(default=0.0, compare=False)
+    span: int = field(default=1, compare=False)
+
+    @property
+    def end(self) -> float:
+        """When the simulated run this op belongs to ends."""
+        return self.start + COST[self.kind] * self.span
 
 
 @dataclass
@@ -78,12 +85,13 @@ class PipelinePlan:
         return 1.0 - busy / self.makespan if self.makespan else 0.0
 
 
-def plan_graph(valid, num_microbatches: int, max_in_flight: int | None = None) -> PipelinePlan:
+def plan_graph(valid, num_microbatches: int, max_in_flight: int | None = None,
+               batched: frozenset[str] = frozenset()) -> PipelinePlan:
     """:func:`plan_pipeline` for a validated graph placed on a world (``valid.layouts`` set)."""
     vp = {name: virtual_stages(valid.configs[name]) for name in valid.order}
     backward = {name for name, needed in needs_grad(valid).items() if needed}
     return plan_pipeline(valid.order, [(e.src, e.dst) for e in valid.edges], valid.layouts, vp, backward,
-                         num_microbatches, max_in_flight)
+                         num_microbatches, max_in_flight, batched)
 
 
 def virtual_stages(config) -> int:
@@ -114,13 +122,15 @@ def stage_ranks(stage: Stage, layout: Layout) -> tuple[int, ...]:
 
 def plan_pipeline(order: list[str], edges: list[tuple[str, str]], layouts: dict[str, Layout],
                   vp: dict[str, int], backward: set[str], num_microbatches: int,
-                  max_in_flight: int | None = None) -> PipelinePlan:
+                  max_in_flight: int | None = None, batched: frozenset[str] = frozenset()) -> PipelinePlan:
     """Simulate one step of ``num_microbatches`` over the stage DAG of a graph.
 
     ``order`` is the nodes' topological order, ``edges`` (producer, consumer) node pairs,
     ``backward`` the nodes that run a backward pass. ``max_in_flight`` caps every stage's
     microbatches in flight further (1: one microbatch at a time through the whole graph, the
-    sequential schedule, least activation memory).
+    sequential schedule, least activation memory). ``batched`` nodes (one stage each, see
+    :func:`~mimo_builder.runtime.batching.batched_nodes`) run every microbatch in one forward,
+    once all their inputs are there, and one backward, once all their consumers' are done.
     """
     by_node = {name: node_stages(name, layouts[name], vp.get(name, 1)) for name in order}
     stages = [s for name in order for s in by_node[name]]
@@ -138,8 +148,9 @@ def plan_pipeline(order: list[str], edges: list[tuple[str, str]], layouts: dict[
     in_flight = _in_flight_limits(stages, succs)
     if max_in_flight is not None:
         in_flight = {s: min(n, max_in_flight) for s, n in in_flight.items()}
+    in_flight.update({s: num_microbatches for s in stages if s.node in batched})
     sim = _Simulation(stages, preds, succs, ranks, in_flight, {s for s in stages if s.node in backward},
-                      num_microbatches)
+                      num_microbatches, {s for s in stages if s.node in batched})
     return PipelinePlan(stages, preds, succs, ranks, sim.run(), in_flight, num_microbatches, sim.makespan)
 
 
@@ -154,10 +165,10 @@ def _in_flight_limits(stages: list[Stage], succs: dict[Stage, list[Stage]]) -> d
 class _Simulation:
     """List scheduling of every (stage, microbatch) forward and backward on the ranks."""
 
-    def __init__(self, stages, preds, succs, ranks, limits, backward, num_microbatches):
+    def __init__(self, stages, preds, succs, ranks, limits, backward, num_microbatches, batched=frozenset()):
         self.stages, self.preds, self.succs, self.ranks = stages, preds, succs, ranks
         self.position = {s: i for i, s in enumerate(stages)}  # tie-break: graph order
-        self.limits, self.backward, self.m = limits, backward, num_microbatches
+        self.limits, self.backward, self.m, self.batched = limits, backward, num_microbatches, batched
         self.done: dict[tuple[str, Stage, int], float] = {}
         self.free: dict[int, float] = defaultdict(float)
         self.next = {(kind, s): 0 for s in stages for kind in (FORWARD, BACKWARD)}
@@ -166,17 +177,24 @@ class _Simulation:
 
     def run(self) -> dict[int, list[Op]]:
         total = sum(self.m * (2 if s in self.backward else 1) for s in self.stages)
-        for _ in range(total):
+        while sum(self.next.values()) < total:
             candidates = [c for s in self.stages for c in self._candidates(s, capped=True)]
             if not candidates:  # cannot happen for a DAG with these caps; stay safe anyway
                 candidates = [c for s in self.stages for c in self._candidates(s, capped=False)]
             if not candidates:
                 raise PipelineError("no operation is ready: the stage graph has a cycle")
             start, _, _, _, op = min(candidates, key=lambda c: c[:4])
-            self._commit(Op(op.kind, op.stage, op.microbatch, start))
+            if op.stage in self.batched:
+                for m in range(self.m):
+                    self._commit(Op(op.kind, op.stage, m, start, span=self.m))
+            else:
+                self._commit(Op(op.kind, op.stage, op.microbatch, start))
         return dict(self.order)
 
     def _candidates(self, s: Stage, capped: bool):
+        if s in self.batched:
+            yield from self._batched_candidates(s)
+            return
         index = self.position[s]
         m = self.next[(FORWARD, s)]
         started_backward = self.next[(BACKWARD, s)]
@@ -191,11 +209,25 @@ class _Simulation:
                 ready = max([self.done[(FORWARD, s, m)], *(self.done[(BACKWARD, q, m)] for q in after)])
                 yield self._start(s, ready), 0, m, index, Op(BACKWARD, s, m)
 
+    def _batched_candidates(self, s: Stage):
+        """A batched stage's forward of every microbatch once all its inputs are there; its
+        backward once every consumer's backward of every microbatch is done."""
+        index, last = self.position[s], self.m - 1
+        if self.next[(FORWARD, s)] == 0 and all((FORWARD, p, last) in self.done for p in self.preds[s]):
+            ready = max((self.done[(FORWARD, p, m)] for p in self.preds[s] for m in range(self.m)), default=0.0)
+            yield self._start(s, ready), 1, 0, index, Op(FORWARD, s, 0)
+        after = [q for q in self.succs[s] if q in self.backward]
+        if (s in self.backward and self.next[(BACKWARD, s)] == 0 and (FORWARD, s, last) in self.done
+                and all((BACKWARD, q, m) in self.done for q in after for m in range(self.m))):
+            ready = max([self.done[(FORWARD, s, last)], *(self.done[(BACKWARD, q, m)] for q in after
+                                                          for m in range(self.m))])
+            yield self._start(s, ready), 0, 0, index, Op(BACKWARD, s, 0)
+
     def _start(self, s: Stage, ready: float) -> float:
         return max([ready, *(self.free[r] for r in self.ranks[s])])
 
     def _commit(self, op: Op) -> None:
-        end = op.start + COST[op.kind]
+        end = op.end
         for r in self.ranks[op.stage]:
             self.free[r] = end
             self.order[r].append(op)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mimo_builder.runtime.pipeline import COST, FORWARD, Op, PipelinePlan
+from mimo_builder.runtime.pipeline import FORWARD, Op, PipelinePlan
 from mimo_builder.runtime.routes import ACTIVATION, Key, Routes
 
 
@@ -67,7 +67,7 @@ def posting_plan(plan: PipelinePlan, routes: Routes, forward_only: bool = False)
         messages = sorted(sends + receives, key=lambda m: (produced[m.key], m.key))
         posting.messages[rank] = messages
         posting.by_start[rank] = [_prefix(messages, produced, made_by, op.start, i) for i, op in enumerate(ops)]
-        posting.by_end[rank] = [_prefix(messages, produced, made_by, op.start + COST[op.kind], i + 1)
+        posting.by_end[rank] = [_prefix(messages, produced, made_by, op.end, i + 1)
                                 for i, op in enumerate(ops)]
     return posting
 
@@ -88,7 +88,7 @@ def _production_times(plan: PipelinePlan, routes: Routes, forward_only: bool) ->
     for rank in plan.order:
         for op in rank_ops(plan, rank, forward_only):
             for key, _ in _sends(op, rank, routes, forward_only):
-                out[key] = op.start + COST[op.kind]
+                out[key] = op.end
     return out
 
 

@@ -14,19 +14,17 @@ Gradients accumulate across microbatches in DDP's buffers.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import traceback
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from mimo_builder.errors import MimoError
 from mimo_builder.placement import release, tp_cp_groups
-from mimo_builder.runtime.batch import check_batch, check_rank_batch, check_split, shard_range
-from mimo_builder.runtime.bridge import Mailbox, broadcast_tensor
-from mimo_builder.runtime.pipeline import FORWARD, Op, PipelinePlan, Stage, needs_grad, plan_graph
+from mimo_builder.runtime.batch import check_batch, check_rank_batch, check_split
+from mimo_builder.runtime.batching import batched_nodes
+from mimo_builder.runtime.pipeline import PipelinePlan, needs_grad, plan_graph
 from mimo_builder.runtime.port_check import PortContract
 from mimo_builder.runtime.posting import posting_plan, rank_ops
 from mimo_builder.runtime.generation import GenerationOptions, generate
@@ -34,6 +32,7 @@ from mimo_builder.runtime.optim import check_runnable
 from mimo_builder.runtime.outputs import check_requested, gathered_outputs, global_loss, output_means
 from mimo_builder.runtime.routes import Routes
 from mimo_builder.runtime.shards import RankBatch
+from mimo_builder.runtime.step import Step
 from mimo_builder.runtime.timing import NoTimer, PhaseTimer
 from mimo_builder.build.walker import CompositeModel
 from mimo_builder.platform import private
@@ -44,14 +43,6 @@ class StepError(MimoError, RuntimeError):
     (``trace``: this rank's own traceback, as text)."""
 
     trace: str = ""
-
-
-@dataclass
-class _StageState:
-    """One stage's tensors for one microbatch, from its forward until its backward."""
-
-    leaves: dict[int, torch.Tensor] = field(default_factory=dict)  # link index -> received input
-    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class GraphSchedule:
@@ -87,11 +78,13 @@ class GraphSchedule:
         self.failed: str | None = None
         self._plans: dict[tuple[int, int], tuple[PipelinePlan, Routes, dict]] = {}
         self._headers: dict = {}
-        self._current: _Step | None = None
+        self._current: Step | None = None
 
     def plan(self, num_microbatches: int) -> PipelinePlan:
-        """The pipeline every rank runs for ``num_microbatches`` (for display and benchmarks)."""
-        return plan_graph(self.valid, num_microbatches, self.max_in_flight)
+        """The pipeline every rank runs for ``num_microbatches``, encoders batched where they
+        qualify (:mod:`~mimo_builder.runtime.batching`)."""
+        batched = batched_nodes(self.valid, num_microbatches, self.device)
+        return plan_graph(self.valid, num_microbatches, self.max_in_flight, batched)
 
     # --- public -----------------------------------------------------------------------------
 
@@ -183,7 +176,7 @@ class GraphSchedule:
         # a rank's share does not show the other ranks' shapes, so then every step carries them
         headers = self._headers.setdefault((key, signature), {}) if signature is not None else {}
         posting = postings[forward_only]
-        step = self._current = _Step(self, batch, per, num_microbatches, routes, headers, forward_only,
+        step = self._current = Step(self, batch, per, num_microbatches, routes, headers, forward_only,
                                      posting.messages.get(self.rank, []))
         for index, op in enumerate(rank_ops(plan, self.rank, forward_only)):
             step.run(op, posting.by_start[self.rank][index], posting.by_end[self.rank][index])
@@ -220,179 +213,6 @@ class GraphSchedule:
             self._current.mailbox.drop()
         del groups
         gc.collect()  # the group objects must go now, not at some later collection
-
-
-class _Step:
-    """One forward_backward on one rank: its operations, their tensors and messages."""
-
-    def __init__(self, schedule: GraphSchedule, batch: RankBatch, per: int, num_microbatches: int, routes: Routes,
-                 headers, forward_only: bool, messages: list):
-        self.s, self.batch, self.per, self.m = schedule, batch, per, num_microbatches
-        self.forward_only = forward_only
-        self.outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
-        """Forward only: each last stage's outputs, one dict per microbatch, by node."""
-        self.routes, self.rank, self.valid = routes, schedule.rank, schedule.valid
-        self.mailbox = Mailbox(schedule.bridge, self.rank, messages, headers, schedule.device, self._gradient_like)
-        self.states: dict[tuple[Stage, int], _StageState] = {}
-        self.losses: dict[str, float] = {}
-        self.where = "the start of the step"
-
-    def run(self, op: Op, by_start: int, by_end: int) -> None:
-        """One operation of this rank's plan, its messages posted up to ``by_start`` before and up
-        to ``by_end`` after it (:mod:`~mimo_builder.runtime.posting`); ``where`` names it for
-        failure reports."""
-        kind = "forward" if op.kind == FORWARD else "backward"
-        self.where = f"node '{op.stage.node}' {kind} (microbatch {op.microbatch})"
-        self.s.guard.note(self.where)
-        with self.s.timer.measure(op.stage.node, "communication"):
-            self.mailbox.post(by_start, wait=True)
-        self.forward(op) if op.kind == FORWARD else self.backward(op)
-        with self.s.timer.measure(op.stage.node, "communication"):
-            self.mailbox.post(by_end)
-
-    # --- forward ----------------------------------------------------------------------------
-
-    def forward(self, op: Op) -> None:
-        stage, m = op.stage, op.microbatch
-        state = self.states[(stage, m)] = _StageState()
-        inputs, hidden = self._batch_inputs(stage.node, m), None
-        timer = self.s.timer
-        with timer.measure(stage.node, "communication"):
-            for li in self.routes.in_links[stage]:
-                link = self.routes.links[li]
-                leaf = self._receive_activation(op, li).detach().requires_grad_(self.s.needs_grad[link.src.node])
-                state.leaves[li] = leaf
-                if link.edge is None:
-                    hidden = leaf
-                else:
-                    inputs[link.edge.dst_port] = leaf
-        chunk = self.s.model.chunks(stage.node)[stage.chunk]
-        with timer.measure(stage.node, "forward"):
-            state.outputs = self.valid.builders[stage.node].run_stage(chunk, inputs, hidden, stage.index == 0,
-                                                                      stage.last)
-        if stage.last:
-            self.s.contract.check(stage.node, inputs, state.outputs)
-        with timer.measure(stage.node, "communication"):
-            for key, t in self.routes.sends(op, self.rank):
-                link = self.routes.links[key[1]]
-                value = state.outputs[link.edge.src_port if link.edge else "hidden"]
-                self.mailbox.send(key, self._slice(value, link, link.src.node, t.src, t).detach(), t.dst)
-        if self.forward_only:  # nothing waits for a backward: keep only the graph's outputs
-            if stage.last:
-                self.outputs.setdefault(stage.node, []).append(state.outputs)
-            del self.states[(stage, m)]
-
-    def _batch_inputs(self, node: str, m: int) -> dict[str, torch.Tensor]:
-        return {port: self.batch.microbatch(key, m).to(self.s.device)
-                for key, (n, port) in self.valid.inputs.items() if n == node and key in self.batch.rows}
-
-    def _receive_activation(self, op: Op, li: int) -> torch.Tensor:
-        parts = [self.mailbox.take(key, t.src) for key, t in self.routes.receives(op, self.rank, li)]
-        link = self.routes.links[li]
-        if link.edge is None:
-            (value,) = parts
-            return value
-        value = torch.cat(parts) if parts else None
-        return self._tp_broadcast(link.dst.node, value)
-
-    def _slice(self, value: torch.Tensor, link, node: str, rank: int, t) -> torch.Tensor:
-        """The samples of transfer ``t`` in ``rank``'s shard of ``node``'s ``value`` (batch-first
-        ports; hidden states inside a node travel whole)."""
-        if link.edge is None:
-            return value
-        layout = self.valid.layouts[node]
-        start = shard_range(layout, layout.coords(rank)["dp"], self.per)[0]
-        return value[t.start - start:t.stop - start]
-
-    def _gradient_like(self, key) -> torch.Tensor:
-        """The producer-side tensor whose gradient message ``key`` carries (its shape and dtype)."""
-        _, li, m, ti = key
-        link, t = self.routes.links[li], self.routes.transfers[li][ti]
-        output = self.states[(link.src, m)].outputs[link.edge.src_port if link.edge else "hidden"]
-        return self._slice(output, link, link.src.node, t.src, t)
-
-    # --- backward ---------------------------------------------------------------------------
-
-    def backward(self, op: Op) -> None:
-        stage, m = op.stage, op.microbatch
-        state = self.states[(stage, m)]
-        timer = self.s.timer
-        with timer.measure(stage.node, "communication"):
-            tensors, grads = self._output_gradients(op, state)
-        chunk = self.s.model.chunks(stage.node)[stage.chunk]
-        deferred = chunk.no_sync() if hasattr(chunk, "no_sync") and m < self.m - 1 else contextlib.nullcontext()
-        with deferred, timer.measure(stage.node, "backward"):  # DDP reduces once, after the last microbatch
-            pairs = [(t, g) for t, g in zip(tensors, grads) if t.requires_grad]
-            if pairs:
-                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-        with timer.measure(stage.node, "communication"):
-            self._send_input_gradients(op, state)
-        del self.states[(stage, m)]
-
-    def _output_gradients(self, op: Op, state: _StageState):
-        """The stage's outputs with the gradients its consumers sent back (and its loss terms)."""
-        stage = op.stage
-        tensors, grads = self._loss_terms(stage, state)
-        for li in self.routes.out_links[stage]:
-            link = self.routes.links[li]
-            port = link.edge.src_port if link.edge else "hidden"
-            output = state.outputs[port]
-            grad = torch.zeros(output.shape, dtype=torch.float32, device=self.s.device)
-            for key, t in self.routes.receives(op, self.rank, li):
-                piece = self.mailbox.take(key, t.dst)
-                self._slice(grad, link, link.src.node, t.src, t).add_(piece.float())
-            if link.edge is not None:
-                grad = self._tp_broadcast(stage.node, grad)
-            tensors.append(output)
-            grads.append(grad.to(output.dtype))
-        return tensors, grads
-
-    def _send_input_gradients(self, op: Op, state: _StageState) -> None:
-        self._combine_cp_gradients(op, state)
-        for key, t in self.routes.sends(op, self.rank):
-            link = self.routes.links[key[1]]
-            leaf = state.leaves[key[1]]
-            grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-            ratio = self.valid.layouts[link.src.node].dp / self.valid.layouts[link.dst.node].dp
-            piece = self._slice(grad, link, link.dst.node, t.dst, t) * ratio if link.edge else grad
-            self.mailbox.send(key, piece.to(leaf.dtype), t.src)
-
-    def _combine_cp_gradients(self, op: Op, state: _StageState) -> None:
-        """Under context parallelism each CP rank's input gradient holds its own tokens' part
-        (scaled by cp, see ``_loss_terms``): their sum over the CP ranks, divided by cp, is the
-        input's gradient. TP ranks hold equal copies, so the mean over the TP x CP group does it."""
-        layout = self.valid.layouts[op.stage.node]
-        if layout.cp == 1:
-            return
-        group = self.s.tp_groups[layout]
-        for li in self.routes.in_links[op.stage]:
-            link = self.routes.links[li]
-            if link.edge is not None and self.s.needs_grad[link.src.node]:
-                leaf = state.leaves[li]
-                grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-                dist.all_reduce(grad, group=group)
-                leaf.grad = grad / (layout.tp * layout.cp)
-
-    def _loss_terms(self, stage: Stage, state: _StageState):
-        """Each loss over the microbatches; under context parallelism scaled by cp, as MCore's
-        ``forward_step`` does, since DDP averages the CP ranks' gradients with the DP ranks'."""
-        tensors, grads = [], []
-        if stage.last:
-            for node, port in self.s.loss_outputs:
-                if node == stage.node:
-                    loss = state.outputs[port]
-                    self.losses[node] = self.losses.get(node, 0.0) + float(loss.detach()) / self.m
-                    tensors.append(loss * self.valid.layouts[node].cp / self.m)
-                    grads.append(None)
-        return tensors, grads
-
-    def _tp_broadcast(self, name: str, value: torch.Tensor | None) -> torch.Tensor:
-        """Share a tensor held by the node's first TP (and CP) rank with the rest of its TP x CP
-        group: every CP rank takes the whole input (the builder keeps its part of the sequence)."""
-        group = self.s.tp_groups.get(self.valid.layouts[name])
-        if group is None:
-            return value
-        return broadcast_tensor(value, dist.get_global_rank(group, 0), group, self.s.device)
 
 
 def _signature(batch: dict[str, torch.Tensor]) -> tuple:

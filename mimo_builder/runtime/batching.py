@@ -1,0 +1,68 @@
+"""Encoder batching: which nodes run every microbatch of a step in one forward and one backward.
+
+In a colocated placement an encoder shares its ranks with the backbone it feeds. Interleaved
+with the backbone microbatch by microbatch, it runs ``M`` small forwards and ``M`` small backwards
+per step; batched, it runs one forward over all ``M`` microbatches before the backbone's first
+and one backward after the backbone's last: fewer, larger calls (FlagScale's colocated MIMO does
+the same). The samples, their order and every gradient are those of the interleaved step.
+
+A node is batched when the step has several microbatches, the document leaves its
+``batch_microbatches`` on (the default), it is one pipeline stage without context parallelism,
+no graph output reads it, every rank of it also hosts a node downstream of it that the graph's
+outputs read (the backbone, busy on those ranks all step: batching there costs no overlap),
+every node feeding it is batched too, and its activations for all microbatches fit: on CUDA the plan's
+estimate of the busiest rank, with this node's activations held for every microbatch, must stay
+below the device's memory (on CPU the host's memory is taken to hold them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mimo_builder.runtime.pipeline import virtual_stages
+
+
+def batched_nodes(valid, num_microbatches: int, device: torch.device | None = None) -> frozenset[str]:
+    """The nodes of ``valid`` (placed on a world) that run batched over ``num_microbatches``."""
+    if num_microbatches < 2:
+        return frozenset()
+    read = {node for node, _ in valid.outputs}
+    below = _descendants(valid)
+    chosen: set[str] = set()
+    for name in valid.order:
+        layout, node = valid.layouts[name], valid.graph.nodes[name]
+        feeding = {e.src for e in valid.edges if e.dst == name}
+        sinks = below[name] & read  # the backbone: its ranks are busy for the whole step anyway
+        hosts_below = set().union(*(valid.layouts[d].ranks for d in sinks)) if sinks else set()
+        if (node.batch_microbatches and layout.pp == 1 and layout.cp == 1 and virtual_stages(valid.configs[name]) == 1
+                and name not in read and set(layout.ranks) <= hosts_below and feeding <= chosen):
+            chosen.add(name)
+    if chosen and device is not None and device.type == "cuda" and not _fits(valid, num_microbatches, chosen):
+        return frozenset()
+    return frozenset(chosen)
+
+
+def _descendants(valid) -> dict[str, set[str]]:
+    below: dict[str, set[str]] = {name: set() for name in valid.order}
+    for name in reversed(valid.order):
+        for edge in valid.edges:
+            if edge.src == name:
+                below[name] |= {edge.dst} | below[edge.dst]
+    return below
+
+
+def _fits(valid, num_microbatches: int, chosen: set[str]) -> bool:
+    """Whether the plan's busiest rank, holding the chosen nodes' activations for every microbatch,
+    stays below this device's memory (the plan at one sample per microbatch row; a failed
+    estimate batches nothing)."""
+    try:
+        from mimo_builder.planning.estimate import estimate_plan
+        from mimo_builder.planning.plan import make_plan
+        from mimo_builder.runtime.pipeline import plan_graph
+
+        plan = make_plan(valid.graph, valid.world_size)
+        estimate = estimate_plan(plan, plan_graph(valid, num_microbatches, batched=frozenset(chosen)), 1, None)
+        peak = max(memory.total for memory in estimate.memory)
+        return peak < torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    except Exception:  # the estimate is advice: without it, run interleaved
+        return False
