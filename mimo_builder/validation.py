@@ -84,7 +84,7 @@ def validate_graph(graph: Graph, world_size: int | None = None) -> ValidGraph:
     configs, builders = _check_nodes(graph, problems)
     edges = _check_edges(graph, builders, problems)
     inputs, outputs = _check_bindings(graph, builders, edges, problems)
-    problems.extend(_packing_problems(graph, configs, inputs))
+    problems.extend(_packing_problems(graph, configs, builders, inputs))
     order = _check_acyclic(graph, edges, problems)
     layouts = _check_layouts(graph, configs, world_size, problems) if world_size is not None else {}
     if layouts:
@@ -211,17 +211,18 @@ def _lora_problems(name: str, node, builder: ModelBuilder, config: ModelConfig) 
             for t in unknown]
 
 
-def _packing_problems(graph: Graph, configs, inputs) -> list[str]:
+def _packing_problems(graph: Graph, configs, builders, inputs) -> list[str]:
     """A node that packs its samples (its ``seq_lengths`` bound) runs them on one pipeline stage,
     without CP or sequence parallelism: packed rows change in number from step to step."""
     why = "a node packing its samples (inputs bind its seq_lengths) runs with"
     problems = []
-    for name in sorted({node for node, port in inputs.values() if port == "seq_lengths" and node in configs}):
+    for name in sorted({node for node, port in inputs.values() if port == "seq_lengths" and node in builders}):
         placement = graph.nodes[name].placement
         problems += [f"node '{name}' placement.{axis}: {why} {axis} 1, got {getattr(placement, axis)}"
                      for axis in ("pp", "cp") if getattr(placement, axis) > 1]
         if getattr(configs[name], "transformer", {}).get("sequence_parallel"):
             problems.append(f"node '{name}' config.transformer.sequence_parallel: {why}out it")
+        problems += [f"node '{name}' {p}" for p in builders[name].packing_problems()]
     return problems
 
 

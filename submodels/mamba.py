@@ -274,6 +274,14 @@ class MambaBuilder(ModelBuilder):
                     "spec; set transformer.add_bias_linear: false"]
         return []
 
+    def packing_problems(self) -> list[str]:
+        """MCore's Mamba mixer takes packed rows on its training path only, which needs causal-conv1d on CUDA."""
+        if self.config.hybrid_layer_pattern.count("M") and not self.config.transformer.get(
+                "use_mamba_mem_eff_path", mem_eff_path_available()):
+            return ["config.transformer.use_mamba_mem_eff_path: packed rows need MCore's Mamba training path "
+                    "(mamba-ssm's fused conv + scan), which needs causal-conv1d on CUDA: install it, or drop --pack"]
+        return []
+
     def _check_trainable_experts(self) -> None:
         problems = self.training_problems(trains=torch.is_grad_enabled())
         if problems:

@@ -211,3 +211,15 @@ def test_run_pack_on_a_node_kind_that_cannot_pack_is_named_before_launch(tmp_pat
     done = main_in_process("run", str(document), "--pack", "--steps", "1")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "inputs.seq_lengths: node 'gpt' has no input port 'seq_lengths'" in done.stderr
+
+
+def test_packing_where_mcores_mamba_training_path_cannot_run_is_named():
+    """use_mamba_mem_eff_path off (as on CUDA without causal-conv1d): MCore's mixer would assert."""
+    from graphs.mamba_lm import mamba_lm
+    from mimo_builder.validation import validate_graph
+
+    graph = mamba_lm()
+    graph.nodes["lm"].config["transformer"] = {"use_mamba_mem_eff_path": False}
+    with pytest.raises(GraphError, match=r"node 'lm' config.transformer.use_mamba_mem_eff_path: packed rows need"):
+        validate_graph(graph.packed())
+    validate_graph(graph)

@@ -117,6 +117,11 @@ class ModelBuilder(mcore_base.ModelBuilder):
         starting with the config field to change; checked at validate. None by default."""
         return []
 
+    def packing_problems(self) -> list[str]:
+        """Why this node cannot pack its samples on this machine (checked at validate where the
+        batch binds its ``seq_lengths``), each starting with the config field to change. None by default."""
+        return []
+
     outputs_in_use: frozenset[str] | None = None
     """The output ports the running graph reads from this node (set by the schedule; None: all).
     A builder may skip computing an optional output that is not among them."""
