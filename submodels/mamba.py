@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from submodels import mamba_kernels
+from submodels import mamba_cpu, mamba_kernels
 from submodels.context_parallel import cp_size, split_for_cp_rank
 from submodels.lm_metrics import exact_match, greedy_predictions
 from submodels.mamba_costs import hybrid_stage_costs
@@ -121,7 +121,7 @@ class MambaBuilder(ModelBuilder):
 
         cfg = self.config
         if resolve_device().type == "cpu":
-            mamba_kernels.install_cpu_kernels()
+            mamba_cpu.install_cpu_kernels()
         tp = pg_collection.tp.size()
         return dict(
             config=self.transformer_config(pg_collection),

@@ -7,7 +7,7 @@ sample of ``batch`` tokens and refuses it, and with the gated norm it would broa
 squeezed gate against the output. So on CPU ``MambaMixer._decode`` for static batches is
 :func:`batched_decode`: the same recurrence as that fallback (shift the conv state, convolve,
 discretise, update the SSM state in place, gate), for every row at once. Installed with the CPU
-kernels (:func:`submodels.mamba_kernels.install_cpu_kernels`), on CPU only;
+kernels (:func:`submodels.mamba_cpu.install_cpu_kernels`), on CPU only;
 ``tests/test_generate.py`` checks decoding against full forwards.
 """
 

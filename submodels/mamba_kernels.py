@@ -7,21 +7,15 @@ This module supplies numerically equivalent torch implementations (autograd supp
 the gradients) so that the *unchanged* MCore ``MambaMixer``, with its own parameters,
 runs on CPU -- for tests, debugging and small CPU-only runs.
 
-They are installed only on CPU: ``install_cpu_kernels()`` refuses to patch anything when
-CUDA is available (unless ``force=True``), because there the real kernels should run.
-It replaces exactly these three module globals, and this module is the only place in
-the project that does so:
-
-* ``megatron.core.ssm.mamba_mixer.mamba_chunk_scan_combined`` -> :func:`ssd_chunk_scan`
-* ``megatron.core.ssm.mamba_mixer.causal_conv1d_fn`` -> :func:`causal_conv1d`
-* ``mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn`` -> :func:`gated_rms_norm`
-  (the gated ``RMSNorm`` module's ``forward`` calls this global)
+They are installed only on CPU, by :func:`submodels.mamba_cpu.install_cpu_kernels` (with the
+fused training kernel of :mod:`submodels.mamba_split_scan` and the decode step of
+:mod:`submodels.mamba_decode`).
 
 Import order matters: ``import mamba_ssm`` raises here (its ``__init__`` needs the missing
 ``selective_scan_cuda`` extension), but the failed attempt leaves ``mamba_ssm.ops.triton.*``
 in ``sys.modules``, after which MCore's ``from mamba_ssm.ops.triton.X import name`` works.
 So import this module *before* anything from ``megatron.core.ssm`` (and from
-``megatron.training``, which imports it); ``install_cpu_kernels()`` raises if that order
+``megatron.training``, which imports it); installing the kernels raises if that order
 was broken, as MCore then has no gated RMSNorm. (``import
 mamba_ssm.ops.triton.X`` and ``from mamba_ssm.ops.triton import X`` still fail: both
 re-import the top-level package. Use the ``from ... import name`` form or importlib.)
@@ -29,16 +23,12 @@ re-import the top-level package. Use the ``from ... import name`` form or import
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from mimo_builder.platform import compat
-
 _MIXER = "megatron.core.ssm.mamba_mixer"
-_LAYERNORM_GATED = "mamba_ssm.ops.triton.layernorm_gated"
 _NO_LIMIT = (0.0, float("inf"))
 
 
@@ -319,53 +309,3 @@ def gated_rms_norm(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_befo
     if gate is not None and norm_before_gate:
         out = out * gate
     return out.to(x.dtype)
-
-
-# --------------------------------------------------------------------------- install
-
-
-KERNELS_REASON = "MCore's MambaMixer calls mamba-ssm's Triton kernels (SSD scan, causal conv, gated RMSNorm), which need a GPU."
-
-
-def _targets():
-    """(module, global name, replacement) for the three patched globals."""
-    ensure_mamba_ssm_importable()
-    mixer = importlib.import_module(_MIXER)
-    norm = importlib.import_module(_LAYERNORM_GATED)
-    return [
-        (mixer, "mamba_chunk_scan_combined", ssd_chunk_scan),
-        (mixer, "causal_conv1d_fn", causal_conv1d),
-        (norm, "rmsnorm_fn", gated_rms_norm),
-    ]
-
-
-def install_cpu_kernels(force: bool = False) -> bool:
-    """Point MCore's MambaMixer (and gated RMSNorm) at the CPU kernels above. Idempotent.
-
-    Does nothing and returns False when CUDA is available, unless ``force``; else True.
-    """
-    if torch.cuda.is_available() and not force:
-        return False
-    compat.replace_for_process(KERNELS_REASON, _targets())
-    from submodels.mamba_decode import DECODE_REASON, decode_targets
-    from submodels.mamba_split_scan import SPLIT_SCAN_REASON, packing_supported, split_conv1d_scan
-
-    compat.replace_for_process(DECODE_REASON, decode_targets())
-    mixer = importlib.import_module(_MIXER)
-    compat.replace_for_process(SPLIT_SCAN_REASON, [
-        (mixer, "mamba_split_conv1d_scan_combined", split_conv1d_scan),
-        (mixer, "_check_mamba_sequence_packing_support", packing_supported),
-    ])
-    return True
-
-
-def cpu_kernels_installed() -> bool:
-    """True when all three patched globals currently point at this module's kernels."""
-    mixer, norm = sys.modules.get(_MIXER), sys.modules.get(_LAYERNORM_GATED)
-    if mixer is None or norm is None:
-        return False
-    return (
-        getattr(mixer, "mamba_chunk_scan_combined", None) is ssd_chunk_scan
-        and getattr(mixer, "causal_conv1d_fn", None) is causal_conv1d
-        and getattr(norm, "rmsnorm_fn", None) is gated_rms_norm
-    )

@@ -4,7 +4,7 @@ MCore's ``MambaMixer`` trains through ``_ssm_training`` (its memory-efficient pa
 tests) and only that path takes packed rows (``packed_seq_params.seq_idx``). On CUDA it calls
 mamba-ssm's fused kernel, which needs ``causal_conv1d``; here the same split, convolution and
 scan are composed from :mod:`submodels.mamba_kernels`, so the unchanged mixer trains packed rows
-on CPU. Installed with the other CPU kernels (``mamba_kernels.install_cpu_kernels``).
+on CPU. Installed with the other CPU kernels (``mamba_cpu.install_cpu_kernels``).
 """
 
 from __future__ import annotations

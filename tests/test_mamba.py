@@ -48,7 +48,7 @@ def _tp2_vs_tp1():
     from mimo_builder.platform.compat import seed_rng
     from mimo_builder.placement import Layout
     from mimo_builder.build.tp_shard import load_full_state
-    from submodels import mamba_kernels
+    from submodels import mamba_cpu
 
     rank = dist.get_rank()
     solo, pair = Layout(rank, 1), Layout(0, 2, tp=2)
@@ -67,7 +67,7 @@ def _tp2_vs_tp1():
         local = sharded(tokens, positions, None)  # vocab-parallel logits [b, s, v / tp]
     width = local.shape[-1]
     expected = expected[..., rank * width:(rank + 1) * width]
-    return float((local - expected).abs().max()), float(expected.abs().max()), mamba_kernels.cpu_kernels_installed()
+    return float((local - expected).abs().max()), float(expected.abs().max()), mamba_cpu.cpu_kernels_installed()
 
 
 def test_tp2_logits_equal_tp1_from_same_master_weights():

@@ -16,6 +16,7 @@ import types
 
 # Must come before anything from megatron.core.ssm (see the module docstring).
 from submodels import mamba_kernels as mk  # isort: skip
+from submodels import mamba_cpu  # noqa: E402
 
 import pytest
 import torch
@@ -378,29 +379,33 @@ def patch_targets(monkeypatch):
     """The two patched modules, with their current globals restored after the test."""
     mixer = importlib.import_module("megatron.core.ssm.mamba_mixer")
     norm = importlib.import_module("mamba_ssm.ops.triton.layernorm_gated")
-    names = [(mixer, "mamba_chunk_scan_combined"), (mixer, "causal_conv1d_fn"),
-             (norm, "rmsnorm_fn")]
+    names = [(mixer, "mamba_chunk_scan_combined"), (mixer, "causal_conv1d_fn"), (norm, "rmsnorm_fn"),
+             (mixer, "mamba_split_conv1d_scan_combined"), (mixer, "_check_mamba_sequence_packing_support")]
     for mod, name in names:
         monkeypatch.setattr(mod, name, getattr(mod, name))
     return mixer, norm
 
 
-def test_install_cpu_kernels_patches_three_globals(patch_targets, monkeypatch):
+def test_install_cpu_kernels_patches_the_mixers_globals(patch_targets, monkeypatch):
+    from submodels.mamba_split_scan import split_conv1d_scan
+
     mixer, norm = patch_targets
     assert mixer.HAVE_MAMBA_SSM, "MCore imported without mamba_ssm despite the import guard"
     monkeypatch.setattr(mixer, "causal_conv1d_fn", None)
-    assert not mk.cpu_kernels_installed()
+    assert not mamba_cpu.cpu_kernels_installed()
     for _ in range(2):  # idempotent
-        assert mk.install_cpu_kernels(force=True) is True
+        assert mamba_cpu.install_cpu_kernels(force=True) is True
         assert mixer.mamba_chunk_scan_combined is mk.ssd_chunk_scan
         assert mixer.causal_conv1d_fn is mk.causal_conv1d
         assert norm.rmsnorm_fn is mk.gated_rms_norm
-        assert mk.cpu_kernels_installed()
+        assert mixer.mamba_split_conv1d_scan_combined is split_conv1d_scan
+        assert mixer._check_mamba_sequence_packing_support(False) == (True, None)
+        assert mamba_cpu.cpu_kernels_installed()
 
 
 def test_installed_rmsnorm_module_runs_on_cpu(patch_targets):
     _, norm = patch_targets
-    mk.install_cpu_kernels(force=True)
+    mamba_cpu.install_cpu_kernels(force=True)
     module = norm.RMSNorm(16, eps=1e-5, group_size=8, norm_before_gate=False)
     with torch.no_grad():
         module.weight.uniform_(0.5, 1.5)
@@ -414,7 +419,7 @@ def test_install_skipped_when_cuda_available(patch_targets, monkeypatch):
     mixer, _ = patch_targets
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(mixer, "causal_conv1d_fn", None)
-    assert mk.install_cpu_kernels() is False
+    assert mamba_cpu.install_cpu_kernels() is False
     assert mixer.causal_conv1d_fn is None
 
 
@@ -424,4 +429,4 @@ def test_guard_raises_if_mixer_imported_without_mamba_ssm(patch_targets, monkeyp
     with pytest.raises(RuntimeError, match="Import submodels.mamba_kernels before"):
         mk.ensure_mamba_ssm_importable()
     with pytest.raises(RuntimeError):
-        mk.install_cpu_kernels(force=True)
+        mamba_cpu.install_cpu_kernels(force=True)

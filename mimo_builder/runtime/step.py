@@ -61,6 +61,7 @@ class Step:
     # --- forward ----------------------------------------------------------------------------
 
     def forward(self, op: Op) -> None:
+        """The op's forward (a batched stage's first op computes every microbatch), then its sends."""
         if op.span == 1:
             inputs, hidden, state = self._receive_inputs(op)
             state.outputs = self._run_stage(op.stage, inputs, hidden)
@@ -143,6 +144,8 @@ class Step:
     # --- backward ---------------------------------------------------------------------------
 
     def backward(self, op: Op) -> None:
+        """The op's backward (a batched stage's first op runs it for every microbatch), then the
+        input gradients of the op's microbatch go back."""
         stage, m = op.stage, op.microbatch
         if op.span == 1:
             self._run_backward(stage, [op], last=m == self.m - 1)

@@ -116,10 +116,10 @@ def _workarounds() -> dict:
     """Traces the CPU-only patches would have left in this process."""
     from megatron.core.tensor_parallel import random as mcore_random
 
-    from submodels import mamba_kernels
+    from submodels import mamba_cpu
 
     return dict(current_device_module=torch.cuda.current_device.__module__,
-                cpu_kernels=mamba_kernels.cpu_kernels_installed(),
+                cpu_kernels=mamba_cpu.cpu_kernels_installed(),
                 rng_tracker=type(mcore_random.get_cuda_rng_tracker()).__name__)
 
 
