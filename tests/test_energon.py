@@ -181,7 +181,8 @@ class _Converted:
 
 @pytest.mark.parametrize("num_workers, shuffle", [(0, None), (0, 4), (2, 4)])
 def test_a_restored_stream_reads_on_exactly_where_the_straight_run_does(digits, num_workers, shuffle):
-    """Steps 1-3, the state through JSON, a fresh source: steps 4-6 give the straight run's samples."""
+    """The state after step 3 of a straight run, through JSON, into a fresh source: its steps 4-6
+    are the straight run's."""
     import json
 
     from test_data import _vlm
@@ -206,10 +207,11 @@ def test_a_restored_stream_reads_on_exactly_where_the_straight_run_does(digits, 
     def answers(batches):
         return [batch.rows["labels"][:, IMAGE_TOKENS].tolist() for _, batch in batches]
 
-    straight = answers(loader(_keyed, 1, 6))
-    first = loader(_keyed, 1, 3)
-    assert answers(first) == straight[:3]
-    states = json.loads(json.dumps(first.states()))  # what the checkpoint files hold
+    straight, states, straight_loader = [], None, loader(_keyed, 1, 6)
+    for step, batch in straight_loader:
+        straight.append(batch.rows["labels"][:, IMAGE_TOKENS].tolist())
+        if step == 3:  # where a checkpoint saves, through JSON as its files hold it
+            states = json.loads(json.dumps(straight_loader.states()))
     assert sorted(states) == ["0"] and states["0"]["step"] == 3  # one chunk: the lm's dp is 1
     converted = _Converted()
     resumed = loader(converted, 4, 6)
@@ -254,6 +256,15 @@ def train_data():
 '''
 
 
+def _straight_keys(folder, steps: int, batch_size: int) -> list[str]:
+    """The samples a one-chunk run reads in ``steps`` steps, in order."""
+    from mimo_builder.data.energon import EnergonSource
+    from mimo_builder.runtime.shards import BatchLayout
+
+    source = EnergonSource(folder, _keyed)
+    return [key for step in range(1, steps + 1) for key in _keys(source, step, 0, BatchLayout(batch_size, 1, 1))]
+
+
 def test_a_resumed_run_reads_the_samples_the_straight_run_reads_and_no_others(digits, tmp_path):
     """mimo-builder run --save at step 3, then --load to step 6: the samples read are the straight
     run's, in the same order, and none of steps 1-3 is read again."""
@@ -279,8 +290,9 @@ def test_a_resumed_run_reads_the_samples_the_straight_run_reads_and_no_others(di
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout, (tmp_path / log).read_text().split()
 
-    _, straight = run("straight.log", "--steps", "6")
+    straight = _straight_keys(digits[0], steps=6, batch_size=4)
     _, first = run("split.log", "--steps", "3", "--save", "ckpt")
+    assert first == straight[:12]
     (step_dir,) = (tmp_path / "ckpt").glob("step_*")
     assert (step_dir / "data" / "chunk_0.json").is_file()
     out, both = run("split.log", "--steps", "6", "--load", "ckpt")
