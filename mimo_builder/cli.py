@@ -102,8 +102,8 @@ def _plan(args) -> int:
     from mimo_builder.planning.table import pipeline_plan, print_plan
 
     plan = make_plan(_load(args, args.world_size), args.world_size, count_params=not args.no_params)
-    schedule = pipeline_plan(plan, args.microbatches)
     memory, label = args.gpu_memory or (None, None)
+    schedule = pipeline_plan(plan, args.microbatches, memory)
     estimates = estimate_plan(plan, schedule, args.micro_batch_size, memory, label)
     if args.json:
         print(_json_lines({**plan.as_dict(estimates), "schedule": _schedule_dict(plan, schedule)}))
@@ -115,6 +115,7 @@ def _plan(args) -> int:
 def _schedule_dict(plan, schedule) -> dict:
     num_microbatches = schedule.num_microbatches
     return {"microbatches": num_microbatches, "stages": len(schedule.stages), "slots": schedule.makespan,
+            "batched": sorted(schedule.batched),
             "ranks": [{"rank": r, "operations": [f"{op.kind}:{op.stage.node}:{op.stage.index}:{op.microbatch}"
                                                  for op in schedule.order.get(r, [])],
                        "warmup": schedule.warmup(r), "idle": round(schedule.idle_fraction(r), 4)}

@@ -95,3 +95,17 @@ def test_a_batched_step_equals_the_interleaved_step(placement):
                 assert diff <= 1e-5 * max(expected.abs().max(), 1e-3), (name, key, float(diff))
     ref_updated, ref_start = interleaved[0][2], interleaved[0][3]
     assert any(not torch.equal(ref_start["vision"][k], v) for k, v in ref_updated["vision"].items())
+
+
+def test_plan_names_the_batched_nodes_and_batches_none_where_the_memory_would_not_hold_them():
+    import json
+
+    from cli_in_process import main_in_process
+
+    common = ("plan", "graphs/avlm.yaml", "--world-size", "2", "--colocate", "--microbatches", "4", "--json")
+    roomy = main_in_process(*common)
+    assert roomy.returncode == 0, roomy.stderr
+    assert json.loads(roomy.stdout)["schedule"]["batched"] == ["audio", "audio_proj", "vision", "vision_proj"]
+    tight = main_in_process(*common, "--gpu-memory", "1MB")  # the interleaved plan does not fit either
+    assert tight.returncode == 0, tight.stderr
+    assert json.loads(tight.stdout)["schedule"]["batched"] == []

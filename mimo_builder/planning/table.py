@@ -54,16 +54,20 @@ def schedule_table(plan: Plan, num_microbatches: int, schedule=None) -> Table:
         table.add_column(column, justify="left" if column.startswith("stages") else "right")
     for first, last, stages, warmup, idle in _schedule_rows(plan, schedule):
         table.add_row(str(first) if first == last else f"{first}-{last}", stages, str(warmup), f"{idle:.0%}")
+    if schedule.batched:
+        table.caption = f"batched (one forward and one backward over every microbatch): {', '.join(sorted(schedule.batched))}"
     return table
 
 
-def pipeline_plan(plan: Plan, num_microbatches: int):
+def pipeline_plan(plan: Plan, num_microbatches: int, memory: int | None = None):
     """The graph-wide pipeline schedule of ``plan`` for ``num_microbatches`` (:func:`plan_graph`),
-    encoders batched where the runtime would on CPU (:mod:`~mimo_builder.runtime.batching`)."""
+    encoders batched where the runtime would (:mod:`~mimo_builder.runtime.batching`; with
+    ``memory`` bytes per rank, where the estimate fits them)."""
     from mimo_builder.runtime.batching import batched_nodes
     from mimo_builder.runtime.pipeline import plan_graph
 
-    return plan_graph(plan.valid, num_microbatches, batched=batched_nodes(plan.valid, num_microbatches))
+    batched = batched_nodes(plan.valid, num_microbatches, memory=memory, plan=plan)
+    return plan_graph(plan.valid, num_microbatches, batched=batched)
 
 
 def _schedule_rows(plan: Plan, schedule):

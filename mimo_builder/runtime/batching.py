@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import torch
 
-from mimo_builder.runtime.pipeline import virtual_stages
+from mimo_builder.runtime.pipeline import plan_graph, virtual_stages
 
 
-def batched_nodes(valid, num_microbatches: int, device: torch.device | None = None) -> frozenset[str]:
-    """The nodes of ``valid`` (placed on a world) that run batched over ``num_microbatches``."""
+def batched_nodes(valid, num_microbatches: int, device: torch.device | None = None,
+                  memory: int | None = None, plan=None) -> frozenset[str]:
+    """The nodes of ``valid`` (placed on a world) that run batched over ``num_microbatches``: on a
+    CUDA ``device``, or with ``memory`` bytes per rank, only if the plan's estimate fits (``plan``:
+    the graph's dry-run plan where the caller has it)."""
     if num_microbatches < 2:
         return frozenset()
     read = {node for node, _ in valid.outputs}
@@ -37,7 +40,9 @@ def batched_nodes(valid, num_microbatches: int, device: torch.device | None = No
         if (node.batch_microbatches and layout.pp == 1 and layout.cp == 1 and virtual_stages(valid.configs[name]) == 1
                 and name not in read and set(layout.ranks) <= hosts_below and feeding <= chosen):
             chosen.add(name)
-    if chosen and device is not None and device.type == "cuda" and not _fits(valid, num_microbatches, chosen):
+    if chosen and memory is None and device is not None and device.type == "cuda":
+        memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if chosen and memory is not None and not fits(valid, num_microbatches, frozenset(chosen), memory, plan):
         return frozenset()
     return frozenset(chosen)
 
@@ -51,18 +56,16 @@ def _descendants(valid) -> dict[str, set[str]]:
     return below
 
 
-def _fits(valid, num_microbatches: int, chosen: set[str]) -> bool:
-    """Whether the plan's busiest rank, holding the chosen nodes' activations for every microbatch,
-    stays below this device's memory (the plan at one sample per microbatch row; a failed
-    estimate batches nothing)."""
+def fits(valid, num_microbatches: int, batched: frozenset[str], memory: int, plan=None) -> bool:
+    """Whether the plan's busiest rank, holding the ``batched`` nodes' activations for every
+    microbatch, stays within ``memory`` bytes (at one sample per microbatch row; a failed estimate
+    says no)."""
     try:
         from mimo_builder.planning.estimate import estimate_plan
         from mimo_builder.planning.plan import make_plan
-        from mimo_builder.runtime.pipeline import plan_graph
 
-        plan = make_plan(valid.graph, valid.world_size)
-        estimate = estimate_plan(plan, plan_graph(valid, num_microbatches, batched=frozenset(chosen)), 1, None)
-        peak = max(memory.total for memory in estimate.memory)
-        return peak < torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        plan = plan if plan is not None else make_plan(valid.graph, valid.world_size)
+        estimate = estimate_plan(plan, plan_graph(valid, num_microbatches, batched=batched), 1, None)
+        return max(m.total for m in estimate.memory) <= memory
     except Exception:  # the estimate is advice: without it, run interleaved
         return False

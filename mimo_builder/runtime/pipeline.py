@@ -72,6 +72,8 @@ class PipelinePlan:
     in_flight: dict[Stage, int]
     num_microbatches: int
     makespan: float
+    batched: frozenset[str] = frozenset()
+    """Nodes run once over every microbatch (:mod:`~mimo_builder.runtime.batching`)."""
 
     def warmup(self, rank: int) -> int:
         """Forwards this rank runs before its first backward."""
@@ -151,7 +153,8 @@ def plan_pipeline(order: list[str], edges: list[tuple[str, str]], layouts: dict[
     in_flight.update({s: num_microbatches for s in stages if s.node in batched})
     sim = _Simulation(stages, preds, succs, ranks, in_flight, {s for s in stages if s.node in backward},
                       num_microbatches, {s for s in stages if s.node in batched})
-    return PipelinePlan(stages, preds, succs, ranks, sim.run(), in_flight, num_microbatches, sim.makespan)
+    return PipelinePlan(stages, preds, succs, ranks, sim.run(), in_flight, num_microbatches, sim.makespan,
+                        frozenset(batched))
 
 
 def _in_flight_limits(stages: list[Stage], succs: dict[Stage, list[Stage]]) -> dict[Stage, int]:
