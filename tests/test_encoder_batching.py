@@ -10,9 +10,13 @@ MICROBATCHES, BATCH, LR = 4, 8, 0.5
 
 
 def _avlm(placement: str, batched: bool = True):
+    """avlm under one of its placements, or ``pp2_backbone``: colocated at dp=2 with the backbone at pp=2."""
     from graphs.avlm import avlm
+    from mimo_builder.document.graph import Placement
 
-    graph = avlm(placement)
+    graph = avlm("colocated_dp2" if placement == "pp2_backbone" else placement)
+    if placement == "pp2_backbone":
+        graph.nodes["lm"].placement = Placement(pp=2)
     for node in graph.nodes.values():
         node.batch_microbatches = batched
     return graph
@@ -81,7 +85,7 @@ def _step(placement: str, batched: bool):
     return run[MICROBATCHES]["loss"], run[MICROBATCHES]["norm"], run[MICROBATCHES]["updated"], start
 
 
-@pytest.mark.parametrize("placement", ["colocated_dp2", "colocated_tp2"])
+@pytest.mark.parametrize("placement", ["colocated_dp2", "colocated_tp2", "pp2_backbone"])
 def test_a_batched_step_equals_the_interleaved_step(placement):
     """The same seed on the same placement: each rank's shards after the step, compared rank by rank."""
     interleaved = run_ranks(2, _step, placement, False)

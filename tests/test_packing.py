@@ -139,12 +139,12 @@ def test_the_collator_counts_each_samples_tokens_and_pack_needs_the_binding():
 # --------------------------------------------------------------------------- the step
 
 
-def _step(graph_name, packed, initial=None):
+def _step(graph_name, packed, initial=None, microbatches=2):
     from packing_steps import step
     from graphs.vlm import vlm
 
-    graph = vlm("single") if graph_name == "single" else disjoint3()
-    return step(graph, packed, initial)
+    graph = disjoint3() if graph_name == "disjoint3" else vlm(graph_name)
+    return step(graph, packed, initial, microbatches)
 
 
 def disjoint3():
@@ -184,6 +184,13 @@ def test_a_packed_step_on_one_rank_matches_the_samples_one_per_row(one_per_row):
 
 def test_a_packed_step_on_a_disjoint_tensor_parallel_placement_matches(one_per_row):
     _assert_same_step(run_ranks(3, _step, "disjoint3", True, one_per_row[3]), one_per_row)
+
+
+def test_a_packed_step_with_the_backbone_data_parallel_matches():
+    """Each DP rank packs its own share (against the same placement one sample per row: a DP
+    rank's loss is over its own samples' tokens, so other placements weigh them otherwise)."""
+    reference = run_ranks(2, _step, "colocated_dp2", False, None, 1)
+    _assert_same_step(run_ranks(2, _step, "colocated_dp2", True, None, 1), reference[0])
 
 
 # --------------------------------------------------------------------------- the command
