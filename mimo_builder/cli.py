@@ -105,11 +105,40 @@ def _plan(args) -> int:
     memory, label = args.gpu_memory or (None, None)
     schedule = pipeline_plan(plan, args.microbatches, memory)
     estimates = estimate_plan(plan, schedule, args.micro_batch_size, memory, label)
+    lines = _predicted(args, plan.valid, schedule) if args.costs else []
     if args.json:
-        print(_json_lines({**plan.as_dict(estimates), "schedule": _schedule_dict(plan, schedule)}))
+        print(_json_lines({**plan.as_dict(estimates), "schedule": _schedule_dict(plan, schedule),
+                           **({"predicted": lines} if lines else {})}))
     else:
         print_plan(plan, num_microbatches=args.microbatches, schedule=schedule, estimates=estimates)
+        for line in lines:
+            print(line)
     return 0
+
+
+def _predicted(args, valid, schedule) -> list[str]:
+    from mimo_builder.planning.commands import prediction_lines
+    from mimo_builder.planning.cost_table import CostTable
+
+    return prediction_lines(valid, CostTable.load(args.costs), args.microbatches, args.batch_size, schedule.batched)
+
+
+def _profile(args) -> int:
+    from mimo_builder.planning.commands import profile_command
+
+    profile_command(_load(args, args.world_size), args.world_size, args.batch_size, args.output)
+    return 0
+
+
+def _place(args) -> int:
+    from mimo_builder.kinds.loading import load_graph
+    from mimo_builder.planning.commands import place_command, profile_command
+    from mimo_builder.planning.cost_table import CostTable
+
+    graph = load_graph(args.file)
+    costs = CostTable.load(args.costs) if args.costs else profile_command(graph, args.world_size, args.batch_size, None)
+    memory = args.gpu_memory[0] if args.gpu_memory else None
+    return place_command(graph, args.world_size, costs, args.batch_size, memory, args.top, args.output)
 
 
 def _schedule_dict(plan, schedule) -> dict:
@@ -267,7 +296,8 @@ def _ckpt_inspect(args) -> int:
 
 
 _COMMANDS = {"validate": _validate, "plan": _plan, "schema": _schema, "render": _render, "run": _run,
-             "generate": _generate, "export": _export, "ckpt inspect": _ckpt_inspect}
+             "generate": _generate, "export": _export, "ckpt inspect": _ckpt_inspect, "profile": _profile,
+             "place": _place}
 
 
 if __name__ == "__main__":

@@ -73,8 +73,31 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                         "(a microbatch holds B x lcm(DP sizes) samples), for memory and FLOPs")
     p.add_argument("--gpu-memory", type=_memory_size, metavar="SIZE",
                    help="memory of one GPU (80GB, 80GiB, 512MB, 80e9): flag the ranks that do not fit")
+    p.add_argument("--costs", metavar="COSTS.json",
+                   help="predict the step time and idle shares from costs `mimo-builder profile` measured")
+    p.add_argument("--batch-size", type=_count, default=8, help="global batch size, for --costs (default 8)")
     _colocate_flag(p)
     p.set_defaults(func=commands["plan"])
+
+    p = sub.add_parser("profile", help="measure each node's forward, backward and optimizer time, the link and "
+                                       "the runtime's own time on this machine: a cost table for plan and place")
+    p.add_argument("file")
+    p.add_argument("--world-size", type=_count, default=1, help="the world the costs are for (TP sizes up to it)")
+    p.add_argument("--batch-size", type=_count, default=8, help="global batch size the document trains with")
+    p.add_argument("-o", "--output", metavar="COSTS.json", help="write the cost table here")
+    _colocate_flag(p)
+    p.set_defaults(func=commands["profile"])
+
+    p = sub.add_parser("place", help="search placements (colocated, disjoint, mixed; tp, pp, microbatches) and "
+                                     "rank them by predicted step time")
+    p.add_argument("file")
+    p.add_argument("--world-size", type=_count, required=True)
+    p.add_argument("--gpu-memory", type=_memory_size, metavar="SIZE", help="drop placements whose estimate exceeds it")
+    p.add_argument("--costs", metavar="COSTS.json", help="measured costs (default: profile this machine first)")
+    p.add_argument("--batch-size", type=_count, default=8, help="global batch size (default 8)")
+    p.add_argument("--top", type=_count, default=5, help="how many placements to show (default 5)")
+    p.add_argument("-o", "--output", metavar="BEST.yaml", help="write the best placement as a document")
+    p.set_defaults(func=commands["place"])
 
     p = sub.add_parser("schema", help="print the JSON Schema of the graph document (node configs checked "
                                       "per builder), or of one builder's config")

@@ -53,11 +53,13 @@ class Op:
     microbatch: int
     start: float = field(default=0.0, compare=False)
     span: int = field(default=1, compare=False)
+    duration: float | None = field(default=None, compare=False)
+    """Simulated seconds of the op's run where costs were measured (None: unit costs)."""
 
     @property
     def end(self) -> float:
         """When the simulated run this op belongs to ends."""
-        return self.start + COST[self.kind] * self.span
+        return self.start + (COST[self.kind] * self.span if self.duration is None else self.duration)
 
 
 @dataclass
@@ -88,12 +90,12 @@ class PipelinePlan:
 
 
 def plan_graph(valid, num_microbatches: int, max_in_flight: int | None = None,
-               batched: frozenset[str] = frozenset()) -> PipelinePlan:
+               batched: frozenset[str] = frozenset(), timing=None) -> PipelinePlan:
     """:func:`plan_pipeline` for a validated graph placed on a world (``valid.layouts`` set)."""
     vp = {name: virtual_stages(valid.configs[name]) for name in valid.order}
     backward = {name for name, needed in needs_grad(valid).items() if needed}
     return plan_pipeline(valid.order, [(e.src, e.dst) for e in valid.edges], valid.layouts, vp, backward,
-                         num_microbatches, max_in_flight, batched)
+                         num_microbatches, max_in_flight, batched, timing)
 
 
 def virtual_stages(config) -> int:
@@ -124,7 +126,8 @@ def stage_ranks(stage: Stage, layout: Layout) -> tuple[int, ...]:
 
 def plan_pipeline(order: list[str], edges: list[tuple[str, str]], layouts: dict[str, Layout],
                   vp: dict[str, int], backward: set[str], num_microbatches: int,
-                  max_in_flight: int | None = None, batched: frozenset[str] = frozenset()) -> PipelinePlan:
+                  max_in_flight: int | None = None, batched: frozenset[str] = frozenset(),
+                  timing=None) -> PipelinePlan:
     """Simulate one step of ``num_microbatches`` over the stage DAG of a graph.
 
     ``order`` is the nodes' topological order, ``edges`` (producer, consumer) node pairs,
@@ -133,6 +136,8 @@ def plan_pipeline(order: list[str], edges: list[tuple[str, str]], layouts: dict[
     sequential schedule, least activation memory). ``batched`` nodes (one stage each, see
     :func:`~mimo_builder.runtime.batching.batched_nodes`) run every microbatch in one forward,
     once all their inputs are there, and one backward, once all their consumers' are done.
+    ``timing`` (:class:`~mimo_builder.planning.predict.MeasuredTiming`) replaces the unit costs by
+    seconds: ``op_seconds(kind, stage, span)`` and ``transfer_seconds(producer, consumer)``.
     """
     by_node = {name: node_stages(name, layouts[name], vp.get(name, 1)) for name in order}
     stages = [s for name in order for s in by_node[name]]
@@ -152,7 +157,7 @@ def plan_pipeline(order: list[str], edges: list[tuple[str, str]], layouts: dict[
         in_flight = {s: min(n, max_in_flight) for s, n in in_flight.items()}
     in_flight.update({s: num_microbatches for s in stages if s.node in batched})
     sim = _Simulation(stages, preds, succs, ranks, in_flight, {s for s in stages if s.node in backward},
-                      num_microbatches, {s for s in stages if s.node in batched})
+                      num_microbatches, {s for s in stages if s.node in batched}, timing)
     return PipelinePlan(stages, preds, succs, ranks, sim.run(), in_flight, num_microbatches, sim.makespan,
                         frozenset(batched))
 
@@ -168,10 +173,12 @@ def _in_flight_limits(stages: list[Stage], succs: dict[Stage, list[Stage]]) -> d
 class _Simulation:
     """List scheduling of every (stage, microbatch) forward and backward on the ranks."""
 
-    def __init__(self, stages, preds, succs, ranks, limits, backward, num_microbatches, batched=frozenset()):
+    def __init__(self, stages, preds, succs, ranks, limits, backward, num_microbatches, batched=frozenset(),
+                 timing=None):
         self.stages, self.preds, self.succs, self.ranks = stages, preds, succs, ranks
         self.position = {s: i for i, s in enumerate(stages)}  # tie-break: graph order
         self.limits, self.backward, self.m, self.batched = limits, backward, num_microbatches, batched
+        self.timing = timing
         self.done: dict[tuple[str, Stage, int], float] = {}
         self.free: dict[int, float] = defaultdict(float)
         self.next = {(kind, s): 0 for s in stages for kind in (FORWARD, BACKWARD)}
@@ -189,9 +196,9 @@ class _Simulation:
             start, _, _, _, op = min(candidates, key=lambda c: c[:4])
             if op.stage in self.batched:
                 for m in range(self.m):
-                    self._commit(Op(op.kind, op.stage, m, start, span=self.m))
+                    self._commit(self._timed(Op(op.kind, op.stage, m, start, span=self.m)))
             else:
-                self._commit(Op(op.kind, op.stage, op.microbatch, start))
+                self._commit(self._timed(Op(op.kind, op.stage, op.microbatch, start)))
         return dict(self.order)
 
     def _candidates(self, s: Stage, capped: bool):
@@ -203,13 +210,14 @@ class _Simulation:
         started_backward = self.next[(BACKWARD, s)]
         cap_ok = not capped or s not in self.backward or m - started_backward < self.limits[s]
         if m < self.m and cap_ok and all((FORWARD, p, m) in self.done for p in self.preds[s]):
-            ready = max((self.done[(FORWARD, p, m)] for p in self.preds[s]), default=0.0)
+            ready = max((self.done[(FORWARD, p, m)] + self._delay(p, s) for p in self.preds[s]), default=0.0)
             yield self._start(s, ready), 1, m, index, Op(FORWARD, s, m)
         m = started_backward
         if s in self.backward and (FORWARD, s, m) in self.done:
             after = [q for q in self.succs[s] if q in self.backward]
             if all((BACKWARD, q, m) in self.done for q in after):
-                ready = max([self.done[(FORWARD, s, m)], *(self.done[(BACKWARD, q, m)] for q in after)])
+                ready = max([self.done[(FORWARD, s, m)], *(self.done[(BACKWARD, q, m)] + self._delay(q, s)
+                                                           for q in after)])
                 yield self._start(s, ready), 0, m, index, Op(BACKWARD, s, m)
 
     def _batched_candidates(self, s: Stage):
@@ -217,14 +225,25 @@ class _Simulation:
         backward once every consumer's backward of every microbatch is done."""
         index, last = self.position[s], self.m - 1
         if self.next[(FORWARD, s)] == 0 and all((FORWARD, p, last) in self.done for p in self.preds[s]):
-            ready = max((self.done[(FORWARD, p, m)] for p in self.preds[s] for m in range(self.m)), default=0.0)
+            ready = max((self.done[(FORWARD, p, m)] + self._delay(p, s) for p in self.preds[s] for m in range(self.m)),
+                        default=0.0)
             yield self._start(s, ready), 1, 0, index, Op(FORWARD, s, 0)
         after = [q for q in self.succs[s] if q in self.backward]
         if (s in self.backward and self.next[(BACKWARD, s)] == 0 and (FORWARD, s, last) in self.done
                 and all((BACKWARD, q, m) in self.done for q in after for m in range(self.m))):
-            ready = max([self.done[(FORWARD, s, last)], *(self.done[(BACKWARD, q, m)] for q in after
-                                                          for m in range(self.m))])
+            ready = max([self.done[(FORWARD, s, last)], *(self.done[(BACKWARD, q, m)] + self._delay(q, s)
+                                                          for q in after for m in range(self.m))])
             yield self._start(s, ready), 0, 0, index, Op(BACKWARD, s, 0)
+
+    def _delay(self, producer: Stage, consumer: Stage) -> float:
+        """Seconds a message takes from one stage to the next (0 with unit costs)."""
+        return 0.0 if self.timing is None else self.timing.transfer_seconds(producer, consumer)
+
+    def _timed(self, op: Op) -> Op:
+        if self.timing is None:
+            return op
+        return Op(op.kind, op.stage, op.microbatch, op.start, op.span,
+                  self.timing.op_seconds(op.kind, op.stage, op.span))
 
     def _start(self, s: Stage, ready: float) -> float:
         return max([ready, *(self.free[r] for r in self.ranks[s])])
