@@ -104,6 +104,11 @@ def _collect(points, per_rank: list[dict], tps: dict[str, int], graph: Graph, ra
         phases = [r["nodes"].get(name, {}) for r in per_rank]
         for phase in ("forward", "backward", "communication"):
             found[phase].append((rows, max(p.get(phase, 0.0) for p in phases)))
+            for m, run in per_rank[0]["runs"].items():  # more microbatches: more, smaller calls
+                if m > 1:
+                    calls = 1 if name in per_rank[0]["batched"].get(m, ()) else m
+                    seconds = max(r["runs"][m]["nodes"].get(name, {}).get(phase, 0.0) for r in per_rank)
+                    found[phase].append((rows * calls / m, seconds / calls))
         found["optimizer"].append(max(p.get("optimizer", 0.0) for p in phases))
         found["params"].append(max(r["params"].get(name, 0) for r in per_rank))
 
@@ -159,10 +164,11 @@ def _measure(document: dict, size: int, steps: int, allowed: tuple[str, ...], co
         schedule, optimizer = GraphSchedule(model, device=device, timer=timer), GraphOptimizer(model, timer=timer)
         batch = synthetic_batch(model.valid, size)
         runs = {m: _timed_steps(schedule, optimizer, timer, batch, m, steps) for m in counts}
+        batched = {m: sorted(schedule.plan(m).batched) for m in counts}
         params = {n: sum(p.numel() for c in model.chunks(n) for p in c.parameters())
                   for n in model.valid.order if model.hosts(n)}
         link = _ping_pong(device) if dist.get_world_size() >= 2 else None
-    return {**runs[1], "runs": runs, "params": params, "link": link}
+    return {**runs[1], "runs": runs, "batched": batched, "params": params, "link": link}
 
 
 def _timed_steps(schedule, optimizer, timer, batch, microbatches: int, steps: int) -> dict:
