@@ -35,15 +35,16 @@ allow_modules("bench_pipeline")
 
 def _step_seconds(document: dict, microbatches: int, steps: int) -> float:
     """On every rank: the median wall time of a training step after a warm-up."""
-    import torch.distributed as dist
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from mimo_builder.build.walker import CompositeBuilder
     from mimo_builder.document.graph import Graph
+    from mimo_builder.planning.profile import timed_steps
     from mimo_builder.platform import compat
     from mimo_builder.runtime.optim import GraphOptimizer
     from mimo_builder.runtime.schedule import GraphSchedule
     from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder.runtime.timing import NoTimer
 
     allow_modules("bench_pipeline")
     compat.init_runtime("cpu")
@@ -51,14 +52,8 @@ def _step_seconds(document: dict, microbatches: int, steps: int) -> float:
         ddp_config=DistributedDataParallelConfig())
     with model:
         schedule, optimizer = GraphSchedule(model), GraphOptimizer(model)
-        batch, walls = synthetic_batch(model.valid, BATCH), []
-        for _ in range(steps + 1):
-            dist.barrier()
-            start = time.perf_counter()
-            optimizer.zero_grad()
-            optimizer.step(schedule.forward_backward(batch, microbatches))
-            walls.append(time.perf_counter() - start)
-    return statistics.median(walls[1:])
+        batch = synthetic_batch(model.valid, BATCH)
+        return timed_steps(schedule, optimizer, NoTimer(), batch, microbatches, steps)["wall"]
 
 
 def _measured(graph, world: int, microbatches: int, steps: int) -> float:

@@ -163,7 +163,7 @@ def _measure(document: dict, size: int, steps: int, allowed: tuple[str, ...], co
         timer = PhaseTimer(device)
         schedule, optimizer = GraphSchedule(model, device=device, timer=timer), GraphOptimizer(model, timer=timer)
         batch = synthetic_batch(model.valid, size)
-        runs = {m: _timed_steps(schedule, optimizer, timer, batch, m, steps) for m in counts}
+        runs = {m: timed_steps(schedule, optimizer, timer, batch, m, steps) for m in counts}
         batched = {m: sorted(schedule.plan(m).batched) for m in counts}
         params = {n: sum(p.numel() for c in model.chunks(n) for p in c.parameters())
                   for n in model.valid.order if model.hosts(n)}
@@ -171,8 +171,9 @@ def _measure(document: dict, size: int, steps: int, allowed: tuple[str, ...], co
     return {**runs[1], "runs": runs, "batched": batched, "params": params, "link": link}
 
 
-def _timed_steps(schedule, optimizer, timer, batch, microbatches: int, steps: int) -> dict:
-    """Median seconds per node and phase, and of the whole step, over ``steps`` steps after a warm-up."""
+def timed_steps(schedule, optimizer, timer, batch, microbatches: int, steps: int) -> dict:
+    """Median seconds per node and phase (``nodes``, from ``timer``), and of the whole step
+    (``wall``), over ``steps`` training steps after a warm-up."""
     import torch.distributed as dist
 
     samples, walls = [], []
