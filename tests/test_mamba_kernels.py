@@ -272,23 +272,6 @@ def test_ssd_varlen_inference_inputs_not_implemented():
         run_ours(t, 16, cu_seqlens=torch.tensor([0, 20], dtype=torch.int32), return_varlen_states=True)
 
 
-@pytest.mark.parametrize("lengths, chunk", [([7, 20, 1, 12], 8), ([16, 16], 16), ([3, 30], 64)])
-def test_ssd_packed_rows_restart_like_the_sequential_scan_per_sequence(lengths, chunk):
-    """seq_idx: each sequence of a packed row is scanned from a zero state (the per-step
-    recurrence in float64 on each sequence alone is the reference)."""
-    t = scan_inputs(700, 2, sum(lengths), 4, 8, 2, 16, D="h", z=True, dt_bias=True)
-    seq_idx = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).to(torch.int32).expand(2, -1)
-    y = run_ours(t, chunk, seq_idx=seq_idx)
-    start = 0
-    for n in lengths:
-        part = {k: (v[:, start:start + n].double() if k in ("x", "dt", "B", "C", "z") else
-                    (v.double() if v is not None else None)) for k, v in t.items()}
-        y_ref = mk.naive_sequential_scan(part["x"], part["dt"], part["A"], part["B"], part["C"], D=part["D"],
-                                         z=part["z"], dt_bias=part["dt_bias"], dt_softplus=True)
-        assert_close(y[:, start:start + n], y_ref, f"sequence of {n}")
-        start += n
-
-
 # ----------------------------------------------------------------- causal conv1d
 
 
@@ -317,15 +300,6 @@ def test_causal_conv1d_matches_conv1d(b, d, l, w, use_bias, activation):
     pairs = zip(grads([out], leaves, 1), grads([out_ref], refs, 1))
     for name, (a, r) in zip("x weight bias".split(), pairs):
         assert_close(a, r, f"grad {name}")
-
-
-def test_causal_conv1d_packed_rows_see_only_their_own_sequence():
-    x, wt, bias = torch.randn(2, 4, 9), torch.randn(4, 3), torch.randn(4)
-    seq_idx = torch.tensor([[0, 0, 0, 0, 1, 1, 2, 2, 2]] * 2, dtype=torch.int32)
-    out = mk.causal_conv1d(x, wt, bias, seq_idx=seq_idx, activation="silu")
-    for start, end in ((0, 4), (4, 6), (6, 9)):
-        alone = conv_ref(x[..., start:end].double(), wt.double(), bias.double(), "silu")
-        assert_close(out[..., start:end], alone, f"tokens {start}-{end}")
 
 
 def test_causal_conv1d_rejects_unsupported():

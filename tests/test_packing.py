@@ -91,6 +91,40 @@ def test_a_decreasing_seq_idx_is_refused():
         causal_conv1d(torch.zeros(1, 2, 3), torch.zeros(2, 4), seq_idx=torch.tensor([[1, 0, 0]]))
 
 
+def test_ssd_packed_rows_restart_like_the_sequential_scan_per_sequence():
+    """seq_idx: each sequence of a packed row is scanned from a zero state (the per-step
+    recurrence in float64 on each sequence alone is the reference)."""
+    from test_mamba_kernels import assert_close, run_ours, scan_inputs
+
+    from submodels import mamba_kernels as mk
+
+    for lengths, chunk in (([7, 20, 1, 12], 8), ([16, 16], 16), ([3, 30], 64)):
+        t = scan_inputs(700, 2, sum(lengths), 4, 8, 2, 16, D="h", z=True, dt_bias=True)
+        seq_idx = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).to(torch.int32).expand(2, -1)
+        y = run_ours(t, chunk, seq_idx=seq_idx)
+        start = 0
+        for n in lengths:
+            part = {k: (v[:, start:start + n].double() if k in ("x", "dt", "B", "C", "z") else
+                        (v.double() if v is not None else None)) for k, v in t.items()}
+            y_ref = mk.naive_sequential_scan(part["x"], part["dt"], part["A"], part["B"], part["C"], D=part["D"],
+                                             z=part["z"], dt_bias=part["dt_bias"], dt_softplus=True)
+            assert_close(y[:, start:start + n], y_ref, f"sequence of {n}")
+            start += n
+
+
+def test_causal_conv1d_packed_rows_see_only_their_own_sequence():
+    from test_mamba_kernels import assert_close, conv_ref
+
+    from submodels import mamba_kernels as mk
+
+    x, wt, bias = torch.randn(2, 4, 9), torch.randn(4, 3), torch.randn(4)
+    seq_idx = torch.tensor([[0, 0, 0, 0, 1, 1, 2, 2, 2]] * 2, dtype=torch.int32)
+    out = mk.causal_conv1d(x, wt, bias, seq_idx=seq_idx, activation="silu")
+    for start, end in ((0, 4), (4, 6), (6, 9)):
+        alone = conv_ref(x[..., start:end].double(), wt.double(), bias.double(), "silu")
+        assert_close(out[..., start:end], alone, f"tokens {start}-{end}")
+
+
 # --------------------------------------------------------------------------- before launch
 
 
