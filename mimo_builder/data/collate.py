@@ -55,7 +55,8 @@ class GraphCollator:
         self._counts: dict[tuple, dict[str, int]] = {}
         if pack and LENGTHS_PORT not in self.text_keys:
             raise ConfigError(f"GraphCollator(pack=True): the graph binds no batch key to '{self.text_node}."
-                              f"{LENGTHS_PORT}', which packing needs; bind one (Graph.packed() does, as run --pack)")
+                              f"{LENGTHS_PORT}', which packing needs; bind one (Graph.packed() does, as run --pack; "
+                              f"in a document: inputs: {{{LENGTHS_PORT}: {self.text_node}.{LENGTHS_PORT}}})")
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         if not samples:
