@@ -31,14 +31,14 @@ def profile_command(graph, world_size: int, batch_size: int, output: str | None)
 
 def prediction_lines(valid, costs: CostTable, num_microbatches: int, batch_size: int, batched) -> list[str]:
     """The predicted step and each rank group's idle share (``plan --costs``)."""
-    from mimo_builder.planning.place import _groups
+    from mimo_builder.planning.place import rank_groups
     from mimo_builder.planning.predict import predict_step
 
     predicted = predict_step(valid, costs, num_microbatches, batch_size, batched)
     where = costs.machine.get("gpu") or f"{costs.machine.get('device', '?')} on {costs.machine.get('host', '?')}"
     lines = [f"predicted step: {predicted.step * 1e3:.1f} ms for {batch_size} samples in {num_microbatches} "
              f"microbatches (costs measured on {where}; forward and backward until {predicted.pipeline * 1e3:.1f} ms)"]
-    for nodes, ranks in _groups(valid):
+    for nodes, ranks in rank_groups(valid):
         idle = max(predicted.idle[r] for r in ranks)
         lines.append(f"  ranks {_span(ranks)} ({nodes}): idle {idle:.0%} of the step")
     return lines

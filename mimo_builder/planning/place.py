@@ -17,7 +17,7 @@ best are checked against the plan's memory estimate until ``top`` fit.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mimo_builder.document.graph import Graph, Placement
 from mimo_builder.errors import MimoError
@@ -36,7 +36,6 @@ class Candidate:
     microbatches: int
     prediction: Prediction
     memory: int | None = None
-    groups: list[tuple[str, list[int]]] = field(default_factory=list)
 
     @property
     def busiest_idle(self) -> float:
@@ -66,7 +65,7 @@ def search(graph: Graph, world_size: int, costs: CostTable, batch_size: int,
                 prediction = predict_step(valid, costs, m, batch_size, batched_nodes(valid, m))
             except MimoError:  # a node at a TP size the table lacks
                 continue
-            ranked.append(Candidate(label, placed, m, prediction, groups=_groups(valid)))
+            ranked.append(Candidate(label, placed, m, prediction))
     ranked.sort(key=lambda c: (c.prediction.step, c.label, c.microbatches))
     return _fitting(ranked, world_size, memory, top), seen
 
@@ -157,7 +156,7 @@ def _splits(world_size: int, parts: int):
         yield [(b - a) * unit for a, b in zip(bounds, bounds[1:])]
 
 
-def _groups(valid) -> list[tuple[str, list[int]]]:
+def rank_groups(valid) -> list[tuple[str, list[int]]]:
     """Ranks grouped by the nodes they host."""
     groups: dict[tuple[str, ...], list[int]] = {}
     for rank in range(valid.world_size):

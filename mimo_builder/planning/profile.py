@@ -40,6 +40,7 @@ def profile_graph(graph: Graph, world_size: int, batch_size: int = 8, steps: int
     from mimo_builder.platform.launch import launch
 
     runs = [(t, size) for t in tp_sizes(world_size) for size in _batch_sizes(t, batch_size)]
+    ops = _ops_per_microbatch(graph)
     points: dict[tuple[str, int], dict[str, list]] = {}
     table = CostTable(machine=describe_machine("cuda" if torch.cuda.is_available() else "cpu"))
     threads = max(1, (os.cpu_count() or 1) // world_size)  # what each rank of a world this size gets
@@ -51,11 +52,11 @@ def profile_graph(graph: Graph, world_size: int, batch_size: int = 8, steps: int
         counts = (1, SPLIT) if size == max(s for tt, s in runs if tt == t) and size % (SPLIT * t) == 0 else (1,)
         per_rank = launch(_measure, t, placed.as_dict(), size, steps, allowed_prefixes(), counts, threads,
                           timeout_s=900)
-        _collect(points, per_rank, tps, placed, t, size)
+        _collect(points, per_rank, tps, t, size)
         if len(counts) == 2:  # the same batch in more microbatches: what each further operation costs
             if t == 1:
-                table.overhead_per_op = _per_op(per_rank[0], placed)
-            table.overhead_per_step[t] = _per_step(per_rank, placed, table.overhead_per_op)
+                table.overhead_per_op = _per_op(per_rank[0], ops)
+            table.overhead_per_step[t] = _per_step(per_rank, table.overhead_per_op * ops)
         if t == 2 and per_rank[0]["link"] is not None:
             table.link, table.allreduce = per_rank[0]["link"]
     if progress is not None:
@@ -92,7 +93,7 @@ def _colocated(graph: Graph, tp: int) -> tuple[Graph, dict[str, int]]:
     return placed, tps
 
 
-def _collect(points, per_rank: list[dict], tps: dict[str, int], graph: Graph, ranks: int, size: int) -> None:
+def _collect(points, per_rank: list[dict], tps: dict[str, int], ranks: int, size: int) -> None:
     """Each node's (rows, seconds) points from the slowest rank, for the nodes that run at the
     run's tp (data-parallel ones would mix their gradient reduction in)."""
     for name, tp in tps.items():
@@ -104,7 +105,7 @@ def _collect(points, per_rank: list[dict], tps: dict[str, int], graph: Graph, ra
         phases = [r["nodes"].get(name, {}) for r in per_rank]
         for phase in ("forward", "backward", "communication"):
             found[phase].append((rows, max(p.get(phase, 0.0) for p in phases)))
-            for m, run in per_rank[0]["runs"].items():  # more microbatches: more, smaller calls
+            for m in per_rank[0]["runs"]:  # more microbatches: more, smaller calls
                 if m > 1:
                     calls = 1 if name in per_rank[0]["batched"].get(m, ()) else m
                     seconds = max(r["runs"][m]["nodes"].get(name, {}).get(phase, 0.0) for r in per_rank)
@@ -113,27 +114,28 @@ def _collect(points, per_rank: list[dict], tps: dict[str, int], graph: Graph, ra
         found["params"].append(max(r["params"].get(name, 0) for r in per_rank))
 
 
-def _ops_per_microbatch(graph: Graph, ranks: int) -> int:
+def _ops_per_microbatch(graph: Graph) -> int:
+    """Forwards and backwards of one microbatch of the graph colocated (one stage per node)."""
     from mimo_builder.runtime.pipeline import needs_grad
     from mimo_builder.validation import validate_graph
 
-    return sum(2 if backward else 1 for backward in needs_grad(validate_graph(graph, ranks)).values())
+    return sum(2 if backward else 1 for backward in needs_grad(validate_graph(graph)).values())
 
 
-def _per_op(measured: dict, graph: Graph) -> float:
+def _per_op(measured: dict, ops: int) -> float:
     """The runtime's own seconds per operation: what more microbatches add to the one-rank step
-    beyond its nodes' phases, per operation they add."""
+    beyond its nodes' phases, per operation they add (``ops`` per microbatch)."""
     runs = measured["runs"]
     beyond = [runs[m]["wall"] - sum(sum(p.values()) for p in runs[m]["nodes"].values()) for m in (1, SPLIT)]
-    return max(beyond[1] - beyond[0], 0.0) / ((SPLIT - 1) * _ops_per_microbatch(graph, 1))
+    return max(beyond[1] - beyond[0], 0.0) / ((SPLIT - 1) * ops)
 
 
-def _per_step(per_rank: list[dict], graph: Graph, per_op: float) -> float:
+def _per_step(per_rank: list[dict], operations: float) -> float:
     """The step's own seconds on this many ranks: beyond the slowest rank's phases and the
-    operations' own time (the loss and gradient-norm collectives, the step's checks)."""
+    ``operations``' own seconds (the loss and gradient-norm collectives, the step's checks)."""
     phases = max(sum(sum(p.values()) for p in r["runs"][1]["nodes"].values()) for r in per_rank)
     wall = max(r["runs"][1]["wall"] for r in per_rank)
-    return max(wall - phases - per_op * _ops_per_microbatch(graph, len(per_rank)), 0.0)
+    return max(wall - phases - operations, 0.0)
 
 
 def _measure(document: dict, size: int, steps: int, allowed: tuple[str, ...], counts: tuple[int, ...] = (1,),
