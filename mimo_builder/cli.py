@@ -229,7 +229,7 @@ def _run(args) -> int:
                            load=args.load, step_timeout_s=args.step_timeout,
                            first_step_timeout_s=args.first_step_timeout,
                            log_interval=args.log_interval, tensorboard=args.tensorboard,
-                           data=args.data, eval_data=args.eval_data,
+                           peak_tflops=args.peak_tflops, data=args.data, eval_data=args.eval_data,
                            allowed_modules=allowed_prefixes(),  # --allow reaches every rank
                            **({} if args.seed is None else {"seed": args.seed}))
     start = time.perf_counter()

@@ -14,6 +14,17 @@ def _count(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float | None:
     """An argparse type: seconds >= 0; 0 means no limit (None)."""
     try:
@@ -154,6 +165,9 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                         "(default: about 50 lines per run)")
     p.add_argument("--tensorboard", metavar="DIR",
                    help="write every step's scalars for TensorBoard into DIR (needs the tensorboard extra)")
+    p.add_argument("--peak-tflops", type=_positive, metavar="X",
+                   help="one device's peak TFLOP/s for the MFU figures (default: the datasheet's for a known "
+                        "GPU, e.g. 989 bf16 on H100/H200; none on CPU)")
     _colocate_flag(p)
     p.set_defaults(func=commands["run"])
 

@@ -136,7 +136,8 @@ def test_run_trains_a_pipelined_backbone_and_a_resumed_run_prints_the_same_losse
     events, root = tmp_path / "tensorboard", tmp_path / "ckpt"
     common = ("run", str(path), "--nproc", "2", "--steps", "4", "--microbatches", "4", "--batch-size", "8",
               "--lr", "3e-3", "--seed", "7")
-    result = _cli(*common, "--tensorboard", str(events), "--save", str(root), "--save-interval", "2")
+    result = _cli(*common, "--tensorboard", str(events), "--save", str(root), "--save-interval", "2",
+                  "--peak-tflops", "0.5")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Schedule: 4 stages, 4 microbatches" in result.stdout
     assert f"saved step 2 to {root}/step_0000002" in result.stdout
@@ -148,6 +149,12 @@ def test_run_trains_a_pipelined_backbone_and_a_resumed_run_prints_the_same_losse
     assert [f"{v:.4f}" for _, v in scalars["train/loss"]] == list(losses.values())
     assert [s for s, _ in scalars["time_ms/lm/forward"]] == [1, 2, 3, 4]
     assert all(v > 0 for tag in ("forward", "backward", "optimizer") for _, v in scalars[f"time_ms/lm/{tag}"])
+    rates = [line for line in result.stdout.splitlines() if line.startswith("    throughput (MFU ")]
+    assert len(rates) == 4 and all(" lm " in line and "MFU" in line.split(" lm ")[1] for line in rates), result.stdout
+    # one node on both ranks at a 0.5 TFLOP/s peak: MFU = FLOP/s per rank / peak
+    per_rank, mfu = scalars["throughput/lm/tflops_per_rank"], scalars["throughput/lm/mfu"]
+    assert [s for s, _ in mfu] == [1, 2, 3, 4] and scalars["train/mfu"] == mfu
+    assert all(m == pytest.approx(r / 0.5) for (_, r), (_, m) in zip(per_rank, mfu))
 
     resumed = _cli(*common, "--load", str(root / "step_0000002"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -182,6 +189,8 @@ def test_checkpoint_mistakes_are_named_before_any_rank_starts(tmp_path):
     assert "no checkpoint at" in missing.stderr and "does not exist" in missing.stderr
     interval = _main("run", "graphs/mamba_lm.yaml", "--steps", "2", "--save", str(tmp_path), "--save-interval", "0")
     assert interval.returncode == 2 and "argument --save-interval: must be a positive integer, got '0'" in interval.stderr
+    peak = _main("run", "graphs/mamba_lm.yaml", "--steps", "2", "--peak-tflops", "-3")
+    assert peak.returncode == 2 and "argument --peak-tflops: must be a number above 0, got '-3'" in peak.stderr
 
     def hf(doc):
         doc["nodes"]["vision"]["init"] = {"hf": "openai/clip-vit-base-patch16"}

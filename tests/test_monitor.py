@@ -75,6 +75,19 @@ def test_the_monitor_prints_at_the_interval_and_at_the_last_step():
     assert "loss  5.0000" in out.getvalue().splitlines()[2]  # steps 4-6
 
 
+def test_with_the_nodes_work_each_summary_adds_their_throughput_over_the_interval():
+    from mimo_builder.runtime.throughput import NodeWork
+
+    work = {"lm": NodeWork(ranks=2, tokens=500, flops=4e12, peak=1e13, reads_tokens=True)}
+    out = io.StringIO()
+    with TrainingMonitor(first_step=1, last_step=2, log_interval=2, stream=out, work=work, world_size=2) as watch:
+        watch.record(_record(1, seconds=0.25))
+        watch.record(_record(2, seconds=0.75))
+    # 1,000 batch tokens a step (twice the planned 500: twice the FLOPs), 0.5 s a step on 2 ranks
+    assert out.getvalue().splitlines()[-1] == ("    throughput (MFU 80.0%): lm 8 TFLOP/s/rank, MFU 80.0%, "
+                                               "2,000 tokens/s")
+
+
 def test_about_fifty_lines_per_run_by_default():
     assert [auto_log_interval(n) for n in (1, 20, 50, 51, 1000, 100_000)] == [1, 1, 1, 2, 20, 2000]
 

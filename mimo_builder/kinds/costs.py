@@ -196,6 +196,20 @@ def stage_cost(config: TransformerConfig, layers: list[LayerCost], extra_bytes: 
     return StageCost(extra_bytes + kept + rebuilt, flops, repeated)
 
 
+def passes(backward: bool, frozen: bool) -> int:
+    """Forward-equivalents per microbatch: 3 for a trained node (forward, input and weight
+    gradients), 2 for a frozen node that passes gradients on, 1 without backward."""
+    return 1 if not backward else (2 if frozen else 3)
+
+
+def step_flops(stages: list[StageCost], passes: int, num_microbatches: int, replicas: int) -> int:
+    """A node's FLOPs per training step, every rank together: its stages' forward FLOPs per
+    microbatch times ``passes``, plus what recomputation repeats, over the microbatches and the
+    data-parallel ``replicas``."""
+    per_microbatch = sum(s.forward_flops * passes + (s.recompute_flops if passes > 1 else 0) for s in stages)
+    return per_microbatch * num_microbatches * replicas
+
+
 def even_split(num_layers: int, stages: int) -> list[int]:
     """Layers per virtual stage when MCore splits ``num_layers`` evenly."""
     per = math.ceil(num_layers / stages)

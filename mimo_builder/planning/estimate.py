@@ -40,6 +40,7 @@ import torch
 
 from mimo_builder.errors import MimoError
 from mimo_builder.kinds.contract import defines
+from mimo_builder.kinds import costs
 from mimo_builder.kinds.costs import StageCost
 from mimo_builder.planning.plan import NodePlan, Plan
 
@@ -200,14 +201,9 @@ def _node_estimate(plan: Plan, node: NodePlan, samples: int, arriving: dict[str,
     micro_batch = samples // node.layout.dp
     builder = plan.valid.builders[node.name]
     stages = builder.stage_costs(node.transformer_config, micro_batch, arriving)
-    passes = 1 if not backward else (2 if node.frozen else 3)
-    per_microbatch = sum(_stage_flops(s, passes) for s in stages)
-    return NodeEstimate(builder.planned_tokens(arriving), micro_batch, stages, passes,
-                        per_microbatch * num_microbatches * node.layout.dp)
-
-
-def _stage_flops(stage: StageCost, passes: int) -> int:
-    return stage.forward_flops * passes + (stage.recompute_flops if passes > 1 else 0)
+    count = costs.passes(backward, node.frozen)
+    return NodeEstimate(builder.planned_tokens(arriving), micro_batch, stages, count,
+                        costs.step_flops(stages, count, num_microbatches, node.layout.dp))
 
 
 def _param_bytes(node: NodePlan, plan: Plan) -> tuple[int, float, float]:
@@ -248,7 +244,7 @@ def _rank_estimate(plan: Plan, nodes: dict[str, NodeEstimate], rank: int, schedu
 def _rank_flops(estimate: NodeEstimate, node: NodePlan, pp_rank: int, num_microbatches: int) -> int:
     layout = node.layout
     mine = [s for k, s in enumerate(estimate.stages) if k % layout.pp == pp_rank]
-    return sum(_stage_flops(s, estimate.passes) for s in mine) * num_microbatches // (layout.tp * layout.cp)
+    return costs.step_flops(mine, estimate.passes, num_microbatches, 1) // (layout.tp * layout.cp)
 
 
 def _activation_peaks(nodes: dict[str, NodeEstimate], ops) -> tuple[dict[str, int], int]:

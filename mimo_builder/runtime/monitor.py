@@ -2,9 +2,10 @@
 
 Every ``log_interval`` steps (and at the last one) rank 0 prints the interval's mean loss, grad
 norm, throughput and step time, then each node's time per step split into forward / backward /
-communication / optimizer (milliseconds, the node's slowest rank). On a terminal a progress bar
-with the time left stays below the lines. With a TensorBoard folder, every step's scalars are
-written there too (``tensorboard`` is an optional extra).
+communication / optimizer (milliseconds, the node's slowest rank), and each node's throughput:
+TFLOP/s per rank, MFU and tokens/s (:mod:`mimo_builder.runtime.throughput`). On a terminal a
+progress bar with the time left stays below the lines. With a TensorBoard folder, every step's
+scalars are written there too (``tensorboard`` is an optional extra).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 
 from mimo_builder.errors import ConfigError
+from mimo_builder.runtime.throughput import NodeWork, graph_mfu, node_rates, throughput_line
 from mimo_builder.runtime.timing import PHASES
 
 SHORT = {"forward": "fwd", "backward": "bwd", "communication": "comm", "optimizer": "opt"}
@@ -48,11 +50,15 @@ def check_tensorboard() -> None:
 
 
 class TrainingMonitor:
-    """Rank 0's display of a run from ``first_step`` to ``last_step``; use as a context manager."""
+    """Rank 0's display of a run from ``first_step`` to ``last_step``; use as a context manager.
+    ``work``: each node's work per step (:func:`~mimo_builder.runtime.throughput.graph_work`) on
+    ``world_size`` ranks, for the throughput figures (None: none shown)."""
 
     def __init__(self, first_step: int, last_step: int, log_interval: int | None = None,
-                 tensorboard: str | None = None, stream=None):
+                 tensorboard: str | None = None, stream=None, work: dict[str, NodeWork] | None = None,
+                 world_size: int = 1):
         self.last_step = last_step
+        self.work, self.world_size = work, world_size
         self.log_interval = log_interval or auto_log_interval(last_step)
         self.stream = stream or sys.stdout
         self._pending: list[StepRecord] = []
@@ -72,12 +78,18 @@ class TrainingMonitor:
         self._pending.append(record)
         if self._writer is not None:
             _write_scalars(self._writer, record)
+            if self.work:
+                _write_throughput(self._writer, record, self.work, self.world_size)
         if self._progress is not None:
             progress, task = self._progress
             progress.update(task, completed=record.step, loss=f"loss {record.loss:.4f}")
         if record.step % self.log_interval == 0 or record.step == self.last_step:
             for line in summary_lines(self._pending, self.last_step):
                 self.message(line)
+            if self.work:
+                n = len(self._pending)
+                seconds, tokens = sum(r.seconds for r in self._pending) / n, sum(r.tokens for r in self._pending) // n
+                self.message(throughput_line(self.work, self.world_size, seconds, tokens))
             self._pending = []
 
     def message(self, line: str) -> None:
@@ -159,3 +171,16 @@ def _write_scalars(writer, record: StepRecord) -> None:
     for node, phases in record.node_seconds.items():
         for phase, seconds in phases.items():
             writer.add_scalar(f"time_ms/{node}/{phase}", seconds * 1e3, step)
+
+
+def _write_throughput(writer, record: StepRecord, work: dict[str, NodeWork], world_size: int) -> None:
+    step = record.step
+    total = graph_mfu(work, world_size, record.seconds, record.tokens)
+    if total is not None:
+        writer.add_scalar("train/mfu", total, step)
+    for node, rate in node_rates(work, record.seconds, record.tokens).items():
+        writer.add_scalar(f"throughput/{node}/tokens_per_s", rate.tokens_per_s, step)
+        if rate.tflops_per_rank is not None:
+            writer.add_scalar(f"throughput/{node}/tflops_per_rank", rate.tflops_per_rank, step)
+        if rate.mfu is not None:
+            writer.add_scalar(f"throughput/{node}/mfu", rate.mfu, step)

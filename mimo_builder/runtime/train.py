@@ -23,6 +23,7 @@ from mimo_builder.runtime.optim import GraphOptimizer
 from mimo_builder.runtime.schedule import GraphSchedule, StepError
 from mimo_builder.runtime.packing import LENGTHS_PORT
 from mimo_builder.runtime.shards import RankBatch
+from mimo_builder.runtime.throughput import graph_work
 from mimo_builder.runtime.synthetic import synthetic_batch
 from mimo_builder.runtime.timing import PhaseTimer, gather_to_first, slowest_per_node
 from mimo_builder.build.walker import CompositeBuilder
@@ -62,6 +63,8 @@ class TrainOptions:
     """Print a summary every this many steps (None: about fifty lines per run)."""
     tensorboard: str | None = None
     """Folder for TensorBoard event files (None: none written; needs the ``tensorboard`` extra)."""
+    peak_tflops: float | None = None
+    """One device's peak TFLOP/s for the MFU figures (None: the datasheet's for a known GPU, else no MFU)."""
     allowed_modules: tuple[str, ...] = field(default_factory=allowed_prefixes)
     """Module prefixes trusted for ``module:attr`` references, applied on every rank before the
     graph is resolved (default: this process's allowlist when the options are made)."""
@@ -103,8 +106,9 @@ def _train_built(model, options: TrainOptions, device) -> list[float]:
     data_seed = resumed.data.seed if resumed and resumed.data else options.seed
     loader = _loader(model, options, done, data_seed)
     held_out = load_data(options.eval_data, "--eval-data") if options.eval_data else None
+    work = graph_work(model, options.batch_size, options.num_microbatches, device, options.peak_tflops)
     losses = []
-    with _monitor(options, done + 1) as monitor:
+    with _monitor(options, done + 1, work) as monitor:
         before = _evaluate(monitor, schedule, model, held_out, options, "before training") if held_out else None
         timer.take()  # evaluation is not part of the first step's time
         if device.type == "cuda":
@@ -201,11 +205,12 @@ def _accuracy(monitor, before: dict[str, float], after: dict[str, float]) -> Non
         _message(monitor, f"free-running accuracy: {after[name]:.1%} (the answer generated from the prompt alone)")
 
 
-def _monitor(options: TrainOptions, first_step: int):
+def _monitor(options: TrainOptions, first_step: int, work):
     """Rank 0 displays the run; the other ranks only send it their timings."""
     if dist.get_rank() != 0:
         return contextlib.nullcontext()
-    return TrainingMonitor(first_step, options.steps, options.log_interval, options.tensorboard)
+    return TrainingMonitor(first_step, options.steps, options.log_interval, options.tensorboard, work=work,
+                           world_size=dist.get_world_size())
 
 
 def _report(monitor, model, optimizer, seconds, record: StepRecord, tokens: int | None) -> None:
