@@ -71,13 +71,21 @@ def _check_tiny_benchmark(stdout: str, json_path) -> None:
     lines = stdout.strip().splitlines()
     ratio = re.fullmatch(r"composite/monolithic = (\d+\.\d{3})", lines[-1])
     assert ratio, lines[-1]
-    printed = json.loads(lines[-2])
+    assert lines[-2] == "composite MFU = n/a (no peak for this device)"  # no peak known for a CPU
+    printed = json.loads(lines[-3])
     assert printed == json.loads(json_path.read_text())
     assert f"{printed['ratio']:.3f}" == ratio.group(1) and printed["ratio"] > 0
     metrics = printed["metrics"]
     assert all(v > 0 for v in metrics["tokens_per_s"].values()), metrics
     assert metrics["first_losses"]["composite"] == pytest.approx(metrics["first_losses"]["monolithic"], rel=1e-5)
-    assert metrics["mfu"] == {"composite": None, "monolithic": None}  # no peak known for a CPU
+    assert metrics["mfu"] == {"composite": None, "monolithic": None}
+    assert len(metrics["round_ratios"]) == 3 and metrics["ratio_spread"] >= 0
+    assert printed["ratio"] == pytest.approx(sorted(metrics["round_ratios"])[1])  # the median round
+    classes = metrics["kernel_classes"]
+    assert set(classes) == {"composite", "monolithic"} and classes["composite"]["GEMM"] > 0
+    assert list(classes["composite"])[-2:] == ["other element-wise", "idle"]
+    assert metrics["memory_estimate_bytes"] > sum(metrics["params"].values()) * 2  # bf16 parameters and more
+    assert metrics["peak_memory_bytes"] is None and metrics["memory_error"] is None  # no CUDA here
 
 
 @pytest.fixture(scope="module")
