@@ -71,7 +71,7 @@ class AudioBuilder(ModelBuilder):
         frames, h = self._frames(tokens), cfg.hidden_size
         shape = costs.Shape.of(config, micro_batch, self.planned_tokens(tokens))
         te = costs.builds_te(cfg.impl)
-        layer = costs.transformer_layer_cost(shape, config, te, causal=False)
+        layer = costs.transformer_layer_cost(shape, config, te, causal=False, flash=costs.flash_attention(cfg.impl))
         per_frame = cfg.n_mels + 2 * h  # conv1 input; GELU input and output at full frame rate
         conv = micro_batch * shape.element * (frames * per_frame + shape.tokens * h)
         conv_flops = 2 * micro_batch * 3 * h * (frames * cfg.n_mels + shape.tokens * h)

@@ -63,7 +63,8 @@ class GPTBuilder(ModelBuilder):
         cfg = self.config
         shape = costs.Shape.of(config, micro_batch, self.planned_tokens(tokens))
         te = costs.builds_te(cfg.impl)
-        layer = costs.transformer_layer_cost(shape, config, te, rope=cfg.position_embedding_type == "rope")
+        layer = costs.transformer_layer_cost(shape, config, te, rope=cfg.position_embedding_type == "rope",
+                                             flash=costs.flash_attention(cfg.impl))
         split = costs.even_split(cfg.num_layers, costs.virtual_stage_count(config))
         vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, shape.tp)
         head_bytes, head_flops = costs.output_cost(shape, config, te, vocab)

@@ -59,7 +59,8 @@ def layer_cost(symbol: str, shape: costs.Shape, cfg, config: TransformerConfig) 
     if symbol == "M":
         return mamba_layer_cost(shape, cfg, config)
     if symbol == "*":
-        return costs.attention_cost(shape, config, te, rope=cfg.position_embedding_type == "rope")
+        return costs.attention_cost(shape, config, te, rope=cfg.position_embedding_type == "rope",
+                                   flash=costs.flash_attention(cfg.impl))
     if symbol == "E":
         return costs.mlp_cost(shape, config, te, cfg.moe_ffn_hidden_size or config.ffn_hidden_size,
                               tokens_share=cfg.moe_router_topk)

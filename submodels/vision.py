@@ -64,7 +64,7 @@ class VisionBuilder(ModelBuilder):
         cfg = self.config
         shape = costs.Shape.of(config, micro_batch, cfg.num_tokens)
         te = costs.builds_te(cfg.impl)
-        layer = costs.transformer_layer_cost(shape, config, te, causal=False)
+        layer = costs.transformer_layer_cost(shape, config, te, causal=False, flash=costs.flash_attention(cfg.impl))
         pixels = micro_batch * cfg.num_channels * cfg.image_size ** 2 * shape.element
         conv_flops = 2 * micro_batch * cfg.num_patches * cfg.num_channels * cfg.patch_size ** 2 * cfg.hidden_size
         extra = pixels + costs.norm_cost(shape, config, te, with_output=False)  # ln_pre

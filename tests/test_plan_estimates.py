@@ -183,7 +183,7 @@ def test_activations_follow_the_microbatches_in_flight_on_each_pipeline_rank():
 
 # --- measured on a real build --------------------------------------------------------------------
 
-def _measured_graph() -> Graph:
+def _measured_graph(impl: str = "auto") -> Graph:
     from graphs.avlm import avlm
 
     graph = avlm("single")
@@ -191,14 +191,19 @@ def _measured_graph() -> Graph:
     graph.bind("gpt_ids", "gpt.input_ids").bind("gpt_labels", "gpt.labels")
     for name, node in graph.nodes.items():
         node.config["dtype"] = "fp32" if name == "gpt" else "bf16"
+        if not name.endswith("proj"):
+            node.config["impl"] = impl
     graph.nodes["lm"].ddp["grad_reduce_in_fp32"] = True
     return graph
 
 
-def test_estimates_match_what_a_real_build_keeps():
+@pytest.mark.parametrize("impl", ["auto", "sdpa"])
+def test_estimates_match_what_a_real_build_keeps(impl):
+    """``auto`` builds MCore's local attention here (s^2 probabilities kept); ``sdpa`` torch's
+    flash kernel (output and softmax statistics)."""
     from multirank import run_ranks
 
-    graph = _measured_graph()
+    graph = _measured_graph(impl)
     plan, est = _estimates(graph, 1, micro_batch_size=BATCH)
     tokens = {name: node.tokens for name, node in est.nodes.items()}
     assert tokens == {"vision": 17, "vision_proj": 17, "audio": 32, "audio_proj": 32, "lm": 128, "gpt": SEQ}

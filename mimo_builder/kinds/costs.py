@@ -8,8 +8,9 @@ term under selective recomputation). Here each term is one tensor MCore's layer 
 the config (activation dtype, GQA, MLP width and gating, dropout on or off), so the paper's
 numbers are the special case ``f = 4h``, 2-byte activations, dropout > 0. Attention is
 Transformer Engine's flash attention (q, k, v, output and the softmax statistics) when the node
-builds with TE, else MCore's local unfused attention (q, k, v expanded to every head and the
-``a * s^2`` probabilities). FLOPs are forward matrix-multiply FLOPs (2 per multiply-add),
+builds with TE; PyTorch's SDPA (``impl: sdpa``, or ``auto`` on CUDA without TE) keeps the same
+without fused norms, plus grouped keys and values expanded to every head; else MCore's local
+unfused attention (q, k, v expanded to every head and the ``a * s^2`` probabilities). FLOPs are forward matrix-multiply FLOPs (2 per multiply-add),
 attention scores over the full ``s x s`` matrix (no causal halving), as Megatron counts them.
 
 Shapes are per microbatch: ``batch`` samples of ``tokens`` tokens each; memory is per rank,
@@ -98,6 +99,13 @@ def builds_te(impl: str) -> bool:
     return impl == "te" or (impl == "auto" and te_available())
 
 
+def flash_attention(impl: str) -> bool:
+    """Whether a node with this ``impl`` computes attention without keeping ``s^2``
+    probabilities: Transformer Engine's fused attention, or SDPA's flash / memory-efficient
+    kernels ('sdpa', and 'auto' on a machine with CUDA but without TE)."""
+    return builds_te(impl) or impl == "sdpa" or (impl == "auto" and torch.cuda.is_available())
+
+
 def norm_cost(shape: Shape, config: TransformerConfig, fused: bool, with_output: bool = True) -> int:
     """Bytes a norm keeps, with its output (the next linear's input) unless ``with_output`` is
     False. LayerNorm (torch's or TE's kernel) keeps its input and two statistics; a fused RMSNorm
@@ -113,13 +121,15 @@ def norm_cost(shape: Shape, config: TransformerConfig, fused: bool, with_output:
 
 
 def attention_cost(shape: Shape, config: TransformerConfig, te: bool, causal: bool = True,
-                   rope: bool = False) -> LayerCost:
+                   rope: bool = False, flash: bool | None = None) -> LayerCost:
     """Norm, QKV projection, core attention and output projection of one self-attention layer.
 
-    ``te``: Transformer Engine's fused attention (keeps q, k, v, the output and fp32 softmax
-    statistics); else MCore's local attention, which keeps the QKV projection's output, rotated
-    copies of q and k with rotary embeddings, k and v expanded to every head with grouped
-    queries, the softmax probabilities (fp32 and a copy in the activation dtype when
+    ``te``: Transformer Engine's layers, whose fused attention keeps q, k, v, the output and fp32
+    softmax statistics. Otherwise MCore's local layers keep the QKV projection's output, rotated
+    copies of q and k with rotary embeddings and k and v expanded to every head with grouped
+    queries; then ``flash`` (:func:`flash_attention`; default: ``te``) core attention adds the
+    softmax statistics (its output takes the place of the local path's context copy), MCore's
+    local one the softmax probabilities (fp32 and a copy in the activation dtype when
     ``attention_softmax_in_fp32``) and a causal mask.
     """
     h, heads = config.hidden_size, config.num_attention_heads
@@ -128,11 +138,14 @@ def attention_cost(shape: Shape, config: TransformerConfig, te: bool, causal: bo
     qkv = (heads + 2 * groups) * kv
     probs_elems = shape.batch * heads * shape.local_tokens * shape.tokens / shape.tp
     selective = _selective(config)
+    flash = te if flash is None else flash
     if te:
         core = shape.sharded(qkv + heads * kv) + int(probs_elems / shape.tokens * FP32)
     else:
         core = shape.sharded(qkv + (heads + groups) * kv * rope + 2 * heads * kv * (groups < heads))
-        if not selective:
+        if flash:  # its output takes the place of the local path's context copy
+            core += int(probs_elems / shape.tokens * FP32)
+        elif not selective:
             fp32_copy = FP32 if config.attention_softmax_in_fp32 and shape.element < FP32 else 0
             dropped = 1 + shape.element if config.attention_dropout > 0 else 0  # mask and dropped copy
             core += int(probs_elems * (shape.element + fp32_copy + dropped))
@@ -159,9 +172,9 @@ def mlp_cost(shape: Shape, config: TransformerConfig, te: bool, ffn: int | None 
 
 
 def transformer_layer_cost(shape: Shape, config: TransformerConfig, te: bool, causal: bool = True,
-                           rope: bool = False) -> LayerCost:
+                           rope: bool = False, flash: bool | None = None) -> LayerCost:
     """One pre-norm transformer layer: attention then MLP (Korthikanti et al.'s layer)."""
-    attention, mlp = attention_cost(shape, config, te, causal, rope), mlp_cost(shape, config, te)
+    attention, mlp = attention_cost(shape, config, te, causal, rope, flash), mlp_cost(shape, config, te)
     return LayerCost(attention.saved + mlp.saved, attention.flops + mlp.flops, attention.input,
                      attention.recomputed)
 
