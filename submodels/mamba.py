@@ -318,9 +318,10 @@ def place_modalities(embedded: torch.Tensor, ids: torch.Tensor, token_ids: dict[
     """Replace each placeholder token's embedding by the modality's embeddings, in order.
 
     ``embedded`` is [tokens, batch, hidden]; a modality input is [batch, n, hidden] and each
-    sample must hold exactly n placeholders of that modality's token id.
+    sample must hold exactly n placeholders of that modality's token id. One out-of-place write
+    in the embedding's own layout (no transposed copies).
     """
-    batch_first = embedded.transpose(0, 1)
+    tokens, samples, rows = [], [], []
     for port, token in token_ids.items():
         where = ids == token
         counts = where.sum(dim=1)
@@ -335,5 +336,13 @@ def place_modalities(embedded: torch.Tensor, ids: torch.Tensor, token_ids: dict[
                              f"placeholder tokens (id {token}) but '{port}' brings {values.shape[1]} "
                              "embeddings per sample (for synthetic batches the placeholders number what "
                              "the upstream builder's output_tokens() declares)")
-        batch_first = batch_first.masked_scatter(where.unsqueeze(-1), values.to(batch_first.dtype))
-    return batch_first.transpose(0, 1).contiguous()
+        sample, position = where.nonzero(as_tuple=True)  # sample by sample, positions in order
+        samples.append(sample)
+        tokens.append(position)
+        rows.append(values.reshape(-1, values.shape[-1]))
+    if not rows:
+        return embedded
+    one = len(rows) == 1
+    placed = rows[0] if one else torch.cat(rows)
+    return embedded.index_put((tokens[0] if one else torch.cat(tokens), samples[0] if one else torch.cat(samples)),
+                              placed.to(embedded.dtype))

@@ -122,7 +122,7 @@ class Step:
         if link.edge is None:
             (value,) = parts
             return value
-        value = torch.cat(parts) if parts else None
+        value = (parts[0] if len(parts) == 1 else torch.cat(parts)) if parts else None
         return self._tp_broadcast(link.dst.node, value)
 
     def _slice(self, value: torch.Tensor, link, node: str, rank: int, t) -> torch.Tensor:
@@ -179,15 +179,24 @@ class Step:
             link = self.routes.links[li]
             port = link.edge.src_port if link.edge else "hidden"
             output = state.outputs[port]
-            grad = torch.zeros(output.shape, dtype=torch.float32, device=self.s.device)
-            for key, t in self.routes.receives(op, self.rank, li):
-                piece = self.mailbox.take(key, t.dst)
-                self._slice(grad, link, link.src.node, t.src, t).add_(piece.float())
+            grad = self._received_gradient(op, li, output)
             if link.edge is not None:
                 grad = self._tp_broadcast(stage.node, grad)
             tensors.append(output)
             grads.append(grad.to(output.dtype))
         return tensors, grads
+
+    def _received_gradient(self, op: Op, li: int, output: torch.Tensor) -> torch.Tensor:
+        """The gradient of ``output`` its consumers on link ``li`` sent back: one piece of the
+        whole shape as it came, else the pieces summed into their rows in fp32."""
+        link = self.routes.links[li]
+        pieces = [(t, self.mailbox.take(key, t.dst)) for key, t in self.routes.receives(op, self.rank, li)]
+        if len(pieces) == 1 and pieces[0][1].shape == output.shape:
+            return pieces[0][1]
+        grad = torch.zeros(output.shape, dtype=torch.float32, device=self.s.device)
+        for t, piece in pieces:
+            self._slice(grad, link, link.src.node, t.src, t).add_(piece.float())
+        return grad
 
     def _send_input_gradients(self, op: Op, state: _StageState) -> None:
         self._combine_cp_gradients(op, state)
@@ -196,7 +205,8 @@ class Step:
             leaf = state.leaves[key[1]]
             grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
             ratio = self.valid.layouts[link.src.node].dp / self.valid.layouts[link.dst.node].dp
-            piece = self._slice(grad, link, link.dst.node, t.dst, t) * ratio if link.edge else grad
+            piece = self._slice(grad, link, link.dst.node, t.dst, t) if link.edge else grad
+            piece = piece * ratio if ratio != 1 else piece
             self.mailbox.send(key, piece.to(leaf.dtype), t.src)
 
     def _combine_cp_gradients(self, op: Op, state: _StageState) -> None:
