@@ -25,12 +25,17 @@ def _versions() -> list[tuple[str, str]]:
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (torch.cuda.is_available() is False)"
     rows = [("GPU", gpu), ("torch", torch.__version__)]
-    for dist in ("triton", "megatron-core", "mamba-ssm", "pydantic"):
+    for dist in ("triton", "megatron-core", "mamba-ssm", "causal-conv1d", "pydantic"):
         try:
             rows.append((dist, importlib.metadata.version(dist)))
         except importlib.metadata.PackageNotFoundError:
             rows.append((dist, "not installed"))
     return rows
+
+
+def _last_line(log: pathlib.Path) -> str:
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.exists() else []
+    return lines[-1].replace("|", "/") if lines else "(no log)"
 
 
 def _pytest_summary(log: pathlib.Path) -> str:
@@ -122,6 +127,7 @@ def main(argv: list[str]) -> None:
         print(f"| {key} | {value} |")
     print(f"\n## Parts\n\n| part | status |\n|---|---|\n| install (install.log) | {_status(install_rc)} |")
     print(f"| tests (pytest.log, junit.xml) | {_status(tests_rc)} |")
+    print(f"| causal-conv1d (causal_conv1d.log) | {_last_line(out / 'causal_conv1d.log')} |")
     if cli_rc is not None:
         print(f"| user commands (cli.log, cli.json, cli/) | {_status(cli_rc)} |")
     print(f"| benchmark (bench.log, bench.json) | {_status(bench_rc)} |")

@@ -47,7 +47,13 @@ def mem_eff_path_available() -> bool:
     can run: on CPU through the project's kernels, on CUDA when causal-conv1d is installed."""
     if resolve_device().type == "cpu":
         return True
-    return importlib.util.find_spec("causal_conv1d") is not None
+    if importlib.util.find_spec("causal_conv1d") is None:
+        return False
+    try:  # its CUDA extension, which mamba-ssm's fused kernel calls, must load too
+        importlib.import_module("causal_conv1d.cpp_functions")
+    except (ImportError, OSError):
+        return False
+    return True
 
 
 class MambaBuilder(ModelBuilder):

@@ -102,12 +102,16 @@ def test_prepare_downloads_the_missing_wheels_once(wheels):
     folder, first = wheels
     assert "removing pydantic-1.0.0-py3-none-any.whl" in first.stdout
     assert _wheels(folder) == {k: [v] for k, v in _expected_wheels().items()}
-    assert sum(p.stat().st_size for p in folder.iterdir()) < 30 * 2**20
-    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    # causal-conv1d's source and what building it needs, apart from what the checks install
+    assert _wheels(folder / "build") == {**{n: [_locked(n)] for n in ("setuptools", "wheel", "packaging")},
+                                         "ninja": ["1.13.2"]}
+    assert (folder / "build" / "causal_conv1d-1.7.0.tar.gz").is_file()
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 30 * 2**20
+    before = {p.name: p.stat().st_mtime_ns for p in folder.rglob("*")}
     again = _run("--prepare", "--wheels", str(folder), timeout=120)
     assert again.returncode == 0, again.stderr
     assert "downloading" not in again.stdout and "building" not in again.stdout, again.stdout
-    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in folder.rglob("*")} == before
 
 
 @pytest.mark.network
@@ -120,8 +124,11 @@ def test_out_installs_and_reports_on_cpu(wheels, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted(["report.md", "env.txt", "install.log", "pytest.log", "junit.xml", "cli.log", "cli.json",
-                            "cli", "bench.log", "bench.json"]), files
+                            "cli", "bench.log", "bench.json", "causal_conv1d.log"]), files
     report = (out / "report.md").read_text()
+    # no GPU here: the build says why it cannot start and the kit goes on without it
+    assert "| causal-conv1d (causal_conv1d.log) | causal-conv1d: not built (exit 2) |" in report, report
+    assert re.search(r"no CUDA toolkit \(nvcc\) found|no CUDA device to build for", (out / "causal_conv1d.log").read_text())
     assert "| install (install.log) | ok |" in report and "| benchmark (bench.log, bench.json) | ok |" in report
     assert "| user commands (cli.log, cli.json, cli/) | ok |" in report, report
     assert "| `mimo-builder run graphs/mamba_lm.yaml --nproc 1 --steps 2` | 0 |" in report, report

@@ -1,0 +1,54 @@
+"""The GPU kit's causal-conv1d build narrows the package's architecture list to one GPU's."""
+
+import pathlib
+import re
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
+
+from build_causal_conv1d import main, only_architecture  # noqa: E402
+
+# causal-conv1d 1.7.0's setup.py, where it chooses the architectures (abridged around them)
+SETUP = '''        cc_flag.append("-gencode")
+        cc_flag.append("arch=compute_75,code=sm_75")
+        cc_flag.append("-gencode")
+        cc_flag.append("arch=compute_80,code=sm_80")
+        if bare_metal_version >= Version("11.8"):
+            cc_flag.append("-gencode")
+            cc_flag.append("arch=compute_90,code=sm_90")
+        if bare_metal_version >= Version("12.8"):
+            cc_flag.append("-gencode")
+            cc_flag.append("arch=compute_100,code=sm_100")
+    extra_compile_args = {"nvcc": ["-O3"] + cc_flag}
+'''
+
+
+def _architectures(text: str) -> list[str]:
+    return re.findall(r'"-gencode"\)\n\s*cc_flag\.append\("arch=compute_(\d+),code=sm_(\d+)"\)', text)
+
+
+@pytest.mark.parametrize("arch", ["90", "100", "89"])
+def test_only_the_gpus_architecture_is_left(arch):
+    patched = only_architecture(SETUP, arch)
+    assert _architectures(patched) == [(arch, arch)]
+    assert 'extra_compile_args = {"nvcc": ["-O3"] + cc_flag}' in patched
+
+
+def test_a_setup_py_without_gencode_pairs_is_refused():
+    with pytest.raises(ValueError, match="chooses its architectures another way"):
+        only_architecture("cc_flag = ['-arch=native']\n", "90")
+
+
+def test_without_a_sdist_a_cuda_toolkit_or_a_gpu_it_exits_2(tmp_path, capsys):
+    assert main([str(tmp_path / "absent.tar.gz"), "--out", str(tmp_path)]) == 2
+    assert "no sdist at" in capsys.readouterr().err
+    sdist = tmp_path / "causal_conv1d-1.7.0.tar.gz"
+    sdist.write_bytes(b"")
+    import torch
+
+    if not torch.cuda.is_available():  # this machine: nothing to build for (with or without nvcc)
+        assert main([str(sdist), "--out", str(tmp_path)]) == 2
+        assert re.search(r"no CUDA toolkit \(nvcc\) found|no CUDA device to build for; say --arch",
+                         capsys.readouterr().err)
