@@ -1,4 +1,5 @@
-"""One GPU: ViT-B/16 encoder + projector + ~1B-parameter Mamba hybrid backbone (bf16, local layers),
+"""One GPU: ViT-B/16 encoder + projector + ~1B-parameter Mamba hybrid backbone (bf16, ``impl: auto``:
+Transformer Engine where installed, else MCore's local layers with attention through SDPA on CUDA),
 a training step through GraphSchedule (composite) against the same modules as one plain autograd
 graph (monolithic), measured in the same run.
 
@@ -57,7 +58,7 @@ def make_graph(s: dict):
     from submodels.projector import ProjectorConfig
     from submodels.vision import VisionConfig
 
-    common = dict(dtype="bf16", impl="local")
+    common = dict(dtype="bf16", impl="auto")
     vision = VisionConfig(image_size=s["image"], patch_size=s["patch"], num_layers=s["vit_layers"],
                           hidden_size=s["vit_hidden"], num_attention_heads=s["vit_heads"], **common)
     proj = ProjectorConfig(input_size=s["vit_hidden"], output_size=s["hidden"], **common)
