@@ -34,7 +34,8 @@ GENCODE = re.compile(r'^(\s*)cc_flag\.append\("-gencode"\)\n\s*cc_flag\.append\(
 
 def only_architecture(setup_py: str, arch: str) -> str:
     """``setup_py`` with its ``-gencode`` pairs reduced to ``arch`` (e.g. '90' for sm_90): every
-    other pair removed, and the pair added after the first one's place when the file lacks it."""
+    pair becomes a ``pass`` (some sit alone in an ``if`` block), and the wanted pair goes where the
+    first one was."""
     pairs = list(GENCODE.finditer(setup_py))
     if not pairs:
         raise ValueError("setup.py has no cc_flag.append(\"-gencode\") pairs: this causal-conv1d version "
@@ -43,8 +44,8 @@ def only_architecture(setup_py: str, arch: str) -> str:
     wanted = (f'{indent}cc_flag.append("-gencode")\n'
               f'{indent}cc_flag.append("arch=compute_{arch},code=sm_{arch}")\n')
     first = pairs[0].start()
-    stripped = GENCODE.sub("", setup_py)
-    return stripped[:first] + wanted + stripped[first:]
+    passed = GENCODE.sub(lambda m: f"{m.group(1)}pass  # sm_{m.group(2)} left out\n", setup_py)
+    return passed[:first] + wanted + passed[first:]
 
 
 def _gpu_architecture() -> str | None:

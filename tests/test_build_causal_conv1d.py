@@ -34,6 +34,7 @@ def test_only_the_gpus_architecture_is_left(arch):
     patched = only_architecture(SETUP, arch)
     assert _architectures(patched) == [(arch, arch)]
     assert 'extra_compile_args = {"nvcc": ["-O3"] + cc_flag}' in patched
+    compile("def setup():\n    if True:\n" + patched, "setup.py", "exec")  # an emptied `if` keeps a body
 
 
 def test_a_setup_py_without_gencode_pairs_is_refused():
