@@ -180,17 +180,22 @@ class Step:
             port = link.edge.src_port if link.edge else "hidden"
             output = state.outputs[port]
             grad = self._received_gradient(op, li, output)
-            if link.edge is not None:
+            if link.edge is not None:  # a rank that received nothing takes its first TP rank's
                 grad = self._tp_broadcast(stage.node, grad)
+            if grad is None:
+                grad = torch.zeros_like(output)
             tensors.append(output)
             grads.append(grad.to(output.dtype))
         return tensors, grads
 
-    def _received_gradient(self, op: Op, li: int, output: torch.Tensor) -> torch.Tensor:
+    def _received_gradient(self, op: Op, li: int, output: torch.Tensor) -> torch.Tensor | None:
         """The gradient of ``output`` its consumers on link ``li`` sent back: one piece of the
-        whole shape as it came, else the pieces summed into their rows in fp32."""
+        whole shape as it came, else the pieces summed into their rows in fp32; None when none
+        comes to this rank."""
         link = self.routes.links[li]
         pieces = [(t, self.mailbox.take(key, t.dst)) for key, t in self.routes.receives(op, self.rank, li)]
+        if not pieces:
+            return None
         if len(pieces) == 1 and pieces[0][1].shape == output.shape:
             return pieces[0][1]
         grad = torch.zeros(output.shape, dtype=torch.float32, device=self.s.device)
