@@ -6,8 +6,9 @@ causal-conv1d's CUDA kernels are what mamba-ssm's fused Mamba training path
 without them the mixer runs ``torch.nn.functional.conv1d`` and more copies. No wheel of it
 matches the GPU machine's torch, so the kit compiles the carried sdist there. Its ``setup.py``
 compiles for nine architectures and first tries to download a wheel; this build patches the
-architecture list down to the GPU's own and sets ``CAUSAL_CONV1D_FORCE_BUILD`` (no network), so
-it takes minutes, not an hour. The wheel goes to ``--out``; carried back into ``.whl/``, later kit
+architecture list down to the GPU's own, compresses the kernels instead of keeping line tables,
+strips host debug sections and sets ``CAUSAL_CONV1D_FORCE_BUILD`` (no network), so it takes
+minutes, not an hour, and the wheel fits the 16 MiB a file that comes back from the GPU machine. The wheel goes to ``--out``; carried back into ``.whl/``, later kit
 runs install it instead of building.
 
   python scripts/build_causal_conv1d.py SDIST --out DIR [--arch 90] [--jobs 3]
@@ -48,6 +49,13 @@ def only_architecture(setup_py: str, arch: str) -> str:
     return passed[:first] + wanted + passed[first:]
 
 
+def compressed_kernels(setup_py: str) -> str:
+    """``setup_py`` with nvcc's ``-lineinfo`` (line tables in every kernel) replaced by a
+    compressed fat binary: the wheel must come back from the GPU machine in one file of at most
+    16 MiB (25.5 MB for sm_90 as released, with line tables and uncompressed kernels)."""
+    return setup_py.replace('"-lineinfo",', '"-Xfatbin", "-compress-all",')
+
+
 def _gpu_architecture() -> str | None:
     import torch
 
@@ -64,8 +72,10 @@ def build(sdist: pathlib.Path, out: pathlib.Path, arch: str, jobs: int) -> pathl
             archive.extractall(tmp, filter="data")
         (source,) = [p for p in pathlib.Path(tmp).iterdir() if p.is_dir()]
         setup_py = source / "setup.py"
-        setup_py.write_text(only_architecture(setup_py.read_text(), arch))
-        env = dict(os.environ, CAUSAL_CONV1D_FORCE_BUILD="TRUE", MAX_JOBS=str(jobs))
+        setup_py.write_text(compressed_kernels(only_architecture(setup_py.read_text(), arch)))
+        # and no host debug sections in the library (another 11 MB)
+        ldflags = " ".join(filter(None, [os.environ.get("LDFLAGS"), "-Wl,--strip-debug"]))
+        env = dict(os.environ, CAUSAL_CONV1D_FORCE_BUILD="TRUE", MAX_JOBS=str(jobs), LDFLAGS=ldflags)
         out.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                    "--no-cache-dir", "-w", str(out), str(source)]

@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
 
-from build_causal_conv1d import main, only_architecture  # noqa: E402
+from build_causal_conv1d import compressed_kernels, main, only_architecture  # noqa: E402
 
 # causal-conv1d 1.7.0's setup.py, where it chooses the architectures (abridged around them)
 SETUP = '''        cc_flag.append("-gencode")
@@ -35,6 +35,12 @@ def test_only_the_gpus_architecture_is_left(arch):
     assert _architectures(patched) == [(arch, arch)]
     assert 'extra_compile_args = {"nvcc": ["-O3"] + cc_flag}' in patched
     compile("def setup():\n    if True:\n" + patched, "setup.py", "exec")  # an emptied `if` keeps a body
+
+
+def test_kernels_are_compressed_instead_of_carrying_line_tables():
+    flags = '"nvcc": ["-O3", "--use_fast_math", "--ptxas-options=-v", "-lineinfo", ] + cc_flag'
+    assert compressed_kernels(flags) == ('"nvcc": ["-O3", "--use_fast_math", "--ptxas-options=-v", '
+                                         '"-Xfatbin", "-compress-all", ] + cc_flag')
 
 
 def test_a_setup_py_without_gencode_pairs_is_refused():
