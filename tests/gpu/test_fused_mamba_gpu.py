@@ -13,19 +13,19 @@ os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")  # as in test_kernels_gpu.py
 
 from submodels import mamba_kernels  # noqa: F401  isort: skip  (mamba_ssm.ops.triton importable)
 
-import importlib.util
-
 import pytest
 import torch
 
+from submodels.mamba import mem_eff_path_available
 from submodels.mamba_split_scan import split_conv1d_scan
 from tests.gpu.test_kernels_gpu import GRAD_FACTOR, TOL, backward, check, twin
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (Triton and causal-conv1d kernels)"),
-    pytest.mark.skipif(importlib.util.find_spec("causal_conv1d") is None,
-                       reason="causal-conv1d is not installed (the kit builds it: scripts/build_causal_conv1d.py)"),
+    pytest.mark.skipif(not torch.cuda.is_available() or not mem_eff_path_available(),
+                       reason="causal-conv1d is not installed or does not load (the kit builds it: "
+                              "scripts/build_causal_conv1d.py)"),
 ]
 
 HEADS, HEADDIM, GROUPS, STATE, WIDTH = 8, 32, 2, 32, 4
