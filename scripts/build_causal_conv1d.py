@@ -56,6 +56,19 @@ def compressed_kernels(setup_py: str) -> str:
     return setup_py.replace('"-lineinfo",', '"-Xfatbin", "-compress-all",')
 
 
+def cuda_toolkit() -> pathlib.Path | None:
+    """The CUDA toolkit to build with: the first of CUDA_HOME, CUDA_PATH, torch's guess (from
+    ``nvcc`` on PATH, which a wrapper script can mislead) and /usr/local/cuda that has the runtime
+    headers and nvcc."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), CUDA_HOME, "/usr/local/cuda"):
+        if root and (pathlib.Path(root) / "include" / "cuda_runtime_api.h").is_file() \
+                and (pathlib.Path(root) / "bin" / "nvcc").is_file():
+            return pathlib.Path(root)
+    return None
+
+
 def _gpu_architecture() -> str | None:
     import torch
 
@@ -65,7 +78,7 @@ def _gpu_architecture() -> str | None:
     return f"{major}{minor}"
 
 
-def build(sdist: pathlib.Path, out: pathlib.Path, arch: str, jobs: int) -> pathlib.Path:
+def build(sdist: pathlib.Path, out: pathlib.Path, arch: str, jobs: int, toolkit: pathlib.Path) -> pathlib.Path:
     """Unpack, patch and build ``sdist`` into a wheel in ``out``; returns the wheel's path."""
     with tempfile.TemporaryDirectory(prefix="causal-conv1d-") as tmp:
         with tarfile.open(sdist) as archive:
@@ -75,7 +88,8 @@ def build(sdist: pathlib.Path, out: pathlib.Path, arch: str, jobs: int) -> pathl
         setup_py.write_text(compressed_kernels(only_architecture(setup_py.read_text(), arch)))
         # and no host debug sections in the library (another 11 MB)
         ldflags = " ".join(filter(None, [os.environ.get("LDFLAGS"), "-Wl,--strip-debug"]))
-        env = dict(os.environ, CAUSAL_CONV1D_FORCE_BUILD="TRUE", MAX_JOBS=str(jobs), LDFLAGS=ldflags)
+        env = dict(os.environ, CAUSAL_CONV1D_FORCE_BUILD="TRUE", MAX_JOBS=str(jobs), LDFLAGS=ldflags,
+                   CUDA_HOME=str(toolkit), PATH=f"{toolkit / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
         out.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                    "--no-cache-dir", "-w", str(out), str(source)]
@@ -95,10 +109,10 @@ def main(argv=None) -> int:
     if not args.sdist.is_file():
         print(f"build_causal_conv1d: no sdist at {args.sdist}", file=sys.stderr)
         return 2
-    from torch.utils.cpp_extension import CUDA_HOME  # torch's own search: CUDA_HOME, nvcc on PATH, /usr/local/cuda
-
-    if CUDA_HOME is None:
-        print("build_causal_conv1d: no CUDA toolkit (nvcc) found: nothing to build with", file=sys.stderr)
+    toolkit = cuda_toolkit()
+    if toolkit is None:
+        print("build_causal_conv1d: no CUDA toolkit (nvcc and the runtime headers) found: nothing to build with; "
+              "set CUDA_HOME", file=sys.stderr)
         return 2
     arch = args.arch or _gpu_architecture()
     if arch is None:
@@ -106,12 +120,12 @@ def main(argv=None) -> int:
         return 2
     start = time.perf_counter()
     try:
-        wheel = build(args.sdist, args.out, arch, args.jobs)
+        wheel = build(args.sdist, args.out, arch, args.jobs, toolkit)
     except (subprocess.CalledProcessError, ValueError) as err:
         print(f"build_causal_conv1d: the build failed after {time.perf_counter() - start:.0f} s: {err}",
               file=sys.stderr)
         return 1
-    print(f"built {wheel.name} for sm_{arch} in {time.perf_counter() - start:.0f} s")
+    print(f"built {wheel.name} for sm_{arch} with {toolkit} in {time.perf_counter() - start:.0f} s")
     return 0
 
 

@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
 
-from build_causal_conv1d import compressed_kernels, main, only_architecture  # noqa: E402
+from build_causal_conv1d import compressed_kernels, cuda_toolkit, main, only_architecture  # noqa: E402
 
 # causal-conv1d 1.7.0's setup.py, where it chooses the architectures (abridged around them)
 SETUP = '''        cc_flag.append("-gencode")
@@ -57,5 +57,19 @@ def test_without_a_sdist_a_cuda_toolkit_or_a_gpu_it_exits_2(tmp_path, capsys):
 
     if not torch.cuda.is_available():  # this machine: nothing to build for (with or without nvcc)
         assert main([str(sdist), "--out", str(tmp_path)]) == 2
-        assert re.search(r"no CUDA toolkit \(nvcc\) found|no CUDA device to build for; say --arch",
+        assert re.search(r"no CUDA toolkit \(nvcc and the runtime headers\) found|no CUDA device to build for; say --arch",
                          capsys.readouterr().err)
+
+
+def test_the_toolkit_is_the_first_with_nvcc_and_runtime_headers(tmp_path, monkeypatch):
+    """A wrapper script for nvcc (/usr/local/bin/nvcc here) makes torch guess /usr/local, which has
+    no headers: the build must not take a folder without them."""
+    wrapper, toolkit = tmp_path / "wrapper", tmp_path / "cuda-13.0"
+    (wrapper / "bin").mkdir(parents=True)
+    (wrapper / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    for part in ("bin/nvcc", "include/cuda_runtime_api.h"):
+        (toolkit / part).parent.mkdir(parents=True, exist_ok=True)
+        (toolkit / part).write_text("")
+    monkeypatch.setenv("CUDA_HOME", str(wrapper))
+    monkeypatch.setenv("CUDA_PATH", str(toolkit))
+    assert cuda_toolkit() == toolkit
