@@ -36,3 +36,15 @@ def case(results: dict, name: str) -> dict:
     if "error" in value:
         pytest.fail(f"{name} raised in the CUDA rank:\n{value['error']}", pytrace=False)
     return value
+
+
+def needs_causal_conv1d():
+    """Skip marker for checks of MCore's fused Mamba path: a CUDA device and causal-conv1d with its
+    CUDA extension loading (the kit builds it: scripts/build_causal_conv1d.py)."""
+    import torch
+
+    from submodels.mamba import mem_eff_path_available
+
+    return pytest.mark.skipif(not torch.cuda.is_available() or not mem_eff_path_available(),
+                              reason="needs a CUDA device and causal-conv1d that loads (the kit builds it: "
+                                     "scripts/build_causal_conv1d.py)")

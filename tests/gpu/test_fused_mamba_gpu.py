@@ -15,18 +15,12 @@ from submodels import mamba_kernels  # noqa: F401  isort: skip  (mamba_ssm.ops.t
 
 import pytest
 import torch
+from cuda_cases import needs_causal_conv1d
+from test_kernels_gpu import GRAD_FACTOR, TOL, backward, check, twin
 
-from submodels.mamba import mem_eff_path_available
 from submodels.mamba_split_scan import split_conv1d_scan
-from tests.gpu.test_kernels_gpu import GRAD_FACTOR, TOL, backward, check, twin
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (Triton and causal-conv1d kernels)"),
-    pytest.mark.skipif(not torch.cuda.is_available() or not mem_eff_path_available(),
-                       reason="causal-conv1d is not installed or does not load (the kit builds it: "
-                              "scripts/build_causal_conv1d.py)"),
-]
+pytestmark = [pytest.mark.gpu, needs_causal_conv1d()]
 
 HEADS, HEADDIM, GROUPS, STATE, WIDTH = 8, 32, 2, 32, 4
 GRADS = ("zxbcdt", "conv1d_weight", "conv1d_bias", "dt_bias", "A", "D", "rmsnorm_weight")

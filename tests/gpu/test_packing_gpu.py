@@ -11,17 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cuda_cases import on_cuda_rank
+from cuda_cases import needs_causal_conv1d, on_cuda_rank
 
-from submodels.mamba import mem_eff_path_available
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (NCCL rank)"),
-    pytest.mark.skipif(not torch.cuda.is_available() or not mem_eff_path_available(),
-                       reason="causal-conv1d is not installed or does not load (the kit builds it: "
-                              "scripts/build_causal_conv1d.py)"),
-]
+pytestmark = [pytest.mark.gpu, needs_causal_conv1d()]
 
 TOL = 1e-4
 
