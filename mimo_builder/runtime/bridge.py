@@ -70,11 +70,13 @@ def recv_tensor(src: int, device: torch.device, group=None) -> torch.Tensor:
 
 
 def broadcast_tensor(tensor: torch.Tensor | None, src: int, group, device: torch.device) -> torch.Tensor:
-    """Broadcast from global rank ``src`` to ``group``; non-source ranks pass None."""
-    header = _header(tensor).to(device) if tensor is not None else torch.empty(_HEADER, dtype=torch.int64,
-                                                                                 device=device)
+    """Broadcast ``tensor`` from global rank ``src`` to ``group``. The other ranks receive into a
+    new tensor of the sender's dtype and shape (what they pass is ignored: a buffer of another
+    dtype would take the bytes as they come, which gloo does without a word)."""
+    source = dist.get_rank() == src
+    header = _header(tensor).to(device) if source else torch.empty(_HEADER, dtype=torch.int64, device=device)
     dist.broadcast(header, src, group=group)
-    if tensor is None:
+    if not source:
         tensor = torch.empty(_shape(header), dtype=_DTYPES[int(header[0])], device=device)
     tensor = tensor.contiguous()
     dist.broadcast(tensor, src, group=group)
