@@ -20,7 +20,8 @@ Tokens/s counts the backbone's tokens (batch x sequence, image placeholders incl
 MFU = model FLOPs per step / (step time x peak), model FLOPs = 6 * sum over nodes of (parameters
 without embedding lookups x tokens the node processes) + 12 * layers * hidden * tokens^2 * batch
 for every attention layer (vision and backbone; causal masking not discounted; the SSD scan's own
-FLOPs not counted). Peak: 989 TFLOP/s bf16 dense for H100/H200, else no MFU.
+FLOPs not counted). Peak: the bf16 dense datasheet figure of :mod:`mimo_builder.platform.peak` (989
+TFLOP/s for H100 SXM / H200), else no MFU.
 
 Run: python benchmarks/bench_gpu.py [--tiny] [--json out.json] [--rounds N] [--steps N] [--warmup N]
 [--no-profile] (--tiny: small sizes that also run on CPU, for tests). The last two lines read
@@ -43,7 +44,6 @@ from common import report  # noqa: E402
 from kernel_classes import profile_step, table_rows  # noqa: E402
 
 IMAGE_TOKEN = 1
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 SIZES = {
     "full": dict(image=224, patch=16, vit_layers=12, vit_hidden=768, vit_heads=12, hidden=2048, heads=16,
                  pattern="MMMMMMM*" * 4, vocab=32000, seq=2048, batch=4, state=128, head_dim=64, groups=8),
@@ -198,7 +198,12 @@ def memory_estimate(size: str) -> int:
 
 
 def _peak(device_name: str) -> float | None:
-    return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
+    """One device's bf16 peak from the project's datasheet table (None off the known GPUs)."""
+    import torch
+
+    from mimo_builder.platform.peak import device_peak_flops
+
+    return device_peak_flops(device_name, torch.bfloat16)
 
 
 def _size(count: int) -> str:

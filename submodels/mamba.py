@@ -35,6 +35,7 @@ from mimo_builder.build.tp_shard import unwrap  # noqa: E402
 from mimo_builder.kinds.transformer import make_transformer_config, padded_vocab_size, use_te  # noqa: E402
 from mimo_builder.runtime.generation import GenerationOptions  # noqa: E402
 from mimo_builder.runtime.packing import LENGTHS_PORT, Packing  # noqa: E402
+from mimo_builder.runtime.shards import joined  # noqa: E402
 from submodels.mamba_generate import generate  # noqa: E402
 from submodels.mamba_config import LAYER_SYMBOLS, PIPE, MambaConfig  # noqa: E402,F401 (public here too)
 
@@ -348,7 +349,4 @@ def place_modalities(embedded: torch.Tensor, ids: torch.Tensor, token_ids: dict[
         rows.append(values.reshape(-1, values.shape[-1]))
     if not rows:
         return embedded
-    one = len(rows) == 1
-    placed = rows[0] if one else torch.cat(rows)
-    return embedded.index_put((tokens[0] if one else torch.cat(tokens), samples[0] if one else torch.cat(samples)),
-                              placed.to(embedded.dtype))
+    return embedded.index_put((joined(tokens), joined(samples)), joined(rows).to(embedded.dtype))

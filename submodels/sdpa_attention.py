@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 
+from mimo_builder.kinds import costs
+
 from submodels.context_parallel import ContextParallelAttention, boundaries_in_mask, cp_size
 
 
@@ -50,7 +52,7 @@ class SDPAttention(ContextParallelAttention):
 def core_attention(impl: str) -> type:
     """The local core attention for a node's ``impl``: SDPA for ``sdpa``, and for ``auto`` on CUDA
     (where ``auto`` means no Transformer Engine here); MCore's local one otherwise."""
-    if impl == "sdpa" or (impl == "auto" and torch.cuda.is_available()):
+    if costs.local_sdpa(impl):
         return SDPAttention
     return ContextParallelAttention
 

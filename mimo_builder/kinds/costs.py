@@ -99,11 +99,17 @@ def builds_te(impl: str) -> bool:
     return impl == "te" or (impl == "auto" and te_available())
 
 
+def local_sdpa(impl: str) -> bool:
+    """Whether a node with this ``impl`` built with MCore's local layers computes core attention
+    through PyTorch's SDPA: 'sdpa', and 'auto' on a machine with CUDA."""
+    return impl == "sdpa" or (impl == "auto" and torch.cuda.is_available())
+
+
 def flash_attention(impl: str) -> bool:
     """Whether a node with this ``impl`` computes attention without keeping ``s^2``
     probabilities: Transformer Engine's fused attention, or SDPA's flash / memory-efficient
-    kernels ('sdpa', and 'auto' on a machine with CUDA but without TE)."""
-    return builds_te(impl) or impl == "sdpa" or (impl == "auto" and torch.cuda.is_available())
+    kernels (:func:`local_sdpa`)."""
+    return builds_te(impl) or local_sdpa(impl)
 
 
 def norm_cost(shape: Shape, config: TransformerConfig, fused: bool, with_output: bool = True) -> int:

@@ -98,8 +98,8 @@ class RankBatch:
         """Cut ``rank``'s share out of a whole global batch (every key present)."""
         size = next(iter(batch.values())).shape[0]
         layout = BatchLayout.of(valid, size, num_microbatches)
-        return cls(size, num_microbatches, {key: _joined([batch[key][layout.rows(c).start:layout.rows(c).stop]
-                                                          for c in chunks])
+        return cls(size, num_microbatches, {key: joined([batch[key][layout.rows(c).start:layout.rows(c).stop]
+                                                         for c in chunks])
                                             for key, chunks in layout.key_chunks(valid, rank).items()})
 
     @classmethod
@@ -107,10 +107,10 @@ class RankBatch:
                     chunks: dict[int, dict[str, torch.Tensor]]) -> RankBatch:
         """Assemble ``rank``'s share from its collated chunks (``chunk -> {key: rows}``)."""
         return cls(layout.batch_size, layout.num_microbatches,
-                   {key: _joined([chunks[c][key] for c in needed])
+                   {key: joined([chunks[c][key] for c in needed])
                     for key, needed in layout.key_chunks(valid, rank).items()})
 
 
-def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+def joined(parts: list[torch.Tensor]) -> torch.Tensor:
     """The parts one after another along the batch axis (a lone part as it is, no copy)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -19,7 +19,7 @@ from mimo_builder.runtime.batch import shard_range
 from mimo_builder.runtime.bridge import Mailbox, broadcast_tensor
 from mimo_builder.runtime.pipeline import FORWARD, Op, Stage
 from mimo_builder.runtime.routes import Routes
-from mimo_builder.runtime.shards import RankBatch
+from mimo_builder.runtime.shards import RankBatch, joined
 
 
 @dataclass
@@ -122,7 +122,7 @@ class Step:
         if link.edge is None:
             (value,) = parts
             return value
-        value = (parts[0] if len(parts) == 1 else torch.cat(parts)) if parts else None
+        value = joined(parts) if parts else None
         return self._tp_broadcast(link.dst.node, value)
 
     def _slice(self, value: torch.Tensor, link, node: str, rank: int, t) -> torch.Tensor:

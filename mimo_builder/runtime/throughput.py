@@ -21,13 +21,14 @@ Colocated nodes share their ranks' time, so their MFUs add up to the ranks' MFU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from mimo_builder.kinds import costs
 from mimo_builder.kinds.contract import defines
 from mimo_builder.platform.peak import TERA, device_name, device_peak_flops
+from mimo_builder.runtime.pipeline import needs_grad
 from mimo_builder.runtime.timing import gather_to_first
 
 
@@ -50,7 +51,7 @@ class NodeWork:
         if not self.reads_tokens or not tokens:
             return self
         scale = tokens / self.tokens
-        return NodeWork(self.ranks, tokens, None if self.flops is None else round(self.flops * scale), self.peak, True)
+        return replace(self, tokens=tokens, flops=None if self.flops is None else round(self.flops * scale))
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,7 @@ def graph_work(model, batch_size: int, num_microbatches: int, device: torch.devi
     """Every node's work, in graph order, on rank 0 (None on the other ranks). A collective over
     the graph's control group: each rank counts the nodes it hosts. ``peak_tflops`` overrides the
     device table."""
-    from mimo_builder.planning.estimate import token_arrivals
-    from mimo_builder.runtime.pipeline import needs_grad
+    from mimo_builder.planning.estimate import token_arrivals  # planning imports the runtime's pipeline
 
     valid = model.valid
     arrivals, backward = token_arrivals(valid), needs_grad(valid)
