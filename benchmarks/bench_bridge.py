@@ -41,8 +41,8 @@ def _measure(repeats):
     import torch
     import torch.distributed as dist
 
-    from mimo_builder.runtime.bridge import Mailbox, recv_tensor, send_tensor
-    from mimo_builder.runtime.posting import Message
+    from mimo_builder._internal.runtime.bridge import Mailbox, recv_tensor, send_tensor
+    from mimo_builder._internal.runtime.posting import Message
 
     rank, cpu = dist.get_rank(), torch.device("cpu")
     group = dist.new_group(backend="gloo")
@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
-    from mimo_builder.platform.launch import launch
+    from mimo_builder._internal.platform.launch import launch
 
     mbs = launch(_measure, 2, args.repeats, timeout_s=900)[1]
     rows = []

@@ -22,7 +22,7 @@ def _by_hand(config, pgs):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from mimo_builder.platform.compat import seed_rng
+    from mimo_builder._internal.platform.compat import seed_rng
 
     seed_rng(0)
     builder = config.make_builder()
@@ -39,7 +39,7 @@ def _by_hand(config, pgs):
 def _ours(config, pgs):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.platform.compat import seed_rng
+    from mimo_builder._internal.platform.compat import seed_rng
 
     seed_rng(0)
     return config.make_builder().build_distributed_models(pgs, DistributedDataParallelConfig())
@@ -48,8 +48,8 @@ def _ours(config, pgs):
 def _measure(repeats):
     import torch.distributed as dist
 
-    from mimo_builder.platform import compat
-    from mimo_builder.placement import Layout, create_process_groups
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.placement import Layout, create_process_groups
     from submodels.gpt import GPTConfig
 
     compat.init_runtime("cpu")
@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
-    from mimo_builder.platform.launch import launch
+    from mimo_builder._internal.platform.launch import launch
 
     times = launch(_measure, 1, args.repeats, timeout_s=600)[0]
     ratio = times["ours"] / times["by_hand"]

@@ -33,12 +33,12 @@ def _measure(folder: str) -> dict[str, float]:
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.vlm import vlm
-    from mimo_builder.platform import compat
-    from mimo_builder.checkpoint import Checkpointer
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.checkpoint import Checkpointer
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     compat.init_runtime("cpu")
     graph = vlm("colocated_dp2")
@@ -61,7 +61,7 @@ def _measure(folder: str) -> dict[str, float]:
         checkpointer.load(path)
 
     def bare():
-        from mimo_builder.checkpoint import state
+        from mimo_builder._internal.checkpoint import state
 
         target = f"{folder}/bare/{next(count)}"
         if dist.get_rank() == 0:
@@ -79,7 +79,7 @@ def _measure(folder: str) -> dict[str, float]:
 
 
 def main(argv=None) -> dict:
-    from mimo_builder.platform.launch import launch
+    from mimo_builder._internal.platform.launch import launch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")

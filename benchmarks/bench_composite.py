@@ -33,10 +33,10 @@ def _measure(repeats, profile_dir):
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.vlm import vlm
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     compat.init_runtime("cpu")
     (model,) = CompositeBuilder(vlm("single")).build_distributed_models(ddp_config=DistributedDataParallelConfig())
@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
     if profile_dir:
         os.makedirs(profile_dir, exist_ok=True)
 
-    from mimo_builder.platform.launch import launch
+    from mimo_builder._internal.platform.launch import launch
 
     times, loss = launch(_measure, 1, args.repeats, profile_dir, timeout_s=900)[0]
     ratio = times["composite"] / times["monolithic"]

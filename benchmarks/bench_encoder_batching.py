@@ -2,7 +2,7 @@
 
 Colocated, an encoder shares its ranks with the backbone. Interleaved, it runs M forwards and M
 backwards per step, one per microbatch; batched (the default where it qualifies, see
-``mimo_builder.runtime.batching``), one forward over all M microbatches and one backward after
+``mimo_builder._internal.runtime.batching``), one forward over all M microbatches and one backward after
 the backbone's last. Two graphs on 2 gloo ranks (dp=2), M = 8, batched and interleaved
 (``batch_microbatches: false``) built side by side and alternated (order reversed every round,
 a barrier before each step); a step takes as long as its slower rank; medians over rounds:
@@ -28,7 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from bench_pipeline import SleepConfig, _rounds  # noqa: E402
 from common import report  # noqa: E402
-from mimo_builder.kinds.registry import allow_modules  # noqa: E402
+from mimo_builder._internal.kinds.registry import allow_modules  # noqa: E402
 
 WORLD, M, BATCH = 2, 8, 16
 ENCODER = dict(forward_ms=4.0, backward_ms=8.0, per_sample_ms=0.5)
@@ -38,7 +38,7 @@ allow_modules("bench_pipeline")
 
 def sleep_graph(batched: bool):
     """encoder -> projector -> backbone, every node on both ranks (dp=2)."""
-    from mimo_builder.document.graph import Graph
+    from mimo_builder._internal.document.graph import Graph
 
     graph = (Graph().add("encoder", SleepConfig(**ENCODER)).add("projector", SleepConfig(**ENCODER))
              .add("backbone", SleepConfig(**BACKBONE))
@@ -62,10 +62,10 @@ def _switched(graph, batched: bool):
 def _measure(rounds: int) -> dict:
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     allow_modules("bench_pipeline")
     compat.init_runtime("cpu")
@@ -82,7 +82,7 @@ def _measure(rounds: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    from mimo_builder.platform.launch import launch
+    from mimo_builder._internal.platform.launch import launch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)

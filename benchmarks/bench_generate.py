@@ -29,9 +29,9 @@ def _measure(prompt: int) -> dict:
     import torch
 
     from graphs.mamba_lm import mamba_lm
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
 
     compat.init_runtime("cpu")
     graph = mamba_lm()
@@ -65,7 +65,7 @@ def _measure(prompt: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    from mimo_builder.platform.launch import launch
+    from mimo_builder._internal.platform.launch import launch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")

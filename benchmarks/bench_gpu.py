@@ -20,7 +20,7 @@ Tokens/s counts the backbone's tokens (batch x sequence, image placeholders incl
 MFU = model FLOPs per step / (step time x peak), model FLOPs = 6 * sum over nodes of (parameters
 without embedding lookups x tokens the node processes) + 12 * layers * hidden * tokens^2 * batch
 for every attention layer (vision and backbone; causal masking not discounted; the SSD scan's own
-FLOPs not counted). Peak: the bf16 dense datasheet figure of :mod:`mimo_builder.platform.peak` (989
+FLOPs not counted). Peak: the bf16 dense datasheet figure of :mod:`mimo_builder._internal.platform.peak` (989
 TFLOP/s for H100 SXM / H200), else no MFU.
 
 Run: python benchmarks/bench_gpu.py [--tiny] [--json out.json] [--rounds N] [--steps N] [--warmup N]
@@ -53,7 +53,7 @@ SIZES = {
 
 
 def make_graph(s: dict):
-    from mimo_builder.document.graph import Graph
+    from mimo_builder._internal.document.graph import Graph
     from submodels.mamba import MambaConfig
     from submodels.projector import ProjectorConfig
     from submodels.vision import VisionConfig
@@ -153,9 +153,9 @@ def _measure(size: str, rounds: int, steps: int, warmup: int, profile: bool) -> 
     import torch
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     compat.quiet_dependency_warnings()
     device = compat.init_runtime("auto")
@@ -187,9 +187,9 @@ def _measure(size: str, rounds: int, steps: int, warmup: int, profile: bool) -> 
 def memory_estimate(size: str) -> int:
     """The plan's bytes on the one rank for the benchmark's step: parameters, gradient buffer and
     the activations of one microbatch of the whole batch (no optimizer state)."""
-    from mimo_builder.planning.estimate import estimate_plan
-    from mimo_builder.planning.plan import make_plan
-    from mimo_builder.runtime.pipeline import plan_graph
+    from mimo_builder._internal.planning.estimate import estimate_plan
+    from mimo_builder._internal.planning.plan import make_plan
+    from mimo_builder._internal.runtime.pipeline import plan_graph
 
     graph, _ = make_graph(SIZES[size])
     plan = make_plan(graph, 1)
@@ -201,7 +201,7 @@ def _peak(device_name: str) -> float | None:
     """One device's bf16 peak from the project's datasheet table (None off the known GPUs)."""
     import torch
 
-    from mimo_builder.platform.peak import device_peak_flops
+    from mimo_builder._internal.platform.peak import device_peak_flops
 
     return device_peak_flops(device_name, torch.bfloat16)
 
@@ -258,7 +258,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from mimo_builder.platform.launch import launch
+    from mimo_builder._internal.platform.launch import launch
 
     if size == "full" and not torch.cuda.is_available():
         parser.error("the full-size benchmark needs a CUDA device; use --tiny on CPU")

@@ -32,7 +32,7 @@ WORLD = 4
 def six_node_graph():
     from graphs import parts
     from graphs.avlm import avlm
-    from mimo_builder.document.graph import Placement
+    from mimo_builder._internal.document.graph import Placement
 
     return (avlm("disjoint4")
             .add("text_proj", parts.projector(), placement=Placement(offset=2, size=2, tp=2))
@@ -43,7 +43,7 @@ def _measure(node_layouts, repeats):
     """On every rank: per run and variant, this rank's seconds and the groups created."""
     import torch.distributed as dist
 
-    from mimo_builder.placement import create_process_groups
+    from mimo_builder._internal.placement import create_process_groups
 
     variants = {
         "shared": lambda: [create_process_groups(node_layouts)],
@@ -71,12 +71,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
-    from mimo_builder.platform.compat import quiet_dependency_warnings
+    from mimo_builder._internal.platform.compat import quiet_dependency_warnings
 
     quiet_dependency_warnings()
-    from mimo_builder.platform.launch import launch
-    from mimo_builder.placement import count_process_groups
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.platform.launch import launch
+    from mimo_builder._internal.placement import count_process_groups
+    from mimo_builder._internal.validation import validate_graph
 
     valid = validate_graph(six_node_graph(), WORLD)
     node_layouts = [valid.layouts[name] for name in valid.order]

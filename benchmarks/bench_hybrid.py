@@ -21,8 +21,8 @@ BATCH, SEQ, VOCAB = 4, 256, 512
 def _model(pattern):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.platform.compat import seed_rng
-    from mimo_builder.placement import Layout, create_process_groups
+    from mimo_builder._internal.platform.compat import seed_rng
+    from mimo_builder._internal.placement import Layout, create_process_groups
     from submodels.mamba import MambaConfig
 
     layout = Layout(0, 1)
@@ -48,7 +48,7 @@ def _step(model, tokens, positions):
 def _measure(repeats):
     import torch
 
-    from mimo_builder.platform import compat
+    from mimo_builder._internal.platform import compat
 
     compat.init_runtime("cpu")
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
-    from mimo_builder.platform.launch import launch
+    from mimo_builder._internal.platform.launch import launch
 
     times = launch(_measure, 1, args.repeats, timeout_s=900)[0]
     tokens = BATCH * SEQ

@@ -30,7 +30,7 @@ BACKBONE_RANKS = (2, 3)
 
 def _graph(lora: bool):
     from graphs.vlm import vlm
-    from mimo_builder.document.graph import Graph
+    from mimo_builder._internal.document.graph import Graph
 
     data = vlm().as_dict()
     for node in data["nodes"].values():
@@ -57,13 +57,13 @@ def _measure(lora: bool, folder: str) -> dict | None:
     import torch.distributed as dist
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.checkpoint import Checkpointer
-    from mimo_builder.document.optimizer import OptimizerSettings  # Adam
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.checkpoint import Checkpointer
+    from mimo_builder._internal.document.optimizer import OptimizerSettings  # Adam
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     compat.init_runtime("cpu")
     (model,) = CompositeBuilder(_graph(lora)).build_distributed_models(
@@ -84,7 +84,7 @@ def _measure(lora: bool, folder: str) -> dict | None:
 
 
 def main(argv=None) -> dict:
-    from mimo_builder.platform.launch import launch
+    from mimo_builder._internal.platform.launch import launch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")

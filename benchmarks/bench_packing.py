@@ -29,7 +29,7 @@ SEQ_LENGTH, BATCH = 256, 32
 
 def _graph(packed: bool):
     from graphs.vlm import vlm
-    from mimo_builder.data.tokenizer import ByteTokenizer
+    from mimo_builder._internal.data.tokenizer import ByteTokenizer
 
     graph = vlm("single")
     graph.nodes["lm"].config.update(seq_length=SEQ_LENGTH, vocab_size=ByteTokenizer().vocab_size)
@@ -50,13 +50,13 @@ def _samples(count: int, seed: int, median: int) -> list[dict]:
 def _measure(num_batches: int, repeats: int, median: int) -> dict:
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.data.collate import GraphCollator
-    from mimo_builder.data.tokenizer import ByteTokenizer
-    from mimo_builder.document.optimizer import OptimizerSettings
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.data.collate import GraphCollator
+    from mimo_builder._internal.data.tokenizer import ByteTokenizer
+    from mimo_builder._internal.document.optimizer import OptimizerSettings
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
 
     compat.init_runtime("cpu")
     steps, tokens = {}, 0
@@ -80,7 +80,7 @@ def _measure(num_batches: int, repeats: int, median: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    from mimo_builder.platform.launch import launch
+    from mimo_builder._internal.platform.launch import launch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")

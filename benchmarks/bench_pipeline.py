@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from mimo_builder.platform.compat import quiet_dependency_warnings  # noqa: E402
+from mimo_builder._internal.platform.compat import quiet_dependency_warnings  # noqa: E402
 
 quiet_dependency_warnings()  # before MCore's imports below
 
@@ -38,9 +38,9 @@ from megatron.core.transformer import MegatronModule, TransformerConfig  # noqa:
 from pydantic import NonNegativeFloat, PositiveInt  # noqa: E402
 
 from common import report  # noqa: E402
-from mimo_builder.kinds.builder import ModelBuilder, Port, Ports  # noqa: E402
-from mimo_builder.kinds.config import ModelConfig  # noqa: E402
-from mimo_builder.kinds.registry import allow_modules  # noqa: E402
+from mimo_builder._internal.kinds.builder import ModelBuilder, Port, Ports  # noqa: E402
+from mimo_builder._internal.kinds.config import ModelConfig  # noqa: E402
+from mimo_builder._internal.kinds.registry import allow_modules  # noqa: E402
 
 STAGES, WORLD, BATCH, TOKENS = 4, 4, 8, 4
 MICROBATCHES = (1, 4, 8)
@@ -136,7 +136,7 @@ class _SleepInBackward(torch.autograd.Function):
 
 def chain(nodes: int, pp: int, forward_ms: float, backward_ms: float):
     """``nodes`` sleep nodes in a chain, node i on ranks [i * pp, (i + 1) * pp) at pipeline size ``pp``."""
-    from mimo_builder.document.graph import Graph, Placement
+    from mimo_builder._internal.document.graph import Graph, Placement
 
     graph = Graph()
     for i in range(nodes):
@@ -168,10 +168,10 @@ def _measure(forward_ms, backward_ms, rounds, avlm_rounds):
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.avlm import avlm
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     allow_modules("bench_pipeline")
     compat.init_runtime("cpu")
@@ -200,7 +200,7 @@ def _measure(forward_ms, backward_ms, rounds, avlm_rounds):
 def _rank_groups() -> list[tuple[str, list[int]]]:
     """avlm disjoint4's ranks grouped by the nodes they host, with a label."""
     from graphs.avlm import avlm
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.validation import validate_graph
 
     valid, groups = validate_graph(avlm("disjoint4"), world_size=WORLD), {}
     for r in range(WORLD):
@@ -220,7 +220,7 @@ def main(argv=None) -> dict:
     if args.rounds < 3 or min(args.forward_ms, args.backward_ms) <= 0:
         parser.error("--rounds must be >= 3, --forward-ms and --backward-ms > 0")
 
-    from mimo_builder.platform.launch import launch
+    from mimo_builder._internal.platform.launch import launch
 
     results = launch(_measure, WORLD, args.forward_ms, args.backward_ms, args.rounds, args.avlm_rounds,
                      timeout_s=600)

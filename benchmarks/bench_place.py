@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from bench_pipeline import chain  # noqa: E402
 from common import report  # noqa: E402
-from mimo_builder.kinds.registry import allow_modules  # noqa: E402
+from mimo_builder._internal.kinds.registry import allow_modules  # noqa: E402
 
 BATCH, SLEEP_F, SLEEP_B = 8, 30.0, 60.0
 allow_modules("bench_pipeline")
@@ -37,14 +37,14 @@ def _step_seconds(document: dict, microbatches: int, steps: int) -> float:
     """On every rank: the median wall time of a training step after a warm-up."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.document.graph import Graph
-    from mimo_builder.planning.profile import timed_steps
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
-    from mimo_builder.runtime.timing import NoTimer
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.document.graph import Graph
+    from mimo_builder._internal.planning.profile import timed_steps
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.runtime.timing import NoTimer
 
     allow_modules("bench_pipeline")
     compat.init_runtime("cpu")
@@ -57,14 +57,14 @@ def _step_seconds(document: dict, microbatches: int, steps: int) -> float:
 
 
 def _measured(graph, world: int, microbatches: int, steps: int) -> float:
-    from mimo_builder.platform.launch import launch
+    from mimo_builder._internal.platform.launch import launch
 
     return max(launch(_step_seconds, world, graph.as_dict(), microbatches, steps, timeout_s=600))
 
 
 def _sleep_placements():
     """Three placements of sleep nodes on 4 ranks."""
-    from mimo_builder.document.graph import Placement
+    from mimo_builder._internal.document.graph import Placement
 
     together, pairs = chain(4, 1, SLEEP_F, SLEEP_B), chain(2, 1, SLEEP_F, SLEEP_B)
     for node in together.nodes.values():
@@ -78,11 +78,11 @@ def _sleep_placements():
 
 def main(argv=None) -> dict:
     from graphs.vlm import vlm
-    from mimo_builder.planning.place import search
-    from mimo_builder.planning.predict import predict_step
-    from mimo_builder.planning.profile import profile_graph
-    from mimo_builder.runtime.batching import batched_nodes
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.planning.place import search
+    from mimo_builder._internal.planning.predict import predict_step
+    from mimo_builder._internal.planning.profile import profile_graph
+    from mimo_builder._internal.runtime.batching import batched_nodes
+    from mimo_builder._internal.validation import validate_graph
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")

@@ -31,7 +31,7 @@ BUDGET_S = 1.0
 
 def big_graph():
     from graphs.vlm import vlm
-    from mimo_builder.document.graph import Placement
+    from mimo_builder._internal.document.graph import Placement
 
     # The vlm graph re-placed: tp=4 needs mamba_num_groups divisible by 4; pp=2 one '|' in the pattern.
     graph = vlm("single")
@@ -48,13 +48,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
-    from mimo_builder.platform.compat import quiet_dependency_warnings
+    from mimo_builder._internal.platform.compat import quiet_dependency_warnings
 
     quiet_dependency_warnings()
     import torch.distributed as dist
 
     from graphs.vlm import vlm
-    from mimo_builder.planning.plan import make_plan
+    from mimo_builder._internal.planning.plan import make_plan
 
     assert not dist.is_initialized()
     graph, small = big_graph(), vlm("single")

@@ -30,8 +30,8 @@ def _by_hand(nodes):
     """nodes: [(config, layout)] in topological order."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.platform.compat import seed_rng
-    from mimo_builder.placement import create_process_groups
+    from mimo_builder._internal.platform.compat import seed_rng
+    from mimo_builder._internal.placement import create_process_groups
 
     groups = create_process_groups([layout for _, layout in nodes])
     out = {}
@@ -45,7 +45,7 @@ def _by_hand(nodes):
 def _walker(graph):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     return CompositeBuilder(graph, seed=SEED).build_distributed_models(ddp_config=DistributedDataParallelConfig())
 
@@ -55,8 +55,8 @@ def _measure(repeats, profile_dir):
 
     from graphs.parts import IMAGE_TOKEN, backbone, projector, vision
     from graphs.vlm import vlm
-    from mimo_builder.platform import compat
-    from mimo_builder.placement import Layout, create_process_groups
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.placement import Layout, create_process_groups
 
     compat.init_runtime("cpu")
     graph = vlm("single")
@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
     if profile_dir:
         os.makedirs(profile_dir, exist_ok=True)
 
-    from mimo_builder.platform.launch import launch
+    from mimo_builder._internal.platform.launch import launch
 
     times = launch(_measure, 1, args.repeats, profile_dir, timeout_s=900)[0]
     ratio = times["walker"] / times["by_hand"]

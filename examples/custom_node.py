@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
-from mimo_builder.kinds.config import ModelConfig, PositiveInt
+from mimo_builder.kinds import ModelBuilder, ModelConfig, Port, Ports, PositiveInt
 
 
 class PatchMLPConfig(ModelConfig):

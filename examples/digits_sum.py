@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from mimo_builder.data import ByteTokenizer, GraphData
+from mimo_builder import ByteTokenizer, GraphData
 
 HELD_OUT = 297
 SAMPLE_RATE, FRAMES, BANDS, HOP = 8000, 4, 16, 128

@@ -1,7 +1,7 @@
 """avlm: vision and audio encoders -> their projectors -> Mamba backbone (YAML twin: avlm.yaml)."""
 
 from graphs import parts
-from mimo_builder.document.graph import Graph, Placement
+from mimo_builder._internal.document.graph import Graph, Placement
 
 ALL = Placement()
 ENCODERS = ("vision", "vision_proj", "audio", "audio_proj")

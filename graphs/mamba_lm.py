@@ -1,6 +1,6 @@
 """The plain Mamba language model: a one-node graph (YAML twin: mamba_lm.yaml)."""
 
-from mimo_builder.document.graph import Graph, Placement
+from mimo_builder._internal.document.graph import Graph, Placement
 from submodels.mamba import MambaConfig
 from submodels.mcore_interop import import_hybrid_config
 

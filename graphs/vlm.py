@@ -1,7 +1,7 @@
 """vlm: vision encoder -> projector -> Mamba backbone (YAML twin of the default: vlm.yaml)."""
 
 from graphs import parts
-from mimo_builder.document.graph import Graph, Placement
+from mimo_builder._internal.document.graph import Graph, Placement
 
 ALL = Placement()
 # name -> (world size, {node: placement}); nodes not named get ALL.

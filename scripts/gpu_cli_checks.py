@@ -47,7 +47,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CLI = ["-m", "mimo_builder.cli"]
 TORCHRUN = ["-m", "torch.distributed.run"]
 
-# The lines mimo_builder prints (mimo_builder/runtime/monitor.py summary_lines, train.py, cli.py).
+# The lines mimo_builder prints (mimo_builder/_internal/runtime/monitor.py summary_lines, train.py, cli.py).
 STEP = re.compile(r"^step\s+(\d+)/(\d+) \| loss\s+(\S+) \| grad norm\s+(\S+) \|\s+(\d+) tokens/s \|\s+(\d+) ms",
                   re.M)
 DONE = re.compile(r"^done: (\d+) steps on (\d+) ranks in ([\d.]+) s; loss (\S+) -> (\S+)", re.M)

@@ -12,11 +12,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 
-from mimo_builder.kinds import costs
-from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
-from mimo_builder.errors import ConfigError
+from mimo_builder._internal.kinds import costs
+from mimo_builder._internal.kinds.builder import ModelBuilder, Port, Ports
+from mimo_builder._internal.errors import ConfigError
 from submodels.sdpa_attention import with_core_attention
-from mimo_builder.kinds.transformer import TRANSFORMER_LINEARS, make_transformer_config, use_te
+from mimo_builder._internal.kinds.transformer import TRANSFORMER_LINEARS, make_transformer_config, use_te
 from submodels.hf_whisper import sinusoids, whisper_encoder_mapping  # noqa: F401 (sinusoids: public here too)
 from submodels.audio_config import AudioConfig  # noqa: F401 (the kind's config, public here too)
 

@@ -11,8 +11,8 @@ import math
 from typing import Literal
 
 
-from mimo_builder.document.types import PositiveInt
-from mimo_builder.kinds.transformer_fields import TransformerModelConfig
+from mimo_builder._internal.document.types import PositiveInt
+from mimo_builder._internal.kinds.transformer_fields import TransformerModelConfig
 
 class AudioConfig(TransformerModelConfig):
     """A Whisper-like audio encoder over log-mel frames."""

@@ -65,7 +65,7 @@ class _GatherSequence(torch.autograd.Function):
 
 
 def boundaries_in_mask(packed_seq_params):
-    """None for packed rows in ``sbhd`` layout (:mod:`mimo_builder.runtime.packing`): their sample
+    """None for packed rows in ``sbhd`` layout (:mod:`mimo_builder._internal.runtime.packing`): their sample
     boundaries are in the attention mask, and MCore's local attention takes no packed parameters."""
     if packed_seq_params is not None and packed_seq_params.qkv_format == "sbhd":
         return None

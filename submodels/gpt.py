@@ -8,10 +8,10 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 
-from mimo_builder.kinds import costs
-from mimo_builder.kinds.builder import ModelBuilder, Port, Ports, token_input_ports
+from mimo_builder._internal.kinds import costs
+from mimo_builder._internal.kinds.builder import ModelBuilder, Port, Ports, token_input_ports
 from submodels.sdpa_attention import with_core_attention
-from mimo_builder.kinds.transformer import TRANSFORMER_LINEARS, make_transformer_config, padded_vocab_size, use_te
+from mimo_builder._internal.kinds.transformer import TRANSFORMER_LINEARS, make_transformer_config, padded_vocab_size, use_te
 from submodels.gpt_config import GPTConfig  # noqa: F401 (the kind's config, public here too)
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Literal
 
 
-from mimo_builder.document.types import PositiveInt, StrictBool
-from mimo_builder.kinds.transformer_fields import TransformerModelConfig
+from mimo_builder._internal.document.types import PositiveInt, StrictBool
+from mimo_builder._internal.kinds.transformer_fields import TransformerModelConfig
 
 class GPTConfig(TransformerModelConfig):
     """A GPT language model."""

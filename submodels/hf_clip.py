@@ -8,7 +8,7 @@ after the node's ``feature_layer`` are not built, so their tensors are skipped; 
 
 from __future__ import annotations
 
-from mimo_builder.hf import Expect, HFMapping, HFWeightsError, fused_qkv, rename, reshaped
+from mimo_builder._internal.hf import Expect, HFMapping, HFWeightsError, fused_qkv, rename, reshaped
 
 PREFIX = ""  # CLIPVisionModel's own names (transformers 5); larger models nest them, see PREFIXES
 PREFIXES = ("", "vision_model.", "vision_tower.", "vision_tower.vision_model.", "model.vision_tower.",

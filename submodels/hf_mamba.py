@@ -6,7 +6,7 @@ padded with zero rows to the node's padded size (and cut back on export).
 
 from __future__ import annotations
 
-from mimo_builder.hf import Expect, HFMapping, HFWeightsError, padded_rows, rename
+from mimo_builder._internal.hf import Expect, HFMapping, HFWeightsError, padded_rows, rename
 
 MIXER = ("dt_bias", "A_log", "D", "in_proj.weight", "out_proj.weight", "norm.weight")
 MCORE_MIXER_NORM_EPS = 1e-5  # MambaMixer's gated RMSNorm has a fixed epsilon

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mimo_builder.hf import Expect, HFMapping, HFWeightsError, fused_qkv, rename
+from mimo_builder._internal.hf import Expect, HFMapping, HFWeightsError, fused_qkv, rename
 
 LAYER = {"self_attn_layer_norm": "input_layernorm", "self_attn.out_proj": "self_attention.linear_proj",
          "final_layer_norm": "pre_mlp_layernorm", "fc1": "mlp.linear_fc1", "fc2": "mlp.linear_fc2"}

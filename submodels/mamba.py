@@ -28,14 +28,14 @@ from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: 
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 
-from mimo_builder.kinds.builder import ModelBuilder, Port, Ports, token_input_ports  # noqa: E402
-from mimo_builder.platform.compat import resolve_device  # noqa: E402
-from mimo_builder.errors import ConfigError  # noqa: E402
-from mimo_builder.build.tp_shard import unwrap  # noqa: E402
-from mimo_builder.kinds.transformer import make_transformer_config, padded_vocab_size, use_te  # noqa: E402
-from mimo_builder.runtime.generation import GenerationOptions  # noqa: E402
-from mimo_builder.runtime.packing import LENGTHS_PORT, Packing  # noqa: E402
-from mimo_builder.runtime.shards import joined  # noqa: E402
+from mimo_builder._internal.kinds.builder import ModelBuilder, Port, Ports, token_input_ports  # noqa: E402
+from mimo_builder._internal.platform.compat import resolve_device  # noqa: E402
+from mimo_builder._internal.errors import ConfigError  # noqa: E402
+from mimo_builder._internal.assembly.tp_shard import unwrap  # noqa: E402
+from mimo_builder._internal.kinds.transformer import make_transformer_config, padded_vocab_size, use_te  # noqa: E402
+from mimo_builder._internal.runtime.generation import GenerationOptions  # noqa: E402
+from mimo_builder._internal.runtime.packing import LENGTHS_PORT, Packing  # noqa: E402
+from mimo_builder._internal.runtime.shards import joined  # noqa: E402
 from submodels.mamba_generate import generate  # noqa: E402
 from submodels.mamba_config import LAYER_SYMBOLS, PIPE, MambaConfig  # noqa: E402,F401 (public here too)
 
@@ -145,7 +145,7 @@ class MambaBuilder(ModelBuilder):
             vp_stage=vp_stage,
         )
 
-    # --- export to MCore's MimoModel (mimo_builder.interop) ---------------------------------
+    # --- export to MCore's MimoModel (mimo_builder._internal.interop) ---------------------------------
 
     mimo_roles = frozenset({"language"})
 

@@ -11,8 +11,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mimo_builder.document.types import PositiveInt, StrictBool, StrictInt
-from mimo_builder.kinds.transformer_fields import TransformerModelConfig
+from mimo_builder._internal.document.types import PositiveInt, StrictBool, StrictInt
+from mimo_builder._internal.kinds.transformer_fields import TransformerModelConfig
 
 LAYER_SYMBOLS = {"M": "Mamba-2", "*": "attention", "-": "MLP", "E": "mixture of experts"}
 PIPE = "|"

@@ -3,7 +3,7 @@
 A Mamba-2 layer is counted as the tensors MCore's ``MambaMixer`` and mamba-ssm's kernels keep for
 backward, per token on one rank (``d`` = d_inner, ``g*n`` = B/C groups times state size, ``nh`` =
 heads, all split over TP), besides the layer norm with its output and the ``in_proj`` input
-(:func:`mimo_builder.kinds.costs.norm_cost`: whole on every TP rank without sequence parallelism).
+(:func:`mimo_builder._internal.kinds.costs.norm_cost`: whole on every TP rank without sequence parallelism).
 
 On MCore's training path (``use_mem_eff_path``, built where it runs: on CPU, and on CUDA with
 causal-conv1d), the fused ``mamba_split_conv1d_scan_combined`` keeps its input ``zxBCdt``
@@ -20,7 +20,7 @@ On the other path (CUDA without causal-conv1d) the kernels run one by one:
   ``out_proj`` input: ``3d``.
 
 There the mixer keeps ``6d + 4gn + nh`` elements per token besides the norm. Attention (``*``), MLP (``-``) and expert
-(``E``) layers are MCore's transformer pieces (:mod:`mimo_builder.kinds.costs`). FLOPs: the two
+(``E``) layers are MCore's transformer pieces (:mod:`mimo_builder._internal.kinds.costs`). FLOPs: the two
 projections, the depthwise convolution and the chunked scan (per head and token ``2Q(n + p) +
 4np`` for chunk size ``Q``, head dim ``p``; the Mamba-2 paper's SSD algorithm).
 """
@@ -29,8 +29,8 @@ from __future__ import annotations
 
 from megatron.core.transformer import TransformerConfig
 
-from mimo_builder.kinds import costs
-from mimo_builder.kinds.transformer import padded_vocab_size
+from mimo_builder._internal.kinds import costs
+from mimo_builder._internal.kinds.transformer import padded_vocab_size
 
 CHUNK_SIZE = 128  # MambaMixer's default SSD chunk size
 CONV_WIDTH = 4  # MambaMixer's default d_conv

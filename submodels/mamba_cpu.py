@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from mimo_builder.platform import compat
+from mimo_builder._internal.platform import compat
 from submodels.mamba_decode import DECODE_REASON, decode_targets
 from submodels.mamba_kernels import (
     causal_conv1d, ensure_mamba_ssm_importable, gated_rms_norm, ssd_chunk_scan,

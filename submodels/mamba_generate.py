@@ -14,8 +14,8 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.inference.utils import InferenceMode
 
-from mimo_builder.errors import ConfigError
-from mimo_builder.runtime.generation import GenerationOptions
+from mimo_builder._internal.errors import ConfigError
+from mimo_builder._internal.runtime.generation import GenerationOptions
 
 
 def generate(model, core, vocab_size: int, embed, ids: torch.Tensor, prompt_lengths: torch.Tensor,

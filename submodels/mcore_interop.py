@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from megatron.core.transformer import TransformerConfig
 
-from mimo_builder.errors import ConfigError, excerpt
+from mimo_builder._internal.errors import ConfigError, excerpt
 from submodels.mamba import ACTIVATIONS, MambaConfig
 from submodels.mamba_spec import hybrid_stack_spec, local_hybrid_stack_spec
 

@@ -15,10 +15,10 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from mimo_builder.kinds import costs
-from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
-from mimo_builder.errors import ConfigError
-from mimo_builder.kinds.transformer import make_transformer_config, use_te
+from mimo_builder._internal.kinds import costs
+from mimo_builder._internal.kinds.builder import ModelBuilder, Port, Ports
+from mimo_builder._internal.errors import ConfigError
+from mimo_builder._internal.kinds.transformer import make_transformer_config, use_te
 from submodels.projector_config import ProjectorConfig  # noqa: F401 (the kind's config, public here too)
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}

@@ -11,10 +11,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mimo_builder.document.options import TransformerOptions
-from mimo_builder.document.types import PositiveInt
-from mimo_builder.kinds.config import ModelConfig
-from mimo_builder.kinds.transformer_fields import OWNED_OPTIONS
+from mimo_builder._internal.document.options import TransformerOptions
+from mimo_builder._internal.document.types import PositiveInt
+from mimo_builder._internal.kinds.config import ModelConfig
+from mimo_builder._internal.kinds.transformer_fields import OWNED_OPTIONS
 
 class ProjectorConfig(ModelConfig):
     """A one- or two-layer projection between a modality encoder and a language model.

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 
-from mimo_builder.kinds import costs
+from mimo_builder._internal.kinds import costs
 
 from submodels.context_parallel import ContextParallelAttention, boundaries_in_mask, cp_size
 

@@ -10,11 +10,11 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from mimo_builder.kinds import costs
-from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
-from mimo_builder.errors import ConfigError
+from mimo_builder._internal.kinds import costs
+from mimo_builder._internal.kinds.builder import ModelBuilder, Port, Ports
+from mimo_builder._internal.errors import ConfigError
 from submodels.sdpa_attention import with_core_attention
-from mimo_builder.kinds.transformer import TRANSFORMER_LINEARS, make_transformer_config, use_te
+from mimo_builder._internal.kinds.transformer import TRANSFORMER_LINEARS, make_transformer_config, use_te
 from submodels.vision_config import VisionConfig  # noqa: F401 (the kind's config, public here too)
 
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": torch.nn.functional.gelu}

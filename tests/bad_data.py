@@ -2,7 +2,7 @@
 
 import torch
 
-from mimo_builder.data import GraphData
+from mimo_builder._internal.data import GraphData
 
 IMAGE = (3, 32, 32)  # graphs/vlm.yaml's vision node
 

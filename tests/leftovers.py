@@ -2,7 +2,7 @@
 
 A process counts when it descends from the test process, alive (not a zombie), unless it is one of
 multiprocessing's helpers that the test process itself started (the fork server of
-``mimo_builder.platform.launch`` and the resource tracker): those live as long as the test process by
+``mimo_builder._internal.platform.launch`` and the resource tracker): those live as long as the test process by
 design. What they fork (ranks carry the fork server's command line) counts. The test process
 adopts orphans (``adopt_orphans``), so a process whose parent died (a rank's writer after the rank
 was killed) is still its descendant.

@@ -10,7 +10,7 @@ SEED, BATCH, LR = 3, 4, 0.5
 def lora_vlm(placement="single", lm=LORA, proj=None, vision=None):
     """graphs/vlm at ``placement`` with these ``lora:`` settings per node."""
     from graphs.vlm import vlm
-    from mimo_builder.document.graph import Graph
+    from mimo_builder._internal.document.graph import Graph
 
     data = vlm(placement).as_dict()
     data["nodes"]["lm"]["lora"] = lm
@@ -25,8 +25,8 @@ def build(graph):
     """``graph`` built on this rank from SEED, DDP-wrapped."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.platform import compat
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
 
     compat.init_runtime("cpu")
     (model,) = CompositeBuilder(graph, seed=SEED).build_distributed_models(ddp_config=DistributedDataParallelConfig())
@@ -35,7 +35,7 @@ def build(graph):
 
 def eval_loss(model, batch):
     """The graph's loss in a forward-only pass."""
-    from mimo_builder.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
 
     with torch.no_grad():
         return GraphSchedule(model).evaluate(batch)["lm.loss"]

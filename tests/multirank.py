@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mimo_builder.platform.launch import RankError, launch
+from mimo_builder._internal.platform.launch import RankError, launch
 
 DEFAULT_TIMEOUT_S = 240.0
 

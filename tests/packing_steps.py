@@ -12,7 +12,7 @@ def variable_batch(valid, packed: bool) -> dict:
     loss). Packed, the batch also brings ``seq_lengths``."""
     import torch
 
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     batch = synthetic_batch(valid, BATCH, seed=11)
     lengths = torch.tensor(LENGTHS)
@@ -29,8 +29,8 @@ def variable_batch(valid, packed: bool) -> dict:
 def build(graph):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.platform import compat
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
 
     compat.init_runtime("cpu")
     (model,) = CompositeBuilder(graph, seed=3).build_distributed_models(ddp_config=DistributedDataParallelConfig())
@@ -43,8 +43,8 @@ def step(graph, packed: bool, initial: dict | None = None, microbatches: int = 2
     after the step of the nodes whose first rank this is."""
     import torch.distributed as dist
 
-    from mimo_builder.build.tp_shard import unshard, unwrap
-    from mimo_builder.document.optimizer import OptimizerSettings
+    from mimo_builder._internal.assembly.tp_shard import unshard, unwrap
+    from mimo_builder._internal.document.optimizer import OptimizerSettings
     from parity_steps import load_initial, sgd_steps
 
     model = build(graph.packed() if packed else graph)

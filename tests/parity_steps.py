@@ -10,8 +10,8 @@ def sgd_steps(model, params: dict, initial: dict, batch, microbatch_counts, sett
     ``settings``. Returns count -> loss, grad norm and the updated parameters."""
     import torch
 
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
 
     schedule, optimizer = GraphSchedule(model), GraphOptimizer(model, settings)
     runs = {}
@@ -30,7 +30,7 @@ def sgd_steps(model, params: dict, initial: dict, batch, microbatch_counts, sett
 
 def load_initial(model, initial: dict) -> None:
     """Copy full (TP=1) weights ``initial`` (node -> name -> tensor) into this rank's shards of every hosted node."""
-    from mimo_builder.build.tp_shard import load_full_state, unwrap
+    from mimo_builder._internal.assembly.tp_shard import load_full_state, unwrap
 
     for name in model.valid.order:
         if model.hosts(name):

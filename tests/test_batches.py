@@ -10,7 +10,7 @@ BATCH = 4
 
 
 def _valid(name="vlm", world=4):
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.validation import validate_graph
 
     if name == "vlm":
         from graphs.vlm import vlm as make
@@ -22,13 +22,13 @@ def _valid(name="vlm", world=4):
 
 
 def _batch(valid, **replace):
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     return {**synthetic_batch(valid, BATCH, seed=5), **replace}
 
 
 def _refused(valid, batch) -> str:
-    from mimo_builder.runtime.batch import BatchError, check_batch
+    from mimo_builder._internal.runtime.batch import BatchError, check_batch
 
     with pytest.raises(BatchError) as err:
         check_batch(valid, batch)
@@ -42,7 +42,7 @@ def _vocab(valid, key):
 
 @pytest.mark.parametrize("name", ["vlm", "avlm", "mamba_lm"])
 def test_synthetic_batches_of_the_shipped_graphs_pass(name):
-    from mimo_builder.runtime.batch import check_batch
+    from mimo_builder._internal.runtime.batch import check_batch
 
     valid = _valid(name)
     assert check_batch(valid, _batch(valid)) == BATCH
@@ -63,7 +63,7 @@ def test_a_wrong_dtype_names_key_port_expected_and_found(key, dtype):
 
 
 def test_int32_ids_and_bool_or_int_loss_masks_are_accepted():
-    from mimo_builder.runtime.batch import check_batch
+    from mimo_builder._internal.runtime.batch import check_batch
 
     valid = _valid("vlm")
     good = _batch(valid)
@@ -92,9 +92,9 @@ def test_ids_outside_the_vocabulary_name_the_range(key, value):
 
 def test_position_ids_are_bounded_by_a_learned_position_table_only():
     from graphs.mamba_lm import mamba_lm
-    from mimo_builder.document.graph import Graph
-    from mimo_builder.runtime.batch import check_batch
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.document.graph import Graph
+    from mimo_builder._internal.runtime.batch import check_batch
+    from mimo_builder._internal.validation import validate_graph
     from submodels.mamba import MambaConfig
 
     rope = _valid("mamba_lm", 1)
@@ -147,9 +147,9 @@ def test_every_problem_is_listed_at_once():
 
 @pytest.mark.parametrize("node_dtype", ["fp32", "bf16"])
 def test_float_inputs_may_be_float32_or_the_nodes_own_dtype(node_dtype):
-    from mimo_builder.document.graph import Graph
-    from mimo_builder.runtime.batch import check_batch
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.document.graph import Graph
+    from mimo_builder._internal.runtime.batch import check_batch
+    from mimo_builder._internal.validation import validate_graph
     from submodels.vision import VisionConfig
 
     config = VisionConfig(num_layers=1, hidden_size=32, num_attention_heads=4, image_size=16, patch_size=8,
@@ -171,11 +171,11 @@ def _refuse_then_step():
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.mamba_lm import mamba_lm
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.batch import BatchError
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.batch import BatchError
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     device = compat.init_runtime("cpu")
     (model,) = CompositeBuilder(mamba_lm(), seed=1).build_distributed_models(ddp_config=DistributedDataParallelConfig())

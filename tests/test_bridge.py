@@ -8,7 +8,7 @@ def _broadcast(receiver_buffer: str | None):
     import torch
     import torch.distributed as dist
 
-    from mimo_builder.runtime.bridge import broadcast_tensor
+    from mimo_builder._internal.runtime.bridge import broadcast_tensor
 
     sent = torch.tensor([[1.5, -2.25, 3.0], [4.5, 0.125, -8.0]], dtype=torch.bfloat16)
     if dist.get_rank() == 0:

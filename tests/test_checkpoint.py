@@ -62,10 +62,10 @@ def _vlm(placement: str):
 def _build(graph, seed=SEED, total_steps=6):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     compat.init_runtime("cpu")
     (model,) = CompositeBuilder(graph, seed=seed).build_distributed_models(ddp_config=DistributedDataParallelConfig())
@@ -74,7 +74,7 @@ def _build(graph, seed=SEED, total_steps=6):
 
 def _steps(run, first: int, last: int):
     """(loss, grad norm) of steps first..last, each on its own batch."""
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     model, schedule, optimizer = run
     out = []
@@ -93,7 +93,7 @@ def _local_weights(model):
 # --- resume and reshard -------------------------------------------------------------------------
 
 def _resume_and_reshard(root):
-    from mimo_builder.checkpoint import Checkpointer
+    from mimo_builder._internal.checkpoint import Checkpointer
 
     run = _build(_encoders(placed=True))
     _steps(run, 1, 3)
@@ -181,7 +181,7 @@ def test_checkpoint_resharded_to_dp4_holds_the_saved_state_bitwise(resume_runs, 
 # --- disjoint -> colocated -> one rank ------------------------------------------------------------
 
 def _save_disjoint(root):
-    from mimo_builder.checkpoint import Checkpointer
+    from mimo_builder._internal.checkpoint import Checkpointer
 
     run = _build(_vlm("disjoint4"))
     _steps(run, 1, 2)
@@ -209,8 +209,8 @@ def _one_rank_checks(root, scratch):
     """On one rank: TP2 -> TP1, pretrained init from both kinds of source, and refusals."""
     from megatron.core import dist_checkpointing
 
-    from mimo_builder.checkpoint import CheckpointError, Checkpointer, UnsafeCheckpointError
-    from mimo_builder.document.graph import NodeInit
+    from mimo_builder._internal.checkpoint import CheckpointError, Checkpointer, UnsafeCheckpointError
+    from mimo_builder._internal.document.graph import NodeInit
 
     out = {}
     single = _build(_vlm("single"), seed=SEED + 1)
@@ -265,7 +265,7 @@ def _one_rank_checks(root, scratch):
 
 
 def _load_with_other_vocab(root):
-    from mimo_builder.checkpoint import Checkpointer
+    from mimo_builder._internal.checkpoint import Checkpointer
 
     graph = _vlm("single")
     graph.nodes["lm"].config["vocab_size"] = 300
@@ -275,7 +275,7 @@ def _load_with_other_vocab(root):
 
 def _poisoned_copy(root, scratch):
     """A copy of the checkpoint whose DCP metadata pickle would run a shell command."""
-    from mimo_builder.checkpoint.files import resolve
+    from mimo_builder._internal.checkpoint.files import resolve
 
     copy = os.path.join(scratch, "poisoned")
     shutil.copytree(resolve(root), copy)
@@ -329,8 +329,8 @@ def test_local_spec_checkpoints_use_transformer_engine_key_names(disjoint_checkp
     from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_transformer_engine_spec
     from megatron.core.transformer.identity_op import IdentityOp
 
-    from mimo_builder.checkpoint.files import resolve
-    from mimo_builder.checkpoint.safe_load import safe_unpickling
+    from mimo_builder._internal.checkpoint.files import resolve
+    from mimo_builder._internal.checkpoint.safe_load import safe_unpickling
 
     with safe_unpickling():
         keys = set(dist_checkpointing.load_tensors_metadata(str(resolve(disjoint_checkpoint[0]))))
@@ -358,7 +358,7 @@ def _save_then_die(root, groups):
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from graphs.mamba_lm import mamba_lm
-    from mimo_builder.checkpoint import Checkpointer
+    from mimo_builder._internal.checkpoint import Checkpointer
 
     # MCore's writer starts a multiprocessing manager (its results queue) in each rank; killed with
     # its rank, it would live on: the rank and all it starts form a group the test ends at once
@@ -384,7 +384,7 @@ def _save_then_die(root, groups):
 def _resume_after_crash(root):
     """(step resumed from, its next step, the same step of a straight run)."""
     from graphs.mamba_lm import mamba_lm
-    from mimo_builder.checkpoint import Checkpointer
+    from mimo_builder._internal.checkpoint import Checkpointer
 
     run = _build(mamba_lm(), seed=SEED + 1)
     info = Checkpointer(run[0], run[2]).load(root)
@@ -394,7 +394,7 @@ def _resume_after_crash(root):
 
 
 def test_a_rank_killed_during_save_leaves_the_previous_step(tmp_path):
-    from mimo_builder.platform.launch import RankError, launch
+    from mimo_builder._internal.platform.launch import RankError, launch
 
     root, groups = tmp_path / "ckpt", tmp_path / "groups"
     groups.mkdir()

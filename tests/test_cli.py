@@ -74,7 +74,7 @@ def test_schema_is_the_graph_json_schema():
 
 @pytest.mark.parametrize("fmt", [[], ["--json"]])
 def test_render_round_trips(fmt):
-    from mimo_builder.document.graph import Graph
+    from mimo_builder._internal.document.graph import Graph
 
     out = _main("render", "graphs/avlm.yaml", *fmt).stdout
     parsed = Graph.from_json(out) if fmt else Graph.from_yaml(out)

@@ -1,12 +1,12 @@
-"""Each CPU workaround in mimo_builder.platform.compat is needed: the scenario fails without it."""
+"""Each CPU workaround in mimo_builder._internal.platform.compat is needed: the scenario fails without it."""
 
 import os
 
 import pytest
 import torch
 
-from mimo_builder.platform import compat
-from mimo_builder.platform.launch import RankError, launch
+from mimo_builder._internal.platform import compat
+from mimo_builder._internal.platform.launch import RankError, launch
 
 SCENARIO_TIMEOUT_S = 180
 
@@ -19,7 +19,7 @@ def _tiny_gpt_train_step(skip: tuple[str, ...]) -> float:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    from mimo_builder.placement import Layout, create_process_groups
+    from mimo_builder._internal.placement import Layout, create_process_groups
 
     compat.init_runtime("cpu", skip=skip)
     layout = Layout(offset=0, size=dist.get_world_size())
@@ -51,7 +51,7 @@ def _hybrid_stack_with_final_norm(skip: tuple[str, ...]) -> int:
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
-    from mimo_builder.placement import Layout, create_process_groups
+    from mimo_builder._internal.placement import Layout, create_process_groups
 
     compat.init_runtime("cpu", skip=skip)
     layout = Layout(offset=0, size=dist.get_world_size())
@@ -75,7 +75,7 @@ def _tied_embeddings_across_pipeline_stages(skip: tuple[str, ...]) -> int:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    from mimo_builder.placement import Layout, create_process_groups
+    from mimo_builder._internal.placement import Layout, create_process_groups
 
     compat.init_runtime("cpu", skip=skip)
     layout = Layout(offset=0, size=dist.get_world_size(), pp=2)
@@ -99,7 +99,7 @@ def _mcore_optimizer_step(skip: tuple[str, ...]) -> float:
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.module import Float16Module
 
-    from mimo_builder.placement import Layout, create_process_groups
+    from mimo_builder._internal.placement import Layout, create_process_groups
     from submodels.projector import ProjectorBuilder, ProjectorConfig
 
     compat.init_runtime("cpu", skip=skip)
@@ -131,7 +131,7 @@ def _checkpoint_save(skip: tuple[str, ...]) -> int:
 
     from megatron.core import dist_checkpointing
 
-    from mimo_builder.placement import Layout, create_process_groups
+    from mimo_builder._internal.placement import Layout, create_process_groups
     from submodels.projector import ProjectorBuilder, ProjectorConfig
 
     compat.init_runtime("cpu", skip=skip)
@@ -152,7 +152,7 @@ def _distributed_optimizer_resume(skip: tuple[str, ...]) -> float:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from mimo_builder.placement import Layout, create_process_groups
+    from mimo_builder._internal.placement import Layout, create_process_groups
     from submodels.projector import ProjectorBuilder, ProjectorConfig
 
     compat.init_runtime("cpu", skip=skip)
@@ -212,7 +212,7 @@ def _moe_alltoall_dispatch(skip: tuple[str, ...]) -> float:
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer import TransformerConfig
 
-    from mimo_builder.placement import Layout, create_process_groups
+    from mimo_builder._internal.placement import Layout, create_process_groups
 
     compat.init_runtime("cpu", skip=skip)
     layout = Layout(offset=0, size=dist.get_world_size(), ep=2)
@@ -320,7 +320,7 @@ def current():
 before = current()
 from graphs.avlm import avlm
 from mimo_builder import cli
-from mimo_builder.planning.plan import make_plan
+from mimo_builder._internal.planning.plan import make_plan
 
 make_plan(avlm("disjoint4"), 4)
 assert cli.main(["plan", "graphs/avlm.yaml", "--world-size", "4"]) == 0
@@ -372,7 +372,7 @@ def test_triton_keeps_mamba_ssms_autotuning_results_unless_told_otherwise(settin
 
 
 def test_the_first_cuda_step_says_it_compiles(monkeypatch):
-    from mimo_builder.runtime.train import first_step_notice
+    from mimo_builder._internal.runtime.train import first_step_notice
 
     monkeypatch.setenv("TRITON_CACHE_DIR", "/scratch/triton")
     assert first_step_notice() == ("compiling GPU kernels for the first step; later runs reuse the cache "

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mimo_builder.kinds import registry
-from mimo_builder.kinds.config import ModelConfig
-from mimo_builder.errors import ConfigError
+from mimo_builder._internal.kinds import registry
+from mimo_builder._internal.kinds.config import ModelConfig
+from mimo_builder._internal.errors import ConfigError
 from submodels.gpt import GPTBuilder, GPTConfig
 
 GPT = {"builder": "gpt", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
@@ -86,7 +86,7 @@ def test_references_outside_the_allowlist_are_refused_before_import():
 
 def test_allowlisted_reference_must_be_a_model_builder(restore_allowlist):
     registry.allow_modules("mark_on_import")
-    with pytest.raises(ConfigError, match="not a subclass of mimo_builder.kinds.builder.ModelBuilder"):
+    with pytest.raises(ConfigError, match="not a subclass of mimo_builder._internal.kinds.builder.ModelBuilder"):
         ModelConfig.from_dict({**GPT, "builder": "mark_on_import:NotABuilder"})
     assert os.environ.get("MIMO_TEST_MARK_IMPORTED") == "1"  # now it was imported, on purpose
 

@@ -36,7 +36,7 @@ def _lm(pattern: str, **extra):
 
 def _cp_graph(cp: int):
     """A projector feeding the backbone: colocated on rank 0 (cp=1) or disjoint, backbone cp=2."""
-    from mimo_builder.document.graph import Graph, Placement
+    from mimo_builder._internal.document.graph import Graph, Placement
     from submodels.projector import ProjectorConfig
 
     enc, lm = (Placement(size=1), Placement(size=1)) if cp == 1 else \
@@ -50,7 +50,7 @@ def _cp_graph(cp: int):
 
 
 def _ep_graph(ep: int):
-    from mimo_builder.document.graph import Graph, Placement
+    from mimo_builder._internal.document.graph import Graph, Placement
 
     # DP 2 x CP 2; the expert view splits the same 4 ranks as EP 2 x expert DP 2
     placement = Placement(size=1) if ep == 1 else Placement(offset=0, size=4, cp=2, ep=2)
@@ -62,7 +62,7 @@ def _ep_graph(ep: int):
 
 def _global_params(model, name):
     """``name``'s parameters on this rank, local experts under their global expert index."""
-    from mimo_builder.build.tp_shard import unwrap
+    from mimo_builder._internal.assembly.tp_shard import unwrap
 
     out = {}
     for chunk in model.chunks(name):
@@ -81,7 +81,7 @@ def _global_params(model, name):
 def _built(graph):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     (model,) = CompositeBuilder(graph, seed=SEED).build_distributed_models(ddp_config=DistributedDataParallelConfig())
     return model
@@ -89,8 +89,8 @@ def _built(graph):
 
 def _steps(graph, initial):
     """One clipped SGD step per microbatch count, each from ``initial`` (None: the built weights)."""
-    from mimo_builder.document.optimizer import OptimizerSettings
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.document.optimizer import OptimizerSettings
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     model = _built(graph)
     params = {n: _global_params(model, n) for n in model.valid.order if model.hosts(n)}
@@ -142,8 +142,8 @@ def _greedy_answers_for_half(model, batch):
 
 def _cp_evaluation(initial):
     """``evaluate`` at cp=1 (rank 0) and at cp=2 (ranks 2-3) from the same weights and batch."""
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     reference = _built_at(_cp_graph(1), initial)
     batch = synthetic_batch(reference.valid, BATCH, seed=DATA_SEED)
@@ -158,7 +158,7 @@ def _cp_evaluation(initial):
 
 
 def _both():
-    from mimo_builder.platform import compat
+    from mimo_builder._internal.platform import compat
 
     compat.init_runtime("cpu")
     cp, ep = _parity(_cp_graph), _parity(_ep_graph)
@@ -211,8 +211,8 @@ def test_backbone_with_expert_parallelism_matches_ep1(results):
 # --- what cannot work is named before any process group exists --------------------------------
 
 def _problems(graph, world_size: int) -> str:
-    from mimo_builder.errors import GraphError
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.errors import GraphError
+    from mimo_builder._internal.validation import validate_graph
 
     with pytest.raises(GraphError) as err:
         validate_graph(graph, world_size)
@@ -220,7 +220,7 @@ def _problems(graph, world_size: int) -> str:
 
 
 def _lm_only(config, **placement):
-    from mimo_builder.document.graph import Graph, Placement
+    from mimo_builder._internal.document.graph import Graph, Placement
 
     return Graph().add("lm", config, placement=Placement(**placement)).bind("input_ids", "lm.input_ids") \
         .bind("labels", "lm.labels").output("lm.loss")
@@ -234,7 +234,7 @@ def test_sequences_and_heads_that_cp_cannot_split_are_named():
 
 
 def test_cp_on_a_node_that_cannot_split_sequences_or_that_feeds_an_edge_is_refused():
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.validation import validate_graph
 
     graph = _cp_graph(2)
     graph.nodes["enc"].placement = graph.nodes["enc"].placement.model_copy(update={"cp": 2})
@@ -245,7 +245,7 @@ def test_cp_on_a_node_that_cannot_split_sequences_or_that_feeds_an_edge_is_refus
 
 
 def test_experts_that_ep_cannot_split_are_named_and_the_plan_shows_ep_coordinates():
-    from mimo_builder.planning.plan import make_plan
+    from mimo_builder._internal.planning.plan import make_plan
 
     text = _problems(_lm_only(_lm("ME", num_experts=3), size=2, ep=2), 2)
     assert "node 'lm' placement.ep: num_experts 3 is not divisible by ep 2" in text
@@ -255,7 +255,7 @@ def test_experts_that_ep_cannot_split_are_named_and_the_plan_shows_ep_coordinate
 
 
 def test_moe_layers_with_biases_are_refused_before_training_on_the_local_spec():
-    from mimo_builder.errors import ConfigError
+    from mimo_builder._internal.errors import ConfigError
     from submodels.mamba import MambaBuilder
 
     with pytest.raises(ConfigError, match="transformer.add_bias_linear: false"):

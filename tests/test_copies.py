@@ -26,9 +26,9 @@ def _copied_bytes():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import bench_gpu
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
 
     class Counting(TorchDispatchMode):
         def __init__(self):

@@ -16,13 +16,13 @@ def _save(root: str) -> None:
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.mamba_lm import mamba_lm
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.checkpoint import Checkpointer
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.checkpoint import Checkpointer
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
 
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     compat.init_runtime("cpu")
     (model,) = CompositeBuilder(mamba_lm()).build_distributed_models(ddp_config=DistributedDataParallelConfig())
@@ -38,10 +38,10 @@ def _load(root: str) -> str:
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.mamba_lm import mamba_lm
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.checkpoint import Checkpointer
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.checkpoint import Checkpointer
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
 
     compat.init_runtime("cpu")
     (model,) = CompositeBuilder(mamba_lm(), seed=99).build_distributed_models(

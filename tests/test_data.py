@@ -21,8 +21,8 @@ IMAGE = 1  # the vlm backbone's placeholder id for images
 def _vlm(world_size=4):
     import yaml
 
-    from mimo_builder.document.graph import Graph
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.document.graph import Graph
+    from mimo_builder._internal.validation import validate_graph
 
     doc = yaml.safe_load((ROOT / "graphs/vlm.yaml").read_text())
     doc["nodes"]["lm"]["config"].update(vocab_size=260, seq_length=24)  # 256 bytes + 4 reserved ids
@@ -48,7 +48,7 @@ class Pictures:
 # --- single process -------------------------------------------------------------------------
 
 def test_a_prompt_tag_becomes_one_placeholder_per_image_token_and_the_loss_covers_the_answer():
-    from mimo_builder.data import ByteTokenizer, GraphCollator
+    from mimo_builder._internal.data import ByteTokenizer, GraphCollator
 
     valid = _vlm()
     collate = GraphCollator(valid, ByteTokenizer())  # vision: (32 / 8)^2 = 16 patches + a class token
@@ -63,8 +63,8 @@ def test_a_prompt_tag_becomes_one_placeholder_per_image_token_and_the_loss_cover
 
 
 def test_collated_batches_pass_the_graphs_batch_checks():
-    from mimo_builder.data import ByteTokenizer, GraphCollator
-    from mimo_builder.runtime.batch import check_batch
+    from mimo_builder._internal.data import ByteTokenizer, GraphCollator
+    from mimo_builder._internal.runtime.batch import check_batch
 
     valid = _vlm()
     batch = GraphCollator(valid, ByteTokenizer())([Pictures()[i] for i in range(4)])
@@ -82,14 +82,14 @@ def test_collated_batches_pass_the_graphs_batch_checks():
     ({"pixel_values": 3.0, "prompt": "<image>", "answer": "1"}, r"sample field 'pixel_values' must be an array"),
 ])
 def test_samples_that_do_not_fit_are_named_errors(sample, message):
-    from mimo_builder.data import ByteTokenizer, DataError, GraphCollator
+    from mimo_builder._internal.data import ByteTokenizer, DataError, GraphCollator
 
     with pytest.raises(DataError, match=message):
         GraphCollator(_vlm(), ByteTokenizer())([sample])
 
 
 def test_images_of_different_sizes_are_named():
-    from mimo_builder.data import ByteTokenizer, DataError, GraphCollator
+    from mimo_builder._internal.data import ByteTokenizer, DataError, GraphCollator
 
     samples = [{"pixel_values": torch.zeros(3, 32, 32), "prompt": "<image>", "answer": "1"},
                {"pixel_values": torch.zeros(3, 16, 16), "prompt": "<image>", "answer": "1"}]
@@ -98,7 +98,7 @@ def test_images_of_different_sizes_are_named():
 
 
 def test_each_rank_needs_the_chunks_of_its_nodes_shards():
-    from mimo_builder.runtime.shards import BatchLayout, ShardError
+    from mimo_builder._internal.runtime.shards import BatchLayout, ShardError
 
     valid = _vlm()  # vision dp=2 on ranks 0-1, lm tp=2 (dp=1) on ranks 2-3
     layout = BatchLayout.of(valid, batch_size=8, num_microbatches=2)
@@ -112,7 +112,7 @@ def test_each_rank_needs_the_chunks_of_its_nodes_shards():
 
 
 def test_a_rank_share_cut_from_a_global_batch_holds_its_shard_rows():
-    from mimo_builder.runtime.shards import RankBatch
+    from mimo_builder._internal.runtime.shards import RankBatch
 
     valid = _vlm()
     batch = {"pixel_values": torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 32, 32),
@@ -123,8 +123,8 @@ def test_a_rank_share_cut_from_a_global_batch_holds_its_shard_rows():
 
 
 def test_an_indexed_source_gives_every_step_the_same_samples_however_it_is_asked():
-    from mimo_builder.data import IndexedSource
-    from mimo_builder.runtime.shards import BatchLayout
+    from mimo_builder._internal.data import IndexedSource
+    from mimo_builder._internal.runtime.shards import BatchLayout
 
     layout = BatchLayout(batch_size=8, num_microbatches=1, chunks_per_microbatch=2)
     order = [torch.randperm(20, generator=torch.Generator().manual_seed(7 + epoch)).tolist() for epoch in (0, 1)]
@@ -148,10 +148,10 @@ def _read_per_rank(_):
     import torch.distributed as dist
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.platform import compat
-    from mimo_builder.data import ByteTokenizer, GraphCollator, IndexedSource, RankLoader
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.data import ByteTokenizer, GraphCollator, IndexedSource, RankLoader
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     compat.init_runtime("cpu")
     valid, rank = _vlm(), dist.get_rank()

@@ -7,8 +7,8 @@ import json
 
 from cli_in_process import ROOT, main_in_process
 
-from mimo_builder.kinds.builder import ModelBuilder
-from mimo_builder.kinds.registry import Registry
+from mimo_builder._internal.kinds.builder import ModelBuilder
+from mimo_builder._internal.kinds.registry import Registry
 
 NO_COSTS = "no stage_costs()"
 

@@ -1,4 +1,4 @@
-"""The shared distributed path (mimo_builder.kinds.distributed) with real MCore modules on gloo."""
+"""The shared distributed path (mimo_builder._internal.kinds.distributed) with real MCore modules on gloo."""
 
 import resource
 
@@ -20,8 +20,8 @@ def _gpt(**overrides):
 
 
 def _groups(layouts, mine=None):
-    from mimo_builder.platform import compat
-    from mimo_builder.placement import create_process_groups
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.placement import create_process_groups
 
     compat.init_runtime("cpu")
     created = create_process_groups(layouts)
@@ -49,7 +49,7 @@ def _hooks_in_order():
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.models.gpt import GPTModel
 
-    from mimo_builder.placement import Layout
+    from mimo_builder._internal.placement import Layout
 
     seen = []
 
@@ -75,8 +75,8 @@ def test_hooks_run_in_order_pre_before_wrap_post_after():
 # --- DDP gradients ---------------------------------------------------------------------------
 
 def _ddp_grads_mean_over_own_group():
-    from mimo_builder.platform.compat import seed_rng
-    from mimo_builder.placement import Layout
+    from mimo_builder._internal.platform.compat import seed_rng
+    from mimo_builder._internal.placement import Layout
 
     layouts = [Layout(0, 2), Layout(2, 2)]  # two independent DP=2 groups in a world of 4
     pgs = _groups(layouts)
@@ -104,8 +104,8 @@ def test_ddp_gradients_are_the_mean_over_the_node_dp_group_only():
 # --- DP broadcast ----------------------------------------------------------------------------
 
 def _params_after_build(random_init, wrap):
-    from mimo_builder.platform.compat import seed_rng
-    from mimo_builder.placement import Layout
+    from mimo_builder._internal.platform.compat import seed_rng
+    from mimo_builder._internal.placement import Layout
 
     pgs = _groups([Layout(0, 2)])
     seed_rng(100 + dist.get_rank())  # replicas start different on purpose
@@ -125,7 +125,7 @@ def test_data_parallel_random_init_makes_replicas_bitwise_equal(wrap):
 # --- virtual pipeline chunks -----------------------------------------------------------------
 
 def _vp_chunks():
-    from mimo_builder.placement import Layout
+    from mimo_builder._internal.placement import Layout
 
     pgs = _groups([Layout(0, 2, pp=2)])
     config = _gpt(num_layers=4, transformer={"virtual_pipeline_model_parallel_size": 2})
@@ -147,8 +147,8 @@ def _rss_mb():
 
 
 def _meta_then_materialize():
-    from mimo_builder.kinds import distributed
-    from mimo_builder.placement import Layout
+    from mimo_builder._internal.kinds import distributed
+    from mimo_builder._internal.placement import Layout
 
     pgs = _groups([Layout(0, 1)])
     config = _gpt(num_layers=8, hidden_size=1024, num_attention_heads=8, vocab_size=32000,
@@ -180,8 +180,8 @@ def test_meta_init_uses_no_parameter_memory_until_materialized():
 def _bf16_model():
     from megatron.core.transformer.module import Float16Module
 
-    from mimo_builder.platform.compat import seed_rng
-    from mimo_builder.placement import Layout
+    from mimo_builder._internal.platform.compat import seed_rng
+    from mimo_builder._internal.placement import Layout
 
     pgs = _groups([Layout(0, 1)])
     seed_rng(0)
@@ -200,8 +200,8 @@ def test_bf16_wraps_in_float16module_and_trains():
 # --- refused requests ------------------------------------------------------------------------
 
 def _fsdp_on_cpu(option):
-    from mimo_builder.errors import ConfigError
-    from mimo_builder.placement import Layout
+    from mimo_builder._internal.errors import ConfigError
+    from mimo_builder._internal.placement import Layout
 
     pgs = _groups([Layout(0, 1)])
     try:

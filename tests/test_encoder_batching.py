@@ -12,7 +12,7 @@ MICROBATCHES, BATCH, LR = 4, 8, 0.5
 def _avlm(placement: str, batched: bool = True):
     """avlm under one of its placements, or ``pp2_backbone``: colocated at dp=2 with the backbone at pp=2."""
     from graphs.avlm import avlm
-    from mimo_builder.document.graph import Placement
+    from mimo_builder._internal.document.graph import Placement
 
     graph = avlm("colocated_dp2" if placement == "pp2_backbone" else placement)
     if placement == "pp2_backbone":
@@ -23,13 +23,13 @@ def _avlm(placement: str, batched: bool = True):
 
 
 def _valid(graph, world_size):
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.validation import validate_graph
 
     return validate_graph(graph, world_size)
 
 
 def test_colocated_encoders_and_their_projectors_are_batched_and_the_backbone_is_not():
-    from mimo_builder.runtime.batching import batched_nodes
+    from mimo_builder._internal.runtime.batching import batched_nodes
 
     valid = _valid(_avlm("colocated_dp2"), 2)
     assert batched_nodes(valid, MICROBATCHES) == {"vision", "vision_proj", "audio", "audio_proj"}
@@ -39,7 +39,7 @@ def test_colocated_encoders_and_their_projectors_are_batched_and_the_backbone_is
 
 def test_encoders_on_their_own_ranks_and_nodes_fed_by_interleaved_ones_stay_interleaved():
     from graphs.avlm import avlm
-    from mimo_builder.runtime.batching import batched_nodes
+    from mimo_builder._internal.runtime.batching import batched_nodes
 
     assert batched_nodes(_valid(avlm("disjoint4"), 4), MICROBATCHES) == frozenset()
     graph = _avlm("colocated_dp2")
@@ -48,8 +48,8 @@ def test_encoders_on_their_own_ranks_and_nodes_fed_by_interleaved_ones_stay_inte
 
 
 def test_a_batched_encoder_runs_all_forwards_first_and_all_backwards_after_the_backbone():
-    from mimo_builder.runtime.batching import batched_nodes
-    from mimo_builder.runtime.pipeline import BACKWARD, FORWARD, plan_graph
+    from mimo_builder._internal.runtime.batching import batched_nodes
+    from mimo_builder._internal.runtime.pipeline import BACKWARD, FORWARD, plan_graph
 
     valid = _valid(_avlm("colocated_dp2"), 2)
     plan = plan_graph(valid, MICROBATCHES, batched=batched_nodes(valid, MICROBATCHES))
@@ -68,11 +68,11 @@ def _step(placement: str, batched: bool):
     """One SGD step from the seed's weights: the loss, the grad norm, this rank's weights before and after."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.build.tp_shard import unwrap
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.document.optimizer import OptimizerSettings
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.tp_shard import unwrap
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.document.optimizer import OptimizerSettings
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
     from parity_steps import sgd_steps
 
     compat.init_runtime("cpu")

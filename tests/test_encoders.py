@@ -24,7 +24,7 @@ NODES = {
 
 
 def _config(name, **overrides):
-    from mimo_builder.kinds.config import ModelConfig
+    from mimo_builder._internal.kinds.config import ModelConfig
 
     return ModelConfig.from_dict({**NODES[name], **overrides})
 
@@ -39,8 +39,8 @@ def _input(config, tokens=TOKENS):
 
 
 def _groups(tp):
-    from mimo_builder.platform import compat
-    from mimo_builder.placement import Layout, create_process_groups
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.placement import Layout, create_process_groups
 
     compat.init_runtime("cpu")
     layout = Layout(0, dist.get_world_size(), tp=tp)
@@ -64,7 +64,7 @@ def _full_parameters(model, tp_group):
 def _build_and_run(tp):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.platform import compat
+    from mimo_builder._internal.platform import compat
 
     pgs = _groups(tp)
     results = {}
@@ -90,7 +90,7 @@ def _build_and_run(tp):
 
 def _state_keys(model, pgs):
     """The keys of the node's sharded checkpoint state, or the error that stops it."""
-    from mimo_builder.checkpoint.state import model_state
+    from mimo_builder._internal.checkpoint.state import model_state
 
     try:
         return sorted(model_state([model], pgs, "node.")["chunk0"])
@@ -160,8 +160,8 @@ def test_projector_token_count_not_divisible_is_a_runtime_error(builds):
 # --- ViT-L/14 preset -------------------------------------------------------------------------
 
 def _meta_builds():
-    from mimo_builder.kinds import distributed
-    from mimo_builder.platform import compat
+    from mimo_builder._internal.kinds import distributed
+    from mimo_builder._internal.platform import compat
     from submodels.vision import vit_l14_config
 
     pgs = _groups(1)
@@ -217,7 +217,7 @@ def test_vit_l14_preset_has_the_clip_vision_tower_size(meta_builds):
 # --- validation ------------------------------------------------------------------------------
 
 def test_image_size_not_divisible_by_patch_size_names_both_fields():
-    from mimo_builder.errors import ConfigError
+    from mimo_builder._internal.errors import ConfigError
 
     with pytest.raises(ConfigError, match="image_size 30 is not divisible by patch_size 4"):
         _config("vision", image_size=30)
@@ -236,7 +236,7 @@ def test_tp_problems_name_the_field_that_does_not_split():
                                                ("audio", "n_mel", "n_mels"),
                                                ("projector", "token_reductin", "token_reduction")])
 def test_unknown_key_names_the_key_and_the_closest_field(name, typo, field):
-    from mimo_builder.errors import ConfigError
+    from mimo_builder._internal.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
         _config(name, **{typo: 1})
@@ -244,7 +244,7 @@ def test_unknown_key_names_the_key_and_the_closest_field(name, typo, field):
 
 
 def test_projector_refuses_options_it_owns_in_the_transformer_dict():
-    from mimo_builder.errors import ConfigError
+    from mimo_builder._internal.errors import ConfigError
 
     with pytest.raises(ConfigError, match="hidden_size"):
         _config("projector", transformer={"hidden_size": 8})

@@ -70,8 +70,8 @@ def _keys(source, step, chunk, layout):
 
 
 def test_every_source_gives_a_chunk_of_a_step_the_same_samples_whichever_step_it_is_asked_first(digits):
-    from mimo_builder.data.energon import EnergonSource
-    from mimo_builder.runtime.shards import BatchLayout
+    from mimo_builder._internal.data.energon import EnergonSource
+    from mimo_builder._internal.runtime.shards import BatchLayout
 
     layout = BatchLayout(batch_size=8, num_microbatches=2, chunks_per_microbatch=2)  # 4 chunks of 2
     in_order = EnergonSource(digits[0], _keyed)
@@ -85,8 +85,8 @@ def test_every_source_gives_a_chunk_of_a_step_the_same_samples_whichever_step_it
 
 
 def test_the_chunks_of_a_step_partition_the_dataset_over_an_epoch(digits):
-    from mimo_builder.data.energon import EnergonSource
-    from mimo_builder.runtime.shards import BatchLayout
+    from mimo_builder._internal.data.energon import EnergonSource
+    from mimo_builder._internal.runtime.shards import BatchLayout
 
     layout = BatchLayout(batch_size=8, num_microbatches=1, chunks_per_microbatch=4)  # 4 chunks of 2
     source = EnergonSource(digits[0], _keyed)
@@ -103,8 +103,8 @@ def test_ranks_read_their_own_chunks_through_rank_loader_and_agree_on_every_row(
     each image rank 0 reads is the digit whose label rank 2's row answers."""
     from test_data import _vlm
 
-    from mimo_builder.data import ByteTokenizer, GraphCollator, RankLoader
-    from mimo_builder.data.energon import EnergonSource
+    from mimo_builder._internal.data import ByteTokenizer, GraphCollator, RankLoader
+    from mimo_builder._internal.data.energon import EnergonSource
 
     folder, images, labels = digits
     valid = _vlm()
@@ -131,8 +131,8 @@ def _written_index(image: torch.Tensor, images: np.ndarray) -> int:
 
 
 def test_the_default_converter_reads_captioning_samples(digits):
-    from mimo_builder.data.energon import EnergonSource
-    from mimo_builder.runtime.shards import BatchLayout
+    from mimo_builder._internal.data.energon import EnergonSource
+    from mimo_builder._internal.runtime.shards import BatchLayout
 
     folder, images, labels = digits
     samples = EnergonSource(folder).samples(1, 0, BatchLayout(4, 1, 1))
@@ -143,9 +143,9 @@ def test_the_default_converter_reads_captioning_samples(digits):
 
 
 def test_more_chunks_than_samples_and_unprepared_folders_are_named(digits, tmp_path):
-    from mimo_builder.data import DataError
-    from mimo_builder.data.energon import EnergonSource
-    from mimo_builder.runtime.shards import BatchLayout
+    from mimo_builder._internal.data import DataError
+    from mimo_builder._internal.data.energon import EnergonSource
+    from mimo_builder._internal.runtime.shards import BatchLayout
 
     source = EnergonSource(digits[0], _keyed)
     with pytest.raises(DataError, match=r"holds \[64\] sample\(s\).*65 chunk\(s\) x 1 worker\(s\) need at least 65"):
@@ -157,8 +157,8 @@ def test_more_chunks_than_samples_and_unprepared_folders_are_named(digits, tmp_p
 
 
 def test_without_energon_installed_the_source_names_the_extra(monkeypatch, tmp_path):
-    from mimo_builder.data.energon import EnergonSource
-    from mimo_builder.errors import DependencyError
+    from mimo_builder._internal.data.energon import EnergonSource
+    from mimo_builder._internal.errors import DependencyError
 
     monkeypatch.setitem(sys.modules, "megatron.energon", None)  # what `import` sees when it is absent
     with pytest.raises(DependencyError, match=r"pip install 'mimo-builder\[energon\]'"):
@@ -187,10 +187,10 @@ def test_a_restored_stream_reads_on_exactly_where_the_straight_run_does(digits, 
 
     from test_data import _vlm
 
-    from mimo_builder.data import ByteTokenizer, GraphCollator, RankLoader
-    from mimo_builder.data.energon import EnergonSource
-    from mimo_builder.document.graph import Placement
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.data import ByteTokenizer, GraphCollator, RankLoader
+    from mimo_builder._internal.data.energon import EnergonSource
+    from mimo_builder._internal.document.graph import Placement
+    from mimo_builder._internal.validation import validate_graph
 
     graph = _vlm().graph
     for node in graph.nodes.values():
@@ -224,8 +224,8 @@ def test_a_restored_stream_reads_on_exactly_where_the_straight_run_does(digits, 
 
 
 def test_a_saved_stream_state_creates_only_energon_records():
-    from mimo_builder.data import DataError
-    from mimo_builder.data.energon_state import decode, encode
+    from mimo_builder._internal.data import DataError
+    from mimo_builder._internal.data.energon_state import decode, encode
 
     for bad in ({"class": {"name": "os:system", "fields": {}}}, {"dict": [], "kind": "subprocess:Popen"},
                 {"ndarray": {"dtype": "|O", "shape": [1], "data": ""}}, {"pickle": "gASV"}):
@@ -241,8 +241,8 @@ def test_a_saved_stream_state_creates_only_energon_records():
 DATA_MODULE = '''
 import os
 
-from mimo_builder.data import ByteTokenizer, GraphData
-from mimo_builder.data.energon import EnergonSource
+from mimo_builder._internal.data import ByteTokenizer, GraphData
+from mimo_builder._internal.data.energon import EnergonSource
 
 
 def _logged(sample):
@@ -258,8 +258,8 @@ def train_data():
 
 def _straight_keys(folder, steps: int, batch_size: int) -> list[str]:
     """The samples a one-chunk run reads in ``steps`` steps, in order."""
-    from mimo_builder.data.energon import EnergonSource
-    from mimo_builder.runtime.shards import BatchLayout
+    from mimo_builder._internal.data.energon import EnergonSource
+    from mimo_builder._internal.runtime.shards import BatchLayout
 
     source = EnergonSource(folder, _keyed)
     return [key for step in range(1, steps + 1) for key in _keys(source, step, 0, BatchLayout(batch_size, 1, 1))]

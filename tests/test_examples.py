@@ -60,10 +60,10 @@ def test_held_out_samples_are_the_last_images_with_other_sounds(train, held_out)
 
 
 def test_a_collated_batch_fits_the_demo_graph(train):
-    from mimo_builder.data import GraphCollator
-    from mimo_builder.kinds.loading import load_graph
-    from mimo_builder.kinds.registry import active_registry
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.data import GraphCollator
+    from mimo_builder._internal.kinds.loading import load_graph
+    from mimo_builder._internal.kinds.registry import active_registry
+    from mimo_builder._internal.validation import validate_graph
 
     active_registry().add_roots(str(ROOT))
     valid = validate_graph(load_graph(str(ROOT / "examples/digits_sum.yaml")), 4)

@@ -14,7 +14,7 @@ IDS = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
 def _graph():
-    from mimo_builder.document.graph import Graph
+    from mimo_builder._internal.document.graph import Graph
 
     graph = Graph().add("lm", MAMBA, lora={"rank": 4, "alpha": 8})
     return graph.bind("input_ids", "lm.input_ids").output("lm.logits")
@@ -22,9 +22,9 @@ def _graph():
 
 def _trained_checkpoint(root: str) -> torch.Tensor:
     """Build, give the adapters values (as training would), save; the node's logits."""
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.checkpoint import Checkpointer
-    from mimo_builder.platform import compat
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.checkpoint import Checkpointer
+    from mimo_builder._internal.platform import compat
 
     compat.init_runtime("cpu")
     (model,) = CompositeBuilder(_graph(), seed=4).build_distributed_models(wrap_with_ddp=False)

@@ -15,14 +15,14 @@ import yaml
 from megatron.core.transformer import MegatronModule, TransformerConfig
 
 from mimo_builder import cli
-from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
-from mimo_builder.kinds.config import ModelConfig, PositiveInt
-from mimo_builder.errors import ConfigError, GraphError
-from mimo_builder.document.graph import Graph
-from mimo_builder.kinds.loading import load_graph
-from mimo_builder.kinds.registry import Registry, using
-from mimo_builder.runtime.synthetic import check_synthetic, synthetic_batch
-from mimo_builder.validation import validate_graph
+from mimo_builder._internal.kinds.builder import ModelBuilder, Port, Ports
+from mimo_builder._internal.kinds.config import ModelConfig, PositiveInt
+from mimo_builder._internal.errors import ConfigError, GraphError
+from mimo_builder._internal.document.graph import Graph
+from mimo_builder._internal.kinds.loading import load_graph
+from mimo_builder._internal.kinds.registry import Registry, using
+from mimo_builder._internal.runtime.synthetic import check_synthetic, synthetic_batch
+from mimo_builder._internal.validation import validate_graph
 from multirank import run_ranks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ def test_the_allowlist_error_speaks_python_to_python_and_cli_to_the_cli(capsys):
 
 def test_the_cli_registry_is_the_commands_own(capsys, monkeypatch):
     """--allow trusts a prefix for the command only; the process's registry is unchanged after."""
-    from mimo_builder.kinds.registry import default_registry
+    from mimo_builder._internal.kinds.registry import default_registry
 
     monkeypatch.chdir(ROOT)  # the CLI imports the uninstalled 'examples' from its working directory
 
@@ -213,7 +213,7 @@ def test_the_cli_registry_is_the_commands_own(capsys, monkeypatch):
 def test_train_options_carry_the_allowlist_and_import_roots(tmp_path):
     """What a spawned rank needs to resolve what the launcher resolved: the prefixes, and the
     folder an uninstalled allowed package comes from (the CLI's working directory)."""
-    from mimo_builder.runtime.train import TrainOptions
+    from mimo_builder._internal.runtime.train import TrainOptions
 
     package = f"mimo_ext_{os.getpid()}"
     (tmp_path / package).mkdir()
@@ -236,9 +236,9 @@ def test_train_options_carry_the_allowlist_and_import_roots(tmp_path):
 def _build_plain_and_custom():
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.kinds import distributed
-    from mimo_builder.platform import compat
-    from mimo_builder.placement import Layout, create_process_groups
+    from mimo_builder._internal.kinds import distributed
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.placement import Layout, create_process_groups
 
     compat.init_runtime("cpu")
     layout = Layout(0, 1)

@@ -14,8 +14,8 @@ def _build(placement):
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.vlm import vlm
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.platform import compat
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
 
     compat.init_runtime("cpu")
     graph = vlm(placement)  # without labels: the backbone returns its logits (the graph's output)
@@ -42,9 +42,9 @@ def _by_hand(model, batch) -> dict[str, torch.Tensor]:
 
 
 def _reference():
-    from mimo_builder.build.tp_shard import unwrap
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.tp_shard import unwrap
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     model = _build("single")
     batch = synthetic_batch(model.valid, BATCH, seed=11)
@@ -56,8 +56,8 @@ def _reference():
 
 def _placed(placement, initial):
     from parity_steps import load_initial
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     model = _build(placement)
     load_initial(model, initial)
@@ -92,9 +92,9 @@ def test_every_placement_returns_the_whole_batch_on_rank_0(reference, placement,
 
 def test_an_output_that_is_not_a_batch_first_port_is_named():
     from graphs.vlm import vlm
-    from mimo_builder.errors import ConfigError
-    from mimo_builder.runtime.outputs import check_requested
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.errors import ConfigError
+    from mimo_builder._internal.runtime.outputs import check_requested
+    from mimo_builder._internal.validation import validate_graph
 
     valid = validate_graph(vlm("single"), 1)
     for ref, message in (("lm.loss", "has no batch axis"), ("lm.hidden", "is not an output port (lm: correct, "),

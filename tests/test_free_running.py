@@ -13,8 +13,8 @@ def _model():
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.mamba_lm import mamba_lm
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.platform import compat
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
 
     compat.init_runtime("cpu")
     graph = mamba_lm()
@@ -24,10 +24,10 @@ def _model():
 
 
 def _checks() -> dict:
-    from mimo_builder.document.optimizer import OptimizerSettings
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.document.optimizer import OptimizerSettings
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     model = _model()
     schedule, optimizer = GraphSchedule(model), GraphOptimizer(model, OptimizerSettings(lr=1e-2))

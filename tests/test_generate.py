@@ -17,8 +17,8 @@ def _build(placement):
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.vlm import vlm
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.platform import compat
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
 
     compat.init_runtime("cpu")
     (model,) = CompositeBuilder(vlm(placement), seed=3).build_distributed_models(
@@ -27,7 +27,7 @@ def _build(placement):
 
 
 def _batch(model):
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     batch = synthetic_batch(model.valid, BATCH, seed=11)
     batch["loss_mask"] = torch.zeros_like(batch["loss_mask"])
@@ -57,8 +57,8 @@ def _recomputed(model, batch) -> torch.Tensor:
 
 
 def _one_rank() -> dict:
-    from mimo_builder.build.tp_shard import unwrap
-    from mimo_builder.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.assembly.tp_shard import unwrap
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
 
     model = _build("single")
     batch = _batch(model)
@@ -75,7 +75,7 @@ def _one_rank() -> dict:
 
 def _disjoint(initial):
     from parity_steps import load_initial
-    from mimo_builder.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
 
     model = _build("disjoint4")
     load_initial(model, initial)
@@ -115,8 +115,8 @@ def test_a_row_stops_after_its_end_of_sequence_token(one_rank):
 
 
 def test_bad_generation_options_are_named():
-    from mimo_builder.errors import ConfigError
-    from mimo_builder.runtime.generation import GenerationOptions, generate
+    from mimo_builder._internal.errors import ConfigError
+    from mimo_builder._internal.runtime.generation import GenerationOptions, generate
 
     for options, message in ((GenerationOptions(0), "max_new_tokens: 0"),
                              (GenerationOptions(4, temperature=float("nan")), "temperature: nan"),
@@ -127,10 +127,10 @@ def test_bad_generation_options_are_named():
 
 def test_a_pipelined_generating_node_is_refused_by_node_and_field():
     from graphs.vlm import vlm
-    from mimo_builder.document.graph import Placement
-    from mimo_builder.errors import ConfigError
-    from mimo_builder.runtime.generation import generating_node
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.document.graph import Placement
+    from mimo_builder._internal.errors import ConfigError
+    from mimo_builder._internal.runtime.generation import generating_node
+    from mimo_builder._internal.validation import validate_graph
 
     graph = vlm("single")
     graph.nodes["lm"].config["hybrid_layer_pattern"] = "M*|-M"

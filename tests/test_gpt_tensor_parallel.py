@@ -13,8 +13,8 @@ def _gpt_logits(tp: int) -> torch.Tensor:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    from mimo_builder.platform import compat
-    from mimo_builder.placement import Layout, create_process_groups
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.placement import Layout, create_process_groups
 
     compat.init_runtime("cpu")
     layout = Layout(offset=0, size=dist.get_world_size(), tp=tp)

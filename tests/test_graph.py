@@ -4,9 +4,9 @@ import pathlib
 
 import pytest
 
-from mimo_builder.errors import ConfigError, GraphError
-from mimo_builder.document.graph import Graph, Placement
-from mimo_builder.validation import validate_graph
+from mimo_builder._internal.errors import ConfigError, GraphError
+from mimo_builder._internal.document.graph import Graph, Placement
+from mimo_builder._internal.validation import validate_graph
 from submodels.mamba import MambaConfig
 from submodels.projector import ProjectorConfig
 from submodels.vision import VisionConfig
@@ -151,7 +151,7 @@ def test_a_world_size_is_optional_for_validation():
     (dict(tp=1, ep=2, etp=2), 4, dict(tp=1, ep=2, etp=2)),
 ])
 def test_colocated_placements_span_the_world(declared, world, expected):
-    from mimo_builder.document.graph import Placement
+    from mimo_builder._internal.document.graph import Placement
 
     placed = Placement(offset=3, size=2, **declared).colocated(world, "n")
     assert (placed.offset, placed.size) == (0, None)
@@ -160,8 +160,8 @@ def test_colocated_placements_span_the_world(declared, world, expected):
 
 @pytest.mark.parametrize("declared, field", [(dict(tp=2), "tp"), (dict(pp=2), "pp"), (dict(ep=2), "ep")])
 def test_a_size_that_does_not_divide_the_world_is_named(declared, field):
-    from mimo_builder.errors import ConfigError
-    from mimo_builder.document.graph import Placement
+    from mimo_builder._internal.errors import ConfigError
+    from mimo_builder._internal.document.graph import Placement
 
     with pytest.raises(ConfigError, match=rf"node 'n' placement\.{field}: 2 does not divide the 3 ranks"):
         Placement(**declared).colocated(3, "n")

@@ -64,9 +64,9 @@ def _save_reference_models(root: str) -> dict:
 def _build(config: dict, tp: int = 1, seed: int = SEED):
     import torch.distributed as dist
 
-    from mimo_builder.platform import compat
-    from mimo_builder.kinds.config import ModelConfig
-    from mimo_builder.placement import Layout, create_process_groups
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.kinds.config import ModelConfig
+    from mimo_builder._internal.placement import Layout, create_process_groups
 
     compat.init_runtime("cpu")
     layout = Layout(0, dist.get_world_size(), tp=tp)
@@ -85,7 +85,7 @@ def _node_output(builder, chunks, inputs) -> torch.Tensor:
 
 def _import_and_compare(root: str) -> dict:
     """On one rank: every reference model imported into its node, outputs and round trips."""
-    from mimo_builder.hf import export_hf, load_hf
+    from mimo_builder._internal.hf import export_hf, load_hf
 
     start = time.perf_counter()
     ref = _save_reference_models(root)
@@ -121,7 +121,7 @@ def _shape_error(root: str) -> str:
     """The error of loading a folder whose final norm has 63 entries into a 64-wide node."""
     from safetensors.torch import load_file, save_file
 
-    from mimo_builder.hf import HFShapeError, load_hf
+    from mimo_builder._internal.hf import HFShapeError, load_hf
 
     folder = f"{root}/bad_shape"
     shutil.copytree(f"{root}/mamba_False", folder)
@@ -191,10 +191,10 @@ def _tp2_from_document(root: str) -> torch.Tensor:
     """On 2 ranks: an lm graph whose node starts from ``init: {hf: ...}`` at TP=2; full logits."""
     import torch.distributed as dist
 
-    from mimo_builder.platform import compat
-    from mimo_builder.document.graph import Graph
-    from mimo_builder.hf import export_node
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.document.graph import Graph
+    from mimo_builder._internal.hf import export_node
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     compat.init_runtime("cpu")
     config = {**MAMBA, "num_attention_heads": 2}  # MCore wants heads divisible by TP even without attention
@@ -225,7 +225,7 @@ def test_tp2_import_from_the_document_equals_tp1(imported):
 # --- named errors (no process group: folder, config.json and headers only) ------------------
 
 def _builder(config):
-    from mimo_builder.kinds.config import ModelConfig
+    from mimo_builder._internal.kinds.config import ModelConfig
 
     return ModelConfig.from_dict(config).make_builder()
 
@@ -244,7 +244,7 @@ def _edited_copy(root, tmp_path, drop=(), add=None, config=None):
 
 
 def test_unknown_tensors_are_named(imported, tmp_path):
-    from mimo_builder.hf import UnknownHFTensorsError, check_folder
+    from mimo_builder._internal.hf import UnknownHFTensorsError, check_folder
 
     root, _ = imported
     extra = {f"backbone.layers.0.mixer.extra_{i}": torch.zeros(1) for i in range(15)}
@@ -254,7 +254,7 @@ def test_unknown_tensors_are_named(imported, tmp_path):
 
 
 def test_missing_tensors_are_named(imported, tmp_path):
-    from mimo_builder.hf import MissingHFTensorsError, check_folder
+    from mimo_builder._internal.hf import MissingHFTensorsError, check_folder
 
     root, _ = imported
     folder = _edited_copy(root, tmp_path, drop=("backbone.layers.1.mixer.D", "lm_head.weight"))
@@ -263,7 +263,7 @@ def test_missing_tensors_are_named(imported, tmp_path):
 
 
 def test_config_mismatch_names_both_fields(imported):
-    from mimo_builder.hf import HFConfigError, check_folder
+    from mimo_builder._internal.hf import HFConfigError, check_folder
 
     root, _ = imported
     with pytest.raises(HFConfigError, match=r"tie_word_embeddings=True but the node has "
@@ -272,9 +272,9 @@ def test_config_mismatch_names_both_fields(imported):
 
 
 def test_document_with_a_mismatched_folder_fails_validation(imported):
-    from mimo_builder.errors import GraphError
-    from mimo_builder.document.graph import Graph
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.errors import GraphError
+    from mimo_builder._internal.document.graph import Graph
+    from mimo_builder._internal.validation import validate_graph
 
     root, _ = imported
     graph = Graph().add("vision", {**CLIP, "hidden_size": 64}, init={"hf": str(root / "clip")})
@@ -292,8 +292,8 @@ def test_shape_mismatch_names_the_tensor_and_both_shapes(imported):
 def test_unreadable_hugging_face_files_are_named(tmp_path):
     """A config.json that is not JSON (or not an object), or a truncated safetensors file, is an
     HFWeightsError naming the file, not a traceback."""
-    from mimo_builder.hf import files
-    from mimo_builder.hf.mapping import HFWeightsError
+    from mimo_builder._internal.hf import files
+    from mimo_builder._internal.hf.mapping import HFWeightsError
 
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(HFWeightsError, match="config.json cannot be read as JSON"):

@@ -50,8 +50,8 @@ def test_imports_only_point_downwards(package):
 
 
 def test_no_mcore_or_cuda_patching_outside_the_fence():
-    """Assignments to torch.cuda.* or megatron.* attributes live only in mimo_builder/platform/compat.py,
-    and ``setattr`` only in the patch mechanism (mimo_builder/platform/patching.py), which keeps
+    """Assignments to torch.cuda.* or megatron.* attributes live only in mimo_builder/_internal/platform/compat.py,
+    and ``setattr`` only in the patch mechanism (mimo_builder/_internal/platform/patching.py), which keeps
     the originals: every patch goes through them and can be undone."""
     offenders = []
     for package in PACKAGES:
@@ -192,7 +192,7 @@ def _private_uses(path: pathlib.Path) -> list[str]:
 def test_private_torch_and_mcore_names_only_in_the_fence():
     found = [use for package in PACKAGES for path in (ROOT / package).rglob("*.py") if path.name not in FENCED
              for use in _private_uses(path)]
-    assert not found, "private torch/MCore names outside mimo_builder/platform/private.py: " + ", ".join(found)
+    assert not found, "private torch/MCore names outside mimo_builder/_internal/platform/private.py: " + ", ".join(found)
 
 
 _LIGHT = """
@@ -228,7 +228,7 @@ def test_help_argument_errors_and_schema_import_neither_torch_nor_megatron(tmp_p
 
 
 def test_each_installed_kinds_config_entry_point_is_its_builders_config_class():
-    from mimo_builder.kinds.registry import BUILDER_GROUP, CONFIG_GROUP, active_registry
+    from mimo_builder._internal.kinds.registry import BUILDER_GROUP, CONFIG_GROUP, active_registry
 
     registry = active_registry()
     configs, _ = registry.installed(CONFIG_GROUP)

@@ -1,4 +1,4 @@
-"""Interoperation with Megatron-Core's own builders and MIMO (mimo_builder.interop, submodels.mcore_interop).
+"""Interoperation with Megatron-Core's own builders and MIMO (mimo_builder._internal.interop, submodels.mcore_interop).
 
 In: MCore's ``HybridModelConfig`` (object or ``as_dict()``) becomes a one-node graph whose
 parameters equal, by name and bitwise from the same seed, both MCore's ``HybridModelBuilder``
@@ -52,7 +52,7 @@ def _project_mamba(pad: bool):
 # --- the one-rank run -------------------------------------------------------------------------
 
 def _one_rank():
-    from mimo_builder.platform import compat
+    from mimo_builder._internal.platform import compat
 
     compat.init_runtime("cpu")
     out = {}
@@ -65,13 +65,13 @@ def _one_rank():
 
 
 def _params(module):
-    from mimo_builder.build.tp_shard import unwrap
+    from mimo_builder._internal.assembly.tp_shard import unwrap
 
     return {n: p.detach().clone() for n, p in unwrap(module).named_parameters()}
 
 
 def _graph_params(graph):
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     model = CompositeBuilder(graph, seed=SEED).build_model()
     return model, _params(model.chunks("lm")[0])
@@ -83,8 +83,8 @@ def _same_parameters():
     from megatron.training.models.hybrid import HybridModelBuilder
 
     from graphs.mamba_lm import language_model_graph, mamba_lm_from_mcore
-    from mimo_builder.platform.compat import seed_rng
-    from mimo_builder.document.graph import Placement
+    from mimo_builder._internal.platform.compat import seed_rng
+    from mimo_builder._internal.document.graph import Placement
 
     out = {}
     for pad in (False, True):
@@ -108,9 +108,9 @@ def _same_parameters():
 def _same_loss():
     """The vlm graph on one rank and its MimoModel export: per-token losses and the masked mean."""
     from graphs.vlm import vlm
-    from mimo_builder.interop import mimo_forward_inputs, to_mimo_model
-    from mimo_builder.runtime.synthetic import synthetic_batch
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.interop import mimo_forward_inputs, to_mimo_model
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     graph = vlm("single")
     model = CompositeBuilder(graph, seed=SEED).build_model()
@@ -205,7 +205,7 @@ def test_parallel_sizes_become_the_placement_and_other_options_pass_through():
     (dict(hybrid_stack_spec="custom"), "hybrid_stack_spec"),
 ], ids=["rotary_base", "deprecated_pattern", "custom_spec"])
 def test_fields_the_project_cannot_express_are_named(change, named):
-    from mimo_builder.errors import ConfigError
+    from mimo_builder._internal.errors import ConfigError
     from submodels.mamba import MambaConfig
 
     config = _mcore_hybrid()
@@ -216,7 +216,7 @@ def test_fields_the_project_cannot_express_are_named(change, named):
 
 
 def test_a_callable_the_project_cannot_name_is_refused():
-    from mimo_builder.errors import ConfigError
+    from mimo_builder._internal.errors import ConfigError
     from submodels.mamba import MambaConfig
 
     with pytest.raises(ConfigError, match="activation_func"):
@@ -224,7 +224,7 @@ def test_a_callable_the_project_cannot_name_is_refused():
 
 
 def test_unknown_keys_of_the_dict_form_are_listed():
-    from mimo_builder.errors import ConfigError
+    from mimo_builder._internal.errors import ConfigError
     from submodels.mamba import MambaConfig
 
     data = _mcore_hybrid().as_dict()
@@ -238,7 +238,7 @@ def test_unknown_keys_of_the_dict_form_are_listed():
 
 
 def test_the_dict_form_is_not_imported_by_its_target():
-    from mimo_builder.errors import ConfigError
+    from mimo_builder._internal.errors import ConfigError
     from submodels.mamba import MambaConfig
 
     data = {**_mcore_hybrid().as_dict(), "_target_": "os.system"}
@@ -264,8 +264,8 @@ def test_exported_mimo_holds_the_same_parameters(one_rank):
 
 
 def _refusal(graph, world_size, match):
-    from mimo_builder.errors import ConfigError
-    from mimo_builder.interop import check_exportable
+    from mimo_builder._internal.errors import ConfigError
+    from mimo_builder._internal.interop import check_exportable
 
     with pytest.raises(ConfigError, match=match):
         check_exportable(graph, world_size, device="cpu")
@@ -273,7 +273,7 @@ def _refusal(graph, world_size, match):
 
 def _vlm_like(proj=None):
     from graphs import parts
-    from mimo_builder.document.graph import Graph
+    from mimo_builder._internal.document.graph import Graph
 
     return (Graph()
             .add("vision", parts.vision())
@@ -286,7 +286,7 @@ def _vlm_like(proj=None):
 
 def test_the_vlm_graph_on_one_rank_is_exportable():
     from graphs.vlm import vlm
-    from mimo_builder.interop import check_exportable
+    from mimo_builder._internal.interop import check_exportable
 
     _, star = check_exportable(vlm("single"), 1, device="cpu")
     assert star.roles() == {"vision": "encoder", "proj": "projection", "lm": "language"}
@@ -302,7 +302,7 @@ def test_a_dag_that_is_not_a_star_is_refused():
 
 
 def test_a_projector_on_its_own_ranks_is_refused():
-    from mimo_builder.document.graph import Placement
+    from mimo_builder._internal.document.graph import Placement
 
     graph = _vlm_like()
     graph.nodes["proj"].placement = Placement(offset=1, size=1)
@@ -351,7 +351,7 @@ def _from_mcore(config, **kwargs):
 def _export_in_a_fresh_process():
     """to_mimo_model(graph) as the first thing a process does (nothing built or seeded before)."""
     from graphs.vlm import vlm
-    from mimo_builder.interop import to_mimo_model
+    from mimo_builder._internal.interop import to_mimo_model
 
     return sum(p.numel() for p in to_mimo_model(vlm("single"), seed=SEED).parameters())
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mimo_builder.platform.launch import RankError, launch
+from mimo_builder._internal.platform.launch import RankError, launch
 
 
 def _rank_and_sum():
@@ -73,7 +73,7 @@ def test_ranks_can_use_cuda_and_see_the_launchers_environment(monkeypatch):
 
 def _fake_gpus(monkeypatch, count: int) -> list:
     """CUDA "available" with ``count`` devices, and launch's spawn replaced by a recorder."""
-    import mimo_builder.platform.launch as launcher
+    import mimo_builder._internal.platform.launch as launcher
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
@@ -84,7 +84,7 @@ def _fake_gpus(monkeypatch, count: int) -> list:
 
 def test_spawned_ranks_on_a_cuda_machine_use_nccl(monkeypatch):
     """The spawn path takes the device's backend, as torchrun does; gloo stays for CPU."""
-    from mimo_builder.platform.launch import default_backend
+    from mimo_builder._internal.platform.launch import default_backend
 
     assert default_backend() == "gloo"  # this machine
     calls = _fake_gpus(monkeypatch, 2)
@@ -102,7 +102,7 @@ def test_strict_p2p_never_reaches_nccl_ranks(monkeypatch):
 
 
 def test_more_nccl_ranks_than_gpus_is_named_before_spawning(monkeypatch):
-    from mimo_builder.platform.launch import LaunchError
+    from mimo_builder._internal.platform.launch import LaunchError
 
     calls = _fake_gpus(monkeypatch, 1)
     with pytest.raises(LaunchError, match="--nproc 4: NCCL ranks need a GPU each, and this machine has 1"):

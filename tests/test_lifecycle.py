@@ -32,11 +32,11 @@ def _cycles(n: int) -> list[tuple[int, int]]:
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.mamba_lm import mamba_lm
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     compat.init_runtime("cpu")
     me, counts = psutil.Process(), []
@@ -62,7 +62,7 @@ def test_build_step_close_cycles_keep_threads_and_files_flat():
 
 LAUNCHER = textwrap.dedent("""
     import sys, time
-    from mimo_builder.platform.launch import launch
+    from mimo_builder._internal.platform.launch import launch
 
     def wait_forever(folder):
         import os, pathlib

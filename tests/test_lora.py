@@ -62,9 +62,9 @@ def test_megatron_fsdp_per_node_is_refused_on_cpu_by_node_and_field(tmp_path):
 
 
 def test_the_plan_counts_adapters_as_the_only_trained_parameters():
-    from mimo_builder.planning.estimate import estimate_plan
-    from mimo_builder.planning.plan import make_plan
-    from mimo_builder.planning.table import pipeline_plan
+    from mimo_builder._internal.planning.estimate import estimate_plan
+    from mimo_builder._internal.planning.plan import make_plan
+    from mimo_builder._internal.planning.table import pipeline_plan
 
     full, lora = make_plan(lora_vlm(lm=None), 1), make_plan(lora_vlm(), 1)
     node = {n.name: n for n in lora.nodes}["lm"]
@@ -82,11 +82,11 @@ def test_the_plan_counts_adapters_as_the_only_trained_parameters():
 # --- one rank: outputs, training state, merge ------------------------------------------------
 
 def _one_rank_checks():
-    from mimo_builder.build.lora import merge_lora, merged_state_dict
-    from mimo_builder.build.tp_shard import unwrap
-    from mimo_builder.document.optimizer import OptimizerSettings
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.lora import merge_lora, merged_state_dict
+    from mimo_builder._internal.assembly.tp_shard import unwrap
+    from mimo_builder._internal.document.optimizer import OptimizerSettings
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     base = build(lora_vlm(lm=None))
     batch = synthetic_batch(base.valid, BATCH, seed=11)
@@ -148,9 +148,9 @@ def test_merged_weights_give_the_adapted_outputs(one_rank):
 # --- TP=2 equals TP=1 after a step ------------------------------------------------------------
 
 def _sgd_step(model, batch):
-    from mimo_builder.document.optimizer import OptimizerSettings
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.document.optimizer import OptimizerSettings
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
 
     sgd = OptimizerSettings(optimizer="sgd", lr=LR, clip_grad=0.5, mcore={"sgd_momentum": 0.0})
     optimizer = GraphOptimizer(model, sgd)
@@ -160,8 +160,8 @@ def _sgd_step(model, batch):
 
 
 def _tp_reference():
-    from mimo_builder.build.tp_shard import unwrap
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.tp_shard import unwrap
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     model = build(lora_vlm(proj=LORA, vision=LORA))
     generator = torch.Generator().manual_seed(7)
@@ -179,10 +179,10 @@ def _tp_reference():
 
 
 def _tp2_step(initial):
-    from mimo_builder.build.tp_shard import unshard, unwrap
+    from mimo_builder._internal.assembly.tp_shard import unshard, unwrap
 
     from parity_steps import load_initial
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     model = build(lora_vlm("colocated_tp2", proj=LORA, vision=LORA))
     load_initial(model, initial)
@@ -209,10 +209,10 @@ def test_adapters_at_tp2_take_the_step_they_take_at_tp1():
 
 
 def _pipelined_lora_step() -> float:
-    from mimo_builder.document.optimizer import OptimizerSettings
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.document.optimizer import OptimizerSettings
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     model = build(_pipelined_graph())
     optimizer = GraphOptimizer(model, OptimizerSettings(lr=1e-2))
@@ -225,7 +225,7 @@ def _pipelined_lora_step() -> float:
 
 def _pipelined_graph():
     from graphs.mamba_lm import mamba_lm
-    from mimo_builder.document.graph import Graph
+    from mimo_builder._internal.document.graph import Graph
 
     data = mamba_lm().as_dict()
     data["nodes"]["lm"]["config"]["hybrid_layer_pattern"] = "M*|-M"  # stage 0: M*, stage 1: -M
@@ -235,7 +235,7 @@ def _pipelined_graph():
 
 
 def test_targets_on_one_pipeline_stage_only_train_there_and_the_plan_counts_them():
-    from mimo_builder.planning.plan import make_plan
+    from mimo_builder._internal.planning.plan import make_plan
 
     hidden, in_proj_out, ffn = 64, 2 * 128 + 2 * 2 * 16 + 128 // 16, 4 * 64
     node = make_plan(_pipelined_graph(), 2).nodes[0]

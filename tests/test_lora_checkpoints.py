@@ -11,12 +11,12 @@ from multirank import run_ranks
 # --- checkpoints: adapters only, exact resume, resharded ---------------------------------------
 
 def _train_and_save(root):
-    from mimo_builder.build.tp_shard import unshard, unwrap
-    from mimo_builder.checkpoint.checkpointer import Checkpointer
-    from mimo_builder.document.optimizer import OptimizerSettings
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.tp_shard import unshard, unwrap
+    from mimo_builder._internal.checkpoint.checkpointer import Checkpointer
+    from mimo_builder._internal.document.optimizer import OptimizerSettings
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     model = build(lora_vlm("disjoint4"))
     schedule, optimizer = GraphSchedule(model), GraphOptimizer(model, OptimizerSettings(lr=1e-2))
@@ -42,12 +42,12 @@ def _full_shape(p, tp_size):
 
 
 def _resume(root, placement):
-    from mimo_builder.build.tp_shard import unwrap
-    from mimo_builder.checkpoint.checkpointer import Checkpointer
-    from mimo_builder.document.optimizer import OptimizerSettings
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.tp_shard import unwrap
+    from mimo_builder._internal.checkpoint.checkpointer import Checkpointer
+    from mimo_builder._internal.document.optimizer import OptimizerSettings
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     model = build(lora_vlm(placement))
     schedule, optimizer = GraphSchedule(model), GraphOptimizer(model, OptimizerSettings(lr=1e-2))
@@ -70,7 +70,7 @@ def lora_checkpoint(tmp_path_factory):
 def test_a_lora_checkpoint_holds_the_backbones_adapters_only(lora_checkpoint):
     from megatron.core import dist_checkpointing
 
-    from mimo_builder.checkpoint import files
+    from mimo_builder._internal.checkpoint import files
 
     root, _, _ = lora_checkpoint
     step_dir = files.resolve(root)
@@ -100,10 +100,10 @@ MAMBA = dict(builder="mamba", num_layers=2, hybrid_layer_pattern="MM", hidden_si
 
 def _lm_logits(root: str, seed: int, hf: str | None, lora: dict | None, export_to: str | None,
                randomize_b: bool = False) -> torch.Tensor:
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.document.graph import Graph
-    from mimo_builder.hf import export_node
-    from mimo_builder.platform import compat
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.document.graph import Graph
+    from mimo_builder._internal.hf import export_node
+    from mimo_builder._internal.platform import compat
 
     compat.init_runtime("cpu")
     graph = Graph().add("lm", MAMBA, init={"hf": f"{root}/{hf}"} if hf else None, lora=lora)
@@ -141,9 +141,9 @@ def test_the_base_comes_from_init_and_the_export_holds_merged_weights(tmp_path):
 
 
 def test_resuming_adapters_on_the_base_of_another_seed_is_named(lora_checkpoint):
-    from mimo_builder.checkpoint.checkpointer import check_resumable
-    from mimo_builder.checkpoint.files import CheckpointError
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.checkpoint.checkpointer import check_resumable
+    from mimo_builder._internal.checkpoint.files import CheckpointError
+    from mimo_builder._internal.validation import validate_graph
 
     root, _, _ = lora_checkpoint
     valid = validate_graph(lora_vlm("disjoint4"), 4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mimo_builder.errors import ConfigError
+from mimo_builder._internal.errors import ConfigError
 from multirank import run_ranks
 
 SEQ, VOCAB = 16, 64
@@ -23,8 +23,8 @@ def _config(**overrides):
 
 
 def _groups(layouts):
-    from mimo_builder.platform import compat
-    from mimo_builder.placement import create_process_groups
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.placement import create_process_groups
 
     compat.init_runtime("cpu")
     return create_process_groups(layouts)
@@ -45,9 +45,9 @@ def _unwrap(chunk):
 def _tp2_vs_tp1():
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.platform.compat import seed_rng
-    from mimo_builder.placement import Layout
-    from mimo_builder.build.tp_shard import load_full_state
+    from mimo_builder._internal.platform.compat import seed_rng
+    from mimo_builder._internal.placement import Layout
+    from mimo_builder._internal.assembly.tp_shard import load_full_state
     from submodels import mamba_cpu
 
     rank = dist.get_rank()
@@ -82,8 +82,8 @@ def test_tp2_logits_equal_tp1_from_same_master_weights():
 def _pp_stages():
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.platform.compat import seed_rng
-    from mimo_builder.placement import Layout
+    from mimo_builder._internal.platform.compat import seed_rng
+    from mimo_builder._internal.placement import Layout
 
     layout = Layout(0, 2, pp=2)
     pgs = _groups([layout]).for_layout(layout)
@@ -105,8 +105,8 @@ def test_pipe_pattern_at_pp2_gives_each_stage_its_layers_and_flags():
 def _train_steps(steps):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.platform.compat import seed_rng
-    from mimo_builder.placement import Layout
+    from mimo_builder._internal.platform.compat import seed_rng
+    from mimo_builder._internal.placement import Layout
 
     layout = Layout(0, 1)
     pgs = _groups([layout]).for_layout(layout)
@@ -144,7 +144,7 @@ def test_a_few_steps_on_a_repeated_batch_lower_the_loss():
     (dict(mamba_num_groups=3), "not divisible by mamba_num_groups"),
 ])
 def test_config_errors_name_the_field(overrides, message):
-    from mimo_builder.kinds.config import ModelConfig
+    from mimo_builder._internal.kinds.config import ModelConfig
 
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_dict({"builder": "mamba", **SMALL, **overrides})
@@ -175,9 +175,9 @@ def _rss_mb():
 
 
 def _meta_build(preset_name):
-    from mimo_builder.kinds import distributed
-    from mimo_builder.platform.compat import seed_rng
-    from mimo_builder.placement import Layout
+    from mimo_builder._internal.kinds import distributed
+    from mimo_builder._internal.platform.compat import seed_rng
+    from mimo_builder._internal.placement import Layout
     from submodels import mamba_presets
 
     layout = Layout(0, 1)

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from mimo_builder.errors import ConfigError
-from mimo_builder.runtime import monitor
-from mimo_builder.runtime.monitor import StepRecord, TrainingMonitor, auto_log_interval, summary_lines
-from mimo_builder.runtime.timing import PhaseTimer, slowest_per_node
+from mimo_builder._internal.errors import ConfigError
+from mimo_builder._internal.runtime import monitor
+from mimo_builder._internal.runtime.monitor import StepRecord, TrainingMonitor, auto_log_interval, summary_lines
+from mimo_builder._internal.runtime.timing import PhaseTimer, slowest_per_node
 
 
 def test_a_phase_timer_adds_up_the_blocks_of_a_node_and_starts_again_after_take():
@@ -76,7 +76,7 @@ def test_the_monitor_prints_at_the_interval_and_at_the_last_step():
 
 
 def test_with_the_nodes_work_each_summary_adds_their_throughput_over_the_interval():
-    from mimo_builder.runtime.throughput import NodeWork
+    from mimo_builder._internal.runtime.throughput import NodeWork
 
     work = {"lm": NodeWork(ranks=2, tokens=500, flops=4e12, peak=1e13, reads_tokens=True)}
     out = io.StringIO()

@@ -29,8 +29,8 @@ BF16_TOLERANCE = 0.01  # relative loss difference, bf16 vs fp32, at any of the 2
 def _build(graph, distributed_optimizer=False):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.platform import compat
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     compat.init_runtime("cpu")
     ddp = DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer)
@@ -49,9 +49,9 @@ def _vlm(placement="single", dtype="fp32", **optimizer):
 
 def _train(model, steps, loss_of=None):
     """Losses, results and learning rates of ``steps`` steps on the same batches everywhere."""
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     schedule, optimizer = GraphSchedule(model), GraphOptimizer(model, total_steps=steps)
     losses, rates = [], []
@@ -65,7 +65,7 @@ def _train(model, steps, loss_of=None):
 
 
 def _weights(model):
-    from mimo_builder.build.tp_shard import unwrap
+    from mimo_builder._internal.assembly.tp_shard import unwrap
 
     return {n: {k: p.detach().float().clone() for k, p in unwrap(model.chunks(n)[0]).named_parameters()}
             for n in model.valid.order if model.hosts(n)}
@@ -158,7 +158,7 @@ def test_distributed_optimizer_shards_state_and_matches_dp1(one_rank):
 
 def _poison_vision_gradient(model):
     """On rank 0 only, make the next backward write NaN into one vision weight's gradient."""
-    from mimo_builder.build.tp_shard import unwrap
+    from mimo_builder._internal.assembly.tp_shard import unwrap
 
     if dist.get_rank() != 0:
         return None
@@ -168,9 +168,9 @@ def _poison_vision_gradient(model):
 
 def _guarded_steps(on_nonfinite):
     from graphs.avlm import avlm
-    from mimo_builder.runtime.optim import GraphOptimizer, NonFiniteError
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.runtime.optim import GraphOptimizer, NonFiniteError
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     graph = avlm("disjoint4")
     graph = graph.model_copy(update={"optimizer": graph.optimizer.model_copy(update={"on_nonfinite": on_nonfinite})})

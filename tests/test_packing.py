@@ -7,8 +7,8 @@ import torch
 from multirank import run_ranks
 from packing_steps import LENGTHS
 
-from mimo_builder.errors import ConfigError, GraphError
-from mimo_builder.runtime.packing import Packing
+from mimo_builder._internal.errors import ConfigError, GraphError
+from mimo_builder._internal.runtime.packing import Packing
 
 # --------------------------------------------------------------------------- the layout
 
@@ -130,8 +130,8 @@ def test_causal_conv1d_packed_rows_see_only_their_own_sequence():
 
 def test_packing_is_refused_by_node_and_field_on_pipeline_and_context_parallel_nodes():
     from graphs.mamba_lm import mamba_lm
-    from mimo_builder.document.graph import Placement
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.document.graph import Placement
+    from mimo_builder._internal.validation import validate_graph
 
     graph = mamba_lm()
     graph.nodes["lm"].placement = Placement(pp=2, cp=2)
@@ -157,9 +157,9 @@ def test_packed_binds_seq_lengths_to_the_node_that_reads_input_ids():
 
 def test_the_collator_counts_each_samples_tokens_and_pack_needs_the_binding():
     from graphs.mamba_lm import mamba_lm
-    from mimo_builder.data.collate import GraphCollator
-    from mimo_builder.data.tokenizer import ByteTokenizer
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.data.collate import GraphCollator
+    from mimo_builder._internal.data.tokenizer import ByteTokenizer
+    from mimo_builder._internal.validation import validate_graph
 
     samples = [{"prompt": "ab", "answer": "c"}, {"answer": "hello"}]
     batch = GraphCollator(validate_graph(mamba_lm().packed()), ByteTokenizer(), pack=True)(samples)
@@ -184,7 +184,7 @@ def _step(graph_name, packed, initial=None, microbatches=2):
 def disjoint3():
     """vision and projector on rank 0, the backbone on ranks 1-2 with tp 2."""
     from graphs.vlm import vlm
-    from mimo_builder.document.graph import Placement
+    from mimo_builder._internal.document.graph import Placement
 
     graph = vlm("single")
     graph.nodes["vision"].placement = graph.nodes["proj"].placement = Placement(offset=0, size=1)
@@ -257,7 +257,7 @@ def test_run_pack_on_a_node_kind_that_cannot_pack_is_named_before_launch(tmp_pat
 def test_packing_where_mcores_mamba_training_path_cannot_run_is_named():
     """use_mamba_mem_eff_path off (as on CUDA without causal-conv1d): MCore's mixer would assert."""
     from graphs.mamba_lm import mamba_lm
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.validation import validate_graph
 
     graph = mamba_lm()
     graph.nodes["lm"].config["transformer"] = {"use_mamba_mem_eff_path": False}

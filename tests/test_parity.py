@@ -16,8 +16,8 @@ def _build(placement):
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.vlm import vlm
-    from mimo_builder.platform import compat
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     compat.init_runtime("cpu")
     (model,) = CompositeBuilder(vlm(placement), seed=3).build_distributed_models(
@@ -26,10 +26,10 @@ def _build(placement):
 
 
 def _one_step(model):
-    from mimo_builder.document.optimizer import OptimizerSettings
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.document.optimizer import OptimizerSettings
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     sgd = OptimizerSettings(optimizer="sgd", lr=LR, clip_grad=0.5, mcore={"sgd_momentum": 0.0})
     schedule, optimizer = GraphSchedule(model), GraphOptimizer(model, sgd)
@@ -42,7 +42,7 @@ def _one_step(model):
 
 def _reference():
     """On one rank: the master weights, and the loss and weights after one step."""
-    from mimo_builder.build.tp_shard import unwrap
+    from mimo_builder._internal.assembly.tp_shard import unwrap
 
     model = _build("single")
     initial = {n: {k: p.detach().clone() for k, p in unwrap(model.chunks(n)[0]).named_parameters()}
@@ -54,7 +54,7 @@ def _reference():
 
 
 def _placed_step(placement, initial):
-    from mimo_builder.build.tp_shard import unshard, unwrap
+    from mimo_builder._internal.assembly.tp_shard import unshard, unwrap
 
     from parity_steps import load_initial
 

@@ -29,14 +29,14 @@ RTOL = 1e-5
 # --- the plan ----------------------------------------------------------------------------------
 
 def _plan(layouts, edges=(), vp=None, m=8):
-    from mimo_builder.runtime.pipeline import plan_pipeline
+    from mimo_builder._internal.runtime.pipeline import plan_pipeline
 
     return plan_pipeline(list(layouts), list(edges), layouts, vp or {}, set(layouts), m)
 
 
 @pytest.mark.parametrize("m", MICROBATCHES)
 def test_a_chain_of_stages_runs_in_1f1b_time(m):
-    from mimo_builder.placement import Layout
+    from mimo_builder._internal.placement import Layout
 
     plan = _plan({"lm": Layout(0, 4, pp=4)}, m=m)
     assert plan.makespan == (m + 4 - 1) * 3  # forward 1 + backward 2 per slot
@@ -44,7 +44,7 @@ def test_a_chain_of_stages_runs_in_1f1b_time(m):
 
 
 def test_a_disjoint_encoder_works_ahead_of_the_backbone():
-    from mimo_builder.placement import Layout
+    from mimo_builder._internal.placement import Layout
 
     plan = _plan({"enc": Layout(0, 2), "lm": Layout(2, 2, pp=2)}, [("enc", "lm")])
     assert plan.makespan == (8 + 3 - 1) * 3
@@ -58,8 +58,8 @@ def test_a_disjoint_encoder_works_ahead_of_the_backbone():
     ({"x": (0, 3, 3), "y": (1, 2, 1)}, [("x", "y")], {"x": 2}),
 ])
 def test_every_input_is_produced_before_it_is_needed(layouts, edges, vp):
-    from mimo_builder.placement import Layout
-    from mimo_builder.runtime.pipeline import BACKWARD, COST, FORWARD
+    from mimo_builder._internal.placement import Layout
+    from mimo_builder._internal.runtime.pipeline import BACKWARD, COST, FORWARD
 
     plan = _plan({n: Layout(o, s, pp=p) for n, (o, s, p) in layouts.items()}, edges, vp, m=3)
     start = {(op.kind, op.stage, op.microbatch): op.start for ops in plan.order.values() for op in ops}
@@ -91,7 +91,7 @@ def _proj(input_size):
 
 
 def _graph(kind: str, placed: bool):
-    from mimo_builder.document.graph import Graph, Placement
+    from mimo_builder._internal.document.graph import Graph, Placement
 
     at = (lambda **p: Placement(**p)) if placed else (lambda **p: Placement())
     text = dict(input_ids="lm.input_ids", labels="lm.labels", loss_mask="lm.loss_mask")
@@ -117,7 +117,7 @@ def _graph(kind: str, placed: bool):
 
 def _global_params(model, name):
     """Parameters of ``name`` on this rank by pipeline-independent names (global layer index)."""
-    from mimo_builder.build.tp_shard import unwrap
+    from mimo_builder._internal.assembly.tp_shard import unwrap
 
     out = {}
     for chunk in model.chunks(name):
@@ -133,10 +133,10 @@ def _global_params(model, name):
 def _steps(kind: str, placed: bool, initial=None):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.platform import compat
-    from mimo_builder.document.optimizer import OptimizerSettings
-    from mimo_builder.runtime.synthetic import synthetic_batch
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.document.optimizer import OptimizerSettings
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     compat.init_runtime("cpu")
     (model,) = CompositeBuilder(_graph(kind, placed), seed=SEED).build_distributed_models(
@@ -201,8 +201,8 @@ def test_pipelined_placements_match_the_single_rank_run(references, placed, kind
 
 
 def test_virtual_stages_without_pipeline_ranks_are_refused_by_node_and_field():
-    from mimo_builder.errors import GraphError
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.errors import GraphError
+    from mimo_builder._internal.validation import validate_graph
 
     graph = _graph("vp2", placed=False)
     graph.nodes["lm"].config["hybrid_layer_pattern"] = "M*|-M"

@@ -7,8 +7,8 @@ import pytest
 
 from cli_in_process import main_in_process
 
-from mimo_builder.errors import ConfigError
-from mimo_builder.planning.cost_table import CostTable, Linear, LinkCosts, NodeCosts
+from mimo_builder._internal.errors import ConfigError
+from mimo_builder._internal.planning.cost_table import CostTable, Linear, LinkCosts, NodeCosts
 
 
 def _table(forward=0.02, backward=0.04, tps=(1, 2), names=("vision", "vision_proj", "audio", "audio_proj", "lm"),
@@ -41,8 +41,8 @@ def test_the_busiest_rank_group_sets_the_predicted_step():
     """avlm disjoint: four encoder-side nodes share ranks 0-1, the backbone has ranks 2-3; with equal
     costs per node the encoder side is busy 4 x M x (F + B) and the backbone waits."""
     from graphs.avlm import avlm
-    from mimo_builder.planning.predict import predict_step
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.planning.predict import predict_step
+    from mimo_builder._internal.validation import validate_graph
 
     chain = validate_graph(avlm("disjoint4"), 4)
     predicted = predict_step(chain, _table(), 4, 8)
@@ -56,8 +56,8 @@ def test_the_busiest_rank_group_sets_the_predicted_step():
 
 def test_a_slower_link_makes_a_disjoint_placement_slower_and_leaves_a_colocated_one_alone():
     from graphs.avlm import avlm
-    from mimo_builder.planning.predict import predict_step
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.planning.predict import predict_step
+    from mimo_builder._internal.validation import validate_graph
 
     disjoint, colocated = validate_graph(avlm("disjoint4"), 4), validate_graph(avlm("colocated4"), 4)
     fast, slow = _table(), _table(latency=0.05)
@@ -67,8 +67,8 @@ def test_a_slower_link_makes_a_disjoint_placement_slower_and_leaves_a_colocated_
 
 def test_place_ranks_candidates_that_validate_and_the_fastest_comes_first():
     from graphs.avlm import avlm
-    from mimo_builder.planning.place import search
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.planning.place import search
+    from mimo_builder._internal.validation import validate_graph
 
     everything, seen = search(avlm(), 4, _table(), 8, top=1000)
     assert seen == len(everything) > 10
@@ -81,7 +81,7 @@ def test_place_ranks_candidates_that_validate_and_the_fastest_comes_first():
 
 def test_place_drops_placements_whose_memory_estimate_does_not_fit():
     from graphs.avlm import avlm
-    from mimo_builder.planning.place import search
+    from mimo_builder._internal.planning.place import search
 
     roomy, _ = search(avlm(), 4, _table(), 8, memory=1 << 40, top=3)
     assert len(roomy) == 3 and all(c.memory is not None and c.memory <= 1 << 40 for c in roomy)

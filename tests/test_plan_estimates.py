@@ -1,4 +1,4 @@
-"""Memory and FLOPs in the dry-run plan (``mimo_builder.planning.estimate``), against hand counts and
+"""Memory and FLOPs in the dry-run plan (``mimo_builder._internal.planning.estimate``), against hand counts and
 against what one real build keeps.
 
 - JSON: every rank and node carries ``memory_bytes`` with exactly the pinned keys;
@@ -23,10 +23,10 @@ import math
 import pytest
 
 from mimo_builder.cli import main
-from mimo_builder.planning.estimate import MEMORY_KEYS, estimate_plan, parse_bytes
-from mimo_builder.document.graph import Graph, Placement
-from mimo_builder.planning.plan import make_plan
-from mimo_builder.planning.table import pipeline_plan
+from mimo_builder._internal.planning.estimate import MEMORY_KEYS, estimate_plan, parse_bytes
+from mimo_builder._internal.document.graph import Graph, Placement
+from mimo_builder._internal.planning.plan import make_plan
+from mimo_builder._internal.planning.table import pipeline_plan
 
 H, HEADS, FFN, SEQ, VOCAB = 64, 4, 256, 128, 256
 BATCH = 2
@@ -225,9 +225,9 @@ def _measure(graph, tokens):
     import torch
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     compat.init_runtime("cpu")
     (model,) = CompositeBuilder(graph, seed=0).build_distributed_models(ddp_config=DistributedDataParallelConfig())

@@ -7,8 +7,8 @@ from typing import Literal
 import pytest
 import torch
 
-from mimo_builder.kinds.builder import ModelBuilder, Port, Ports
-from mimo_builder.kinds.config import ModelConfig
+from mimo_builder._internal.kinds.builder import ModelBuilder, Port, Ports
+from mimo_builder._internal.kinds.config import ModelConfig
 from multirank import run_ranks
 
 HERE = __name__  # the module prefix the kind below is allowed under
@@ -53,7 +53,7 @@ class Encoder(ModelBuilder):
 
 
 def _graph(mistake: str):
-    from mimo_builder.document.graph import Graph
+    from mimo_builder._internal.document.graph import Graph
 
     lm = dict(builder="mamba", num_layers=2, hidden_size=HIDDEN, num_attention_heads=4, hybrid_layer_pattern="M-",
               vocab_size=64, make_vocab_size_divisible_by=1, seq_length=32, mamba_state_dim=16, mamba_head_dim=16,
@@ -68,11 +68,11 @@ def _graph(mistake: str):
 def _steps(mistakes: list[str]) -> dict[str, str]:
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.kinds.registry import Registry, using
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.kinds.registry import Registry, using
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     compat.init_runtime("cpu")
     out = {}

@@ -5,10 +5,10 @@ import pathlib
 import pytest
 import torch.distributed as dist
 
-from mimo_builder.errors import GraphError
-from mimo_builder.document.graph import Graph
-from mimo_builder.planning.plan import make_plan
-from mimo_builder.validation import validate_graph
+from mimo_builder._internal.errors import GraphError
+from mimo_builder._internal.document.graph import Graph
+from mimo_builder._internal.planning.plan import make_plan
+from mimo_builder._internal.validation import validate_graph
 from multirank import run_ranks
 
 GRAPHS = pathlib.Path(__file__).resolve().parents[1] / "graphs"
@@ -81,8 +81,8 @@ def test_mismatched_dimensions_are_rejected_naming_the_edge():
 def _build(name, placement):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.platform import compat
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     compat.init_runtime("cpu")
     graph = getattr(_graph_module(name), name)(placement)

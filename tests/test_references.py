@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from cli_in_process import main_in_process
-from mimo_builder.kinds import registry
-from mimo_builder.errors import ConfigError, GraphError
-from mimo_builder.kinds.registry import BUILDER_GROUP, Registry
+from mimo_builder._internal.kinds import registry
+from mimo_builder._internal.errors import ConfigError, GraphError
+from mimo_builder._internal.kinds.registry import BUILDER_GROUP, Registry
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLI = pathlib.Path(sys.executable).parent / "mimo-builder"
@@ -31,10 +31,10 @@ def _module(tmp_path, name, source) -> str:
 
 # --- the attribute path stays inside the allowed modules ------------------------------------
 
-@pytest.mark.parametrize("ref,module", [("mimo_builder.platform.launch:os.system", "os"),
-                                        ("mimo_builder.platform.launch:os.abort", "os"),
-                                        ("mimo_builder.kinds.registry:importlib.import_module", "importlib"),
-                                        ("mimo_builder.platform.launch:dist.init_process_group", "torch.distributed")])
+@pytest.mark.parametrize("ref,module", [("mimo_builder._internal.platform.launch:os.system", "os"),
+                                        ("mimo_builder._internal.platform.launch:os.abort", "os"),
+                                        ("mimo_builder._internal.kinds.registry:importlib.import_module", "importlib"),
+                                        ("mimo_builder._internal.platform.launch:dist.init_process_group", "torch.distributed")])
 def test_a_path_into_another_module_is_refused(ref, module):
     where = "node 'lm' hooks.post_wrap[0]"
     with pytest.raises(ConfigError) as err:
@@ -43,15 +43,15 @@ def test_a_path_into_another_module_is_refused(ref, module):
     assert message.startswith(f"{where}: {ref!r}") and f"is the module {module!r}" in message, message
 
 
-@pytest.mark.parametrize("ref,owner", [("mimo_builder.kinds.registry:entry_points", "importlib.metadata"),
-                                       ("mimo_builder.platform.launch:pickle", None),
+@pytest.mark.parametrize("ref,owner", [("mimo_builder._internal.kinds.registry:entry_points", "importlib.metadata"),
+                                       ("mimo_builder._internal.platform.launch:pickle", None),
                                        ("graphs.vlm:Placement", None)])
 def test_only_objects_defined_under_an_allowed_prefix_resolve(ref, owner):
     """entry_points is imported into registry.py but defined in importlib.metadata; Placement is
-    imported into graphs.vlm and defined in mimo_builder.document.graph, which is allowed."""
+    imported into graphs.vlm and defined in mimo_builder._internal.document.graph, which is allowed."""
     reg = Registry()
     if owner is None and ref.endswith("Placement"):
-        from mimo_builder.document.graph import Placement
+        from mimo_builder._internal.document.graph import Placement
 
         assert reg.import_reference(ref, where="x") is Placement
         return
@@ -67,7 +67,7 @@ def test_only_objects_defined_under_an_allowed_prefix_resolve(ref, owner):
 
 def test_dunder_names_are_not_followed():
     with pytest.raises(ConfigError, match="does not follow dunder names .'__globals__'"):
-        Registry().resolve_hook("mimo_builder.platform.launch:launch.__globals__", where="hook")
+        Registry().resolve_hook("mimo_builder._internal.platform.launch:launch.__globals__", where="hook")
 
 
 def _hooked_mamba_lm(hook: str) -> str:
@@ -77,16 +77,16 @@ def _hooked_mamba_lm(hook: str) -> str:
 
 
 def test_a_document_hook_walking_into_os_names_node_and_field():
-    from mimo_builder.document.graph import Graph
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.document.graph import Graph
+    from mimo_builder._internal.validation import validate_graph
 
     with pytest.raises(GraphError) as err:
-        validate_graph(Graph.from_yaml(_hooked_mamba_lm("mimo_builder.platform.launch:os.system")))
-    assert "node 'lm' hooks.post_wrap[0]: 'mimo_builder.platform.launch:os.system'" in str(err.value)
+        validate_graph(Graph.from_yaml(_hooked_mamba_lm("mimo_builder._internal.platform.launch:os.system")))
+    assert "node 'lm' hooks.post_wrap[0]: 'mimo_builder._internal.platform.launch:os.system'" in str(err.value)
 
 
 @pytest.mark.parametrize("audience,hint,not_hint", [
-    ("python", "mimo_builder.kinds.registry.allow_modules('mark_on_import')", "--allow"),
+    ("python", "mimo_builder._internal.kinds.registry.allow_modules('mark_on_import')", "--allow"),
     ("cli", "--allow mark_on_import", "allow_modules")])
 def test_a_refused_module_says_how_to_trust_it_in_the_readers_terms(audience, hint, not_hint):
     with pytest.raises(ConfigError) as err:
@@ -98,20 +98,20 @@ def test_a_refused_module_says_how_to_trust_it_in_the_readers_terms(audience, hi
 
 # --- the right kind of object -----------------------------------------------------------------
 
-@pytest.mark.parametrize("ref,why", [("graphs.vlm:vlm", "not a subclass of mimo_builder.kinds.builder.ModelBuilder"),
-                                     ("mimo_builder.document.graph:Graph", "not a subclass")])
+@pytest.mark.parametrize("ref,why", [("graphs.vlm:vlm", "not a subclass of mimo_builder._internal.kinds.builder.ModelBuilder"),
+                                     ("mimo_builder._internal.document.graph:Graph", "not a subclass")])
 def test_a_builder_reference_must_be_a_builder_class(ref, why):
     with pytest.raises(ConfigError, match=why):
         Registry().resolve_builder(ref, where="nodes.lm.builder")
 
 
 def test_a_hook_reference_must_be_a_function():
-    with pytest.raises(ConfigError, match="the class mimo_builder.platform.launch.RankError; a hook must be a function"):
-        Registry().resolve_hook("mimo_builder.platform.launch:RankError", where="hook")
+    with pytest.raises(ConfigError, match="the class mimo_builder._internal.platform.launch.RankError; a hook must be a function"):
+        Registry().resolve_hook("mimo_builder._internal.platform.launch:RankError", where="hook")
 
 
 def test_graph_references_check_kind_before_and_after_calling(tmp_path, monkeypatch):
-    from mimo_builder.document.graph import Graph
+    from mimo_builder._internal.document.graph import Graph
 
     monkeypatch.syspath_prepend(str(tmp_path))
     name = _module(tmp_path, "ref_graphs", """
@@ -124,7 +124,7 @@ def test_graph_references_check_kind_before_and_after_calling(tmp_path, monkeypa
             return mamba_lm()
         GRAPH = mamba_lm()
     """)
-    from mimo_builder.kinds.loading import resolve_graph
+    from mimo_builder._internal.kinds.loading import resolve_graph
 
     reg = Registry([*registry.DEFAULT_ALLOWED_PREFIXES, name])
     with registry.using(reg):
@@ -132,9 +132,9 @@ def test_graph_references_check_kind_before_and_after_calling(tmp_path, monkeypa
         assert isinstance(resolve_graph(f"{name}:GRAPH"), Graph)
     for ref, why in [("graphs.parts:vision", "annotated to return submodels.vision_config.VisionConfig"),
                      ("mimo_builder.cli:main", "annotated to return 'int'"),
-                     ("mimo_builder.platform.launch:RankError", "is the class mimo_builder.platform.launch.RankError"),
+                     ("mimo_builder._internal.platform.launch:RankError", "is the class mimo_builder._internal.platform.launch.RankError"),
                      (f"{name}:needs", "callable without arguments"),
-                     (f"{name}:not_a_graph", "returned a int, not a mimo_builder.document.graph.Graph")]:
+                     (f"{name}:not_a_graph", "returned a int, not a mimo_builder._internal.document.graph.Graph")]:
         with pytest.raises(ConfigError, match=why), registry.using(reg):
             resolve_graph(ref)
     assert sys.modules[name].CALLS == [1]  # only the unannotated zero-argument function was called
@@ -142,9 +142,9 @@ def test_graph_references_check_kind_before_and_after_calling(tmp_path, monkeypa
 
 def test_the_cli_refuses_a_graph_file_reaching_into_os():
     """``os.abort`` was called and killed the process (exit -6) before."""
-    result = _cli("validate", "mimo_builder.platform.launch:os.abort")
+    result = _cli("validate", "mimo_builder._internal.platform.launch:os.abort")
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "'mimo_builder.platform.launch:os.abort'" in result.stderr and "the module 'os'" in result.stderr
+    assert "'mimo_builder._internal.platform.launch:os.abort'" in result.stderr and "the module 'os'" in result.stderr
 
 
 # --- installed names: a second distribution cannot shadow one -------------------------------

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from mimo_builder.platform.launch import RankError, launch
+from mimo_builder._internal.platform.launch import RankError, launch
 from multirank import run_ranks
 
 BATCH, SEED = 4, 3
@@ -32,10 +32,10 @@ def _build(placement: str, step_timeout_s: float | None = None, first_step_timeo
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.vlm import vlm
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     compat.init_runtime("cpu")
     (model,) = CompositeBuilder(vlm(placement), seed=1, step_timeout_s=step_timeout_s,
@@ -48,8 +48,8 @@ def _step(run, poisoned_share: bool = False) -> float:
     """One step; with ``poisoned_share`` each rank passes its own share, rank 0's pixels NaN."""
     import torch.distributed as dist
 
-    from mimo_builder.runtime.shards import RankBatch
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.runtime.shards import RankBatch
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     model, schedule, optimizer = run
     optimizer.zero_grad()
@@ -79,8 +79,8 @@ def _caught_then_rebuilt(placement: str) -> dict:
     caller catches each failure, closes the model and builds again."""
     import torch.distributed as dist
 
-    from mimo_builder.runtime.optim import OptimizerStepError
-    from mimo_builder.runtime.schedule import StepError
+    from mimo_builder._internal.runtime.optim import OptimizerStepError
+    from mimo_builder._internal.runtime.schedule import StepError
 
     rank, last = dist.get_rank(), dist.get_world_size() - 1
     out = {}
@@ -190,7 +190,7 @@ def _caught_then_fails_elsewhere():
     """A step failure is published and caught; later rank 0 raises outside any step."""
     import torch.distributed as dist
 
-    from mimo_builder.runtime.schedule import StepError
+    from mimo_builder._internal.runtime.schedule import StepError
 
     run = _build("colocated_dp2")
     if dist.get_rank() == 1:

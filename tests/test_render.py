@@ -18,10 +18,10 @@ import yaml
 from PIL import Image
 
 from mimo_builder.cli import main
-from mimo_builder.document.graph import Graph, parse_edge
-from mimo_builder.placement import Layout
-from mimo_builder.render import render
-from mimo_builder.render.scene import PALETTE, NodeView, Scene, rank_columns, smallest_world
+from mimo_builder._internal.document.graph import Graph, parse_edge
+from mimo_builder._internal.placement import Layout
+from mimo_builder._internal.render import render
+from mimo_builder._internal.render.scene import PALETTE, NodeView, Scene, rank_columns, smallest_world
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHIPPED = ("vlm", "avlm", "mamba_lm")
@@ -329,7 +329,7 @@ def test_pictures_are_refused_on_a_terminal(capsys, monkeypatch):
 
 
 def test_matplotlib_is_imported_only_inside_functions():
-    """``import mimo_builder.render`` (and every module of it) stays fast: matplotlib loads
+    """``import mimo_builder._internal.render`` (and every module of it) stays fast: matplotlib loads
     only when an svg or png is drawn."""
     for path in (ROOT / "mimo_builder").rglob("*.py"):
         for node in ast.parse(path.read_text()).body:

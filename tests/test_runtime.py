@@ -73,13 +73,13 @@ FAN_IN_GATHER = {"enc_a": dict(offset=0, size=2), "enc_b": dict(offset=0, size=2
 
 
 def _placer(spread, where):
-    from mimo_builder.document.graph import Placement
+    from mimo_builder._internal.document.graph import Placement
 
     return lambda name: Placement(**where[name]) if spread else Placement()
 
 
 def _diamond(spread: bool):
-    from mimo_builder.document.graph import Graph
+    from mimo_builder._internal.document.graph import Graph
 
     at = _placer(spread, DIAMOND_SPREAD)
     graph = (Graph()
@@ -94,7 +94,7 @@ def _diamond(spread: bool):
 
 
 def _fan_in(spread: bool, where: dict = FAN_IN_SPREAD):
-    from mimo_builder.document.graph import Graph
+    from mimo_builder._internal.document.graph import Graph
 
     at = _placer(spread, where)
     graph = (Graph()
@@ -108,7 +108,7 @@ def _fan_in(spread: bool, where: dict = FAN_IN_SPREAD):
 
 def _text_only():
     """A backbone with two modality ports and nothing connected to them."""
-    from mimo_builder.document.graph import Graph
+    from mimo_builder._internal.document.graph import Graph
 
     return _text_bindings(Graph().add("lm", _lm(**TOKENS))).output("lm.loss")
 
@@ -121,8 +121,8 @@ GRAPHS = {"diamond": _diamond, "fan_in": _fan_in}
 def _build(graph, **ddp):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.platform import compat
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     compat.init_runtime("cpu")
     (model,) = CompositeBuilder(graph, seed=SEED).build_distributed_models(
@@ -131,9 +131,9 @@ def _build(graph, **ddp):
 
 
 def _runtime(model):
-    from mimo_builder.document.optimizer import OptimizerSettings
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.document.optimizer import OptimizerSettings
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
 
     frozen_sgd = OptimizerSettings(optimizer="sgd", lr=0.0, clip_grad=0.0, mcore={"sgd_momentum": 0.0})
     return GraphSchedule(model), GraphOptimizer(model, frozen_sgd)
@@ -147,7 +147,7 @@ def _step(schedule, optimizer, batch, num_microbatches=1):
 
 
 def _named(model, name):
-    from mimo_builder.build.tp_shard import unwrap
+    from mimo_builder._internal.assembly.tp_shard import unwrap
 
     return unwrap(model.chunks(name)[0]).named_parameters()
 
@@ -163,7 +163,7 @@ def _with_partition(param, tensor):
 
 def _full_grads(model, shapes):
     """Each node's full (TP-gathered) gradients, returned by the node's first rank only."""
-    from mimo_builder.build.tp_shard import unshard
+    from mimo_builder._internal.assembly.tp_shard import unshard
 
     out = {}
     for name in model.valid.order:
@@ -208,7 +208,7 @@ def _ce(model, node, ids, labels):
 # --- the one-rank run: references and backbone semantics --------------------------------------
 
 def _reference(make_graph):
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     model = _build(make_graph(False))
     initial = {n: {k: p.detach().clone() for k, p in _named(model, n)} for n in model.valid.order}
@@ -242,8 +242,8 @@ def _plain_autograd(model, batch):
 
 
 def _text_only_and_loss_mask():
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     model = _build(_text_only())
     schedule = GraphSchedule(model)
@@ -264,9 +264,9 @@ def _text_only_and_loss_mask():
 
 
 def _two_losses():
-    from mimo_builder.document.graph import Graph
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.document.graph import Graph
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     graph = _text_bindings(_text_bindings(Graph().add("a", _lm()).add("b", _lm()), "a"), "b", "_b")
     model = _build(graph.output("a.loss").output("b.loss"))
@@ -278,8 +278,8 @@ def _two_losses():
 
 
 def _placeholders_without_embeddings(modality):
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     model = _build(_text_only())
     schedule = GraphSchedule(model)
@@ -304,8 +304,8 @@ def _one_rank():
 # --- the four-rank run ------------------------------------------------------------------------
 
 def _placed(make_graph, ref, microbatches=(1, 2), warmup=False, **ddp):
-    from mimo_builder.runtime.synthetic import synthetic_batch
-    from mimo_builder.build.tp_shard import load_full_state, unwrap
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.tp_shard import load_full_state, unwrap
 
     model = _build(make_graph(True), **ddp)
     for name in model.valid.order:
@@ -325,8 +325,8 @@ def _placed(make_graph, ref, microbatches=(1, 2), warmup=False, **ddp):
 
 def _vlm_bad_batches():
     from graphs.vlm import vlm
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     model = _build(vlm("disjoint4"))
     schedule = GraphSchedule(model)
@@ -541,7 +541,7 @@ def test_placeholder_count_mismatch_is_a_step_error_on_every_rank(four_ranks):
 
 def _vlm_valid():
     from graphs.vlm import vlm
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.validation import validate_graph
 
     return validate_graph(vlm("disjoint4"), 4)
 
@@ -550,8 +550,8 @@ def _vlm_valid():
 def test_check_batch_names_a_missing_bound_key(key):
     """Every key the graph binds; without 'labels' the backbone has no loss for the graph's
     'lm.loss' output."""
-    from mimo_builder.runtime.batch import BatchError, check_batch
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.runtime.batch import BatchError, check_batch
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     valid = _vlm_valid()
     batch = synthetic_batch(valid, BATCH, seed=DATA_SEED)
@@ -568,8 +568,8 @@ def test_check_batch_refuses_a_wrong_pixel_values_shape(shape):
     """Every axis the vision config fixes (channels, height, width), not only the last: a wrong
     height or channel count otherwise fails inside the encoder's forward, after communication,
     with a torch size error that names neither the key nor the port."""
-    from mimo_builder.runtime.batch import BatchError, check_batch
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.runtime.batch import BatchError, check_batch
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     valid = _vlm_valid()
     batch = {**synthetic_batch(valid, BATCH, seed=DATA_SEED), "pixel_values": torch.zeros(shape)}

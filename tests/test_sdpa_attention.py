@@ -12,7 +12,7 @@ BATCH = 4
 
 def _graph(impl: str, dtype: str):
     from graphs.vlm import vlm
-    from mimo_builder.document.graph import Graph
+    from mimo_builder._internal.document.graph import Graph
 
     data = vlm("single").as_dict()
     for name in ("vision", "lm"):
@@ -24,10 +24,10 @@ def _graph(impl: str, dtype: str):
 def _step(impl: str, dtype: str) -> dict:
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     compat.init_runtime("cpu")
     (model,) = CompositeBuilder(_graph(impl, dtype), seed=2).build_distributed_models(

@@ -4,7 +4,7 @@ The emulation bites: two ranks that each send before they receive pass on plain 
 refused under strict mode; a rank's operations complete in issue order (plain gloo lets a later
 receive finish first); a ``batch_isend_irecv`` group progresses as one. (A blocking gloo send
 already waits for its receive, so rendezvous needs no test of its own.) The
-runtime's posting order (:mod:`mimo_builder.runtime.posting`) is replayed under NCCL's rules
+runtime's posting order (:mod:`mimo_builder._internal.runtime.posting`) is replayed under NCCL's rules
 without processes, for the shipped graphs and the pipeline tests' shapes: every step completes,
 while the order it replaced (each operation's sends on their own) deadlocks on a VP schedule.
 """
@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mimo_builder.platform.launch import RankError, launch
+from mimo_builder._internal.platform.launch import RankError, launch
 
 @pytest.fixture
 def strict(monkeypatch):
@@ -101,7 +101,7 @@ def test_a_batch_is_one_group_under_strict_p2p(strict):
 
 
 def test_an_unknown_mode_is_a_named_error(monkeypatch):
-    from mimo_builder.errors import ConfigError
+    from mimo_builder._internal.errors import ConfigError
 
     monkeypatch.setenv("MIMO_BUILDER_P2P", "strcit")
     with pytest.raises(ConfigError, match="MIMO_BUILDER_P2P='strcit': the only mode is 'strict'"):
@@ -160,7 +160,7 @@ def _posting_points(posting, rank: int) -> list[tuple[list, bool]]:
 def _lone_sends_points(plan, routes, rank: int, forward_only: bool) -> list[tuple[list, bool]]:
     """The order the posting plan replaced: receives at each operation's start, its sends as a
     group of their own at its end."""
-    from mimo_builder.runtime import posting as p
+    from mimo_builder._internal.runtime import posting as p
 
     points = []
     for op in p.rank_ops(plan, rank, forward_only):
@@ -173,8 +173,8 @@ def _shapes():
     """(name, validated graph) of the shipped graphs and the pipeline tests' placements."""
     import test_pipeline
 
-    from mimo_builder.kinds.loading import load_graph
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.kinds.loading import load_graph
+    from mimo_builder._internal.validation import validate_graph
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     shapes = [(f"{name}@4", validate_graph(load_graph(os.path.join(root, name)), 4))
@@ -192,9 +192,9 @@ def shapes():
 @pytest.mark.parametrize("forward_only", [False, True])
 @pytest.mark.parametrize("microbatches", [1, 2, 3, 8])
 def test_every_step_completes_under_nccls_rules(shapes, microbatches, forward_only):
-    from mimo_builder.runtime.pipeline import needs_grad, plan_graph
-    from mimo_builder.runtime.posting import posting_plan
-    from mimo_builder.runtime.routes import Routes
+    from mimo_builder._internal.runtime.pipeline import needs_grad, plan_graph
+    from mimo_builder._internal.runtime.posting import posting_plan
+    from mimo_builder._internal.runtime.routes import Routes
 
     for name, valid in shapes:
         plan = plan_graph(valid, microbatches)
@@ -206,8 +206,8 @@ def test_every_step_completes_under_nccls_rules(shapes, microbatches, forward_on
 def test_the_replay_finds_the_deadlock_of_lone_sends(shapes):
     """The replay can fail: posting each operation's sends on their own deadlocks the VP
     schedule (the strict run of the pipeline tests found it first)."""
-    from mimo_builder.runtime.pipeline import needs_grad, plan_graph
-    from mimo_builder.runtime.routes import Routes
+    from mimo_builder._internal.runtime.pipeline import needs_grad, plan_graph
+    from mimo_builder._internal.runtime.routes import Routes
 
     valid = dict(shapes)["vp2"]
     plan = plan_graph(valid, 3)

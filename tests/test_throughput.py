@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from graphs import parts
-from mimo_builder.document.graph import Graph, Placement
-from mimo_builder.platform.peak import device_peak_flops
-from mimo_builder.runtime.throughput import NodeWork, graph_mfu, node_rates, throughput_line
+from mimo_builder._internal.document.graph import Graph, Placement
+from mimo_builder._internal.platform.peak import device_peak_flops
+from mimo_builder._internal.runtime.throughput import NodeWork, graph_mfu, node_rates, throughput_line
 from tests.multirank import run_ranks
 
 BATCH, MICROBATCHES = 4, 2
@@ -26,9 +26,9 @@ def _disjoint_vlm() -> Graph:
 def _work_on_ranks(graph):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.throughput import graph_work
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.throughput import graph_work
 
     device = compat.init_runtime("cpu")
     (model,) = CompositeBuilder(graph, seed=0).build_distributed_models(ddp_config=DistributedDataParallelConfig())
@@ -47,9 +47,9 @@ def test_rank_0_gets_every_nodes_flops_counted_where_the_node_lives():
     assert first["lm"].reads_tokens and first["lm"].tokens == BATCH * parts.backbone().seq_length
     assert first["lm"].flops > first["vision"].flops > expected
 
-    from mimo_builder.planning.estimate import estimate_plan
-    from mimo_builder.planning.plan import make_plan
-    from mimo_builder.runtime.pipeline import plan_graph
+    from mimo_builder._internal.planning.estimate import estimate_plan
+    from mimo_builder._internal.planning.plan import make_plan
+    from mimo_builder._internal.runtime.pipeline import plan_graph
 
     plan = make_plan(graph, 2)
     planned = estimate_plan(plan, plan_graph(plan.valid, MICROBATCHES), micro_batch_size=BATCH // MICROBATCHES)

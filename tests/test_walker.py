@@ -10,7 +10,7 @@ from multirank import run_ranks
 
 
 def _init():
-    from mimo_builder.platform import compat
+    from mimo_builder._internal.platform import compat
 
     compat.init_runtime("cpu")
 
@@ -25,10 +25,10 @@ def _one_node_vs_direct(tp):
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.mamba_lm import mamba_lm
-    from mimo_builder.platform.compat import seed_rng
-    from mimo_builder.placement import create_process_groups
-    from mimo_builder.validation import validate_graph
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.platform.compat import seed_rng
+    from mimo_builder._internal.placement import create_process_groups
+    from mimo_builder._internal.validation import validate_graph
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     _init()
     graph = mamba_lm(tp=tp)
@@ -37,7 +37,7 @@ def _one_node_vs_direct(tp):
     layout = validate_graph(graph, dist.get_world_size()).layouts["lm"]
     pgs = create_process_groups([layout]).for_layout(layout)
     seed_rng(7, tp_rank=pgs.tp.rank())
-    from mimo_builder.kinds.loading import node_config
+    from mimo_builder._internal.kinds.loading import node_config
 
     config = node_config(graph.nodes["lm"], "lm")
     (direct,) = config.make_builder().build_distributed_models(pgs, DistributedDataParallelConfig())
@@ -61,8 +61,8 @@ def test_one_node_graph_equals_direct_build_bitwise_at_tp2():
 def _disjoint_memory():
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.document.graph import Graph, Placement
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.document.graph import Graph, Placement
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
     from submodels.projector import ProjectorConfig
 
     _init()
@@ -91,10 +91,10 @@ def test_a_node_not_hosted_costs_zero_parameter_memory():
 def _shared_groups_frozen_ddp():
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from mimo_builder.document.graph import Graph, Placement
-    from mimo_builder.placement import count_process_groups, create_process_groups
-    from mimo_builder.validation import validate_graph
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.document.graph import Graph, Placement
+    from mimo_builder._internal.placement import count_process_groups, create_process_groups
+    from mimo_builder._internal.validation import validate_graph
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
     from submodels.projector import ProjectorConfig
 
     _init()
@@ -149,8 +149,8 @@ def _fail_on_rank(bad_rank):
 def _build_with_failure(bad_rank):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.document.graph import Graph, Placement
-    from mimo_builder.build.walker import BuildError, CompositeBuilder
+    from mimo_builder._internal.document.graph import Graph, Placement
+    from mimo_builder._internal.assembly.walker import BuildError, CompositeBuilder
     from submodels.projector import ProjectorConfig
 
     _init()

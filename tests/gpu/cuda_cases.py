@@ -22,7 +22,7 @@ def run_cases(sections: dict[str, tuple]) -> dict:
 
 def on_cuda_rank(body: Callable[[], dict]) -> dict:
     """``body()`` in one spawned CUDA rank; the rank's own failure fails the test."""
-    from mimo_builder.platform.launch import RankError, launch
+    from mimo_builder._internal.platform.launch import RankError, launch
 
     try:
         return launch(body, 1, backend="nccl", timeout_s=150)[0]

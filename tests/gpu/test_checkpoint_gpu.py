@@ -25,10 +25,10 @@ def _build(device: str, seed: int):
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.vlm import vlm
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     resolved = compat.init_runtime(device)
     graph = vlm("single")
@@ -40,7 +40,7 @@ def _build(device: str, seed: int):
 
 
 def _steps(run, first: int, last: int) -> list[tuple[float, float]]:
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     model, schedule, optimizer = run
     out = []
@@ -57,7 +57,7 @@ def _weights(model) -> list[torch.Tensor]:
 
 
 def _on_cuda(root: str) -> dict:
-    from mimo_builder.checkpoint import Checkpointer
+    from mimo_builder._internal.checkpoint import Checkpointer
 
     run = _build("cuda", SEED)
     _steps(run, 1, 2)
@@ -72,7 +72,7 @@ def _on_cuda(root: str) -> dict:
 
 
 def _cuda_to_cpu(root: str) -> dict:
-    from mimo_builder.checkpoint import Checkpointer
+    from mimo_builder._internal.checkpoint import Checkpointer
 
     run = _build("cpu", SEED + 2)
     info = Checkpointer(run[0], run[2]).load(f"{root}/cuda")
@@ -81,7 +81,7 @@ def _cuda_to_cpu(root: str) -> dict:
 
 
 def _cpu_to_cuda(root: str) -> dict:
-    from mimo_builder.checkpoint import Checkpointer
+    from mimo_builder._internal.checkpoint import Checkpointer
 
     run = _build("cuda", SEED + 3)
     info = Checkpointer(run[0], run[2]).load(f"{root}/cpu")
@@ -92,7 +92,7 @@ def _cpu_to_cuda(root: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from mimo_builder.platform.launch import RankError, launch
+    from mimo_builder._internal.platform.launch import RankError, launch
 
     root = str(tmp_path_factory.mktemp("ckpt"))
     out = {}

@@ -28,7 +28,7 @@ BATCH, LR, STEPS = 4, 0.1, 2
 
 def _graph(fsdp: bool = False, lora: bool = False):
     from graphs.vlm import vlm
-    from mimo_builder.document.graph import Graph
+    from mimo_builder._internal.document.graph import Graph
 
     data = vlm("single").as_dict()
     if fsdp:
@@ -42,12 +42,12 @@ def _graph(fsdp: bool = False, lora: bool = False):
 def _steps(graph) -> dict:
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.document.optimizer import OptimizerSettings
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.document.optimizer import OptimizerSettings
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     device = compat.init_runtime("auto")
     (model,) = CompositeBuilder(graph, seed=5).build_distributed_models(ddp_config=DistributedDataParallelConfig())
@@ -64,7 +64,7 @@ def _steps(graph) -> dict:
     moved = sorted(k for k, p in lm.named_parameters() if not torch.equal(p.detach(), before[k]))
     out = dict(losses=losses, norms=norms, moved=moved)
     if graph.nodes["lm"].lora is not None:
-        from mimo_builder.build.lora import merge_lora
+        from mimo_builder._internal.assembly.lora import merge_lora
 
         adapted = schedule.evaluate(batch)["lm.loss"]
         merge_lora(model)
@@ -78,10 +78,10 @@ def _generation() -> dict:
     chain of full forwards, 4 prompts of 24 tokens, 6 new tokens."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     device = compat.init_runtime("auto")
     (model,) = CompositeBuilder(_graph(), seed=5).build_distributed_models(ddp_config=DistributedDataParallelConfig())

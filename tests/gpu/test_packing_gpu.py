@@ -26,9 +26,9 @@ def packed_and_padded() -> dict:
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.vlm import vlm
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
     from tests.packing_steps import variable_batch
 
     device = compat.init_runtime("auto")

@@ -29,11 +29,11 @@ def _timed(microbatches_list) -> dict:
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.vlm import vlm
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     device = compat.init_runtime("auto")
     (model,) = CompositeBuilder(vlm("single")).build_distributed_models(ddp_config=DistributedDataParallelConfig())
@@ -58,12 +58,12 @@ def _batched_vs_interleaved() -> dict:
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.avlm import avlm
-    from mimo_builder.build.walker import CompositeBuilder
-    from mimo_builder.document.optimizer import OptimizerSettings
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.optim import GraphOptimizer
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.document.optimizer import OptimizerSettings
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.optim import GraphOptimizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
 
     device = compat.init_runtime("auto")
     out = {}
@@ -92,10 +92,10 @@ def results():
 
 def test_the_cost_model_predicts_the_vlm_step_on_one_gpu(results):
     from graphs.vlm import vlm
-    from mimo_builder.planning.predict import predict_step
-    from mimo_builder.planning.profile import profile_graph
-    from mimo_builder.runtime.batching import batched_nodes
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.planning.predict import predict_step
+    from mimo_builder._internal.planning.profile import profile_graph
+    from mimo_builder._internal.runtime.batching import batched_nodes
+    from mimo_builder._internal.validation import validate_graph
 
     measured = case(results, "timed")
     costs = profile_graph(vlm("single"), 1, BATCH)
@@ -115,8 +115,8 @@ def test_batched_encoders_take_the_interleaved_step_on_cuda(results):
 
 def test_packing_on_cuda_is_named_at_validate_without_causal_conv1d():
     from graphs.mamba_lm import mamba_lm
-    from mimo_builder.errors import GraphError
-    from mimo_builder.validation import validate_graph
+    from mimo_builder._internal.errors import GraphError
+    from mimo_builder._internal.validation import validate_graph
 
     if importlib.util.find_spec("causal_conv1d") is not None:
         validate_graph(mamba_lm().packed())  # MCore's packed Mamba path can run here

@@ -1,7 +1,7 @@
 """Every runtime path on one CUDA rank (NCCL, world size 1), through the public entry points.
 
 The shipped graphs (mamba_lm, vlm, avlm) in fp32 and bf16, a frozen node and a text-only batch
-train for a few steps with ``mimo_builder.runtime.train.train`` (two microbatches per step);
+train for a few steps with ``mimo_builder._internal.runtime.train.train`` (two microbatches per step);
 a post-wrap hook captures the built model so that the test can see its parameters. Losses must
 be finite, every trainable node's parameters must change (a frozen node's must not), all
 parameters must live on the GPU, and none of the CPU workarounds may have been applied in the
@@ -39,7 +39,7 @@ def _graph(name: str):
     from graphs.avlm import avlm
     from graphs.mamba_lm import mamba_lm
     from graphs.vlm import vlm
-    from mimo_builder.document.graph import Graph
+    from mimo_builder._internal.document.graph import Graph
 
     if name == "text_only":  # a backbone with modality ports and nothing connected to them
         lm = parts.backbone(image=parts.IMAGE_TOKEN, audio=parts.AUDIO_TOKEN)
@@ -67,7 +67,7 @@ def _capture(models):
 
 
 def _train(train_case: str, seed: int) -> dict:
-    from mimo_builder.runtime.train import TrainOptions, train
+    from mimo_builder._internal.runtime.train import TrainOptions, train
 
     name, dtype, frozen = TRAIN_CASES[train_case]
     graph = _graph(name)
@@ -93,10 +93,10 @@ def _schedule_equals_plain_forward() -> dict:
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from graphs.vlm import vlm
-    from mimo_builder.platform import compat
-    from mimo_builder.runtime.schedule import GraphSchedule
-    from mimo_builder.runtime.synthetic import synthetic_batch
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.synthetic import synthetic_batch
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     device = compat.init_runtime("auto")
     (model,) = CompositeBuilder(vlm("single"), seed=5).build_distributed_models(

@@ -35,8 +35,8 @@ def te_name(key: str) -> str:
 
 
 def _logits(impl: str, weights: dict | None):
-    from mimo_builder.placement import Layout, create_process_groups
-    from mimo_builder.build.tp_shard import unwrap
+    from mimo_builder._internal.placement import Layout, create_process_groups
+    from mimo_builder._internal.assembly.tp_shard import unwrap
     from submodels.mamba import MambaConfig
 
     layout = Layout(0, 1)
@@ -58,7 +58,7 @@ def _logits(impl: str, weights: dict | None):
 
 
 def _compare() -> float:
-    from mimo_builder.platform import compat
+    from mimo_builder._internal.platform import compat
 
     compat.init_runtime("auto")
     compat.seed_rng(0)
@@ -68,7 +68,7 @@ def _compare() -> float:
 
 
 def test_te_spec_gives_the_local_logits():
-    from mimo_builder.platform.launch import RankError, launch
+    from mimo_builder._internal.platform.launch import RankError, launch
 
     try:
         err = launch(_compare, 1, backend="nccl", timeout_s=120)[0]
@@ -78,7 +78,7 @@ def test_te_spec_gives_the_local_logits():
 
 
 def _graph(impl: str):
-    from mimo_builder.document.graph import Graph
+    from mimo_builder._internal.document.graph import Graph
     from submodels.mamba import MambaConfig
 
     config = MambaConfig(num_layers=3, hidden_size=128, num_attention_heads=4, hybrid_layer_pattern="M*-",
@@ -91,9 +91,9 @@ def _checkpoint_across_specs(folder: str) -> dict[str, float]:
     """A checkpoint written by one spec's build loads into the other's: same logits both ways."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from mimo_builder.platform import compat
-    from mimo_builder.checkpoint import Checkpointer
-    from mimo_builder.build.walker import CompositeBuilder
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.checkpoint import Checkpointer
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
 
     compat.init_runtime("auto")
     ids = torch.randint(3, 256, (2, 128), generator=torch.Generator().manual_seed(0)).cuda()
@@ -120,7 +120,7 @@ def _checkpoint_across_specs(folder: str) -> dict[str, float]:
 
 
 def test_a_checkpoint_loads_into_the_other_spec(tmp_path):
-    from mimo_builder.platform.launch import RankError, launch
+    from mimo_builder._internal.platform.launch import RankError, launch
 
     try:
         errors = launch(_checkpoint_across_specs, 1, str(tmp_path), backend="nccl", timeout_s=180)[0]

@@ -1,0 +1,89 @@
+"""The measured-cost commands: ``profile``, ``place`` and what ``plan --costs`` adds to the plan."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from mimo_builder._internal.planning.cost_table import CostTable
+
+
+def profile_command(graph, world_size: int, batch_size: int, output: str | None) -> CostTable:
+    """Measure ``graph`` on this machine (a progress bar on stderr); write the table to ``output``."""
+    from rich.progress import Progress
+
+    from mimo_builder._internal.planning.profile import profile_graph
+
+    start = time.perf_counter()
+    with Progress(transient=True, console=_stderr()) as bar:
+        task = bar.add_task("profiling", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"profiling: {what}")
+
+        table = profile_graph(graph, world_size, batch_size, progress=progress)
+    if output:
+        table.save(output)
+    print(f"profiled {len(table.nodes)} nodes at tp {sorted({tp for n in table.nodes.values() for tp in n})} "
+          f"in {time.perf_counter() - start:.1f} s" + (f"; wrote {output}" if output else ""), file=sys.stderr)
+    return table
+
+
+def prediction_lines(valid, costs: CostTable, num_microbatches: int, batch_size: int, batched) -> list[str]:
+    """The predicted step and each rank group's idle share (``plan --costs``)."""
+    from mimo_builder._internal.planning.place import rank_groups
+    from mimo_builder._internal.planning.predict import predict_step
+
+    predicted = predict_step(valid, costs, num_microbatches, batch_size, batched)
+    where = costs.machine.get("gpu") or f"{costs.machine.get('device', '?')} on {costs.machine.get('host', '?')}"
+    lines = [f"predicted step: {predicted.step * 1e3:.1f} ms for {batch_size} samples in {num_microbatches} "
+             f"microbatches (costs measured on {where}; forward and backward until {predicted.pipeline * 1e3:.1f} ms)"]
+    for nodes, ranks in rank_groups(valid):
+        idle = max(predicted.idle[r] for r in ranks)
+        lines.append(f"  ranks {_span(ranks)} ({nodes}): idle {idle:.0%} of the step")
+    return lines
+
+
+def place_command(graph, world_size: int, costs: CostTable, batch_size: int, memory: int | None,
+                  top: int, output: str | None) -> int:
+    """Print the ``top`` placements by predicted step; write the best as a document."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mimo_builder._internal.errors import ConfigError
+    from mimo_builder._internal.planning.place import reason, search
+    from mimo_builder._internal.validation import validate_graph
+
+    start = time.perf_counter()
+    best, seen = search(graph, world_size, costs, batch_size, memory, top)
+    seconds = time.perf_counter() - start
+    if not best:
+        raise ConfigError(f"no placement of the graph on {world_size} ranks validates"
+                          + (" and fits the memory given" if memory else "") + " at the measured TP sizes")
+    table = Table(title=f"Placements on {world_size} ranks, {batch_size} samples per step, by predicted step time")
+    for column in ("#", "placement", "M", "step", "busiest idle", "memory/rank"):
+        table.add_column(column, justify="left" if column == "placement" else "right")
+    for i, c in enumerate(best, 1):
+        table.add_row(str(i), c.label, str(c.microbatches), f"{c.prediction.step * 1e3:.1f} ms",
+                      f"{c.busiest_idle:.0%}", "-" if c.memory is None else f"{c.memory / 2**20:,.0f} MiB")
+    Console().print(table)
+    print(f"best: {best[0].label}, --microbatches {best[0].microbatches}: {reason(best[0], best[1:])}")
+    print(f"searched {seen} candidates in {seconds:.2f} s ({seen / max(seconds, 1e-9):,.0f} per second)")
+    if output:
+        validate_graph(best[0].graph, world_size)  # what is written validates
+        header = (f"# mimo-builder place: {best[0].label}; run with --microbatches {best[0].microbatches} "
+                  f"--batch-size {batch_size}: predicted {best[0].prediction.step * 1e3:.1f} ms per step\n")
+        with open(output, "w") as f:
+            f.write(header + best[0].graph.to_yaml())
+        print(f"wrote {output}", file=sys.stderr)
+    return 0
+
+
+def _span(ranks: list[int]) -> str:
+    return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True)

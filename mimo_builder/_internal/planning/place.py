@@ -1,0 +1,174 @@
+"""``mimo-builder place``: search placements of a graph on a world and rank them by predicted step time.
+
+Candidates (every one validated as a document, and only at TP sizes the cost table measured):
+
+- **colocated**: every node on every rank, all at one TP size (a node that cannot split so at tp=1);
+- **disjoint**: the nodes that feed others (encoders, projectors) on the first ranks, the nodes the
+  graph's outputs read (the backbone) on the rest, each side at its own TP size, the backbone
+  also at pp=2 where its layers split;
+- **mixed**: each chain of feeding nodes (an encoder and its projector) on its own ranks.
+
+Ranks split between groups in every way for small worlds; from 8 ranks on, in eighths of the
+world. Each candidate runs at every microbatch count the batch splits into (1 to 16). Each is
+predicted from measured costs (:mod:`~mimo_builder._internal.planning.predict`); with a memory limit the
+best are checked against the plan's memory estimate until ``top`` fit.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from mimo_builder._internal.document.graph import Graph, Placement
+from mimo_builder._internal.errors import MimoError
+from mimo_builder._internal.planning.cost_table import CostTable
+from mimo_builder._internal.planning.predict import Prediction, predict_step
+
+MICROBATCHES = (1, 2, 4, 8, 16)
+
+
+@dataclass
+class Candidate:
+    """One placement of the graph and its predicted step."""
+
+    label: str
+    graph: Graph
+    microbatches: int
+    prediction: Prediction
+    memory: int | None = None
+
+    @property
+    def busiest_idle(self) -> float:
+        """The idle share of the rank that waits most."""
+        return max(self.prediction.idle.values(), default=0.0)
+
+
+def search(graph: Graph, world_size: int, costs: CostTable, batch_size: int,
+           memory: int | None = None, top: int = 5) -> tuple[list[Candidate], int]:
+    """The ``top`` candidates by predicted step time (fitting ``memory`` bytes per rank where
+    given) and how many candidates were predicted."""
+    from mimo_builder._internal.runtime.batching import batched_nodes
+    from mimo_builder._internal.runtime.batch import split_problems
+    from mimo_builder._internal.validation import validate_graph
+
+    ranked, seen = [], 0
+    for label, placed in _placements(graph, world_size, costs):
+        try:
+            valid = validate_graph(placed, world_size)
+        except MimoError:
+            continue
+        for m in MICROBATCHES:
+            if split_problems(valid, batch_size, m):
+                continue
+            seen += 1
+            try:
+                prediction = predict_step(valid, costs, m, batch_size, batched_nodes(valid, m))
+            except MimoError:  # a node at a TP size the table lacks
+                continue
+            ranked.append(Candidate(label, placed, m, prediction))
+    ranked.sort(key=lambda c: (c.prediction.step, c.label, c.microbatches))
+    return _fitting(ranked, world_size, memory, top), seen
+
+
+def _fitting(ranked: list[Candidate], world_size: int, memory: int | None, top: int) -> list[Candidate]:
+    """The first ``top`` candidates whose plan estimate fits ``memory`` (all, without a limit)."""
+    if memory is None:
+        return ranked[:top]
+    from mimo_builder._internal.planning.estimate import estimate_plan
+    from mimo_builder._internal.planning.plan import make_plan
+    from mimo_builder._internal.runtime.pipeline import plan_graph
+
+    kept = []
+    for candidate in ranked:
+        plan = make_plan(candidate.graph, world_size)
+        estimate = estimate_plan(plan, plan_graph(plan.valid, candidate.microbatches,
+                                                  batched=candidate.prediction.plan.batched), 1, memory)
+        candidate.memory = max(m.total for m in estimate.memory)
+        if candidate.memory <= memory:
+            kept.append(candidate)
+            if len(kept) == top:
+                break
+    return kept
+
+
+def _placements(graph: Graph, world_size: int, costs: CostTable):
+    """(label, graph with placements) for every candidate shape."""
+    sinks, chains = _roles(graph)
+    tps = sorted({tp for per_node in costs.nodes.values() for tp in per_node})
+    for tp in tps:
+        if world_size % tp == 0:
+            yield f"colocated tp={tp} dp={world_size // tp}", _placed(graph, {n: (0, world_size, tp, 1)
+                                                                             for n in graph.nodes})
+    if not chains or not sinks:
+        return
+    feeders = [n for chain in chains for n in chain]
+    for groups in (1, len(chains)) if len(chains) > 1 else (1,):
+        for sizes in _splits(world_size, groups + 1):
+            yield from _split_candidates(graph, feeders, chains, sinks, sizes, groups, tps)
+
+
+def _split_candidates(graph, feeders, chains, sinks, sizes, groups, tps):
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    sets = [feeders] if groups == 1 else chains
+    kind = "disjoint" if groups == 1 else "mixed"
+    for tp_feed, tp_sink, pp in itertools.product(tps, tps, (1, 2)):
+        if any(size % tp_feed for size in sizes[:-1]) or sizes[-1] % (tp_sink * pp):
+            continue
+        where = {}
+        for names, offset, size in zip(sets, offsets, sizes):
+            where.update({n: (offset, size, tp_feed, 1) for n in names})
+        where.update({n: (offsets[-1], sizes[-1], tp_sink, pp) for n in sinks})
+        label = (f"{kind} {'+'.join(map(str, sizes))}: feeders tp={tp_feed}, "
+                 f"backbone tp={tp_sink}{f' pp={pp}' if pp > 1 else ''}")
+        yield label, _placed(graph, where)
+
+
+def _placed(graph: Graph, where: dict[str, tuple[int, int, int, int]]) -> Graph:
+    placed = graph.model_copy(deep=True)
+    for name, (offset, size, tp, pp) in where.items():
+        placed.nodes[name].placement = Placement(offset=offset, size=size, tp=tp, pp=pp)
+    return placed
+
+
+def _roles(graph: Graph) -> tuple[list[str], list[list[str]]]:
+    """The nodes the outputs read (the backbone side) and the chains of nodes that feed them."""
+    from mimo_builder._internal.document.graph import parse_edge, parse_port_ref
+
+    sinks = sorted({parse_port_ref(ref)[0] for ref in graph.outputs})
+    edges = [(parse_edge(e)[0][0], parse_edge(e)[1][0]) for e in graph.edges]
+    feeders = [n for n in graph.nodes if n not in sinks]
+    chains: list[list[str]] = []
+    for name in feeders:  # join a node to the chain of the node feeding it
+        source = next((c for c in chains for src, dst in edges if dst == name and src in c), None)
+        if source is None:
+            chains.append([name])
+        else:
+            source.append(name)
+    return sinks, chains
+
+
+def _splits(world_size: int, parts: int):
+    """Group sizes summing to the world: every composition for small worlds, eighths from 8 on."""
+    unit = world_size // 8 if world_size >= 8 and world_size % 8 == 0 else 1
+    total = world_size // unit
+    for cuts in itertools.combinations(range(1, total), parts - 1):
+        bounds = (0, *cuts, total)
+        yield [(b - a) * unit for a, b in zip(bounds, bounds[1:])]
+
+
+def rank_groups(valid) -> list[tuple[str, list[int]]]:
+    """Ranks grouped by the nodes they host."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for rank in range(valid.world_size):
+        groups.setdefault(tuple(n for n in valid.order if rank in valid.layouts[n].ranks), []).append(rank)
+    return [(", ".join(nodes), ranks) for nodes, ranks in groups.items()]
+
+
+def reason(best: Candidate, others: list[Candidate]) -> str:
+    """Why ``best`` won, against the next candidate of another shape."""
+    rival = next((c for c in others if c.label != best.label), None)
+    if rival is None:
+        return "the only candidate"
+    gain = rival.prediction.step / best.prediction.step - 1
+    return (f"{gain:.0%} faster than the next shape ({rival.label}, M={rival.microbatches}); its busiest rank "
+            f"idles {best.busiest_idle:.0%} of the step against {rival.busiest_idle:.0%}")

@@ -1,0 +1,107 @@
+"""A step's time predicted from measured costs: the runtime's own schedule, simulated in seconds.
+
+The pipeline plan the runtime executes (:func:`~mimo_builder._internal.runtime.pipeline.plan_graph`: 1F1B
+over the whole graph, encoders batched where they qualify) is simulated with each operation's
+measured seconds (:class:`MeasuredTiming`) instead of unit costs, and messages between different
+ranks take the link's latency plus their bytes at its bandwidth. After the last operation every
+rank reduces its nodes' gradients over their DP groups (the measured all-reduce, scaled as a ring) and
+steps their optimizers; the step ends when the slowest rank does (the graph-wide gradient norm
+joins them). What it ignores: overlap of the gradient reduction with the backward, contention of
+ranks that share cores or links, TP collectives beyond what the profile measured at that size,
+and memory effects of larger microbatches than profiled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mimo_builder._internal.planning.cost_table import CostTable
+from mimo_builder._internal.runtime.pipeline import FORWARD, PipelinePlan, Stage, plan_graph, stage_ranks, virtual_stages
+
+FP32 = 4
+
+
+@dataclass
+class Prediction:
+    """Seconds of one training step and each rank's idle share."""
+
+    step: float
+    pipeline: float
+    """When the last forward or backward ends."""
+    idle: dict[int, float]
+    plan: PipelinePlan
+
+
+class MeasuredTiming:
+    """Seconds of each operation and message of ``valid``'s step at ``batch_size`` samples in
+    ``num_microbatches`` (the cost function :func:`plan_graph` takes)."""
+
+    def __init__(self, valid, costs: CostTable, num_microbatches: int, batch_size: int):
+        self.valid, self.costs = valid, costs
+        self.rows = {n: batch_size / (num_microbatches * valid.layouts[n].dp) for n in valid.order}
+        self.stages = {n: valid.layouts[n].pp * virtual_stages(valid.configs[n]) for n in valid.order}
+        self.sample_bytes = _sample_bytes(valid)
+        self.per_microbatch = batch_size / num_microbatches
+
+    def op_seconds(self, kind: str, stage: Stage, span: int) -> float:
+        """A forward or backward of one stage over ``span`` microbatches at once."""
+        node = self.costs.node(stage.node, self.valid.layouts[stage.node].tp)
+        rows = self.rows[stage.node] * span
+        seconds = (node.forward if kind == FORWARD else node.backward).at(rows) / self.stages[stage.node]
+        if kind == FORWARD:  # its inputs arrive and are shared over the TP group
+            seconds += node.communication.at(rows) / self.stages[stage.node]
+        return seconds + self.costs.overhead_per_op * span
+
+    def transfer_seconds(self, producer: Stage, consumer: Stage) -> float:
+        """A message from ``producer`` to ``consumer``: none where they share their ranks."""
+        layouts = self.valid.layouts
+        if set(stage_ranks(producer, layouts[producer.node])) == set(stage_ranks(consumer, layouts[consumer.node])):
+            return 0.0
+        dp = max(layouts[producer.node].dp, layouts[consumer.node].dp)
+        size = self.sample_bytes.get((producer.node, consumer.node), 0) * self.per_microbatch / dp
+        return self.costs.link.seconds(size)
+
+
+def predict_step(valid, costs: CostTable, num_microbatches: int, batch_size: int,
+                 batched: frozenset[str] = frozenset()) -> Prediction:
+    """The predicted step of ``valid`` (placed on a world) from ``costs``."""
+    timing = MeasuredTiming(valid, costs, num_microbatches, batch_size)
+    plan = plan_graph(valid, num_microbatches, batched=batched, timing=timing)
+    ends, busy = {}, {}
+    for rank, ops in plan.order.items():
+        ends[rank] = max(op.end for op in ops)
+        busy[rank] = sum(op.duration / op.span for op in ops)
+    after = {r: sum(_update_seconds(valid, costs, n) for n in valid.order if r in valid.layouts[n].ranks)
+             for r in range(valid.world_size)}
+    pipeline = max(ends.values(), default=0.0)
+    step = pipeline + max(after.values(), default=0.0) + costs.step_overhead(valid.world_size)
+    idle = {r: 1.0 - (busy.get(r, 0.0) + after[r]) / step if step else 0.0 for r in range(valid.world_size)}
+    return Prediction(step, pipeline, idle, plan)
+
+
+def _update_seconds(valid, costs: CostTable, name: str) -> float:
+    """A rank's gradient reduction (ring all-reduce over the node's DP group) and optimizer step."""
+    layout = valid.layouts[name]
+    if valid.graph.nodes[name].frozen:
+        return 0.0
+    node = costs.node(name, layout.tp)
+    stages = layout.pp
+    seconds = node.optimizer / stages
+    if layout.dp > 1:  # a ring all-reduce moves 2 (dp - 1) / dp of the gradients; at dp=2 as measured
+        scale = 2 * (layout.dp - 1) / layout.dp
+        seconds += costs.allreduce.latency * (layout.dp - 1) + scale * costs.allreduce.seconds_per_byte * (
+            node.params / stages * FP32)
+    return seconds
+
+
+def _sample_bytes(valid) -> dict[tuple[str, str], int]:
+    """Bytes one sample moves over each edge (tokens x features x 4; fp32 upper bound)."""
+    from mimo_builder._internal.planning.estimate import token_arrivals
+
+    arrivals = token_arrivals(valid)
+    out: dict[tuple[str, str], int] = {}
+    for edge in valid.edges:
+        port = valid.ports(edge.dst).inputs[edge.dst_port]
+        tokens = arrivals.get(edge.dst, {}).get(edge.dst_port, 1) if "tokens" in port.dims else 1
+        out[(edge.src, edge.dst)] = out.get((edge.src, edge.dst), 0) + tokens * (port.features or 1) * FP32
+    return out

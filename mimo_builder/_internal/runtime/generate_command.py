@@ -1,0 +1,77 @@
+"""``mimo-builder generate FILE --load DIR --data MODULE:FUNCTION``: answers generated from the
+prompts of a dataset by a trained graph, with their exact-match share where the samples hold
+answers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.distributed as dist
+
+from mimo_builder._internal.assembly.trained import build_trained
+from mimo_builder._internal.checkpoint.files import read_manifest, resolve
+from mimo_builder._internal.data.spec import load_data
+from mimo_builder._internal.document.graph import Graph
+from mimo_builder._internal.kinds.registry import active_registry, allow_modules, allowed_prefixes, import_roots
+from mimo_builder._internal.runtime.generation import GenerationOptions, generating_node
+from mimo_builder._internal.runtime.schedule import GraphSchedule
+
+
+def generate_answers(graph: Graph, load: str, data_ref: str, options: GenerationOptions, batch_size: int,
+                     samples: int, allowed: tuple[str, ...] = (), roots: tuple[str, ...] = ()) -> list[str]:
+    """Run in every rank; on rank 0 the lines to print (one per sample, then the share right).
+    ``allowed`` and ``roots``: the launcher's module allowlist and import roots (as ``train``)."""
+    allow_modules(*allowed)  # a spawned rank starts with the default allowlist
+    active_registry().add_roots(*roots)
+    with build_trained(graph, load) as model:
+        data = load_data(data_ref, "--data")
+        steps = max(1, -(-samples // batch_size))
+        loader = data.loader(model.valid, dist.get_rank(), batch_size, last_step=steps, shuffle=False)
+        schedule, tokenizer = GraphSchedule(model), data.tokenizer
+        if options.eos_id is None:
+            options = dataclasses.replace(options, eos_id=tokenizer.eos_id)
+        lines, right, counted = [], 0, 0
+        for step, batch in loader:
+            new = schedule.generate(batch, options.max_new_tokens, temperature=options.temperature,
+                                    top_k=options.top_k, seed=options.seed + step, eos_id=options.eos_id)
+            if new is None:
+                continue
+            for row, tokens in enumerate(new.tolist()):
+                index = (step - 1) * batch_size + row
+                if index >= samples:
+                    break
+                text = tokenizer.decode([t for t in tokens if t >= 0 and t != options.eos_id])
+                answer = _answer(data, index)
+                right, counted = right + (answer == text), counted + (answer is not None)
+                lines.append(f"sample {index}: {text!r}" + (f" (answer {answer!r})" if answer is not None else ""))
+    if dist.get_rank() != 0:
+        return []
+    return lines + ([f"exact match: {right / counted:.1%} of {counted} samples"] if counted else [])
+
+
+def _answer(data, index: int) -> str | None:
+    """The sample's answer text, where a map-style dataset gives it."""
+    if hasattr(data.dataset, "samples"):
+        return None
+    answer = data.dataset[index].get("answer")
+    return answer if isinstance(answer, str) else None
+
+
+def run_generate(graph: Graph, args) -> list[str]:
+    """Check the request before any rank starts (options, checkpoint, data), then generate on
+    ``args.nproc`` ranks (default: the checkpoint's world size)."""
+    from mimo_builder._internal.checkpoint.checkpointer import check_resumable
+    from mimo_builder._internal.errors import ConfigError
+    from mimo_builder._internal.platform.launch import launch
+    from mimo_builder._internal.validation import validate_graph
+
+    options = GenerationOptions(args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    if options.problems():
+        raise ConfigError("generate: " + "; ".join(options.problems()))
+    nproc = args.nproc or read_manifest(resolve(args.load)).world_size
+    valid = validate_graph(graph, nproc)
+    generating_node(valid)
+    check_resumable(valid, args.load)
+    load_data(args.data, "--data").check(valid, "--data")
+    return launch(generate_answers, nproc, graph, args.load, args.data, options, args.batch_size, args.samples,
+                  allowed_prefixes(), import_roots())[0]
