@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 BENCHMARKS = ["bench_build", "bench_walker", "bench_groups", "bench_plan", "bench_ssd", "bench_ssd_short", "bench_hybrid",
               "bench_bridge", "bench_composite", "bench_optimizer", "bench_pipeline", "bench_checkpoint",
               "bench_lifecycle", "bench_cli", "bench_lora", "bench_generate", "bench_packing",
-              "bench_encoder_batching"]
+              "bench_encoder_batching", "bench_control_plane"]
 
 
 def main(argv=None) -> None:

@@ -7,6 +7,15 @@ progress for ``step_timeout_s``, the watchdog names the cause (for a stall: the 
 silent, from each rank's last heartbeat) and ends the process. A blocked gloo or NCCL wait
 cannot be interrupted from Python, only abandoned; the launcher (or torchrun) then stops the
 other ranks and reports the published cause.
+
+The store is one process for the whole job, so the guard's steady load on it is bounded: a step
+makes no request (a note stays in the rank's memory, :mod:`~mimo_builder._internal.runtime.board`),
+and each watchdog makes two per poll (its beat, a fire-and-forget set, and one compare_set that
+reads the step's failure key), polling every :func:`poll_interval_s`: 0.5 s up to 1,024 ranks,
+then longer so that the whole job stays near :data:`POLLS_PER_S` polls per second. The price of a
+longer interval at scale: a peer's failure is seen up to one interval later, a stall report waits
+three intervals to tell silent ranks from live ones, and a stopped rank's position is what its
+watchdog last published, up to one interval old (exact when read by a peer on its host).
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ import torch.distributed as dist
 
 from mimo_builder._internal.placement import release
 from mimo_builder._internal.platform import private
+from mimo_builder._internal.platform.attempts import scoped
+from mimo_builder._internal.runtime.board import NoteBoard, read_note
 
 FAILURE_KEY = "mimo_builder/failure"
 """The job's latest published root cause (read by :mod:`mimo_builder._internal.platform.launch`)."""
@@ -32,6 +43,19 @@ EXIT_ABANDONED = 75
 PHASES = ("forward_backward", "optimizer", "checkpoint")  # in the order a step runs them
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 """What gloo says when a peer's process is gone."""
+POLLS_PER_S = 2048
+"""The whole job's watchdog polls per second (two store requests each) that the interval keeps to."""
+MAX_POLL_S = 10.0
+"""The longest poll interval: past ``POLLS_PER_S x MAX_POLL_S`` ranks the job's load grows again."""
+_ABSENT = "\x01"
+"""compare_set(key, _ABSENT, _ABSENT) returns the key's value, or this if there is none: one
+request that reads a key which may not exist (check, then get, is two)."""
+
+
+def poll_interval_s(world_size: int, poll_s: float = 0.5) -> float:
+    """Seconds between a watchdog's polls at ``world_size`` ranks: ``poll_s``, or longer where the
+    job's ranks would poll more than :data:`POLLS_PER_S` times a second, up to :data:`MAX_POLL_S`."""
+    return max(poll_s, min(MAX_POLL_S, world_size / POLLS_PER_S))
 
 
 def job_store() -> dist.Store:
@@ -39,8 +63,8 @@ def job_store() -> dist.Store:
     launcher set them) without torch's per-group key prefixes, so a launcher reads what ranks
     publish; else the default group's store."""
     address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if address and port:
-        return dist.TCPStore(address, int(port), is_master=False, timeout=datetime.timedelta(seconds=60))
+    if address and port:  # scoped to a torchrun attempt: a restart must not read the last one's failures
+        return scoped(dist.TCPStore(address, int(port), is_master=False, timeout=datetime.timedelta(seconds=60)))
     return private.default_store()
 
 
@@ -56,7 +80,8 @@ class StepGuard:
     """One per built graph on every rank (all ranks create it together, with the same ``name``).
 
     ``step_timeout_s`` bounds each watched phase (None: no limit); ``grace_s`` is how long a
-    rank may stay blocked after a peer published a failure of the same step.
+    rank may stay blocked after a peer published a failure of the same step; ``poll_s`` is the
+    watchdog's interval in a small job (:func:`poll_interval_s` lengthens it in a large one).
     """
 
     def __init__(self, name: str, *, step_timeout_s: float | None = None,
@@ -68,10 +93,14 @@ class StepGuard:
         self.step_timeout_s = step_timeout_s
         self.first_step_timeout_s = first_step_timeout_s
         self.grace_s, self.poll_s = grace_s, poll_s
+        self.interval_s = poll_interval_s(self.world_size, poll_s)
+        """Seconds between this rank's watchdog polls (the same on every rank of the job)."""
+        self.board = NoteBoard(self._owner(self.rank))
         self._active: _Active | None = None
         self.detail = "building"
         self.step = 0
         self._tick = 0
+        self._beat(None)  # at once (one request per build): a stall report finds every rank's beat
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"mimo-watchdog-{name}", daemon=True)
         self._thread.start()
@@ -87,20 +116,22 @@ class StepGuard:
     def watch(self, phase: str, timeout_s: float | None = None):
         """Mark this rank as inside ``phase`` of the current step until the block ends; the
         phase may last ``timeout_s`` (default: the step timeout; ``math.inf``: no limit)."""
-        self.detail = phase
         self._active = _Active(self.step, phase, time.monotonic(), timeout_s or self._step_limit())
+        self.note(phase)
         try:
             yield
         finally:
             self._active = None
+            self.note(self.detail)
 
     def note(self, detail: str) -> None:
-        """What the main thread does now (shown when this rank is the one others wait for),
-        published at once: a rank stopped right after (SIGSTOP, a debugger) is named with it,
-        not with what its watchdog last saw up to a poll earlier. One store write per call."""
+        """What the main thread does now (shown when this rank is the one others wait for). No
+        store request: it goes to this rank's note board (memory), and its watchdog publishes it
+        with the next beat. A peer on this host reads the board itself, so a rank stopped right
+        after a note (SIGSTOP, a debugger) is named with it there; a peer on another host names
+        it with what its watchdog last published, up to one poll interval old."""
         self.detail = detail
-        if self._active is not None:
-            self._beat(self._active)
+        self.board.write(f"{_position(self._active)}|{detail}")
 
     def publish(self, message: str, step: int | None = None) -> str:
         """Record ``message`` as the step's failure unless another rank's came first; returns
@@ -128,9 +159,9 @@ class StepGuard:
         return f"{'; '.join(silent)} — most likely dead\n({message})" if silent else message
 
     def published(self, step: int) -> str | None:
-        """The failure some rank published for ``step``, if any (does not block)."""
-        key = self._failure_key(step)
-        return self.store.get(key).decode() if self.store.check([key]) else None
+        """The failure some rank published for ``step``, if any (does not block; one request)."""
+        failure = self.store.compare_set(self._failure_key(step), _ABSENT, _ABSENT).decode()
+        return None if failure == _ABSENT else failure
 
     def _step_limit(self) -> float | None:
         if self.step <= 1 and self.first_step_timeout_s is not None:  # kernels compile, caches warm
@@ -162,6 +193,7 @@ class StepGuard:
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5 * self.poll_s)
+        self.board.close()
 
     # --- the watchdog thread --------------------------------------------------------------------
 
@@ -175,7 +207,7 @@ class StepGuard:
 
     def _watch_steps(self) -> None:
         failure_seen: tuple[_Active, float] | None = None
-        while not self._stop.wait(self.poll_s):
+        while not self._stop.wait(self.interval_s):
             active = self._active
             self._beat(active)
             if active is None:
@@ -190,13 +222,28 @@ class StepGuard:
                     self._abandon(f"{failure}\n(rank {self.rank} stayed blocked in {active.phase} of step "
                                   f"{active.step} for {self.grace_s:.0f} s after that failure)")
             elif active.timeout_s is not None and now - active.since > active.timeout_s:  # inf: never
-                self._abandon(self.publish(self._stall(active), active.step))
+                self._abandon(self._report_stall(active))
 
     def _beat(self, active: _Active | None) -> None:
-        """Publish this rank's liveness (a counter) and position; only the watchdog writes it."""
+        """Publish this rank's liveness (a counter), where its note board is, and its position
+        (one set: TCPStore answers none, so the watchdog does not wait for it)."""
         self._tick += 1
-        where = f"{active.step}|{PHASES.index(active.phase) if active.phase in PHASES else 0}" if active else "-1|0"
-        self.store.set(self._beat_key(self.rank), f"{self._tick}|{where}|{self.detail}")
+        beat = f"{self._tick}|{self.board.address}|{_position(active)}|{self.detail}"
+        self.store.set(self._beat_key(self.rank), beat)
+
+    def _report_stall(self, active: _Active) -> str:
+        """The step's stall report. The first rank to claim the step reads every rank's beat and
+        publishes it; the others keep beating (else they would look silent) until it appears.
+        Every rank reading every beat at once would be O(ranks^2) requests on the store."""
+        claim = self.store.compare_set(f"{self.prefix}/stall/{active.step}", "", str(self.rank)).decode()
+        if claim != str(self.rank):
+            for _ in range(8):  # the claimant's three intervals between its two reads, and margin
+                self._stop.wait(self.interval_s)
+                self._beat(self._active)
+                failure = self.published(active.step)
+                if failure is not None:
+                    return failure
+        return self.publish(self._stall(active), active.step)  # claimed, or the claimant went silent
 
     def _stall(self, active: _Active) -> str:
         silent = self.silent_ranks()
@@ -209,7 +256,7 @@ class StepGuard:
         the ranks furthest behind in the step, each with what it last reported."""
         first = self._beats()
         for _ in range(3):  # keep beating meanwhile: the other ranks' watchdogs look at us too
-            time.sleep(self.poll_s)
+            time.sleep(self.interval_s)
             self._beat(self._active)
         second = self._beats()
         quiet = [(r, f"is not responding (last reported: {_said(beat)})") for r, beat in second.items()
@@ -224,15 +271,14 @@ class StepGuard:
                 and p < max(positions.values())]
 
     def _beats(self) -> dict[int, tuple[str, tuple[int, int], str]]:
-        beats = {}
-        for rank in range(self.world_size):
-            key = self._beat_key(rank)
-            if self.store.check([key]):
-                tick, step, phase, detail = self.store.get(key).decode().split("|", 3)
-                beats[rank] = (tick, (int(step), int(phase)), detail)
-            else:
-                beats[rank] = ("never", (-1, 0), "nothing: its watchdog never reported for this model")
-        return beats
+        """Every rank's beat (one multi_get while every key exists), its position and note read
+        from its board where that is on this host (exact even if the rank is stopped)."""
+        keys = [self._beat_key(rank) for rank in range(self.world_size)]
+        if self.store.check(keys):
+            values = dict(enumerate(self.store.multi_get(keys)))
+        else:
+            values = {rank: self.store.get(key) for rank, key in enumerate(keys) if self.store.check([key])}
+        return {rank: _parsed(values.get(rank), self._owner(rank)) for rank in range(self.world_size)}
 
     def _abandon(self, message: str) -> None:
         print(f"mimo-builder: rank {self.rank} stopped by its watchdog: {message}", file=sys.stderr, flush=True)
@@ -243,6 +289,24 @@ class StepGuard:
 
     def _beat_key(self, rank: int) -> str:
         return f"{self.prefix}/beat/{rank}"
+
+    def _owner(self, rank: int) -> str:
+        return f"{self.prefix}|{rank}"
+
+
+def _position(active: _Active | None) -> str:
+    """``step|phase index`` of a watched phase, ``-1|0`` outside steps."""
+    if active is None:
+        return "-1|0"
+    return f"{active.step}|{PHASES.index(active.phase) if active.phase in PHASES else 0}"
+
+
+def _parsed(beat: bytes | None, owner: str) -> tuple[str, tuple[int, int], str]:
+    if beat is None:
+        return "never", (-1, 0), "nothing: its watchdog never reported for this model"
+    tick, board, rest = beat.decode().split("|", 2)
+    step, phase, detail = (read_note(board, owner) or rest).split("|", 2)
+    return tick, (int(step), int(phase)), detail
 
 
 def _store_address() -> str:
