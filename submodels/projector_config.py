@@ -75,9 +75,15 @@ class ProjectorConfig(ModelConfig):
     def _check_transformer_options(self) -> "ProjectorConfig":
         owned = sorted(set(self.transformer) & (OWNED_OPTIONS | {"activation_func"}))
         if owned:
-            raise ValueError(f"transformer: {owned} are set by named fields or by the node's placement, "
-                             "not in the transformer dict")
+            raise ValueError(f"transformer: {owned} are set by named fields, by the node's placement or by "
+                             "the runtime, not in the transformer dict")
         return self
+
+    def linear_sizes(self) -> dict[str, tuple[int, int]]:
+        """Whole (in, out) features of the projector's linears, by module name."""
+        if self.projector_type == "affine":
+            return {"encoder": (self.input_size, self.output_size)}
+        return {"linear_fc1": (self.input_size, self.ffn_width), "linear_fc2": (self.ffn_width, self.output_size)}
 
     def tp_problems(self, tp: int) -> list[str]:
         """Why this projector cannot be split over ``tp`` ranks (empty when it can)."""

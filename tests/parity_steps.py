@@ -36,3 +36,18 @@ def load_initial(model, initial: dict) -> None:
         if model.hosts(name):
             tp = model.pg_collection(name).tp
             load_full_state(unwrap(model.chunks(name)[0]), initial[name], tp.rank(), tp.size())
+
+
+def global_params(model, node: str) -> dict:
+    """``node``'s parameters on this rank by pipeline-independent names (global layer index)."""
+    from mimo_builder._internal.assembly.tp_shard import unwrap
+
+    out = {}
+    for chunk in model.chunks(node):
+        core = unwrap(chunk)
+        for key, param in core.named_parameters():
+            parts = key.split(".")
+            if parts[:2] == ["decoder", "layers"]:
+                parts[2] = str(core.decoder.layers[int(parts[2])].layer_number - 1)
+            out[".".join(parts)] = param
+    return out

@@ -220,11 +220,10 @@ def test_a_packed_step_on_a_disjoint_tensor_parallel_placement_matches(one_per_r
     _assert_same_step(run_ranks(3, _step, "disjoint3", True, one_per_row[3]), one_per_row)
 
 
-def test_a_packed_step_with_the_backbone_data_parallel_matches():
-    """Each DP rank packs its own share (against the same placement one sample per row: a DP
-    rank's loss is over its own samples' tokens, so other placements weigh them otherwise)."""
-    reference = run_ranks(2, _step, "colocated_dp2", False, None, 1)
-    _assert_same_step(run_ranks(2, _step, "colocated_dp2", True, None, 1), reference[0])
+def test_a_packed_step_with_the_backbone_data_parallel_matches(one_per_row):
+    """Each DP rank packs its own share; the loss is over the global batch's loss tokens, so DP 2 at
+    one microbatch makes one rank's step at two, one sample per row."""
+    _assert_same_step(run_ranks(2, _step, "colocated_dp2", True, one_per_row[3], 1), one_per_row)
 
 
 # --------------------------------------------------------------------------- the command

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from multirank import run_ranks
-from parity_steps import sgd_steps
+from parity_steps import global_params, sgd_steps
 
 BATCH, SEED, DATA_SEED, LR = 48, 5, 13, 0.5
 HID, VOCAB = 32, 64
@@ -115,21 +115,6 @@ def _graph(kind: str, placed: bool):
     return graph.output("lm.loss")
 
 
-def _global_params(model, name):
-    """Parameters of ``name`` on this rank by pipeline-independent names (global layer index)."""
-    from mimo_builder._internal.assembly.tp_shard import unwrap
-
-    out = {}
-    for chunk in model.chunks(name):
-        core = unwrap(chunk)
-        for key, param in core.named_parameters():
-            parts = key.split(".")
-            if parts[:2] == ["decoder", "layers"]:
-                parts[2] = str(core.decoder.layers[int(parts[2])].layer_number - 1)
-            out[".".join(parts)] = param
-    return out
-
-
 def _steps(kind: str, placed: bool, initial=None):
     from megatron.core.distributed import DistributedDataParallelConfig
 
@@ -141,7 +126,7 @@ def _steps(kind: str, placed: bool, initial=None):
     compat.init_runtime("cpu")
     (model,) = CompositeBuilder(_graph(kind, placed), seed=SEED).build_distributed_models(
         ddp_config=DistributedDataParallelConfig())
-    params = {n: _global_params(model, n) for n in model.valid.order if model.hosts(n)}
+    params = {n: global_params(model, n) for n in model.valid.order if model.hosts(n)}
     if initial is None:
         initial = {n: {k: p.detach().clone() for k, p in ps.items()} for n, ps in params.items()}
     sgd = OptimizerSettings(optimizer="sgd", lr=LR, clip_grad=0.5, mcore={"sgd_momentum": 0.0})

@@ -15,11 +15,14 @@ from mimo_builder._internal.document.options import TransformerOptions
 from mimo_builder._internal.document.types import PositiveInt
 from mimo_builder._internal.kinds.config import ModelConfig
 
-# Options owned by named fields or by the process groups; refused in the passthrough dict.
+# Options owned by named fields, by the process groups or by the runtime; refused in the passthrough
+# dict. (The runtime weighs losses per token itself and relies on DDP's mean over DP x CP, which
+# calculate_per_token_loss would turn off: runtime/loss_tokens.py.)
 OWNED_OPTIONS = {
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
     "bf16", "fp16", "params_dtype", "tensor_model_parallel_size", "pipeline_model_parallel_size",
     "context_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size",
+    "calculate_per_token_loss",
 }
 
 
@@ -62,8 +65,8 @@ class TransformerModelConfig(ModelConfig):
         """Refuse owned options in ``transformer`` and head counts that do not divide evenly."""
         owned = sorted(set(self.transformer) & OWNED_OPTIONS)
         if owned:
-            raise ValueError(f"transformer: {owned} are set by named fields or by the node's placement, "
-                             "not in the transformer dict")
+            raise ValueError(f"transformer: {owned} are set by named fields, by the node's placement or by "
+                             "the runtime, not in the transformer dict")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                              f"{self.num_attention_heads}")
@@ -80,3 +83,13 @@ class TransformerModelConfig(ModelConfig):
         if groups % tp:
             out.append(f"num_query_groups {groups} is not divisible by tp {tp}")
         return out
+
+    def linear_sizes(self) -> dict[str, tuple[int, int]]:
+        """Whole (in, out) features of each layer's attention and MLP linears, by module name."""
+        heads, hidden = self.num_attention_heads, self.hidden_size
+        groups = self.num_query_groups or heads
+        kv = self.transformer.get("kv_channels") or hidden // heads
+        ffn = self.ffn_hidden_size or 4 * hidden
+        gates = 2 if self.transformer.get("gated_linear_unit") else 1
+        return {"linear_qkv": (hidden, (heads + 2 * groups) * kv), "linear_proj": (heads * kv, hidden),
+                "linear_fc1": (hidden, gates * ffn), "linear_fc2": (ffn, hidden)}

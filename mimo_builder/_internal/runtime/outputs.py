@@ -1,7 +1,9 @@
 """Graph outputs of a forward-only pass, averaged over the global batch on every rank.
 
-A ``loss`` output is a node's mean over its microbatch shard: the graph's value is the mean
-over microbatches and DP ranks (under context parallelism each CP rank holds its part of it).
+A ``loss`` output is a node's mean over the loss tokens of its microbatch shard: the graph's value
+is the mean over every loss token of the global batch, each microbatch shard's mean weighed by its
+share of them (:mod:`~mimo_builder._internal.runtime.loss_tokens`; under context parallelism each
+CP rank holds its part of its shard's mean).
 An output with one value per sample (a port with axes ``("batch",)``, e.g. whether a sample's
 answer was right) is averaged over every sample of the global batch; under context parallelism
 the node gives each CP rank the whole sample's value. Each value is added once: by the first TP
@@ -14,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from mimo_builder._internal.errors import MimoError
+from mimo_builder._internal.runtime.loss_tokens import LossShares
 
 from mimo_builder._internal.validation import ValidGraph
 
@@ -25,9 +28,9 @@ def reducible_outputs(valid: ValidGraph) -> list[tuple[str, str]]:
 
 
 def output_means(valid: ValidGraph, outputs: dict[str, list[dict[str, torch.Tensor]]], rank: int,
-                 batch_size: int, group) -> dict[str, float]:
-    """``outputs``: this rank's last-stage outputs by node, one dict per microbatch. A collective
-    over ``group`` (all ranks)."""
+                 batch_size: int, shares: LossShares, group) -> dict[str, float]:
+    """``outputs``: this rank's last-stage outputs by node, one dict per microbatch; ``shares``: each
+    microbatch's share of a loss's tokens. A collective over ``group`` (all ranks)."""
     wanted = reducible_outputs(valid)
     sums = torch.zeros(2, len(wanted), dtype=torch.float64)  # the sums, and how many ranks had the value
     for i, (node, port) in enumerate(wanted):
@@ -38,7 +41,7 @@ def output_means(valid: ValidGraph, outputs: dict[str, list[dict[str, torch.Tens
         sums[1, i] = 1
         values = [microbatch[port].detach().double() for microbatch in outputs[node]]
         if port == "loss":
-            sums[0, i] = sum(float(v) for v in values) / len(values) / layout.dp
+            sums[0, i] = sum(float(v) * shares.share(node, m) for m, v in enumerate(values) if shares.share(node, m))
         elif coords["cp"] == 0:
             sums[0, i] = float(sum(v.sum() for v in values)) / batch_size
     dist.all_reduce(sums, group=group)
@@ -114,11 +117,12 @@ def _assembled(pieces) -> dict[str, torch.Tensor]:
 
 
 def global_loss(valid: ValidGraph, local: dict[str, float], rank: int, group) -> float:
-    """Sum over loss nodes of each node's mean loss over the global batch, on every rank (under
-    context parallelism each CP rank holds its share of its samples' loss). A collective over ``group``."""
+    """Sum over loss nodes of each node's mean over the global batch's loss tokens, on every rank.
+    ``local``: this rank's loss terms by node, each microbatch's mean times its share (under
+    context parallelism each CP rank holds its part of it). A collective over ``group``."""
     value = torch.zeros(1, dtype=torch.float64)
     for node, loss in local.items():
         if valid.layouts[node].coords(rank)["tp"] == 0:
-            value += loss / valid.layouts[node].dp
+            value += loss
     dist.all_reduce(value, group=group)
     return float(value)

@@ -6,7 +6,8 @@ planned 1F1B-style order, so encoder ranks work on the next microbatch while the
 on this one. Activations arriving at a stage become detached leaves, so each stage's backward is
 its own autograd call; input gradients go back over the same transfers, scaled by
 ``dp_producer / dp_consumer`` so that, after each node's DDP averages over its own DP group,
-every parameter holds the gradient of the global mean loss. An operation's sends leave with the
+every parameter holds the gradient of the step's loss (a mean over the global batch's loss
+tokens: :mod:`~mimo_builder._internal.runtime.loss_tokens`). An operation's sends leave with the
 rank's next receive as one group, and receives take each channel's messages in send order
 (:class:`~mimo_builder._internal.runtime.bridge.Mailbox`): NCCL's point-to-point rules hold.
 Gradients accumulate across microbatches in DDP's buffers.
@@ -28,6 +29,7 @@ from mimo_builder._internal.runtime.pipeline import PipelinePlan, needs_grad, pl
 from mimo_builder._internal.runtime.port_check import PortContract
 from mimo_builder._internal.runtime.posting import posting_plan, rank_ops
 from mimo_builder._internal.runtime.generation import GenerationOptions, generate
+from mimo_builder._internal.runtime.loss_tokens import LossShares, global_counts, loss_shares
 from mimo_builder._internal.runtime.optim import check_runnable
 from mimo_builder._internal.runtime.outputs import check_requested, gathered_outputs, global_loss, output_means
 from mimo_builder._internal.runtime.routes import Routes
@@ -89,29 +91,33 @@ class GraphSchedule:
     # --- public -----------------------------------------------------------------------------
 
     def forward_backward(self, batch: dict[str, torch.Tensor] | RankBatch, num_microbatches: int = 1) -> float:
-        """Forward and backward over ``batch`` in ``num_microbatches`` parts; returns the mean loss.
+        """Forward and backward over ``batch`` in ``num_microbatches`` parts; returns the loss: each
+        loss output's mean over the global batch's loss tokens, summed over loss outputs, the same
+        for any microbatch count and placement (:mod:`~mimo_builder._internal.runtime.loss_tokens`).
 
         ``batch`` is the whole global batch (the same on every rank), or this rank's share of it
         (a :class:`~mimo_builder._internal.runtime.shards.RankBatch`, e.g. from a per-rank data loader).
         """
         self.guard.begin_step()  # before the check: a failure there is published under this step
-        batch, per, signature = self._checked(batch, num_microbatches)
+        batch, per, signature, totals = self._checked(batch, num_microbatches)
         with self.guard.watch("forward_backward"):
             try:
-                return global_loss(self.valid, self._run(batch, num_microbatches, per, signature).losses, self.rank,
-                                   self.control)
+                shares = loss_shares(self.valid, batch, self.rank, totals, self.control)
+                step = self._run(batch, num_microbatches, per, signature, shares)
+                return global_loss(self.valid, step.losses, self.rank, self.control)
             except Exception as err:
                 self._fail(err)
 
     def evaluate(self, batch: dict[str, torch.Tensor] | RankBatch, num_microbatches: int = 1,
                  outputs: list[str] | None = None) -> dict[str, float | torch.Tensor]:
-        """Forward only (no gradients, modules in eval mode): each graph output that is a loss
-        (a scalar) or one value per sample, averaged over the global batch, as ``{"node.port":
-        mean}`` on every rank. ``outputs`` names further ``node.port`` outputs, of any node,
-        returned whole on global rank 0 as tensors (every sample in order, TP pieces joined)."""
+        """Forward only (no gradients, modules in eval mode): each graph output that is a loss (a
+        scalar: its mean over the global batch's loss tokens, as the step's) or one value per sample
+        (averaged over the global batch), as ``{"node.port": mean}`` on every rank. ``outputs`` names
+        further ``node.port`` outputs, of any node, returned whole on global rank 0 as tensors
+        (every sample in order, TP pieces joined)."""
         wanted = check_requested(self.valid, outputs or [])
         self.guard.begin_step()  # before the check: a failure there is published under this step
-        batch, per, signature = self._checked(batch, num_microbatches)
+        batch, per, signature, totals = self._checked(batch, num_microbatches)
         chunks = [chunk for name in self.valid.order if self.model.hosts(name) for chunk in self.model.chunks(name)]
         modes = [chunk.training for chunk in chunks]
         with self.guard.watch("evaluate"), torch.no_grad():
@@ -119,8 +125,9 @@ class GraphSchedule:
                 for chunk in chunks:
                     chunk.eval()
                 self.contract.announce(wanted)  # (every evaluate says what it reads)
-                step = self._run(batch, num_microbatches, per, signature, forward_only=True)
-                means = output_means(self.valid, step.outputs, self.rank, batch.size, self.control)
+                shares = loss_shares(self.valid, batch, self.rank, totals, self.control)
+                step = self._run(batch, num_microbatches, per, signature, shares, forward_only=True)
+                means = output_means(self.valid, step.outputs, self.rank, batch.size, shares, self.control)
                 return {**means, **gathered_outputs(self.valid, step.outputs, wanted, self.rank, per, self.control)}
             except Exception as err:
                 self._fail(err)
@@ -135,7 +142,7 @@ class GraphSchedule:
         options = GenerationOptions(max_new_tokens, temperature, top_k, seed, eos_id)
         return generate(self, batch, options, num_microbatches)
 
-    def _checked(self, batch, num_microbatches: int) -> tuple[RankBatch, int, tuple | None]:
+    def _checked(self, batch, num_microbatches: int) -> tuple[RankBatch, int, tuple | None, dict | None]:
         """:meth:`_prepare`; a problem in this rank's own share is published like a step failure,
         since no other rank sees that share (a global batch is checked alike on every rank)."""
         if not isinstance(batch, RankBatch) or self.failed is not None:
@@ -145,9 +152,10 @@ class GraphSchedule:
         except Exception as err:
             self._fail(err, where="its share of the batch")
 
-    def _prepare(self, batch, num_microbatches: int) -> tuple[RankBatch, int, tuple | None]:
-        """Check ``batch`` and return this rank's share, the microbatch size and the batch's
-        signature (None for a share: it does not show the other ranks' shapes)."""
+    def _prepare(self, batch, num_microbatches: int) -> tuple[RankBatch, int, tuple | None, dict | None]:
+        """Check ``batch`` and return this rank's share, the microbatch size, the batch's signature
+        and its loss-token counts by loss node (both None for a share: it does not show the other
+        ranks' shapes or tokens)."""
         if isinstance(batch, RankBatch):
             size, signature = check_rank_batch(self.valid, batch, self.rank, num_microbatches), None
         else:
@@ -155,16 +163,19 @@ class GraphSchedule:
         per = check_split(self.valid, size, num_microbatches)
         if self.failed is not None:
             raise StepError(f"this schedule already failed ({self.failed}); build the graph again")
+        totals = None
         if not isinstance(batch, RankBatch):
+            totals = global_counts(self.valid, batch)
             batch = RankBatch.from_global(self.valid, batch, self.rank, num_microbatches)
-        return batch, per, signature
+        return batch, per, signature, totals
 
     def close(self) -> None:
         """Release the schedule's own groups (called by ``CompositeModel.close``; idempotent)."""
         release(self.bridge, self.control, *self.tp_groups.values())
         self.bridge, self.control, self.tp_groups = None, None, {}
 
-    def _run(self, batch: RankBatch, num_microbatches: int, per: int, signature, forward_only: bool = False):
+    def _run(self, batch: RankBatch, num_microbatches: int, per: int, signature, shares: LossShares,
+             forward_only: bool = False):
         key = (num_microbatches, per)
         if key not in self._plans:
             plan = self.plan(num_microbatches)
@@ -177,7 +188,7 @@ class GraphSchedule:
         headers = self._headers.setdefault((key, signature), {}) if signature is not None else {}
         posting = postings[forward_only]
         step = self._current = Step(self, batch, per, num_microbatches, routes, headers, forward_only,
-                                     posting.messages.get(self.rank, []))
+                                     posting.messages.get(self.rank, []), shares)
         for index, op in enumerate(rank_ops(plan, self.rank, forward_only)):
             step.run(op, posting.by_start[self.rank][index], posting.by_end[self.rank][index])
         step.where = "the end of the step"

@@ -17,6 +17,8 @@ import torch.distributed as dist
 
 from mimo_builder._internal.runtime.batch import shard_range
 from mimo_builder._internal.runtime.bridge import Mailbox, broadcast_tensor
+from mimo_builder._internal.runtime.loss_tokens import LossShares
+from mimo_builder._internal.runtime.packing import PackingError
 from mimo_builder._internal.runtime.pipeline import FORWARD, Op, Stage
 from mimo_builder._internal.runtime.routes import Routes
 from mimo_builder._internal.runtime.shards import RankBatch, joined
@@ -34,8 +36,10 @@ class Step:
     """One forward_backward on one rank: its operations, their tensors and messages."""
 
     def __init__(self, schedule, batch: RankBatch, per: int, num_microbatches: int, routes: Routes,
-                 headers, forward_only: bool, messages: list):
+                 headers, forward_only: bool, messages: list, shares: LossShares):
         self.s, self.batch, self.per, self.m = schedule, batch, per, num_microbatches
+        self.shares = shares
+        """Each loss's share of the global batch's loss tokens, per microbatch."""
         self.forward_only = forward_only
         self.outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
         """Forward only: each last stage's outputs, one dict per microbatch, by node."""
@@ -43,6 +47,7 @@ class Step:
         self.mailbox = Mailbox(schedule.bridge, self.rank, messages, headers, schedule.device, self._gradient_like)
         self.states: dict[tuple[Stage, int], _StageState] = {}
         self.losses: dict[str, float] = {}
+        """This rank's loss terms by node: each microbatch's loss times its share."""
         self.where = "the start of the step"
 
     def run(self, op: Op, by_start: int, by_end: int) -> None:
@@ -98,7 +103,10 @@ class Step:
     def _run_stage(self, stage: Stage, inputs: dict, hidden) -> dict[str, torch.Tensor]:
         chunk = self.s.model.chunks(stage.node)[stage.chunk]
         with self.s.timer.measure(stage.node, "forward"):
-            outputs = self.valid.builders[stage.node].run_stage(chunk, inputs, hidden, stage.index == 0, stage.last)
+            try:
+                outputs = self.valid.builders[stage.node].run_stage(chunk, inputs, hidden, stage.index == 0, stage.last)
+            except PackingError as err:  # raised by the builder, which does not know the node's name
+                raise (err if err.node else err.of_node(stage.node)) from None
         if stage.last:
             self.s.contract.check(stage.node, inputs, outputs)
         return outputs
@@ -174,7 +182,7 @@ class Step:
     def _output_gradients(self, op: Op, state: _StageState):
         """The stage's outputs with the gradients its consumers sent back (and its loss terms)."""
         stage = op.stage
-        tensors, grads = self._loss_terms(stage, state)
+        tensors, grads = self._loss_terms(op, state)
         for li in self.routes.out_links[stage]:
             link = self.routes.links[li]
             port = link.edge.src_port if link.edge else "hidden"
@@ -230,16 +238,22 @@ class Step:
                 dist.all_reduce(grad, group=group)
                 leaf.grad = grad / (layout.tp * layout.cp)
 
-    def _loss_terms(self, stage: Stage, state: _StageState):
-        """Each loss over the microbatches; under context parallelism scaled by cp, as MCore's
-        ``forward_step`` does, since DDP averages the CP ranks' gradients with the DP ranks'."""
+    def _loss_terms(self, op: Op, state: _StageState):
+        """Each loss of the op's microbatch times its share of the global batch's loss tokens, its
+        backward on that times dp * cp, since DDP averages gradients over DP x CP (MCore's
+        ``forward_step`` scales by cp alike). A shard without loss tokens adds nothing, yet runs its
+        backward at weight 0 (DDP's overlapped grad sync waits for every parameter's gradient at
+        the last microbatch) unless its mean is not finite (a builder's 0 / 0)."""
         tensors, grads = [], []
-        if stage.last:
+        if op.stage.last:
             for node, port in self.s.loss_outputs:
-                if node == stage.node:
-                    loss = state.outputs[port]
-                    self.losses[node] = self.losses.get(node, 0.0) + float(loss.detach()) / self.m
-                    tensors.append(loss * self.valid.layouts[node].cp / self.m)
+                if node != op.stage.node:
+                    continue
+                loss, share = state.outputs[port], self.shares.share(node, op.microbatch)
+                if share:
+                    self.losses[node] = self.losses.get(node, 0.0) + float(loss.detach()) * share
+                if share or bool(torch.isfinite(loss.detach())):
+                    tensors.append(loss * self.shares.scale(self.valid, node, op.microbatch))
                     grads.append(None)
         return tensors, grads
 
