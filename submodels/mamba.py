@@ -37,6 +37,7 @@ from mimo_builder._internal.runtime.generation import GenerationOptions  # noqa:
 from mimo_builder._internal.runtime.packing import LENGTHS_PORT, Packing  # noqa: E402
 from mimo_builder._internal.runtime.shards import joined  # noqa: E402
 from submodels.mamba_generate import generate  # noqa: E402
+from submodels.mamba_init import MAMBA_RULES  # noqa: E402
 from submodels.mamba_config import LAYER_SYMBOLS, PIPE, MambaConfig  # noqa: E402,F401 (public here too)
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu,
@@ -61,6 +62,10 @@ class MambaBuilder(ModelBuilder):
     """Builds MCore's HybridModel with a Transformer Engine spec when available, else a local one."""
 
     config_class = MambaConfig
+
+    def param_inits(self):
+        """The Mamba mixer's convolution, dt and A, as MCore draws them (:mod:`submodels.mamba_init`)."""
+        return dict(MAMBA_RULES)
 
     def linear_layers(self) -> frozenset[str]:
         """The pattern's Mamba (in_proj, out_proj), attention (linear_qkv, linear_proj) and MLP

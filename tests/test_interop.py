@@ -2,7 +2,8 @@
 
 In: MCore's ``HybridModelConfig`` (object or ``as_dict()``) becomes a one-node graph whose
 parameters equal, by name and bitwise from the same seed, both MCore's ``HybridModelBuilder``
-build and the build of the project's own hand-written MambaConfig; vocabulary padding follows
+build (its parameters drawn as the walker draws them) and the build of the project's own
+hand-written MambaConfig; vocabulary padding follows
 ``should_pad_vocab``. Out: the ``vlm`` graph exported to MCore's ``MimoModel`` gives the same
 per-token losses as the project's nodes (cross entropy computed here from their logits). The
 builds run in one spawned gloo rank; the refusals are pure (no process group, no module).
@@ -90,9 +91,10 @@ def _same_parameters():
     for pad in (False, True):
         mcore = _mcore_hybrid(pad)
         from_object, params = _graph_params(mamba_lm_from_mcore(mcore))
+        pgs = from_object.pg_collection("lm")
         seed_rng(SEED)
         builds = {
-            "mcore_builder": _params(HybridModelBuilder(mcore).build_model(from_object.pg_collection("lm"))),
+            "mcore_builder": _params(_drawn_as_the_walker_draws(HybridModelBuilder(mcore).build_model(pgs), pgs)),
             "from_dict": _graph_params(mamba_lm_from_mcore(mcore.as_dict(), impl="local"))[1],
             "project_config": _graph_params(language_model_graph(_project_mamba(pad), Placement()))[1],
         }
@@ -103,6 +105,15 @@ def _same_parameters():
                         [k for k in params if not torch.equal(params[k], other[k])]
                         for label, other in builds.items()})
     return out
+
+
+def _drawn_as_the_walker_draws(model, pgs):
+    """``model`` (MCore's own build of node 'lm') with each parameter drawn from SEED as the walker
+    draws it (:mod:`mimo_builder._internal.assembly.seeded_init`, the Mamba kind's rules)."""
+    from mimo_builder._internal.assembly.seeded_init import init_from_seed
+    from submodels.mamba_init import MAMBA_RULES
+
+    return init_from_seed([model], seed=SEED, node="lm", rules=MAMBA_RULES, pg_collection=pgs)[0]
 
 
 def _same_loss():

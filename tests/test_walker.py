@@ -39,7 +39,11 @@ def _one_node_vs_direct(tp):
     seed_rng(7, tp_rank=pgs.tp.rank())
     from mimo_builder._internal.kinds.loading import node_config
 
+    from mimo_builder._internal.assembly.seeded_init import seeded_hook
+
     config = node_config(graph.nodes["lm"], "lm")
+    seeded = seeded_hook(7, "lm", config.make_builder().param_inits(), pgs)  # the walker's first pre-wrap hook
+    config = config.model_copy(update={"pre_wrap_hooks": [seeded]})
     (direct,) = config.make_builder().build_distributed_models(pgs, DistributedDataParallelConfig())
     direct = _params(direct)
     same = via_graph.keys() == direct.keys() and all(torch.equal(via_graph[k], direct[k]) for k in direct)

@@ -26,6 +26,7 @@ from megatron.training.models.base import compose_hooks
 
 from mimo_builder._internal.kinds.builder import Port, Ports
 from mimo_builder._internal.assembly.lora import add_adapters
+from mimo_builder._internal.assembly.seeded_init import seeded_hook
 from mimo_builder._internal.checkpoint.pretrained import load_initial_weights
 from mimo_builder._internal.platform.compat import seed_rng
 from mimo_builder._internal.errors import MimoError
@@ -108,9 +109,11 @@ class CompositeBuilder(mcore_base.ModelBuilder):
     """The whole graph as one MCore-compatible ModelBuilder.
 
     ``seed`` seeds every node's initialisation identically, so a node built in a graph equals
-    the same node built alone from that seed. While building, a collective waits at most
-    ``build_timeout_s`` for its peers (so a rank that failed cannot hang the others); afterwards
-    the node groups get ``timeout_s`` (torch's default when None). Each step phase may last
+    the same node built alone from that seed, and each random weight is drawn whole from its own
+    seed (:mod:`mimo_builder._internal.assembly.seeded_init`): the same weights at any placement.
+    While building, a collective waits at most ``build_timeout_s`` for its peers (so a rank that
+    failed cannot hang the others); afterwards the node groups get ``timeout_s`` (torch's default
+    when None). Each step phase may last
     ``step_timeout_s`` (the first step ``first_step_timeout_s``) before the model's watchdog
     names the silent ranks and ends the run (None: no limit); see :mod:`mimo_builder._internal.runtime.guard`.
     """
@@ -186,7 +189,8 @@ class CompositeBuilder(mcore_base.ModelBuilder):
     def _build_node(self, valid: ValidGraph, name: str, pgs, ddp_config, wrap_with_ddp, options):
         node = valid.graph.nodes[name]
         config = valid.configs[name]
-        pre = [*config.pre_wrap_hooks, *node.hooks.pre_wrap, *self.pre_wrap_hooks]
+        seeded = seeded_hook(self.seed, name, valid.builders[name].param_inits(), pgs)  # before any other hook
+        pre = [seeded, *config.pre_wrap_hooks, *node.hooks.pre_wrap, *self.pre_wrap_hooks]
         if node.frozen:
             pre.append(_freeze)
         if node.lora is not None:

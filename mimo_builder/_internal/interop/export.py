@@ -26,6 +26,7 @@ from mimo_builder._internal.document.graph import Graph
 from mimo_builder._internal.interop.star import LANGUAGE_INPUTS, Star, check_exportable, star_shape
 from mimo_builder._internal.placement import ProcessGroups, create_process_groups
 from mimo_builder._internal.assembly.lora import merged_state_dict
+from mimo_builder._internal.assembly.seeded_init import init_from_seed
 from mimo_builder._internal.assembly.tp_shard import unwrap
 from mimo_builder._internal.validation import ValidGraph, validate_graph
 from mimo_builder._internal.assembly.walker import CompositeModel
@@ -150,8 +151,9 @@ def _grid_map(valid: ValidGraph, star: Star, groups: ProcessGroups):
 def _seeded(valid: ValidGraph, name: str, pgs, seed: int) -> torch.nn.Module:
     """``name`` built as the walker builds it from ``seed`` (unwrapped)."""
     seed_rng(seed, tp_rank=pgs.tp.rank(), ep_rank=pgs.ep.rank(), etp_rank=pgs.expt_tp.rank())
-    (chunk,) = valid.builders[name].build_distributed_models(pgs, wrap_with_ddp=False, mixed_precision_wrapper=None)
-    return chunk
+    builder = valid.builders[name]
+    (chunk,) = builder.build_distributed_models(pgs, wrap_with_ddp=False, mixed_precision_wrapper=None)
+    return init_from_seed([chunk], seed=seed, node=name, rules=builder.param_inits(), pg_collection=pgs)[0]
 
 
 def _copy_weights(name: str, source: torch.nn.Module, part: torch.nn.Module) -> None:

@@ -134,10 +134,39 @@ class ModelBuilder(mcore_base.ModelBuilder):
         """Whether the running graph reads output ``port`` (see :attr:`outputs_in_use`)."""
         return self.outputs_in_use is None or port in self.outputs_in_use
 
+    def loss_tokens(self, inputs: dict[str, torch.Tensor], samples: int) -> torch.Tensor:
+        """How many tokens of each of ``samples`` samples this node's ``loss`` output averages over
+        (a float tensor ``[samples]``; a weight sum where a mask weighs tokens), from the node's batch-bound
+        inputs of those samples. The step weighs each microbatch's loss by its share of the global
+        batch's count (:mod:`~mimo_builder._internal.runtime.loss_tokens`). Default: each sample's
+        ``loss_mask`` sum, else its ``labels`` count, else 1 (a loss that is a mean over samples)."""
+        mask = inputs.get("loss_mask")
+        if mask is not None:
+            return mask.reshape(samples, -1).sum(1)  # no float64 copy of the mask: counts are summed as floats
+        labels = inputs.get("labels")
+        per_sample = labels[0].numel() if labels is not None and samples else 1
+        return torch.full((samples,), float(per_sample), dtype=torch.float64)
+
+    def param_inits(self) -> dict[tuple[type, str], Callable[[torch.nn.Module, torch.Tensor], None]]:
+        """How this kind's own modules draw their random parameters, by (module class, parameter
+        name): each rule fills the full tensor (float32, CPU) from torch's default generator, which
+        the build seeds per parameter so the node's weights do not depend on its placement
+        (:mod:`mimo_builder._internal.assembly.seeded_init`, which covers MCore's layers)."""
+        return {}
+
     def linear_layers(self) -> frozenset[str] | None:
         """Module names of the Megatron-Core linear layers this node builds in its blocks (what
         ``lora.targets`` may name, checked at validate); None: not declared, checked at build."""
         return None
+
+    def linear_sizes(self) -> dict[str, tuple[int, int]] | None:
+        """Whole (in, out) features of the layers :meth:`linear_layers` names (what ``lora.rank``
+        is checked against at validate): the config's ``linear_sizes()`` where it has one, else None."""
+        sizes = getattr(self.config, "linear_sizes", None)
+        known = self.linear_layers()
+        if sizes is None or known is None:
+            return None
+        return {name: size for name, size in sizes().items() if name in known}
 
     @abc.abstractmethod
     def ports(self) -> Ports:
