@@ -115,6 +115,12 @@ class MambaConfig(TransformerModelConfig):
         """Whether the pattern has MoE layers ('E')."""
         return "E" in self.layer_symbols
 
+    def linear_sizes(self) -> dict[str, tuple[int, int]]:
+        """Whole (in, out) features of the pattern's Mamba, attention and MLP linears, by module name."""
+        inner = self.mamba_heads * self.mamba_head_dim
+        mixer = 2 * inner + 2 * self.mamba_num_groups * self.mamba_state_dim + self.mamba_heads
+        return {**super().linear_sizes(), "in_proj": (self.hidden_size, mixer), "out_proj": (inner, self.hidden_size)}
+
     def tp_problems(self, tp: int) -> list[str]:
         """Why this config cannot be split over ``tp`` ranks: attention heads and groups, Mamba heads and groups."""
         out = super().tp_problems(tp)

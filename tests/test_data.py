@@ -79,7 +79,8 @@ def test_collated_batches_pass_the_graphs_batch_checks():
     ({"pixel_values": torch.zeros(3, 32, 32), "prompt": "<image>", "answer": "x" * 9},
      r"sample 0: 27 tokens \(prompt 17, answer 9, end of sequence 1\) do not fit node 'lm' seq_length 24"),
     ({"prompt": "<image>", "answer": "1"}, r"sample 0 has no 'pixel_values', which the graph binds to vision"),
-    ({"pixel_values": 3.0, "prompt": "<image>", "answer": "1"}, r"sample field 'pixel_values' must be an array"),
+    ({"pixel_values": 3.0, "prompt": "<image>", "answer": "1"},
+     r"sample 0\['pixel_values'\] must be an array without the batch axis"),
 ])
 def test_samples_that_do_not_fit_are_named_errors(sample, message):
     from mimo_builder._internal.data import ByteTokenizer, DataError, GraphCollator

@@ -1,10 +1,11 @@
-"""LoRA checkpoints: a node's adapters only, an exact resume, a TP2 -> TP1 reshard, the base from
+"""LoRA checkpoints: a node's adapters only, an exact resume, a TP2 -> TP1 reshard (the same next
+loss: the seed gives the same base at any placement), the base from
 ``init:`` and merged exports, and adapters refused on the base of another seed."""
 
 import pytest
 import torch
 
-from lora_graphs import BATCH, SEED, adapters, build, lora_vlm
+from lora_graphs import BATCH, LORA, SEED, adapters, build, lora_vlm
 from multirank import run_ranks
 
 
@@ -86,9 +87,11 @@ def test_a_lora_run_resumes_exactly_and_reshards(lora_checkpoint):
     root, straight, saved = lora_checkpoint
     resumed = run_ranks(4, _resume, str(root), "disjoint4")
     assert all(loss == straight[1] for loss, _ in resumed), ([r[0] for r in resumed], straight)
-    _, adapters = run_ranks(1, _resume, str(root), "single")[0]
+    loss, adapters = run_ranks(1, _resume, str(root), "single")[0]
     assert adapters.keys() == saved.keys()
     assert all(torch.equal(adapters[k], saved[k]) for k in saved)  # TP2 -> TP1, in_proj's packed B too
+    # the base is not in the checkpoint: the seed gives the same one at TP1, so the next loss is TP2's
+    assert abs(loss - straight[1]) <= 1e-5 * abs(straight[1]), (loss, straight[1])
 
 
 # --- the base from init:, merged export ---------------------------------------------------------
@@ -151,3 +154,17 @@ def test_resuming_adapters_on_the_base_of_another_seed_is_named(lora_checkpoint)
     with pytest.raises(CheckpointError, match=f"node 'lm': its base weights come from the seed, and the checkpoint's "
                                               f"adapters were trained on the base of seed {SEED}, not 5"):
         check_resumable(valid, root, 5)
+
+
+def test_resuming_adapters_with_other_lora_settings_is_named(lora_checkpoint):
+    from mimo_builder._internal.checkpoint import files
+    from mimo_builder._internal.checkpoint.checkpointer import check_resumable
+    from mimo_builder._internal.validation import validate_graph
+
+    root, _, _ = lora_checkpoint
+    record = files.read_manifest(files.resolve(root)).nodes["lm"].lora
+    assert (record.rank, record.alpha) == (LORA["rank"], LORA["alpha"]) and record.targets, record
+    other = validate_graph(lora_vlm("disjoint4", lm={**LORA, "alpha": 2 * LORA["alpha"]}), 4)
+    with pytest.raises(files.CheckpointError, match=f"node 'lm' lora: alpha {LORA['alpha']} in the checkpoint, "
+                                                    f"{2 * LORA['alpha']} in the document"):
+        check_resumable(other, root, SEED)

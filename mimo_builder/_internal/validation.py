@@ -25,6 +25,7 @@ from mimo_builder._internal.document.optimizer import OptimizerSettings
 from mimo_builder._internal.placement import Layout
 from mimo_builder._internal.kinds.loading import node_config
 from mimo_builder._internal.kinds.registry import resolve_hook
+from mimo_builder._internal.lora_checks import lora_problems
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 """A node name, matched whole (``fullmatch``: no trailing newline)."""
@@ -112,7 +113,7 @@ def _check_nodes(graph: Graph, problems: list[str]):
             problems.extend(f"node '{name}' {p}" for p in builder.training_problems(trains=not node.frozen))
             builders[name] = builder
             problems.extend(_expert_problems(name, node, configs[name]))
-            problems.extend(_lora_problems(name, node, builder, configs[name]))
+            problems.extend(lora_problems(name, node, builder, configs[name]))
         except ConfigError as err:
             problems.extend(str(err).splitlines())
         try:
@@ -190,25 +191,6 @@ def _init_checkpoint_problems(name: str, node) -> list[str]:
         held = "LoRA adapters only" if record.saved else "no weights (it was frozen and not saved)"
         return [f"{where}: node '{wanted}' of {source!r} holds {held}; start from the checkpoint its base came from"]
     return []
-
-
-def _lora_problems(name: str, node, builder: ModelBuilder, config: ModelConfig) -> list[str]:
-    lora = node.lora
-    if lora is None:
-        return []
-    where = f"node '{name}' lora"
-    if node.frozen:
-        return [f"{where}: a frozen node trains nothing; drop frozen: true (LoRA freezes the base weights itself)"]
-    if getattr(config, "transformer", {}).get("sequence_parallel"):
-        return [f"{where}: adapters with config.transformer.sequence_parallel are not supported; turn it off"]
-    known = builder.linear_layers()
-    if lora.targets is not None and not lora.targets:
-        return [f"{where}.targets: empty; omit it to adapt every linear layer"]
-    if known is not None and not known:
-        return [f"{where}: builder '{node.builder}' declares no linear layers to adapt"]
-    unknown = [t for t in lora.targets or () if known is not None and t not in known]
-    return [f"{where}.targets: {excerpt(t)} is not a linear layer of this node (it has: {', '.join(sorted(known))})"
-            for t in unknown]
 
 
 def _packing_problems(graph: Graph, configs, builders, inputs) -> list[str]:

@@ -27,6 +27,7 @@ from mimo_builder._internal.platform import compat
 from mimo_builder._internal.checkpoint import files, state
 from mimo_builder._internal.checkpoint.checks import raise_if_any, shape_problems, shard_problems
 from mimo_builder._internal.checkpoint.files import DataPosition, Manifest, NodeRecord
+from mimo_builder._internal.checkpoint.lora_fit import lora_problems, lora_record
 from mimo_builder._internal.checkpoint.safe_load import safe_unpickling
 from mimo_builder._internal.assembly.lora import is_adapter_key
 
@@ -138,7 +139,8 @@ class Checkpointer:
                 builder=self.valid.graph.nodes[name].builder,
                 placement=files.layout_record(self.valid.layouts[name]), saved=True,
                 optimizer=first["optimizer"], scheduler_steps=first["scheduler_steps"],
-                bytes=sum(p["bytes"] for p in parts), adapters_only=name in self._adapters_only())
+                bytes=sum(p["bytes"] for p in parts), adapters_only=name in self._adapters_only(),
+                lora=lora_record(self.valid.graph.nodes[name].lora, self.valid.builders[name]))
         for name in set(self.valid.order) - records.keys():
             records[name] = NodeRecord(builder=self.valid.graph.nodes[name].builder,
                                        placement=files.layout_record(self.valid.layouts[name]), saved=False)
@@ -240,22 +242,28 @@ def graph_problems(valid, manifest: Manifest, step_dir: Path, seed: int | None =
         return [f"{step_dir}: checkpoint format {manifest.format}, this build reads {files.FORMAT}"]
     problems = []
     for name, node in valid.graph.nodes.items():
-        record = manifest.nodes.get(name)
-        if record is None:
-            if not (node.frozen or node.init):
-                problems.append(f"node '{name}' ({node.builder}) is not in the checkpoint (it has "
-                                f"{_kinds({n: r.builder for n, r in manifest.nodes.items()})}); "
-                                f"give it an init: source or freeze it")
-        elif record.builder != node.builder:
-            problems.append(f"node '{name}': the checkpoint holds a '{record.builder}' node, "
-                            f"the graph declares '{node.builder}'")
-        elif record.adapters_only and node.lora is None:
-            problems.append(f"node '{name}': the checkpoint holds its LoRA adapters only; declare the "
-                            "same lora: for the node (the base comes from its init: source or the seed)")
-        elif record.adapters_only and node.init is None and None not in (seed, manifest.seed) and seed != manifest.seed:
-            problems.append(f"node '{name}': its base weights come from the seed, and the checkpoint's adapters "
-                            f"were trained on the base of seed {manifest.seed}, not {seed}; build with seed "
-                            f"{manifest.seed} (run --seed {manifest.seed})")
+        problems += _node_problems(valid, manifest, name, node, seed)
+    return problems
+
+
+def _node_problems(valid, manifest: Manifest, name: str, node, seed: int | None) -> list[str]:
+    record = manifest.nodes.get(name)
+    if record is None:
+        if node.frozen or node.init:
+            return []
+        return [f"node '{name}' ({node.builder}) is not in the checkpoint (it has "
+                f"{_kinds({n: r.builder for n, r in manifest.nodes.items()})}); give it an init: source or freeze it"]
+    if record.builder != node.builder:
+        return [f"node '{name}': the checkpoint holds a '{record.builder}' node, the graph declares '{node.builder}'"]
+    if record.adapters_only and node.lora is None:  # named with the adapters' settings where they are known
+        return lora_problems(manifest, name, node, valid.builders[name]) or [
+            f"node '{name}': the checkpoint holds its LoRA adapters only; declare the same lora: for the node "
+            "(the base comes from its init: source or the seed)"]
+    problems = lora_problems(manifest, name, node, valid.builders[name])
+    if record.adapters_only and node.init is None and None not in (seed, manifest.seed) and seed != manifest.seed:
+        problems.append(f"node '{name}': its base weights come from the seed, and the checkpoint's adapters "
+                        f"were trained on the base of seed {manifest.seed}, not {seed}; build with seed "
+                        f"{manifest.seed} (run --seed {manifest.seed})")
     return problems
 
 

@@ -39,6 +39,16 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LoraRecord(_Record):
+    """The LoRA adapters a checkpoint holds of one node: what a load must be asked for again."""
+
+    rank: int
+    alpha: float
+    """The scale's numerator as used (the document's ``alpha``, or the rank where it had none)."""
+    targets: list[str] | None
+    """The adapted layers' names, sorted (None: every linear layer; the builder did not list them)."""
+
+
 class NodeRecord(_Record):
     """What a checkpoint holds of one node."""
 
@@ -67,6 +77,9 @@ class NodeRecord(_Record):
     bytes: int = 0
     adapters_only: bool = False
     """True for a LoRA node saved without its frozen base (which comes back from ``init`` or the seed)."""
+    lora: LoraRecord | None = None
+    """The node's adapters (None: no LoRA). Absent from checkpoints written before it was recorded
+    (``"lora" not in model_fields_set``): the manifest's graph document tells then."""
 
 
 class DataPosition(_Record):

@@ -24,6 +24,7 @@ import torch
 
 from mimo_builder._internal.kinds.contract import output_tokens_of
 from mimo_builder._internal.errors import ConfigError, MimoError
+from mimo_builder._internal.runtime.batch import tensor_problems
 from mimo_builder._internal.runtime.packing import LENGTHS_PORT
 from mimo_builder._internal.validation import ValidGraph
 
@@ -58,27 +59,45 @@ class GraphCollator:
                               f"{LENGTHS_PORT}', which packing needs; bind one (Graph.packed() does, as run --pack; "
                               f"in a document: inputs: {{{LENGTHS_PORT}: {self.text_node}.{LENGTHS_PORT}}})")
 
-    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: list[dict], names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """The batch of ``samples``; a DataError names the sample at fault by ``names`` (default
+        ``sample I``, its position in the list)."""
         if not samples:
             raise DataError("no samples to collate")
-        batch = {key: self._stack(key, samples) for key in self.encoder_keys}
-        rows = [self.tokenize(sample, i) for i, sample in enumerate(samples)]
+        names = names or [f"sample {i}" for i in range(len(samples))]
+        batch = {key: self._stack(key, samples, names) for key in self.encoder_keys}
+        rows = [self.tokenize(sample, name=name) for sample, name in zip(samples, names)]
         for port, key in self.text_keys.items():
             batch[key] = torch.stack([row[port] for row in rows])
         return batch
 
-    def tokenize(self, sample: dict, index: int = 0) -> dict[str, torch.Tensor]:
-        """One sample's ``input_ids``, ``labels``, ``loss_mask`` and ``position_ids`` rows."""
-        counts = self.modality_tokens(sample)
-        prompt = self._prompt_ids(sample.get("prompt", ""), counts, index)
+    def checked(self, samples: list[dict], names: list[str]) -> dict[str, torch.Tensor]:
+        """The batch of ``samples``, every bound tensor checked against its port (token ids within
+        the vocabulary, finite values, dtypes, shapes) as a step checks it; a DataError names the
+        first sample (by ``names``) that does not fit on its own."""
+        batch = self(samples, names)
+        if not tensor_problems(self.valid, batch):
+            return batch
+        for sample, name in zip(samples, names):
+            problems = tensor_problems(self.valid, self([sample], [name]))
+            if problems:
+                raise DataError(f"{name}: {'; '.join(problems)}")
+        raise DataError(f"{names[0]} to {names[-1]}: {'; '.join(tensor_problems(self.valid, batch))}")
+
+    def tokenize(self, sample: dict, index: int = 0, name: str | None = None) -> dict[str, torch.Tensor]:
+        """One sample's ``input_ids``, ``labels``, ``loss_mask`` and ``position_ids`` rows; errors
+        call it ``name`` (default ``sample INDEX``)."""
+        name = name or f"sample {index}"
+        counts = self.modality_tokens(sample, name)
+        prompt = self._prompt_ids(sample.get("prompt", ""), counts, name)
         for key in ("prompt", "answer"):
             if sample.get(key) is not None and not isinstance(sample[key], str):
-                raise DataError(f"sample {index}[{key!r}] is of type {type(sample[key]).__name__}, not text (str)")
+                raise DataError(f"{name}[{key!r}] is of type {type(sample[key]).__name__}, not text (str)")
         answer = self.tokenizer.encode(sample["answer"]) if sample.get("answer") is not None else []
         eos = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None and answer else []
         ids = prompt + answer + eos
         if len(ids) - 1 > self.seq_length or len(ids) < 2:
-            raise DataError(f"sample {index}: {len(ids)} tokens (prompt {len(prompt)}, answer {len(answer)}"
+            raise DataError(f"{name}: {len(ids)} tokens (prompt {len(prompt)}, answer {len(answer)}"
                             f"{', end of sequence 1' if eos else ''}) do not fit node '{self.text_node}' "
                             f"seq_length {self.seq_length} (a sample needs 2 to {self.seq_length + 1})")
         first_learned = max(len(prompt) - 1, 0) if answer else 0
@@ -90,22 +109,22 @@ class GraphCollator:
                 "position_ids": torch.arange(self.seq_length),
                 LENGTHS_PORT: torch.tensor(len(ids) - 1)}
 
-    def modality_tokens(self, sample: dict) -> dict[str, int]:
+    def modality_tokens(self, sample: dict, name: str = "the sample") -> dict[str, int]:
         """Placeholder tokens per backbone modality port, for this sample's input sizes."""
-        lengths = {key: _length(sample, key) for key in self.encoder_keys}
+        lengths = {key: _length(sample, key, name) for key in self.encoder_keys}
         signature = tuple(sorted(lengths.items()))
         if signature not in self._counts:
             arriving = arriving_tokens(self.valid, lengths)
             self._counts[signature] = {port: n for (node, port), n in arriving.items() if node == self.text_node}
         return self._counts[signature]
 
-    def _prompt_ids(self, prompt: str, counts: dict[str, int], index: int) -> list[int]:
+    def _prompt_ids(self, prompt: str, counts: dict[str, int], name: str) -> list[int]:
         ids, seen, at = [], [], 0
         for match in self._tags.finditer(prompt) if self._tags else ():
             ids += self.tokenizer.encode(prompt[at:match.start()])
             port = match.group(1)
             if port not in counts:
-                raise DataError(f"sample {index}: prompt tag <{port}> names a port of node '{self.text_node}' "
+                raise DataError(f"{name}: prompt tag <{port}> names a port of node '{self.text_node}' "
                                 f"that no edge of the graph feeds")
             ids += [self.placeholders[port]] * counts[port]
             seen.append(port)
@@ -116,20 +135,20 @@ class GraphCollator:
         if missing or repeated:
             what = f"lacks {', '.join(f'<{p}>' for p in missing)}" if missing else \
                 f"repeats {', '.join(f'<{p}>' for p in repeated)}"
-            raise DataError(f"sample {index}: the prompt {what}; each modality that node '{self.text_node}' "
+            raise DataError(f"{name}: the prompt {what}; each modality that node '{self.text_node}' "
                             f"receives is placed once, where its tag stands")
         return ids
 
-    def _stack(self, key: str, samples: list[dict]) -> torch.Tensor:
+    def _stack(self, key: str, samples: list[dict], names: list[str]) -> torch.Tensor:
         values = []
-        for i, sample in enumerate(samples):
+        for name, sample in zip(names, samples):
             if key not in sample:
                 node, port = self.valid.inputs[key]
-                raise DataError(f"sample {i} has no {key!r}, which the graph binds to {node}.{port}")
+                raise DataError(f"{name} has no {key!r}, which the graph binds to {node}.{port}")
             try:
                 values.append(torch.as_tensor(sample[key]))
             except (TypeError, ValueError, RuntimeError) as err:
-                raise DataError(f"sample {i}[{key!r}] is of type {type(sample[key]).__name__}, not an array of numbers "
+                raise DataError(f"{name}[{key!r}] is of type {type(sample[key]).__name__}, not an array of numbers "
                                 f"({err})") from None
         shapes = {tuple(v.shape) for v in values}
         if len(shapes) > 1:
@@ -162,10 +181,9 @@ def _text_node(valid: ValidGraph) -> str:
     return nodes[0]
 
 
-def _length(sample: dict, key: str) -> int:
+def _length(sample: dict, key: str, name: str) -> int:
     value = sample.get(key)
     shape = getattr(value, "shape", None)
     if shape is None or len(shape) == 0:
-        raise DataError(f"sample field {key!r} must be an array without the batch axis, got "
-                        f"{type(value).__name__}")
+        raise DataError(f"{name}[{key!r}] must be an array without the batch axis, got {type(value).__name__}")
     return int(shape[0])

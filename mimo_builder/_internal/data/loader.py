@@ -16,6 +16,8 @@ from typing import Iterator, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mimo_builder._internal.data.collate import DataError, GraphCollator
+from mimo_builder._internal.platform.cpu_rng import offset_seed
 from mimo_builder._internal.runtime.shards import BatchLayout, RankBatch
 from mimo_builder._internal.validation import ValidGraph
 
@@ -40,17 +42,28 @@ class IndexedSource:
         self._orders: dict[int, torch.Tensor] = {}
 
     def samples(self, step: int, chunk: int, layout: BatchLayout) -> list[dict]:
-        """The ``layout.chunk_size`` samples of ``chunk`` in global batch ``step`` (1-based), in the seeded order."""
+        """The ``layout.chunk_size`` samples of ``chunk`` in global batch ``step`` (1-based), in the
+        seeded order; a DataError names the dataset item whose reading failed."""
+        return [self._read(index) for index in self.indices(step, chunk, layout)]
+
+    def indices(self, step: int, chunk: int, layout: BatchLayout) -> list[int]:
+        """The dataset indices of those samples."""
         start = (step - 1) * layout.batch_size + layout.rows(chunk).start
-        return [self.dataset[self._index(position)] for position in range(start, start + layout.chunk_size)]
+        return [self._index(position) for position in range(start, start + layout.chunk_size)]
+
+    def _read(self, index: int) -> dict:
+        try:
+            return self.dataset[index]
+        except Exception as err:  # the user's dataset: named by its index, not a traceback
+            raise DataError(f"dataset item {index}: reading it raised {type(err).__name__}: {err}") from None
 
     def _index(self, position: int) -> int:
         epoch, offset = divmod(position, len(self.dataset))
         if not self.shuffle:
             return offset
         if epoch not in self._orders:
-            self._orders = {epoch: torch.randperm(len(self.dataset),
-                                                  generator=torch.Generator().manual_seed(self.seed + epoch))}
+            generator = torch.Generator().manual_seed(offset_seed(self.seed, epoch))
+            self._orders = {epoch: torch.randperm(len(self.dataset), generator=generator)}
         return int(self._orders[epoch][offset])
 
 
@@ -101,12 +114,16 @@ class RankLoader:
             for _ in self.chunks:
                 read_step, chunk, batch = next(reads)
                 assert read_step == step, (read_step, step)
+                if isinstance(batch, DataError):  # found in a worker: raised here, like a sample checked before launch
+                    raise batch
                 chunks[chunk] = batch
             yield step, RankBatch.from_chunks(self.valid, self.layout, self.rank, chunks)
 
 
 class _ChunkReads(Dataset):
-    """Item ``i``: (step, chunk, the chunk's collated batch)."""
+    """Item ``i``: (step, chunk, the chunk's collated batch, or the DataError of a sample that does
+    not fit). The error is returned, not raised: a DataLoader worker's exception comes back to the
+    rank wrapped in the worker's traceback."""
 
     def __init__(self, source: SampleSource, collate, layout: BatchLayout, items: list[tuple[int, int]]):
         self.source, self.collate, self.layout, self.items = source, collate, layout, items
@@ -116,7 +133,19 @@ class _ChunkReads(Dataset):
 
     def __getitem__(self, i: int):
         step, chunk = self.items[i]
-        return step, chunk, self.collate(self.source.samples(step, chunk, self.layout))
+        try:
+            samples = self.source.samples(step, chunk, self.layout)
+            if not isinstance(self.collate, GraphCollator):
+                return step, chunk, self.collate(samples)
+            return step, chunk, self.collate.checked(samples, self._names(step, chunk, len(samples)))
+        except DataError as err:
+            return step, chunk, err
+
+    def _names(self, step: int, chunk: int, count: int) -> list[str]:
+        """What an error calls each sample: its dataset index where the source has one."""
+        if hasattr(self.source, "indices"):
+            return [f"dataset item {index}" for index in self.source.indices(step, chunk, self.layout)]
+        return [f"sample {i} of chunk {chunk} in step {step}" for i in range(count)]
 
 
 def _as_is(item):

@@ -17,6 +17,8 @@ from mimo_builder._internal.errors import ConfigError, MimoError
 from mimo_builder._internal.hf.nodes import export_node
 
 GRAPH_FILE = "graph.yaml"
+SKIPPED = "not exported: "
+"""How a skipped node's line starts (its reason follows)."""
 
 
 def export(graph: Graph, load: str, out: str, nproc: int | None = None) -> list[str]:
@@ -25,16 +27,27 @@ def export(graph: Graph, load: str, out: str, nproc: int | None = None) -> list[
     from mimo_builder._internal.checkpoint.checkpointer import check_resumable
     from mimo_builder._internal.checkpoint.files import read_manifest, resolve
     from mimo_builder._internal.platform.launch import launch
+    from mimo_builder._internal.platform.output_paths import check_folder
     from mimo_builder._internal.validation import validate_graph
 
+    check_folder(out, "-o")
     nproc = nproc or read_manifest(resolve(load)).world_size
-    check_resumable(validate_graph(graph, nproc), load)  # read once: manifest, graph, shards
-    for part in (Path(out), *Path(out).parents):
-        if part.exists() and not part.is_dir():
-            raise ConfigError(f"-o {out}: {part} is a file; give a folder")
+    valid = validate_graph(graph, nproc)
+    _raise_if_none(valid.order, {name: _layout_reason(valid, name) for name in valid.order})
+    check_resumable(valid, load)  # read once: manifest, graph, shards
     written = launch(export_trained, nproc, graph, load, out)[0]
+    _raise_if_none(valid.order, {name: where.removeprefix(SKIPPED) for name, where in written.items()
+                                 if where.startswith(SKIPPED)})
     return [f"node '{name}': {where}" for name, where in written.items()] + [
         f"graph document: {Path(out) / GRAPH_FILE}"]
+
+
+def _raise_if_none(nodes: list[str], skipped: dict[str, str | None]) -> None:
+    """ConfigError naming why each node is skipped, when every one of ``nodes`` is."""
+    reasons = {name: why for name, why in skipped.items() if why is not None}
+    if reasons and len(reasons) == len(nodes):
+        raise ConfigError("export: no node of the graph can be exported:\n" +
+                          "\n".join(f"  - node '{name}': {reasons[name]}" for name in nodes))
 
 
 def export_trained(graph: Graph, load: str, out: str) -> dict[str, str]:
@@ -44,12 +57,12 @@ def export_trained(graph: Graph, load: str, out: str) -> dict[str, str]:
         for name in model.valid.order:
             reason = _not_exportable(model, name)
             if reason is not None:
-                written[name] = f"not exported: {reason}"
+                written[name] = f"{SKIPPED}{reason}"
                 continue
             try:  # every rank of the node meets the same weights, so the same verdict
                 folder = export_node(model, name, Path(out) / name)
             except MimoError as err:  # weights its Hugging Face counterpart cannot hold
-                written[name] = f"not exported: {err}"
+                written[name] = f"{SKIPPED}{err}"
                 continue
             if folder is not None:
                 written[name] = str(folder)
@@ -57,6 +70,7 @@ def export_trained(graph: Graph, load: str, out: str) -> dict[str, str]:
         dist.all_gather_object(gathered, written, group=model.control)
     if dist.get_rank() != 0:
         return {}
+    Path(out).mkdir(parents=True, exist_ok=True)  # no node may have written a folder into it
     (Path(out) / GRAPH_FILE).write_text(graph.to_yaml())
     merged = {k: v for part in gathered for k, v in part.items()}
     return {name: merged[name] for name in model.valid.order}
@@ -64,13 +78,19 @@ def export_trained(graph: Graph, load: str, out: str) -> dict[str, str]:
 
 def _not_exportable(model, name: str) -> str | None:
     """Why node ``name`` has no Hugging Face folder (the same answer on every rank), or None."""
+    reason = _layout_reason(model.valid, name)
+    if reason is None and model.hosts(name) and len(model.chunks(name)) > 1:
+        return f"it has virtual pipeline stages ({len(model.chunks(name))} chunks); export at pp=1"
+    return reason
+
+
+def _layout_reason(valid, name: str) -> str | None:
+    """Why node ``name`` has no Hugging Face folder, known from the document alone, or None."""
     from mimo_builder._internal.hf.convert import mapping_of
 
     try:
-        mapping_of(model.valid.builders[name])
+        mapping_of(valid.builders[name])
     except MimoError as err:
         return str(err)
-    layout = model.valid.layouts[name]
-    if layout.pp > 1 or len(model.chunks(name) if model.hosts(name) else [None]) > 1:
-        return f"it has pipeline stages (pp={layout.pp}); export at pp=1"
-    return None
+    layout = valid.layouts[name]
+    return f"it has pipeline stages (pp={layout.pp}); export at pp=1" if layout.pp > 1 else None

@@ -51,15 +51,14 @@ def place_command(graph, world_size: int, costs: CostTable, batch_size: int, mem
     from rich.table import Table
 
     from mimo_builder._internal.errors import ConfigError
-    from mimo_builder._internal.planning.place import reason, search
+    from mimo_builder._internal.planning.place import Rejections, no_placement, reason, search
     from mimo_builder._internal.validation import validate_graph
 
-    start = time.perf_counter()
-    best, seen = search(graph, world_size, costs, batch_size, memory, top)
+    start, rejected = time.perf_counter(), Rejections()
+    best, seen = search(graph, world_size, costs, batch_size, memory, top, rejected)
     seconds = time.perf_counter() - start
     if not best:
-        raise ConfigError(f"no placement of the graph on {world_size} ranks validates"
-                          + (" and fits the memory given" if memory else "") + " at the measured TP sizes")
+        raise ConfigError(no_placement(world_size, batch_size, costs, rejected))
     table = Table(title=f"Placements on {world_size} ranks, {batch_size} samples per step, by predicted step time")
     for column in ("#", "placement", "M", "step", "busiest idle", "memory/rank"):
         table.add_column(column, justify="left" if column == "placement" else "right")

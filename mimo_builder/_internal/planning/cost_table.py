@@ -12,12 +12,16 @@ import json
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mimo_builder._internal.errors import ConfigError
+from mimo_builder._internal.errors import ConfigError, excerpt
 
 FORMAT = 1
+
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+"""A measured time: finite and not negative."""
 
 
 class _Strict(BaseModel):
@@ -27,8 +31,8 @@ class _Strict(BaseModel):
 class Linear(_Strict):
     """Seconds as ``fixed + per_row * rows``."""
 
-    fixed: float = 0.0
-    per_row: float = 0.0
+    fixed: Seconds = 0.0
+    per_row: Seconds = 0.0
 
     def at(self, rows: float) -> float:
         """Seconds for a call over ``rows`` samples."""
@@ -54,17 +58,17 @@ class NodeCosts(_Strict):
     backward: Linear
     communication: Linear = Field(default_factory=Linear)
     """Per forward and backward together: receiving inputs and sharing them over the TP group."""
-    optimizer: float = 0.0
+    optimizer: Seconds = 0.0
     """Seconds of the node's optimizer step on one rank (its gradient reduction excluded)."""
-    params: int = 0
+    params: Annotated[int, Field(ge=0)] = 0
     """Parameters on one rank."""
 
 
 class LinkCosts(_Strict):
     """A point-to-point message between two ranks: ``latency + bytes * seconds_per_byte``."""
 
-    latency: float = 0.0
-    seconds_per_byte: float = 0.0
+    latency: Seconds = 0.0
+    seconds_per_byte: Seconds = 0.0
 
     def seconds(self, size: float) -> float:
         """Seconds to move ``size`` bytes."""
@@ -80,10 +84,27 @@ class CostTable(_Strict):
     link: LinkCosts = Field(default_factory=LinkCosts)
     allreduce: LinkCosts = Field(default_factory=LinkCosts)
     """An all-reduce over two ranks (a gradient reduction at dp=2)."""
-    overhead_per_op: float = 0.0
+    overhead_per_op: Seconds = 0.0
     """The runtime's own seconds per forward or backward operation (posting, bookkeeping)."""
-    overhead_per_step: dict[int, float] = Field(default_factory=dict)
+    overhead_per_step: dict[Annotated[int, Field(ge=1)], Seconds] = Field(default_factory=dict)
     """The step's own seconds by the number of ranks measured (loss and norm collectives, checks)."""
+
+    @field_validator("nodes")
+    @classmethod
+    def _tp_sizes(cls, nodes: dict[str, dict[int, NodeCosts]]) -> dict[str, dict[int, NodeCosts]]:
+        bad = [f"node '{n}' at tp={tp}" for n, per_tp in nodes.items() for tp in per_tp if tp < 1]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: a tensor-parallel size is at least 1")
+        return nodes
+
+    def check_covers(self, graph, where: str) -> None:
+        """ConfigError naming ``where`` when the table lacks a node of ``graph``: a table measured
+        for another graph (which no placement could be predicted from)."""
+        missing = [n for n in graph.nodes if not self.nodes.get(n)]
+        if missing:
+            raise ConfigError(f"{where}: the cost table has no costs of node(s) {', '.join(map(repr, missing))} "
+                              f"(it holds {', '.join(map(repr, self.nodes)) or 'none'}); it was measured for "
+                              "another graph: run mimo-builder profile on this document")
 
     def step_overhead(self, world_size: int) -> float:
         """The per-step seconds measured on the most ranks up to ``world_size`` (else the fewest)."""
@@ -117,8 +138,15 @@ class CostTable(_Strict):
                               f"(mimo-builder profile writes one)")
         try:
             return cls.model_validate(data)
-        except ValueError as err:
-            raise ConfigError(f"--costs {path}: {err}") from None
+        except ValidationError as err:
+            raise ConfigError(f"--costs {path}: " + "; ".join(map(_problem, err.errors()[:5]))) from None
+
+
+def _problem(error: dict) -> str:
+    """One of pydantic's errors as 'field.path: what (got value)'."""
+    where, value = ".".join(map(str, error["loc"])), error["input"]
+    what = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {what}" + ("" if isinstance(value, dict) else f" (got {excerpt(value)})")
 
 
 def describe_machine(device: str) -> dict[str, str | int | float]:

@@ -17,10 +17,10 @@ best are checked against the plan's memory estimate until ``top`` fit.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mimo_builder._internal.document.graph import Graph, Placement
-from mimo_builder._internal.errors import MimoError
+from mimo_builder._internal.errors import GraphError, MimoError
 from mimo_builder._internal.planning.cost_table import CostTable
 from mimo_builder._internal.planning.predict import Prediction, predict_step
 
@@ -43,38 +43,66 @@ class Candidate:
         return max(self.prediction.idle.values(), default=0.0)
 
 
-def search(graph: Graph, world_size: int, costs: CostTable, batch_size: int,
-           memory: int | None = None, top: int = 5) -> tuple[list[Candidate], int]:
+@dataclass
+class Rejections:
+    """Why candidates were left out: per cause, how many and the first one's details."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, str] = field(default_factory=dict)
+
+    def add(self, cause: str, example: str) -> None:
+        """Count one candidate left out for ``cause``."""
+        self.counts[cause] = self.counts.get(cause, 0) + 1
+        self.examples.setdefault(cause, example)
+
+    def lines(self) -> list[str]:
+        """One line per cause, the most frequent first."""
+        causes = sorted(self.counts, key=lambda c: -self.counts[c])
+        return [f"{self.counts[c]} {c}, e.g. {self.examples[c]}" for c in causes]
+
+
+def search(graph: Graph, world_size: int, costs: CostTable, batch_size: int, memory: int | None = None,
+           top: int = 5, rejected: Rejections | None = None) -> tuple[list[Candidate], int]:
     """The ``top`` candidates by predicted step time (fitting ``memory`` bytes per rank where
-    given) and how many candidates were predicted."""
+    given) and how many candidates were predicted; ``rejected`` collects why the others were not."""
     from mimo_builder._internal.runtime.batching import batched_nodes
     from mimo_builder._internal.runtime.batch import split_problems
     from mimo_builder._internal.validation import validate_graph
 
-    ranked, seen = [], 0
+    ranked, seen, rejected = [], 0, rejected if rejected is not None else Rejections()
     for label, placed in _placements(graph, world_size, costs):
         try:
             valid = validate_graph(placed, world_size)
-        except MimoError:
+        except MimoError as err:
+            rejected.add("placement(s) do not validate", f"{label}: {_first(err)}")
             continue
         for m in MICROBATCHES:
-            if split_problems(valid, batch_size, m):
+            split = split_problems(valid, batch_size, m)
+            if split:
+                rejected.add(f"(placement, M) pair(s) do not split a batch of {batch_size}",
+                             f"{label}, M={m}: {split[0]}")
                 continue
             seen += 1
             try:
                 prediction = predict_step(valid, costs, m, batch_size, batched_nodes(valid, m))
-            except MimoError:  # a node at a TP size the table lacks
+            except MimoError as err:  # a node at a TP size the table lacks
+                rejected.add("(placement, M) pair(s) lack measured costs", f"{label}, M={m}: {err}")
                 continue
             ranked.append(Candidate(label, placed, m, prediction))
     ranked.sort(key=lambda c: (c.prediction.step, c.label, c.microbatches))
-    return _fitting(ranked, world_size, memory, top), seen
+    return _fitting(ranked, world_size, memory, top, rejected), seen
 
 
-def _fitting(ranked: list[Candidate], world_size: int, memory: int | None, top: int) -> list[Candidate]:
+def _first(err: MimoError) -> str:
+    return err.problems[0] if isinstance(err, GraphError) else str(err)
+
+
+def _fitting(ranked: list[Candidate], world_size: int, memory: int | None, top: int,
+             rejected: Rejections) -> list[Candidate]:
     """The first ``top`` candidates whose plan estimate fits ``memory`` (all, without a limit)."""
     if memory is None:
         return ranked[:top]
-    from mimo_builder._internal.planning.estimate import estimate_plan
+    from mimo_builder._internal.planning.estimate import estimate_plan, format_bytes
     from mimo_builder._internal.planning.plan import make_plan
     from mimo_builder._internal.runtime.pipeline import plan_graph
 
@@ -88,7 +116,20 @@ def _fitting(ranked: list[Candidate], world_size: int, memory: int | None, top: 
             kept.append(candidate)
             if len(kept) == top:
                 break
+        else:
+            rejected.add(f"(placement, M) pair(s) exceed --gpu-memory {format_bytes(memory)} per rank",
+                         f"{candidate.label}, M={candidate.microbatches}: {format_bytes(candidate.memory)}")
     return kept
+
+
+def no_placement(world_size: int, batch_size: int, costs: CostTable, rejected: Rejections) -> str:
+    """Why no candidate is left, cause by cause (for the error ``place`` raises)."""
+    tps = sorted({tp for per_node in costs.nodes.values() for tp in per_node})
+    lines = rejected.lines() or [f"no candidate shape: a measured TP size ({', '.join(map(str, tps))}) must divide "
+                                 f"the {world_size} ranks (colocated) or each group's ranks (split placements); "
+                                 "profile at other TP sizes or place on another world size"]
+    return (f"no placement of the graph on {world_size} ranks runs {batch_size} samples per step at the measured "
+            "TP sizes:\n" + "\n".join(f"  - {line}" for line in lines))
 
 
 def _placements(graph: Graph, world_size: int, costs: CostTable):

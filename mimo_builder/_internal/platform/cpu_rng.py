@@ -6,6 +6,15 @@ import contextlib
 
 import torch
 
+SEEDS = 2**64
+"""A seed is an integer in [0, SEEDS): what torch's generators take (the CLI refuses others)."""
+
+
+def offset_seed(seed: int, offset: int) -> int:
+    """``seed + offset`` wrapped into [0, SEEDS): a seed near the top of the range still seeds
+    the generators derived from it (per step, per epoch, per TP rank)."""
+    return (seed + offset) % SEEDS
+
 
 class CPURNGStatesTracker:
     """MCore's RNG-tracker interface over the CPU generator (named states, ``fork`` swaps them).
@@ -74,7 +83,7 @@ def seed_rng(seed: int, *, tp_rank: int = 0, ep_rank: int = 0, etp_rank: int = 0
     tracker = mcore_random.get_cuda_rng_tracker()
     tracker.reset()
     tracker.add(mcore_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
-    tracker.add(mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME, offset_seed(seed, 2718 + tp_rank))
     tracker.add(
-        mcore_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank
+        mcore_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, offset_seed(seed, 1024 + 100 * ep_rank + etp_rank)
     )

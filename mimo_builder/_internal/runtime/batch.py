@@ -37,6 +37,12 @@ def check_batch(valid: ValidGraph, batch: dict[str, torch.Tensor]) -> int:
     return size
 
 
+def tensor_problems(valid: ValidGraph, batch: dict[str, torch.Tensor]) -> list[str]:
+    """Problems of each bound tensor of ``batch`` against its port (axes, dtype, id range,
+    finiteness), without the checks of its size: what a collated chunk of samples must pass."""
+    return _tensor_problems(valid, batch, valid.inputs)[0]
+
+
 def split_problems(valid: ValidGraph, size: int, num_microbatches: int) -> list[str]:
     """Why a ``size``-sample batch does not split into ``num_microbatches`` microbatches that
     every node's data-parallel size divides (empty when it does)."""

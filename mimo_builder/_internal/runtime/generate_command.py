@@ -12,9 +12,13 @@ from mimo_builder._internal.assembly.trained import build_trained
 from mimo_builder._internal.checkpoint.files import read_manifest, resolve
 from mimo_builder._internal.data.spec import load_data
 from mimo_builder._internal.document.graph import Graph
+from mimo_builder._internal.platform.cpu_rng import offset_seed
 from mimo_builder._internal.kinds.registry import active_registry, allow_modules, allowed_prefixes, import_roots
 from mimo_builder._internal.runtime.generation import GenerationOptions, generating_node
 from mimo_builder._internal.runtime.schedule import GraphSchedule
+
+DEFAULT_NEW_TOKENS = 32
+"""``--max-new-tokens`` when not given (or the generating node's seq_length where smaller)."""
 
 
 def generate_answers(graph: Graph, load: str, data_ref: str, options: GenerationOptions, batch_size: int,
@@ -33,7 +37,7 @@ def generate_answers(graph: Graph, load: str, data_ref: str, options: Generation
         lines, right, counted = [], 0, 0
         for step, batch in loader:
             new = schedule.generate(batch, options.max_new_tokens, temperature=options.temperature,
-                                    top_k=options.top_k, seed=options.seed + step, eos_id=options.eos_id)
+                                    top_k=options.top_k, seed=offset_seed(options.seed, step), eos_id=options.eos_id)
             if new is None:
                 continue
             for row, tokens in enumerate(new.tolist()):
@@ -57,6 +61,29 @@ def _answer(data, index: int) -> str | None:
     return answer if isinstance(answer, str) else None
 
 
+def _max_new_tokens(valid, node: str, asked: int | None) -> int:
+    """``--max-new-tokens``: new tokens take positions after the prompt's, so no more than the
+    node's ``seq_length`` (None: DEFAULT_NEW_TOKENS, or ``seq_length`` where smaller)."""
+    from mimo_builder._internal.errors import ConfigError
+
+    seq_length = getattr(valid.configs[node], "seq_length", None)
+    if asked is None:
+        return min(DEFAULT_NEW_TOKENS, seq_length or DEFAULT_NEW_TOKENS)
+    if seq_length is not None and asked > seq_length:
+        raise ConfigError(f"generate --max-new-tokens {asked}: node '{node}' holds sequences of at most "
+                          f"config.seq_length {seq_length} tokens, the prompt's included; give at most {seq_length}")
+    return asked
+
+
+def _check_samples(data, samples: int) -> None:
+    """``--samples`` names the dataset's first samples: no more than it has (a stream is not counted)."""
+    from mimo_builder._internal.errors import ConfigError
+
+    if not hasattr(data.dataset, "samples") and samples > len(data.dataset):
+        raise ConfigError(f"generate --samples {samples}: the --data dataset has {len(data.dataset)} samples; "
+                          f"give at most {len(data.dataset)}")
+
+
 def run_generate(graph: Graph, args) -> list[str]:
     """Check the request before any rank starts (options, checkpoint, data), then generate on
     ``args.nproc`` ranks (default: the checkpoint's world size)."""
@@ -65,13 +92,16 @@ def run_generate(graph: Graph, args) -> list[str]:
     from mimo_builder._internal.platform.launch import launch
     from mimo_builder._internal.validation import validate_graph
 
-    options = GenerationOptions(args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    options = GenerationOptions(args.max_new_tokens or DEFAULT_NEW_TOKENS, args.temperature, args.top_k, args.seed)
     if options.problems():
         raise ConfigError("generate: " + "; ".join(options.problems()))
     nproc = args.nproc or read_manifest(resolve(args.load)).world_size
     valid = validate_graph(graph, nproc)
-    generating_node(valid)
+    node = generating_node(valid)
+    options = dataclasses.replace(options, max_new_tokens=_max_new_tokens(valid, node, args.max_new_tokens))
+    data = load_data(args.data, "--data")
+    data.check(valid, "--data")
+    _check_samples(data, args.samples)
     check_resumable(valid, args.load)
-    load_data(args.data, "--data").check(valid, "--data")
     return launch(generate_answers, nproc, graph, args.load, args.data, options, args.batch_size, args.samples,
                   allowed_prefixes(), import_roots())[0]

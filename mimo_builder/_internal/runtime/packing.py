@@ -21,6 +21,19 @@ from mimo_builder._internal.errors import ConfigError
 LENGTHS_PORT = "seq_lengths"
 
 
+class PackingError(ConfigError):
+    """Samples that do not fit the packed rows. A builder packs without knowing its node's name:
+    the step running the node names it (:meth:`of_node`)."""
+
+    def __init__(self, problem: str, node: str | None = None):
+        self.problem, self.node = problem, node
+        super().__init__(problem if node is None else f"node '{node}' {problem}")
+
+    def of_node(self, node: str) -> "PackingError":
+        """The same problem, naming ``node``."""
+        return PackingError(self.problem, node)
+
+
 @dataclass(frozen=True)
 class Packing:
     """Where each sample's tokens sit in the packed rows of one microbatch."""
@@ -34,15 +47,16 @@ class Packing:
     more sequence after its samples."""
 
     @classmethod
-    def plan(cls, lengths: torch.Tensor, width: int, row_length: int, node: str = "?") -> "Packing":
+    def plan(cls, lengths: torch.Tensor, width: int, row_length: int, node: str | None = None) -> "Packing":
         """Pack samples of ``lengths`` tokens (each the start of a row ``width`` wide) into rows of
-        ``row_length``; a sample longer than a row is an error naming ``node``."""
+        ``row_length``; a sample longer than a row is a PackingError (naming ``node`` where given;
+        the step names the node it runs)."""
         counts = [int(n) for n in lengths.tolist()]
         for i, n in enumerate(counts):
             if not 1 <= n <= min(width, row_length):
-                raise ConfigError(f"node '{node}' {LENGTHS_PORT}[{i}] = {n}: a sample holds 1 to "
-                                  f"{min(width, row_length)} tokens (its row is {width} wide, a packed row "
-                                  f"{row_length}, the node's seq_length)")
+                raise PackingError(f"{LENGTHS_PORT}[{i}] = {n}: a sample holds 1 to {min(width, row_length)} tokens "
+                                   f"(its row is {width} wide, a packed row {row_length}, the node's seq_length)",
+                                   node)
         source, seq_idx = [], []
         for row in _first_fit(counts, row_length):
             indices, ids = [], []
