@@ -1,6 +1,8 @@
 """Each CPU workaround in mimo_builder._internal.platform.compat is needed: the scenario fails without it."""
 
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -227,6 +229,51 @@ def _moe_alltoall_dispatch(skip: tuple[str, ...]) -> float:
     return float(output.detach().abs().sum())
 
 
+def _writer_queue_process(skip: tuple[str, ...], ready) -> None:
+    """In a child process: the writer queue MCore's checkpoint saves use (it starts its server)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    compat.init_runtime("cpu", skip=skip)
+    filesystem_async.get_write_results_queue()
+    ready.set()
+    time.sleep(120)
+
+
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _killed_rank_leaves_no_writer(skip: tuple[str, ...]) -> float:
+    """A process that started the checkpoint writer's queue is SIGKILLed: its server must go too."""
+    import multiprocessing as mp
+
+    import psutil
+
+    context = mp.get_context("fork")
+    ready = context.Event()
+    child = context.Process(target=_writer_queue_process, args=(skip, ready))
+    child.start()
+    ready.wait(timeout=60)
+    servers = psutil.Process(child.pid).children(recursive=True)  # the queue's server, its resource tracker
+    names = {p.pid: " ".join(p.cmdline())[-60:] for p in servers}
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    alive, deadline = servers, time.monotonic() + 10
+    while alive and time.monotonic() < deadline:  # a zombie is dead: the tests' subreaper reaps it later
+        time.sleep(0.2)
+        alive = [p for p in alive if _running(p)]
+    for process in alive:  # leave nothing running either way
+        process.kill()
+    if alive:
+        raise RuntimeError(f"the writer queue's server outlived its killed rank: {[(p.pid, names[p.pid]) for p in alive]}")
+    return float(len(servers))
+
+
 TWO_RANKS = ("_tied_embeddings_across_pipeline_stages", "_mcore_optimizer_step", "_rotary_embedding_under_cp",
              "_moe_alltoall_dispatch")
 
@@ -252,6 +299,7 @@ NEEDED_BY = {
     "cuda_factories": (_mcore_optimizer_step, "NVIDIA driver"),
     "node_scoped_gather": (_mcore_optimizer_step, "all_gather_object"),
     "checkpoint_staging_sync": (_checkpoint_save, "NVIDIA driver"),
+    "writer_queue_dies_with_rank": (_killed_rank_leaves_no_writer, "outlived its killed rank"),
     "fresh_adam_steps": (_distributed_optimizer_resume, "assert len(steps) == 1"),
     "adam_step_on_load": (_distributed_optimizer_resume, "KeyError: 'step'"),
     "adam_step_per_parameter": (_distributed_optimizer_resume, "Adam steps after resuming"),
@@ -267,7 +315,8 @@ def test_every_workaround_has_a_reason_and_a_test():
 @pytest.mark.parametrize("scenario", [_tiny_gpt_train_step, _hybrid_stack_with_final_norm,
                                       _tied_embeddings_across_pipeline_stages, _mcore_optimizer_step,
                                       _checkpoint_save, _distributed_optimizer_resume,
-                                      _rotary_embedding_under_cp, _moe_alltoall_dispatch])
+                                      _rotary_embedding_under_cp, _moe_alltoall_dispatch,
+                                      _killed_rank_leaves_no_writer])
 def test_scenarios_pass_with_all_workarounds(scenario):
     assert _run(scenario, ()) > 0
 

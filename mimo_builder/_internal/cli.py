@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        code = getattr(err, "exit_code", 2)  # 2 for a mistake; a preempted run has its own
+        print(f"{'error' if code == 2 else 'stopped'}: {err}", file=sys.stderr)
+        return code
     except BrokenPipeError:
         return _stdout_closed()
 
@@ -55,15 +56,19 @@ def _stdout_closed() -> int:
 
 
 def _writable_folder(path: str, flag: str) -> None:
-    """A folder a run will create or write into: none of it may be a file (named before any rank starts)."""
-    from pathlib import Path
+    """A folder a run will create or write into: none of it a file, its nearest existing folder
+    writable (named before any rank starts)."""
+    from mimo_builder._internal.platform.output_paths import check_folder
 
-    from mimo_builder._internal.errors import ConfigError
+    check_folder(path, flag)
 
-    for part in (Path(path), *Path(path).parents):
-        if part.exists() and not part.is_dir():
-            what = "is a file" if part == Path(path) else f"lies under {part}, which is a file"
-            raise ConfigError(f"{flag} {path}: {what}; give a folder")
+
+def _writable_file(path: str | None, flag: str) -> None:
+    """A file a command writes at its end (``-o``), checked before its work starts."""
+    from mimo_builder._internal.platform.output_paths import check_file
+
+    if path:
+        check_file(path, flag)
 
 
 def _load(args, world_size: int | None, lead: bool = True):
@@ -117,15 +122,23 @@ def _plan(args) -> int:
 
 
 def _predicted(args, valid, schedule) -> list[str]:
+    from mimo_builder._internal.errors import ConfigError
     from mimo_builder._internal.planning.commands import prediction_lines
     from mimo_builder._internal.planning.cost_table import CostTable
+    from mimo_builder._internal.runtime.batch import split_problems
 
-    return prediction_lines(valid, CostTable.load(args.costs), args.microbatches, args.batch_size, schedule.batched)
+    costs = CostTable.load(args.costs)
+    costs.check_covers(valid.graph, f"--costs {args.costs}")
+    problems = split_problems(valid, args.batch_size, args.microbatches)
+    if problems:  # the step predicted would be one run refuses
+        raise ConfigError("--batch-size / --microbatches:\n" + "\n".join(f"  - {p}" for p in problems))
+    return prediction_lines(valid, costs, args.microbatches, args.batch_size, schedule.batched)
 
 
 def _profile(args) -> int:
     from mimo_builder._internal.planning.commands import profile_command
 
+    _writable_file(args.output, "-o")
     profile_command(_load(args, args.world_size), args.world_size, args.batch_size, args.output)
     return 0
 
@@ -135,8 +148,13 @@ def _place(args) -> int:
     from mimo_builder._internal.planning.commands import place_command, profile_command
     from mimo_builder._internal.planning.cost_table import CostTable
 
+    _writable_file(args.output, "-o")
     graph = load_graph(args.file)
-    costs = CostTable.load(args.costs) if args.costs else profile_command(graph, args.world_size, args.batch_size, None)
+    if args.costs:
+        costs = CostTable.load(args.costs)
+        costs.check_covers(graph, f"--costs {args.costs}")
+    else:
+        costs = profile_command(graph, args.world_size, args.batch_size, None)
     memory = args.gpu_memory[0] if args.gpu_memory else None
     return place_command(graph, args.world_size, costs, args.batch_size, memory, args.top, args.output)
 
@@ -225,7 +243,8 @@ def _run(args) -> int:
     if lead:
         print_plan(plan, num_microbatches=args.microbatches)
     options = TrainOptions(steps=args.steps, batch_size=args.batch_size, num_microbatches=args.microbatches,
-                           lr=args.lr, save=args.save, save_interval=args.save_interval, save_frozen=args.save_frozen,
+                           lr=args.lr, save=args.save, save_interval=args.save_interval,
+                           save_interval_minutes=args.save_interval_minutes, save_frozen=args.save_frozen,
                            load=args.load, step_timeout_s=args.step_timeout,
                            first_step_timeout_s=args.first_step_timeout,
                            log_interval=args.log_interval, tensorboard=args.tensorboard,
@@ -257,8 +276,10 @@ def _check_checkpoint_args(args, valid) -> None:
     from mimo_builder._internal.checkpoint.checkpointer import check_resumable
     from mimo_builder._internal.errors import ConfigError
 
-    if (args.save_interval is not None or args.save_frozen) and not args.save:
-        raise ConfigError("--save-interval and --save-frozen need --save DIR")
+    if (args.save_interval is not None or args.save_interval_minutes is not None or args.save_frozen) and not args.save:
+        raise ConfigError("--save-interval, --save-interval-minutes and --save-frozen need --save DIR")
+    if args.resume:
+        args.load = _resume_from(args)
     if args.load:  # a missing folder, a bad manifest, another graph or a damaged shard: before any rank starts
         from mimo_builder._internal.runtime.train import TrainOptions
 
@@ -266,6 +287,24 @@ def _check_checkpoint_args(args, valid) -> None:
     for folder, flag in ((args.save, "--save"), (args.tensorboard, "--tensorboard")):
         if folder:
             _writable_folder(folder, flag)
+
+
+def _resume_from(args) -> str | None:
+    """``--resume``: the --save folder when it holds a complete step (its other checks follow as
+    for --load), else None (a fresh start); rank 0 says which."""
+    from mimo_builder._internal.checkpoint.files import is_project_checkpoint
+    from mimo_builder._internal.errors import ConfigError
+
+    if not args.save:
+        raise ConfigError("--resume needs --save DIR: it continues from the latest step saved there")
+    if args.load:
+        raise ConfigError("--resume and --load both name where to start: --resume reads --save DIR, "
+                          "--load DIR starts from another folder; give one")
+    found = is_project_checkpoint(args.save)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"--resume: {'a checkpoint' if found else 'no checkpoint yet'} under {args.save}; "
+              + ("resuming from its latest step" if found else "starting at step 1"), flush=True)
+    return args.save if found else None
 
 
 def _generate(args) -> int:

@@ -14,6 +14,17 @@ def _count(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """An argparse type: an integer in [0, 2**64), the seeds torch's generators take."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**64 - 1 (a generator's seed), got {text!r}")
+    return value
+
+
 def _positive(text: str) -> float:
     """An argparse type: a finite number above 0."""
     try:
@@ -138,7 +149,7 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_count, default=20)
     p.add_argument("--batch-size", type=_count, default=8, help="global batch size")
     p.add_argument("--microbatches", type=_count, default=1)
-    p.add_argument("--seed", type=int, help="seeds the weights' initialisation and the order of the training "
+    p.add_argument("--seed", type=_seed, help="seeds the weights' initialisation and the order of the training "
                    "samples (default: TrainOptions.seed); a resumed run keeps its data seed")
     p.add_argument("--lr", type=_learning_rate, default=None,
                    help="peak learning rate for every node (default: the document's optimizer.lr)")
@@ -152,10 +163,15 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                         "seq_lengths to the node that reads input_ids)")
     p.add_argument("--save", metavar="DIR", help="write checkpoints into DIR (the last step always)")
     p.add_argument("--save-interval", type=_count, metavar="N", help="also save every N steps")
+    p.add_argument("--save-interval-minutes", type=_positive, metavar="M",
+                   help="also save once M minutes of wall time passed since the last save (rank 0's clock)")
     p.add_argument("--save-frozen", action="store_true",
                    help="also save frozen nodes (by default they come back from their init: source)")
     p.add_argument("--load", metavar="DIR", help="resume from DIR (its latest step, or a step folder); "
                                                  "--steps is the step to finish at")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest complete step under --save DIR if there is one, else start "
+                        "fresh (the same command starts and resumes a job)")
     p.add_argument("--step-timeout", type=_seconds, default=60.0, metavar="S",
                    help="end the run, naming the silent ranks, when a step phase makes no progress for "
                         "S seconds (default 60; 0: no limit)")
@@ -176,10 +192,12 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--load", metavar="DIR", required=True, help="the checkpoint (its latest step, or a step folder)")
     p.add_argument("--data", metavar="MODULE:FUNCTION", required=True, help="GraphData whose prompts to answer, in order")
-    p.add_argument("--max-new-tokens", type=_count, default=32)
+    p.add_argument("--max-new-tokens", type=_count, metavar="N",
+                   help="new tokens per sample at most (default: 32, or the generating node's seq_length where "
+                        "smaller; more than seq_length is refused)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampling")
     p.add_argument("--top-k", type=_count, help="sample among the k most likely tokens")
-    p.add_argument("--seed", type=int, default=0, help="seeds the sampling")
+    p.add_argument("--seed", type=_seed, default=0, help="seeds the sampling")
     p.add_argument("--samples", type=_count, default=8, help="how many samples to answer (default 8)")
     p.add_argument("--batch-size", type=_count, default=8)
     p.add_argument("--nproc", type=_count, help="ranks to build on (default: the checkpoint's world size)")

@@ -29,6 +29,17 @@ class GraphError(MimoError, ValueError):
         super().__init__(f"graph is invalid ({len(self.problems)} problem(s)):\n{lines}")
 
 
+EXIT_PREEMPTED = 85
+"""``mimo-builder run``'s exit status when it stopped for a preemption signal (after saving, with
+``--save``): a job script can requeue on it (``[ $? -eq 85 ] && scontrol requeue $SLURM_JOB_ID``)."""
+
+
+class Preempted(MimoError):
+    """A run stopped after a step because a rank (or its launcher) got SIGTERM or SIGUSR1."""
+
+    exit_code = EXIT_PREEMPTED
+
+
 class DependencyError(MimoError, ImportError):
     """An optional dependency is missing; the message names the install command."""
 

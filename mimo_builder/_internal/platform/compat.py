@@ -4,7 +4,7 @@
 names the MCore behaviour it answers in one line (``reason``) and has a test that fails
 without it (``tests/test_compat.py``). On CPU all are installed once; on CUDA only those that
 answer something CUDA lacks too (``needed_on``: the global memory buffer, the final norm without
-Transformer Engine), so no CUDA call is ever redirected. ``cpu_scope()`` installs them for one
+Transformer Engine, the checkpoint writer's queue that must die with its rank), so no CUDA call is ever redirected. ``cpu_scope()`` installs them for one
 block and restores the originals (planning on a fake world); ``cuda_factories_on_cpu(device)``
 and ``gather_objects_within(group)`` are scopes around MCore's optimizer calls;
 ``give_fresh_adam_its_steps`` prepares a fresh distributed optimizer for a checkpoint load. ``seed_rng``
@@ -164,6 +164,14 @@ def _checkpoint_staging_without_sync(patch: Patch) -> None:
           staticmethod(lambda buckets, non_blocking=True: stage(buckets, non_blocking=False)))
 
 
+def _writer_queue_dies_with_rank(patch: Patch) -> None:
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from mimo_builder._internal.platform.writer_queue import WriterQueue
+
+    patch(filesystem_async, "get_write_results_queue", WriterQueue())
+
+
 def _adam_step_not_a_state_tensor(patch: Patch) -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -247,6 +255,12 @@ WORKAROUNDS: dict[str, Workaround] = {
             "checkpoint_staging_sync",
             "dist_checkpointing stages tensors with non_blocking copies, then torch.cuda.synchronize().",
             _checkpoint_staging_without_sync,
+        ),
+        Workaround(
+            "writer_queue_dies_with_rank",
+            "dist_checkpointing's writer queue lives in a Manager process that outlives a killed rank.",
+            _writer_queue_dies_with_rank,
+            needed_on=lambda device: True,
         ),
         Workaround(
             "node_scoped_gather",

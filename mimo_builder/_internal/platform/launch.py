@@ -29,9 +29,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mimo_builder._internal.platform.attempts import rendezvous_store
 from mimo_builder._internal.platform.compat import quiet_dependency_warnings, resolve_device
-from mimo_builder._internal.errors import MimoError
-from mimo_builder._internal.platform.strict_p2p import BANNER, p2p_mode, strict_p2p
+from mimo_builder._internal.errors import MimoError, Preempted
+from mimo_builder._internal.platform.strict_p2p import BANNER, p2p_mode, p2p_timeout_s, strict_p2p
 
 DEFAULT_INIT_TIMEOUT_S = 120.0
 _POLL_S = 0.2
@@ -80,6 +81,7 @@ def launch(
         raise ValueError(f"launch: nproc must be >= 1, got {nproc}")
     backend = backend or default_backend()
     strict = p2p_mode() == "strict" and backend == "gloo"
+    p2p_timeout_s()  # a bad MIMO_BUILDER_P2P_TIMEOUT is named here, not by every rank
     if strict and int(os.environ.get("RANK", "0")) == 0:
         print(BANNER, file=sys.stderr, flush=True)
     if under_torchrun():
@@ -102,12 +104,12 @@ def _run_here(fn, nproc, args, init_timeout_s, backend, strict):
         raise ValueError(f"launch: nproc={nproc} but torchrun started WORLD_SIZE={world}")
     timeout = datetime.timedelta(seconds=init_timeout_s)
     _die_with(os.getppid())  # torchrun's agent: a killed agent must not leave its ranks training on
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timeout, **_device_option(backend))
+    if not dist.is_initialized():  # in this attempt's keys: a restarted job must not meet the last one's
+        dist.init_process_group(backend, store=rendezvous_store(timeout), rank=int(os.environ["RANK"]),
+                                world_size=world, timeout=timeout, **_device_option(backend))
     if not strict:
         return fn(*args)
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
-    with strict_p2p(store):
+    with strict_p2p(rendezvous_store(timeout)):
         return fn(*args)
 
 
@@ -139,7 +141,7 @@ def _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend, strict):
     for p in procs:
         p.start()
     try:
-        with _terminate_raises():
+        with _signals_reach_ranks(procs):
             values = _collect(procs, results, nproc, timeout_s, store)
     except BaseException:
         _kill(procs)
@@ -203,11 +205,14 @@ TRACEBACK_VARIABLE = "MIMO_BUILDER_TRACEBACK"
 """Set to 1 (``mimo-builder --traceback``): a rank's failure comes with its full traceback."""
 
 
+_PREEMPTED = f"{Preempted.__name__}: "
+
+
 def _report(err: BaseException) -> str:
     """A rank's failure as the launcher shows it: a MimoError's message (what the user must fix),
     anything else with its traceback; with ``MIMO_BUILDER_TRACEBACK=1`` every failure with the
     traceback of where it was raised (a step's: the node's own code, e.g. a user's ``forward``)."""
-    if isinstance(err, MimoError) and os.environ.get(TRACEBACK_VARIABLE) != "1":
+    if isinstance(err, Preempted) or (isinstance(err, MimoError) and os.environ.get(TRACEBACK_VARIABLE) != "1"):
         return f"{type(err).__name__}: {err}"
     where = getattr(err, "trace", "")  # a StepError carries the failing rank's own traceback
     return (f"{where}\n" if where else "") + traceback.format_exc()
@@ -234,9 +239,12 @@ def _collect(procs, results, nproc, timeout_s, store):
                 missing = sorted(set(range(nproc)) - set(values))
                 raise RankError(missing[0], f"timed out after {timeout_s:.0f}s; ranks {missing} unfinished")
             continue
-        if not ok:
+        if not ok and not payload.startswith(_PREEMPTED):
             _raise_root_cause(procs, results, values, {rank: payload}, store)
         values[rank] = payload
+    stopped = [v for v in values.values() if isinstance(v, str)]
+    if stopped:  # every rank stopped after the same step (they agreed): the run was preempted
+        raise Preempted(stopped[0].removeprefix(_PREEMPTED))
     return [pickle.loads(values[r]) for r in range(nproc)]
 
 
@@ -315,20 +323,29 @@ def _published_failure(store) -> tuple[int, str] | None:
 
 
 @contextlib.contextmanager
-def _terminate_raises():
-    """While ranks run, SIGTERM to this process stops them too (as Ctrl-C does)."""
+def _signals_reach_ranks(procs):
+    """While ranks run, SIGTERM or SIGUSR1 to this process is passed on to them: a training rank
+    stops after its step (saving, with --save; :mod:`mimo_builder._internal.runtime.preemption`),
+    any other rank ends. A second SIGTERM stops them at once, as Ctrl-C does."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    received = []
 
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
+    def forward(signum, frame):
+        if received and signum == signal.SIGTERM:
+            raise SystemExit(128 + signum)
+        received.append(signum)
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signum)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _die_with(launcher: int) -> None:

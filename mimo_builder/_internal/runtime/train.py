@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallelConfig
 
 from mimo_builder._internal.platform import compat
+from mimo_builder._internal.platform.cpu_rng import offset_seed
 from mimo_builder._internal.checkpoint import Checkpointer, DataPosition
 from mimo_builder._internal.checkpoint.files import read_stream_states
 from mimo_builder._internal.data import load_data
@@ -20,6 +22,7 @@ from mimo_builder._internal.document.graph import Graph
 from mimo_builder._internal.kinds.registry import active_registry, allow_modules, allowed_prefixes, import_roots
 from mimo_builder._internal.runtime.monitor import StepRecord, TrainingMonitor
 from mimo_builder._internal.runtime.optim import GraphOptimizer
+from mimo_builder._internal.runtime.preemption import Preempted, PreemptionSignals, SaveClock
 from mimo_builder._internal.runtime.schedule import GraphSchedule, StepError
 from mimo_builder._internal.runtime.packing import LENGTHS_PORT
 from mimo_builder._internal.runtime.shards import RankBatch
@@ -44,6 +47,8 @@ class TrainOptions:
     """Checkpoint folder to write into (None: no checkpoints)."""
     save_interval: int | None = None
     """Save every this many steps (None: at the end only); the last step is always saved."""
+    save_interval_minutes: float | None = None
+    """Also save once this much wall time passed since the last save (None: by steps only)."""
     save_frozen: bool = False
     """Also save frozen nodes (else they come back from their ``init`` source)."""
     load: str | None = None
@@ -116,20 +121,26 @@ def _train_built(model, options: TrainOptions, device) -> list[float]:
         if loader is not None and resumed is not None:
             _message(monitor, _restore_stream(loader, resumed))
         batches = loader if loader is not None else _synthetic(model, options, done, data_seed)
-        for step, batch in batches:
-            start = time.perf_counter()
-            optimizer.zero_grad()
-            loss = schedule.forward_backward(batch, options.num_microbatches)
-            result = optimizer.step(loss)
-            seconds = time.perf_counter() - start
-            losses.append(loss)
-            _report(monitor, model, optimizer, timer.take(), StepRecord(
-                step, loss, result.grad_norm, 0, seconds, skipped=result.skipped,
-                nonfinite_nodes=result.nonfinite_nodes), _tokens(batch))
-            if options.save and (step == options.steps or (options.save_interval and step % options.save_interval == 0)):
-                path = checkpointer.save(options.save, step, _position(loader, options, data_seed, step),
-                                         loader.states() if loader is not None else None)
-                _message(monitor, f"saved step {step} to {path}")
+        save = functools.partial(_save, monitor, checkpointer, options, loader, data_seed)
+        clock = SaveClock(options.save_interval_minutes)
+        with PreemptionSignals() as signals:
+            for step, batch in batches:
+                start = time.perf_counter()
+                optimizer.zero_grad()
+                loss = schedule.forward_backward(batch, options.num_microbatches)
+                result = optimizer.step(loss)
+                seconds = time.perf_counter() - start
+                losses.append(loss)
+                _report(monitor, model, optimizer, timer.take(), StepRecord(
+                    step, loss, result.grad_norm, 0, seconds, skipped=result.skipped,
+                    nonfinite_nodes=result.nonfinite_nodes), _tokens(batch))
+                received, timed = signals.agree(model.control, clock.due())
+                due = timed or step == options.steps or (options.save_interval and step % options.save_interval == 0)
+                if options.save and (due or received):
+                    save(step)
+                    clock.saved()
+                if received and step < options.steps:
+                    raise _preempted(options, step, received)
         if optimizer.skipped_steps:
             _message(monitor, f"skipped {optimizer.skipped_steps} steps in all (non-finite loss or gradients)")
         if held_out:
@@ -147,7 +158,7 @@ def first_step_notice() -> str:
 
 def _synthetic(model, options: TrainOptions, done: int, data_seed: int):
     """(step, whole synthetic batch) for the steps left, the same on every rank."""
-    return ((step, synthetic_batch(model.valid, options.batch_size, seed=data_seed + step))
+    return ((step, synthetic_batch(model.valid, options.batch_size, seed=offset_seed(data_seed, step)))
             for step in range(done + 1, options.steps + 1))
 
 
@@ -158,6 +169,19 @@ def _loader(model, options: TrainOptions, done: int, data_seed: int) -> RankLoad
     data = load_data(options.data, "--data")
     return data.loader(model.valid, dist.get_rank(), options.batch_size, num_microbatches=options.num_microbatches,
                        first_step=done + 1, last_step=options.steps, seed=data_seed)
+
+
+def _save(monitor, checkpointer: Checkpointer, options: TrainOptions, loader, data_seed: int, step: int) -> None:
+    path = checkpointer.save(options.save, step, _position(loader, options, data_seed, step),
+                             loader.states() if loader is not None else None)
+    _message(monitor, f"saved step {step} to {path}")
+
+
+def _preempted(options: TrainOptions, step: int, received: str) -> Preempted:
+    """The error that ends a run stopped after ``step`` for a preemption signal (saved with --save)."""
+    where = (f"step {step} is saved in {options.save}: the same command with --resume continues from it"
+             if options.save else "nothing was saved (no --save)")
+    return Preempted(f"stopped after step {step} of {options.steps} for {received} (preemption); {where}")
 
 
 def _position(loader: RankLoader | None, options: TrainOptions, data_seed: int, step: int) -> DataPosition:
