@@ -55,4 +55,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return _PUBLIC.dir(globals())
+    return sorted({*_PUBLIC.dir(globals()), "__version__"})
