@@ -29,6 +29,10 @@ class GraphError(MimoError, ValueError):
         super().__init__(f"graph is invalid ({len(self.problems)} problem(s)):\n{lines}")
 
 
+class DataError(MimoError, ValueError):
+    """A sample does not fit the graph; names the sample (its dataset index) and the field."""
+
+
 EXIT_PREEMPTED = 85
 """``mimo-builder run``'s exit status when it stopped for a preemption signal (after saving, with
 ``--save``): a job script can requeue on it (``[ $? -eq 85 ] && scontrol requeue $SLURM_JOB_ID``)."""

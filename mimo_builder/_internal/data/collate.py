@@ -23,16 +23,12 @@ import re
 import torch
 
 from mimo_builder._internal.kinds.contract import output_tokens_of
-from mimo_builder._internal.errors import ConfigError, MimoError
+from mimo_builder._internal.errors import ConfigError, DataError, MimoError  # noqa: F401 (DataError: public here too)
 from mimo_builder._internal.runtime.batch import tensor_problems
 from mimo_builder._internal.runtime.packing import LENGTHS_PORT
 from mimo_builder._internal.validation import ValidGraph
 
 TEXT_PORTS = ("input_ids", "labels", "loss_mask", "position_ids", LENGTHS_PORT)
-
-
-class DataError(MimoError, ValueError):
-    """A sample does not fit the graph; names the sample and the field."""
 
 
 class GraphCollator:
