@@ -15,6 +15,8 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from mimo_builder._internal.kinds import costs
 from mimo_builder._internal.kinds.builder import ModelBuilder, Port, Ports
 from mimo_builder._internal.errors import ConfigError
+from mimo_builder._internal.assembly.tp_shard import unwrap
+from mimo_builder._internal.runtime.items import Items, run_items
 from submodels.sdpa_attention import with_core_attention
 from mimo_builder._internal.kinds.transformer import TRANSFORMER_LINEARS, make_transformer_config, use_te
 from submodels.hf_whisper import sinusoids, whisper_encoder_mapping  # noqa: F401 (sinusoids: public here too)
@@ -46,6 +48,27 @@ class AudioBuilder(ModelBuilder):
     def output_tokens(self, input_tokens):
         """``embeddings`` carries ceil(frames / 2) tokens (the stride-2 conv)."""
         return {"embeddings": math.ceil(self._frames(input_tokens) / 2)}
+
+    @property
+    def ragged_inputs(self) -> frozenset[str]:
+        """``features`` takes a list of clips per sample in the frames-first layout."""
+        return frozenset({"features"}) if self.config.features_layout == "frames_mels" else frozenset()
+
+    def item_tokens(self, port, shape):
+        """One clip [frames, n_mels]: ceil(frames / 2) tokens; 1 to ``max_frames`` frames."""
+        frames, mels = shape
+        cfg = self.config
+        if mels != cfg.n_mels or not 0 < frames <= cfg.max_frames:
+            raise ValueError(f"a clip of {frames} frames x {mels} mels: the encoder takes 1 to {cfg.max_frames} "
+                             f"frames (max_frames) of {cfg.n_mels} mels")
+        return {"embeddings": math.ceil(frames / 2)}
+
+    def run(self, model, inputs):
+        """``embeddings`` of ``features``: a stacked batch, or Items (clips of one length together)."""
+        features = inputs["features"]
+        if isinstance(features, Items):
+            return {"embeddings": run_items(features, model, unwrap(model))}
+        return {"embeddings": model(features)}
 
     def _frames(self, input_tokens) -> int:
         """Input frames: the axis after the batch, or max_frames in Whisper's layout."""

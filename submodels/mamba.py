@@ -330,7 +330,8 @@ def place_modalities(embedded: torch.Tensor, ids: torch.Tensor, token_ids: dict[
     """Replace each placeholder token's embedding by the modality's embeddings, in order.
 
     ``embedded`` is [tokens, batch, hidden]; a modality input is [batch, n, hidden] and each
-    sample must hold exactly n placeholders of that modality's token id. One out-of-place write
+    sample holds n placeholders of that modality's token id, or (ragged items, padded to the
+    longest sample) at most n: its first rows fill them. One out-of-place write
     in the embedding's own layout (no transposed copies).
     """
     tokens, samples, rows = [], [], []
@@ -343,7 +344,8 @@ def place_modalities(embedded: torch.Tensor, ids: torch.Tensor, token_ids: dict[
                                  f"tokens {token} but no '{port}' embeddings arrived")
             continue
         values = inputs[port]
-        if bool((counts != values.shape[1]).any()):
+        exact = bool((counts == values.shape[1]).all())
+        if not exact and bool((counts > values.shape[1]).any()):
             raise ValueError(f"MambaConfig.modality_token_ids[{port!r}]: samples hold {counts.tolist()} "
                              f"placeholder tokens (id {token}) but '{port}' brings {values.shape[1]} "
                              "embeddings per sample (for synthetic batches the placeholders number what "
@@ -351,7 +353,11 @@ def place_modalities(embedded: torch.Tensor, ids: torch.Tensor, token_ids: dict[
         sample, position = where.nonzero(as_tuple=True)  # sample by sample, positions in order
         samples.append(sample)
         tokens.append(position)
-        rows.append(values.reshape(-1, values.shape[-1]))
+        if exact:
+            rows.append(values.reshape(-1, values.shape[-1]))
+        else:  # ragged items: each sample's first rows are its items' tokens, the rest padding
+            used = torch.arange(values.shape[1], device=values.device) < counts.unsqueeze(1)
+            rows.append(values[used])
     if not rows:
         return embedded
     return embedded.index_put((joined(tokens), joined(samples)), joined(rows).to(embedded.dtype))

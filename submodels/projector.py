@@ -138,8 +138,8 @@ class Projector(MultimodalProjector):
             return super().forward(hidden_states)
         batch, tokens, features = hidden_states.shape
         r = self.token_reduction
-        if tokens % r:
-            raise ValueError(f"token_reduction {r} does not divide the {tokens} input tokens; "
-                             "pad the tokens or choose a token_reduction that divides them")
+        if tokens % r:  # ragged items' padding (each item's own tokens divide, checked per item)
+            hidden_states = F.pad(hidden_states, (0, 0, 0, r - tokens % r))
+            tokens += r - tokens % r
         merged = hidden_states.reshape(batch, tokens // r, features * r)
         return super().forward(merged)

@@ -13,6 +13,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from mimo_builder._internal.kinds import costs
 from mimo_builder._internal.kinds.builder import ModelBuilder, Port, Ports
 from mimo_builder._internal.errors import ConfigError
+from mimo_builder._internal.assembly.tp_shard import unwrap
+from mimo_builder._internal.runtime.items import Items, run_items
 from submodels.sdpa_attention import with_core_attention
 from mimo_builder._internal.kinds.transformer import TRANSFORMER_LINEARS, make_transformer_config, use_te
 from submodels.vision_config import VisionConfig  # noqa: F401 (the kind's config, public here too)
@@ -47,6 +49,24 @@ class VisionBuilder(ModelBuilder):
     def output_tokens(self, input_tokens):
         """``embeddings`` carries the config's ``num_tokens``, whatever the input."""
         return {"embeddings": self.config.num_tokens}
+
+    ragged_inputs = frozenset({"pixel_values"})
+
+    def item_tokens(self, port, shape):
+        """One image [C, H, W]: (H / patch) x (W / patch) patches (+ the class token); H and W
+        multiples of the patch up to ``largest_image``, C the configured channels."""
+        channels, height, width = shape
+        if channels != self.config.num_channels:
+            raise ValueError(f"an image of {channels} channels; the tower takes {self.config.num_channels}")
+        return {"embeddings": self.config.image_tokens(height, width)}
+
+    def run(self, model, inputs):
+        """``embeddings`` of ``pixel_values``: a stacked batch, or Items (a list of images per
+        sample, images of one size through the tower together; :func:`run_items`)."""
+        images = inputs["pixel_values"]
+        if isinstance(images, Items):
+            return {"embeddings": run_items(images, model, unwrap(model))}
+        return {"embeddings": model(images)}
 
     def synthetic_inputs(self, batch_size, generator, tokens):
         """Random normal ``pixel_values`` of the configured channels and image size."""
@@ -146,6 +166,31 @@ class ViTModel(CLIPViTModel):
         if num_channels != self.conv1.in_channels:
             self.conv1 = torch.nn.Conv2d(num_channels, self.visual_hidden_size, kernel_size=self.patch_dim,
                                          stride=self.patch_dim, bias=self.conv1.bias is not None)
+
+    def forward(self, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        """[B, N, H] embeddings of [B, C, h, w] images: the configured size as MCore's model runs
+        it, another grid with the position table interpolated (bicubic, as CLIP's
+        ``interpolate_pos_encoding``)."""
+        grid = (x.shape[-2] // self.patch_dim, x.shape[-1] // self.patch_dim)
+        if grid == (self.img_h // self.patch_dim, self.img_w // self.patch_dim):
+            return super().forward(x, attention_mask)
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid cells, hidden]
+        if self.add_class_token:
+            x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.grid_positions(*grid)
+        if self.ln_pre:
+            x = self.ln_pre(x)
+        x = self.decoder(x.transpose(0, 1).contiguous(), attention_mask).transpose(0, 1).contiguous()
+        return self.ln_post(x) if self.ln_post else x
+
+    def grid_positions(self, rows: int, cols: int) -> torch.Tensor:
+        """[class token +] rows x cols position embeddings, the configured grid's table resized."""
+        table = self.position_embeddings.weight
+        first = self.class_token_len if self.add_class_token else 0
+        side = (self.img_h // self.patch_dim, self.img_w // self.patch_dim)
+        grid = table[first:].reshape(1, *side, -1).permute(0, 3, 1, 2)
+        grid = torch.nn.functional.interpolate(grid.float(), size=(rows, cols), mode="bicubic", align_corners=False)
+        return torch.cat([table[:first], grid.to(table.dtype).permute(0, 2, 3, 1).reshape(rows * cols, -1)])
 
     @property
     def position_ids(self) -> torch.Tensor:

@@ -26,6 +26,11 @@ class VisionConfig(TransformerModelConfig):
     patch_size: PositiveInt
     """Height and width of one patch; must divide image_size."""
 
+    max_image_size: PositiveInt | None = None
+    """Largest height or width of an image in a list of images (ragged items, any size that is a
+    multiple of patch_size up to this; None: image_size). The learned positions stay those of
+    image_size, interpolated (bicubic, as CLIP and SigLIP do) for other grids."""
+
     num_channels: PositiveInt = 3
     """Channels of the input image."""
 
@@ -48,6 +53,19 @@ class VisionConfig(TransformerModelConfig):
         return self.num_layers + 1 + self.feature_layer
 
     @property
+    def largest_image(self) -> int:
+        """The largest height or width an item may have (max_image_size, else image_size)."""
+        return self.max_image_size or self.image_size
+
+    def image_tokens(self, height: int, width: int) -> int:
+        """Output tokens of one [C, height, width] image; a ValueError for a size the tower refuses."""
+        p, top = self.patch_size, self.largest_image
+        if height % p or width % p or not 0 < height <= top or not 0 < width <= top:
+            raise ValueError(f"an image of {height} x {width} pixels: height and width must be multiples of "
+                             f"patch_size {p} from {p} to {top} (max_image_size)")
+        return (height // p) * (width // p) + int(self.class_token)
+
+    @property
     def num_patches(self) -> int:
         """Patches per image."""
         return (self.image_size // self.patch_size) ** 2
@@ -62,6 +80,8 @@ class VisionConfig(TransformerModelConfig):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
                              "choose a patch_size that divides it")
+        if self.max_image_size is not None and self.max_image_size % self.patch_size:
+            raise ValueError(f"max_image_size {self.max_image_size} is not a multiple of patch_size {self.patch_size}")
         if not -self.num_layers <= self.feature_layer <= -1:
             raise ValueError(f"feature_layer {self.feature_layer} must be in [-num_layers, -1] = "
                              f"[{-self.num_layers}, -1]")

@@ -74,12 +74,13 @@ def build(graph, **ddp):
 
 
 def ragged_steps(graph, packed: bool, counts, initial: dict | None = None, by_rank: bool = False,
-                 overlap: bool = False) -> dict:
+                 overlap: bool = False, batch_of=None) -> dict:
     """From ``initial`` full weights (None: the build's, on one rank), for each microbatch count:
     ``evaluate``'s loss, then one SGD step (no clipping): its loss, grad norm and the full weights
     after it. ``by_rank``: each rank is given only its share of the batch (a RankBatch, as from a
     per-rank loader); ``overlap``: DDP's ``overlap_grad_reduce`` (its grad sync starts from the
-    gradient hooks after the first step). Returns the weights it started from and the runs by count."""
+    gradient hooks after the first step); ``batch_of(valid, packed)`` makes the global batch (default
+    :func:`ragged_batch`). Returns the weights it started from and the runs by count."""
     import torch
     import torch.distributed as dist
 
@@ -92,7 +93,7 @@ def ragged_steps(graph, packed: bool, counts, initial: dict | None = None, by_ra
     params = {n: global_params(model, n) for n in model.valid.order if model.hosts(n)}
     if initial is None:
         initial = {n: {k: p.detach().clone() for k, p in ps.items()} for n, ps in params.items()}
-    batch = ragged_batch(model.valid, packed)
+    batch = (batch_of or ragged_batch)(model.valid, packed)
     sgd = OptimizerSettings(optimizer="sgd", lr=LR, clip_grad=1e9, mcore={"sgd_momentum": 0.0})
     schedule, optimizer = GraphSchedule(model), GraphOptimizer(model, sgd)
     runs = {}

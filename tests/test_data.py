@@ -73,12 +73,16 @@ def test_collated_batches_pass_the_graphs_batch_checks():
 
 
 @pytest.mark.parametrize("sample, message", [
-    ({"pixel_values": torch.zeros(3, 32, 32), "prompt": "#", "answer": "1"}, r"sample 0: the prompt lacks <image>"),
+    ({"pixel_values": torch.zeros(3, 32, 32), "prompt": "#", "answer": "1"}, r"sample 0: the text names 0 <image> tag\(s\) but the sample brings 1 item\(s\) to lm.image "
+     r"\(from 'pixel_values'\)"),
     ({"pixel_values": torch.zeros(3, 32, 32), "prompt": "<image><image>", "answer": "1"},
-     r"the prompt repeats <image>"),
+     r"sample 0: the text names more <image> tags than the 1 item\(s\) the sample brings to lm.image"),
     ({"pixel_values": torch.zeros(3, 32, 32), "prompt": "<image>", "answer": "x" * 9},
      r"sample 0: 27 tokens \(prompt 17, answer 9, end of sequence 1\) do not fit node 'lm' seq_length 24"),
-    ({"prompt": "<image>", "answer": "1"}, r"sample 0 has no 'pixel_values', which the graph binds to vision"),
+    ({"prompt": "<image>", "answer": "1"}, r"sample 0: the text names more <image> tags than the 0 item\(s\)"),
+    ({"pixel_values": torch.zeros(3, 12, 32), "prompt": "<image>", "answer": "1"},
+     r"sample 0\['pixel_values'\]\[0\]: an image of 12 x 32 pixels: height and width must be multiples of "
+     r"patch_size 8 from 8 to 32"),
     ({"pixel_values": 3.0, "prompt": "<image>", "answer": "1"},
      r"sample 0\['pixel_values'\] must be an array without the batch axis"),
 ])
@@ -89,13 +93,15 @@ def test_samples_that_do_not_fit_are_named_errors(sample, message):
         GraphCollator(_vlm(), ByteTokenizer())([sample])
 
 
-def test_images_of_different_sizes_are_named():
-    from mimo_builder._internal.data import ByteTokenizer, DataError, GraphCollator
+def test_images_of_different_sizes_become_items():
+    from mimo_builder._internal.data import ByteTokenizer, GraphCollator
+    from mimo_builder._internal.runtime.items import Items
 
     samples = [{"pixel_values": torch.zeros(3, 32, 32), "prompt": "<image>", "answer": "1"},
                {"pixel_values": torch.zeros(3, 16, 16), "prompt": "<image>", "answer": "1"}]
-    with pytest.raises(DataError, match=r"samples disagree on the shape of 'pixel_values'"):
-        GraphCollator(_vlm(), ByteTokenizer())(samples)
+    batch = GraphCollator(_vlm(), ByteTokenizer())(samples)
+    assert isinstance(batch["pixel_values"], Items)
+    assert [[tuple(i.shape) for i in s] for s in batch["pixel_values"].samples] == [[(3, 32, 32)], [(3, 16, 16)]]
 
 
 def test_each_rank_needs_the_chunks_of_its_nodes_shards():

@@ -1,15 +1,25 @@
-"""Samples -> a graph batch: encoder inputs stacked, text tokenised around modality placeholders.
+"""Samples -> a graph batch: encoder inputs stacked (or ragged items), text tokenised around
+modality placeholders.
 
 A sample is a dict:
 
-- one entry per batch key the graph binds to an encoder input (e.g. ``pixel_values`` as
-  ``[channels, height, width]``, ``audio_features`` as ``[frames, mels]``: the port's axes
-  without the batch axis; tensors or numpy arrays);
-- ``prompt``: text the model reads (no loss), where ``<image>`` stands for the modality the
-  backbone takes on its ``image`` port; each tag becomes as many placeholder tokens as that
-  modality brings for this sample's input sizes (from each node's ``output_tokens``);
-- ``answer``: text the model learns to write after the prompt (loss on it and on the end of
-  sequence that follows). A sample without a prompt learns all of its text.
+- per batch key the graph binds to an encoder input (e.g. ``pixel_values``): nothing (the key
+  absent: a text-only sample), one item (``[C, H, W]`` for an image, ``[frames, mels]`` for a
+  clip: the port's axes without the batch; tensors or numpy arrays), or a list of items, each
+  of its own size within the encoder's limits (:mod:`~mimo_builder._internal.data.modalities`);
+- the text, as ``prompt`` and ``answer`` or as ``messages``:
+
+  - ``prompt``: text the model reads (no loss); ``answer``: text it learns to write after the
+    prompt (loss on it and on the end of sequence that follows). A sample without an answer
+    learns its whole prompt, one without a prompt its whole answer;
+  - ``messages``: a conversation, ``[{"role": "system" | "user" | "assistant", "content": ...}]``
+    over several turns; the loss learns the assistant's turns, each with its end of turn
+    (:mod:`~mimo_builder._internal.data.conversation`: the tokenizer's chat template, or a plain one).
+
+  In the text, ``<image>`` stands for the next item that reaches the backbone's ``image`` port
+  (``<audio>`` for ``audio``, ...): each tag becomes as many placeholder tokens as that item
+  brings (its encoder's ``item_tokens`` through the graph's edges). The tags of a port must
+  number its items. Placeholders are never learned.
 
 The backbone is the node whose ``input_ids`` port the batch feeds; its placeholder ids come
 from its builder (``mimo_special_token_ids``). Sequences are right-padded to its
@@ -22,6 +32,8 @@ import re
 
 import torch
 
+from mimo_builder._internal.data.conversation import conversation_ids
+from mimo_builder._internal.data.modalities import ModalityReader
 from mimo_builder._internal.kinds.contract import output_tokens_of
 from mimo_builder._internal.errors import ConfigError, DataError, MimoError  # noqa: F401 (DataError: public here too)
 from mimo_builder._internal.runtime.batch import tensor_problems
@@ -42,14 +54,14 @@ class GraphCollator:
         self.valid, self.tokenizer = valid, tokenizer
         self.text_node = _text_node(valid)
         self.text_keys = {port: key for key, (node, port) in valid.inputs.items() if node == self.text_node}
-        self.encoder_keys = [key for key, (node, _) in valid.inputs.items() if node != self.text_node]
+        self.modalities = ModalityReader(valid, self.text_node)
+        self.encoder_keys = self.modalities.keys
         builder = valid.builders[self.text_node]
         self.placeholders = dict(builder.mimo_special_token_ids())
         self.seq_length = seq_length or getattr(builder.config, "seq_length", None)
         if not self.seq_length:
             raise ConfigError(f"node '{self.text_node}' has no seq_length: give GraphCollator(seq_length=...)")
         self._tags = re.compile("<(" + "|".join(map(re.escape, self.placeholders)) + ")>") if self.placeholders else None
-        self._counts: dict[tuple, dict[str, int]] = {}
         if pack and LENGTHS_PORT not in self.text_keys:
             raise ConfigError(f"GraphCollator(pack=True): the graph binds no batch key to '{self.text_node}."
                               f"{LENGTHS_PORT}', which packing needs; bind one (Graph.packed() does, as run --pack; "
@@ -61,8 +73,8 @@ class GraphCollator:
         if not samples:
             raise DataError("no samples to collate")
         names = names or [f"sample {i}" for i in range(len(samples))]
-        batch = {key: self._stack(key, samples, names) for key in self.encoder_keys}
         rows = [self.tokenize(sample, name=name) for sample, name in zip(samples, names)]
+        batch = {key: self.modalities.batch_value(key, samples, names) for key in self.encoder_keys}
         for port, key in self.text_keys.items():
             batch[key] = torch.stack([row[port] for row in rows])
         return batch
@@ -80,77 +92,88 @@ class GraphCollator:
                 raise DataError(f"{name}: {'; '.join(problems)}")
         raise DataError(f"{names[0]} to {names[-1]}: {'; '.join(tensor_problems(self.valid, batch))}")
 
-    def tokenize(self, sample: dict, index: int = 0, name: str | None = None) -> dict[str, torch.Tensor]:
+    def tokenize(self, sample: dict, index: int = 0, name: str | None = None, *,
+                 generation: bool = False) -> dict[str, torch.Tensor]:
         """One sample's ``input_ids``, ``labels``, ``loss_mask`` and ``position_ids`` rows; errors
-        call it ``name`` (default ``sample INDEX``)."""
+        call it ``name`` (default ``sample INDEX``). With ``generation``, a conversation ends with
+        the prompt of the assistant's next turn (nothing learned)."""
         name = name or f"sample {index}"
-        counts = self.modality_tokens(sample, name)
-        prompt = self._prompt_ids(sample.get("prompt", ""), counts, name)
-        for key in ("prompt", "answer"):
-            if sample.get(key) is not None and not isinstance(sample[key], str):
-                raise DataError(f"{name}[{key!r}] is of type {type(sample[key]).__name__}, not text (str)")
-        answer = self.tokenizer.encode(sample["answer"]) if sample.get("answer") is not None else []
-        eos = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None and answer else []
-        ids = prompt + answer + eos
+        if not isinstance(sample, dict):
+            raise DataError(f"{name} is a {type(sample).__name__}, not a dict of fields")
+        tags = _TagFiller(self, self.modalities.placeholders(sample, name), name)
+        ids, learned, parts = self._text(sample, tags, name, generation)
+        tags.check_used()
         if len(ids) - 1 > self.seq_length or len(ids) < 2:
-            raise DataError(f"{name}: {len(ids)} tokens (prompt {len(prompt)}, answer {len(answer)}"
-                            f"{', end of sequence 1' if eos else ''}) do not fit node '{self.text_node}' "
+            raise DataError(f"{name}: {len(ids)} tokens{parts} do not fit node '{self.text_node}' "
                             f"seq_length {self.seq_length} (a sample needs 2 to {self.seq_length + 1})")
-        first_learned = max(len(prompt) - 1, 0) if answer else 0
+        placeholder_ids = set(self.placeholders.values())
+        mask = [float(learn and token not in placeholder_ids) for token, learn in zip(ids[1:], learned[1:])]
         pad = self.seq_length - (len(ids) - 1)
-        mask = [0.0] * first_learned + [1.0] * (len(ids) - 1 - first_learned) + [0.0] * pad
         return {"input_ids": torch.tensor(ids[:-1] + [self.tokenizer.pad_id] * pad),
                 "labels": torch.tensor(ids[1:] + [self.tokenizer.pad_id] * pad),
-                "loss_mask": torch.tensor(mask),
+                "loss_mask": torch.tensor(mask + [0.0] * pad),
                 "position_ids": torch.arange(self.seq_length),
                 LENGTHS_PORT: torch.tensor(len(ids) - 1)}
 
+    def _text(self, sample: dict, tags: "_TagFiller", name: str, generation: bool):
+        """The sample's ids, per id whether it is learned, and what its parts are (for errors)."""
+        if "messages" in sample:
+            extra = sorted(k for k in ("prompt", "answer") if sample.get(k) is not None)
+            if extra:
+                raise DataError(f"{name} has both 'messages' and {', '.join(map(repr, extra))}; give one form of text")
+            ids, learned = conversation_ids(sample["messages"], self.tokenizer, tags.encode, name, generation=generation)
+            return ids, learned, f" (a conversation of {len(sample['messages'])} turns)"
+        for key in ("prompt", "answer"):
+            if sample.get(key) is not None and not isinstance(sample[key], str):
+                raise DataError(f"{name}[{key!r}] is of type {type(sample[key]).__name__}, not text (str)")
+        if sample.get("prompt") is None and sample.get("answer") is None:
+            raise DataError(f"{name} has no text: give 'prompt' and 'answer', or 'messages'")
+        prompt = tags.encode(sample.get("prompt") or "")
+        answer = self.tokenizer.encode(sample["answer"]) if sample.get("answer") is not None else []
+        eos = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None and answer else []
+        parts = f" (prompt {len(prompt)}, answer {len(answer)}{', end of sequence 1' if eos else ''})"
+        if not answer:
+            return prompt, [True] * len(prompt), parts
+        return prompt + answer + eos, [False] * len(prompt) + [True] * (len(answer) + len(eos)), parts
+
     def modality_tokens(self, sample: dict, name: str = "the sample") -> dict[str, int]:
-        """Placeholder tokens per backbone modality port, for this sample's input sizes."""
-        lengths = {key: _length(sample, key, name) for key in self.encoder_keys}
-        signature = tuple(sorted(lengths.items()))
-        if signature not in self._counts:
-            arriving = arriving_tokens(self.valid, lengths)
-            self._counts[signature] = {port: n for (node, port), n in arriving.items() if node == self.text_node}
-        return self._counts[signature]
+        """Placeholder tokens per backbone modality port, all of the sample's items together."""
+        return {port: sum(counts) for port, counts in self.modalities.placeholders(sample, name).items()}
 
-    def _prompt_ids(self, prompt: str, counts: dict[str, int], name: str) -> list[int]:
-        ids, seen, at = [], [], 0
-        for match in self._tags.finditer(prompt) if self._tags else ():
-            ids += self.tokenizer.encode(prompt[at:match.start()])
+
+class _TagFiller:
+    """Encodes text with each modality tag replaced by the placeholders of the port's next item."""
+
+    def __init__(self, collator: GraphCollator, counts: dict[str, list[int]], name: str):
+        self.c, self.counts, self.name = collator, counts, name
+        self.used = {port: 0 for port in counts}
+
+    def encode(self, text: str) -> list[int]:
+        """``text``'s ids, its tags expanded."""
+        c, ids, at = self.c, [], 0
+        for match in c._tags.finditer(text) if c._tags else ():
+            ids += c.tokenizer.encode(text[at:match.start()])
             port = match.group(1)
-            if port not in counts:
-                raise DataError(f"{name}: prompt tag <{port}> names a port of node '{self.text_node}' "
-                                f"that no edge of the graph feeds")
-            ids += [self.placeholders[port]] * counts[port]
-            seen.append(port)
+            held = self.counts.get(port, [])
+            if self.used.get(port, 0) >= len(held):
+                raise DataError(f"{self.name}: the text names more <{port}> tags than the {len(held)} item(s) "
+                                f"the sample brings to {c.text_node}.{port}{self._feeders(port)}")
+            ids += [c.placeholders[port]] * held[self.used[port]]
+            self.used[port] += 1
             at = match.end()
-        ids += self.tokenizer.encode(prompt[at:])
-        missing = sorted(set(counts) - set(seen))
-        repeated = sorted({p for p in seen if seen.count(p) > 1})
-        if missing or repeated:
-            what = f"lacks {', '.join(f'<{p}>' for p in missing)}" if missing else \
-                f"repeats {', '.join(f'<{p}>' for p in repeated)}"
-            raise DataError(f"{name}: the prompt {what}; each modality that node '{self.text_node}' "
-                            f"receives is placed once, where its tag stands")
-        return ids
+        return ids + c.tokenizer.encode(text[at:])
 
-    def _stack(self, key: str, samples: list[dict], names: list[str]) -> torch.Tensor:
-        values = []
-        for name, sample in zip(names, samples):
-            if key not in sample:
-                node, port = self.valid.inputs[key]
-                raise DataError(f"{name} has no {key!r}, which the graph binds to {node}.{port}")
-            try:
-                values.append(torch.as_tensor(sample[key]))
-            except (TypeError, ValueError, RuntimeError) as err:
-                raise DataError(f"{name}[{key!r}] is of type {type(sample[key]).__name__}, not an array of numbers "
-                                f"({err})") from None
-        shapes = {tuple(v.shape) for v in values}
-        if len(shapes) > 1:
-            raise DataError(f"samples disagree on the shape of {key!r}: {sorted(shapes)}; resize or pad them "
-                            "to one shape before collating")
-        return torch.stack(values)
+    def check_used(self) -> None:
+        """A DataError when the text named fewer items of a port than the sample holds."""
+        for port, held in sorted(self.counts.items()):
+            if self.used[port] < len(held):
+                raise DataError(f"{self.name}: the text names {self.used[port]} <{port}> tag(s) but the sample brings "
+                                f"{len(held)} item(s) to {self.c.text_node}.{port}{self._feeders(port)}; each item "
+                                f"is placed where its tag stands, in order")
+
+    def _feeders(self, port: str) -> str:
+        keys = [k for k in self.c.encoder_keys if port in self.c.modalities.reachable(k)]
+        return f" (from {', '.join(map(repr, keys))})" if keys else " (no batch key feeds it)"
 
 
 def arriving_tokens(valid: ValidGraph, lengths: dict[str, int]) -> dict[tuple[str, str], int]:
@@ -175,11 +198,3 @@ def _text_node(valid: ValidGraph) -> str:
         raise ConfigError(f"the collator needs exactly one node whose input_ids the batch feeds, found "
                           f"{nodes or 'none'}")
     return nodes[0]
-
-
-def _length(sample: dict, key: str, name: str) -> int:
-    value = sample.get(key)
-    shape = getattr(value, "shape", None)
-    if shape is None or len(shape) == 0:
-        raise DataError(f"{name}[{key!r}] must be an array without the batch axis, got {type(value).__name__}")
-    return int(shape[0])

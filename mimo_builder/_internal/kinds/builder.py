@@ -244,6 +244,16 @@ class ModelBuilder(mcore_base.ModelBuilder):
         raise ConfigError(f"{type(self).__qualname__} does not define output_tokens(); define it to return "
                           f"the token count of each output in {sorted(self.ports().outputs)}")
 
+    ragged_inputs: ClassVar[frozenset[str]] = frozenset()
+    """Input ports that take :class:`~mimo_builder._internal.runtime.items.Items`: per sample a list
+    of items of their own sizes (``run()`` then gets Items there, e.g. through ``run_items``)."""
+
+    def item_tokens(self, port: str, shape: tuple[int, ...]) -> dict[str, int]:
+        """Tokens each output carries for ONE item of ``shape`` (without the batch axis) on the
+        ragged input ``port``; a ValueError saying which limit an item breaks (a size beyond the
+        maximum, not a multiple of the patch). The default: ``output_tokens`` of the first axis."""
+        return self.output_tokens({port: shape[0]})
+
     def synthetic_inputs(self, batch_size: int, generator: torch.Generator,
                          tokens: dict[str, int]) -> dict[str, torch.Tensor]:
         """Random inputs for this node's ports that a graph binds to the batch (for demos and

@@ -14,6 +14,7 @@ import torch
 from mimo_builder._internal.kinds.builder import Port
 from mimo_builder._internal.errors import MimoError
 from mimo_builder._internal.placement import Layout
+from mimo_builder._internal.runtime.items import Items
 from mimo_builder._internal.kinds.transformer import DTYPES
 from mimo_builder._internal.validation import ValidGraph
 
@@ -86,6 +87,10 @@ def _tensor_problems(valid: ValidGraph, batch: dict, keys: dict[str, tuple[str, 
             problems.append(f"batch has no {key!r}, which the graph binds to {node}.{port_name}")
             continue
         value, where = batch[key], f"batch[{key!r}] for {node}.{port_name}"
+        if isinstance(value, Items):
+            problems += _items_problems(valid, node, port, where, value)
+            sizes[key] = len(value)
+            continue
         if not isinstance(value, torch.Tensor) or value.dim() != len(port.dims):
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             problems.append(f"{where} must have {len(port.dims)} axes {port.dims}, got {got}")
@@ -95,6 +100,29 @@ def _tensor_problems(valid: ValidGraph, batch: dict, keys: dict[str, tuple[str, 
         sizes[key] = value.shape[0]
     problems += _like_problems(valid, batch, sizes)
     return problems, sizes
+
+
+def _items_problems(valid: ValidGraph, node: str, port: Port, where: str, items: Items) -> list[str]:
+    """Ragged items: a port its builder takes as items, each item a tensor of the port's axes
+    without the batch, of an accepted dtype and finite, of a size the builder takes."""
+    builder = valid.builders[node]
+    if port.name not in getattr(builder, "ragged_inputs", frozenset()):
+        return [f"{where}: node '{node}' takes one item of the port's shape per sample; its builder "
+                f"({type(builder).__name__}) does not take lists of items of their own sizes on '{port.name}'"]
+    for sample, values in enumerate(items.samples):
+        for index, item in enumerate(values):
+            at = f"{where}, sample {sample} item {index}"
+            if not isinstance(item, torch.Tensor) or item.dim() != len(port.dims) - 1:
+                got = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
+                return [f"{at} must have {len(port.dims) - 1} axes {port.dims[1:]}, got {got}"]
+            problems = _value_problems(at, port, item, _float_dtypes(valid, node))
+            try:
+                builder.item_tokens(port.name, tuple(item.shape))
+            except (ValueError, MimoError) as err:
+                problems.append(f"{at}: {err}")
+            if problems:
+                return problems
+    return []
 
 
 def _raise(problems: list[str]) -> None:
@@ -143,7 +171,8 @@ def _range_problems(where: str, port: Port, value: torch.Tensor) -> list[str]:
 
 def _like_problems(valid: ValidGraph, batch: dict[str, torch.Tensor], checked: dict[str, int]) -> list[str]:
     """Ports declared ``like`` another port of the same node must match its shape."""
-    keys = {(node, port): key for key, (node, port) in valid.inputs.items() if key in checked}
+    keys = {(node, port): key for key, (node, port) in valid.inputs.items()
+            if key in checked and not isinstance(batch[key], Items)}
     problems = []
     for (node, port_name), key in keys.items():
         other = keys.get((node, valid.ports(node).inputs[port_name].like))

@@ -105,15 +105,18 @@ class Mailbox:
     Activations carry a header (dtype and shape) the first time a (link, transfer) slot is used
     with a batch signature; afterwards both sides know the shape and only the data travels.
     Gradients never carry one: the receiver is the producer and knows the shape it sent
-    (``gradient_like(key)``). A message to oneself goes straight into the stash.
+    (``gradient_like(key)``). A message to oneself goes straight into the stash. On ``ragged``
+    links (tokens of ragged items, padded per microbatch) every microbatch carries its header.
     """
 
-    def __init__(self, group, rank: int, messages: list, headers: dict, device: torch.device, gradient_like):
+    def __init__(self, group, rank: int, messages: list, headers: dict, device: torch.device, gradient_like,
+                 ragged: frozenset[int] = frozenset()):
         self.group, self.rank, self.device = group, rank, device
         self.messages, self.posted = messages, 0
         self.sent_headers = headers.setdefault("sent", set())
         self.shapes = headers.setdefault("received", {})
         self.gradient_like = gradient_like
+        self.ragged = ragged
         self.outgoing: dict = {}
         self.stash: dict = {}
         self.receiving: list = []  # posted groups with receives, not yet waited for
@@ -137,7 +140,7 @@ class Mailbox:
             else:
                 shape = self._known_shape(message.key)
                 if shape is None:  # the header now, then this message again
-                    header = self.shapes[_slot(message.key)] = torch.empty(_HEADER, dtype=torch.int64,
+                    header = self.shapes[self._slot(message.key)] = torch.empty(_HEADER, dtype=torch.int64,
                                                                            device=self.device)
                     self._post(ops + [dist.P2POp(dist.irecv, header, message.peer, self.group)], True)
                     self._wait()
@@ -178,7 +181,7 @@ class Mailbox:
 
     def _send_ops(self, message) -> list[dist.P2POp]:
         tensor = self.outgoing.pop(message.key)
-        slot = _slot(message.key)
+        slot = self._slot(message.key)
         ops = []
         if slot is not None and slot not in self.sent_headers:
             self.sent_headers.add(slot)
@@ -186,7 +189,7 @@ class Mailbox:
         return ops + [dist.P2POp(dist.isend, tensor, message.peer, self.group)]
 
     def _known_shape(self, key):
-        slot = _slot(key)
+        slot = self._slot(key)
         if slot is None:
             like = self.gradient_like(key)
             return like.shape, like.dtype
@@ -194,6 +197,14 @@ class Mailbox:
         if isinstance(known, torch.Tensor):  # its header arrived
             known = self.shapes[slot] = (_shape(known), _DTYPES[int(known[0])])
         return known
+
+    def _slot(self, key) -> tuple[int, ...] | None:
+        """Where an activation's header is remembered: its (link, transfer), with the microbatch
+        on a ragged link; None for a gradient."""
+        kind, link, microbatch, transfer = key
+        if kind != "act":
+            return None
+        return (link, transfer, microbatch) if link in self.ragged else (link, transfer)
 
     def _post(self, ops: list[dist.P2POp], receives: bool) -> None:
         if ops:
@@ -207,7 +218,4 @@ class Mailbox:
         self.receiving.clear()
 
 
-def _slot(key) -> tuple[int, int] | None:
-    """(link, transfer) of an activation message; None for a gradient."""
-    kind, link, _, transfer = key
-    return (link, transfer) if kind == "act" else None
+

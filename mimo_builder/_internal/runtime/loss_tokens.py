@@ -54,7 +54,7 @@ def loss_nodes(valid: ValidGraph) -> list[str]:
 
 def global_counts(valid: ValidGraph, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     """Each loss node's loss tokens in the whole global ``batch`` (every bound key present)."""
-    size = next(iter(batch.values())).shape[0]
+    size = len(next(iter(batch.values())))
     return {node: sum(_per_sample(valid, node, batch, size)) for node in loss_nodes(valid)}
 
 

@@ -16,6 +16,7 @@ import torch
 
 from mimo_builder._internal.errors import MimoError
 from mimo_builder._internal.kinds.builder import Ports
+from mimo_builder._internal.runtime.items import Items
 
 
 class PortContractError(MimoError, ValueError):
@@ -71,13 +72,19 @@ def _rows(ports: Ports, inputs: Mapping[str, torch.Tensor]) -> int | None:
     """The batch size of the node's batch-first inputs (None without any)."""
     for name, value in inputs.items():
         port = ports.inputs.get(name)
+        if port is not None and isinstance(value, Items):
+            return len(value)
         if port is not None and port.dims[:1] == ("batch",) and torch.is_tensor(value) and value.dim() > 0:
             return value.shape[0]
     return None
 
 
 def _output_tokens(builder, ports: Ports, inputs: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """What ``output_tokens()`` says for these inputs' lengths ({} where it says nothing)."""
+    """What ``output_tokens()`` says for these inputs' lengths ({} where it says nothing); with
+    ragged items, the longest sample's tokens: its items' ``item_tokens`` added up."""
+    ragged = {name: value for name, value in inputs.items() if isinstance(value, Items)}
+    if ragged:
+        return _ragged_tokens(builder, ragged)
     lengths = {name: value.shape[1] for name, value in inputs.items()
                if name in ports.inputs and torch.is_tensor(value) and value.dim() > 1}
     try:
@@ -85,6 +92,19 @@ def _output_tokens(builder, ports: Ports, inputs: Mapping[str, torch.Tensor]) ->
     except Exception:  # noqa: BLE001 - a builder without output_tokens(): no token count to check
         return {}
     return {port: count for port, count in (counts or {}).items() if isinstance(count, int)}
+
+
+def _ragged_tokens(builder, ragged: Mapping[str, Items]) -> dict[str, int]:
+    longest: dict[str, int] = {}
+    for name, items in ragged.items():
+        for values in items.samples:
+            total: dict[str, int] = {}
+            for item in values:
+                for port, count in builder.item_tokens(name, tuple(item.shape)).items():
+                    total[port] = total.get(port, 0) + count
+            for port in builder.ports().outputs:
+                longest[port] = max(longest.get(port, 0), total.get(port, 0))
+    return longest
 
 
 class PortContract:

@@ -32,6 +32,7 @@ from mimo_builder._internal.runtime.generation import GenerationOptions, generat
 from mimo_builder._internal.runtime.loss_tokens import LossShares, global_counts, loss_shares
 from mimo_builder._internal.runtime.optim import check_runnable
 from mimo_builder._internal.runtime.outputs import check_requested, gathered_outputs, global_loss, output_means
+from mimo_builder._internal.runtime.items import Items, ragged_nodes
 from mimo_builder._internal.runtime.routes import Routes
 from mimo_builder._internal.runtime.shards import RankBatch
 from mimo_builder._internal.runtime.step import Step
@@ -81,6 +82,11 @@ class GraphSchedule:
         self._plans: dict[tuple[int, int], tuple[PipelinePlan, Routes, dict]] = {}
         self._headers: dict = {}
         self._current: Step | None = None
+
+    def ragged_links(self, routes: Routes) -> frozenset[int]:
+        """Links between nodes that carry the tokens of ragged items (shapes vary by microbatch)."""
+        nodes = ragged_nodes(self.valid)
+        return frozenset(i for i, link in enumerate(routes.links) if link.edge is not None and link.src.node in nodes)
 
     def plan(self, num_microbatches: int) -> PipelinePlan:
         """The pipeline every rank runs for ``num_microbatches``, encoders batched where they
@@ -226,5 +232,6 @@ class GraphSchedule:
         gc.collect()  # the group objects must go now, not at some later collection
 
 
-def _signature(batch: dict[str, torch.Tensor]) -> tuple:
-    return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
+def _signature(batch: dict) -> tuple:
+    return tuple((k, v.signature()) if isinstance(v, Items) else (k, tuple(v.shape), v.dtype)
+                 for k, v in sorted(batch.items()))

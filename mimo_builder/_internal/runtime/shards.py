@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from mimo_builder._internal.errors import MimoError
+from mimo_builder._internal.runtime.items import join_rows
 from mimo_builder._internal.placement import Layout
 from mimo_builder._internal.validation import ValidGraph
 
@@ -89,14 +90,14 @@ class RankBatch:
     def microbatch(self, key: str, m: int) -> torch.Tensor:
         """The rows of ``key`` in microbatch ``m``."""
         value = self.rows[key]
-        per = value.shape[0] // self.num_microbatches
+        per = len(value) // self.num_microbatches
         return value[m * per:(m + 1) * per]
 
     @classmethod
     def from_global(cls, valid: ValidGraph, batch: dict[str, torch.Tensor], rank: int,
                     num_microbatches: int) -> RankBatch:
         """Cut ``rank``'s share out of a whole global batch (every key present)."""
-        size = next(iter(batch.values())).shape[0]
+        size = len(next(iter(batch.values())))
         layout = BatchLayout.of(valid, size, num_microbatches)
         return cls(size, num_microbatches, {key: joined([batch[key][layout.rows(c).start:layout.rows(c).stop]
                                                          for c in chunks])
@@ -112,5 +113,10 @@ class RankBatch:
 
 
 def joined(parts: list[torch.Tensor]) -> torch.Tensor:
-    """The parts one after another along the batch axis (a lone part as it is, no copy)."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    """The parts one after another along the batch axis (a lone part as it is, no copy); ragged
+    :class:`~mimo_builder._internal.runtime.items.Items` among them join as Items."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(torch.is_tensor(p) for p in parts):
+        return torch.cat(parts)
+    return join_rows(parts)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from mimo_builder._internal.runtime.batch import shard_range
 from mimo_builder._internal.runtime.bridge import Mailbox, broadcast_tensor
+from mimo_builder._internal.runtime.items import join_padded
 from mimo_builder._internal.runtime.loss_tokens import LossShares
 from mimo_builder._internal.runtime.packing import PackingError
 from mimo_builder._internal.runtime.pipeline import FORWARD, Op, Stage
@@ -30,6 +31,7 @@ class _StageState:
 
     leaves: dict[int, torch.Tensor] = field(default_factory=dict)  # link index -> received input
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: dict[tuple[int, int], int] = field(default_factory=dict)  # (link, transfer) -> tokens sent (ragged)
 
 
 class Step:
@@ -44,7 +46,8 @@ class Step:
         self.outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
         """Forward only: each last stage's outputs, one dict per microbatch, by node."""
         self.routes, self.rank, self.valid = routes, schedule.rank, schedule.valid
-        self.mailbox = Mailbox(schedule.bridge, self.rank, messages, headers, schedule.device, self._gradient_like)
+        self.mailbox = Mailbox(schedule.bridge, self.rank, messages, headers, schedule.device, self._gradient_like,
+                               schedule.ragged_links(routes))
         self.states: dict[tuple[Stage, int], _StageState] = {}
         self.losses: dict[str, float] = {}
         """This rank's loss terms by node: each microbatch's loss times its share."""
@@ -92,7 +95,7 @@ class Step:
         with self.s.timer.measure(stage.node, "communication"):
             for li in self.routes.in_links[stage]:
                 link = self.routes.links[li]
-                leaf = self._receive_activation(op, li).detach().requires_grad_(self.s.needs_grad[link.src.node])
+                leaf = self._receive_activation(op, li, state).detach().requires_grad_(self.s.needs_grad[link.src.node])
                 state.leaves[li] = leaf
                 if link.edge is None:
                     hidden = leaf
@@ -115,7 +118,7 @@ class Step:
         """Every microbatch's inputs (all received by the run's first op), end to end through one
         forward; each microbatch's state holds its own rows of the outputs."""
         received = [self._receive_inputs(Op(FORWARD, op.stage, m)) for m in range(self.m)]
-        inputs = {port: torch.cat([part[port] for part, _, _ in received]) for port in received[0][0]}
+        inputs = {port: joined([part[port] for part, _, _ in received]) for port in received[0][0]}
         outputs = self._run_stage(op.stage, inputs, None)
         for m, (_, _, state) in enumerate(received):
             state.outputs = {port: _rows(value, m, self.m) for port, value in outputs.items()}
@@ -124,13 +127,16 @@ class Step:
         return {port: self.batch.microbatch(key, m).to(self.s.device)
                 for key, (n, port) in self.valid.inputs.items() if n == node and key in self.batch.rows}
 
-    def _receive_activation(self, op: Op, li: int) -> torch.Tensor:
-        parts = [self.mailbox.take(key, t.src) for key, t in self.routes.receives(op, self.rank, li)]
+    def _receive_activation(self, op: Op, li: int, state: _StageState) -> torch.Tensor:
+        received = [(key, self.mailbox.take(key, t.src)) for key, t in self.routes.receives(op, self.rank, li)]
+        parts = [part for _, part in received]
         link = self.routes.links[li]
         if link.edge is None:
             (value,) = parts
             return value
-        value = joined(parts) if parts else None
+        if len({p.shape[1:] for p in parts}) > 1:  # ragged items: each producer padded its own rows
+            state.tokens.update({(li, key[3]): p.shape[1] for key, p in received})
+        value = join_padded(parts) if parts else None
         return self._tp_broadcast(link.dst.node, value)
 
     def _slice(self, value: torch.Tensor, link, node: str, rank: int, t) -> torch.Tensor:
@@ -204,6 +210,8 @@ class Step:
         pieces = [(t, self.mailbox.take(key, t.dst)) for key, t in self.routes.receives(op, self.rank, li)]
         if not pieces:
             return None
+        if output.dim() > 2:  # a consumer that padded ragged tokens further sends its longer rows
+            pieces = [(t, piece[:, :output.shape[1]]) for t, piece in pieces]
         if len(pieces) == 1 and pieces[0][1].shape == output.shape:
             return pieces[0][1]
         grad = torch.zeros(output.shape, dtype=torch.float32, device=self.s.device)
@@ -220,6 +228,8 @@ class Step:
             ratio = self.valid.layouts[link.src.node].dp / self.valid.layouts[link.dst.node].dp
             piece = self._slice(grad, link, link.dst.node, t.dst, t) if link.edge else grad
             piece = piece * ratio if ratio != 1 else piece
+            if (key[1], key[3]) in state.tokens:  # back to the producer's own padding
+                piece = piece[:, :state.tokens[(key[1], key[3])]]
             self.mailbox.send(key, piece.to(leaf.dtype), t.src)
 
     def _combine_cp_gradients(self, op: Op, state: _StageState) -> None:

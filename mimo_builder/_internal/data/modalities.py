@@ -1,0 +1,127 @@
+"""A sample's modality items and the placeholder tokens each brings to the backbone.
+
+A batch key bound to an encoder input may hold, per sample: nothing (the key absent or None:
+no item), one array shaped as the port without its batch axis (one item), a list of such arrays
+(0..N items, each of its own size), or an array with one more leading axis (its rows are the
+items: a video's ``[frames, C, H, W]`` is a list of frames). Each item's size is checked by its
+encoder (``ModelBuilder.item_tokens``), which also says how many tokens it becomes; the counts
+follow the edges (projectors' ``output_tokens``) to the backbone's placeholder ports.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mimo_builder._internal.errors import ConfigError, DataError, MimoError
+from mimo_builder._internal.kinds.contract import output_tokens_of
+from mimo_builder._internal.runtime.items import Items
+from mimo_builder._internal.validation import ValidGraph
+
+
+class ModalityReader:
+    """Reads the encoder inputs of samples for a graph whose backbone is ``text_node``."""
+
+    def __init__(self, valid: ValidGraph, text_node: str):
+        self.valid, self.text_node = valid, text_node
+        self.keys = [key for key, (node, _) in valid.inputs.items() if node != text_node]
+        self._tokens: dict[tuple, dict[str, int]] = {}
+
+    def reachable(self, key: str) -> set[str]:
+        """The backbone's ports that tokens of ``key``'s items reach along the edges."""
+        nodes, ports = {self.valid.inputs[key][0]}, set()
+        for name in self.valid.order:
+            for edge in self.valid.edges:
+                if edge.src in nodes and edge.dst == name:
+                    nodes.add(name)
+                    if name == self.text_node:
+                        ports.add(edge.dst_port)
+        return ports
+
+    def items(self, sample: dict, key: str, name: str) -> list[torch.Tensor]:
+        """The items ``sample`` holds under ``key`` (none when it lacks the key)."""
+        value = sample.get(key)
+        if value is None:
+            return []
+        node, port = self.valid.inputs[key]
+        axes = len(self.valid.ports(node).inputs[port].dims) - 1
+        if isinstance(value, (list, tuple)):
+            items = [_tensor(v, f"{name}[{key!r}][{i}]") for i, v in enumerate(value)]
+        else:
+            whole = _tensor(value, f"{name}[{key!r}]")
+            if whole.dim() not in (axes, axes + 1):
+                raise DataError(f"{name}[{key!r}] must be an array without the batch axis (an item of {axes} axes, "
+                                f"a list of them, or {axes + 1} axes of items), got shape {tuple(whole.shape)}")
+            items = [whole] if whole.dim() == axes else list(whole)
+        for i, item in enumerate(items):
+            if item.dim() != axes:
+                raise DataError(f"{name}[{key!r}][{i}] must have {axes} axes, got shape {tuple(item.shape)}")
+        return items
+
+    def item_tokens(self, key: str, item: torch.Tensor, where: str) -> dict[str, int]:
+        """Placeholder tokens one item of ``key`` brings to each backbone port it reaches."""
+        signature = (key, tuple(item.shape))
+        if signature not in self._tokens:
+            self._tokens[signature] = self._arrivals(key, signature[1], where)
+        return self._tokens[signature]
+
+    def placeholders(self, sample: dict, name: str) -> dict[str, list[int]]:
+        """Per backbone port, the token count of each item arriving there, in order."""
+        counts: dict[str, list[int]] = {}
+        for key in self.keys:
+            for i, item in enumerate(self.items(sample, key, name)):
+                for port, n in self.item_tokens(key, item, f"{name}[{key!r}][{i}]").items():
+                    counts.setdefault(port, []).append(n)
+        return counts
+
+    def batch_value(self, key: str, samples: list[dict], names: list[str]) -> torch.Tensor | Items:
+        """``key`` for a batch: a stacked tensor when every sample holds one item of the port's
+        shape, else :class:`Items` (for an encoder that takes ragged items)."""
+        items = [self.items(sample, key, name) for sample, name in zip(samples, names)]
+        node, port_name = self.valid.inputs[key]
+        port = self.valid.ports(node).inputs[port_name]
+        if all(len(i) == 1 for i in items) and len({tuple(i[0].shape) for i in items}) == 1 \
+                and _fits(port.shape, items[0][0].shape):
+            return torch.stack([i[0] for i in items])
+        if port_name in getattr(self.valid.builders[node], "ragged_inputs", frozenset()):
+            return Items.of(items)
+        for name, held in zip(names, items):
+            if len(held) != 1:
+                what = "has no" if not held else f"holds {len(held)} items of"
+                raise DataError(f"{name} {what} {key!r}, which the graph binds to {node}.{port_name}; that node "
+                                "takes exactly one item per sample")
+        shapes = sorted({tuple(i[0].shape) for i in items})
+        raise DataError(f"samples disagree on the shape of {key!r}: {shapes}; node '{node}' takes one shape: "
+                        "resize or pad them to one shape before collating")
+
+    def _arrivals(self, key: str, shape: tuple[int, ...], where: str) -> dict[str, int]:
+        node, port = self.valid.inputs[key]
+        try:
+            known = {node: self.valid.builders[node].item_tokens(port, shape)}
+        except (ValueError, MimoError) as err:
+            raise DataError(f"{where}: {err}") from None
+        arriving: dict[str, int] = {}
+        for name in self.valid.order[self.valid.order.index(node) + 1:]:
+            incoming = {e.dst_port: known[e.src][e.src_port] for e in self.valid.edges
+                        if e.dst == name and e.src in known and e.src_port in known[e.src]}
+            if not incoming:
+                continue
+            if name == self.text_node:
+                arriving.update(incoming)
+            else:
+                try:
+                    known[name] = output_tokens_of(name, self.valid.builders[name], incoming)
+                except ConfigError as err:
+                    raise DataError(f"{where}: {err}") from None
+        return arriving
+
+
+def _tensor(value, where: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise DataError(f"{where} is of type {type(value).__name__}, not an array of numbers ({err})") from None
+
+
+def _fits(declared: tuple | None, shape: torch.Size) -> bool:
+    """Whether an item of ``shape`` fits a port declared ``declared`` (batch axis first)."""
+    return declared is None or all(e is None or e == n for e, n in zip(declared[1:], shape))
