@@ -232,9 +232,11 @@ def _run(args) -> int:
         raise ConfigError("--batch-size / --microbatches:\n" + "\n".join(f"  - {p}" for p in problems))
     if not args.data:
         check_synthetic(valid)
+    if (args.image_root or args.tokenizer) and not (args.data or args.eval_data):
+        raise ConfigError("--image-root and --tokenizer go with --data or --eval-data llava:JSON")
     for ref, flag in ((args.data, "--data"), (args.eval_data, "--eval-data")):
         if ref:  # named before any rank starts: a typo, a module not allowed, a sample the graph cannot take
-            load_data(ref, flag).check(valid, flag)
+            load_data(ref, flag, valid, image_root=args.image_root, tokenizer=args.tokenizer).check(valid, flag)
     _check_has_loss(graph)
     _check_checkpoint_args(args, valid)
     if args.tensorboard:
@@ -249,6 +251,7 @@ def _run(args) -> int:
                            first_step_timeout_s=args.first_step_timeout,
                            log_interval=args.log_interval, tensorboard=args.tensorboard,
                            peak_tflops=args.peak_tflops, data=args.data, eval_data=args.eval_data,
+                           image_root=args.image_root, tokenizer=args.tokenizer,
                            allowed_modules=allowed_prefixes(),  # --allow reaches every rank
                            **({} if args.seed is None else {"seed": args.seed}))
     start = time.perf_counter()

@@ -153,11 +153,12 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                    "samples (default: TrainOptions.seed); a resumed run keeps its data seed")
     p.add_argument("--lr", type=_learning_rate, default=None,
                    help="peak learning rate for every node (default: the document's optimizer.lr)")
-    p.add_argument("--data", metavar="MODULE:FUNCTION",
-                   help="train on the samples this function's GraphData gives (default: synthetic batches); "
-                        "each rank reads only its nodes' shards")
-    p.add_argument("--eval-data", metavar="MODULE:FUNCTION",
+    p.add_argument("--data", metavar="MODULE:FUNCTION|llava:JSON",
+                   help="train on the samples this function's GraphData gives, or a LLaVA-format JSON/JSONL "
+                        "file's (default: synthetic batches); each rank reads only its nodes' shards")
+    p.add_argument("--eval-data", metavar="MODULE:FUNCTION|llava:JSON",
                    help="held-out GraphData: its loss and accuracy before and after training")
+    _llava_flags(p)
     p.add_argument("--pack", action="store_true",
                    help="pack the backbone's samples several to a row of its seq_length (the batch binds "
                         "seq_lengths to the node that reads input_ids)")
@@ -191,7 +192,9 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="answers a trained graph generates from a dataset's prompts")
     p.add_argument("file")
     p.add_argument("--load", metavar="DIR", required=True, help="the checkpoint (its latest step, or a step folder)")
-    p.add_argument("--data", metavar="MODULE:FUNCTION", required=True, help="GraphData whose prompts to answer, in order")
+    p.add_argument("--data", metavar="MODULE:FUNCTION|llava:JSON", required=True,
+                   help="GraphData whose prompts to answer, in order")
+    _llava_flags(p)
     p.add_argument("--max-new-tokens", type=_count, metavar="N",
                    help="new tokens per sample at most (default: 32, or the generating node's seq_length where "
                         "smaller; more than seq_length is refused)")
@@ -227,6 +230,12 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
 def _allow_flag(parser) -> None:
     parser.add_argument("--allow", action="append", default=[], dest="allow_here", metavar="PREFIX",
                         help="also accept module:attr references under this module prefix (also before the command)")
+
+
+def _llava_flags(parser) -> None:
+    parser.add_argument("--image-root", metavar="DIR", help="folder of llava: data's images (default: the JSON's)")
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="Hugging Face tokenizer folder for llava: data (default: bytes)")
 
 
 def _colocate_flag(parser) -> None:

@@ -12,6 +12,7 @@ Energon needs the optional extra: ``pip install 'mimo-builder[energon]'``.
 from __future__ import annotations
 
 import gc
+import sys
 import warnings
 from typing import Any, Callable
 
@@ -23,12 +24,21 @@ from mimo_builder._internal.runtime.shards import BatchLayout
 INSTALL = "pip install 'mimo-builder[energon]'"
 
 
+IMAGE_TAG = "<image>"
+
+
 def caption_sample(sample: Any, *, image_key: str = "pixel_values", prompt: str = "<image>") -> dict:
     """Energon's ``CaptioningSample`` (image + caption) or ``ImageClassificationSample`` (image +
     label) as a collator sample: the ``[C, H, W]`` image under ``image_key``, ``prompt`` (with its
     modality tag) before the text, and the caption (or label name, else label) as the answer.
-    Other layouts: pass ``functools.partial(caption_sample, image_key=..., prompt=...)`` or your own
-    ``to_sample``."""
+    A ``VQASample`` goes to :func:`vqa_sample`, an ``InterleavedSample`` to
+    :func:`interleaved_sample` (``prompt`` unused). Other layouts: pass
+    ``functools.partial(caption_sample, image_key=..., prompt=...)`` or your own ``to_sample``."""
+    energon = sys.modules.get("megatron.energon")  # an energon sample's class is loaded, so is its package
+    if energon is not None and isinstance(sample, energon.VQASample):
+        return vqa_sample(sample, image_key=image_key)
+    if energon is not None and isinstance(sample, energon.InterleavedSample):
+        return interleaved_sample(sample, image_key=image_key)
     if hasattr(sample, "caption"):
         answer = sample.caption
     elif getattr(sample, "label_name", None) is not None:
@@ -39,6 +49,63 @@ def caption_sample(sample: Any, *, image_key: str = "pixel_values", prompt: str 
         raise DataError(f"caption_sample reads energon samples with an image and a caption or label, not "
                         f"{type(sample).__name__}: give EnergonSource(to_sample=...) a converter")
     return {image_key: sample.image, "prompt": prompt, "answer": answer}
+
+
+def vqa_sample(sample: Any, *, image_key: str = "pixel_values") -> dict:
+    """Energon's ``VQASample`` as a collator sample: the image (a list of one) under ``image_key``,
+    a user turn ``"<image>\n" + context`` (the context as it is where it holds its own ``<image>``
+    tag) and an assistant turn with the answer: the one of highest ``answer_weights`` where given,
+    else the first of ``answers`` (or ``answers`` itself, a string). No answers (a test split): the
+    user turn alone."""
+    context = sample.context
+    question = context if IMAGE_TAG in context else f"{IMAGE_TAG}\n{context}"
+    messages = [{"role": "user", "content": question}]
+    answer = _best_answer(sample)
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return {image_key: [sample.image], "messages": messages}
+
+
+def _best_answer(sample: Any) -> str | None:
+    answers = sample.answers
+    if answers is None or isinstance(answers, str):
+        return answers
+    if not answers:
+        return None
+    weights = getattr(sample, "answer_weights", None)
+    if weights is None:
+        return answers[0]
+    weights = [float(w) for w in weights]
+    if len(weights) != len(answers):
+        raise DataError(f"VQA sample {getattr(sample, '__key__', '')!r}: {len(answers)} answers but "
+                        f"{len(weights)} answer_weights")
+    return answers[max(range(len(answers)), key=weights.__getitem__)]  # the first of the highest
+
+
+def interleaved_sample(sample: Any, *, image_key: str = "pixel_values") -> dict:
+    """Energon's ``InterleavedSample`` (``sequence``: text pieces and ``[C, H, W]`` image tensors) as
+    a collator sample: the images, in order, under ``image_key``; the pieces joined by newlines
+    into a user turn, an ``<image>`` tag where each image stands. Where the sequence ends with a
+    text piece after at least one other piece, that last piece is the assistant's answer instead;
+    otherwise (it ends with an image, or holds one piece) the user turn alone."""
+    pieces, images = [], []
+    for k, piece in enumerate(sample.sequence):
+        if isinstance(piece, str):
+            pieces.append(piece)
+        elif hasattr(piece, "shape") and len(piece.shape) == 3:
+            pieces.append(IMAGE_TAG)
+            images.append(piece)
+        else:
+            raise DataError(f"interleaved sample {getattr(sample, '__key__', '')!r}: sequence[{k}] "
+                            f"({type(piece).__name__}) is neither text nor a [C, H, W] image")
+    if not pieces:
+        raise DataError(f"interleaved sample {getattr(sample, '__key__', '')!r}: its sequence is empty")
+    ends_with_text = isinstance(sample.sequence[-1], str) and len(pieces) > 1
+    user = pieces[:-1] if ends_with_text else pieces
+    messages = [{"role": "user", "content": "\n".join(user)}]
+    if ends_with_text:
+        messages.append({"role": "assistant", "content": pieces[-1]})
+    return {**({image_key: images} if images else {}), "messages": messages}
 
 
 class EnergonSource:

@@ -3,20 +3,23 @@
     def train_data() -> GraphData:
         return GraphData(MyDataset("train"), ByteTokenizer(), num_workers=2)
 
-``REF`` is ``module:function`` under an allowed module prefix (``--allow PREFIX``); every rank
-calls it, then reads only its own shards of each batch.
+``REF`` is ``module:function`` under an allowed module prefix (``--allow PREFIX``), or
+``llava:PATH``, a LLaVA-format JSON file read by :func:`llava_data` (no ``--allow`` needed). Every
+rank resolves it, then reads only its own shards of each batch.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from mimo_builder._internal.data.collate import GraphCollator
+from mimo_builder._internal.data.llava import LlavaDataset
 from mimo_builder._internal.data.loader import IndexedSource, RankLoader
-from mimo_builder._internal.data.tokenizer import ByteTokenizer
-from mimo_builder._internal.errors import ConfigError, MimoError
+from mimo_builder._internal.data.tokenizer import ByteTokenizer, HFTokenizer
+from mimo_builder._internal.errors import ConfigError, DependencyError, MimoError
 from mimo_builder._internal.runtime.batch import check_batch
 from mimo_builder._internal.validation import ValidGraph
 
@@ -75,7 +78,81 @@ class GraphData:
         return steps
 
 
-def load_data(ref: str, where: str) -> GraphData:
+LLAVA = "llava:"
+"""The prefix of a ``--data`` value that names a LLaVA-format JSON file."""
+
+
+def load_data(ref: str, where: str, valid: ValidGraph | None = None, *, image_root: str | None = None,
+              tokenizer: str | None = None) -> GraphData:
+    """The GraphData ``ref`` names: ``llava:PATH`` through :func:`llava_data` for ``valid`` (images
+    under ``image_root``, text through the Hugging Face tokenizer folder ``tokenizer``), else the
+    result of the function ``module:function``, checked to be GraphData. Errors name ``where``."""
+    if ref.startswith(LLAVA):
+        if valid is None:
+            raise ValueError("load_data: llava: data needs the validated graph (valid=...)")
+        try:
+            return llava_data(valid, ref, image_root, load_tokenizer(tokenizer) if tokenizer else None)
+        except DependencyError:
+            raise
+        except MimoError as err:
+            raise ConfigError(f"{where}: {err}") from None
+    extra = [flag for flag, value in (("--image-root", image_root), ("--tokenizer", tokenizer)) if value]
+    if extra:
+        raise ConfigError(f"{where} {ref}: {' and '.join(extra)} {'go' if len(extra) > 1 else 'goes'} with {where} llava:PATH; a module:function "
+                          f"returns GraphData with its own tokenizer and files")
+    return _call_factory(ref, where)
+
+
+def llava_data(valid: ValidGraph, ref: str, image_root: str | None, tokenizer=None) -> GraphData:
+    """GraphData over the LLaVA-format file ``ref`` (``llava:PATH`` or PATH, ``.json`` or ``.jsonl``)
+    for ``valid``: images go to the batch key bound to a node's ``pixel_values`` port, sized for
+    that node's ``patch_size``, ``num_channels`` and ``max_image_size`` (else ``image_size``);
+    image paths are relative to ``image_root`` (None: the file's folder); ``tokenizer`` defaults
+    to :class:`ByteTokenizer`."""
+    path = ref.removeprefix(LLAVA)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{LLAVA}{path}: no such file (a LLaVA-format .json or .jsonl)")
+    root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(root):
+        raise ConfigError(f"image root {root!r} is not a folder")
+    key, node = _image_input(valid)
+    config = valid.configs[node]
+    if not isinstance(getattr(config, "patch_size", None), int):
+        raise ConfigError(f"{LLAVA}PATH data sizes images for node '{node}' (its {key!r} input), whose config "
+                          f"has no patch_size")
+    dataset = LlavaDataset(path, root, image_key=key, patch_size=config.patch_size,
+                           max_size=getattr(config, "max_image_size", None) or config.image_size,
+                           num_channels=getattr(config, "num_channels", 3))
+    return GraphData(dataset, tokenizer or ByteTokenizer())
+
+
+def _image_input(valid: ValidGraph) -> tuple[str, str]:
+    """(batch key, node) of the graph's one input bound to a ``pixel_values`` port."""
+    found = [(key, node) for key, (node, port) in valid.inputs.items() if port == "pixel_values"]
+    if len(found) != 1:
+        bound = ", ".join(f"{key} -> {node}.pixel_values" for key, node in found)
+        raise ConfigError(f"{LLAVA}PATH data gives images to the graph input bound to a node's pixel_values port; "
+                          + (f"this graph binds several ({bound})" if found else
+                             "this graph binds none (inputs: " + ", ".join(valid.inputs) + ")"))
+    return found[0]
+
+
+def load_tokenizer(folder: str) -> HFTokenizer:
+    """The Hugging Face tokenizer in ``folder`` (``--tokenizer DIR``; nothing is downloaded)."""
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--tokenizer {folder!r} is not a folder (a Hugging Face tokenizer's files; "
+                          f"nothing is downloaded)")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise DependencyError(f"--tokenizer needs the transformers package ({e}): pip install transformers") from e
+    try:
+        return HFTokenizer(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    except Exception as err:  # whatever the folder holds: named, not a traceback
+        raise ConfigError(f"--tokenizer {folder}: loading it raised {type(err).__name__}: {err}") from None
+
+
+def _call_factory(ref: str, where: str) -> GraphData:
     """Call the function ``ref`` names (``module:function``) and check it returned GraphData."""
     from mimo_builder._internal.kinds.registry import import_reference
 

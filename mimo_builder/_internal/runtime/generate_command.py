@@ -22,13 +22,15 @@ DEFAULT_NEW_TOKENS = 32
 
 
 def generate_answers(graph: Graph, load: str, data_ref: str, options: GenerationOptions, batch_size: int,
-                     samples: int, allowed: tuple[str, ...] = (), roots: tuple[str, ...] = ()) -> list[str]:
+                     samples: int, allowed: tuple[str, ...] = (), roots: tuple[str, ...] = (),
+                     image_root: str | None = None, tokenizer: str | None = None) -> list[str]:
     """Run in every rank; on rank 0 the lines to print (one per sample, then the share right).
-    ``allowed`` and ``roots``: the launcher's module allowlist and import roots (as ``train``)."""
+    ``allowed`` and ``roots``: the launcher's module allowlist and import roots (as ``train``);
+    ``image_root`` and ``tokenizer``: for ``llava:`` data (``--image-root``, ``--tokenizer``)."""
     allow_modules(*allowed)  # a spawned rank starts with the default allowlist
     active_registry().add_roots(*roots)
     with build_trained(graph, load) as model:
-        data = load_data(data_ref, "--data")
+        data = load_data(data_ref, "--data", model.valid, image_root=image_root, tokenizer=tokenizer)
         steps = max(1, -(-samples // batch_size))
         loader = data.loader(model.valid, dist.get_rank(), batch_size, last_step=steps, shuffle=False)
         schedule, tokenizer = GraphSchedule(model), data.tokenizer
@@ -99,9 +101,9 @@ def run_generate(graph: Graph, args) -> list[str]:
     valid = validate_graph(graph, nproc)
     node = generating_node(valid)
     options = dataclasses.replace(options, max_new_tokens=_max_new_tokens(valid, node, args.max_new_tokens))
-    data = load_data(args.data, "--data")
+    data = load_data(args.data, "--data", valid, image_root=args.image_root, tokenizer=args.tokenizer)
     data.check(valid, "--data")
     _check_samples(data, args.samples)
     check_resumable(valid, args.load)
     return launch(generate_answers, nproc, graph, args.load, args.data, options, args.batch_size, args.samples,
-                  allowed_prefixes(), import_roots())[0]
+                  allowed_prefixes(), import_roots(), args.image_root, args.tokenizer)[0]

@@ -61,9 +61,13 @@ class TrainOptions:
     checkpoint_timeout_s: float | None = None
     """How long one checkpoint save or load may take (None: no limit)."""
     data: str | None = None
-    """``module:function`` returning the training GraphData (None: synthetic batches)."""
+    """``module:function`` returning the training GraphData, or ``llava:PATH`` (None: synthetic batches)."""
     eval_data: str | None = None
-    """``module:function`` returning held-out GraphData, evaluated before and after training."""
+    """``module:function`` returning held-out GraphData, or ``llava:PATH``, evaluated before and after training."""
+    image_root: str | None = None
+    """Folder the images of ``llava:`` data are read from (None: each JSON file's folder)."""
+    tokenizer: str | None = None
+    """Hugging Face tokenizer folder for ``llava:`` data (None: the byte tokenizer)."""
     log_interval: int | None = None
     """Print a summary every this many steps (None: about fifty lines per run)."""
     tensorboard: str | None = None
@@ -110,7 +114,7 @@ def _train_built(model, options: TrainOptions, device) -> list[float]:
     done = resumed.step if resumed else 0
     data_seed = resumed.data.seed if resumed and resumed.data else options.seed
     loader = _loader(model, options, done, data_seed)
-    held_out = load_data(options.eval_data, "--eval-data") if options.eval_data else None
+    held_out = _data(options, options.eval_data, "--eval-data", model.valid) if options.eval_data else None
     work = graph_work(model, options.batch_size, options.num_microbatches, device, options.peak_tflops)
     losses = []
     with _monitor(options, done + 1, work) as monitor:
@@ -166,9 +170,14 @@ def _loader(model, options: TrainOptions, done: int, data_seed: int) -> RankLoad
     """This rank's share of ``--data`` for the steps left (None: synthetic batches)."""
     if not options.data:
         return None
-    data = load_data(options.data, "--data")
+    data = _data(options, options.data, "--data", model.valid)
     return data.loader(model.valid, dist.get_rank(), options.batch_size, num_microbatches=options.num_microbatches,
                        first_step=done + 1, last_step=options.steps, seed=data_seed)
+
+
+def _data(options: TrainOptions, ref: str, flag: str, valid):
+    """The GraphData ``ref`` names, resolved on this rank as the launcher checked it."""
+    return load_data(ref, flag, valid, image_root=options.image_root, tokenizer=options.tokenizer)
 
 
 def _save(monitor, checkpointer: Checkpointer, options: TrainOptions, loader, data_seed: int, step: int) -> None:
