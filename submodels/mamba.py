@@ -259,13 +259,15 @@ class MambaBuilder(ModelBuilder):
         outputs = {}
         if self.uses_output("generated") and self.generation is not None:
             outputs["generated"] = self._generate(model, core, inputs, ids, prompts, self.generation)
-        if self.uses_output("free_running"):
-            new = self._generate(model, core, inputs, ids, prompts,
-                                 GenerationOptions(max_new_tokens=int(answer.sum(dim=1).max())))
+        if self.uses_output("free_running"):  # the last learned span, from everything before it
+            final = last_span(answer)
+            starts = torch.where(final.any(dim=1), final.float().argmax(dim=1) + 1, prompts)
+            new = self._generate(model, core, inputs, ids, starts,
+                                 GenerationOptions(max_new_tokens=max(int(final.sum(dim=1).max()), 1)))
             predicted = torch.full_like(labels, -1)
-            rows, cols = torch.nonzero(answer, as_tuple=True)
-            predicted[rows, cols] = new[rows, (answer.long().cumsum(dim=1) - 1)[rows, cols]]
-            outputs["free_running"] = exact_match(predicted, labels, mask)
+            rows, cols = torch.nonzero(final, as_tuple=True)
+            predicted[rows, cols] = new[rows, (final.long().cumsum(dim=1) - 1)[rows, cols]]
+            outputs["free_running"] = exact_match(predicted, labels, final.float())
         return outputs
 
     def _generate(self, model, core, inputs, ids, prompts, options) -> torch.Tensor:
@@ -323,6 +325,15 @@ class MambaBuilder(ModelBuilder):
         return {"input_ids": ids, "labels": labels, "loss_mask": loss_mask,
                 "position_ids": torch.arange(ids.shape[1]).expand_as(ids).contiguous(),
                 LENGTHS_PORT: torch.full((batch_size,), ids.shape[1])}
+
+
+def last_span(learned: torch.Tensor) -> torch.Tensor:
+    """Per row, the last run of learned positions ([batch, tokens] bool): a conversation's final
+    assistant turn (a one-answer sample's whole answer)."""
+    at = torch.arange(learned.shape[1], device=learned.device).expand_as(learned)
+    last = torch.where(learned, at, -1).max(dim=1, keepdim=True).values
+    gap = torch.where(~learned & (at < last), at, -1).max(dim=1, keepdim=True).values
+    return learned & (at > gap) & (at <= last)
 
 
 def place_modalities(embedded: torch.Tensor, ids: torch.Tensor, token_ids: dict[str, int],

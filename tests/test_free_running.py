@@ -53,3 +53,13 @@ def test_free_running_never_reads_the_answer_and_agrees_with_exact_match():
     assert torch.equal(clean["lm.free_running"], clean["lm.correct"])
     assert torch.equal(scrambled["lm.free_running"], clean["lm.free_running"])
     assert not torch.equal(scrambled["lm.correct"], clean["lm.correct"])  # teacher forcing reads them
+
+
+def test_free_running_judges_the_last_learned_span():
+    """A conversation's final assistant turn is decoded from everything before it (the earlier
+    turns as they are): the last run of learned positions."""
+    from submodels.mamba import last_span
+
+    learned = torch.tensor([[0, 1, 1, 0, 0, 1, 1, 0], [1, 1, 0, 0, 0, 0, 0, 0], [0] * 8, [1] * 8]).bool()
+    expected = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 0], [1, 1, 0, 0, 0, 0, 0, 0], [0] * 8, [1] * 8]).bool()
+    assert torch.equal(last_span(learned), expected)
