@@ -32,6 +32,9 @@ _PUBLIC = LazyNames(__name__, {
     "SampleSource": _I + "data.loader", "IndexedSource": _I + "data.loader",
     "HFTokenizer": _I + "data.tokenizer", "ByteTokenizer": _I + "data.tokenizer",
     "EnergonSource": _I + "data.energon", "caption_sample": _I + "data.energon",
+    "vqa_sample": _I + "data.energon", "interleaved_sample": _I + "data.energon",
+    "LlavaDataset": _I + "data.llava", "train_chat_tokenizer": _I + "data.chat_tokenizer",
+    "conversation_ids": _I + "data.conversation", "Items": _I + "runtime.items",
     # weights in and out
     "to_mimo_model": _I + "interop.export", "mimo_forward_inputs": _I + "interop.export",
     "export_node": _I + "hf.nodes", "merge_lora": _I + "assembly.lora",
@@ -39,7 +42,7 @@ _PUBLIC = LazyNames(__name__, {
     "make_plan": _I + "planning.plan",
     # errors
     "MimoError": _I + "errors", "ConfigError": _I + "errors", "GraphError": _I + "errors",
-    "DependencyError": _I + "errors", "DataError": _I + "data.collate", "BuildError": _I + "assembly.walker",
+    "DependencyError": _I + "errors", "DataError": _I + "errors", "BuildError": _I + "assembly.walker",
     "CheckpointError": _I + "checkpoint.files",
 })
 

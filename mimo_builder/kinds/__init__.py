@@ -25,6 +25,8 @@ _PUBLIC = LazyNames(__name__, {
     "costs": _I + "kinds.costs:*",
     # inside run(): the module a builder built, out of its DDP / Float16Module wrappers
     "unwrap": _I + "assembly.tp_shard",
+    # ragged inputs: per sample a list of items (ModelBuilder.ragged_inputs, item_tokens)
+    "Items": _I + "runtime.items", "run_items": _I + "runtime.items",
     # Hugging Face weights
     "HFMapping": _I + "hf.mapping", "Expect": _I + "hf.mapping", "Rule": _I + "hf.mapping",
     "rename": _I + "hf.mapping", "reshaped": _I + "hf.mapping", "padded_rows": _I + "hf.mapping",

@@ -179,6 +179,11 @@ class Node(_Strict):
     """Where this node shares its ranks with a node downstream (an encoder colocated with its
     backbone), run its forward once over all microbatches of a step and its backward once after
     the last downstream backward (false: microbatch by microbatch, interleaved)."""
+    balance_items: StrictBool = True
+    """Where the batch gives this node ragged items (lists of images or clips per sample) and its
+    data-parallel size is above 1, spread each microbatch's items over its DP ranks by cost and
+    send their embeddings back to the ranks that own their samples (false: each DP rank encodes
+    its own samples' items)."""
 
 
 class Graph(_Strict):

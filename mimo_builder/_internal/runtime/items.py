@@ -15,9 +15,11 @@ consumer places each sample's first ``n`` rows at its ``n`` placeholders and ign
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
+
+from mimo_builder._internal.runtime.balance import ItemExchange, balanced_encode
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class Items:
     """Per sample, the tuple of its items (tensors), in the order its text names them."""
 
     samples: tuple[tuple[torch.Tensor, ...], ...]
+    exchange: ItemExchange | None = field(default=None, compare=False)
+    """Set by the runtime on a node that balances its items over its DP ranks (:mod:`.balance`)."""
 
     @classmethod
     def of(cls, samples: Iterable[Sequence[torch.Tensor]]) -> Items:
@@ -52,6 +56,10 @@ class Items:
     def flat(self) -> list[torch.Tensor]:
         """Every item, sample after sample."""
         return [item for items in self.samples for item in items]
+
+    def balanced(self, exchange: ItemExchange | None) -> Items:
+        """The same items, encoded where ``exchange`` assigns them (None: each rank its own)."""
+        return replace(self, exchange=exchange)
 
     def to(self, device) -> Items:
         """The items on ``device``."""
@@ -86,9 +94,26 @@ def join_padded(parts: list[torch.Tensor]) -> torch.Tensor:
 def run_items(items: Items, encode: Callable[[torch.Tensor], torch.Tensor], like: torch.nn.Module) -> torch.Tensor:
     """``encode`` over every item, items of one shape together, as ``[B, T_max, hidden]``: each
     sample's items' tokens in order, then zeros. ``encode`` maps ``[n, *item]`` to ``[n, tokens,
-    hidden]``. Without any item the output is ``[B, 0, hidden]`` and every trainable parameter of
-    ``like`` joins the graph at weight 0, so data-parallel gradient reduction sees them all."""
-    flat = items.flat()
+    hidden]``. With an exchange, the items are encoded on the DP ranks it assigns them to. A rank
+    that encodes nothing gives every trainable parameter of ``like`` a zero gradient, so
+    data-parallel gradient reduction sees them all; without any item the output is ``[B, 0, hidden]``."""
+    flat, link = items.flat(), None
+    if items.exchange is not None:
+        encoded, worked, link = balanced_encode(flat, lambda some: encode_grouped(some, encode), items.exchange)
+    else:
+        encoded, worked = encode_grouped(flat, encode), bool(flat)
+    per_sample, at = [], 0
+    for count in items.counts:
+        per_sample.append(encoded[at:at + count])
+        at += count
+    out = _padded(per_sample, encoded[0]) if flat else _empty(len(items), like)
+    if not worked:
+        out = out + _zero_link(like, out.dtype)
+    return out if link is None else out + link
+
+
+def encode_grouped(flat: list[torch.Tensor], encode: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """Each item's output (``[tokens, hidden]``), items of one shape and dtype through ``encode`` together."""
     groups: dict[tuple, list[int]] = {}
     for index, item in enumerate(flat):
         groups.setdefault((tuple(item.shape), item.dtype), []).append(index)
@@ -97,13 +122,7 @@ def run_items(items: Items, encode: Callable[[torch.Tensor], torch.Tensor], like
         out = encode(torch.stack([flat[i] for i in indices]))
         for row, i in enumerate(indices):
             encoded[i] = out[row]
-    if not flat:
-        return _nothing(len(items), like)
-    per_sample, at = [], 0
-    for count in items.counts:
-        per_sample.append(encoded[at:at + count])
-        at += count
-    return _padded(per_sample, encoded[0])
+    return encoded
 
 
 def _padded(per_sample: list[list[torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
@@ -112,16 +131,18 @@ def _padded(per_sample: list[list[torch.Tensor]], like: torch.Tensor) -> torch.T
     return torch.stack([torch.nn.functional.pad(r, (0, 0, 0, longest - r.shape[0])) for r in rows])
 
 
-def _nothing(samples: int, module: torch.nn.Module) -> torch.Tensor:
-    params = [p for p in module.parameters() if p.requires_grad]
+def _empty(samples: int, module: torch.nn.Module) -> torch.Tensor:
     hidden = getattr(getattr(module, "config", None), "hidden_size", None)
     if hidden is None:
         raise ValueError("run_items: a module without config.hidden_size needs at least one item")
     reference = next(module.parameters())
-    empty = torch.zeros((samples, 0, hidden), dtype=reference.dtype, device=reference.device)
-    if not params:
-        return empty
-    return empty + 0.0 * sum(p.sum() for p in params).to(empty.dtype)
+    return torch.zeros((samples, 0, hidden), dtype=reference.dtype, device=reference.device)
+
+
+def _zero_link(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor | float:
+    """0 times every trainable parameter: their gradients become zeros (DDP's hooks fire)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return (0.0 * sum(p.sum() for p in params)).to(dtype) if params else 0.0
 
 
 def ragged_nodes(valid) -> frozenset[str]:

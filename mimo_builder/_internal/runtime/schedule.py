@@ -32,6 +32,7 @@ from mimo_builder._internal.runtime.generation import GenerationOptions, generat
 from mimo_builder._internal.runtime.loss_tokens import LossShares, global_counts, loss_shares
 from mimo_builder._internal.runtime.optim import check_runnable
 from mimo_builder._internal.runtime.outputs import check_requested, gathered_outputs, global_loss, output_means
+from mimo_builder._internal.runtime.balance import node_exchanges
 from mimo_builder._internal.runtime.items import Items, ragged_nodes
 from mimo_builder._internal.runtime.routes import Routes
 from mimo_builder._internal.runtime.shards import RankBatch
@@ -76,6 +77,7 @@ class GraphSchedule:
         model.on_close(self.close)
         self.needs_grad = needs_grad(self.valid)
         self.contract = PortContract(self.valid)
+        self.exchanges = node_exchanges(model, self.device)
         self.contract.announce()
         self.loss_outputs = [(n, p) for n, p in self.valid.outputs if p == "loss"]
         self.failed: str | None = None

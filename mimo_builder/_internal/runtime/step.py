@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from mimo_builder._internal.runtime.batch import shard_range
 from mimo_builder._internal.runtime.bridge import Mailbox, broadcast_tensor
-from mimo_builder._internal.runtime.items import join_padded
+from mimo_builder._internal.runtime.items import Items, join_padded
 from mimo_builder._internal.runtime.loss_tokens import LossShares
 from mimo_builder._internal.runtime.packing import PackingError
 from mimo_builder._internal.runtime.pipeline import FORWARD, Op, Stage
@@ -105,6 +105,9 @@ class Step:
 
     def _run_stage(self, stage: Stage, inputs: dict, hidden) -> dict[str, torch.Tensor]:
         chunk = self.s.model.chunks(stage.node)[stage.chunk]
+        for port, exchange in self.s.exchanges.get(stage.node, {}).items():
+            if isinstance(inputs.get(port), Items):  # encoded where the node's DP ranks balance them
+                inputs = {**inputs, port: inputs[port].balanced(exchange)}
         with self.s.timer.measure(stage.node, "forward"):
             try:
                 outputs = self.valid.builders[stage.node].run_stage(chunk, inputs, hidden, stage.index == 0, stage.last)
