@@ -272,12 +272,11 @@ class MambaBuilder(ModelBuilder):
 
     def _generate(self, model, core, inputs, ids, prompts, options) -> torch.Tensor:
         """New tokens after each row's prompt: prefilled once, then one incremental step per token."""
-        def embed(window, window_positions):
-            return place_modalities(core.embedding(input_ids=window, position_ids=window_positions), window,
-                                    self.config.modality_token_ids, inputs)
+        def embed(window, window_positions, place: bool):
+            embedded = core.embedding(input_ids=window, position_ids=window_positions)
+            return place_modalities(embedded, window, self.config.modality_token_ids, inputs) if place else embedded
 
-        return generate(model, core, self.config.vocab_size, embed, ids, prompts,
-                        sorted(self.config.modality_token_ids.values()), options)
+        return generate(model, core, self.config.vocab_size, embed, ids, prompts, options)
 
     def training_problems(self, trains: bool) -> list[str]:
         """MoE layers with biases cannot train on the local spec (no Transformer Engine here)."""

@@ -3,9 +3,9 @@ token costs one step through MCore's static inference context (each Mamba layer 
 conv and SSM state, each attention layer its key/value cache; on CPU the decode step runs
 through :mod:`submodels.mamba_decode`).
 
-Prompts may differ in length: the shortest common part is prefilled, and each later position
-takes a row's own prompt token while it has one, else the token generated for it. Placeholder
-tokens (modality embeddings) must lie within the shortest prompt.
+Prompts may differ in length: every prompt is embedded whole once (its modalities in place,
+wherever its tags stand), the shortest common part is prefilled, and each later position takes
+a row's own prompt embedding while it has one, else the embedding of the token generated for it.
 """
 
 from __future__ import annotations
@@ -14,23 +14,18 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.inference.utils import InferenceMode
 
-from mimo_builder._internal.errors import ConfigError
 from mimo_builder._internal.runtime.generation import GenerationOptions
 
 
 def generate(model, core, vocab_size: int, embed, ids: torch.Tensor, prompt_lengths: torch.Tensor,
-             placeholders: list[int], options: GenerationOptions) -> torch.Tensor:
+             options: GenerationOptions) -> torch.Tensor:
     """New tokens per row, ``[batch, max_new_tokens]`` (-1 after a row stopped).
 
-    ``model`` is the node's chunk (``core`` its HybridModel); ``embed(ids, positions)`` gives the
-    prefill's ``[tokens, batch, hidden]`` input with the modalities in place; ``ids`` holds each
-    row's prompt in its first ``prompt_lengths[i]`` positions."""
+    ``model`` is the node's chunk (``core`` its HybridModel); ``embed(ids, positions, place)``
+    gives ``[tokens, batch, hidden]`` inputs, the modalities in place where ``place``; ``ids`` holds
+    each row's prompt in its first ``prompt_lengths[i]`` positions."""
     batch, width = ids.shape
     shortest, longest = int(prompt_lengths.min()), int(prompt_lengths.max())
-    late = torch.isin(ids[:, shortest:longest], torch.tensor(placeholders, dtype=ids.dtype, device=ids.device))
-    if bool((late & (torch.arange(shortest, longest, device=ids.device) < prompt_lengths[:, None])).any()):
-        raise ConfigError("generation: a modality placeholder lies beyond the shortest prompt; put modality tags "
-                          "at the start of every prompt")
     total = longest + options.max_new_tokens
     positions = torch.arange(total, device=ids.device).expand(batch, total)
     context = StaticInferenceContext(batch, total)
@@ -38,8 +33,9 @@ def generate(model, core, vocab_size: int, embed, ids: torch.Tensor, prompt_leng
     out = torch.full((batch, options.max_new_tokens), -1, dtype=torch.long, device=ids.device)
     done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     with torch.no_grad(), InferenceMode.active():
+        prompts = embed(ids[:, :longest], positions[:, :longest], True)  # [longest, batch, hidden]
         logits = model(ids[:, :shortest], positions[:, :shortest], None, inference_context=context,
-                       decoder_input=embed(ids[:, :shortest], positions[:, :shortest]), runtime_gather_output=True)
+                       decoder_input=prompts[:shortest], runtime_gather_output=True)
         context.increment_sequence_len_offset(shortest)
         for t in range(shortest, total):
             predicted = picker(logits[:, -1])
@@ -50,9 +46,13 @@ def generate(model, core, vocab_size: int, embed, ids: torch.Tensor, prompt_leng
                 done |= active & (predicted == options.eos_id)
             if bool((done | (index >= options.max_new_tokens - 1)).all()):
                 break
-            prompt = ids[:, min(t, width - 1)]
-            feed = torch.where(t < prompt_lengths, prompt, predicted)[:, None]
-            logits = model(feed, positions[:, t:t + 1], None, inference_context=context, runtime_gather_output=True)
+            in_prompt = t < prompt_lengths
+            feed = torch.where(in_prompt, ids[:, min(t, width - 1)], predicted)[:, None]
+            step = embed(feed, positions[:, t:t + 1], False)
+            if t < longest:
+                step = torch.where(in_prompt[None, :, None], prompts[t:t + 1], step)
+            logits = model(feed, positions[:, t:t + 1], None, inference_context=context, decoder_input=step,
+                           runtime_gather_output=True)
             context.increment_sequence_len_offset(1)
     return out
 

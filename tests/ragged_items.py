@@ -58,3 +58,24 @@ def items_steps(placement: str, packed: bool, counts, initial=None, by_rank: boo
     from ragged_steps import ragged_steps
 
     return ragged_steps(graph(placement), packed, counts, initial, by_rank, batch_of=items_batch)
+
+
+def generate_alone_and_together() -> dict:
+    """Greedy answers of samples 0, 3 and 6 (images and clips, prompts of other lengths, tags
+    beyond the shortest prompt) generated together and each alone, on one rank."""
+    import torch
+
+    from mimo_builder._internal.data.collate import GraphCollator
+    from mimo_builder._internal.data.tokenizer import ByteTokenizer
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from ragged_steps import build
+
+    model = build(graph("single"))
+    picked = [samples()[i] for i in (0, 3, 6)]
+    collate = GraphCollator(model.valid, ByteTokenizer(), generation=True)
+    schedule = GraphSchedule(model)
+    together = schedule.generate(collate(picked), 6)
+    alone = torch.cat([schedule.generate(collate([s]), 6) for s in picked])
+    lengths = collate(picked)["loss_mask"].argmax(dim=1) + 1
+    model.close()
+    return dict(together=together, alone=alone, prompt_lengths=lengths)

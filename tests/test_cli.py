@@ -215,7 +215,8 @@ def test_run_names_samples_and_token_counts_the_graph_cannot_take_before_any_ran
     synthetic = _main(*run)
     assert synthetic.returncode == 2 and refused in synthetic.stderr and "Traceback" not in synthetic.stderr
     data = _main("--allow", "examples", *run, "--data", "examples.digits_sum:train_data")
-    assert data.returncode == 2 and f"--data: sample 0 does not fit the graph: {refused}" in data.stderr
+    assert data.returncode == 2, data.stderr
+    assert f"--data: sample 0 does not fit the graph: sample 0['audio_features'][0]: {refused}" in data.stderr
 
     doc["nodes"]["audio_proj"]["config"]["token_reduction"] = 2
     doc["nodes"]["lm"]["config"]["seq_length"] = 8  # prompt 4 tokens, answer 5-6 and its end

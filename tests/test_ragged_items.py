@@ -85,3 +85,31 @@ def test_a_disjoint_placement_packed_or_not_from_the_batch_or_each_ranks_share(r
         _check([r[case] for r in ranks], reference[ONE]["runs"][1], (2, 3))
     moved = reference[ONE]["runs"][1]["updated"]["vision"]
     assert any(not torch.equal(reference[ONE]["initial"]["vision"][k], v) for k, v in moved.items())
+
+
+def test_generation_rows_hold_the_prompt_and_mark_where_the_answer_starts():
+    from mimo_builder._internal.data.collate import GraphCollator, reference_answer
+    from mimo_builder._internal.data.tokenizer import ByteTokenizer
+    from mimo_builder._internal.validation import validate_graph
+    from ragged_items import graph
+
+    valid = validate_graph(graph("single"), 1)
+    chat = {"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "Yo"}],
+            "pixel_values": torch.zeros(3, 8, 8)}
+    row = GraphCollator(valid, ByteTokenizer(), generation=True).tokenize(chat)
+    text = b"User: " + b"\x00" * 2 + b"Hi\nAssistant: "  # 2 placeholders (8 px: one patch + class token)
+    n = len(text)
+    assert row["loss_mask"].nonzero().flatten().tolist() == [n - 1]
+    assert row["input_ids"][:n].tolist() == [1 if b == 0 else b + 4 for b in text]
+    assert row["input_ids"][n:].eq(0).all()
+    assert reference_answer(chat) == "Yo" and reference_answer({"prompt": "x", "answer": "y"}) == "y"
+
+
+def test_generating_together_equals_generating_alone():
+    """Prompts of other lengths with their images and clips anywhere in them: each row's answer
+    is the one it gets alone (its whole prompt embedded with its items in place)."""
+    from ragged_items import generate_alone_and_together
+
+    got = run_ranks(1, generate_alone_and_together)[0]
+    assert len(set(got["prompt_lengths"].tolist())) == 3
+    assert torch.equal(got["together"], got["alone"])

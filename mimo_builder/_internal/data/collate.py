@@ -48,10 +48,16 @@ class GraphCollator:
 
     Where the graph binds the backbone's ``seq_lengths`` (``Graph.packed()``, ``run --pack``), each
     sample's token count goes with it and the backbone packs the samples several to a row;
-    ``pack=True`` asks for that and refuses a graph that does not bind it."""
+    ``pack=True`` asks for that and refuses a graph that does not bind it.
 
-    def __init__(self, valid: ValidGraph, tokenizer, seq_length: int | None = None, pack: bool = False):
-        self.valid, self.tokenizer = valid, tokenizer
+    ``generation=True`` collates prompts to answer (``generate``): a conversation without its final
+    assistant turn, ended by the prompt that opens the assistant's turn; a ``prompt`` without its
+    ``answer``. Nothing is learned; the loss mask marks one position, the one whose label is the
+    first new token, which is where generation starts."""
+
+    def __init__(self, valid: ValidGraph, tokenizer, seq_length: int | None = None, pack: bool = False,
+                 generation: bool = False):
+        self.valid, self.tokenizer, self.generation = valid, tokenizer, generation
         self.text_node = _text_node(valid)
         self.text_keys = {port: key for key, (node, port) in valid.inputs.items() if node == self.text_node}
         self.modalities = ModalityReader(valid, self.text_node)
@@ -92,16 +98,16 @@ class GraphCollator:
                 raise DataError(f"{name}: {'; '.join(problems)}")
         raise DataError(f"{names[0]} to {names[-1]}: {'; '.join(tensor_problems(self.valid, batch))}")
 
-    def tokenize(self, sample: dict, index: int = 0, name: str | None = None, *,
-                 generation: bool = False) -> dict[str, torch.Tensor]:
+    def tokenize(self, sample: dict, index: int = 0, name: str | None = None) -> dict[str, torch.Tensor]:
         """One sample's ``input_ids``, ``labels``, ``loss_mask`` and ``position_ids`` rows; errors
-        call it ``name`` (default ``sample INDEX``). With ``generation``, a conversation ends with
-        the prompt of the assistant's next turn (nothing learned)."""
+        call it ``name`` (default ``sample INDEX``)."""
         name = name or f"sample {index}"
         if not isinstance(sample, dict):
             raise DataError(f"{name} is a {type(sample).__name__}, not a dict of fields")
         tags = _TagFiller(self, self.modalities.placeholders(sample, name), name)
-        ids, learned, parts = self._text(sample, tags, name, generation)
+        if self.generation:
+            return self._prompt_row(sample, tags, name)
+        ids, learned, parts = self._text(sample, tags, name, False)
         tags.check_used()
         if len(ids) - 1 > self.seq_length or len(ids) < 2:
             raise DataError(f"{name}: {len(ids)} tokens{parts} do not fit node '{self.text_node}' "
@@ -114,6 +120,30 @@ class GraphCollator:
                 "loss_mask": torch.tensor(mask + [0.0] * pad),
                 "position_ids": torch.arange(self.seq_length),
                 LENGTHS_PORT: torch.tensor(len(ids) - 1)}
+
+    def _prompt_row(self, sample: dict, tags: "_TagFiller", name: str) -> dict[str, torch.Tensor]:
+        """A generation row: the prompt, then padding; the mask marks where the answer starts."""
+        if "messages" in sample:
+            messages = sample["messages"]
+            if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+                    and messages[-1].get("role") == "assistant":
+                messages = messages[:-1]  # the reference answer
+            ids, _, parts = self._text({"messages": messages}, tags, name, True)
+        else:
+            if not isinstance(sample.get("prompt"), str) or not sample["prompt"]:
+                raise DataError(f"{name} has no prompt to answer: give 'prompt' (text) or 'messages'")
+            ids = tags.encode(sample["prompt"])
+            parts = f" (prompt {len(ids)})"
+        tags.check_used()
+        if not 0 < len(ids) <= self.seq_length - 1:
+            raise DataError(f"{name}: a prompt of {len(ids)} tokens{parts} leaves node '{self.text_node}' (seq_length "
+                            f"{self.seq_length}) no room to answer; it may hold up to {self.seq_length - 1}")
+        pad = self.seq_length - len(ids)
+        return {"input_ids": torch.tensor(ids + [self.tokenizer.pad_id] * pad),
+                "labels": torch.full((self.seq_length,), self.tokenizer.pad_id),
+                "loss_mask": torch.nn.functional.one_hot(torch.tensor(len(ids) - 1), self.seq_length).float(),
+                "position_ids": torch.arange(self.seq_length),
+                LENGTHS_PORT: torch.tensor(len(ids))}
 
     def _text(self, sample: dict, tags: "_TagFiller", name: str, generation: bool):
         """The sample's ids, per id whether it is learned, and what its parts are (for errors)."""
@@ -139,6 +169,19 @@ class GraphCollator:
     def modality_tokens(self, sample: dict, name: str = "the sample") -> dict[str, int]:
         """Placeholder tokens per backbone modality port, all of the sample's items together."""
         return {port: sum(counts) for port, counts in self.modalities.placeholders(sample, name).items()}
+
+
+def reference_answer(sample) -> str | None:
+    """What a sample says its answer is: the final assistant turn's text, else ``answer``."""
+    if not isinstance(sample, dict):
+        return None
+    messages = sample.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") == "assistant":
+        content = messages[-1].get("content")
+        return content if isinstance(content, str) else None
+    answer = sample.get("answer")
+    return answer if isinstance(answer, str) else None
 
 
 class _TagFiller:

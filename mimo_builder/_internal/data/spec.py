@@ -40,18 +40,21 @@ class GraphData:
     """DataLoader workers per rank reading ahead (0: read in the rank's own process)."""
 
     def loader(self, valid: ValidGraph, rank: int, batch_size: int, *, num_microbatches: int = 1,
-               first_step: int = 1, last_step: int, seed: int = 0, shuffle: bool = True) -> RankLoader:
+               first_step: int = 1, last_step: int, seed: int = 0, shuffle: bool = True,
+               generation: bool = False) -> RankLoader:
         """``rank``'s batches for steps ``first_step..last_step`` (a map-style dataset is read in
-        a fresh seeded order each epoch, or in order with ``shuffle=False``)."""
+        a fresh seeded order each epoch, or in order with ``shuffle=False``); ``generation``: the
+        prompts to answer (:class:`GraphCollator`)."""
         source = self.dataset if hasattr(self.dataset, "samples") else IndexedSource(self.dataset, seed, shuffle)
-        collate = GraphCollator(valid, self.tokenizer, self.seq_length)
+        collate = GraphCollator(valid, self.tokenizer, self.seq_length, generation=generation)
         return RankLoader(valid, source, collate, batch_size, rank, num_microbatches=num_microbatches,
                           first_step=first_step, last_step=last_step, num_workers=self.num_workers)
 
-    def check(self, valid: ValidGraph, where: str) -> None:
+    def check(self, valid: ValidGraph, where: str, generation: bool = False) -> None:
         """Collate the first sample of a map-style dataset for ``valid``, so that a sample the graph
         cannot take (a missing key, a prompt too long, a token count a node refuses) is an error
-        naming ``where`` before any rank starts. A streaming source is checked by its readers."""
+        naming ``where`` before any rank starts (as a prompt to answer with ``generation``). A
+        streaming source is checked by its readers."""
         if hasattr(self.dataset, "samples"):
             return
         if len(self.dataset) == 0:
@@ -62,7 +65,8 @@ class GraphData:
             raise ConfigError(f"{where}: reading sample 0 raised {type(err).__name__}: {err}") from None
         try:
             copies = math.lcm(*(layout.dp for layout in valid.layouts.values()))  # a batch every DP size divides
-            check_batch(valid, GraphCollator(valid, self.tokenizer, self.seq_length)([sample] * copies))
+            collate = GraphCollator(valid, self.tokenizer, self.seq_length, generation=generation)
+            check_batch(valid, collate([sample] * copies))
         except MimoError as err:
             raise ConfigError(f"{where}: sample 0 does not fit the graph: {err}") from None
 

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from mimo_builder._internal.assembly.trained import build_trained
 from mimo_builder._internal.checkpoint.files import read_manifest, resolve
+from mimo_builder._internal.data.collate import reference_answer
 from mimo_builder._internal.data.spec import load_data
 from mimo_builder._internal.document.graph import Graph
 from mimo_builder._internal.platform.cpu_rng import offset_seed
@@ -32,7 +33,7 @@ def generate_answers(graph: Graph, load: str, data_ref: str, options: Generation
     with build_trained(graph, load) as model:
         data = load_data(data_ref, "--data", model.valid, image_root=image_root, tokenizer=tokenizer)
         steps = max(1, -(-samples // batch_size))
-        loader = data.loader(model.valid, dist.get_rank(), batch_size, last_step=steps, shuffle=False)
+        loader = data.loader(model.valid, dist.get_rank(), batch_size, last_step=steps, shuffle=False, generation=True)
         schedule, tokenizer = GraphSchedule(model), data.tokenizer
         if options.eos_id is None:
             options = dataclasses.replace(options, eos_id=tokenizer.eos_id)
@@ -56,11 +57,11 @@ def generate_answers(graph: Graph, load: str, data_ref: str, options: Generation
 
 
 def _answer(data, index: int) -> str | None:
-    """The sample's answer text, where a map-style dataset gives it."""
+    """The sample's answer text (its ``answer``, or its final assistant turn), where a map-style
+    dataset gives it."""
     if hasattr(data.dataset, "samples"):
         return None
-    answer = data.dataset[index].get("answer")
-    return answer if isinstance(answer, str) else None
+    return reference_answer(data.dataset[index])
 
 
 def _max_new_tokens(valid, node: str, asked: int | None) -> int:
@@ -102,7 +103,7 @@ def run_generate(graph: Graph, args) -> list[str]:
     node = generating_node(valid)
     options = dataclasses.replace(options, max_new_tokens=_max_new_tokens(valid, node, args.max_new_tokens))
     data = load_data(args.data, "--data", valid, image_root=args.image_root, tokenizer=args.tokenizer)
-    data.check(valid, "--data")
+    data.check(valid, "--data", generation=True)
     _check_samples(data, args.samples)
     check_resumable(valid, args.load)
     return launch(generate_answers, nproc, graph, args.load, args.data, options, args.batch_size, args.samples,
