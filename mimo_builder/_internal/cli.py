@@ -106,11 +106,14 @@ def _plan(args) -> int:
     from mimo_builder._internal.planning.plan import make_plan
     from mimo_builder._internal.planning.table import pipeline_plan, print_plan
 
-    plan = make_plan(_load(args, args.world_size), args.world_size, count_params=not args.no_params)
+    flags = _workload_flags(args)  # before anything else: a typo costs nothing
+    graph = _load(args, args.world_size)
+    workload = _workload(args, graph, flags)
+    plan = make_plan(graph, args.world_size, count_params=not args.no_params)
     memory, label = args.gpu_memory or (None, None)
-    schedule = pipeline_plan(plan, args.microbatches, memory)
-    estimates = estimate_plan(plan, schedule, args.micro_batch_size, memory, label)
-    lines = _predicted(args, plan.valid, schedule) if args.costs else []
+    schedule = pipeline_plan(plan, args.microbatches, memory, workload)
+    estimates = estimate_plan(plan, schedule, args.micro_batch_size, memory, label, workload)
+    lines = _predicted(args, plan.valid, schedule, workload) if args.costs else []
     if args.json:
         print(_json_lines({**plan.as_dict(estimates), "schedule": _schedule_dict(plan, schedule),
                            **({"predicted": lines} if lines else {})}))
@@ -121,7 +124,35 @@ def _plan(args) -> int:
     return 0
 
 
-def _predicted(args, valid, schedule) -> list[str]:
+def _workload_flags(args):
+    """``--items-per-sample`` parsed, and the flags that go with ``--data`` checked."""
+    from mimo_builder._internal.errors import ConfigError
+    from mimo_builder._internal.planning.workload import Workload
+
+    lone = [flag for flag, value in (("--sample-count", args.sample_count), ("--image-root", args.image_root))
+            if value is not None and not args.data]
+    if lone:
+        raise ConfigError(f"{' and '.join(lone)} go{'es' if len(lone) == 1 else ''} with --data REF "
+                          "(the samples to count items in)")
+    return Workload.parse(args.items_per_sample)
+
+
+def _workload(args, graph, flags):
+    """The items per sample of ``--data``'s first samples, the flags' over them; None for one item
+    per sample everywhere. Checked against ``graph`` before any meta build or profile."""
+    from mimo_builder._internal.planning.workload import from_data
+    from mimo_builder._internal.validation import validate_graph
+
+    if not flags.counts and not args.data:
+        return None
+    valid = validate_graph(graph)
+    flags.check(valid)
+    if not args.data:
+        return flags
+    return from_data(valid, args.data, args.sample_count or 64, args.image_root).merged(flags)
+
+
+def _predicted(args, valid, schedule, workload=None) -> list[str]:
     from mimo_builder._internal.errors import ConfigError
     from mimo_builder._internal.planning.commands import prediction_lines
     from mimo_builder._internal.planning.cost_table import CostTable
@@ -132,7 +163,7 @@ def _predicted(args, valid, schedule) -> list[str]:
     problems = split_problems(valid, args.batch_size, args.microbatches)
     if problems:  # the step predicted would be one run refuses
         raise ConfigError("--batch-size / --microbatches:\n" + "\n".join(f"  - {p}" for p in problems))
-    return prediction_lines(valid, costs, args.microbatches, args.batch_size, schedule.batched)
+    return prediction_lines(valid, costs, args.microbatches, args.batch_size, schedule.batched, workload)
 
 
 def _profile(args) -> int:
@@ -148,15 +179,17 @@ def _place(args) -> int:
     from mimo_builder._internal.planning.commands import place_command, profile_command
     from mimo_builder._internal.planning.cost_table import CostTable
 
+    flags = _workload_flags(args)
     _writable_file(args.output, "-o")
     graph = load_graph(args.file)
+    workload = _workload(args, graph, flags)
     if args.costs:
         costs = CostTable.load(args.costs)
         costs.check_covers(graph, f"--costs {args.costs}")
     else:
         costs = profile_command(graph, args.world_size, args.batch_size, None)
     memory = args.gpu_memory[0] if args.gpu_memory else None
-    return place_command(graph, args.world_size, costs, args.batch_size, memory, args.top, args.output)
+    return place_command(graph, args.world_size, costs, args.batch_size, memory, args.top, args.output, workload)
 
 
 def _schedule_dict(plan, schedule) -> dict:

@@ -99,6 +99,7 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     p.add_argument("--costs", metavar="COSTS.json",
                    help="predict the step time and idle shares from costs `mimo-builder profile` measured")
     p.add_argument("--batch-size", type=_count, default=8, help="global batch size, for --costs (default 8)")
+    _workload_flags(p)
     _colocate_flag(p)
     p.set_defaults(func=commands["plan"])
 
@@ -120,6 +121,7 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_count, default=8, help="global batch size (default 8)")
     p.add_argument("--top", type=_count, default=5, help="how many placements to show (default 5)")
     p.add_argument("-o", "--output", metavar="BEST.yaml", help="write the best placement as a document")
+    _workload_flags(p)
     p.set_defaults(func=commands["place"])
 
     p = sub.add_parser("schema", help="print the JSON Schema of the graph document (node configs checked "
@@ -236,6 +238,17 @@ def _llava_flags(parser) -> None:
     parser.add_argument("--image-root", metavar="DIR", help="folder of llava: data's images (default: the JSON's)")
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="Hugging Face tokenizer folder for llava: data (default: bytes)")
+
+
+def _workload_flags(parser) -> None:
+    parser.add_argument("--items-per-sample", action="append", default=[], metavar="KEY=SPEC",
+                        help="items per sample of a batch key bound to an encoder input (repeatable): a mean "
+                             "(pixel_values=3.5) or COUNT:SHARE,... (pixel_values=0:0.2,1:0.5,4:0.3); "
+                             "default: one; over --data's counts for the keys it names")
+    parser.add_argument("--data", metavar="MODULE:FUNCTION|llava:JSON",
+                        help="count the items per sample in this dataset's first --sample-count samples")
+    parser.add_argument("--sample-count", type=_count, metavar="N", help="samples of --data to count (default 64)")
+    parser.add_argument("--image-root", metavar="DIR", help="folder of llava: data's images (default: the JSON's)")
 
 
 def _colocate_flag(parser) -> None:

@@ -29,12 +29,14 @@ def profile_command(graph, world_size: int, batch_size: int, output: str | None)
     return table
 
 
-def prediction_lines(valid, costs: CostTable, num_microbatches: int, batch_size: int, batched) -> list[str]:
-    """The predicted step and each rank group's idle share (``plan --costs``)."""
+def prediction_lines(valid, costs: CostTable, num_microbatches: int, batch_size: int, batched,
+                     workload=None) -> list[str]:
+    """The predicted step and each rank group's idle share (``plan --costs``), under ``workload``'s
+    items per sample (None: one)."""
     from mimo_builder._internal.planning.place import rank_groups
     from mimo_builder._internal.planning.predict import predict_step
 
-    predicted = predict_step(valid, costs, num_microbatches, batch_size, batched)
+    predicted = predict_step(valid, costs, num_microbatches, batch_size, batched, workload)
     where = costs.machine.get("gpu") or f"{costs.machine.get('device', '?')} on {costs.machine.get('host', '?')}"
     lines = [f"predicted step: {predicted.step * 1e3:.1f} ms for {batch_size} samples in {num_microbatches} "
              f"microbatches (costs measured on {where}; forward and backward until {predicted.pipeline * 1e3:.1f} ms)"]
@@ -45,8 +47,9 @@ def prediction_lines(valid, costs: CostTable, num_microbatches: int, batch_size:
 
 
 def place_command(graph, world_size: int, costs: CostTable, batch_size: int, memory: int | None,
-                  top: int, output: str | None) -> int:
-    """Print the ``top`` placements by predicted step; write the best as a document."""
+                  top: int, output: str | None, workload=None) -> int:
+    """Print the ``top`` placements by predicted step (under ``workload``'s items per sample);
+    write the best as a document."""
     from rich.console import Console
     from rich.table import Table
 
@@ -55,7 +58,7 @@ def place_command(graph, world_size: int, costs: CostTable, batch_size: int, mem
     from mimo_builder._internal.validation import validate_graph
 
     start, rejected = time.perf_counter(), Rejections()
-    best, seen = search(graph, world_size, costs, batch_size, memory, top, rejected)
+    best, seen = search(graph, world_size, costs, batch_size, memory, top, rejected, workload)
     seconds = time.perf_counter() - start
     if not best:
         raise ConfigError(no_placement(world_size, batch_size, costs, rejected))
@@ -66,6 +69,8 @@ def place_command(graph, world_size: int, costs: CostTable, batch_size: int, mem
         table.add_row(str(i), c.label, str(c.microbatches), f"{c.prediction.step * 1e3:.1f} ms",
                       f"{c.busiest_idle:.0%}", "-" if c.memory is None else f"{c.memory / 2**20:,.0f} MiB")
     Console().print(table)
+    if workload is not None and workload.counts:
+        print(f"items ({workload.source}): " + "; ".join(f"{key} {c.describe()}" for key, c in workload.counts.items()))
     print(f"best: {best[0].label}, --microbatches {best[0].microbatches}: {reason(best[0], best[1:])}")
     print(f"searched {seen} candidates in {seconds:.2f} s ({seen / max(seconds, 1e-9):,.0f} per second)")
     if output:

@@ -29,6 +29,11 @@ default (transformer layers from its TransformerConfig), and a warning naming th
 the widest node runs ``micro_batch_size`` of them and a node of DP size ``d`` runs
 ``micro_batch_size x lcm / d``; each sample has the node's planned tokens (a language model's
 full ``seq_length``, an encoder's patches or frames, edge-fed nodes what arrives).
+
+**Items**: one item per sample on each encoder input, unless a ragged workload says otherwise
+(:mod:`~mimo_builder._internal.planning.workload`): then the encoder's FLOPs scale by the mean
+items per sample and its activations by the most, its downstream nodes' by the microbatch's
+longest sample (the padding they run on); the backbone is unchanged.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from mimo_builder._internal.kinds.contract import defines
 from mimo_builder._internal.kinds import costs
 from mimo_builder._internal.kinds.costs import StageCost
 from mimo_builder._internal.planning.plan import NodePlan, Plan
+from mimo_builder._internal.planning.workload import NodeItems, Workload
 
 MEMORY_KEYS = ("params", "grads", "optimizer", "activations", "total")
 UNBALANCED = 2.0  # slowest / fastest rank group above this gets a warning
@@ -87,6 +93,9 @@ class NodeEstimate:
     flops_per_step: int
     """The whole node's FLOPs per step, every rank together."""
 
+    items: NodeItems | None = None
+    """The ragged items the node's work scales with (None: one item per sample)."""
+
 
 @dataclass(frozen=True)
 class RankGroup:
@@ -111,6 +120,8 @@ class Estimates:
     flops: list[int]
     groups: list[RankGroup]
     warnings: list[str]
+    workload: Workload | None = None
+    """The items per sample the estimates assume (None: one per sample)."""
 
     def fits(self, rank: int) -> bool | None:
         """Whether the rank's total fits ``gpu_memory`` (None without a limit)."""
@@ -130,7 +141,7 @@ class Estimates:
         node, layout = self.nodes[name], next(n.layout for n in plan.nodes if n.name == name)
         heaviest = max((self.node_memory[r][name] for r in layout.ranks), key=lambda m: m.total)
         return {"tokens": node.tokens, "micro_batch": node.micro_batch, "flops_per_step": node.flops_per_step,
-                "memory_bytes": heaviest.as_dict(),
+                "memory_bytes": heaviest.as_dict(), "items": _items_dict(node.items),
                 "stage_activation_bytes": [s.activation_bytes for s in node.stages]}
 
     def rank_dict(self, rank: int) -> dict:
@@ -144,14 +155,16 @@ class Estimates:
         return {"micro_batch_size": self.micro_batch_size, "microbatches": self.num_microbatches,
                 "samples_per_microbatch": self.global_microbatch, "gpu_memory_bytes": self.gpu_memory,
                 "imbalance": round(self.imbalance, 4), "idle_share": round(1 - 1 / self.imbalance, 4),
+                "items_per_sample": self.workload.as_dict() if self.workload else None,
                 "rank_groups": [{"ranks": ranges(g.ranks), "stages": g.stages, "flops_per_rank": g.flops_per_rank}
                                 for g in self.groups]}
 
 
 def estimate_plan(plan: Plan, schedule, micro_batch_size: int = 1, gpu_memory: int | None = None,
-                  gpu_memory_label: str | None = None) -> Estimates | None:
-    """Estimates for ``plan`` under ``schedule`` (its :func:`~mimo_builder._internal.runtime.pipeline.plan_graph`);
-    None when the plan has no parameter counts (``count_params=False``)."""
+                  gpu_memory_label: str | None = None, workload: Workload | None = None) -> Estimates | None:
+    """Estimates for ``plan`` under ``schedule`` (its :func:`~mimo_builder._internal.runtime.pipeline.plan_graph`),
+    with ``workload``'s items per sample (None: one); None when the plan has no parameter counts
+    (``count_params=False``)."""
     from mimo_builder._internal.runtime.pipeline import needs_grad
 
     if any(n.transformer_config is None for n in plan.nodes):
@@ -159,8 +172,9 @@ def estimate_plan(plan: Plan, schedule, micro_batch_size: int = 1, gpu_memory: i
     backward = needs_grad(plan.valid)
     samples = micro_batch_size * math.lcm(*(n.layout.dp for n in plan.nodes))
     arrivals = token_arrivals(plan.valid)
-    nodes = {n.name: _node_estimate(plan, n, samples, arrivals[n.name], backward[n.name], schedule.num_microbatches)
-             for n in plan.nodes}
+    items = workload.node_items(plan.valid) if workload else {}
+    nodes = {n.name: _node_estimate(plan, n, samples, arrivals[n.name], backward[n.name], schedule.num_microbatches,
+                                    items.get(n.name)) for n in plan.nodes}
     by_key: dict[tuple, tuple[dict[str, Memory], Memory, int]] = {}
     memory, node_memory, flops = [], [], []
     for rank in range(plan.world_size):
@@ -173,7 +187,7 @@ def estimate_plan(plan: Plan, schedule, micro_batch_size: int = 1, gpu_memory: i
         flops.append(rank_flops)
     groups = _groups(plan, flops)
     estimates = Estimates(micro_batch_size, schedule.num_microbatches, samples, gpu_memory, nodes, memory,
-                          node_memory, flops, groups, [])
+                          node_memory, flops, groups, [], workload if workload and workload.counts else None)
     estimates.warnings = _warnings(plan, estimates, gpu_memory_label)
     return estimates
 
@@ -197,13 +211,23 @@ def token_arrivals(valid) -> dict[str, dict[str, int]]:
 
 
 def _node_estimate(plan: Plan, node: NodePlan, samples: int, arriving: dict[str, int], backward: bool,
-                   num_microbatches: int) -> NodeEstimate:
+                   num_microbatches: int, items: NodeItems | None) -> NodeEstimate:
     micro_batch = samples // node.layout.dp
     builder = plan.valid.builders[node.name]
-    stages = builder.stage_costs(node.transformer_config, micro_batch, arriving)
+    if items is None:
+        stages = builder.stage_costs(node.transformer_config, micro_batch, arriving)
+    else:
+        stages = items.stage_costs(builder, node.transformer_config, micro_batch, arriving)
     count = costs.passes(backward, node.frozen)
     return NodeEstimate(builder.planned_tokens(arriving), micro_batch, stages, count,
-                        costs.step_flops(stages, count, num_microbatches, node.layout.dp))
+                        costs.step_flops(stages, count, num_microbatches, node.layout.dp), items)
+
+
+def _items_dict(items: NodeItems | None) -> dict | None:
+    """A node's items for ``plan --json``: its key, whether it runs them flat, the factors."""
+    if items is None:
+        return None
+    return {"key": items.key, "encoder": items.encoder, "mean": items.counts.mean, "max": items.counts.largest}
 
 
 def _param_bytes(node: NodePlan, plan: Plan) -> tuple[int, float, float]:

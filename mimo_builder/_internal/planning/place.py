@@ -10,8 +10,9 @@ Candidates (every one validated as a document, and only at TP sizes the cost tab
 
 Ranks split between groups in every way for small worlds; from 8 ranks on, in eighths of the
 world. Each candidate runs at every microbatch count the batch splits into (1 to 16). Each is
-predicted from measured costs (:mod:`~mimo_builder._internal.planning.predict`); with a memory limit the
-best are checked against the plan's memory estimate until ``top`` fit.
+predicted from measured costs (:mod:`~mimo_builder._internal.planning.predict`), under a ragged
+workload's items per sample where given (:mod:`~mimo_builder._internal.planning.workload`); with a
+memory limit the best are checked against the plan's memory estimate until ``top`` fit.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mimo_builder._internal.document.graph import Graph, Placement
 from mimo_builder._internal.errors import GraphError, MimoError
 from mimo_builder._internal.planning.cost_table import CostTable
 from mimo_builder._internal.planning.predict import Prediction, predict_step
+from mimo_builder._internal.planning.workload import Workload
 
 MICROBATCHES = (1, 2, 4, 8, 16)
 
@@ -62,9 +64,11 @@ class Rejections:
 
 
 def search(graph: Graph, world_size: int, costs: CostTable, batch_size: int, memory: int | None = None,
-           top: int = 5, rejected: Rejections | None = None) -> tuple[list[Candidate], int]:
+           top: int = 5, rejected: Rejections | None = None,
+           workload: Workload | None = None) -> tuple[list[Candidate], int]:
     """The ``top`` candidates by predicted step time (fitting ``memory`` bytes per rank where
-    given) and how many candidates were predicted; ``rejected`` collects why the others were not."""
+    given) under ``workload``'s items per sample (None: one), and how many candidates were
+    predicted; ``rejected`` collects why the others were not."""
     from mimo_builder._internal.runtime.batching import batched_nodes
     from mimo_builder._internal.runtime.batch import split_problems
     from mimo_builder._internal.validation import validate_graph
@@ -84,13 +88,13 @@ def search(graph: Graph, world_size: int, costs: CostTable, batch_size: int, mem
                 continue
             seen += 1
             try:
-                prediction = predict_step(valid, costs, m, batch_size, batched_nodes(valid, m))
+                prediction = predict_step(valid, costs, m, batch_size, batched_nodes(valid, m), workload)
             except MimoError as err:  # a node at a TP size the table lacks
                 rejected.add("(placement, M) pair(s) lack measured costs", f"{label}, M={m}: {err}")
                 continue
             ranked.append(Candidate(label, placed, m, prediction))
     ranked.sort(key=lambda c: (c.prediction.step, c.label, c.microbatches))
-    return _fitting(ranked, world_size, memory, top, rejected), seen
+    return _fitting(ranked, world_size, memory, top, rejected, workload), seen
 
 
 def _first(err: MimoError) -> str:
@@ -98,7 +102,7 @@ def _first(err: MimoError) -> str:
 
 
 def _fitting(ranked: list[Candidate], world_size: int, memory: int | None, top: int,
-             rejected: Rejections) -> list[Candidate]:
+             rejected: Rejections, workload: Workload | None = None) -> list[Candidate]:
     """The first ``top`` candidates whose plan estimate fits ``memory`` (all, without a limit)."""
     if memory is None:
         return ranked[:top]
@@ -110,7 +114,8 @@ def _fitting(ranked: list[Candidate], world_size: int, memory: int | None, top: 
     for candidate in ranked:
         plan = make_plan(candidate.graph, world_size)
         estimate = estimate_plan(plan, plan_graph(plan.valid, candidate.microbatches,
-                                                  batched=candidate.prediction.plan.batched), 1, memory)
+                                                  batched=candidate.prediction.plan.batched), 1, memory,
+                                workload=workload)
         candidate.memory = max(m.total for m in estimate.memory)
         if candidate.memory <= memory:
             kept.append(candidate)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mimo_builder._internal.planning.cost_table import CostTable
+from mimo_builder._internal.planning.workload import Workload
 from mimo_builder._internal.runtime.pipeline import FORWARD, PipelinePlan, Stage, plan_graph, stage_ranks, virtual_stages
 
 FP32 = 4
@@ -34,13 +35,19 @@ class Prediction:
 
 class MeasuredTiming:
     """Seconds of each operation and message of ``valid``'s step at ``batch_size`` samples in
-    ``num_microbatches`` (the cost function :func:`plan_graph` takes)."""
+    ``num_microbatches`` (the cost function :func:`plan_graph` takes). With a ``workload``, a
+    node's rows are its one-item samples' worth: an encoder's samples times the mean items per
+    sample (the profile measured one item per sample), a node below it its samples times the
+    expected longest sample of its call (the padding it runs on); messages from them alike."""
 
-    def __init__(self, valid, costs: CostTable, num_microbatches: int, batch_size: int):
+    def __init__(self, valid, costs: CostTable, num_microbatches: int, batch_size: int,
+                 workload: Workload | None = None):
         self.valid, self.costs = valid, costs
-        self.rows = {n: batch_size / (num_microbatches * valid.layouts[n].dp) for n in valid.order}
+        samples = {n: batch_size / (num_microbatches * valid.layouts[n].dp) for n in valid.order}
+        items = workload.node_items(valid) if workload else {}
+        self.rows = {n: rows * (items[n].row_factor(rows) if n in items else 1) for n, rows in samples.items()}
         self.stages = {n: valid.layouts[n].pp * virtual_stages(valid.configs[n]) for n in valid.order}
-        self.sample_bytes = _sample_bytes(valid)
+        self.sample_bytes = _sample_bytes(valid, items, samples)
         self.per_microbatch = batch_size / num_microbatches
 
     def op_seconds(self, kind: str, stage: Stage, span: int) -> float:
@@ -63,9 +70,10 @@ class MeasuredTiming:
 
 
 def predict_step(valid, costs: CostTable, num_microbatches: int, batch_size: int,
-                 batched: frozenset[str] = frozenset()) -> Prediction:
-    """The predicted step of ``valid`` (placed on a world) from ``costs``."""
-    timing = MeasuredTiming(valid, costs, num_microbatches, batch_size)
+                 batched: frozenset[str] = frozenset(), workload: Workload | None = None) -> Prediction:
+    """The predicted step of ``valid`` (placed on a world) from ``costs``, with ``workload``'s
+    items per sample (None: one)."""
+    timing = MeasuredTiming(valid, costs, num_microbatches, batch_size, workload)
     plan = plan_graph(valid, num_microbatches, batched=batched, timing=timing)
     ends, busy = {}, {}
     for rank, ops in plan.order.items():
@@ -94,8 +102,9 @@ def _update_seconds(valid, costs: CostTable, name: str) -> float:
     return seconds
 
 
-def _sample_bytes(valid) -> dict[tuple[str, str], int]:
-    """Bytes one sample moves over each edge (tokens x features x 4; fp32 upper bound)."""
+def _sample_bytes(valid, items: dict | None = None, samples: dict | None = None) -> dict[tuple[str, str], float]:
+    """Bytes one sample moves over each edge (tokens x features x 4; fp32 upper bound); from a
+    node with ``items``, its tokens padded to the expected longest of its ``samples``."""
     from mimo_builder._internal.planning.estimate import token_arrivals
 
     arrivals = token_arrivals(valid)
@@ -103,5 +112,7 @@ def _sample_bytes(valid) -> dict[tuple[str, str], int]:
     for edge in valid.edges:
         port = valid.ports(edge.dst).inputs[edge.dst_port]
         tokens = arrivals.get(edge.dst, {}).get(edge.dst_port, 1) if "tokens" in port.dims else 1
-        out[(edge.src, edge.dst)] = out.get((edge.src, edge.dst), 0) + tokens * (port.features or 1) * FP32
+        padded = items[edge.src].counts.expected_longest(max(1, round(samples[edge.src]))) \
+            if items and edge.src in items else 1
+        out[(edge.src, edge.dst)] = out.get((edge.src, edge.dst), 0) + tokens * padded * (port.features or 1) * FP32
     return out

@@ -37,6 +37,9 @@ def estimate_lines(est: Estimates) -> list[str]:
              f"{est.micro_batch_size} on the widest node's DP ranks), {est.num_microbatches} microbatches per step; "
              "per DP rank and microbatch: " + ", ".join(f"{name} {node.micro_batch} x {node.tokens:,} tokens"
                                                         for name, node in est.nodes.items())]
+    if est.workload is not None:
+        lines.append(f"items ({est.workload.source}): " + "; ".join(
+            node.items.describe(name, node.micro_batch) for name, node in est.nodes.items() if node.items))
     busy = [g for g in est.groups if g.stages]
     if len(busy) > 1:
         lines.append(f"compute: {len(busy)} rank groups, slowest/mean {est.imbalance:.2f} "
@@ -59,14 +62,14 @@ def schedule_table(plan: Plan, num_microbatches: int, schedule=None) -> Table:
     return table
 
 
-def pipeline_plan(plan: Plan, num_microbatches: int, memory: int | None = None):
+def pipeline_plan(plan: Plan, num_microbatches: int, memory: int | None = None, workload=None):
     """The graph-wide pipeline schedule of ``plan`` for ``num_microbatches`` (:func:`plan_graph`),
     encoders batched where the runtime would (:mod:`~mimo_builder._internal.runtime.batching`; with
-    ``memory`` bytes per rank, where the estimate fits them)."""
+    ``memory`` bytes per rank, where the estimate under ``workload``'s items fits them)."""
     from mimo_builder._internal.runtime.batching import batched_nodes
     from mimo_builder._internal.runtime.pipeline import plan_graph
 
-    batched = batched_nodes(plan.valid, num_microbatches, memory=memory, plan=plan)
+    batched = batched_nodes(plan.valid, num_microbatches, memory=memory, plan=plan, workload=workload)
     return plan_graph(plan.valid, num_microbatches, batched=batched)
 
 

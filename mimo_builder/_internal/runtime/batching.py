@@ -23,10 +23,10 @@ from mimo_builder._internal.runtime.pipeline import plan_graph, virtual_stages
 
 
 def batched_nodes(valid, num_microbatches: int, device: torch.device | None = None,
-                  memory: int | None = None, plan=None) -> frozenset[str]:
+                  memory: int | None = None, plan=None, workload=None) -> frozenset[str]:
     """The nodes of ``valid`` (placed on a world) that run batched over ``num_microbatches``: on a
     CUDA ``device``, or with ``memory`` bytes per rank, only if the plan's estimate fits (``plan``:
-    the graph's dry-run plan where the caller has it)."""
+    the graph's dry-run plan where the caller has it; ``workload``: the items per sample it assumes)."""
     if num_microbatches < 2:
         return frozenset()
     read = {node for node, _ in valid.outputs}
@@ -42,7 +42,7 @@ def batched_nodes(valid, num_microbatches: int, device: torch.device | None = No
             chosen.add(name)
     if chosen and memory is None and device is not None and device.type == "cuda":
         memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    if chosen and memory is not None and not fits(valid, num_microbatches, frozenset(chosen), memory, plan):
+    if chosen and memory is not None and not fits(valid, num_microbatches, frozenset(chosen), memory, plan, workload):
         return frozenset()
     return frozenset(chosen)
 
@@ -56,7 +56,7 @@ def _descendants(valid) -> dict[str, set[str]]:
     return below
 
 
-def fits(valid, num_microbatches: int, batched: frozenset[str], memory: int, plan=None) -> bool:
+def fits(valid, num_microbatches: int, batched: frozenset[str], memory: int, plan=None, workload=None) -> bool:
     """Whether the plan's busiest rank, holding the ``batched`` nodes' activations for every
     microbatch, stays within ``memory`` bytes (at one sample per microbatch row; a failed estimate
     says no)."""
@@ -65,7 +65,8 @@ def fits(valid, num_microbatches: int, batched: frozenset[str], memory: int, pla
         from mimo_builder._internal.planning.plan import make_plan
 
         plan = plan if plan is not None else make_plan(valid.graph, valid.world_size)
-        estimate = estimate_plan(plan, plan_graph(valid, num_microbatches, batched=batched), 1, None)
+        estimate = estimate_plan(plan, plan_graph(valid, num_microbatches, batched=batched), 1, None,
+                                 workload=workload)
         return max(m.total for m in estimate.memory) <= memory
     except Exception:  # the estimate is advice: without it, run interleaved
         return False
