@@ -113,3 +113,23 @@ def test_generating_together_equals_generating_alone():
     got = run_ranks(1, generate_alone_and_together)[0]
     assert len(set(got["prompt_lengths"].tolist())) == 3
     assert torch.equal(got["together"], got["alone"])
+
+
+def test_a_video_is_its_frames_under_one_tag():
+    from mimo_builder._internal.data.collate import GraphCollator
+    from mimo_builder._internal.data.tokenizer import ByteTokenizer
+    from mimo_builder._internal.errors import DataError
+    from mimo_builder._internal.validation import validate_graph
+    from ragged_items import graph
+
+    valid = validate_graph(graph("single"), 1)
+    collate = GraphCollator(valid, ByteTokenizer())
+    video, image = torch.zeros(4, 3, 8, 8), torch.zeros(3, 16, 16)  # 4 frames of 1 patch + class token; 4 + 1
+    batch = collate([{"pixel_values": [image, video], "prompt": "<image> then <image>:", "answer": "a"}])
+    ids = batch["input_ids"][0].tolist()
+    assert batch["pixel_values"].counts == [5]  # the image and 4 frames, encoded one by one
+    first = ids.index(1)
+    assert ids[first:first + 5] == [1] * 5 and ids[first + 5] != 1  # the image's 5 placeholders
+    assert ids.count(1) == 5 + 4 * 2  # then the video's 8 under the second tag
+    with pytest.raises(DataError, match=r"the text names more <image> tags than the 1 item"):
+        collate([{"pixel_values": video, "prompt": "<image><image>", "answer": "a"}])

@@ -2,8 +2,9 @@
 
 A batch key bound to an encoder input may hold, per sample: nothing (the key absent or None:
 no item), one array shaped as the port without its batch axis (one item), a list of such arrays
-(0..N items, each of its own size), or an array with one more leading axis (its rows are the
-items: a video's ``[frames, C, H, W]`` is a list of frames). Each item's size is checked by its
+(0..N items, each of its own size), or an array with one more leading axis: a video's
+``[frames, C, H, W]``, whose frames are items that one tag names together (a list may mix
+images and videos). Each item's size is checked by its
 encoder (``ModelBuilder.item_tokens``), which also says how many tokens it becomes; the counts
 follow the edges (projectors' ``output_tokens``) to the backbone's placeholder ports.
 """
@@ -38,24 +39,29 @@ class ModalityReader:
         return ports
 
     def items(self, sample: dict, key: str, name: str) -> list[torch.Tensor]:
-        """The items ``sample`` holds under ``key`` (none when it lacks the key)."""
+        """The items ``sample`` holds under ``key`` (none when it lacks the key), a video's frames
+        one by one."""
+        return [item for unit in self.units(sample, key, name) for item in unit]
+
+    def units(self, sample: dict, key: str, name: str) -> list[list[torch.Tensor]]:
+        """What the text's tags name under ``key``, in order: an image or clip is one item, a video
+        (an array with one more leading axis) its frames together."""
         value = sample.get(key)
         if value is None:
             return []
         node, port = self.valid.inputs[key]
         axes = len(self.valid.ports(node).inputs[port].dims) - 1
-        if isinstance(value, (list, tuple)):
-            items = [_tensor(v, f"{name}[{key!r}][{i}]") for i, v in enumerate(value)]
-        else:
-            whole = _tensor(value, f"{name}[{key!r}]")
+        values = value if isinstance(value, (list, tuple)) else [value]
+        units = []
+        for i, one in enumerate(values):
+            where = f"{name}[{key!r}]" + (f"[{i}]" if values is value else "")
+            whole = _tensor(one, where)
             if whole.dim() not in (axes, axes + 1):
-                raise DataError(f"{name}[{key!r}] must be an array without the batch axis (an item of {axes} axes, "
-                                f"a list of them, or {axes + 1} axes of items), got shape {tuple(whole.shape)}")
-            items = [whole] if whole.dim() == axes else list(whole)
-        for i, item in enumerate(items):
-            if item.dim() != axes:
-                raise DataError(f"{name}[{key!r}][{i}] must have {axes} axes, got shape {tuple(item.shape)}")
-        return items
+                raise DataError(f"{where} must be an array without the batch axis: an item of {axes} axes or a "
+                                f"video's frames ({axes + 1} axes){', or a list of them' if values is not value else ''}"
+                                f", got shape {tuple(whole.shape)}")
+            units.append([whole] if whole.dim() == axes else list(whole))
+        return units
 
     def item_tokens(self, key: str, item: torch.Tensor, where: str) -> dict[str, int]:
         """Placeholder tokens one item of ``key`` brings to each backbone port it reaches."""
@@ -65,11 +71,18 @@ class ModalityReader:
         return self._tokens[signature]
 
     def placeholders(self, sample: dict, name: str) -> dict[str, list[int]]:
-        """Per backbone port, the token count of each item arriving there, in order."""
+        """Per backbone port, the token count of each tagged unit (an item, a video's frames)
+        arriving there, in order."""
         counts: dict[str, list[int]] = {}
         for key in self.keys:
-            for i, item in enumerate(self.items(sample, key, name)):
-                for port, n in self.item_tokens(key, item, f"{name}[{key!r}][{i}]").items():
+            at = 0
+            for unit in self.units(sample, key, name):
+                total: dict[str, int] = {}
+                for item in unit:
+                    for port, n in self.item_tokens(key, item, f"{name}[{key!r}][{at}]").items():
+                        total[port] = total.get(port, 0) + n
+                    at += 1
+                for port, n in total.items():
                     counts.setdefault(port, []).append(n)
         return counts
 
