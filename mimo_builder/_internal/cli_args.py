@@ -191,11 +191,18 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     _colocate_flag(p)
     p.set_defaults(func=commands["run"])
 
-    p = sub.add_parser("generate", help="answers a trained graph generates from a dataset's prompts")
+    p = sub.add_parser("generate", help="answers a trained graph generates for a prompt or a dataset's prompts")
     p.add_argument("file")
     p.add_argument("--load", metavar="DIR", required=True, help="the checkpoint (its latest step, or a step folder)")
-    p.add_argument("--data", metavar="MODULE:FUNCTION|llava:JSON", required=True,
-                   help="GraphData whose prompts to answer, in order")
+    asked = p.add_mutually_exclusive_group(required=True)
+    asked.add_argument("--data", metavar="MODULE:FUNCTION|llava:JSON", help="GraphData whose prompts to answer, in order")
+    asked.add_argument("--prompt", metavar="TEXT", help="one prompt to answer (with --image, --audio)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image file for --prompt (repeatable; PNG, JPEG: resized and normalised for the vision node)")
+    p.add_argument("--audio", action="append", default=[], metavar="PATH",
+                   help="a clip's log-mel features [frames, mels] for --prompt (.npy or .pt; repeatable)")
+    p.add_argument("--chat", action="store_true",
+                   help="--prompt as a user turn of a conversation (the default with a chat-template tokenizer)")
     _llava_flags(p)
     p.add_argument("--max-new-tokens", type=_count, metavar="N",
                    help="new tokens per sample at most (default: 32, or the generating node's seq_length where "
@@ -237,7 +244,7 @@ def _allow_flag(parser) -> None:
 def _llava_flags(parser) -> None:
     parser.add_argument("--image-root", metavar="DIR", help="folder of llava: data's images (default: the JSON's)")
     parser.add_argument("--tokenizer", metavar="DIR",
-                        help="Hugging Face tokenizer folder for llava: data (default: bytes)")
+                        help="Hugging Face tokenizer folder for llava: data or --prompt (default: bytes)")
 
 
 def _workload_flags(parser) -> None:

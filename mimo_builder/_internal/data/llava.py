@@ -99,22 +99,32 @@ class LlavaDataset:
 
     def _image(self, record: _Record, k: int) -> torch.Tensor:
         """Image ``k`` of ``record`` as a normalised ``[C, H, W]`` tensor."""
-        path = self.image_root / record.images[k]
         where = f"{self.path}: {record.name}: image[{k}]"
+        path = self.image_root / record.images[k]
         if not path.is_file():
             raise DataError(f"{where}: no such file {path} (image paths are relative to {self.image_root})")
-        Image = _pil()
-        try:
-            with Image.open(path) as opened:
-                image = opened.convert(_MODES[self.num_channels])
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise DataError(f"{where}: cannot read {path} as an image ({type(err).__name__}: {err})") from None
-        size = fit_size(*image.size, self.patch_size, self.max_size)
-        if size != image.size:
-            image = image.resize(size, Image.Resampling.BICUBIC)
-        pixels = np.asarray(image, dtype=np.float32).reshape(size[1], size[0], self.num_channels) / 255.0
-        tensor = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
-        return (tensor - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
+        return read_image(path, where, patch_size=self.patch_size, max_size=self.max_size,
+                          num_channels=self.num_channels, mean=self.mean, std=self.std)
+
+
+def read_image(path, where: str, *, patch_size: int, max_size: int, num_channels: int = 3,
+               mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """The image file ``path`` (PNG, JPEG, ...) as a ``[C, H, W]`` tensor for a vision tower:
+    resized by :func:`fit_size`, scaled to [0, 1], normalised by ``mean`` and ``std``; a DataError
+    naming ``where`` when it cannot be read."""
+    Image = _pil()
+    mean, std = _per_channel(mean, "mean", num_channels), _per_channel(std, "std", num_channels)
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert(_MODES[num_channels])
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{where}: cannot read {path} as an image ({type(err).__name__}: {err})") from None
+    size = fit_size(*image.size, patch_size, max_size)
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    pixels = np.asarray(image, dtype=np.float32).reshape(size[1], size[0], num_channels) / 255.0
+    tensor = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+    return (tensor - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
 def _per_channel(values, name: str, num_channels: int) -> tuple[float, ...]:

@@ -1,6 +1,6 @@
-"""``mimo-builder generate FILE --load DIR --data MODULE:FUNCTION``: answers generated from the
-prompts of a dataset by a trained graph, with their exact-match share where the samples hold
-answers."""
+"""``mimo-builder generate FILE --load DIR --data MODULE:FUNCTION`` (or ``--prompt TEXT [--image
+PATH] [--audio PATH]``): answers a trained graph generates for the prompts of a dataset (or one
+prompt), each printed with its prompt, and the exact-match share where the samples hold answers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import torch.distributed as dist
 from mimo_builder._internal.assembly.trained import build_trained
 from mimo_builder._internal.checkpoint.files import read_manifest, resolve
 from mimo_builder._internal.data.collate import reference_answer
-from mimo_builder._internal.data.spec import load_data
+from mimo_builder._internal.data.prompt import PromptRequest
+from mimo_builder._internal.data.spec import GraphData, load_data, load_tokenizer
+from mimo_builder._internal.data.tokenizer import ByteTokenizer
 from mimo_builder._internal.document.graph import Graph
 from mimo_builder._internal.platform.cpu_rng import offset_seed
 from mimo_builder._internal.kinds.registry import active_registry, allow_modules, allowed_prefixes, import_roots
@@ -22,16 +24,16 @@ DEFAULT_NEW_TOKENS = 32
 """``--max-new-tokens`` when not given (or the generating node's seq_length where smaller)."""
 
 
-def generate_answers(graph: Graph, load: str, data_ref: str, options: GenerationOptions, batch_size: int,
+def generate_answers(graph: Graph, load: str, data_ref: str | PromptRequest, options: GenerationOptions, batch_size: int,
                      samples: int, allowed: tuple[str, ...] = (), roots: tuple[str, ...] = (),
                      image_root: str | None = None, tokenizer: str | None = None) -> list[str]:
     """Run in every rank; on rank 0 the lines to print (one per sample, then the share right).
     ``allowed`` and ``roots``: the launcher's module allowlist and import roots (as ``train``);
-    ``image_root`` and ``tokenizer``: for ``llava:`` data (``--image-root``, ``--tokenizer``)."""
+    ``image_root`` and ``tokenizer``: for ``llava:`` data and a prompt (``--image-root``, ``--tokenizer``)."""
     allow_modules(*allowed)  # a spawned rank starts with the default allowlist
     active_registry().add_roots(*roots)
     with build_trained(graph, load) as model:
-        data = load_data(data_ref, "--data", model.valid, image_root=image_root, tokenizer=tokenizer)
+        data = _data(data_ref, model.valid, image_root, tokenizer)
         steps = max(1, -(-samples // batch_size))
         loader = data.loader(model.valid, dist.get_rank(), batch_size, last_step=steps, shuffle=False, generation=True)
         schedule, tokenizer = GraphSchedule(model), data.tokenizer
@@ -50,10 +52,32 @@ def generate_answers(graph: Graph, load: str, data_ref: str, options: Generation
                 text = tokenizer.decode([t for t in tokens if t >= 0 and t != options.eos_id])
                 answer = _answer(data, index)
                 right, counted = right + (answer == text), counted + (answer is not None)
-                lines.append(f"sample {index}: {text!r}" + (f" (answer {answer!r})" if answer is not None else ""))
+                lines.append(f"sample {index}: {_asked(data, index)}{text!r}"
+                             + (f" (answer {answer!r})" if answer is not None else ""))
     if dist.get_rank() != 0:
         return []
     return lines + ([f"exact match: {right / counted:.1%} of {counted} samples"] if counted else [])
+
+
+def _data(ref: str | PromptRequest, valid, image_root: str | None, tokenizer: str | None) -> GraphData:
+    """The GraphData of ``--data`` or of ``--prompt`` (one sample)."""
+    if isinstance(ref, PromptRequest):
+        words = load_tokenizer(tokenizer) if tokenizer else ByteTokenizer()
+        return GraphData([ref.sample(valid, words)], words, num_workers=0)
+    return load_data(ref, "--data", valid, image_root=image_root, tokenizer=tokenizer)
+
+
+def _asked(data, index: int) -> str:
+    """``prompt TEXT -> `` for a sample of a map-style dataset (its last user turn in a conversation)."""
+    if hasattr(data.dataset, "samples"):
+        return ""
+    sample = data.dataset[index]
+    text = sample.get("prompt") if isinstance(sample, dict) else None
+    messages = sample.get("messages") if isinstance(sample, dict) else None
+    if isinstance(messages, list):
+        users = [t.get("content") for t in messages if isinstance(t, dict) and t.get("role") == "user"]
+        text = users[-1] if users else None
+    return f"prompt {text!r} -> " if isinstance(text, str) else ""
 
 
 def _answer(data, index: int) -> str | None:
@@ -95,6 +119,8 @@ def run_generate(graph: Graph, args) -> list[str]:
     from mimo_builder._internal.platform.launch import launch
     from mimo_builder._internal.validation import validate_graph
 
+    if args.prompt is None and (args.image or args.audio or args.chat):
+        raise ConfigError("generate --image, --audio and --chat go with --prompt; --data samples bring their own")
     options = GenerationOptions(args.max_new_tokens or DEFAULT_NEW_TOKENS, args.temperature, args.top_k, args.seed)
     if options.problems():
         raise ConfigError("generate: " + "; ".join(options.problems()))
@@ -102,9 +128,13 @@ def run_generate(graph: Graph, args) -> list[str]:
     valid = validate_graph(graph, nproc)
     node = generating_node(valid)
     options = dataclasses.replace(options, max_new_tokens=_max_new_tokens(valid, node, args.max_new_tokens))
-    data = load_data(args.data, "--data", valid, image_root=args.image_root, tokenizer=args.tokenizer)
-    data.check(valid, "--data", generation=True)
+    asked = args.data
+    if args.prompt is not None:
+        asked = PromptRequest(args.prompt, tuple(args.image), tuple(args.audio), args.chat)
+        args.samples = args.batch_size = 1
+    data = _data(asked, valid, args.image_root, args.tokenizer)
+    data.check(valid, "--prompt" if args.prompt is not None else "--data", generation=True)
     _check_samples(data, args.samples)
     check_resumable(valid, args.load)
-    return launch(generate_answers, nproc, graph, args.load, args.data, options, args.batch_size, args.samples,
+    return launch(generate_answers, nproc, graph, args.load, asked, options, args.batch_size, args.samples,
                   allowed_prefixes(), import_roots(), args.image_root, args.tokenizer)[0]
