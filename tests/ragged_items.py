@@ -79,3 +79,16 @@ def generate_alone_and_together() -> dict:
     lengths = collate(picked)["loss_mask"].argmax(dim=1) + 1
     model.close()
     return dict(together=together, alone=alone, prompt_lengths=lengths)
+
+
+def vision_outputs(placement: str):
+    """``evaluate``'s ``vision.embeddings`` for the whole batch at 2 microbatches (rank 0; None elsewhere)."""
+    import torch.distributed as dist
+
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from ragged_steps import build
+
+    model = build(graph(placement))
+    out = GraphSchedule(model).evaluate(items_batch(model.valid, False), 2, outputs=["vision.embeddings"])
+    model.close()
+    return out.get("vision.embeddings") if dist.get_rank() == 0 else None

@@ -133,3 +133,15 @@ def test_a_video_is_its_frames_under_one_tag():
     assert ids.count(1) == 5 + 4 * 2  # then the video's 8 under the second tag
     with pytest.raises(DataError, match=r"the text names more <image> tags than the 1 item"):
         collate([{"pixel_values": video, "prompt": "<image><image>", "answer": "a"}])
+
+
+@pytest.mark.slow
+def test_evaluate_outputs_of_ragged_shards_join_padded():
+    """Each DP shard pads its samples to its own longest; the joined output pads to the batch's."""
+    from ragged_items import vision_outputs
+
+    one = run_ranks(1, vision_outputs, "single")[0]
+    four = run_ranks(4, vision_outputs, "disjoint4")[0]
+    assert one.shape == four.shape
+    assert torch.allclose(one, four, atol=1e-5)
+    assert four[9:].abs().sum() == 0  # text-only samples: padding only

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from mimo_builder._internal.errors import MimoError
 from mimo_builder._internal.runtime.loss_tokens import LossShares
 
+from mimo_builder._internal.runtime.items import join_padded
 from mimo_builder._internal.validation import ValidGraph
 
 
@@ -112,7 +113,7 @@ def _assembled(pieces) -> dict[str, torch.Tensor]:
             features = parts[0][0]
             block = torch.cat([value for _, value in parts], dim=-1)
             blocks.append(block[..., :features] if features is not None else block)
-        out[ref] = torch.cat(blocks)
+        out[ref] = join_padded(blocks)  # ragged items' tokens: each shard padded to its own longest
     return out
 
 
