@@ -6,13 +6,20 @@ import torch
 import torch.distributed as dist
 
 
-def greedy_predictions(logits: torch.Tensor, tp_group) -> torch.Tensor:
+def greedy_predictions(logits: torch.Tensor, tp_group, vocab_size: int | None = None) -> torch.Tensor:
     """The argmax token of ``logits`` ([batch, tokens, vocab / tp], this TP rank's vocabulary
-    slice) over the whole vocabulary: the same ids on every TP rank, ties to the lowest id."""
-    best, index = logits.float().max(dim=-1)
-    if tp_group is None or tp_group.size() <= 1:
+    slice) over the whole vocabulary, its padding beyond ``vocab_size`` excluded: the same ids on
+    every TP rank, ties to the lowest id."""
+    tp = 1 if tp_group is None else tp_group.size()
+    offset = dist.get_rank(tp_group) * logits.shape[-1] if tp > 1 else 0
+    logits = logits.float()
+    if vocab_size is not None and offset + logits.shape[-1] > vocab_size:
+        padding = torch.arange(offset, offset + logits.shape[-1], device=logits.device) >= vocab_size
+        logits = logits.masked_fill(padding, float("-inf"))
+    best, index = logits.max(dim=-1)
+    if tp <= 1:
         return index
-    index = index + dist.get_rank(tp_group) * logits.shape[-1]
+    index = index + offset
     pairs = torch.stack([best, index.float()])
     gathered = [torch.empty_like(pairs) for _ in range(tp_group.size())]
     dist.all_gather(gathered, pairs, group=tp_group)

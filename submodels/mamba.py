@@ -210,8 +210,8 @@ class MambaBuilder(ModelBuilder):
         out = model(ids, positions, None, decoder_input=embedded, labels=None if evaluating else local.get("labels"))
         if not last:
             return {"hidden": out}
-        if labels is None:
-            return {"logits": out}
+        if labels is None:  # the padded vocabulary's extra columns cut (a TP slice is joined and cut later)
+            return {"logits": out[..., :self.config.vocab_size] if out.shape[-1] > self.config.vocab_size else out}
         if evaluating:
             outputs = self._evaluate(core, out, local, mask, cp)
             if first and cp_size(cp) == 1:  # the whole model and sequence here: decoding from prompts
@@ -246,7 +246,7 @@ class MambaBuilder(ModelBuilder):
         whether greedy decoding writes every label under the loss mask (``correct``)."""
         token_losses = core.compute_language_model_loss(local["labels"], logits.transpose(0, 1).contiguous())
         outputs = {"loss": (token_losses.float() * local["mask"]).sum() / mask.sum().clamp(min=1.0)}
-        predictions = greedy_predictions(logits, core.output_layer.tp_group)
+        predictions = greedy_predictions(logits, core.output_layer.tp_group, self.config.vocab_size)
         outputs["correct"] = exact_match(predictions, local["labels"], local["mask"], cp)
         return outputs
 
@@ -276,7 +276,8 @@ class MambaBuilder(ModelBuilder):
             embedded = core.embedding(input_ids=window, position_ids=window_positions)
             return place_modalities(embedded, window, self.config.modality_token_ids, inputs) if place else embedded
 
-        return generate(model, core, self.config.vocab_size, embed, ids, prompts, options)
+        return generate(model, core, self.config.vocab_size, embed, ids, prompts, options,
+                        banned=sorted(self.config.modality_token_ids.values()))
 
     def training_problems(self, trains: bool) -> list[str]:
         """MoE layers with biases cannot train on the local spec (no Transformer Engine here)."""

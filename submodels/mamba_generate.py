@@ -18,18 +18,19 @@ from mimo_builder._internal.runtime.generation import GenerationOptions
 
 
 def generate(model, core, vocab_size: int, embed, ids: torch.Tensor, prompt_lengths: torch.Tensor,
-             options: GenerationOptions) -> torch.Tensor:
+             options: GenerationOptions, banned: list[int] = ()) -> torch.Tensor:
     """New tokens per row, ``[batch, max_new_tokens]`` (-1 after a row stopped).
 
     ``model`` is the node's chunk (``core`` its HybridModel); ``embed(ids, positions, place)``
     gives ``[tokens, batch, hidden]`` inputs, the modalities in place where ``place``; ``ids`` holds
-    each row's prompt in its first ``prompt_lengths[i]`` positions."""
+    each row's prompt in its first ``prompt_lengths[i]`` positions; ``banned`` ids (the modality
+    placeholders) are never picked."""
     batch, width = ids.shape
     shortest, longest = int(prompt_lengths.min()), int(prompt_lengths.max())
     total = longest + options.max_new_tokens
     positions = torch.arange(total, device=ids.device).expand(batch, total)
     context = StaticInferenceContext(batch, total)
-    picker = _Picker(options, vocab_size)
+    picker = _Picker(options, vocab_size, banned)
     out = torch.full((batch, options.max_new_tokens), -1, dtype=torch.long, device=ids.device)
     done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     with torch.no_grad(), InferenceMode.active():
@@ -58,14 +59,18 @@ def generate(model, core, vocab_size: int, embed, ids: torch.Tensor, prompt_leng
 
 
 class _Picker:
-    """Greedy or seeded sampling over the first ``vocab_size`` logits (the rest is TP padding)."""
+    """Greedy or seeded sampling over the first ``vocab_size`` logits (the rest is TP padding),
+    never a ``banned`` id."""
 
-    def __init__(self, options: GenerationOptions, vocab_size: int):
+    def __init__(self, options: GenerationOptions, vocab_size: int, banned=()):
         self.options, self.vocab_size = options, vocab_size
+        self.banned = [i for i in banned if 0 <= i < vocab_size]
         self.generator = torch.Generator().manual_seed(options.seed)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits[..., :self.vocab_size].float()
+        if self.banned:
+            logits[..., self.banned] = float("-inf")
         if self.options.temperature <= 0:
             return logits.argmax(dim=-1)
         device, logits = logits.device, (logits / self.options.temperature).cpu()
