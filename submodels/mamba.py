@@ -33,7 +33,7 @@ from mimo_builder._internal.platform.compat import resolve_device  # noqa: E402
 from mimo_builder._internal.errors import ConfigError  # noqa: E402
 from mimo_builder._internal.assembly.tp_shard import unwrap  # noqa: E402
 from mimo_builder._internal.kinds.transformer import make_transformer_config, padded_vocab_size, use_te  # noqa: E402
-from mimo_builder._internal.runtime.generation import GenerationOptions  # noqa: E402
+from mimo_builder._internal.runtime.generation import SAMPLE_INDEX, GenerationOptions  # noqa: E402
 from mimo_builder._internal.runtime.packing import LENGTHS_PORT, Packing  # noqa: E402
 from mimo_builder._internal.runtime.shards import joined  # noqa: E402
 from submodels.mamba_generate import generate  # noqa: E402
@@ -277,7 +277,7 @@ class MambaBuilder(ModelBuilder):
             return place_modalities(embedded, window, self.config.modality_token_ids, inputs) if place else embedded
 
         return generate(model, core, self.config.vocab_size, embed, ids, prompts, options,
-                        banned=sorted(self.config.modality_token_ids.values()))
+                        banned=sorted(self.config.modality_token_ids.values()), rows=inputs.get(SAMPLE_INDEX))
 
     def training_problems(self, trains: bool) -> list[str]:
         """MoE layers with biases cannot train on the local spec (no Transformer Engine here)."""

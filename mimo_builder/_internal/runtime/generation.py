@@ -14,6 +14,9 @@ import torch
 from mimo_builder._internal.errors import ConfigError
 
 GENERATED = "generated"
+SAMPLE_INDEX = "sample_index"
+"""In a generation pass, the generating node's inputs also hold each row's index in the whole
+batch under this name (its sampling stream's key)."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from mimo_builder._internal.runtime.batch import shard_range
 from mimo_builder._internal.runtime.bridge import Mailbox, broadcast_tensor
+from mimo_builder._internal.runtime.generation import SAMPLE_INDEX
 from mimo_builder._internal.runtime.items import Items, join_padded
 from mimo_builder._internal.runtime.loss_tokens import LossShares
 from mimo_builder._internal.runtime.packing import PackingError
@@ -127,8 +128,13 @@ class Step:
             state.outputs = {port: _rows(value, m, self.m) for port, value in outputs.items()}
 
     def _batch_inputs(self, node: str, m: int) -> dict[str, torch.Tensor]:
-        return {port: self.batch.microbatch(key, m).to(self.s.device)
-                for key, (n, port) in self.valid.inputs.items() if n == node and key in self.batch.rows}
+        inputs = {port: self.batch.microbatch(key, m).to(self.s.device)
+                  for key, (n, port) in self.valid.inputs.items() if n == node and key in self.batch.rows}
+        if getattr(self.valid.builders[node], "generation", None) is not None:  # a stream per sample
+            layout = self.valid.layouts[node]
+            start = m * self.per + shard_range(layout, layout.coords(self.rank)["dp"], self.per)[0]
+            inputs[SAMPLE_INDEX] = torch.arange(start, start + self.per // layout.dp, device=self.s.device)
+        return inputs
 
     def _receive_activation(self, op: Op, li: int, state: _StageState) -> torch.Tensor:
         received = [(key, self.mailbox.take(key, t.src)) for key, t in self.routes.receives(op, self.rank, li)]
