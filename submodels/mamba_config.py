@@ -73,8 +73,17 @@ class MambaConfig(TransformerModelConfig):
     moe_ffn_hidden_size: PositiveInt | None = None
     """Expert MLP width (None: ffn_hidden_size)."""
 
-    modality_token_ids: dict[str, StrictInt] = Field(default_factory=dict)
-    """Input port name -> placeholder token id; that modality's embeddings replace those tokens."""
+    modality_token_ids: dict[str, StrictInt | str] = Field(default_factory=dict)
+    """Input port name -> placeholder token id; that modality's embeddings replace those tokens.
+    An id may be named by its token (``"<image>"``) where the graph has a tokenizer."""
+
+    def with_token_ids(self, lookup) -> "MambaConfig":
+        """Placeholder ids named by their token replaced by the ids ``lookup`` gives."""
+        named = {port: token for port, token in self.modality_token_ids.items() if isinstance(token, str)}
+        if not named:
+            return self
+        ids = {**self.modality_token_ids, **{port: lookup(token) for port, token in named.items()}}
+        return type(self).model_validate({**self.model_dump(), "modality_token_ids": ids})
 
     @property
     def layer_symbols(self) -> str:
@@ -106,7 +115,7 @@ class MambaConfig(TransformerModelConfig):
         reserved = {"input_ids", "position_ids", "labels", "loss_mask"} & set(self.modality_token_ids)
         if reserved:
             raise ValueError(f"modality_token_ids: {sorted(reserved)} are the backbone's own port names")
-        bad = {k: v for k, v in self.modality_token_ids.items() if not 0 <= v < self.vocab_size}
+        bad = {k: v for k, v in self.modality_token_ids.items() if isinstance(v, int) and not 0 <= v < self.vocab_size}
         if bad:
             raise ValueError(f"modality_token_ids {bad} must be token ids in [0, vocab_size={self.vocab_size})")
         return self

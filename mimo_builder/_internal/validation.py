@@ -17,6 +17,7 @@ from megatron.core.distributed import DistributedDataParallelConfig
 from mimo_builder._internal.kinds.builder import ModelBuilder, Ports
 from mimo_builder._internal.kinds.config import ModelConfig
 from mimo_builder._internal.kinds.contract import class_name, run_problems, token_count_problem
+from mimo_builder._internal.data.graph_tokenizer import graph_tokenizer, token_lookup, vocabulary_problems
 from mimo_builder._internal.errors import ConfigError, GraphError, excerpt
 from mimo_builder._internal.document.graph import Graph, parse_edge, parse_port_ref
 from mimo_builder._internal.hf.nodes import init_problems as hf_init_problems
@@ -82,9 +83,12 @@ def validate_graph(graph: Graph, world_size: int | None = None) -> ValidGraph:
     problems: list[str] = []
     if world_size is not None and world_size < 1:
         raise GraphError([f"world size must be >= 1, got {world_size}"])
-    configs, builders = _check_nodes(graph, problems)
+    tokenizer = _tokenizer(graph, problems)
+    configs, builders = _check_nodes(graph, problems, tokenizer)
     edges = _check_edges(graph, builders, problems)
     inputs, outputs = _check_bindings(graph, builders, edges, problems)
+    texts = sorted({node for node, port in inputs.values() if port == "input_ids"})
+    problems.extend(vocabulary_problems(graph, configs, texts[0] if len(texts) == 1 else None, tokenizer))
     problems.extend(_packing_problems(graph, configs, builders, inputs))
     order = _check_acyclic(graph, edges, problems)
     layouts = _check_layouts(graph, configs, world_size, problems) if world_size is not None else {}
@@ -96,7 +100,15 @@ def validate_graph(graph: Graph, world_size: int | None = None) -> ValidGraph:
     return ValidGraph(graph, configs, builders, edges, inputs, outputs, order, world_size, layouts)
 
 
-def _check_nodes(graph: Graph, problems: list[str]):
+def _tokenizer(graph: Graph, problems: list[str]):
+    try:
+        return graph_tokenizer(graph)
+    except ConfigError as err:
+        problems.append(str(err))
+        return None
+
+
+def _check_nodes(graph: Graph, problems: list[str], tokenizer=None):
     configs, builders = {}, {}
     if not graph.nodes:
         problems.append("graph has no nodes: add at least one under 'nodes'")
@@ -106,7 +118,8 @@ def _check_nodes(graph: Graph, problems: list[str]):
             problems.extend(bad_name)
             continue  # other messages would quote the bad name again
         try:
-            configs[name] = node_config(node, where=f"node '{name}' config")
+            configs[name] = node_config(node, where=f"node '{name}' config").with_token_ids(
+                token_lookup(tokenizer, f"node '{name}' config"))
             builder = configs[name].make_builder()
             ports = _ports_of(name, builder)
             problems.extend(run_problems(name, builder, ports, node.placement.pp))

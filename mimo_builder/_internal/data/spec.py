@@ -10,15 +10,17 @@ rank resolves it, then reads only its own shards of each batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mimo_builder._internal.data.collate import GraphCollator
+from mimo_builder._internal.data.graph_tokenizer import graph_tokenizer
 from mimo_builder._internal.data.llava import LlavaDataset
 from mimo_builder._internal.data.loader import IndexedSource, RankLoader
-from mimo_builder._internal.data.tokenizer import ByteTokenizer, HFTokenizer
+from mimo_builder._internal.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer  # noqa: F401 (public here too)
 from mimo_builder._internal.errors import ConfigError, DependencyError, MimoError
 from mimo_builder._internal.runtime.batch import check_batch
 from mimo_builder._internal.validation import ValidGraph
@@ -33,7 +35,9 @@ class GraphData:
     """
 
     dataset: Any
-    tokenizer: Any = field(default_factory=ByteTokenizer)
+    tokenizer: Any = None
+    """Encodes the text (None: the graph's own, ``tokenizer:`` in its document, else the byte
+    tokenizer; :func:`load_data` resolves it)."""
     seq_length: int | None = None
     """Token rows per sample (None: the backbone's ``seq_length``)."""
     num_workers: int = 1
@@ -46,9 +50,15 @@ class GraphData:
         a fresh seeded order each epoch, or in order with ``shuffle=False``); ``generation``: the
         prompts to answer (:class:`GraphCollator`)."""
         source = self.dataset if hasattr(self.dataset, "samples") else IndexedSource(self.dataset, seed, shuffle)
-        collate = GraphCollator(valid, self.tokenizer, self.seq_length, generation=generation)
+        collate = GraphCollator(valid, self.words(valid), self.seq_length, generation=generation)
         return RankLoader(valid, source, collate, batch_size, rank, num_microbatches=num_microbatches,
                           first_step=first_step, last_step=last_step, num_workers=self.num_workers)
+
+    def words(self, valid: ValidGraph):
+        """The tokenizer: this data's own, else the graph's, else the byte tokenizer."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return graph_tokenizer(valid.graph) or ByteTokenizer()
 
     def check(self, valid: ValidGraph, where: str, generation: bool = False) -> None:
         """Collate the first sample of a map-style dataset for ``valid``, so that a sample the graph
@@ -65,7 +75,7 @@ class GraphData:
             raise ConfigError(f"{where}: reading sample 0 raised {type(err).__name__}: {err}") from None
         try:
             copies = math.lcm(*(layout.dp for layout in valid.layouts.values()))  # a batch every DP size divides
-            collate = GraphCollator(valid, self.tokenizer, self.seq_length, generation=generation)
+            collate = GraphCollator(valid, self.words(valid), self.seq_length, generation=generation)
             check_batch(valid, collate([sample] * copies))
         except MimoError as err:
             raise ConfigError(f"{where}: sample 0 does not fit the graph: {err}") from None
@@ -95,7 +105,8 @@ def load_data(ref: str, where: str, valid: ValidGraph | None = None, *, image_ro
         if valid is None:
             raise ValueError("load_data: llava: data needs the validated graph (valid=...)")
         try:
-            return llava_data(valid, ref, image_root, load_tokenizer(tokenizer) if tokenizer else None)
+            words = load_tokenizer(tokenizer) if tokenizer else graph_tokenizer(valid.graph)
+            return llava_data(valid, ref, image_root, words)
         except DependencyError:
             raise
         except MimoError as err:
@@ -104,7 +115,10 @@ def load_data(ref: str, where: str, valid: ValidGraph | None = None, *, image_ro
     if extra:
         raise ConfigError(f"{where} {ref}: {' and '.join(extra)} {'go' if len(extra) > 1 else 'goes'} with {where} llava:PATH; a module:function "
                           f"returns GraphData with its own tokenizer and files")
-    return _call_factory(ref, where)
+    data = _call_factory(ref, where)
+    if data.tokenizer is None and valid is not None:
+        data = dataclasses.replace(data, tokenizer=data.words(valid))
+    return data
 
 
 def llava_data(valid: ValidGraph, ref: str, image_root: str | None, tokenizer=None) -> GraphData:
@@ -139,21 +153,6 @@ def _image_input(valid: ValidGraph) -> tuple[str, str]:
                           + (f"this graph binds several ({bound})" if found else
                              "this graph binds none (inputs: " + ", ".join(valid.inputs) + ")"))
     return found[0]
-
-
-def load_tokenizer(folder: str) -> HFTokenizer:
-    """The Hugging Face tokenizer in ``folder`` (``--tokenizer DIR``; nothing is downloaded)."""
-    if not os.path.isdir(folder):
-        raise ConfigError(f"--tokenizer {folder!r} is not a folder (a Hugging Face tokenizer's files; "
-                          f"nothing is downloaded)")
-    try:
-        from transformers import AutoTokenizer
-    except ImportError as e:
-        raise DependencyError(f"--tokenizer needs the transformers package ({e}): pip install transformers") from e
-    try:
-        return HFTokenizer(AutoTokenizer.from_pretrained(folder, local_files_only=True))
-    except Exception as err:  # whatever the folder holds: named, not a traceback
-        raise ConfigError(f"--tokenizer {folder}: loading it raised {type(err).__name__}: {err}") from None
 
 
 def _call_factory(ref: str, where: str) -> GraphData:

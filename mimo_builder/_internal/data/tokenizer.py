@@ -8,7 +8,10 @@ end of sequence and the backbone's modality placeholders.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+
+from mimo_builder._internal.errors import ConfigError, DependencyError
 
 
 @dataclass(frozen=True)
@@ -60,3 +63,18 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         """The text of ``ids``, as the wrapped tokenizer decodes it."""
         return self.tokenizer.decode(list(ids))
+
+
+def load_tokenizer(folder: str) -> HFTokenizer:
+    """The Hugging Face tokenizer in ``folder`` (``--tokenizer DIR``; nothing is downloaded)."""
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--tokenizer {folder!r} is not a folder (a Hugging Face tokenizer's files; "
+                          f"nothing is downloaded)")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise DependencyError(f"--tokenizer needs the transformers package ({e}): pip install transformers") from e
+    try:
+        return HFTokenizer(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    except Exception as err:  # whatever the folder holds: named, not a traceback
+        raise ConfigError(f"--tokenizer {folder}: loading it raised {type(err).__name__}: {err}") from None

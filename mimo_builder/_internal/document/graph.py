@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mimo_builder._internal.document.types import HookRef, NonNegativeInt, PositiveInt, StrictBool, describe_errors
 from mimo_builder._internal.document.files import parse_json, parse_yaml
 from mimo_builder._internal.errors import ConfigError, excerpt
+from mimo_builder._internal.document.tokenizer import TokenizerSpec
 from mimo_builder._internal.document.optimizer import NodeOptimizer, OptimizerSettings
 from mimo_builder._internal.document.layout import Layout, fit_to_world
 
@@ -206,6 +207,10 @@ class Graph(_Strict):
 
     optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)
     """Optimizer, learning-rate schedule, clipping and non-finite policy for every trainable node."""
+
+    tokenizer: TokenizerSpec | None = None
+    """The text's tokenizer ({hf: DIR} or {bytes: {}}): data, generate and export use it unless
+    the data brings its own; validate checks the text node's vocab_size against it."""
 
     # --- declaring in Python ----------------------------------------------------------------
 

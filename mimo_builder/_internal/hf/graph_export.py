@@ -7,6 +7,7 @@ builder maps to a Hugging Face model is written to ``OUT/<node>/`` (``config.jso
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch.distributed as dist
@@ -17,6 +18,8 @@ from mimo_builder._internal.errors import ConfigError, MimoError
 from mimo_builder._internal.hf.nodes import export_node
 
 GRAPH_FILE = "graph.yaml"
+TOKENIZER_FOLDER = "tokenizer"
+"""Where export copies the graph's Hugging Face tokenizer (``tokenizer: {hf: DIR}``)."""
 SKIPPED = "not exported: "
 """How a skipped node's line starts (its reason follows)."""
 
@@ -38,7 +41,8 @@ def export(graph: Graph, load: str, out: str, nproc: int | None = None) -> list[
     written = launch(export_trained, nproc, graph, load, out)[0]
     _raise_if_none(valid.order, {name: where.removeprefix(SKIPPED) for name, where in written.items()
                                  if where.startswith(SKIPPED)})
-    return [f"node '{name}': {where}" for name, where in written.items()] + [
+    copied = [f"tokenizer: {Path(out) / TOKENIZER_FOLDER}"] if graph.tokenizer and graph.tokenizer.hf else []
+    return [f"node '{name}': {where}" for name, where in written.items()] + copied + [
         f"graph document: {Path(out) / GRAPH_FILE}"]
 
 
@@ -71,9 +75,18 @@ def export_trained(graph: Graph, load: str, out: str) -> dict[str, str]:
     if dist.get_rank() != 0:
         return {}
     Path(out).mkdir(parents=True, exist_ok=True)  # no node may have written a folder into it
-    (Path(out) / GRAPH_FILE).write_text(graph.to_yaml())
+    (Path(out) / GRAPH_FILE).write_text(_with_tokenizer(graph, Path(out)).to_yaml())
     merged = {k: v for part in gathered for k, v in part.items()}
     return {name: merged[name] for name in model.valid.order}
+
+
+def _with_tokenizer(graph: Graph, out: Path) -> Graph:
+    """The graph, its Hugging Face tokenizer folder copied to ``out/tokenizer`` and named there."""
+    spec = graph.tokenizer
+    if spec is None or spec.hf is None:
+        return graph
+    shutil.copytree(spec.hf, out / TOKENIZER_FOLDER, dirs_exist_ok=True)
+    return graph.model_copy(update={"tokenizer": spec.model_copy(update={"hf": str(out / TOKENIZER_FOLDER)})})
 
 
 def _not_exportable(model, name: str) -> str | None:

@@ -115,6 +115,11 @@ class ModelConfig(BaseModel):
         """A builder of the class this config names, holding this config."""
         return self.builder_class()(self)
 
+    def with_token_ids(self, lookup) -> "ModelConfig":
+        """This config with every token it names by text (e.g. ``"<image>"``) replaced by its id,
+        ``lookup(name) -> id`` (the graph's tokenizer); the default names none."""
+        return self
+
     def resolved_hooks(self, which: str) -> list[Callable]:
         """``pre_wrap_hooks`` or ``post_wrap_hooks`` as callables, in declared order."""
         return [resolve_hook(h, where=f"{type(self).__name__}.{which}[{i}]")

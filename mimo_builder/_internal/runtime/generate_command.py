@@ -11,6 +11,7 @@ import torch.distributed as dist
 from mimo_builder._internal.assembly.trained import build_trained
 from mimo_builder._internal.checkpoint.files import read_manifest, resolve
 from mimo_builder._internal.data.collate import reference_answer
+from mimo_builder._internal.data.graph_tokenizer import graph_tokenizer
 from mimo_builder._internal.data.prompt import PromptRequest
 from mimo_builder._internal.data.spec import GraphData, load_data, load_tokenizer
 from mimo_builder._internal.data.tokenizer import ByteTokenizer
@@ -62,7 +63,7 @@ def generate_answers(graph: Graph, load: str, data_ref: str | PromptRequest, opt
 def _data(ref: str | PromptRequest, valid, image_root: str | None, tokenizer: str | None) -> GraphData:
     """The GraphData of ``--data`` or of ``--prompt`` (one sample)."""
     if isinstance(ref, PromptRequest):
-        words = load_tokenizer(tokenizer) if tokenizer else ByteTokenizer()
+        words = load_tokenizer(tokenizer) if tokenizer else graph_tokenizer(valid.graph) or ByteTokenizer()
         return GraphData([ref.sample(valid, words)], words, num_workers=0)
     return load_data(ref, "--data", valid, image_root=image_root, tokenizer=tokenizer)
 
