@@ -108,3 +108,29 @@ def ragged_steps(graph, packed: bool, counts, initial: dict | None = None, by_ra
     model.close()
     assert torch.isfinite(torch.tensor([r["loss"] for r in runs.values()])).all()
     return dict(rank=dist.get_rank(), initial=initial, runs=runs)
+
+
+def check_runs(results: list[dict], reference: dict, counts, rtol: float) -> None:
+    """Every rank's loss and norm, and the union of the ranks' full weights, at every count, equal
+    ``reference``'s one-microbatch step (``reference["runs"][1]``) within ``rtol``; ``evaluate``
+    gives the same loss; every parameter is compared, and the step moved the backbone."""
+    import pytest
+    import torch
+
+    expected = reference["runs"][1]
+    for m in counts:
+        seen = set()
+        for r in results:
+            got = r["runs"][m]
+            for name, value in (("loss", got["loss"]), ("norm", got["norm"]), ("evaluated", got["evaluated"])):
+                want = expected["norm" if name == "norm" else "loss"]
+                assert value == pytest.approx(want, rel=rtol), (m, r["rank"], name, value)
+            for node, params in got["updated"].items():
+                for key, value in params.items():
+                    want = expected["updated"][node][key]
+                    diff = float((value - want).abs().max())
+                    assert diff <= rtol * max(float(want.abs().max()), 1e-3), (m, node, key, diff)
+                    seen.add((node, key))
+        assert seen == {(n, k) for n, ps in expected["updated"].items() for k in ps}, m  # every parameter
+    start = reference["initial"]["lm"]
+    assert any(not torch.equal(start[k], v) for k, v in expected["updated"]["lm"].items())  # the step moved
