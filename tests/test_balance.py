@@ -84,3 +84,43 @@ def test_the_work_is_shared_and_the_gradients_add_up(exchanged):
     loss = sum(((x @ weight) * (i + 1)).sum() for i, x in enumerate(exchanged[0]["flat"]))
     loss.backward()
     assert torch.allclose(exchanged[0]["grad"] + exchanged[1]["grad"], weight.grad, atol=1e-5)
+
+
+def test_balanced_items_stay_home():
+    from mimo_builder._internal.runtime.balance import assign
+
+    assert assign([[5, 5], [5, 5]]) == [[0, 0], [1, 1]]  # nothing to gain: nothing moves
+    assert assign([[8, 1, 1], [2]]) == [[0, 1, 1], [1]]  # 8 stays, the small ones even it out
+
+
+def _stacked_and_ragged_shares():
+    """DP rank 0's share stacks (one 32 px image per sample), rank 1's is ragged: both must meet
+    in the node's exchange (a rank that skipped it left the other waiting in its all-gather)."""
+    import torch.distributed as dist
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from graphs.vlm import vlm
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.data.collate import GraphCollator
+    from mimo_builder._internal.data.tokenizer import ByteTokenizer
+    from mimo_builder._internal.platform import compat
+    from mimo_builder._internal.runtime.items import Items
+    from mimo_builder._internal.runtime.schedule import GraphSchedule
+    from mimo_builder._internal.runtime.shards import RankBatch
+
+    compat.init_runtime("cpu")
+    (model,) = CompositeBuilder(vlm("colocated_dp2"), seed=0).build_distributed_models(
+        ddp_config=DistributedDataParallelConfig())
+    one = {"pixel_values": torch.zeros(3, 32, 32), "prompt": "<image>", "answer": "a"}
+    two = {"pixel_values": [torch.zeros(3, 16, 16), torch.zeros(3, 8, 8)], "prompt": "<image><image>", "answer": "b"}
+    share = GraphCollator(model.valid, ByteTokenizer())([one, one] if dist.get_rank() == 0 else [two, one])
+    kinds = type(share["pixel_values"]).__name__
+    loss = GraphSchedule(model).forward_backward(RankBatch(4, 1, share), 1)
+    model.close()
+    return kinds, loss
+
+
+def test_a_stacked_share_and_a_ragged_share_meet_in_the_exchange():
+    (kind0, loss0), (kind1, loss1) = run_ranks(2, _stacked_and_ragged_shares, timeout_s=180)
+    assert (kind0, kind1) == ("Tensor", "Items")
+    assert loss0 == loss1

@@ -2,8 +2,9 @@
 
 By sample, DP rank ``d`` encodes the items of its own samples, so the rank whose samples hold
 twelve images works while the one with a text-only shard waits. Balanced, every rank learns the
-shapes of every rank's items (two small all-gathers), all assign them the same way (longest
-first to the least loaded rank, a tie to the item's own rank: :func:`assign`), the pixels travel
+shapes of every rank's items (two small all-gathers), all assign them the same way (each
+rank keeps its own up to the mean load, the rest go costliest first to the least loaded rank:
+:func:`assign`), the pixels travel
 to the ranks that encode them and the embeddings back to the ranks that own their samples (two
 all-to-alls; the second carries the gradients back in the backward). Each rank then holds its own
 samples' embeddings exactly as by sample: only the ranks doing the arithmetic changed, so the
@@ -59,14 +60,20 @@ def _port_tokens(builder, port: str) -> Callable[[tuple[int, ...]], int]:
 
 
 def assign(costs: list[list[int]]) -> list[list[int]]:
-    """For each rank's items (``costs[r][i]``), the rank that encodes it: the costliest item first
-    to the least loaded rank (a tie to the item's own rank, then the lowest); the same answer on
-    every rank."""
-    load = [0] * len(costs)
-    where = [[0] * len(items) for items in costs]
-    order = sorted(((c, r, i) for r, items in enumerate(costs) for i, c in enumerate(items)),
-                   key=lambda x: (-x[0], x[1], x[2]))
-    for cost, owner, index in order:
+    """For each rank's items (``costs[r][i]``), the rank that encodes it; the same answer on every
+    rank. Each rank keeps its own items, costliest first, while its load stays within the mean
+    (and always its costliest); the rest go costliest first to the least loaded rank (a tie to the
+    item's own rank, then the lowest). Items already balanced stay where they are."""
+    size = len(costs)
+    mean = sum(map(sum, costs)) / max(size, 1)
+    load, where, rest = [0] * size, [[0] * len(items) for items in costs], []
+    for rank, items in enumerate(costs):
+        for index in sorted(range(len(items)), key=lambda i: (-items[i], i)):
+            if load[rank] == 0 or load[rank] + items[index] <= mean:
+                where[rank][index], load[rank] = rank, load[rank] + items[index]
+            else:
+                rest.append((items[index], rank, index))
+    for cost, owner, index in sorted(rest, key=lambda x: (-x[0], x[1], x[2])):
         least = min(load)
         target = owner if load[owner] == least else load.index(least)
         where[owner][index] = target

@@ -107,8 +107,10 @@ class Step:
     def _run_stage(self, stage: Stage, inputs: dict, hidden) -> dict[str, torch.Tensor]:
         chunk = self.s.model.chunks(stage.node)[stage.chunk]
         for port, exchange in self.s.exchanges.get(stage.node, {}).items():
-            if isinstance(inputs.get(port), Items):  # encoded where the node's DP ranks balance them
-                inputs = {**inputs, port: inputs[port].balanced(exchange)}
+            # every DP rank joins the exchange, also one whose share stacked (one item of the port's shape each)
+            value = inputs.get(port)
+            items = value if isinstance(value, Items) else Items.of_tensor(value)
+            inputs = {**inputs, port: items.balanced(exchange)}
         with self.s.timer.measure(stage.node, "forward"):
             try:
                 outputs = self.valid.builders[stage.node].run_stage(chunk, inputs, hidden, stage.index == 0, stage.last)
