@@ -19,7 +19,7 @@ class _Samples:
             raise RuntimeError("the shard is gone")
         pixels = {"string_pixels": "pixels", "nan_pixels": torch.full(IMAGE, float("nan")),
                   "integer_pixels": torch.zeros(IMAGE, dtype=torch.long),
-                  "small_image": torch.randn(3, 16, 16)}.get(self.mistake, torch.randn(IMAGE))
+                  "small_image": torch.randn(3, 12, 16)}.get(self.mistake, torch.randn(IMAGE))
         answer = 7 if self.mistake == "integer_answer" else "seven"
         return {"prompt": "<image> what is it?", "answer": answer, "pixel_values": pixels}
 

@@ -23,7 +23,7 @@ def _run(*args):
     ("integer_answer", "sample 0['answer'] is of type int, not text (str)"),
     ("nan_pixels", "batch['pixel_values'] for vision.pixel_values: 6144 of 6144 values are not finite"),
     ("integer_pixels", "expected a floating tensor (torch.float32), found torch.int64"),
-    ("small_image", "last axis (width) must be 32, got 16"),
+    ("small_image", "an image of 12 x 16 pixels: height and width must be multiples of patch_size 8 from 8 to 32"),
 ])
 def test_a_data_module_and_its_first_sample_are_checked_before_any_rank(name, expected):
     stderr = _run(VLM, "--nproc", "4", "--steps", "1", "--data", f"tests.bad_data:{name}")

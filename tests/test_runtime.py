@@ -337,11 +337,12 @@ def _vlm_bad_batches():
     )
     # the refused batches sent nothing: a good step on the same schedule still runs
     out["good_loss"] = schedule.forward_backward(good)
-    # sample 0 loses two of its image placeholders: the backbone ranks fail in their forward
-    # while the encoder ranks wait for the gradients of their outputs
+    # sample 0 gains two image placeholders (more than its image's embeddings): the backbone ranks
+    # fail in their forward while the encoder ranks wait for the gradients of their outputs. (Fewer
+    # placeholders than rows cannot be told from ragged items' padding there; the collator counts.)
     ids = good["input_ids"].clone()
-    where = (ids[0] == model.valid.configs["lm"].modality_token_ids["image"]).nonzero().flatten()
-    ids[0, where[:2]] = 100
+    image = model.valid.configs["lm"].modality_token_ids["image"]
+    ids[0, -2:] = image
     out["miscounted"] = _expect_error(schedule.forward_backward, {**good, "input_ids": ids})
     return out
 
