@@ -34,6 +34,13 @@ class VisionConfig(TransformerModelConfig):
     num_channels: PositiveInt = 3
     """Channels of the input image."""
 
+    image_mean: tuple[float, ...] | None = None
+    """Per-channel mean that image files are normalised with after scaling to [0, 1] (None: CLIP's;
+    ``[0.5]`` with ``image_std: [0.5]`` maps pixels to [-1, 1]); one value serves every channel."""
+
+    image_std: tuple[float, ...] | None = None
+    """Per-channel standard deviation for image files (None: CLIP's), each above 0."""
+
     class_token: StrictBool = True
     """Prepend a learned class token to the patch tokens."""
 
@@ -80,6 +87,12 @@ class VisionConfig(TransformerModelConfig):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
                              "choose a patch_size that divides it")
+        for name in ("image_mean", "image_std"):
+            values = getattr(self, name)
+            if values is not None and len(values) not in (1, self.num_channels):
+                raise ValueError(f"{name} holds {len(values)} values; give 1 or num_channels ({self.num_channels})")
+        if self.image_std is not None and not all(s > 0 for s in self.image_std):
+            raise ValueError(f"image_std {self.image_std} must be above 0 in every channel")
         if self.max_image_size is not None and self.max_image_size % self.patch_size:
             raise ValueError(f"max_image_size {self.max_image_size} is not a multiple of patch_size {self.patch_size}")
         if not -self.num_layers <= self.feature_layer <= -1:

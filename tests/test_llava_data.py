@@ -317,3 +317,21 @@ def test_interleaved_samples_tag_their_images_and_answer_with_the_last_text():
         interleaved_sample(InterleavedSample(__key__="i4", __restore_key__=(), sequence=["x", 3]))
     caption = CaptioningSample(__key__="c", __restore_key__=(), image=a, caption="a box")
     assert caption_sample(caption) == {"pixel_values": a, "prompt": "<image>", "answer": "a box"}  # unchanged
+
+
+def test_image_files_follow_the_nodes_normalisation(tmp_path):
+    """A node that says image_mean/image_std [0.5] reads white as 1 and black as -1 (CLIP's otherwise)."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from mimo_builder._internal.data.llava import read_image
+    from mimo_builder._internal.data.prompt import image_processing
+    from submodels.vision_config import VisionConfig
+
+    PILImage.fromarray(np.array([[0, 255] * 4] * 8, dtype=np.uint8)).save(tmp_path / "stripes.png")
+    half = VisionConfig(num_layers=1, hidden_size=8, num_attention_heads=1, image_size=8, patch_size=4,
+                        num_channels=1, image_mean=[0.5], image_std=[0.5])
+    pixels = read_image(tmp_path / "stripes.png", "test", **image_processing(half))
+    assert pixels.shape == (1, 8, 8) and sorted(set(pixels.flatten().tolist())) == [-1.0, 1.0]
+    clip = image_processing(half.model_copy(update={"image_mean": None, "image_std": None}))
+    assert "mean" not in clip and "std" not in clip  # the reader's CLIP defaults

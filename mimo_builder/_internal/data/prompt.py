@@ -1,8 +1,8 @@
 """``generate --prompt TEXT [--image PATH ...] [--audio PATH ...]``: one prompt as a one-sample dataset.
 
 Images are read from files (PNG, JPEG, ... through PIL) for the node bound to a ``pixel_values``
-port: resized to multiples of its patch up to its largest size and normalised with CLIP's mean
-and standard deviation (:func:`~mimo_builder._internal.data.llava.read_image`). Audio is a
+port: resized to multiples of its patch up to its largest size and normalised with its config's
+``image_mean`` and ``image_std`` (CLIP's by default) (:func:`~mimo_builder._internal.data.llava.read_image`). Audio is a
 feature file for the node bound to a ``features`` port: ``.npy`` or ``.pt`` holding
 ``[frames, mels]`` (the log-mel spectrogram the audio kind takes). Without tags in the text, one
 ``<image>`` per image and one ``<audio>`` per clip go before it. With a tokenizer that has a chat
@@ -81,9 +81,20 @@ def _bound(valid: ValidGraph, port: str, flag: str):
 def _image(path: str, config) -> torch.Tensor:
     from mimo_builder._internal.data.llava import read_image
 
-    return read_image(path, f"--image {path}", patch_size=config.patch_size,
-                      max_size=getattr(config, "max_image_size", None) or config.image_size,
-                      num_channels=getattr(config, "num_channels", 3))
+    return read_image(path, f"--image {path}", **image_processing(config))
+
+
+def image_processing(config) -> dict:
+    """How image files are read for a vision node: its patch, largest size, channels and, where
+    its config says, its normalisation (else CLIP's)."""
+    channels = getattr(config, "num_channels", 3)
+    out = dict(patch_size=config.patch_size, max_size=getattr(config, "max_image_size", None) or config.image_size,
+               num_channels=channels)
+    for name, key in (("image_mean", "mean"), ("image_std", "std")):
+        values = getattr(config, name, None)
+        if values is not None:
+            out[key] = tuple(values) * channels if len(values) == 1 else tuple(values)
+    return out
 
 
 def _features(path: str) -> torch.Tensor:

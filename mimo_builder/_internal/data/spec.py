@@ -19,6 +19,7 @@ from typing import Any
 from mimo_builder._internal.data.collate import GraphCollator
 from mimo_builder._internal.data.graph_tokenizer import graph_tokenizer
 from mimo_builder._internal.data.llava import LlavaDataset
+from mimo_builder._internal.data.prompt import image_processing
 from mimo_builder._internal.data.loader import IndexedSource, RankLoader
 from mimo_builder._internal.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer  # noqa: F401 (public here too)
 from mimo_builder._internal.errors import ConfigError, DependencyError, MimoError
@@ -138,9 +139,7 @@ def llava_data(valid: ValidGraph, ref: str, image_root: str | None, tokenizer=No
     if not isinstance(getattr(config, "patch_size", None), int):
         raise ConfigError(f"{LLAVA}PATH data sizes images for node '{node}' (its {key!r} input), whose config "
                           f"has no patch_size")
-    dataset = LlavaDataset(path, root, image_key=key, patch_size=config.patch_size,
-                           max_size=getattr(config, "max_image_size", None) or config.image_size,
-                           num_channels=getattr(config, "num_channels", 3))
+    dataset = LlavaDataset(path, root, image_key=key, **image_processing(config))
     return GraphData(dataset, tokenizer or ByteTokenizer())
 
 
