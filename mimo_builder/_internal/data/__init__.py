@@ -6,7 +6,7 @@ from mimo_builder._internal.lazy import LazyNames
 
 _D = "mimo_builder._internal."
 _NAMES = LazyNames(__name__, {
-    "DataError": _D + "errors", "GraphCollator": _D + "data.collate", "arriving_tokens": _D + "data.collate",
+    "DataError": _D + "errors", "GraphCollator": _D + "data.collate",
     "IndexedSource": _D + "data.loader", "RankLoader": _D + "data.loader", "SampleSource": _D + "data.loader",
     "GraphData": _D + "data.spec", "load_data": _D + "data.spec",
     "ByteTokenizer": _D + "data.tokenizer", "HFTokenizer": _D + "data.tokenizer",

@@ -34,7 +34,6 @@ import torch
 
 from mimo_builder._internal.data.conversation import conversation_ids
 from mimo_builder._internal.data.modalities import ModalityReader
-from mimo_builder._internal.kinds.contract import output_tokens_of
 from mimo_builder._internal.errors import ConfigError, DataError, MimoError  # noqa: F401 (DataError: public here too)
 from mimo_builder._internal.runtime.batch import tensor_problems
 from mimo_builder._internal.runtime.packing import LENGTHS_PORT
@@ -166,9 +165,6 @@ class GraphCollator:
             return prompt, [True] * len(prompt), parts
         return prompt + answer + eos, [False] * len(prompt) + [True] * (len(answer) + len(eos)), parts
 
-    def modality_tokens(self, sample: dict, name: str = "the sample") -> dict[str, int]:
-        """Placeholder tokens per backbone modality port, all of the sample's items together."""
-        return {port: sum(counts) for port, counts in self.modalities.placeholders(sample, name).items()}
 
 
 def reference_answer(sample) -> str | None:
@@ -217,22 +213,6 @@ class _TagFiller:
     def _feeders(self, port: str) -> str:
         keys = [k for k in self.c.encoder_keys if port in self.c.modalities.reachable(k)]
         return f" (from {', '.join(map(repr, keys))})" if keys else " (no batch key feeds it)"
-
-
-def arriving_tokens(valid: ValidGraph, lengths: dict[str, int]) -> dict[tuple[str, str], int]:
-    """Token counts arriving on every port with a ``tokens`` axis, given the length of the first
-    axis after the batch of each bound encoder input (``lengths``: batch key -> length)."""
-    arriving: dict[tuple[str, str], int] = {}
-    for name in valid.order:
-        ports = {port: lengths[key] for key, (node, port) in valid.inputs.items() if node == name and key in lengths}
-        ports.update({port: n for (node, port), n in arriving.items() if node == name})
-        feeding = [e for e in valid.edges if e.src == name and "tokens" in valid.ports(e.dst).inputs[e.dst_port].dims]
-        if not feeding:
-            continue
-        counts = output_tokens_of(name, valid.builders[name], ports)
-        for edge in feeding:
-            arriving[(edge.dst, edge.dst_port)] = counts[edge.src_port]
-    return arriving
 
 
 def _text_node(valid: ValidGraph) -> str:

@@ -16,6 +16,7 @@ The cost of an item of ``t`` tokens is ``t * (t + 6 * hidden)``: a transformer l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -119,14 +120,14 @@ def _exchange_items(flat, shapes, where, mine, me: int, group, device) -> list[t
     size = len(shapes)
     send = [[flat[i] for i in range(len(flat)) if where[me][i] == d] for d in range(size)]
     send_sizes = [sum(t.numel() for t in part) for part in send]
-    recv_sizes = [sum(_numel(shapes[r][i]) for r2, i in mine if r2 == r) for r in range(size)]
+    recv_sizes = [sum(math.prod(shapes[r][i]) for r2, i in mine if r2 == r) for r in range(size)]
     buffer = torch.cat([t.reshape(-1).float() for part in send for t in part]) if any(send_sizes) \
         else torch.empty(0, device=device)
     out = torch.empty(sum(recv_sizes), device=device)  # float32 on every rank, whatever the items' dtype
     dist.all_to_all_single(out, buffer, recv_sizes, send_sizes, group=group)
     items, at = [], 0
     for r, i in mine:
-        n = _numel(shapes[r][i])
+        n = math.prod(shapes[r][i])
         items.append(out[at:at + n].reshape(shapes[r][i]))
         at += n
     return items
@@ -154,13 +155,6 @@ def _return_outputs(outputs, mine, where, me: int, size: int, group, flat, excha
                 pieces[i] = got[at:at + n].reshape(tokens[i], hidden).to(dtype)
                 at += n
     return [pieces[i] for i in range(len(flat))], got
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 class AllToAll(torch.autograd.Function):
