@@ -34,7 +34,7 @@ import torch
 
 from mimo_builder._internal.data.conversation import conversation_ids
 from mimo_builder._internal.data.modalities import ModalityReader
-from mimo_builder._internal.errors import ConfigError, DataError, MimoError  # noqa: F401 (DataError: public here too)
+from mimo_builder._internal.errors import ConfigError, DataError  # noqa: F401 (DataError: public here too)
 from mimo_builder._internal.runtime.batch import tensor_problems
 from mimo_builder._internal.runtime.packing import LENGTHS_PORT
 from mimo_builder._internal.validation import ValidGraph
