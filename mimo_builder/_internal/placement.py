@@ -142,3 +142,16 @@ def tp_cp_groups(layouts) -> dict:
         if dist.get_rank() in layout.ranks:
             groups[layout] = group
     return groups
+
+
+def dp_groups(layouts) -> dict:
+    """A fresh copy of each layout's DP groups (ranks of equal TP, CP and PP coordinates, as the
+    layout's own ``dp`` group), for collectives inside a step (the encoders' item exchange) that a
+    failing rank must be able to drop: layout -> this rank's group. Collective over WORLD."""
+    groups = {}
+    for layout in sorted({layout for layout in layouts if layout.dp > 1}):
+        grid = HyperCommGrid([layout.tp, layout.cp, layout.dp, layout.pp], list(BASE_DIMS), layout.offset)
+        group, _ = dist.new_subgroups_by_enumeration(grid.get_rank_enum("dp"), backend=dist.get_backend())
+        if dist.get_rank() in layout.ranks:
+            groups[layout] = group
+    return groups

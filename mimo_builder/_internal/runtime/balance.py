@@ -41,18 +41,30 @@ class ItemExchange:
         return t * (t + 6 * self.hidden)
 
 
-def node_exchanges(model, device: torch.device) -> dict[str, dict[str, ItemExchange]]:
-    """For each node on this rank that balances its items (``balance_items``, DP above 1, a
-    batch-bound port its builder takes as items), the exchange of each such port."""
-    valid, out = model.valid, {}
-    for key, (node, port) in valid.inputs.items():
+def balancing_ports(valid) -> dict[str, list[str]]:
+    """The nodes that balance their items (``balance_items``, DP above 1) and their batch-bound
+    ports that their builder takes as items: the same on every rank."""
+    out: dict[str, list[str]] = {}
+    for node, port in valid.inputs.values():
         builder, layout = valid.builders[node], valid.layouts[node]
-        if (not model.hosts(node) or layout.dp == 1 or not valid.graph.nodes[node].balance_items
-                or port not in getattr(builder, "ragged_inputs", frozenset())):
+        if (layout.dp > 1 and valid.graph.nodes[node].balance_items
+                and port in getattr(builder, "ragged_inputs", frozenset())):
+            out.setdefault(node, []).append(port)
+    return out
+
+
+def node_exchanges(model, groups: dict, device: torch.device) -> dict[str, dict[str, ItemExchange]]:
+    """For each node on this rank that balances its items (:func:`balancing_ports`), the exchange
+    of each such port over its layout's DP group in ``groups`` (layout -> group: the schedule's own
+    copies, which a failing rank drops to wake its peers)."""
+    valid, out = model.valid, {}
+    for node, ports in balancing_ports(valid).items():
+        if not model.hosts(node):
             continue
-        tokens = _port_tokens(builder, port)
+        builder = valid.builders[node]
         hidden = getattr(builder.config, "hidden_size", 1)
-        out.setdefault(node, {})[port] = ItemExchange(model.pg_collection(node).dp, tokens, hidden, device)
+        group = groups[valid.layouts[node]]
+        out[node] = {port: ItemExchange(group, _port_tokens(builder, port), hidden, device) for port in ports}
     return out
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from mimo_builder._internal.errors import MimoError
-from mimo_builder._internal.placement import release, tp_cp_groups
+from mimo_builder._internal.placement import dp_groups, release, tp_cp_groups
 from mimo_builder._internal.runtime.batch import check_batch, check_rank_batch, check_split
 from mimo_builder._internal.runtime.batching import batched_nodes
 from mimo_builder._internal.runtime.pipeline import PipelinePlan, needs_grad, plan_graph
@@ -32,7 +32,7 @@ from mimo_builder._internal.runtime.generation import GenerationOptions, generat
 from mimo_builder._internal.runtime.loss_tokens import LossShares, global_counts, loss_shares
 from mimo_builder._internal.runtime.optim import check_runnable
 from mimo_builder._internal.runtime.outputs import check_requested, gathered_outputs, global_loss, output_means
-from mimo_builder._internal.runtime.balance import node_exchanges
+from mimo_builder._internal.runtime.balance import balancing_ports, node_exchanges
 from mimo_builder._internal.runtime.items import Items, ragged_nodes
 from mimo_builder._internal.runtime.routes import Routes
 from mimo_builder._internal.runtime.shards import RankBatch
@@ -74,10 +74,11 @@ class GraphSchedule:
         if dist.get_backend(self.bridge) == "nccl":  # NCCL: the first call on a group that batches
             dist.all_reduce(torch.zeros(1, device=self.device), group=self.bridge)  # P2P must have all ranks
         self.tp_groups = tp_cp_groups(model.valid.layouts.values())
+        self.dp_groups = dp_groups(model.valid.layouts[node] for node in balancing_ports(model.valid))
         model.on_close(self.close)
         self.needs_grad = needs_grad(self.valid)
         self.contract = PortContract(self.valid)
-        self.exchanges = node_exchanges(model, self.device)
+        self.exchanges = node_exchanges(model, self.dp_groups, self.device)
         self.contract.announce()
         self.loss_outputs = [(n, p) for n, p in self.valid.outputs if p == "loss"]
         self.failed: str | None = None
@@ -179,8 +180,8 @@ class GraphSchedule:
 
     def close(self) -> None:
         """Release the schedule's own groups (called by ``CompositeModel.close``; idempotent)."""
-        release(self.bridge, self.control, *self.tp_groups.values())
-        self.bridge, self.control, self.tp_groups = None, None, {}
+        release(self.bridge, self.control, *self.tp_groups.values(), *self.dp_groups.values())
+        self.bridge, self.control, self.tp_groups, self.dp_groups, self.exchanges = None, None, {}, {}, {}
 
     def _run(self, batch: RankBatch, num_microbatches: int, per: int, signature, shares: LossShares,
              forward_only: bool = False):
@@ -222,7 +223,7 @@ class GraphSchedule:
         """Wake the peers blocked in the schedule's groups with this rank. NCCL's abort does; an
         aborted gloo group keeps its sockets open until the group object is gone, so every
         reference is dropped (the traceback too: its frames hold the group)."""
-        groups = [self.bridge, self.control, *self.tp_groups.values()]
+        groups = [self.bridge, self.control, *self.tp_groups.values(), *self.dp_groups.values()]
         if dist.get_backend(self.bridge) != "gloo":
             for group in groups:
                 private.abort_group(group)
@@ -230,6 +231,7 @@ class GraphSchedule:
         self.close()
         if self._current is not None:
             self._current.mailbox.drop()
+            self._current = None  # its activations' autograd graph holds the item exchange's group
         del groups
         gc.collect()  # the group objects must go now, not at some later collection
 
