@@ -7,6 +7,7 @@ padded with zero rows to the node's padded size (and cut back on export).
 from __future__ import annotations
 
 from mimo_builder._internal.hf import Expect, HFMapping, HFWeightsError, padded_rows, rename
+from submodels.hf_llava import language_model_nestings
 
 MIXER = ("dt_bias", "A_log", "D", "in_proj.weight", "out_proj.weight", "norm.weight")
 MCORE_MIXER_NORM_EPS = 1e-5  # MambaMixer's gated RMSNorm has a fixed epsilon
@@ -32,6 +33,8 @@ def mamba2_mapping(cfg) -> HFMapping:
         expect=_expected_fields(cfg),
         export_config={"model_type": "mamba2", "architectures": ["Mamba2ForCausalLM"]},
         skipped=("lm_head.",) if tied else (),
+        prefixes=("", *language_model_nestings("backbone.")),
+        config_section="text_config",
         extra_checks=lambda hf: _eps_problems(hf),
     )
 

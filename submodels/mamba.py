@@ -164,7 +164,19 @@ class MambaBuilder(ModelBuilder):
         return dict(self.config.modality_token_ids)
 
     def hf_mapping(self):
-        """Hugging Face ``Mamba2ForCausalLM`` weights (:mod:`submodels.hf_mamba`)."""
+        """Hugging Face weights: ``Mamba2ForCausalLM`` for an all-Mamba pattern (:mod:`submodels.hf_mamba`),
+        ``NemotronHForCausalLM`` for a hybrid one (:mod:`submodels.hf_nemotron_h`)."""
+        hybrid = set(self.config.layer_symbols) != {"M"}
+        return self.hf_mapping_for({"model_type": "nemotron_h" if hybrid else "mamba2"})
+
+    def hf_mapping_for(self, hf_config: dict):
+        """The mapping that reads a folder by its config.json ``model_type`` (in a LLaVA folder, its
+        ``text_config``'s): ``nemotron_h`` folders through Nemotron-H's, all-Mamba ones too."""
+        section = hf_config.get("text_config", hf_config)
+        if isinstance(section, dict) and section.get("model_type") == "nemotron_h":
+            from submodels.hf_nemotron_h import nemotron_h_mapping
+
+            return nemotron_h_mapping(self.config)
         from submodels.hf_mamba import mamba2_mapping
 
         return mamba2_mapping(self.config)

@@ -85,6 +85,12 @@ class ProjectorBuilder(ModelBuilder):
         """The :class:`Projector` on ``pg_collection`` (one stage: the pipeline flags are ignored)."""
         return Projector(**self.projector_kwargs(pg_collection))
 
+    def hf_mapping(self):
+        """LLaVA's multi-modal projector (:mod:`submodels.hf_llava`)."""
+        from submodels.hf_llava import llava_projector_mapping
+
+        return llava_projector_mapping(self.config)
+
     mimo_roles = frozenset({"projection"})
 
     def mimo_problems(self, role: str) -> list[str]:

@@ -19,7 +19,13 @@ from submodels.sdpa_attention import with_core_attention
 from mimo_builder._internal.kinds.transformer import TRANSFORMER_LINEARS, make_transformer_config, use_te
 from submodels.vision_config import VisionConfig  # noqa: F401 (the kind's config, public here too)
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": torch.nn.functional.gelu}
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (SigLIP's; transformers' ``gelu_pytorch_tanh``)."""
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": torch.nn.functional.gelu, "gelu_tanh": gelu_tanh}
 
 
 # The local ViT layer's separate norms, under the names of the TE layer's fused norms (the map
@@ -63,10 +69,14 @@ class VisionBuilder(ModelBuilder):
     def run(self, model, inputs):
         """``embeddings`` of ``pixel_values``: a stacked batch, or Items (a list of images per
         sample, images of one size through the tower together; :func:`run_items`)."""
-        images = inputs["pixel_values"]
+        images, first = inputs["pixel_values"], self.config.dropped_tokens
+
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            return model(pixels)[:, first:] if first else model(pixels)
+
         if isinstance(images, Items):
-            return {"embeddings": run_items(images, model, unwrap(model))}
-        return {"embeddings": model(images)}
+            return {"embeddings": run_items(images, encode, unwrap(model))}
+        return {"embeddings": encode(images)}
 
     def synthetic_inputs(self, batch_size, generator, tokens):
         """Random normal ``pixel_values`` of the configured channels and image size."""
@@ -80,14 +90,15 @@ class VisionBuilder(ModelBuilder):
 
     def stage_costs(self, config, micro_batch, tokens):
         """Bidirectional transformer layers over the patches (+ class token), plus the patch
-        convolution's input (the images) and the pre-norm's input; one stage."""
+        convolution's input (the images) and the pre-norm's input (CLIP layout); one stage."""
         cfg = self.config
-        shape = costs.Shape.of(config, micro_batch, cfg.num_tokens)
+        shape = costs.Shape.of(config, micro_batch, cfg.num_tokens + cfg.dropped_tokens)
         te = costs.builds_te(cfg.impl)
         layer = costs.transformer_layer_cost(shape, config, te, causal=False, flash=costs.flash_attention(cfg.impl))
         pixels = micro_batch * cfg.num_channels * cfg.image_size ** 2 * shape.element
         conv_flops = 2 * micro_batch * cfg.num_patches * cfg.num_channels * cfg.patch_size ** 2 * cfg.hidden_size
-        extra = pixels + costs.norm_cost(shape, config, te, with_output=False)  # ln_pre
+        ln_pre = costs.norm_cost(shape, config, te, with_output=False) if cfg.layout == "clip" else 0
+        extra = pixels + ln_pre
         return [costs.stage_cost(config, [layer] * cfg.built_layers, extra, conv_flops)]
 
     def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
@@ -98,7 +109,12 @@ class VisionBuilder(ModelBuilder):
                                        num_layers=cfg.built_layers)
 
     def hf_mapping(self):
-        """Hugging Face CLIP vision tower weights (:mod:`submodels.hf_clip`)."""
+        """Hugging Face vision tower weights of the config's ``layout``: CLIP's
+        (:mod:`submodels.hf_clip`) or SigLIP's (:mod:`submodels.hf_siglip`)."""
+        if self.config.layout == "siglip":
+            from submodels.hf_siglip import siglip_vision_mapping
+
+            return siglip_vision_mapping(self.config)
         from submodels.hf_clip import clip_vision_mapping
 
         return clip_vision_mapping(self.config)
@@ -135,11 +151,14 @@ class VisionBuilder(ModelBuilder):
             transformer_config=self.transformer_config(pg_collection),
             transformer_layer_spec=spec,
             ln_pre_impl=norm,
+            ln_post_impl=norm,  # MCore builds a SigLIP's; ViTModel keeps it only with ln_post
             ln_post=cfg.ln_post,
+            model_subtype=cfg.layout,
             add_class_token=cfg.class_token,
+            class_token_len=int(cfg.class_token),  # MCore's SigLIP asserts 0
             patch_dim=cfg.patch_size,
-            img_h=cfg.image_size,
-            img_w=cfg.image_size,
+            img_h=cfg.grid_pixels,
+            img_w=cfg.grid_pixels,
             num_channels=cfg.num_channels,
             pg_collection=pg_collection,
             vp_stage=vp_stage,
@@ -158,10 +177,10 @@ class ViTModel(CLIPViTModel):
 
     def __init__(self, *args, num_channels: int = 3, ln_post: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        if ln_post:  # CLIP's post_layernorm, over every token (MCore builds it only for SigLIP)
-            config = self.config
-            self.ln_post = build_module(kwargs.get("ln_pre_impl"), config=config, hidden_size=config.hidden_size,
-                                        eps=config.layernorm_epsilon)
+        # post_layernorm over every token when asked (MCore builds it for every SigLIP, never for CLIP)
+        config, norm = self.config, kwargs.get("ln_post_impl", kwargs.get("ln_pre_impl"))
+        self.ln_post = build_module(norm, config=config, hidden_size=config.hidden_size,
+                                    eps=config.layernorm_epsilon) if ln_post else None
         self.tp_group = self.pg_collection.tp
         if num_channels != self.conv1.in_channels:
             self.conv1 = torch.nn.Conv2d(num_channels, self.visual_hidden_size, kernel_size=self.patch_dim,

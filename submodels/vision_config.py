@@ -15,7 +15,8 @@ from mimo_builder._internal.document.types import PositiveInt, StrictBool, Stric
 from mimo_builder._internal.kinds.transformer_fields import TransformerModelConfig
 
 class VisionConfig(TransformerModelConfig):
-    """A ViT image encoder (CLIP layout: conv patches, class token, learned positions, pre-LN)."""
+    """A ViT image encoder: conv patches, learned positions, pre-norm layers; CLIP's layout (class
+    token, LayerNorm before the first layer) or SigLIP's (neither; a bias on the patch conv)."""
 
     builder: str = "vision"
     """Builder of this node (registered name or 'module:Class')."""
@@ -24,7 +25,8 @@ class VisionConfig(TransformerModelConfig):
     """Height and width of the (square) input image in pixels."""
 
     patch_size: PositiveInt
-    """Height and width of one patch; must divide image_size."""
+    """Height and width of one patch; must divide image_size, except with layout 'siglip', whose
+    patch conv drops the remainder as SigLIP's does (so400m-patch14-384: 27 x 27 patches)."""
 
     max_image_size: PositiveInt | None = None
     """Largest height or width of an image in a list of images (ragged items, any size that is a
@@ -41,18 +43,31 @@ class VisionConfig(TransformerModelConfig):
     image_std: tuple[float, ...] | None = None
     """Per-channel standard deviation for image files (None: CLIP's), each above 0."""
 
-    class_token: StrictBool = True
-    """Prepend a learned class token to the patch tokens."""
+    layout: Literal["clip", "siglip"] = "clip"
+    """Tower layout and Hugging Face format: 'clip' (LayerNorm before the first layer, patch conv
+    without bias) or 'siglip' (neither: patch conv with bias; needs class_token: false)."""
 
-    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
-    """MLP activation (CLIP uses quick_gelu)."""
+    class_token: StrictBool = True
+    """Prepend a learned class token to the patch tokens (CLIP has one; SigLIP none)."""
+
+    activation: Literal["quick_gelu", "gelu", "gelu_tanh"] = "quick_gelu"
+    """MLP activation (CLIP uses quick_gelu; SigLIP gelu_tanh, transformers' gelu_pytorch_tanh)."""
 
     ln_post: StrictBool = False
-    """LayerNorm over every output token after the last built layer (CLIP's post_layernorm)."""
+    """LayerNorm over every output token after the last built layer (CLIP's and SigLIP's post_layernorm)."""
 
     feature_layer: StrictInt = -1
     """Which layer's output the node returns, counted from the end as Hugging Face's
     hidden_states: -1 the last, -2 the one before (LLaVA); layers after it are not built."""
+
+    feature_select: Literal["full", "default"] = "full"
+    """Which output tokens the node returns, as LLaVA's ``vision_feature_select_strategy``:
+    'full' every token, 'default' all but the first (the class token of a CLIP tower)."""
+
+    @property
+    def dropped_tokens(self) -> int:
+        """Leading output tokens the node drops (``feature_select: default``: one)."""
+        return int(self.feature_select == "default")
 
     @property
     def built_layers(self) -> int:
@@ -70,7 +85,12 @@ class VisionConfig(TransformerModelConfig):
         if height % p or width % p or not 0 < height <= top or not 0 < width <= top:
             raise ValueError(f"an image of {height} x {width} pixels: height and width must be multiples of "
                              f"patch_size {p} from {p} to {top} (max_image_size)")
-        return (height // p) * (width // p) + int(self.class_token)
+        return (height // p) * (width // p) + int(self.class_token) - self.dropped_tokens
+
+    @property
+    def grid_pixels(self) -> int:
+        """Pixels per side the patch grid covers: image_size less SigLIP's dropped remainder."""
+        return self.image_size - self.image_size % self.patch_size
 
     @property
     def num_patches(self) -> int:
@@ -79,14 +99,16 @@ class VisionConfig(TransformerModelConfig):
 
     @property
     def num_tokens(self) -> int:
-        """Output tokens per image: the patches plus the class token if any."""
-        return self.num_patches + int(self.class_token)
+        """Output tokens per image: the patches plus the class token if any, less the dropped ones."""
+        return self.num_patches + int(self.class_token) - self.dropped_tokens
 
     @model_validator(mode="after")
     def _check_patches(self) -> "VisionConfig":
-        if self.image_size % self.patch_size:
+        if self.layout == "siglip" and self.class_token:
+            raise ValueError("layout 'siglip' has no class token; set class_token: false")
+        if self.image_size % self.patch_size and self.layout != "siglip":
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
-                             "choose a patch_size that divides it")
+                             "choose a patch_size that divides it (layout 'siglip' drops the remainder)")
         for name in ("image_mean", "image_std"):
             values = getattr(self, name)
             if values is not None and len(values) not in (1, self.num_channels):

@@ -9,10 +9,32 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 _WORKER_LEFTOVERS = pytest.StashKey[list]()
 
+SLOW_MODULES = frozenset("""
+    test_balance test_batches test_bridge test_checkpoint test_context_expert test_control_plane test_copies
+    test_damaged_checkpoints test_data test_distributed test_encoder_batching test_encoders test_energon
+    test_export_cli test_extending test_forward_outputs test_free_running test_generate test_generate_cli
+    test_gpt_tensor_parallel test_gpu_check test_hf_import test_hf_llava test_hf_siglip test_hf_nemotron_h
+    test_interop test_launch test_leftovers test_lifecycle test_llava_data test_lora test_lora_checkpoints
+    test_mamba test_multinode test_optimizer test_packing test_parity test_per_token_loss test_pipeline
+    test_place test_plan_estimates test_port_contract test_preemption test_ragged_items test_ragged_plan
+    test_ready_graphs test_references test_reliability test_restarts test_resume test_runtime
+    test_sampling_streams test_sdpa_attention test_seed_placement test_strict_p2p test_throughput
+    test_vocab_padding test_walker
+""".split())
+"""Modules whose tests start ranks (gloo process groups, launched runs): all ``slow``, so that
+``-m "not slow"`` is the quick tier. Modules that mix such tests with quick ones mark theirs."""
+
 
 def pytest_configure(config):
     """Adopt orphans (here and in each xdist worker): the end-of-session check must see them."""
     adopt_orphans()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test of :data:`SLOW_MODULES` ``slow``."""
+    for item in items:
+        if item.path.stem in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -168,6 +168,7 @@ def test_a_run_seed_outside_what_generators_take_is_named(seed):
     assert result.returncode == 2 and "argument --seed: must be an integer from 0 to 2**64 - 1" in result.stderr
 
 
+@pytest.mark.slow
 def test_the_largest_seed_trains(tmp_path):
     import subprocess
     import sys
@@ -255,13 +256,13 @@ def test_an_export_of_nodes_without_a_hugging_face_counterpart_is_refused_before
     from mimo_builder._internal.document.graph import Graph
 
     doc = tmp_path / "proj.yaml"
-    graph = Graph().add("proj", {"builder": "projector", "input_size": 8, "output_size": 8})
+    graph = Graph().add("proj", {"builder": "projector", "input_size": 8, "output_size": 8, "projector_type": "affine"})
     doc.write_text(graph.bind("input", "proj.input").output("proj.output").to_yaml())
     result = main_in_process("export", str(doc), "--load", str(tmp_path / "none"), "-o", str(tmp_path / "out"),
                              "--nproc", "1")
     assert result.returncode == 2, result
-    assert ("export: no node of the graph can be exported:\n  - node 'proj': builder ProjectorBuilder does not read "
-            "Hugging Face weights") in result.stderr, result.stderr
+    assert ("export: no node of the graph can be exported:\n  - node 'proj': LLaVA's projector is a two-layer MLP "
+            "without token merging; the node has projector_type='affine'") in result.stderr, result.stderr
 
 
 AUDIO = dict(builder="audio", num_layers=1, hidden_size=32, num_attention_heads=2, n_mels=8, max_frames=4)
@@ -292,6 +293,7 @@ def _save_audio_with_a_key_bias(root: str) -> None:
     model.close()
 
 
+@pytest.mark.slow
 def test_an_export_whose_every_node_is_skipped_at_its_weights_exits_non_zero_naming_why(tmp_path):
     from multirank import run_ranks
 

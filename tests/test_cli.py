@@ -119,6 +119,7 @@ def test_run_refuses_fp16_training_before_spawning(tmp_path):
     assert "node 'proj' config.dtype: fp16 training needs loss scaling" in result.stderr
 
 
+@pytest.mark.slow
 def test_run_trains_a_pipelined_backbone_and_a_resumed_run_prints_the_same_losses(tmp_path):
     """pp=2 x vp=2 through the command line: the schedule is shown, the loss falls, each node's
     time split is printed and logged for TensorBoard. Then a run resumed from the step-2
@@ -248,6 +249,7 @@ def test_colocate_names_the_node_and_field_that_cannot_fit():
     assert result.returncode == 2 and "--colocate spreads every node over the world: give its size" in result.stderr
 
 
+@pytest.mark.slow
 def test_run_trains_a_four_rank_graph_colocated_on_one_rank():
     result = _cli("run", "graphs/avlm.yaml", "--colocate", "--nproc", "1", "--steps", "3", "--batch-size", "4")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -293,6 +295,7 @@ def test_allow_works_after_the_command_too():
     assert before.stdout == after.stdout
 
 
+@pytest.mark.slow
 def test_traceback_shows_where_a_users_forward_failed(tmp_path):
     """A node kind whose forward raises: one line by default; with --traceback, the rank's
     traceback with the user's own file and line."""

@@ -317,10 +317,12 @@ def test_every_workaround_has_a_reason_and_a_test():
                                       _checkpoint_save, _distributed_optimizer_resume,
                                       _rotary_embedding_under_cp, _moe_alltoall_dispatch,
                                       _killed_rank_leaves_no_writer])
+@pytest.mark.slow
 def test_scenarios_pass_with_all_workarounds(scenario):
     assert _run(scenario, ()) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(NEEDED_BY))
 def test_scenario_fails_without_workaround(name):
     scenario, expected = NEEDED_BY[name]
@@ -379,6 +381,7 @@ print("untouched")
 """
 
 
+@pytest.mark.slow
 def test_planning_leaves_cuda_and_mcore_untouched():
     """A process that never asked for CPU mode (a GPU rank under torchrun) plans, then finds
     torch.cuda and MCore exactly as they were: the CPU workarounds were scoped to the planning."""
@@ -406,6 +409,7 @@ _AUTOTUNER = ("import os, sys, mimo_builder, megatron.core.ssm.mamba_mixer; "
               "print(os.environ['TRITON_CACHE_AUTOTUNING'], kernel.cache_results)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting, expected", [(None, "1 True"), ("0", "0 False")])
 def test_triton_keeps_mamba_ssms_autotuning_results_unless_told_otherwise(setting, expected):
     """The package asks Triton to cache autotuning before mamba-ssm defines its kernels (Triton

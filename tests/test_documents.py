@@ -95,6 +95,7 @@ def test_a_device_is_refused_before_reading(capsys):
     assert os.devnull in err and "device" in err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero")
 def test_an_endless_device_is_refused_without_reading(tmp_path):
     # Reading /dev/zero never ends: a subprocess under a memory cap, so a regression fails, not the machine.
@@ -109,6 +110,7 @@ def test_a_document_above_the_size_limit_is_refused_unread(tmp_path, capsys):
     assert "1 MiB" in err
 
 
+@pytest.mark.slow
 def test_a_named_pipe_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "graph.yaml"
     os.mkfifo(fifo)  # nobody ever writes: opening it for reading the usual way blocks forever

@@ -358,7 +358,15 @@ def _export(args) -> int:
 
     if args.colocate and not args.nproc:
         raise MimoError("export --colocate needs --nproc N (the ranks to spread every node over)")
-    for line in export(_load(args, args.nproc), args.load, args.output, args.nproc):
+    for line in export(_load(args, args.nproc), args.load, args.output, args.nproc, as_format=args.as_format):
+        print(line)
+    return 0
+
+
+def _import_hf(args) -> int:
+    from mimo_builder._internal.hf.import_command import import_folder
+
+    for line in import_folder(args.folder, args.output):
         print(line)
     return 0
 
@@ -372,5 +380,5 @@ def _ckpt_inspect(args) -> int:
 
 _COMMANDS = {"validate": _validate, "plan": _plan, "schema": _schema, "render": _render, "run": _run,
              "generate": _generate, "export": _export, "ckpt inspect": _ckpt_inspect, "profile": _profile,
-             "place": _place}
+             "place": _place, "import-hf": _import_hf}
 

@@ -222,8 +222,17 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     p.add_argument("--load", metavar="DIR", required=True, help="the checkpoint (its latest step, or a step folder)")
     p.add_argument("-o", "--output", metavar="OUT", required=True, help="folder to write: OUT/<node>/, OUT/graph.yaml")
     p.add_argument("--nproc", type=_count, help="ranks to build on (default: the checkpoint's world size)")
+    p.add_argument("--as", dest="as_format", metavar="FORMAT",
+                   help="write the whole model as one Hugging Face folder of this format (e.g. llava) "
+                        "instead of a folder per node")
     _colocate_flag(p)
     p.set_defaults(func=commands["export"])
+
+    p = sub.add_parser("import-hf", help="write the graph document of a whole Hugging Face model folder "
+                                         "(LLaVA, ...): its nodes read the folder")
+    p.add_argument("folder", metavar="DIR", help="the Hugging Face model folder (config.json + safetensors)")
+    p.add_argument("-o", "--output", metavar="GRAPH.yaml", required=True, help="the graph document to write")
+    p.set_defaults(func=commands["import-hf"])
 
     for command in sub.choices.values():
         _allow_flag(command)

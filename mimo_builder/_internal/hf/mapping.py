@@ -123,6 +123,36 @@ class Expect:
 
 
 @dataclass(frozen=True)
+class Nesting:
+    """Where a model's tensors sit inside a larger model's folder: a source name (as the model
+    alone names it) starting with ``roots[i][0]`` is found there under ``roots[i][1]`` instead,
+    e.g. ``(("backbone.", "model.language_model."), ("lm_head.", "lm_head."))`` for a language
+    model inside a LLaVA folder. A plain prefix ``p`` is ``Nesting((("", p),))``."""
+
+    roots: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, where: "str | Nesting") -> "Nesting":
+        """``where`` as a Nesting (a plain prefix string becomes one root)."""
+        return where if isinstance(where, Nesting) else cls((("", where),))
+
+    def folder_name(self, source: str) -> str:
+        """The folder's name of the tensor ``source``."""
+        for mine, theirs in self.roots:
+            if source.startswith(mine):
+                return theirs + source[len(mine):]
+        raise KeyError(f"{source!r} is under none of the roots {self.roots}")
+
+    def source_name(self, name: str) -> str | None:
+        """The source name of the folder's tensor ``name``, or None when it lies outside the roots
+        (it belongs to the rest of a larger model)."""
+        for mine, theirs in self.roots:
+            if name.startswith(theirs):
+                return mine + name[len(theirs):]
+        return None
+
+
+@dataclass(frozen=True)
 class HFMapping:
     """Everything the generic loader needs to read (and write) one node's Hugging Face weights."""
 
@@ -138,9 +168,10 @@ class HFMapping:
     skipped: tuple[str, ...] = ()
     """Prefixes (after the model prefix) of tensors known and deliberately not read."""
 
-    prefixes: tuple[str, ...] = ("",)
+    prefixes: tuple["str | Nesting", ...] = ("",)
     """Where the node's tensors may sit in a larger model (e.g. 'vision_tower.' in a LLaVA
-    folder); tensors outside the prefix found belong to the rest of that model."""
+    folder, or a :class:`Nesting` of several roots); tensors outside the one found belong to the
+    rest of that model."""
 
     config_section: str | None = None
     """Nested config.json entry that describes the node when present (e.g. 'vision_config')."""

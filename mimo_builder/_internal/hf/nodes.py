@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from mimo_builder._internal.hf import files
 from mimo_builder._internal.hf.convert import copy_weights, export_hf, folder_problems, mapping_of, shape_problems
 from mimo_builder._internal.hf.mapping import HFShapeError, HFWeightsError, problem_text
 from mimo_builder._internal.assembly.tp_shard import unwrap
@@ -28,7 +29,7 @@ def init_problems(name: str, builder, node) -> list[str]:
 
 
 def load_hf_nodes(model) -> list[str]:
-    """Load every node whose document names ``init.hf`` (each hosting rank its TP shard);
+    """Load every node whose document names ``init.hf`` (each hosting rank its TP and EP shard);
     returns those nodes. Collective over every rank: shape problems found on any rank raise
     :class:`HFShapeError` on all ranks before any weight is copied."""
     names = [n for n in model.valid.order if (init := model.valid.graph.nodes[n].init) and init.hf]
@@ -39,9 +40,9 @@ def load_hf_nodes(model) -> list[str]:
     for name in names:
         if model.hosts(name):
             module, pgs = unwrap(model.chunks(name)[0]), model.pg_collection(name)
-            mapping = mapping_of(model.valid.builders[name])
             folder = model.valid.graph.nodes[name].init.hf
-            problems += shape_problems(module, mapping, folder, pgs.tp.size(), f"node '{name}' init.hf")
+            mapping = mapping_of(model.valid.builders[name], files.read_config(folder))
+            problems += shape_problems(module, mapping, folder, pgs, f"node '{name}' init.hf")
     gathered = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, problems, group=group)
     union = list(dict.fromkeys(p for ps in gathered for p in ps))
@@ -49,9 +50,9 @@ def load_hf_nodes(model) -> list[str]:
         raise HFShapeError("init.hf does not fit:\n" + problem_text(union))
     for name in names:
         if model.hosts(name):
-            pgs = model.pg_collection(name)
-            copy_weights(unwrap(model.chunks(name)[0]), mapping_of(model.valid.builders[name]),
-                         model.valid.graph.nodes[name].init.hf, pgs.tp.rank(), pgs.tp.size())
+            folder = model.valid.graph.nodes[name].init.hf
+            mapping = mapping_of(model.valid.builders[name], files.read_config(folder))
+            copy_weights(unwrap(model.chunks(name)[0]), mapping, folder, model.pg_collection(name))
     return names
 
 

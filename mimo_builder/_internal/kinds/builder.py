@@ -300,6 +300,12 @@ class ModelBuilder(mcore_base.ModelBuilder):
         :class:`mimo_builder._internal.hf.HFWeightsError` for configs no Hugging Face model matches."""
         return None
 
+    def hf_mapping_for(self, hf_config: dict) -> "HFMapping | None":
+        """The mapping that reads a Hugging Face folder whose config.json is ``hf_config``, for a
+        builder whose config matches several Hugging Face model types (it picks by ``model_type``).
+        Default: :meth:`hf_mapping`, whose ``model_type`` field check names a folder of another type."""
+        return self.hf_mapping()
+
     def planned_tokens(self, tokens: dict[str, int]) -> int:
         """Tokens per sample this node computes on, for the plan's estimates, given the token
         counts arriving on its edge-fed ports. Default: the config's ``seq_length`` (every
