@@ -96,8 +96,10 @@ def test_ranks_end_with_their_launcher(tmp_path, signum):
     script.write_text(LAUNCHER)
     folder.mkdir()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), *sys.path]))
+    # as from a terminal: a suite started as a shell's background job inherits SIGINT ignored
     launcher = subprocess.Popen([sys.executable, str(script), str(folder)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     pids: list[int] = []
     try:
         pids = _rank_pids(folder, 2, launcher)
