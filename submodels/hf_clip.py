@@ -86,16 +86,22 @@ def model_type_problems(hf: dict, model_type: str, layout: str) -> list[str]:
 
 
 def _expected_fields(cfg) -> dict[str, Expect]:
+    return tower_fields(cfg, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+
+def tower_fields(cfg, **defaults) -> dict[str, Expect]:
+    """The config.json fields a CLIP-like tower fixes (CLIP and SigLIP name them alike), with the
+    model's own ``defaults`` for ``patch_size``, ``hidden_act`` and ``layer_norm_eps``."""
     return {
         "hidden_size": Expect(cfg.hidden_size, "hidden_size", 768),
         "intermediate_size": Expect(cfg.ffn_hidden_size or 4 * cfg.hidden_size, "ffn_hidden_size", 3072),
         "num_attention_heads": Expect(cfg.num_attention_heads, "num_attention_heads", 12),
         "num_channels": Expect(cfg.num_channels, "num_channels", 3),
         "image_size": Expect(cfg.image_size, "image_size", 224),
-        "patch_size": Expect(cfg.patch_size, "patch_size", 32),
-        "hidden_act": Expect(ACTIVATIONS[cfg.activation], "activation", "quick_gelu"),
+        "patch_size": Expect(cfg.patch_size, "patch_size", defaults["patch_size"]),
+        "hidden_act": Expect(ACTIVATIONS[cfg.activation], "activation", defaults["hidden_act"]),
         "layer_norm_eps": Expect(cfg.transformer.get("layernorm_epsilon", 1e-5), "transformer.layernorm_epsilon",
-                                 1e-5),
+                                 defaults["layer_norm_eps"]),
     }
 
 

@@ -13,8 +13,8 @@ transformers) and ``post_layernorm`` only when the node has ``ln_post``.
 from __future__ import annotations
 
 from mimo_builder._internal.hf import Expect, HFMapping, HFWeightsError, rename
-from submodels.hf_clip import (ACTIVATIONS, OLD_BUFFERS, PREFIX, PREFIXES, activation_problems, identity_norm,
-                               layer_problems, layer_rules, model_type_problems)
+from submodels.hf_clip import (OLD_BUFFERS, PREFIX, PREFIXES, activation_problems, identity_norm,
+                               layer_problems, layer_rules, model_type_problems, tower_fields)
 
 MODEL_TYPE = "siglip_vision_model"
 HEAD = PREFIX + "head."  # SiglipMultiheadAttentionPoolingHead (probe, attention, layernorm, mlp)
@@ -53,14 +53,4 @@ def siglip_vision_mapping(cfg) -> HFMapping:
 
 def _expected_fields(cfg) -> dict[str, Expect]:
     """config.json fields with SiglipVisionConfig's defaults (so400m and base differ in size only)."""
-    return {
-        "hidden_size": Expect(cfg.hidden_size, "hidden_size", 768),
-        "intermediate_size": Expect(cfg.ffn_hidden_size or 4 * cfg.hidden_size, "ffn_hidden_size", 3072),
-        "num_attention_heads": Expect(cfg.num_attention_heads, "num_attention_heads", 12),
-        "num_channels": Expect(cfg.num_channels, "num_channels", 3),
-        "image_size": Expect(cfg.image_size, "image_size", 224),
-        "patch_size": Expect(cfg.patch_size, "patch_size", 16),
-        "hidden_act": Expect(ACTIVATIONS[cfg.activation], "activation", "gelu_pytorch_tanh"),
-        "layer_norm_eps": Expect(cfg.transformer.get("layernorm_epsilon", 1e-5), "transformer.layernorm_epsilon",
-                                 1e-6),
-    }
+    return tower_fields(cfg, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
