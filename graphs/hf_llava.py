@@ -9,11 +9,12 @@ every rank until the user places it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from mimo_builder._internal.errors import ConfigError
 from mimo_builder._internal.hf.mapping import Nesting
-from mimo_builder._internal.hf.whole import WholeModelFormat
+from mimo_builder._internal.hf.whole import WholeModelFormat, tokenizer_entry
 from submodels.hf_configs import node_config
 from submodels.hf_llava import language_model_nestings
 
@@ -21,7 +22,6 @@ TOWERS = ("clip_vision_model", "siglip_vision_model")
 LANGUAGE_MODELS = ("mamba2", "nemotron_h")
 BASE_MODEL = {"mamba": "backbone."}
 """A language model kind -> its base model's tensor root in the causal-LM folder it exports."""
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 NODES = ("vision", "proj", "lm")
 
 
@@ -41,9 +41,7 @@ def graph_from_llava(folder: str, hf: dict) -> dict:
            "inputs": {"pixel_values": "vision.pixel_values", "input_ids": "lm.input_ids",
                       "labels": "lm.labels", "loss_mask": "lm.loss_mask"},
            "outputs": ["lm.loss"]}
-    if any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
-        doc["tokenizer"] = {"hf": folder}
-    return doc
+    return {**doc, **tokenizer_entry(folder)}
 
 
 def _feature_layer(hf: dict, layers: int) -> int:
@@ -68,8 +66,6 @@ def _strategy(hf: dict) -> str:
 
 def _normalisation(folder: str) -> dict:
     """image_mean / image_std of the folder's preprocessor_config.json, when it has them."""
-    import json
-
     path = Path(folder) / "preprocessor_config.json"
     if not path.is_file():
         return {}

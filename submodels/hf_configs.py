@@ -82,7 +82,8 @@ def nemotron_h(section: dict, where: str) -> dict:
             "mlp_activation": _choice(section, "mlp_hidden_act", {"relu2": "squared_relu"}, where, "relu2"),
             "share_embeddings_and_output_weights": False, "transformer": transformer}
     if "E" in pattern:
-        node.update(num_experts=section.get("n_routed_experts", 8), moe_router_topk=section.get("num_experts_per_tok", 2),
+        node.update(num_experts=section.get("n_routed_experts", 8),
+                    moe_router_topk=section.get("num_experts_per_tok", 2),
                     moe_ffn_hidden_size=section.get("moe_intermediate_size", 7688))
         transformer.update(moe_shared_expert_intermediate_size=section.get("moe_shared_expert_intermediate_size"),
                            moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,

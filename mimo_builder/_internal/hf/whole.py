@@ -19,6 +19,8 @@ from mimo_builder._internal.errors import ConfigError
 from mimo_builder._internal.hf import files
 from mimo_builder._internal.hf.mapping import Nesting
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+"""A folder holding any of these holds a Hugging Face tokenizer."""
 FORMAT_GROUP = "mimo_builder.hf_formats"
 """Entry-point group of whole-model formats (name -> ``module:OBJECT``)."""
 
@@ -61,6 +63,14 @@ def format_named(name: str) -> WholeModelFormat:
     if name not in known:
         raise ConfigError(f"--as {name!r}: no such whole-model format; installed: {sorted(known)}")
     return known[name]
+
+
+def tokenizer_entry(folder: str) -> dict:
+    """The graph document's ``tokenizer`` entry for a model folder: ``{"tokenizer": {"hf": folder}}``
+    when the folder holds a tokenizer, else nothing."""
+    if any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        return {"tokenizer": {"hf": folder}}
+    return {}
 
 
 def read_config(folder: str | Path) -> dict:
