@@ -13,7 +13,7 @@ import yaml
 from cli_in_process import main_in_process
 from multirank import run_ranks
 
-IMAGE_ID, VOCAB, PROMPT = 5, 100, 9
+IMAGE_ID, VOCAB, ANSWER = 5, 100, 3  # each row's last ANSWER tokens follow its prompt
 IDS = torch.tensor([[1, 5, 5, 5, 5, 7, 8, 9, 10, 11, 12, 13],
                     [2, 5, 5, 5, 5, 20, 21, 22, 23, 24, 25, 26]])
 PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
@@ -115,14 +115,14 @@ def test_a_config_field_the_kinds_cannot_honour_is_named(llava, tmp_path):
     assert "config.json vision_config.hidden_act='relu' is not supported; supported: ['gelu', " in result.stderr
 
 
-def _batch():
-    labels = torch.cat([IDS[:, 1:], IDS[:, :1]], dim=1)
-    mask = torch.zeros(IDS.shape)
-    mask[:, PROMPT - 1:] = 1.0  # the prompt is IDS[:, :PROMPT]
-    return {"input_ids": IDS, "labels": labels, "loss_mask": mask, "pixel_values": PIXELS}
+def _batch(ids, pixels):
+    labels = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
+    mask = torch.zeros(ids.shape)
+    mask[:, -ANSWER - 1:] = 1.0  # the prompt is ids[:, :-ANSWER]
+    return {"input_ids": ids, "labels": labels, "loss_mask": mask, "pixel_values": pixels}
 
 
-def _project_and_transformers(doc: str, ckpt: str, out: str) -> dict:
+def _project_and_transformers(doc: str, ckpt: str, out: str, ids, pixels, image_id: int) -> dict:
     """The trained graph's logits and greedy tokens (one rank, checkpoint resharded), and the
     exported folder's in transformers."""
     import transformers as tf
@@ -134,16 +134,30 @@ def _project_and_transformers(doc: str, ckpt: str, out: str) -> dict:
     graph = load_graph(doc).colocated(1)
     with build_trained(graph, ckpt) as model, torch.no_grad():
         run = {name: (model.valid.builders[name].run, model.chunks(name)[0].eval()) for name in model.valid.order}
-        features = run["vision"][0](run["vision"][1], {"pixel_values": PIXELS})["embeddings"]
+        features = run["vision"][0](run["vision"][1], {"pixel_values": pixels})["embeddings"]
         image = run["proj"][0](run["proj"][1], {"input": features})["output"]
-        ours = run["lm"][0](run["lm"][1], {"input_ids": IDS, "image": image})["logits"]
-        tokens = GraphSchedule(model).generate(_batch(), NEW)
+        ours = run["lm"][0](run["lm"][1], {"input_ids": ids, "image": image})["logits"]
+        tokens = GraphSchedule(model).generate(_batch(ids, pixels), NEW)
     hf = tf.LlavaForConditionalGeneration.from_pretrained(out).eval()
     with torch.no_grad():
-        theirs = hf(input_ids=IDS, pixel_values=PIXELS).logits
-        generated = hf.generate(input_ids=IDS[:, :PROMPT], pixel_values=PIXELS, max_new_tokens=NEW,
-                                do_sample=False, suppress_tokens=[IMAGE_ID])
-    return {"ours": ours, "theirs": theirs, "tokens": tokens, "hf_tokens": generated[:, PROMPT:]}
+        theirs = hf(input_ids=ids, pixel_values=pixels).logits
+        generated = hf.generate(input_ids=ids[:, :-ANSWER], pixel_values=pixels, max_new_tokens=NEW,
+                                do_sample=False, suppress_tokens=[image_id])
+    return {"ours": ours, "theirs": theirs, "tokens": tokens, "hf_tokens": generated[:, ids.shape[1] - ANSWER:]}
+
+
+def _train_export_compare(graph, tmp_path, ids, pixels, image_id: int, vocab: int, nproc: int) -> None:
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    result = main_in_process("run", str(graph), "--nproc", str(nproc), "--steps", "2", "--batch-size", "4",
+                             "--save", str(ckpt))
+    assert result.returncode == 0, result.stderr
+    result = main_in_process("export", str(graph), "--load", str(ckpt), "-o", str(out), "--as", "llava")
+    assert result.returncode == 0, result.stderr
+    assert f"llava model: {out} (nodes vision, proj, lm)" in result.stdout
+    got = run_ranks(1, _project_and_transformers, str(graph), str(ckpt), str(out), ids, pixels, image_id)[0]
+    scale = got["ours"].abs().max()
+    assert float((got["ours"][..., :vocab] - got["theirs"]).abs().max() / scale) <= 1e-4
+    assert torch.equal(got["tokens"], got["hf_tokens"]), (got["tokens"], got["hf_tokens"])
 
 
 @pytest.mark.slow
@@ -152,17 +166,18 @@ def test_import_train_placed_export_as_llava_gives_transformers_the_same_model(l
     for name, placement in PLACED.items():
         doc["nodes"][name]["placement"] = placement
     graph.write_text(yaml.safe_dump(doc, sort_keys=False))
-    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    result = main_in_process("run", str(graph), "--nproc", "4", "--steps", "2", "--batch-size", "4",
-                             "--save", str(ckpt))
-    assert result.returncode == 0, result.stderr
-    result = main_in_process("export", str(graph), "--load", str(ckpt), "-o", str(out), "--as", "llava")
-    assert result.returncode == 0, result.stderr
-    assert f"llava model: {out} (nodes vision, proj, lm)" in result.stdout
-    got = run_ranks(1, _project_and_transformers, str(graph), str(ckpt), str(out))[0]
-    scale = got["ours"].abs().max()
-    assert float((got["ours"][..., :VOCAB] - got["theirs"]).abs().max() / scale) <= 1e-4
-    assert torch.equal(got["tokens"], got["hf_tokens"]), (got["tokens"], got["hf_tokens"])
+    _train_export_compare(graph, tmp_path, IDS, PIXELS, IMAGE_ID, VOCAB, nproc=4)
+
+
+@pytest.mark.slow
+def test_the_shipped_llava_graph_exports_with_a_nemotron_h_language_model(tmp_path):
+    """graphs/llava.yaml (a hybrid backbone: the LLaVA folder's text model is Nemotron-H)."""
+    from graphs import parts
+
+    image = [parts.IMAGE_TOKEN] * 16
+    ids = torch.tensor([[3, *image, 7, 8, 9, 10, 11], [4, *image, 20, 21, 22, 23, 24]])
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    _train_export_compare("graphs/llava.yaml", tmp_path, ids, pixels, parts.IMAGE_TOKEN, 256, nproc=1)
 
 
 def test_export_as_llava_names_a_node_llava_has_no_place_for(tmp_path):
