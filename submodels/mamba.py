@@ -33,7 +33,7 @@ from mimo_builder._internal.platform.compat import resolve_device  # noqa: E402
 from mimo_builder._internal.errors import ConfigError  # noqa: E402
 from mimo_builder._internal.assembly.tp_shard import unwrap  # noqa: E402
 from mimo_builder._internal.kinds.transformer import make_transformer_config, padded_vocab_size, use_te  # noqa: E402
-from mimo_builder._internal.runtime.generation import SAMPLE_INDEX, GenerationOptions  # noqa: E402
+from mimo_builder._internal.runtime.generation import SAMPLE_INDEX, GenerationOptions, prompt_ends  # noqa: E402
 from mimo_builder._internal.runtime.packing import LENGTHS_PORT, Packing  # noqa: E402
 from mimo_builder._internal.runtime.shards import joined  # noqa: E402
 from submodels.mamba_generate import generate  # noqa: E402
@@ -223,7 +223,11 @@ class MambaBuilder(ModelBuilder):
         if not last:
             return {"hidden": out}
         if labels is None:  # the padded vocabulary's extra columns cut (a TP slice is joined and cut later)
-            return {"logits": out[..., :self.config.vocab_size] if out.shape[-1] > self.config.vocab_size else out}
+            outputs = {"logits": out[..., :self.config.vocab_size] if out.shape[-1] > self.config.vocab_size else out}
+            if first and cp_size(cp) == 1 and self.uses_output("generated") and self.generation is not None:
+                prompts = prompt_ends(ids, inputs.get("loss_mask"), self.generation.pad_id)  # a label-free graph
+                outputs["generated"] = self._generate(model, core, inputs, ids, prompts, self.generation)
+            return outputs
         if evaluating:
             outputs = self._evaluate(core, out, local, mask, cp)
             if first and cp_size(cp) == 1:  # the whole model and sequence here: decoding from prompts
@@ -266,8 +270,7 @@ class MambaBuilder(ModelBuilder):
         """The outputs that decode from each prompt (the ids before the first loss-masked label),
         where the graph reads them: ``generated`` and ``free_running``."""
         answer = mask > 0
-        prompts = answer.float().argmax(dim=1) + 1  # the last prompt token predicts the first answer token
-        prompts = torch.where(answer.any(dim=1), prompts, torch.full_like(prompts, ids.shape[1]))
+        prompts = prompt_ends(ids, mask, None)
         outputs = {}
         if self.uses_output("generated") and self.generation is not None:
             outputs["generated"] = self._generate(model, core, inputs, ids, prompts, self.generation)

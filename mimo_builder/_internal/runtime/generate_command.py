@@ -43,7 +43,8 @@ def generate_answers(graph: Graph, load: str, data_ref: str | PromptRequest, opt
         lines, right, counted = [], 0, 0
         for step, batch in loader:
             new = schedule.generate(batch, options.max_new_tokens, temperature=options.temperature,
-                                    top_k=options.top_k, seed=offset_seed(options.seed, step), eos_id=options.eos_id)
+                                    top_k=options.top_k, seed=offset_seed(options.seed, step), eos_id=options.eos_id,
+                                    pad_id=tokenizer.pad_id)
             if new is None:
                 continue
             for row, tokens in enumerate(new.tolist()):

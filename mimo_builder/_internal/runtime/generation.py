@@ -32,6 +32,9 @@ class GenerationOptions:
     """Seeds the sampling (the same draws on every rank of a node)."""
     eos_id: int | None = None
     """A row stops after generating this token (None: after ``max_new_tokens``)."""
+    pad_id: int | None = None
+    """Where no loss mask marks each prompt's end (a graph that binds none): the token that pads
+    prompt rows, so a row's prompt ends at its last other token (None: every row is all prompt)."""
 
     def problems(self) -> list[str]:
         """What is wrong with these options, by field."""
@@ -58,6 +61,20 @@ def generating_node(valid) -> str:
             raise ConfigError(f"generate: node '{nodes[0]}' placement.{field}: {size}; it decodes on one pipeline "
                               "stage with the whole sequence (pp=1, cp=1); export it or --colocate it smaller")
     return nodes[0]
+
+
+def prompt_ends(ids: torch.Tensor, mask: torch.Tensor | None, pad_id: int | None) -> torch.Tensor:
+    """Each row's prompt length: up to its first loss-masked label (the last prompt token predicts
+    the first answer token), else up to its last token other than ``pad_id``, else the whole row."""
+    if mask is not None:
+        answer = mask > 0
+        ends = answer.float().argmax(dim=1) + 1
+        return torch.where(answer.any(dim=1), ends, torch.full_like(ends, ids.shape[1]))
+    if pad_id is None:
+        return torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=ids.device)
+    kept = (ids != pad_id).long()
+    last = ids.shape[1] - kept.flip(dims=[1]).argmax(dim=1)  # one past the last kept token
+    return torch.where(kept.any(dim=1), last, torch.ones_like(last))
 
 
 def generate(schedule, batch, options: GenerationOptions, num_microbatches: int = 1) -> torch.Tensor | None:

@@ -145,10 +145,12 @@ class GraphSchedule:
                     chunk.train(mode)
 
     def generate(self, batch: dict[str, torch.Tensor] | RankBatch, max_new_tokens: int, *, temperature: float = 0.0,
-                 top_k: int | None = None, seed: int = 0, eos_id: int | None = None, num_microbatches: int = 1):
+                 top_k: int | None = None, seed: int = 0, eos_id: int | None = None, num_microbatches: int = 1,
+                 pad_id: int | None = None):
         """New tokens ``[batch, max_new_tokens]`` after each sample's prompt (its ids before the first
-        loss-masked label) on global rank 0, None elsewhere: see :mod:`mimo_builder._internal.runtime.generation`."""
-        options = GenerationOptions(max_new_tokens, temperature, top_k, seed, eos_id)
+        loss-masked label; in a graph that binds no loss mask, up to its last token other than
+        ``pad_id``) on global rank 0, None elsewhere: see :mod:`mimo_builder._internal.runtime.generation`."""
+        options = GenerationOptions(max_new_tokens, temperature, top_k, seed, eos_id, pad_id)
         return generate(self, batch, options, num_microbatches)
 
     def _checked(self, batch, num_microbatches: int) -> tuple[RankBatch, int, tuple | None, dict | None]:
