@@ -82,6 +82,9 @@ def quiet_dependency_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     # torch DCP notes that MCore reads checkpoint metadata outside a process group, as intended
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed\.checkpoint")
+    # dist_checkpointing loads through torch's ShardedTensor, which warns of its deprecation on every load
+    warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor",
+                            category=FutureWarning)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     logging.getLogger("megatron").setLevel(logging.WARNING)  # DDP lists every parameter at INFO
     # with absl installed (tensorboard brings it), MCore's grid logs every group through it at INFO
