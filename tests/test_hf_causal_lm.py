@@ -3,6 +3,9 @@ folder writes the one-node graph that reads it; after training, ``export --as ne
 ``mamba2``) writes the folder transformers loads, with the trained model's logits. A pattern the
 format cannot hold is named."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import yaml
@@ -49,8 +52,11 @@ def test_import_train_export_as_nemotron_h(tmp_path):
     assert result.returncode == 0, result.stderr
     lm = yaml.safe_load(doc.read_text())["nodes"]["lm"]["config"]
     assert (lm["hybrid_layer_pattern"], lm["mlp_activation"]) == ("M*-M", "squared_relu")
-    result = main_in_process("run", str(doc), "--steps", "2", "--batch-size", "2", "--save", str(tmp_path / "ckpt"))
+    result = subprocess.run([sys.executable, "-m", "mimo_builder.cli", "run", str(doc), "--steps", "2",
+                             "--batch-size", "2", "--save", str(tmp_path / "ckpt")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    # what init: loaded: the embedding, 2 x 9 of the Mamba layers, 5 of attention, 3 of the MLP, 2 at the end
+    assert f"node 'lm': 29 tensors from hf:{tmp_path / 'hf'} (NemotronHForCausalLM)" in result.stdout, result.stdout
     result = main_in_process("export", str(doc), "--load", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"),
                              "--as", "mamba2")
     assert result.returncode == 2 and "node 'lm' hybrid_layer_pattern is written as nemotron_h, not mamba2" in \

@@ -59,6 +59,9 @@ class CompositeModel(torch.nn.Module):
         """A gloo group over all ranks for the graph's small control messages (failure flags,
         norms, timings, checkpoint agreement), on CPU tensors whatever the device."""
         self.nodes = torch.nn.ModuleDict({name: torch.nn.ModuleList(c) for name, c in chunks.items()})
+        self.initialized_from: dict[str, str] = {}
+        """Node -> what its document's ``init:`` loaded into it (e.g. ``24 tensors from hf:DIR
+        (NemotronHForCausalLM)``), the same on every rank."""
         self._closers: list[Callable[[], None]] = []
 
     def on_close(self, closer: Callable[[], None]) -> None:
@@ -183,7 +186,7 @@ class CompositeBuilder(mcore_base.ModelBuilder):
         guard = StepGuard(failure_key.removeprefix(_FAILURE_KEY + "/"), step_timeout_s=self.step_timeout_s,
                           first_step_timeout_s=self.first_step_timeout_s)
         model = CompositeModel(valid, chunks, groups, guard, control, self.seed)
-        load_initial_weights(model)  # nodes whose document names pretrained weights
+        model.initialized_from = load_initial_weights(model)  # nodes whose document names pretrained weights
         return compose_hooks(self.post_wrap_hooks)([model])
 
     def _build_node(self, valid: ValidGraph, name: str, pgs, ddp_config, wrap_with_ddp, options):

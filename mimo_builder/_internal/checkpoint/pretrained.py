@@ -20,8 +20,9 @@ from mimo_builder._internal.checkpoint.safe_load import safe_unpickling
 from mimo_builder._internal.assembly.lora import is_adapter_key
 
 
-def load_initial_weights(model) -> list[str]:
-    """Load every node whose document names ``init.checkpoint`` or ``init.hf``; returns those nodes.
+def load_initial_weights(model) -> dict[str, str]:
+    """Load every node whose document names ``init.checkpoint`` or ``init.hf``; returns node ->
+    what was loaded (``from checkpoint DIR``, ``24 tensors from hf:DIR (ARCHITECTURE)``).
 
     Collective over all ranks. Errors (a missing tensor, another shape) name the node and the
     source and are raised on every rank before any weight is copied.
@@ -36,7 +37,8 @@ def load_initial_weights(model) -> list[str]:
         _load_source(model, step_dir, names, group)
     from mimo_builder._internal.hf.nodes import load_hf_nodes  # init: {hf: DIR}
 
-    return [n for names in sources.values() for n in names] + load_hf_nodes(model)
+    loaded = {name: f"weights from checkpoint {step_dir}" for step_dir, names in sources.items() for name in names}
+    return {**loaded, **load_hf_nodes(model)}
 
 
 def _step_dir(checkpoint: str) -> Path:

@@ -28,13 +28,14 @@ def init_problems(name: str, builder, node) -> list[str]:
     return folder_problems(builder, node.init.hf, where)
 
 
-def load_hf_nodes(model) -> list[str]:
+def load_hf_nodes(model) -> dict[str, str]:
     """Load every node whose document names ``init.hf`` (each hosting rank its TP and EP shard);
-    returns those nodes. Collective over every rank: shape problems found on any rank raise
-    :class:`HFShapeError` on all ranks before any weight is copied."""
+    returns node -> what it read (``24 tensors from hf:DIR (NemotronHForCausalLM)``). Collective
+    over every rank: shape problems found on any rank raise :class:`HFShapeError` on all ranks
+    before any weight is copied."""
     names = [n for n in model.valid.order if (init := model.valid.graph.nodes[n].init) and init.hf]
     if not names:
-        return []
+        return {}
     group = model.control
     problems = []
     for name in names:
@@ -53,7 +54,14 @@ def load_hf_nodes(model) -> list[str]:
             folder = model.valid.graph.nodes[name].init.hf
             mapping = mapping_of(model.valid.builders[name], files.read_config(folder))
             copy_weights(unwrap(model.chunks(name)[0]), mapping, folder, model.pg_collection(name))
-    return names
+    return {name: _read(model.valid.builders[name], model.valid.graph.nodes[name].init.hf) for name in names}
+
+
+def _read(builder, folder: str) -> str:
+    """What a node reads from ``folder``: its tensor count and the folder's model class."""
+    config = files.read_config(folder)
+    model = (config.get("architectures") or [config.get("model_type", "?")])[0]
+    return f"{len(mapping_of(builder, config).sources())} tensors from hf:{folder} ({model})"
 
 
 def export_node(model, name: str, folder: str | Path) -> Path | None:
