@@ -126,6 +126,15 @@ class VisionBuilder(ModelBuilder):
     mimo_roles = frozenset({"encoder"})
     mimo_encoder_keywords = {"pixel_values": "x"}
 
+    def mimo_problems(self, role: str) -> list[str]:
+        """The base role check, plus a refusal of ``feature_select: default`` (MIMO's encoder
+        returns the tower's every output token)."""
+        problems = super().mimo_problems(role)
+        if self.config.dropped_tokens:
+            problems.append("feature_select 'default' cannot be exported to MIMO: MIMO takes the tower's every "
+                            "output token, and the node drops its first; use feature_select 'full'")
+        return problems
+
     def mimo_spec(self, role, pg_collection) -> ModuleSpec:
         """As a MIMO encoder: the same ViTModel (forward ``x`` [B, C, H, W] -> [B, N, H])."""
         self.check_mimo_role(role)

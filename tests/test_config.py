@@ -160,3 +160,11 @@ def test_round_trip_is_lossless(config):
     assert ModelConfig.from_json(config.to_json()) == config
     assert ModelConfig.from_yaml(config.to_yaml()) == config
     assert json.loads(config.to_json()) == config.as_dict()
+
+
+def test_a_tower_that_drops_its_first_token_is_not_a_mimo_encoder():
+    vision = dict(builder="vision", image_size=16, patch_size=8, num_layers=2, hidden_size=32, num_attention_heads=4)
+    assert ModelConfig.from_dict(vision).make_builder().mimo_problems("encoder") == []
+    problems = ModelConfig.from_dict({**vision, "feature_select": "default"}).make_builder().mimo_problems("encoder")
+    assert problems == ["feature_select 'default' cannot be exported to MIMO: MIMO takes the tower's every output "
+                        "token, and the node drops its first; use feature_select 'full'"]
