@@ -1,15 +1,12 @@
 """Make Megatron-Core usable on CPU + gloo; the ONLY place that works around its assumptions.
 
-``init_runtime(device="auto")`` is the one entry point. Every workaround in :data:`WORKAROUNDS`
-names the MCore behaviour it answers in one line (``reason``) and has a test that fails
-without it (``tests/test_compat.py``). On CPU all are installed once; on CUDA only those that
-answer something CUDA lacks too (``needed_on``: the global memory buffer, the final norm without
-Transformer Engine, the checkpoint writer's queue that must die with its rank), so no CUDA call is ever redirected. ``cpu_scope()`` installs them for one
-block and restores the originals (planning on a fake world); ``cuda_factories_on_cpu(device)``
-and ``gather_objects_within(group)`` are scopes around MCore's optimizer calls;
-``give_fresh_adam_its_steps`` prepares a fresh distributed optimizer for a checkpoint load. ``seed_rng``
-seeds torch and MCore's model-parallel RNG tracker on either device. The pure-torch Mamba
-kernels are not generic and live with the Mamba submodel (``submodels/mamba_kernels.py``).
+``init_runtime(device="auto")`` is the entry point. Each workaround in :data:`WORKAROUNDS` names
+the MCore behaviour it answers (``reason``) and has a test that fails without it
+(``tests/test_compat.py``). On CPU all are installed once; on CUDA only those answering something
+CUDA lacks too (``needed_on``), so no CUDA call is ever redirected. ``cpu_scope()`` installs them
+for one block (planning on a fake world); ``cuda_factories_on_cpu``, ``gather_objects_within`` and
+``give_fresh_adam_its_steps`` serve MCore's optimizer; ``seed_rng`` seeds torch and MCore's RNG
+tracker on either device. The pure-torch Mamba kernels live with the Mamba submodel.
 """
 
 from __future__ import annotations
@@ -307,12 +304,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def init_runtime(device: str | torch.device = "auto", *, skip: tuple[str, ...] = ()) -> torch.device:
     """Prepare this process for MCore on ``device`` and return the resolved device. Idempotent.
-
-    On CPU the workarounds stay installed for the life of the process (it asked for CPU); on
-    CUDA only the two that are not about CUDA (the global memory buffer, and the final norm when
-    Transformer Engine is missing) are installed: no CUDA call is ever redirected. ``skip`` names workarounds to leave out (used by the tests that
-    prove each one is needed).
-    """
+    On CPU the workarounds stay for the life of the process; on CUDA only those CUDA needs too
+    (``needed_on``) are installed. ``skip`` leaves some out (the tests that prove each is needed)."""
     resolved = resolve_device(device)
     _check_names(skip)
     if resolved.type == "cuda":
@@ -327,9 +320,8 @@ def init_runtime(device: str | torch.device = "auto", *, skip: tuple[str, ...] =
 def replace_for_process(reason: str, targets) -> None:
     """The fenced way for a submodel to replace another library's attributes for the rest of a CPU
     process (its CPU kernels for mamba-ssm's Triton ones, say): through the process's patches,
-    which keep the originals. ``targets``: (owner, name,
-    value) triples; an attribute that already holds its value is left alone. ``reason``, one line,
-    says which assumption of the other library it answers."""
+    which keep the originals. ``targets``: (owner, name, value) triples; an attribute that already
+    holds its value is left alone. ``reason``, one line, says which assumption it answers."""
     for owner, name, value in targets:
         if getattr(owner, name, None) is not value:
             _process.patch(owner, name, value)
@@ -338,11 +330,8 @@ def replace_for_process(reason: str, targets) -> None:
 
 @contextlib.contextmanager
 def cpu_scope() -> Iterator[None]:
-    """Install the CPU workarounds for the duration of a block, then put every original back.
-
-    For work that must run on CPU inside a process that may later use CUDA (planning on a fake
-    world): afterwards ``torch.cuda`` and MCore are exactly as before.
-    """
+    """Install the CPU workarounds for a block, then put every original back: for CPU work in a
+    process that may later use CUDA (planning on a fake world)."""
     scoped = Patches()
     for name, workaround in WORKAROUNDS.items():
         if name not in _process.applied and workaround.apply is not None:
