@@ -238,11 +238,14 @@ class MambaBuilder(ModelBuilder):
 
     def packing(self, inputs: dict[str, torch.Tensor], training: bool) -> Packing | None:
         """The packed layout of this microbatch: when ``seq_lengths`` arrives with labels in a
-        training step (evaluation and logits run one sample per row, which computes the same)."""
+        training step (evaluation and logits run one sample per row, which computes the same); its
+        count adds to :attr:`packed`, which the run reports."""
         lengths = inputs.get(LENGTHS_PORT)
         if lengths is None or inputs.get("labels") is None or not training:
             return None
-        return Packing.plan(lengths, inputs["input_ids"].shape[1], self.config.seq_length)
+        packing = Packing.plan(lengths, inputs["input_ids"].shape[1], self.config.seq_length)
+        self.packed = packing.count() if self.packed is None else self.packed + packing.count()
+        return packing
 
     def _run_packed(self, model, packing, embedded, ids, labels, mask, last) -> dict[str, torch.Tensor]:
         """The stack over packed rows: MCore's packed-sequence parameters restart each Mamba layer's

@@ -249,6 +249,19 @@ def test_colocate_names_the_node_and_field_that_cannot_fit():
     assert result.returncode == 2 and "--colocate spreads every node over the world: give its size" in result.stderr
 
 
+@pytest.mark.parametrize("command, world, where", [
+    ("validate", "--world-size", "placement.offset 2 is beyond the world size 2; "),
+    ("run", "--nproc", "placement.offset 2 is beyond the world size 2; "),
+    ("validate", "--world-size", "placement: ranks 2..3 go beyond the world size 3; lower offset or size, "),
+])
+def test_a_placement_beyond_the_world_suggests_its_ranks_or_colocate(command, world, where):
+    size = where.split("world size ")[1][0]
+    result = _main(command, "graphs/vlm.yaml", world, size)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert (f"node 'lm' {where}run on 4 ranks, or add --colocate to put every node on the {size} ranks"
+            in result.stderr), result.stderr
+
+
 @pytest.mark.slow
 def test_run_trains_a_four_rank_graph_colocated_on_one_rank():
     result = _cli("run", "graphs/avlm.yaml", "--colocate", "--nproc", "1", "--steps", "3", "--batch-size", "4")

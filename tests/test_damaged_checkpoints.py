@@ -87,6 +87,7 @@ def test_a_damaged_shard_is_named_by_inspect_and_before_a_load(saved, tmp_path, 
     message, untouched = run_ranks(1, _load, str(copy))[0]
     assert message.startswith(f"CheckpointError: checkpoint {step} is damaged; load an earlier step"), message
     assert expected in message and untouched
+    assert f"  - no other step under {copy} is intact" in message, message
 
 
 def test_a_whole_checkpoint_inspects_and_loads(saved):
@@ -161,3 +162,37 @@ def test_a_full_disk_names_the_path_and_no_space(tmp_path):
         subprocess.run(["umount", str(disk)], check=True)
     assert message.startswith(f"CheckpointError: saving step 1 under {disk / 'ckpt'}: no space left on its device"), \
         message
+
+
+def _damage(step, how: str) -> None:
+    shard = sorted(step.glob("*.distcp"))[0]
+    if how == "truncated":
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size // 2)
+    elif how == "deleted":
+        shard.unlink()
+    elif how == "no manifest":
+        (step / "mimo.json").unlink()
+    else:  # an unreadable manifest
+        (step / "mimo.json").write_text("{")
+
+
+@pytest.mark.parametrize("how", ["truncated", "deleted", "no manifest", "bad manifest"])
+def test_a_damaged_latest_step_names_the_last_intact_one_before_any_rank(saved, tmp_path, how):
+    copy, intact, _ = _copy(saved, tmp_path)
+    latest = copy / "step_0000008"
+    shutil.copytree(intact, latest)
+    (copy / "latest").write_text(latest.name)
+    _damage(latest, how)
+    graph = str(ROOT / "graphs" / "mamba_lm.yaml")
+    result = main_in_process("run", graph, "--nproc", "1", "--steps", "2", "--load", str(copy))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "step 2" not in result.stdout
+    assert f"{latest} is damaged; the last intact step is {intact}: --load {intact}\n" in result.stderr, \
+        result.stderr
+    result = main_in_process("run", graph, "--nproc", "1", "--steps", "2", "--save", str(copy), "--resume")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "step 2" not in result.stdout
+    assert f"the last intact step is {intact}: --load {intact} in place of --resume" in result.stderr, result.stderr
+    _damage(intact, "deleted")
+    result = main_in_process("run", graph, "--nproc", "1", "--steps", "2", "--load", str(copy))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{latest} is damaged; no other step under {copy} is intact" in result.stderr, result.stderr

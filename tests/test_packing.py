@@ -8,7 +8,7 @@ from multirank import run_ranks
 from packing_steps import LENGTHS
 
 from mimo_builder._internal.errors import ConfigError, GraphError
-from mimo_builder._internal.runtime.packing import Packing
+from mimo_builder._internal.runtime.packing import PackedCount, Packing
 
 # --------------------------------------------------------------------------- the layout
 
@@ -42,6 +42,13 @@ def test_the_mask_is_causal_inside_each_sample_and_closed_between_samples():
 def test_a_sample_longer_than_a_row_or_empty_is_named(lengths):
     with pytest.raises(ConfigError, match=r"node 'lm' seq_lengths\[0\] = (9|0): a sample holds 1 to 8"):
         Packing.plan(torch.tensor(lengths), width=12, row_length=8, node="lm")
+
+
+def test_a_packing_counts_its_samples_rows_and_padding():
+    packing = Packing.plan(torch.tensor([5, 3, 2, 4]), width=8, row_length=8)  # rows [5, 3] and [4, 2]
+    assert packing.count() == PackedCount(samples=4, rows=2, tokens=14, slots=16)
+    assert (packing.count() + packing.count()).line() == "packed: 8 samples into 4 rows, padding 12.5%"
+    assert PackedCount().padding == 0.0
 
 
 # --------------------------------------------------------------------------- the kernels
@@ -229,16 +236,31 @@ def test_a_packed_step_with_the_backbone_data_parallel_matches(one_per_row):
 # --------------------------------------------------------------------------- the command
 
 
-def test_run_pack_trains_the_backbone_on_packed_rows():
+def _cli(*args):
     import pathlib
     import subprocess
     import sys
 
     cli = pathlib.Path(sys.executable).parent / "mimo-builder"
-    done = subprocess.run([str(cli), "run", "graphs/mamba_lm.yaml", "--pack", "--steps", "2"],
-                          cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=240)
+    return subprocess.run([str(cli), *args], cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=240)
+
+
+def test_run_pack_trains_the_backbone_on_packed_rows():
+    done = _cli("run", "graphs/mamba_lm.yaml", "--pack", "--steps", "2")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "done: 2 steps on 1 ranks" in done.stdout
+    assert "packed: 16 samples into 8 rows, padding 0.0%" in done.stdout  # two synthetic samples fill a row
+
+
+def test_run_pack_says_how_many_rows_it_packed_and_their_padding():
+    """Sixteen 5-token sums (prompt "a+b=", one digit read after it) in two steps of eight: one
+    64-token row a step, 24 of its slots padding."""
+    done = _cli("--allow", "tests.digit_sums", "run", "graphs/mamba_lm.yaml", "--pack", "--steps", "2",
+                "--data", "tests.digit_sums:train")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("packed: ") == 1, done.stdout
+    assert "packed: 16 samples into 2 rows, padding 37.5%" in done.stdout
 
 
 def test_run_pack_on_a_node_kind_that_cannot_pack_is_named_before_launch(tmp_path):

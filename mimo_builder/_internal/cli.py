@@ -249,6 +249,9 @@ def _run(args) -> int:
     from mimo_builder._internal.runtime.train import TrainOptions, train
     from mimo_builder._internal.validation import validate_graph
 
+    if args.eval_interval is not None and not args.eval_data:  # before reading the document
+        raise ConfigError("--eval-interval evaluates the held-out set during training: "
+                          "give one with --eval-data MODULE:FUNCTION|llava:JSON")
     nproc = int(os.environ["WORLD_SIZE"]) if under_torchrun() else args.nproc
     lead = os.environ.get("RANK", "0") == "0"
     graph = _load(args, nproc, lead)
@@ -284,6 +287,7 @@ def _run(args) -> int:
                            first_step_timeout_s=args.first_step_timeout,
                            log_interval=args.log_interval, tensorboard=args.tensorboard,
                            peak_tflops=args.peak_tflops, data=args.data, eval_data=args.eval_data,
+                           eval_interval=args.eval_interval,
                            image_root=args.image_root, tokenizer=args.tokenizer,
                            allowed_modules=allowed_prefixes(),  # --allow reaches every rank
                            **({} if args.seed is None else {"seed": args.seed}))
@@ -319,7 +323,7 @@ def _check_checkpoint_args(args, valid) -> None:
     if args.load:  # a missing folder, a bad manifest, another graph or a damaged shard: before any rank starts
         from mimo_builder._internal.runtime.train import TrainOptions
 
-        check_resumable(valid, args.load, TrainOptions.seed if args.seed is None else args.seed)
+        check_resumable(valid, args.load, TrainOptions.seed if args.seed is None else args.seed, args.resume)
     for folder, flag in ((args.save, "--save"), (args.tensorboard, "--tensorboard")):
         if folder:
             _writable_folder(folder, flag)

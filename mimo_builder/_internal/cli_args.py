@@ -160,6 +160,8 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                         "file's (default: synthetic batches); each rank reads only its nodes' shards")
     p.add_argument("--eval-data", metavar="MODULE:FUNCTION|llava:JSON",
                    help="held-out GraphData: its loss and accuracy before and after training")
+    p.add_argument("--eval-interval", type=_count, metavar="N",
+                   help="also evaluate --eval-data every N steps during training")
     _llava_flags(p)
     p.add_argument("--pack", action="store_true",
                    help="pack the backbone's samples several to a row of its seq_length (the batch binds "

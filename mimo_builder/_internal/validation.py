@@ -335,12 +335,14 @@ def _check_layouts(graph: Graph, configs, world_size: int, problems: list[str]) 
     for name, node in graph.nodes.items():
         p = node.placement
         if p.offset >= world_size:
-            problems.append(f"node '{name}' placement.offset {p.offset} is beyond the world size {world_size}")
+            problems.append(f"node '{name}' placement.offset {p.offset} is beyond the world size {world_size}; "
+                            f"{_beyond_hint(graph, world_size)}")
             continue
         layout = p.layout(world_size)
         if layout.offset + layout.size > world_size:
             problems.append(f"node '{name}' placement: ranks {layout.offset}..{layout.offset + layout.size - 1} "
-                            f"go beyond the world size {world_size}; lower offset or size")
+                            f"go beyond the world size {world_size}; lower offset or size, "
+                            f"{_beyond_hint(graph, world_size)}")
             continue
         errors = layout.problems()
         problems.extend(f"node '{name}' placement: {e}" for e in errors)
@@ -352,6 +354,13 @@ def _check_layouts(graph: Graph, configs, world_size: int, problems: list[str]) 
             problems.extend(f"node '{name}' placement.cp: {e}" for e in _cp_problems(configs[name], layout))
         layouts[name] = layout
     return layouts
+
+
+def _beyond_hint(graph: Graph, world_size: int) -> str:
+    """The two other ways out of a placement beyond the world: the ranks the placements ask for, or
+    ``--colocate`` (:meth:`Graph.colocated`)."""
+    needed = max(p.offset + (p.size or 1) for p in (n.placement for n in graph.nodes.values()))
+    return f"run on {needed} ranks, or add --colocate to put every node on the {world_size} ranks"
 
 
 def _tp_problems(config, tp: int) -> list[str]:

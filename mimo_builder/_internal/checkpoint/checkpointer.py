@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from mimo_builder._internal.platform import compat
 from mimo_builder._internal.checkpoint import files, state
-from mimo_builder._internal.checkpoint.checks import raise_if_any, shape_problems, shard_problems
+from mimo_builder._internal.checkpoint.checks import intact_hint, raise_if_any, shape_problems, shard_problems
 from mimo_builder._internal.checkpoint.files import DataPosition, Manifest, NodeRecord
 from mimo_builder._internal.checkpoint.lora_fit import lora_problems, lora_record
 from mimo_builder._internal.checkpoint.safe_load import safe_unpickling
@@ -171,6 +171,7 @@ class Checkpointer:
         flat = state.sharded_leaves(tree)
         with safe_unpickling():
             damaged = shard_problems(step_dir) if dist.get_rank() == 0 else []
+            damaged += [intact_hint(step_dir)] if damaged else []
             raise_if_any(self.control, damaged, title=f"checkpoint {step_dir} is damaged; load an earlier step")
             raise_if_any(self.control, shape_problems(flat, step_dir, self._describer(manifest)))
             with self._scope():
@@ -267,17 +268,29 @@ def _node_problems(valid, manifest: Manifest, name: str, node, seed: int | None)
     return problems
 
 
-def check_resumable(valid, path, seed: int | None = None) -> Path:
+def check_resumable(valid, path, seed: int | None = None, resume: bool = False) -> Path:
     """The step folder ``path`` names, after checking (before any rank starts) that its manifest
-    reads, fits ``valid``'s graph built from ``seed`` and every shard is there; CheckpointError otherwise."""
-    step_dir = files.resolve(path)
-    problems = graph_problems(valid, files.read_manifest(step_dir), step_dir, seed)
+    reads, fits ``valid``'s graph built from ``seed`` and every shard is there; CheckpointError otherwise.
+    Where the step is damaged, the error names the last intact step beside it and the ``--load`` that
+    starts from it (``resume``: the check is ``--resume``'s)."""
+    try:
+        step_dir = files.resolve(path)
+        manifest = files.read_manifest(step_dir)
+    except files.CheckpointError as err:  # a step without a readable manifest is damaged
+        step = files.named_step(path)
+        raise (files.CheckpointError(f"{err}\n{_damaged(step, resume)}") if step else err) from None
+    problems = graph_problems(valid, manifest, step_dir, seed)
     with safe_unpickling():
-        problems += shard_problems(step_dir)
-    if problems:
+        damaged = shard_problems(step_dir)
+    if problems or damaged:
+        hint = f"\n{_damaged(step_dir, resume)}" if damaged else ""
         raise files.CheckpointError(f"--load {path}: cannot resume from {step_dir}:\n" +
-                                    "\n".join(f"  - {p}" for p in problems))
+                                    "\n".join(f"  - {p}" for p in problems + damaged) + hint)
     return step_dir
+
+
+def _damaged(step_dir: Path, resume: bool) -> str:
+    return f"{step_dir} is damaged; {intact_hint(step_dir, resume)}"
 
 
 def _save_error(err: BaseException, root: Path, step: int, needed: int) -> Exception:

@@ -9,7 +9,9 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
+from mimo_builder._internal.checkpoint import files
 from mimo_builder._internal.checkpoint.files import CheckpointError
+from mimo_builder._internal.checkpoint.safe_load import safe_unpickling
 from mimo_builder._internal.checkpoint.state import sharded_leaves
 
 MAX_LISTED = 20
@@ -75,3 +77,28 @@ def shard_problems(step_dir: Path) -> list[str]:
         elif path.stat().st_size < size:
             problems.append(f"{path}: {path.stat().st_size:,} bytes, the metadata needs {size:,} (truncated)")
     return problems
+
+
+def intact_hint(damaged: Path, resume: bool = False) -> str:
+    """The newest other step beside ``damaged`` whose manifest reads and whose shards are whole,
+    with the ``--load`` that starts from it (``resume``: in place of ``--resume``); or that there is none."""
+    found = last_intact(damaged.parent, skip=damaged.name)
+    if found is None:
+        return f"no other step under {damaged.parent} is intact"
+    return f"the last intact step is {found}: --load {found}" + (" in place of --resume" if resume else "")
+
+
+def last_intact(root: Path, skip: str | None = None) -> Path | None:
+    """The newest step folder under ``root`` (other than the one named ``skip``) whose manifest
+    reads and whose tensor metadata finds every shard whole; None when there is none."""
+    for step_dir in reversed(files.step_folders(root)):
+        if step_dir.name == skip:
+            continue
+        try:
+            files.read_manifest(step_dir)
+        except CheckpointError:
+            continue
+        with safe_unpickling():
+            if not shard_problems(step_dir):
+                return step_dir
+    return None

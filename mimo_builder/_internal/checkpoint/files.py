@@ -147,6 +147,18 @@ def resolve(path: str | os.PathLike) -> Path:
                           f"(found: {', '.join(sorted(p.name for p in path.iterdir())[:8]) or 'nothing'})")
 
 
+def named_step(path: str | os.PathLike) -> Path | None:
+    """The step folder ``path`` names whether or not it is whole (its manifest may be missing):
+    ``path`` itself when it holds a manifest or is named ``step_*``, else the folder its ``latest``
+    points to; None when it names none."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    if (path / LATEST).is_file():
+        return path / (path / LATEST).read_text().strip()
+    return path if path.name.startswith("step_") and path.is_dir() else None
+
+
 def is_project_checkpoint(path: str | os.PathLike) -> bool:
     """True when ``path`` holds a manifest or a ``latest`` pointer (a step folder or a checkpoint root)."""
     path = Path(path)

@@ -35,6 +35,7 @@ from mimo_builder._internal.kinds.transformer import parallel_transformer_config
 if TYPE_CHECKING:
     from mimo_builder._internal.hf import HFMapping
     from mimo_builder._internal.runtime.generation import GenerationOptions
+    from mimo_builder._internal.runtime.packing import PackedCount
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,15 @@ class ModelBuilder(mcore_base.ModelBuilder):
     generation: "GenerationOptions | None" = None
     """Set by ``GraphSchedule.generate`` for one forward-only pass: how a node with a ``generated``
     output picks its new tokens (:mod:`mimo_builder._internal.runtime.generation`); None otherwise."""
+
+    packed: "PackedCount | None" = None
+    """What this node packed since the run last took it (:meth:`take_packed`): a builder that packs
+    its samples adds each training forward's ``Packing.count()``; None: nothing packed."""
+
+    def take_packed(self) -> "PackedCount | None":
+        """What this node packed since the last call (None: nothing), for the run's report."""
+        packed, self.packed = self.packed, None
+        return packed
 
     def uses_output(self, port: str) -> bool:
         """Whether the running graph reads output ``port`` (see :attr:`outputs_in_use`)."""

@@ -12,7 +12,7 @@ its token, so a packed step computes what the same samples one per row compute.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 
@@ -45,6 +45,8 @@ class Packing:
     seq_idx: torch.Tensor
     """[rows, row_length] int32: each token's sequence number in its row; a row's padding is one
     more sequence after its samples."""
+    samples: int
+    """How many samples the rows hold."""
 
     @classmethod
     def plan(cls, lengths: torch.Tensor, width: int, row_length: int, node: str | None = None) -> "Packing":
@@ -67,7 +69,11 @@ class Packing:
             source += indices + [-1] * pad
             seq_idx.append(ids + [len(row)] * pad)
         return cls(len(seq_idx), row_length, torch.tensor(source, device=lengths.device),
-                   torch.tensor(seq_idx, dtype=torch.int32, device=lengths.device))
+                   torch.tensor(seq_idx, dtype=torch.int32, device=lengths.device), len(counts))
+
+    def count(self) -> "PackedCount":
+        """How many samples these rows hold, and how full they are."""
+        return PackedCount(self.samples, self.rows, int((self.source >= 0).sum()), self.rows * self.row_length)
 
     def pack(self, values: torch.Tensor, fill: float | int = 0) -> torch.Tensor:
         """[samples, width, ...] -> [rows, row_length, ...], ``fill`` where a row is padding."""
@@ -104,6 +110,29 @@ class Packing:
         cu = torch.cat([where, where.new_tensor([self.seq_idx.numel()])]).to(torch.int32)
         return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=self.row_length,
                                max_seqlen_kv=self.row_length, seq_idx=self.seq_idx)
+
+
+@dataclass(frozen=True)
+class PackedCount:
+    """What packing made of some microbatches: their samples, the rows they went into, and how
+    many of the rows' token slots hold a token (the rest is padding)."""
+
+    samples: int = 0
+    rows: int = 0
+    tokens: int = 0
+    slots: int = 0
+
+    def __add__(self, other: "PackedCount") -> "PackedCount":
+        return PackedCount(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+    @property
+    def padding(self) -> float:
+        """The share of the rows' slots that is padding."""
+        return 1.0 - self.tokens / self.slots if self.slots else 0.0
+
+    def line(self) -> str:
+        """One line for the run's output, e.g. ``packed: 48 samples into 13 rows, padding 6.2%``."""
+        return f"packed: {self.samples} samples into {self.rows} rows, padding {self.padding:.1%}"
 
 
 def _first_fit(counts: list[int], row_length: int) -> list[list[int]]:

@@ -24,7 +24,7 @@ from mimo_builder._internal.runtime.monitor import StepRecord, TrainingMonitor
 from mimo_builder._internal.runtime.optim import GraphOptimizer
 from mimo_builder._internal.runtime.preemption import Preempted, PreemptionSignals, SaveClock
 from mimo_builder._internal.runtime.schedule import GraphSchedule, StepError
-from mimo_builder._internal.runtime.packing import LENGTHS_PORT
+from mimo_builder._internal.runtime.packing import LENGTHS_PORT, PackedCount
 from mimo_builder._internal.runtime.shards import RankBatch
 from mimo_builder._internal.runtime.throughput import graph_work
 from mimo_builder._internal.runtime.synthetic import synthetic_batch
@@ -64,6 +64,8 @@ class TrainOptions:
     """``module:function`` returning the training GraphData, or ``llava:PATH`` (None: synthetic batches)."""
     eval_data: str | None = None
     """``module:function`` returning held-out GraphData, or ``llava:PATH``, evaluated before and after training."""
+    eval_interval: int | None = None
+    """Also evaluate ``eval_data`` every this many steps during training (None: before and after only)."""
     image_root: str | None = None
     """Folder the images of ``llava:`` data are read from (None: each JSON file's folder)."""
     tokenizer: str | None = None
@@ -110,13 +112,15 @@ def _train_built(model, options: TrainOptions, device) -> list[float]:
     optimizer = GraphOptimizer(model, total_steps=options.steps, timer=timer)
     checkpointer = Checkpointer(model, optimizer, save_frozen=options.save_frozen,
                                 timeout_s=options.checkpoint_timeout_s)
+    for name, what in model.initialized_from.items():  # the document's init: sources
+        _print(f"node '{name}': {what}")
     resumed = _resume(checkpointer, options)
     done = resumed.step if resumed else 0
     data_seed = resumed.data.seed if resumed and resumed.data else options.seed
     loader = _loader(model, options, done, data_seed)
     held_out = _data(options, options.eval_data, "--eval-data", model.valid) if options.eval_data else None
     work = graph_work(model, options.batch_size, options.num_microbatches, device, options.peak_tflops)
-    losses = []
+    losses, packed = [], PackedCount()
     with _monitor(options, done + 1, work) as monitor:
         before = _evaluate(monitor, schedule, model, held_out, options, "before training") if held_out else None
         timer.take()  # evaluation is not part of the first step's time
@@ -135,7 +139,7 @@ def _train_built(model, options: TrainOptions, device) -> list[float]:
                 result = optimizer.step(loss)
                 seconds = time.perf_counter() - start
                 losses.append(loss)
-                _report(monitor, model, optimizer, timer.take(), StepRecord(
+                packed += _report(monitor, model, optimizer, timer.take(), StepRecord(
                     step, loss, result.grad_norm, 0, seconds, skipped=result.skipped,
                     nonfinite_nodes=result.nonfinite_nodes), _tokens(batch))
                 received, timed = signals.agree(model.control, clock.due())
@@ -145,12 +149,22 @@ def _train_built(model, options: TrainOptions, device) -> list[float]:
                     clock.saved()
                 if received and step < options.steps:
                     raise _preempted(options, step, received)
+                if held_out and _eval_due(options, step):
+                    _evaluate(monitor, schedule, model, held_out, options, f"at step {step}")
+                    timer.take()  # evaluation is not part of the next step's time
+        if packed.rows:
+            _message(monitor, packed.line())
         if optimizer.skipped_steps:
             _message(monitor, f"skipped {optimizer.skipped_steps} steps in all (non-finite loss or gradients)")
         if held_out:
             after = _evaluate(monitor, schedule, model, held_out, options, "after training")
             _accuracy(monitor, before, after)
     return losses
+
+
+def _eval_due(options: TrainOptions, step: int) -> bool:
+    """Whether ``--eval-interval`` evaluates after ``step`` (the last step's is "after training")."""
+    return bool(options.eval_interval) and step % options.eval_interval == 0 and step < options.steps
 
 
 def first_step_notice() -> str:
@@ -246,16 +260,30 @@ def _monitor(options: TrainOptions, first_step: int, work):
                            world_size=dist.get_world_size())
 
 
-def _report(monitor, model, optimizer, seconds, record: StepRecord, tokens: int | None) -> None:
-    """Gather every rank's node timings, learning rates and token count to rank 0, which
-    records the step (a rank that holds no token ids counts none)."""
-    parts = gather_to_first((seconds, optimizer.learning_rates(), tokens), optimizer.control)
+def _report(monitor, model, optimizer, seconds, record: StepRecord, tokens: int | None) -> PackedCount:
+    """Gather every rank's node timings, learning rates, token count and packed rows to rank 0,
+    which records the step (a rank that holds no token ids counts none). Returns what the step
+    packed (on rank 0; nothing elsewhere)."""
+    parts = gather_to_first((seconds, optimizer.learning_rates(), tokens, _packed_here(model)), optimizer.control)
     if parts is None:
-        return
-    record.node_seconds = slowest_per_node([times for times, _, _ in parts], model.valid.order)
-    record.learning_rates = {node: rate for _, rates, _ in parts for node, rate in rates.items()}
-    record.tokens = max((n for _, _, n in parts if n is not None), default=0)
+        return PackedCount()
+    record.node_seconds = slowest_per_node([times for times, _, _, _ in parts], model.valid.order)
+    record.learning_rates = {node: rate for _, rates, _, _ in parts for node, rate in rates.items()}
+    record.tokens = max((n for _, _, n, _ in parts if n is not None), default=0)
     monitor.record(record)
+    return sum((p for _, _, _, p in parts), PackedCount())
+
+
+def _packed_here(model) -> PackedCount:
+    """What this rank's nodes packed since the last step; a tensor-parallel group's ranks pack the
+    same rows, so only its first counts them (a packing node runs without pp and cp)."""
+    rank, packed = dist.get_rank(), PackedCount()
+    for node, builder in model.valid.builders.items():
+        taken = builder.take_packed()
+        layout = model.valid.layouts[node]
+        if taken is not None and layout.coords(rank)["tp"] == 0:
+            packed += taken
+    return packed
 
 
 def _message(monitor, line: str | None) -> None:
