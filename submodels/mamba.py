@@ -202,6 +202,8 @@ class MambaBuilder(ModelBuilder):
         core = unwrap(model)
         cp = getattr(core, "pg_collection", None) and core.pg_collection.cp
         packing = self.packing(inputs, core.training)
+        if packing is not None and first:  # counted once per microbatch, by the first pipeline stage
+            self.packed = packing.count() if self.packed is None else self.packed + packing.count()
         embedded = None
         if first:
             embedded = core.embedding(input_ids=ids, position_ids=positions)  # [tokens, batch, hidden]
@@ -238,14 +240,11 @@ class MambaBuilder(ModelBuilder):
 
     def packing(self, inputs: dict[str, torch.Tensor], training: bool) -> Packing | None:
         """The packed layout of this microbatch: when ``seq_lengths`` arrives with labels in a
-        training step (evaluation and logits run one sample per row, which computes the same); its
-        count adds to :attr:`packed`, which the run reports."""
+        training step (evaluation and logits run one sample per row, which computes the same)."""
         lengths = inputs.get(LENGTHS_PORT)
         if lengths is None or inputs.get("labels") is None or not training:
             return None
-        packing = Packing.plan(lengths, inputs["input_ids"].shape[1], self.config.seq_length)
-        self.packed = packing.count() if self.packed is None else self.packed + packing.count()
-        return packing
+        return Packing.plan(lengths, inputs["input_ids"].shape[1], self.config.seq_length)
 
     def _run_packed(self, model, packing, embedded, ids, labels, mask, last) -> dict[str, torch.Tensor]:
         """The stack over packed rows: MCore's packed-sequence parameters restart each Mamba layer's
