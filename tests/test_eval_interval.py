@@ -1,6 +1,8 @@
 """``run --eval-interval N``: the held-out set evaluated every N steps, without changing training."""
 
 import pathlib
+import subprocess
+import sys
 
 import pytest
 from cli_in_process import main_in_process
@@ -23,25 +25,23 @@ def test_eval_interval_is_a_positive_integer(value):
     assert result.returncode == 2 and f"--eval-interval: must be a positive integer, got '{value}'" in result.stderr
 
 
-def _train(eval_interval):
-    from graphs.mamba_lm import mamba_lm
-    from mimo_builder._internal.kinds.registry import allowed_prefixes
-    from mimo_builder._internal.platform.launch import launch
-    from mimo_builder._internal.runtime.train import TrainOptions, train
-
-    options = TrainOptions(steps=4, batch_size=4, data=f"{DATA}:train", eval_data=f"{DATA}:held_out",
-                           eval_interval=eval_interval, allowed_modules=(*allowed_prefixes(), DATA),
-                           import_roots=(str(ROOT),))
-    return launch(train, 1, mamba_lm(), options)[0]
+def _run(*extra: str) -> tuple[list[str], str]:
+    """``mimo-builder run`` as a user runs it (a process of its own: the ranks' lines are its
+    output); the step lines' losses and the whole output."""
+    args = ["--allow", "tests", "run", "graphs/mamba_lm.yaml", "--steps", "4", "--batch-size", "4",
+            "--data", f"{DATA}:train", "--eval-data", f"{DATA}:held_out", "--log-interval", "1", *extra]
+    result = subprocess.run([sys.executable, "-m", "mimo_builder.cli", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    losses = [line.split("|")[1] for line in result.stdout.splitlines() if line.startswith("step ")]
+    return losses, result.stdout
 
 
 @pytest.mark.slow
-def test_evaluating_every_two_steps_prints_each_and_trains_the_same(capfd):
-    plain = _train(None)
-    capfd.readouterr()
-    evaluated = _train(2)
-    out = capfd.readouterr().out
-    assert evaluated == plain  # the same floats: evaluation neither steps nor draws random numbers
+def test_evaluating_every_two_steps_prints_each_and_trains_the_same():
+    plain, _ = _run()
+    evaluated, out = _run("--eval-interval", "2")
+    assert len(plain) == 4 and evaluated == plain  # evaluation neither steps nor draws random numbers
     assert "held-out before training: lm.loss " in out and "held-out after training: lm.loss " in out
     assert "held-out at step 2: lm.loss " in out and "(8 samples)" in out
     assert "held-out at step 4" not in out  # the last step's is "after training"
