@@ -165,3 +165,14 @@ def test_held_out_chats_show_only_the_last_images():
     assert torch.equal(train.sized[0], digits_chat.images_at(images[:-digits_chat.HELD_OUT], (16, 16)))
     assert int(held_out.picks.max()) < digits_chat.HELD_OUT and len(held_out) == digits_chat.HELD_OUT_SAMPLES
     assert len(train) == digits_chat.TRAIN_SAMPLES
+
+
+def test_the_lora_example_is_the_vlm_graph_with_adapters_on_its_backbone():
+    """docs/lora.md's examples/vlm_lora.yaml: graphs/vlm.yaml plus lora: {rank: 4, alpha: 8} on lm."""
+    from graphs.vlm import vlm
+    from mimo_builder._internal.document.graph import Graph
+
+    lora = Graph.from_yaml((ROOT / "examples/vlm_lora.yaml").read_text())
+    assert lora.nodes["lm"].lora.rank == 4 and lora.nodes["lm"].lora.alpha == 8
+    lora.nodes["lm"].lora = None
+    assert lora == vlm()
