@@ -112,11 +112,16 @@ def test_plan_with_costs_predicts_the_step_and_each_rank_groups_idle_share(tmp_p
     assert missing.returncode == 2 and "not a readable cost table" in missing.stderr
 
 
-def test_profile_measures_every_node_and_writes_a_table(tmp_path):
+def test_profile_measures_every_node_on_the_worlds_ranks_in_rounds_and_writes_a_table(tmp_path):
     out = tmp_path / "costs.json"
-    done = main_in_process("profile", "graphs/mamba_lm.yaml", "--batch-size", "2", "-o", str(out))
+    done = main_in_process("profile", "graphs/mamba_lm.yaml", "--batch-size", "2", "--world-size", "2",
+                           "--rounds", "2", "-o", str(out))
     assert done.returncode == 0, done.stderr
+    assert "on 2 ranks, 2 round(s)" in done.stderr
     table = CostTable.load(out)
-    lm = table.node("lm", 1)
-    assert lm.forward.at(2) > 0 and lm.backward.at(2) > 0 and lm.params > 0
+    for tp in (1, 2):  # tp=1 measured at dp=2: both cores busy, as a 2-rank run keeps them
+        lm = table.node("lm", tp)
+        assert lm.forward.at(1) > 0 and lm.backward.at(1) > 0 and lm.params > 0 and lm.spread >= 0
+    assert table.node("lm", 2).params < table.node("lm", 1).params
     assert table.machine["device"] == "cpu" and table.machine["threads_per_rank"] >= 1
+    assert (table.machine["ranks"], table.machine["rounds"]) == (2, 2)

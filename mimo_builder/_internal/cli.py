@@ -170,7 +170,7 @@ def _profile(args) -> int:
     from mimo_builder._internal.planning.commands import profile_command
 
     _writable_file(args.output, "-o")
-    profile_command(_load(args, args.world_size), args.world_size, args.batch_size, args.output)
+    profile_command(_load(args, args.world_size), args.world_size, args.batch_size, args.output, args.rounds)
     return 0
 
 
@@ -187,7 +187,7 @@ def _place(args) -> int:
         costs = CostTable.load(args.costs)
         costs.check_covers(graph, f"--costs {args.costs}")
     else:
-        costs = profile_command(graph, args.world_size, args.batch_size, None)
+        costs = profile_command(graph, args.world_size, args.batch_size, None, args.rounds)
     memory = args.gpu_memory[0] if args.gpu_memory else None
     return place_command(graph, args.world_size, costs, args.batch_size, memory, args.top, args.output, workload)
 

@@ -109,6 +109,7 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=_count, default=1, help="the world the costs are for (TP sizes up to it)")
     p.add_argument("--batch-size", type=_count, default=8, help="global batch size the document trains with")
     p.add_argument("-o", "--output", metavar="COSTS.json", help="write the cost table here")
+    _rounds_flag(p)
     _colocate_flag(p)
     p.set_defaults(func=commands["profile"])
 
@@ -121,6 +122,7 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_count, default=8, help="global batch size (default 8)")
     p.add_argument("--top", type=_count, default=5, help="how many placements to show (default 5)")
     p.add_argument("-o", "--output", metavar="BEST.yaml", help="write the best placement as a document")
+    _rounds_flag(p)
     _workload_flags(p)
     p.set_defaults(func=commands["place"])
 
@@ -267,6 +269,12 @@ def _workload_flags(parser) -> None:
                         help="count the items per sample in this dataset's first --sample-count samples")
     parser.add_argument("--sample-count", type=_count, metavar="N", help="samples of --data to count (default 64)")
     parser.add_argument("--image-root", metavar="DIR", help="folder of llava: data's images (default: the JSON's)")
+
+
+def _rounds_flag(parser) -> None:
+    parser.add_argument("--rounds", type=_count, default=3,
+                        help="profile runs per measurement, in fresh processes; each cost is the fastest "
+                             "round's and the spread between rounds gives each prediction its range (default 3)")
 
 
 def _colocate_flag(parser) -> None:

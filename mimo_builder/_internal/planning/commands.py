@@ -8,7 +8,7 @@ import time
 from mimo_builder._internal.planning.cost_table import CostTable
 
 
-def profile_command(graph, world_size: int, batch_size: int, output: str | None) -> CostTable:
+def profile_command(graph, world_size: int, batch_size: int, output: str | None, rounds: int = 3) -> CostTable:
     """Measure ``graph`` on this machine (a progress bar on stderr); write the table to ``output``."""
     from rich.progress import Progress
 
@@ -21,11 +21,13 @@ def profile_command(graph, world_size: int, batch_size: int, output: str | None)
         def progress(done: int, total: int, what: str) -> None:
             bar.update(task, completed=done, total=total, description=f"profiling: {what}")
 
-        table = profile_graph(graph, world_size, batch_size, progress=progress)
+        table = profile_graph(graph, world_size, batch_size, rounds=rounds, progress=progress)
     if output:
         table.save(output)
+    spread = max((c.spread for per_tp in table.nodes.values() for c in per_tp.values()), default=0.0)
     print(f"profiled {len(table.nodes)} nodes at tp {sorted({tp for n in table.nodes.values() for tp in n})} "
-          f"in {time.perf_counter() - start:.1f} s" + (f"; wrote {output}" if output else ""), file=sys.stderr)
+          f"on {table.machine.get('ranks', '?')} ranks, {rounds} round(s), in {time.perf_counter() - start:.1f} s "
+          f"(rounds differ by up to {spread:.0%})" + (f"; wrote {output}" if output else ""), file=sys.stderr)
     return table
 
 
@@ -54,33 +56,45 @@ def place_command(graph, world_size: int, costs: CostTable, batch_size: int, mem
     from rich.table import Table
 
     from mimo_builder._internal.errors import ConfigError
-    from mimo_builder._internal.planning.place import Rejections, no_placement, reason, search
+    from mimo_builder._internal.planning.place import Rejections, no_placement, pick, reason, search
     from mimo_builder._internal.validation import validate_graph
 
     start, rejected = time.perf_counter(), Rejections()
-    best, seen = search(graph, world_size, costs, batch_size, memory, top, rejected, workload)
+    ranked, seen = search(graph, world_size, costs, batch_size, memory, top, rejected, workload)
     seconds = time.perf_counter() - start
-    if not best:
+    if not ranked:
         raise ConfigError(no_placement(world_size, batch_size, costs, rejected))
     table = Table(title=f"Placements on {world_size} ranks, {batch_size} samples per step, by predicted step time")
-    for column in ("#", "placement", "M", "step", "busiest idle", "memory/rank"):
+    for column in ("#", "placement", "M", "step (spread)", "busiest idle", "memory/rank"):
         table.add_column(column, justify="left" if column == "placement" else "right")
-    for i, c in enumerate(best, 1):
-        table.add_row(str(i), c.label, str(c.microbatches), f"{c.prediction.step * 1e3:.1f} ms",
-                      f"{c.busiest_idle:.0%}", "-" if c.memory is None else f"{c.memory / 2**20:,.0f} MiB")
+    for i, c in enumerate(ranked, 1):
+        table.add_row(str(i), c.label, str(c.microbatches), _step_range(*c.interval), f"{c.busiest_idle:.0%}",
+                      "-" if c.memory is None else f"{c.memory / 2**20:,.0f} MiB")
     Console().print(table)
     if workload is not None and workload.counts:
         print(f"items ({workload.source}): " + "; ".join(f"{key} {c.describe()}" for key, c in workload.counts.items()))
-    print(f"best: {best[0].label}, --microbatches {best[0].microbatches}: {reason(best[0], best[1:])}")
+    best, tied = pick(ranked)
+    if len(tied) > 1:
+        print(f"the top {len(tied)} overlap within the profile's measured spread (up to "
+              f"{ranked[0].interval[1] * 1e3:.1f} ms): they cannot be told apart here, so the simplest is picked")
+    why = reason(best, ranked[1:]) if best is ranked[0] else (
+        f"predicted {best.prediction.step * 1e3:.1f} ms, within the measured range of the fastest "
+        f"({ranked[0].label}, M={ranked[0].microbatches}: {ranked[0].prediction.step * 1e3:.1f} ms), and simpler")
+    print(f"best: {best.label}, --microbatches {best.microbatches}: {why}")
     print(f"searched {seen} candidates in {seconds:.2f} s ({seen / max(seconds, 1e-9):,.0f} per second)")
     if output:
-        validate_graph(best[0].graph, world_size)  # what is written validates
-        header = (f"# mimo-builder place: {best[0].label}; run with --microbatches {best[0].microbatches} "
-                  f"--batch-size {batch_size}: predicted {best[0].prediction.step * 1e3:.1f} ms per step\n")
+        validate_graph(best.graph, world_size)  # what is written validates
+        header = (f"# mimo-builder place: {best.label}; run with --microbatches {best.microbatches} "
+                  f"--batch-size {batch_size}: predicted {best.prediction.step * 1e3:.1f} ms per step\n")
         with open(output, "w") as f:
-            f.write(header + best[0].graph.to_yaml())
+            f.write(header + best.graph.to_yaml())
         print(f"wrote {output}", file=sys.stderr)
     return 0
+
+
+def _step_range(low: float, high: float) -> str:
+    """A predicted step, and its slow end where the profile's rounds differed."""
+    return f"{low * 1e3:.1f}-{high * 1e3:.1f} ms" if high > low * 1.0005 else f"{low * 1e3:.1f} ms"
 
 
 def _span(ranks: list[int]) -> str:

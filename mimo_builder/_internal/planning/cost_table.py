@@ -2,7 +2,8 @@
 
 A :class:`CostTable` is JSON (``format`` 1): the machine it was measured on, and per node and
 tensor-parallel size the seconds of one forward and one backward as ``fixed + per_row * rows``
-(rows: the samples a rank runs in one call), the optimizer step and the parameters per rank;
+(rows: the samples a rank runs in one call), the optimizer step, the parameters per rank and how
+far the profile's rounds differed (``spread``);
 the point-to-point link as latency plus seconds per byte; the runtime's own time per operation.
 """
 
@@ -38,6 +39,10 @@ class Linear(_Strict):
         """Seconds for a call over ``rows`` samples."""
         return self.fixed + self.per_row * rows
 
+    def times(self, factor: float) -> "Linear":
+        """This line with both parts ``factor`` times larger."""
+        return Linear(fixed=self.fixed * factor, per_row=self.per_row * factor)
+
     @classmethod
     def fit(cls, points: list[tuple[float, float]]) -> "Linear":
         """The line through (rows, seconds) points (least squares; both parts kept >= 0)."""
@@ -62,6 +67,16 @@ class NodeCosts(_Strict):
     """Seconds of the node's optimizer step on one rank (its gradient reduction excluded)."""
     params: Annotated[int, Field(ge=0)] = 0
     """Parameters on one rank."""
+    spread: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """How much slower than its fastest round the profile's median round ran (0.05: 5%); the
+    costs above are the fastest round's."""
+
+    def slowed(self) -> "NodeCosts":
+        """These costs at the slow end of the measured range (``1 + spread`` times the fastest)."""
+        factor = 1 + self.spread
+        return self.model_copy(update={"forward": self.forward.times(factor), "backward": self.backward.times(factor),
+                                       "communication": self.communication.times(factor),
+                                       "optimizer": self.optimizer * factor})
 
 
 class LinkCosts(_Strict):
@@ -112,6 +127,11 @@ class CostTable(_Strict):
             return 0.0
         fitting = [n for n in self.overhead_per_step if n <= world_size] or [min(self.overhead_per_step)]
         return self.overhead_per_step[max(fitting)]
+
+    def slowed(self) -> "CostTable":
+        """The table with every node at the slow end of its measured range (:meth:`NodeCosts.slowed`)."""
+        return self.model_copy(update={"nodes": {name: {tp: costs.slowed() for tp, costs in per_tp.items()}
+                                                 for name, per_tp in self.nodes.items()}})
 
     def node(self, name: str, tp: int) -> NodeCosts:
         """The costs of ``name`` at tensor-parallel size ``tp`` (a ConfigError if not measured)."""

@@ -38,6 +38,22 @@ class Candidate:
     microbatches: int
     prediction: Prediction
     memory: int | None = None
+    high: float | None = None
+    """The predicted step with every node at the slow end of its measured spread."""
+    valid: object = field(default=None, repr=False)
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The predicted step from the fastest to the slow end of the measured range."""
+        return self.prediction.step, max(self.prediction.step, self.high or 0.0)
+
+    @property
+    def simplicity(self) -> tuple:
+        """Smaller is simpler: colocated before disjoint before mixed, then fewer pipeline stages,
+        a smaller TP size and fewer microbatches."""
+        placements = [node.placement for node in self.graph.nodes.values()]
+        shape = ("colocated", "disjoint", "mixed").index(self.label.split()[0])
+        return shape, max(p.pp for p in placements), max(p.tp for p in placements), self.microbatches
 
     @property
     def busiest_idle(self) -> float:
@@ -92,9 +108,21 @@ def search(graph: Graph, world_size: int, costs: CostTable, batch_size: int, mem
             except MimoError as err:  # a node at a TP size the table lacks
                 rejected.add("(placement, M) pair(s) lack measured costs", f"{label}, M={m}: {err}")
                 continue
-            ranked.append(Candidate(label, placed, m, prediction))
+            ranked.append(Candidate(label, placed, m, prediction, valid=valid))
     ranked.sort(key=lambda c: (c.prediction.step, c.label, c.microbatches))
-    return _fitting(ranked, world_size, memory, top, rejected, workload), seen
+    kept = _fitting(ranked, world_size, memory, top, rejected, workload)
+    slow = costs.slowed()
+    for c in kept:
+        c.high = predict_step(c.valid, slow, c.microbatches, batch_size, c.prediction.plan.batched, workload).step
+    return kept, seen
+
+
+def pick(ranked: list[Candidate]) -> tuple[Candidate, list[Candidate]]:
+    """The placement to run, and the candidates it could not be told from: those predicted within
+    the fastest one's interval (the measured spread); among them, the simplest."""
+    fastest = ranked[0]
+    tied = [c for c in ranked if c.prediction.step <= fastest.interval[1]]
+    return min(tied, key=lambda c: c.simplicity), tied
 
 
 def _first(err: MimoError) -> str:

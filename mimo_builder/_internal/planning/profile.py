@@ -1,18 +1,27 @@
 """``mimo-builder profile``: measure a graph's costs on this machine into a :class:`CostTable`.
 
-For each tensor-parallel size a search would consider here (1, 2, 4, 8 up to the world size and
-the machine's devices: GPUs, or CPU cores so that every rank has its own), the graph runs
-colocated on that many ranks, every node at that tp where it can be split so (else at tp=1,
-data-parallel over the ranks), for a few steps of synthetic batches at two batch sizes (on CPU
-with the intra-op threads a rank of the target world gets: the cores over the world size); the
-schedule's phase timer gives each node's forward, backward and optimizer seconds (the slowest
-rank's), fitted per node as ``fixed + per_row * rows``. On two ranks a ping-pong of two message
-sizes gives the link's latency and bandwidth; the one-rank run's step time beyond its nodes'
-compute gives the runtime's own time per operation.
+Every run uses as many ranks as the world being planned has, up to the machine's devices (GPUs,
+or CPU cores so that every rank has its own), so that every device is busy as in the run the
+costs are for (on this 2-core CPU a rank alone ran 20-28% faster than two side by side). For
+each tensor-parallel size a search would consider here (1, 2, 4, 8 up to those ranks), the graph
+runs colocated, every node at that tp where it can be split so (else at tp=1), data-parallel over
+the rest, for a few steps of synthetic batches at two batch sizes (on CPU with the intra-op
+threads a rank of the target world gets: the cores over the world size); the schedule's phase
+timer gives each node's forward, backward and optimizer seconds (the slowest rank's; the
+gradient reduction apart), fitted per node as ``fixed + per_row * rows``. On two ranks a
+ping-pong of two message sizes gives the link's latency and bandwidth; the tp=1 run's step time
+beyond its nodes' compute gives the runtime's own time per operation and per step.
+
+Each run is repeated in ``rounds`` (fresh processes; the rounds interleave, so a slow spell of the
+machine falls on one round of every run rather than on every round of one). A run's seconds are
+the mean of its fastest quarter of timed steps, and a cost the fastest of its rounds: the machine
+undisturbed (on a shared host, memory-bound steps slow down by up to 1.5x for seconds at a time).
+How far the rounds differ is kept per node as its ``spread``.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import time
@@ -25,57 +34,115 @@ from mimo_builder._internal.planning.cost_table import CostTable, Linear, LinkCo
 PROFILE_TPS = (1, 2, 4, 8)
 MESSAGE_SIZES = (1 << 10, 1 << 20)
 SPLIT = 4  # the second microbatch count of the document's batch
+STEPS, ROUNDS = 12, 3
+FASTEST = 0.25  # the share of a run's timed steps its seconds come from: the undisturbed ones
+
+
+def _ranks(world_size: int) -> int:
+    """The ranks every profile run uses: the world, up to the devices (GPUs, else CPU cores)."""
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else (os.cpu_count() or 1)
+    return max(1, min(world_size, devices))
 
 
 def tp_sizes(world_size: int) -> list[int]:
-    """The TP sizes to profile: up to the world and to the devices (GPUs, else CPU cores)."""
-    devices = torch.cuda.device_count() if torch.cuda.is_available() else (os.cpu_count() or 1)
-    return [t for t in PROFILE_TPS if t <= min(world_size, devices)]
+    """The TP sizes to profile: those dividing the ranks a profile run uses."""
+    ranks = _ranks(world_size)
+    return [t for t in PROFILE_TPS if t <= ranks and ranks % t == 0]
 
 
-def profile_graph(graph: Graph, world_size: int, batch_size: int = 8, steps: int = 5, progress=None) -> CostTable:
+def profile_graph(graph: Graph, world_size: int, batch_size: int = 8, steps: int = STEPS, rounds: int = ROUNDS,
+                  progress=None) -> CostTable:
     """Measure ``graph``'s nodes on this machine (see the module); ``progress(done, total, what)``
     is called before each run."""
     from mimo_builder._internal.kinds.registry import allowed_prefixes
     from mimo_builder._internal.platform.launch import launch
 
-    runs = [(t, size) for t in tp_sizes(world_size) for size in _batch_sizes(t, batch_size)]
-    ops = _ops_per_microbatch(graph)
-    points: dict[tuple[str, int], dict[str, list]] = {}
-    table = CostTable(machine=describe_machine("cuda" if torch.cuda.is_available() else "cpu"))
+    ranks = _ranks(world_size)
+    runs = [(t, size) for t in tp_sizes(world_size) for size in _batch_sizes(ranks, batch_size)]
     threads = max(1, (os.cpu_count() or 1) // world_size)  # what each rank of a world this size gets
-    table.machine["threads_per_rank"] = threads
-    for done, (t, size) in enumerate(runs):
+    table = CostTable(machine=describe_machine("cuda" if torch.cuda.is_available() else "cpu"))
+    table.machine.update(ranks=ranks, threads_per_rank=threads, rounds=rounds, steps=steps)
+    found = _Found(_ops_per_microbatch(graph))
+    for done, (round_, (t, size)) in enumerate(itertools.product(range(rounds), runs)):
         if progress is not None:
-            progress(done, len(runs), f"tp={t}, {size} samples per step")
-        placed, tps = _colocated(graph, t)
-        counts = (1, SPLIT) if size == max(s for tt, s in runs if tt == t) and size % (SPLIT * t) == 0 else (1,)
-        per_rank = launch(_measure, t, placed.as_dict(), size, steps, allowed_prefixes(), counts, threads,
+            progress(done, rounds * len(runs), f"tp={t}, {size} samples per step, round {round_ + 1} of {rounds}")
+        placed, tps = _colocated(graph, t, ranks)
+        counts = (1, SPLIT) if size == max(s for _, s in runs) and size % (SPLIT * ranks) == 0 else (1,)
+        per_rank = launch(_measure, ranks, placed.as_dict(), size, steps, allowed_prefixes(), counts, threads,
                           timeout_s=900)
-        _collect(points, per_rank, tps, t, size)
-        if len(counts) == 2:  # the same batch in more microbatches: what each further operation costs
-            if t == 1:
-                table.overhead_per_op = _per_op(per_rank[0], ops)
-            table.overhead_per_step[t] = _per_step(per_rank, table.overhead_per_op * ops)
-        if t == 2 and per_rank[0]["link"] is not None:
-            table.link, table.allreduce = per_rank[0]["link"]
+        found.add(round_, per_rank, tps, t, size)
     if progress is not None:
-        progress(len(runs), len(runs), "done")
-    for (name, tp), found in points.items():
-        table.nodes.setdefault(name, {})[tp] = NodeCosts(
-            forward=Linear.fit(found["forward"]), backward=Linear.fit(found["backward"]),
-            communication=Linear.fit(found["communication"]),
-            optimizer=statistics.median(found["optimizer"]), params=max(found["params"]))
-    return table
+        progress(rounds * len(runs), rounds * len(runs), "done")
+    return found.into(table)
 
 
-def _batch_sizes(tp: int, batch_size: int) -> list[int]:
-    """Two global batch sizes: one sample per data-parallel rank, and the document's batch."""
-    return sorted({tp, max(tp, batch_size - batch_size % tp)})
+class _Found:
+    """What the runs measured, by round: each node's (rows, seconds) points per phase, the
+    runtime's own seconds, the link."""
+
+    def __init__(self, ops: int):
+        self.ops = ops
+        self.points: dict[tuple[str, int], dict[str, dict[float, list[float]]]] = {}
+        self.totals: dict[tuple[str, int], dict[int, float]] = {}
+        self.per_op: list[float] = []
+        self.per_step: dict[int, dict[int, float]] = {}
+        self.links: list[tuple[LinkCosts, LinkCosts]] = []
+
+    def add(self, round_: int, per_rank: list[dict], tps: dict[str, int], tp: int, size: int) -> None:
+        """One run of the graph colocated at ``tp`` (each node at ``tps``), ``size`` samples per step."""
+        _collect(self.points, per_rank, tps, size)
+        for name, node_tp in tps.items():  # the node's calls per round: how far rounds differ
+            seconds = max(sum(r["nodes"].get(name, {}).get(p, 0.0) for p in ("forward", "backward")) for r in per_rank)
+            self.totals.setdefault((name, node_tp), {})[(round_, tp, size)] = seconds
+        if len(per_rank[0]["runs"]) == 2:  # the same batch in more microbatches: what each further operation costs
+            if tp == 1:
+                self.per_op.append(_per_op(per_rank[0], self.ops))
+                self.per_step.setdefault(len(per_rank), {})[round_] = _per_step(per_rank, self._per_op() * self.ops)
+        if per_rank[0]["link"] is not None:
+            self.links.append(per_rank[0]["link"])
+
+    def _per_op(self) -> float:
+        return statistics.median(self.per_op) if self.per_op else 0.0
+
+    def into(self, table: CostTable) -> CostTable:
+        """``table`` with the fastest round of every point, the median of the runtime's own
+        seconds and each node's spread over the rounds."""
+        table.overhead_per_op = self._per_op()
+        table.overhead_per_step = {n: statistics.median(by_round.values()) for n, by_round in self.per_step.items()}
+        if self.links:
+            table.link, table.allreduce = (_fastest([link[i] for link in self.links]) for i in (0, 1))
+        for (name, tp), phases in self.points.items():
+            fastest = {phase: [(rows, min(seconds)) for rows, seconds in by_rows.items()]
+                       for phase, by_rows in phases.items()}
+            table.nodes.setdefault(name, {})[tp] = NodeCosts(
+                forward=Linear.fit(fastest["forward"]), backward=Linear.fit(fastest["backward"]),
+                communication=Linear.fit(fastest["communication"]),
+                optimizer=min(s for _, s in fastest["optimizer"]), params=int(max(s for _, s in fastest["params"])),
+                spread=_spread(self.totals.get((name, tp), {})))
+        return table
 
 
-def _colocated(graph: Graph, tp: int) -> tuple[Graph, dict[str, int]]:
-    """``graph`` on ``tp`` ranks, each node at tp=``tp`` where that validates, else tp=1."""
+def _spread(totals: dict[tuple[int, int, int], float]) -> float:
+    """How much slower than the fastest round the median round ran (the largest over runs)."""
+    spreads = []
+    for run in {key[1:] for key in totals}:
+        seconds = sorted(v for key, v in totals.items() if key[1:] == run)
+        if len(seconds) > 1 and seconds[0] > 0:
+            spreads.append(statistics.median(seconds) / seconds[0] - 1)
+    return max(spreads, default=0.0)
+
+
+def _fastest(links: list[LinkCosts]) -> LinkCosts:
+    return LinkCosts(latency=min(l.latency for l in links), seconds_per_byte=min(l.seconds_per_byte for l in links))
+
+
+def _batch_sizes(ranks: int, batch_size: int) -> list[int]:
+    """Two global batch sizes: one sample per rank, and the document's batch (whole samples per rank)."""
+    return sorted({ranks, max(ranks, batch_size - batch_size % ranks)})
+
+
+def _colocated(graph: Graph, tp: int, ranks: int) -> tuple[Graph, dict[str, int]]:
+    """``graph`` on ``ranks`` ranks, each node at tp=``tp`` where that validates, else tp=1."""
     from mimo_builder._internal.errors import MimoError
     from mimo_builder._internal.validation import validate_graph
 
@@ -86,32 +153,34 @@ def _colocated(graph: Graph, tp: int) -> tuple[Graph, dict[str, int]]:
         trial = placed.model_copy(deep=True)
         trial.nodes[name].placement = Placement(tp=tp)
         try:
-            validate_graph(trial, tp)
+            validate_graph(trial, ranks)
             placed.nodes[name].placement, tps[name] = Placement(tp=tp), tp
         except MimoError:
             tps[name] = 1
     return placed, tps
 
 
-def _collect(points, per_rank: list[dict], tps: dict[str, int], ranks: int, size: int) -> None:
-    """Each node's (rows, seconds) points from the slowest rank, for the nodes that run at the
-    run's tp (data-parallel ones would mix their gradient reduction in)."""
+def _collect(points, per_rank: list[dict], tps: dict[str, int], size: int) -> None:
+    """Each node's seconds per phase and rows (samples a rank runs in one call) from the slowest
+    rank, appended to the rounds already there."""
     for name, tp in tps.items():
-        if tp != ranks:
-            continue
-        rows = size  # samples a rank runs per call (dp=1, one microbatch per step)
-        found = points.setdefault((name, tp), {"forward": [], "backward": [], "communication": [], "optimizer": [],
-                                               "params": []})
+        rows = size * tp / len(per_rank)  # the node's share of the batch on one data-parallel rank
+        found = points.setdefault((name, tp), {p: {} for p in ("forward", "backward", "communication",
+                                                                "optimizer", "params")})
+
+        def add(phase: str, rows: float, seconds: float) -> None:
+            found[phase].setdefault(rows, []).append(seconds)
+
         phases = [r["nodes"].get(name, {}) for r in per_rank]
         for phase in ("forward", "backward", "communication"):
-            found[phase].append((rows, max(p.get(phase, 0.0) for p in phases)))
+            add(phase, rows, max(p.get(phase, 0.0) for p in phases))  # one microbatch per step
             for m in per_rank[0]["runs"]:  # more microbatches: more, smaller calls
                 if m > 1:
                     calls = 1 if name in per_rank[0]["batched"].get(m, ()) else m
                     seconds = max(r["runs"][m]["nodes"].get(name, {}).get(phase, 0.0) for r in per_rank)
-                    found[phase].append((rows * calls / m, seconds / calls))
-        found["optimizer"].append(max(p.get("optimizer", 0.0) for p in phases))
-        found["params"].append(max(r["params"].get(name, 0) for r in per_rank))
+                    add(phase, rows * calls / m, seconds / calls)
+        add("optimizer", rows, max(p.get("optimizer", 0.0) for p in phases))
+        add("params", rows, max(r["params"].get(name, 0) for r in per_rank))
 
 
 def _ops_per_microbatch(graph: Graph) -> int:
@@ -141,7 +210,7 @@ def _per_step(per_rank: list[dict], operations: float) -> float:
 def _measure(document: dict, size: int, steps: int, allowed: tuple[str, ...], counts: tuple[int, ...] = (1,),
              threads: int | None = None) -> dict:
     """On every rank: build ``document``, time ``steps`` steps after a warm-up at each microbatch
-    count of ``counts``; this rank's median seconds per node and phase and of its step (at one
+    count of ``counts``; this rank's seconds per node and phase and of its step (:func:`timed_steps`) (at one
     microbatch, and per count under ``runs``), its parameters per node, and (rank 0 of two or
     more) the link."""
     import torch.distributed as dist
@@ -174,8 +243,9 @@ def _measure(document: dict, size: int, steps: int, allowed: tuple[str, ...], co
 
 
 def timed_steps(schedule, optimizer, timer, batch, microbatches: int, steps: int) -> dict:
-    """Median seconds per node and phase (``nodes``, from ``timer``), and of the whole step
-    (``wall``), over ``steps`` training steps after a warm-up."""
+    """Seconds per node and phase (``nodes``, from ``timer``; the optimizer's gradient reduction as
+    ``reduction``, apart from the forward's ``communication``) and of the whole step (``wall``):
+    the mean over the fastest quarter of ``steps`` training steps after a warm-up."""
     import torch.distributed as dist
 
     samples, walls = [], []
@@ -183,14 +253,25 @@ def timed_steps(schedule, optimizer, timer, batch, microbatches: int, steps: int
         dist.barrier()
         start = time.perf_counter()
         optimizer.zero_grad()
-        optimizer.step(schedule.forward_backward(batch, microbatches))
+        result = schedule.forward_backward(batch, microbatches)
+        seconds = timer.take()
+        optimizer.step(result)
         walls.append(time.perf_counter() - start)
-        samples.append(timer.take())
-    samples, walls = samples[1:], walls[1:]  # the first step compiles and warms caches
+        for (name, phase), value in timer.take().items():  # the gradient reduction is a phase of its own
+            key = (name, "reduction" if phase == "communication" else phase)
+            seconds[key] = seconds.get(key, 0.0) + value
+        samples.append(seconds)
+    return fastest_steps(walls[1:], samples[1:])  # the first step compiles and warms caches
+
+
+def fastest_steps(walls: list[float], samples: list[dict[tuple[str, str], float]]) -> dict:
+    """The mean wall time (``wall``) and seconds per node and phase (``nodes``) of the fastest
+    quarter of the steps (at least one): the steps a slow spell of the machine left alone."""
+    kept = sorted(range(len(walls)), key=walls.__getitem__)[:max(1, round(len(walls) * FASTEST))]
     nodes: dict[str, dict[str, float]] = {}
-    for name, phase in samples[0]:
-        nodes.setdefault(name, {})[phase] = statistics.median(s.get((name, phase), 0.0) for s in samples)
-    return {"nodes": nodes, "wall": statistics.median(walls)}
+    for name, phase in sorted({key for sample in samples for key in sample}):
+        nodes.setdefault(name, {})[phase] = statistics.fmean(samples[i].get((name, phase), 0.0) for i in kept)
+    return {"nodes": nodes, "wall": statistics.fmean(walls[i] for i in kept)}
 
 
 def _ping_pong(device, rounds: int = 10) -> tuple[LinkCosts, LinkCosts] | None:
