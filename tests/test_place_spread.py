@@ -7,7 +7,7 @@ import pytest
 from cli_in_process import main_in_process
 from test_place import _table
 
-from mimo_builder._internal.planning.cost_table import CostTable, Linear, NodeCosts
+from mimo_builder._internal.planning.cost_table import CostTable, Linear, LinkCosts, NodeCosts
 
 
 def _with_spread(table: CostTable, spread: float) -> CostTable:
@@ -27,7 +27,8 @@ def test_a_runs_seconds_are_the_mean_of_its_fastest_quarter_of_steps():
 
 def _rank_report(forward: float, params: int = 10) -> dict:
     """What one rank of a one-node run reports: one microbatch count, no link."""
-    nodes = {"lm": {"forward": forward, "backward": 2 * forward, "communication": 0.0, "optimizer": 0.01}}
+    nodes = {"lm": {"forward": forward, "backward": 2 * forward, "communication": 0.0, "optimizer": 0.01,
+                    "reduction": 0.004}}
     return {"nodes": nodes, "wall": 4 * forward, "runs": {1: {"nodes": nodes, "wall": 4 * forward}},
             "batched": {1: []}, "params": {"lm": params}, "link": None}
 
@@ -35,15 +36,15 @@ def _rank_report(forward: float, params: int = 10) -> dict:
 def test_a_cost_is_the_fastest_round_and_the_spread_how_much_slower_the_median_round_ran():
     from mimo_builder._internal.planning.profile import _Found
 
-    found = _Found(ops=2)
+    found = _Found(ops=2, ranks=4)
     for round_, forward in enumerate((0.12, 0.10, 0.20)):  # the third round hit a slow spell
         found.add(round_, [_rank_report(forward), _rank_report(forward * 0.9)], {"lm": 2}, 2, 4)
-    lm = found.into(CostTable()).node("lm", 2)
+    lm = found.into(CostTable(allreduce=LinkCosts(latency=0.001))).node("lm", 2)
     assert lm.forward.at(4) == pytest.approx(0.10)  # the fastest round, the slower rank's seconds
     assert lm.backward.at(4) == pytest.approx(0.20)
     assert lm.spread == pytest.approx(0.2)  # the median round (0.12) over the fastest (0.10)
     assert lm.params == 10
-
+    assert lm.reduction == pytest.approx(0.003)  # at dp=2: beyond the all-reduce's latency
 
 def test_the_slow_end_of_a_table_scales_each_node_by_its_own_spread():
     table = CostTable(nodes={"a": {1: NodeCosts(forward=Linear(fixed=1.0, per_row=0.5), backward=Linear(fixed=2.0),
@@ -56,21 +57,23 @@ def test_the_slow_end_of_a_table_scales_each_node_by_its_own_spread():
     assert slow.node("b", 1) == table.node("b", 1)  # measured without spread: unchanged
 
 
-def test_place_picks_the_fastest_when_the_spread_tells_it_apart_else_the_simplest():
+def test_place_picks_the_fastest_unless_its_order_changes_within_the_spread_then_the_simplest():
     from graphs.avlm import avlm
     from mimo_builder._internal.planning.place import pick, search
 
-    exact, _ = search(avlm(), 4, _table(), 8, top=1000)
-    best, tied = pick(exact)
-    assert best.prediction.step == exact[0].prediction.step and best.label.startswith("mixed")
-    assert all(c.prediction.step == exact[0].prediction.step for c in tied)
+    ranked, _ = search(avlm(), 4, _table(), 8, top=1000)
+    best, tied = pick(ranked)
+    assert best is ranked[0] and best.label.startswith("mixed")  # equal steps: the first of the simplest
+    assert all(c.prediction.step == ranked[0].prediction.step for c in tied)
 
-    vague, _ = search(avlm(), 4, _with_spread(_table(), 1.0), 8, top=1000)
-    best, tied = pick(vague)
-    assert all(c.interval[1] == pytest.approx(2 * c.interval[0]) for c in vague)
-    assert (best.label, best.microbatches) == ("colocated tp=1 dp=4", 1)
-    assert best.prediction.step > vague[0].prediction.step and best.prediction.step <= vague[0].interval[1]
-    assert len(tied) > 5
+    colocated = next(c for c in ranked if (c.label, c.microbatches) == ("colocated tp=1 dp=4", 1))
+    assert colocated.prediction.step > ranked[0].prediction.step * 1.05
+    ranked[0].high = 2 * ranked[0].prediction.step
+    colocated.high = 1.1 * ranked[0].high  # slower at both ends: told apart
+    assert pick(ranked)[0] is not colocated
+    colocated.high = 0.9 * ranked[0].high  # faster at the slow end: the order changes, the simpler wins
+    best, tied = pick(ranked)
+    assert best is colocated and colocated in tied and ranked[0] in tied
 
 
 def test_place_prints_each_range_and_says_when_the_top_overlap(tmp_path):
@@ -80,6 +83,19 @@ def test_place_prints_each_range_and_says_when_the_top_overlap(tmp_path):
                            "-o", str(best))
     assert done.returncode == 0, done.stderr
     assert "step (spread)" in done.stdout and "180.0-360.0 ms" in done.stdout
-    assert "overlap within the profile's measured spread" in done.stdout
-    assert "best: colocated tp=1 dp=4, --microbatches 1: predicted 300.0 ms, within the measured range" in done.stdout
-    assert best.read_text().startswith("# mimo-builder place: colocated tp=1 dp=4; run with --microbatches 1")
+    # every node twice as slow at the slow end: the order holds, only equal steps are ties
+    assert "overlap within the profile's measured spread, and 5 of them cannot be told apart" in done.stdout
+    assert "best: mixed 1+1+2: feeders tp=1, backbone tp=1, --microbatches 1" in done.stdout
+    assert best.read_text().startswith("# mimo-builder place: mixed 1+1+2: feeders tp=1, backbone tp=1; run with")
+
+
+def test_a_nodes_measured_reduction_is_part_of_its_ranks_step():
+    from graphs.avlm import avlm
+    from mimo_builder._internal.planning.predict import predict_step
+    from mimo_builder._internal.validation import validate_graph
+
+    valid = validate_graph(avlm("colocated4"), 4)
+    table = _table()
+    lm = {tp: c.model_copy(update={"reduction": 0.05}) for tp, c in table.nodes["lm"].items()}
+    slower = table.model_copy(update={"nodes": {**table.nodes, "lm": lm}})
+    assert predict_step(valid, slower, 2, 8).step == pytest.approx(predict_step(valid, table, 2, 8).step + 0.05)

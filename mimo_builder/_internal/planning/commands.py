@@ -74,9 +74,13 @@ def place_command(graph, world_size: int, costs: CostTable, batch_size: int, mem
     if workload is not None and workload.counts:
         print(f"items ({workload.source}): " + "; ".join(f"{key} {c.describe()}" for key, c in workload.counts.items()))
     best, tied = pick(ranked)
+    overlapping = sum(c.prediction.step <= ranked[0].interval[1] for c in ranked)
     if len(tied) > 1:
-        print(f"the top {len(tied)} overlap within the profile's measured spread (up to "
-              f"{ranked[0].interval[1] * 1e3:.1f} ms): they cannot be told apart here, so the simplest is picked")
+        print(f"the top {overlapping} overlap within the profile's measured spread, and {len(tied)} of them cannot "
+              "be told apart (within 1%, or their order changes within it): the simplest of those is picked")
+    elif overlapping > 1:
+        print(f"the top {overlapping} overlap within the profile's measured spread, but the fastest stays fastest "
+              "at both ends of it: it is picked")
     why = reason(best, ranked[1:]) if best is ranked[0] else (
         f"predicted {best.prediction.step * 1e3:.1f} ms, within the measured range of the fastest "
         f"({ranked[0].label}, M={ranked[0].microbatches}: {ranked[0].prediction.step * 1e3:.1f} ms), and simpler")

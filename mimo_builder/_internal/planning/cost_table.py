@@ -64,7 +64,11 @@ class NodeCosts(_Strict):
     communication: Linear = Field(default_factory=Linear)
     """Per forward and backward together: receiving inputs and sharing them over the TP group."""
     optimizer: Seconds = 0.0
-    """Seconds of the node's optimizer step on one rank (its gradient reduction excluded)."""
+    """Seconds of the node's optimizer step on one rank (its gradient norm included, its gradient
+    reduction excluded)."""
+    reduction: Seconds = 0.0
+    """Seconds of the node's gradient reduction beyond its all-reduce's bytes (MCore's finalize:
+    buckets, bookkeeping), measured at the profile's data-parallel size."""
     params: Annotated[int, Field(ge=0)] = 0
     """Parameters on one rank."""
     spread: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
@@ -76,7 +80,7 @@ class NodeCosts(_Strict):
         factor = 1 + self.spread
         return self.model_copy(update={"forward": self.forward.times(factor), "backward": self.backward.times(factor),
                                        "communication": self.communication.times(factor),
-                                       "optimizer": self.optimizer * factor})
+                                       "optimizer": self.optimizer * factor, "reduction": self.reduction * factor})
 
 
 class LinkCosts(_Strict):
@@ -120,6 +124,12 @@ class CostTable(_Strict):
             raise ConfigError(f"{where}: the cost table has no costs of node(s) {', '.join(map(repr, missing))} "
                               f"(it holds {', '.join(map(repr, self.nodes)) or 'none'}); it was measured for "
                               "another graph: run mimo-builder profile on this document")
+
+    def allreduce_seconds(self, dp: int, size: float) -> float:
+        """A ring all-reduce of ``size`` bytes over ``dp`` ranks (the two-rank one as measured)."""
+        if dp <= 1:
+            return 0.0
+        return self.allreduce.latency * (dp - 1) + 2 * (dp - 1) / dp * self.allreduce.seconds_per_byte * size
 
     def step_overhead(self, world_size: int) -> float:
         """The per-step seconds measured on the most ranks up to ``world_size`` (else the fewest)."""

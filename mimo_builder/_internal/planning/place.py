@@ -118,11 +118,19 @@ def search(graph: Graph, world_size: int, costs: CostTable, batch_size: int, mem
 
 
 def pick(ranked: list[Candidate]) -> tuple[Candidate, list[Candidate]]:
-    """The placement to run, and the candidates it could not be told from: those predicted within
-    the fastest one's interval (the measured spread); among them, the simplest."""
-    fastest = ranked[0]
-    tied = [c for c in ranked if c.prediction.step <= fastest.interval[1]]
+    """The placement to run, and the candidates it cannot be told from (:func:`indistinct`); among
+    those, the simplest."""
+    tied = [c for c in ranked if c is ranked[0] or indistinct(ranked[0], c)]
     return min(tied, key=lambda c: c.simplicity), tied
+
+
+def indistinct(fastest: Candidate, other: Candidate) -> bool:
+    """Whether the measurements cannot tell ``other`` from ``fastest``: predicted within 1% of it,
+    or no slower at the slow end of the measured range. Both predictions come from the same node
+    costs, so their ranges overlapping is not enough: what matters is whether their order holds
+    wherever in its range each node's cost lies (checked at the two ends)."""
+    close = other.prediction.step <= fastest.prediction.step * 1.01
+    return close or other.interval[1] <= fastest.interval[1]
 
 
 def _first(err: MimoError) -> str:

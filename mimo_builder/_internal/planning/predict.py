@@ -88,18 +88,14 @@ def predict_step(valid, costs: CostTable, num_microbatches: int, batch_size: int
 
 
 def _update_seconds(valid, costs: CostTable, name: str) -> float:
-    """A rank's gradient reduction (ring all-reduce over the node's DP group) and optimizer step."""
+    """A rank's gradient reduction (its measured fixed part, and a ring all-reduce over the node's
+    DP group) and optimizer step."""
     layout = valid.layouts[name]
     if valid.graph.nodes[name].frozen:
         return 0.0
     node = costs.node(name, layout.tp)
     stages = layout.pp
-    seconds = node.optimizer / stages
-    if layout.dp > 1:  # a ring all-reduce moves 2 (dp - 1) / dp of the gradients; at dp=2 as measured
-        scale = 2 * (layout.dp - 1) / layout.dp
-        seconds += costs.allreduce.latency * (layout.dp - 1) + scale * costs.allreduce.seconds_per_byte * (
-            node.params / stages * FP32)
-    return seconds
+    return (node.optimizer + node.reduction + costs.allreduce_seconds(layout.dp, node.params * FP32)) / stages
 
 
 def _sample_bytes(valid, items: dict | None = None, samples: dict | None = None) -> dict[tuple[str, str], float]:

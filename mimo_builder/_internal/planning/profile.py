@@ -62,7 +62,7 @@ def profile_graph(graph: Graph, world_size: int, batch_size: int = 8, steps: int
     threads = max(1, (os.cpu_count() or 1) // world_size)  # what each rank of a world this size gets
     table = CostTable(machine=describe_machine("cuda" if torch.cuda.is_available() else "cpu"))
     table.machine.update(ranks=ranks, threads_per_rank=threads, rounds=rounds, steps=steps)
-    found = _Found(_ops_per_microbatch(graph))
+    found = _Found(_ops_per_microbatch(graph), ranks)
     for done, (round_, (t, size)) in enumerate(itertools.product(range(rounds), runs)):
         if progress is not None:
             progress(done, rounds * len(runs), f"tp={t}, {size} samples per step, round {round_ + 1} of {rounds}")
@@ -80,8 +80,8 @@ class _Found:
     """What the runs measured, by round: each node's (rows, seconds) points per phase, the
     runtime's own seconds, the link."""
 
-    def __init__(self, ops: int):
-        self.ops = ops
+    def __init__(self, ops: int, ranks: int):
+        self.ops, self.ranks = ops, ranks
         self.points: dict[tuple[str, int], dict[str, dict[float, list[float]]]] = {}
         self.totals: dict[tuple[str, int], dict[int, float]] = {}
         self.per_op: list[float] = []
@@ -114,10 +114,13 @@ class _Found:
         for (name, tp), phases in self.points.items():
             fastest = {phase: [(rows, min(seconds)) for rows, seconds in by_rows.items()]
                        for phase, by_rows in phases.items()}
+            params = int(max(s for _, s in fastest["params"]))
+            reduced = table.allreduce_seconds(self.ranks // tp, params * 4)  # fp32 gradients
             table.nodes.setdefault(name, {})[tp] = NodeCosts(
                 forward=Linear.fit(fastest["forward"]), backward=Linear.fit(fastest["backward"]),
                 communication=Linear.fit(fastest["communication"]),
-                optimizer=min(s for _, s in fastest["optimizer"]), params=int(max(s for _, s in fastest["params"])),
+                optimizer=min(s for _, s in fastest["optimizer"]), params=params,
+                reduction=max(min(s for _, s in fastest["reduction"]) - reduced, 0.0),
                 spread=_spread(self.totals.get((name, tp), {})))
         return table
 
@@ -166,7 +169,7 @@ def _collect(points, per_rank: list[dict], tps: dict[str, int], size: int) -> No
     for name, tp in tps.items():
         rows = size * tp / len(per_rank)  # the node's share of the batch on one data-parallel rank
         found = points.setdefault((name, tp), {p: {} for p in ("forward", "backward", "communication",
-                                                                "optimizer", "params")})
+                                                                "optimizer", "reduction", "params")})
 
         def add(phase: str, rows: float, seconds: float) -> None:
             found[phase].setdefault(rows, []).append(seconds)
@@ -180,6 +183,7 @@ def _collect(points, per_rank: list[dict], tps: dict[str, int], size: int) -> No
                     seconds = max(r["runs"][m]["nodes"].get(name, {}).get(phase, 0.0) for r in per_rank)
                     add(phase, rows * calls / m, seconds / calls)
         add("optimizer", rows, max(p.get("optimizer", 0.0) for p in phases))
+        add("reduction", rows, max(p.get("reduction", 0.0) for p in phases))
         add("params", rows, max(r["params"].get(name, 0) for r in per_rank))
 
 

@@ -167,7 +167,8 @@ class GraphOptimizer:
         rank = dist.get_rank()
         for i, name in enumerate(trainable):
             if name in self.nodes:
-                node_norm = _node_norm(self.nodes[name])  # collective over the node's groups
+                with self.timer.measure(name, "optimizer"):
+                    node_norm = _node_norm(self.nodes[name])  # collective over the node's groups
                 if rank == self.model.valid.layouts[name].offset:  # one contribution per node
                     squares[i] = node_norm ** 2
         dist.all_reduce(squares, group=self.control)
