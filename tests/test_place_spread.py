@@ -2,6 +2,8 @@
 fastest of several rounds, the rounds' spread kept per node, and `place` saying when the top
 placements cannot be told apart (then picking the simplest)."""
 
+import re
+
 import pytest
 
 from cli_in_process import main_in_process
@@ -99,3 +101,13 @@ def test_a_nodes_measured_reduction_is_part_of_its_ranks_step():
     lm = {tp: c.model_copy(update={"reduction": 0.05}) for tp, c in table.nodes["lm"].items()}
     slower = table.model_copy(update={"nodes": {**table.nodes, "lm": lm}})
     assert predict_step(valid, slower, 2, 8).step == pytest.approx(predict_step(valid, table, 2, 8).step + 0.05)
+
+
+def test_plan_with_costs_gives_the_step_from_the_fastest_costs_to_their_slow_end(tmp_path):
+    costs = tmp_path / "costs.json"
+    _with_spread(_table(), 0.5).save(costs)
+    done = main_in_process("plan", "graphs/avlm.yaml", "--world-size", "4", "--microbatches", "1",
+                           "--costs", str(costs))
+    assert done.returncode == 0, done.stderr
+    low, high = map(float, re.search(r"predicted step: ([\d.]+)-([\d.]+) ms", done.stdout).groups())
+    assert high == pytest.approx(1.5 * low, abs=0.1)  # no per-step or per-operation costs in this table

@@ -39,8 +39,9 @@ def prediction_lines(valid, costs: CostTable, num_microbatches: int, batch_size:
     from mimo_builder._internal.planning.predict import predict_step
 
     predicted = predict_step(valid, costs, num_microbatches, batch_size, batched, workload)
+    slow = predict_step(valid, costs.slowed(), num_microbatches, batch_size, batched, workload).step
     where = costs.machine.get("gpu") or f"{costs.machine.get('device', '?')} on {costs.machine.get('host', '?')}"
-    lines = [f"predicted step: {predicted.step * 1e3:.1f} ms for {batch_size} samples in {num_microbatches} "
+    lines = [f"predicted step: {_step_range(predicted.step, slow)} for {batch_size} samples in {num_microbatches} "
              f"microbatches (costs measured on {where}; forward and backward until {predicted.pipeline * 1e3:.1f} ms)"]
     for nodes, ranks in rank_groups(valid):
         idle = max(predicted.idle[r] for r in ranks)
