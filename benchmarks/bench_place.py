@@ -5,7 +5,7 @@ world of 2 (each rank its own core) and the sleep nodes of ``bench_pipeline`` fo
 ``place`` then ranks every placement of ``vlm`` on 2 ranks (colocated at dp=2 or tp=2, disjoint
 1+1; 1, 2, 4 or 8 microbatches of the 8-sample batch) and every one is trained and timed; so are
 three placements of the sleep nodes on 4 ranks (a 4-node chain one node per rank, 2 nodes each at
-dp=2 on 2 ranks, all 4 nodes colocated at dp=4). A placement's measured step is its fastest of
+dp=2 on 2 ranks, all 4 nodes colocated at dp=4). A placement's measured step is the median of
 ``--repeats`` fresh runs, half before the profile and half after it (placements in alternation:
 a slow spell of this shared machine then falls on the profile and the measurements alike), each
 run's step the mean of its fastest quarter of timed steps, as the profile measures (see
@@ -61,17 +61,16 @@ def _step_seconds(document: dict, microbatches: int, steps: int) -> float:
         return timed_steps(schedule, optimizer, NoTimer(), batch, microbatches, steps)["wall"]
 
 
-def _measured(runs: list[tuple], repeats: int) -> list[float]:
-    """The step of each (graph, world, microbatches, steps): the fastest of ``repeats`` runs (the
-    slower rank's), the runs of different placements in alternation."""
+def _measured(runs: list[tuple], repeats: int) -> list[list[float]]:
+    """The steps of each (graph, world, microbatches, steps) in ``repeats`` runs (the slower
+    rank's), the runs of different placements in alternation."""
     from mimo_builder._internal.platform.launch import launch
 
-    best = [float("inf")] * len(runs)
+    steps_of = [[] for _ in runs]
     for _ in range(repeats):
         for i, (graph, world, microbatches, steps) in enumerate(runs):
-            seconds = max(launch(_step_seconds, world, graph.as_dict(), microbatches, steps, timeout_s=600))
-            best[i] = min(best[i], seconds)
-    return best
+            steps_of[i].append(max(launch(_step_seconds, world, graph.as_dict(), microbatches, steps, timeout_s=600)))
+    return steps_of
 
 
 def _sleep_placements():
@@ -116,7 +115,8 @@ def one_round(steps: int, repeats: int) -> dict:
     before = _measured(runs, (repeats + 1) // 2)
     costs = profile_graph(vlm("single"), 2, BATCH)
     sleep_costs = profile_graph(chain(4, 1, SLEEP_F, SLEEP_B), 4, BATCH, steps=SLEEP_STEPS, rounds=1)
-    measured = {p[0]: min(a, b) for p, a, b in zip(placements, before, _measured(runs, repeats // 2))}
+    after = _measured(runs, repeats // 2)
+    measured = {p[0]: statistics.median(a + b) for p, a, b in zip(placements, before, after)}
 
     candidates, _ = search(vlm("single"), 2, costs, BATCH, top=100)
     predicted = {f"vlm {c.label}, M={c.microbatches}": c.prediction.step for c in candidates}
@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
     parser.add_argument("--rounds", type=int, default=3, help="fresh profile, place and measurements, in a row")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each placement (the fastest counts)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each placement (their median counts)")
     parser.add_argument("--steps", type=int, default=12, help="timed steps of each run")
     args = parser.parse_args(argv)
 

@@ -35,16 +35,16 @@ def _rank_report(forward: float, params: int = 10) -> dict:
             "batched": {1: []}, "params": {"lm": params}, "link": None}
 
 
-def test_a_cost_is_the_fastest_round_and_the_spread_how_much_slower_the_median_round_ran():
+def test_a_cost_is_the_median_round_and_the_spread_how_much_slower_the_slowest_round_ran():
     from mimo_builder._internal.planning.profile import _Found
 
     found = _Found(ops=2, ranks=4)
     for round_, forward in enumerate((0.12, 0.10, 0.20)):  # the third round hit a slow spell
         found.add(round_, [_rank_report(forward), _rank_report(forward * 0.9)], {"lm": 2}, 2, 4)
     lm = found.into(CostTable(allreduce=LinkCosts(latency=0.001))).node("lm", 2)
-    assert lm.forward.at(4) == pytest.approx(0.10)  # the fastest round, the slower rank's seconds
-    assert lm.backward.at(4) == pytest.approx(0.20)
-    assert lm.spread == pytest.approx(0.2)  # the median round (0.12) over the fastest (0.10)
+    assert lm.forward.at(4) == pytest.approx(0.12)  # the median round, the slower rank's seconds
+    assert lm.backward.at(4) == pytest.approx(0.24)
+    assert lm.spread == pytest.approx(0.2 / 0.12 - 1)  # the slowest round over the median
     assert lm.params == 10
     assert lm.reduction == pytest.approx(0.003)  # at dp=2: beyond the all-reduce's latency
 

@@ -72,11 +72,11 @@ class NodeCosts(_Strict):
     params: Annotated[int, Field(ge=0)] = 0
     """Parameters on one rank."""
     spread: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
-    """How much slower than its fastest round the profile's median round ran (0.05: 5%); the
-    costs above are the fastest round's."""
+    """How much slower than its median round the profile's slowest round ran (0.05: 5%); the
+    costs above are the median round's."""
 
     def slowed(self) -> "NodeCosts":
-        """These costs at the slow end of the measured range (``1 + spread`` times the fastest)."""
+        """These costs at the slow end of the measured range (``1 + spread`` times the median round's)."""
         factor = 1 + self.spread
         return self.model_copy(update={"forward": self.forward.times(factor), "backward": self.backward.times(factor),
                                        "communication": self.communication.times(factor),

@@ -44,7 +44,7 @@ class Candidate:
 
     @property
     def interval(self) -> tuple[float, float]:
-        """The predicted step from the fastest to the slow end of the measured range."""
+        """The predicted step at the median costs and at the slow end of the measured range."""
         return self.prediction.step, max(self.prediction.step, self.high or 0.0)
 
     @property

@@ -14,9 +14,9 @@ beyond its nodes' compute gives the runtime's own time per operation and per ste
 
 Each run is repeated in ``rounds`` (fresh processes; the rounds interleave, so a slow spell of the
 machine falls on one round of every run rather than on every round of one). A run's seconds are
-the mean of its fastest quarter of timed steps, and a cost the fastest of its rounds: the machine
-undisturbed (on a shared host, memory-bound steps slow down by up to 1.5x for seconds at a time).
-How far the rounds differ is kept per node as its ``spread``.
+the mean of its fastest quarter of timed steps (on a shared host, memory-bound steps slow down by
+up to 1.5x for seconds at a time), and a cost the median of its rounds (whole processes differ by
+up to 1.7x). How much slower the slowest round ran is kept per node as its ``spread``.
 """
 
 from __future__ import annotations
@@ -105,34 +105,34 @@ class _Found:
         return statistics.median(self.per_op) if self.per_op else 0.0
 
     def into(self, table: CostTable) -> CostTable:
-        """``table`` with the fastest round of every point, the median of the runtime's own
-        seconds and each node's spread over the rounds."""
+        """``table`` with the median round of every point and of the runtime's own seconds, the
+        fastest link, and each node's spread over the rounds."""
         table.overhead_per_op = self._per_op()
         table.overhead_per_step = {n: statistics.median(by_round.values()) for n, by_round in self.per_step.items()}
         if self.links:
             table.link, table.allreduce = (_fastest([link[i] for link in self.links]) for i in (0, 1))
         for (name, tp), phases in self.points.items():
-            fastest = {phase: [(rows, min(seconds)) for rows, seconds in by_rows.items()]
-                       for phase, by_rows in phases.items()}
-            params = int(max(s for _, s in fastest["params"]))
+            median = {phase: [(rows, statistics.median(seconds)) for rows, seconds in by_rows.items()]
+                      for phase, by_rows in phases.items()}
+            params = int(max(s for _, s in median["params"]))
             reduced = table.allreduce_seconds(self.ranks // tp, params * 4)  # fp32 gradients
             table.nodes.setdefault(name, {})[tp] = NodeCosts(
-                forward=Linear.fit(fastest["forward"]), backward=Linear.fit(fastest["backward"]),
-                communication=Linear.fit(fastest["communication"]),
-                optimizer=min(s for _, s in fastest["optimizer"]), params=params,
-                reduction=max(min(s for _, s in fastest["reduction"]) - reduced, 0.0),
+                forward=Linear.fit(median["forward"]), backward=Linear.fit(median["backward"]),
+                communication=Linear.fit(median["communication"]),
+                optimizer=min(s for _, s in median["optimizer"]), params=params,
+                reduction=max(min(s for _, s in median["reduction"]) - reduced, 0.0),
                 spread=_spread(self.totals.get((name, tp), {})))
         return table
 
 
 def _spread(totals: dict[tuple[int, int, int], float]) -> float:
-    """How much slower than the fastest round the median round ran (the largest over runs)."""
+    """How much slower than the median round the slowest round ran (the median over runs)."""
     spreads = []
     for run in {key[1:] for key in totals}:
         seconds = sorted(v for key, v in totals.items() if key[1:] == run)
-        if len(seconds) > 1 and seconds[0] > 0:
-            spreads.append(statistics.median(seconds) / seconds[0] - 1)
-    return max(spreads, default=0.0)
+        if len(seconds) > 1 and statistics.median(seconds) > 0:
+            spreads.append(seconds[-1] / statistics.median(seconds) - 1)
+    return statistics.median(spreads) if spreads else 0.0
 
 
 def _fastest(links: list[LinkCosts]) -> LinkCosts:
