@@ -84,6 +84,7 @@ def test_a_damaged_shard_is_named_by_inspect_and_before_a_load(saved, tmp_path, 
         expected = f"{shard}: missing"
     result = main_in_process("ckpt", "inspect", str(copy))
     assert result.returncode == 2 and "is damaged" in result.stderr and expected in result.stderr, result.stderr
+    assert f"  - no other step under {copy} is intact" in result.stderr, result.stderr
     message, untouched = run_ranks(1, _load, str(copy))[0]
     assert message.startswith(f"CheckpointError: checkpoint {step} is damaged; load an earlier step"), message
     assert expected in message and untouched
@@ -189,6 +190,10 @@ def test_a_damaged_latest_step_names_the_last_intact_one_before_any_rank(saved, 
     assert result.returncode == 2 and "Traceback" not in result.stderr and "step 2" not in result.stdout
     assert f"{latest} is damaged; the last intact step is {intact}: --load {intact}\n" in result.stderr, \
         result.stderr
+    if how in ("truncated", "deleted"):  # inspect reads the step's shards and names the intact one too
+        inspected = main_in_process("ckpt", "inspect", str(copy))
+        assert inspected.returncode == 2 and f"  - the last intact step is {intact}: --load {intact}" in \
+            inspected.stderr, inspected.stderr
     result = main_in_process("run", graph, "--nproc", "1", "--steps", "2", "--save", str(copy), "--resume")
     assert result.returncode == 2 and "Traceback" not in result.stderr and "step 2" not in result.stdout
     assert f"the last intact step is {intact}: --load {intact} in place of --resume" in result.stderr, result.stderr

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mimo_builder._internal.checkpoint import files
-from mimo_builder._internal.checkpoint.checks import shard_problems
+from mimo_builder._internal.checkpoint.checks import intact_hint, shard_problems
 from mimo_builder._internal.checkpoint.safe_load import safe_unpickling
 
 
@@ -40,7 +40,7 @@ def describe(path: str, as_json: bool = False) -> str:
         damaged = shard_problems(step_dir)
     if damaged:
         raise files.CheckpointError("\n".join(lines) + f"\n\n{step_dir} is damaged:\n" +
-                                    "\n".join(f"  - {p}" for p in damaged))
+                                    "\n".join(f"  - {p}" for p in [*damaged, intact_hint(step_dir)]))
     lines.append("\nshards: every file the tensor metadata lists is present and complete")
     return "\n".join(lines)
 
