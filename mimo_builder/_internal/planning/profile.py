@@ -83,9 +83,9 @@ class _Found:
     def __init__(self, ops: int, ranks: int):
         self.ops, self.ranks = ops, ranks
         self.points: dict[tuple[str, int], dict[str, dict[float, list[float]]]] = {}
-        self.totals: dict[tuple[str, int], dict[int, float]] = {}
+        self.totals: dict[tuple[str, int], dict[tuple[int, int, int], float]] = {}  # by (round, tp, size)
         self.per_op: list[float] = []
-        self.per_step: dict[int, dict[int, float]] = {}
+        self.per_step: list[float] = []
         self.links: list[tuple[LinkCosts, LinkCosts]] = []
 
     def add(self, round_: int, per_rank: list[dict], tps: dict[str, int], tp: int, size: int) -> None:
@@ -97,7 +97,7 @@ class _Found:
         if len(per_rank[0]["runs"]) == 2:  # the same batch in more microbatches: what each further operation costs
             if tp == 1:
                 self.per_op.append(_per_op(per_rank[0], self.ops))
-                self.per_step.setdefault(len(per_rank), {})[round_] = _per_step(per_rank, self._per_op() * self.ops)
+                self.per_step.append(_per_step(per_rank, self._per_op() * self.ops))
         if per_rank[0]["link"] is not None:
             self.links.append(per_rank[0]["link"])
 
@@ -108,7 +108,7 @@ class _Found:
         """``table`` with the median round of every point and of the runtime's own seconds, the
         fastest link, and each node's spread over the rounds."""
         table.overhead_per_op = self._per_op()
-        table.overhead_per_step = {n: statistics.median(by_round.values()) for n, by_round in self.per_step.items()}
+        table.overhead_per_step = {self.ranks: statistics.median(self.per_step)} if self.per_step else {}
         if self.links:
             table.link, table.allreduce = (_fastest([link[i] for link in self.links]) for i in (0, 1))
         for (name, tp), phases in self.points.items():
