@@ -37,6 +37,47 @@ def siglip_vision(section: dict, where: str) -> dict:
             "activation": _choice(section, "hidden_act", VISION_ACTIVATIONS, where, "gelu_pytorch_tanh")}
 
 
+def radio_vision(section: dict, where: str) -> dict:
+    """A ``vision`` node of a RADIO tower (``layout: radio``; the summary tokens are not an output)."""
+    for field, supported in (("use_swiglu_ffn", False), ("layerscale_value", 1.0), ("drop_path_rate", 0.0),
+                             ("qkv_bias", True)):
+        if section.get(field, supported) != supported:
+            raise ConfigError(f"{where}.{field}={section[field]!r} is not supported; supported: {supported!r}")
+    _choice(section, "hidden_act", {"gelu": "gelu"}, where, "gelu")
+    hidden, cls = section.get("hidden_size", 1280), section.get("num_cls_tokens", 3)
+    node = {"builder": "vision", "layout": "radio", "num_layers": section.get("num_hidden_layers", 32),
+            "hidden_size": hidden, "num_attention_heads": section.get("num_attention_heads", 16),
+            "ffn_hidden_size": round(hidden * section.get("mlp_ratio", 4.0)),
+            "image_size": section.get("image_size", 224), "patch_size": section.get("patch_size", 16),
+            "max_image_size": section.get("max_img_size", 2048), "activation": "gelu",
+            "class_token": cls > 0, "class_tokens": max(cls, 1), "registers": section.get("num_registers", 7),
+            "video_patch_frames": section.get("video_temporal_patch_size"),
+            "transformer": {"layernorm_epsilon": section.get("layer_norm_eps", 1e-6)}}
+    for ours, theirs in (("image_mean", "norm_mean"), ("image_std", "norm_std")):
+        if isinstance(section.get(theirs), list):
+            node[ours] = tuple(section[theirs])
+    return node
+
+
+def parakeet_audio(section: dict, where: str) -> dict:
+    """A ``conformer`` node of a Parakeet / FastConformer encoder (Nemotron-Omni's sound encoder)."""
+    _choice(section, "hidden_act", {"silu": "silu"}, where, "silu")
+    heads = section.get("num_attention_heads", 8)
+    if section.get("num_key_value_heads", heads) != heads:
+        raise ConfigError(f"{where}.num_key_value_heads={section['num_key_value_heads']!r} is not supported; "
+                          f"supported: num_attention_heads ({heads})")
+    factor = section.get("subsampling_factor", 8)
+    return {"builder": "conformer", "num_layers": section.get("num_hidden_layers", 24),
+            "hidden_size": section.get("hidden_size", 1024), "num_attention_heads": heads,
+            "ffn_hidden_size": section.get("intermediate_size", 4096), "n_mels": section.get("num_mel_bins", 80),
+            "max_frames": section.get("max_position_embeddings", 5000) * factor, "subsampling_factor": factor,
+            "subsampling_channels": section.get("subsampling_conv_channels", 256),
+            "subsampling_kernel_size": section.get("subsampling_conv_kernel_size", 3),
+            "subsampling_stride": section.get("subsampling_conv_stride", 2),
+            "conv_kernel_size": section.get("conv_kernel_size", 9), "conv_bias": section.get("convolution_bias", True),
+            "attention_bias": section.get("attention_bias", True), "scale_input": section.get("scale_input", True)}
+
+
 def _vit(section: dict, eps: float) -> dict:
     return {"num_layers": section.get("num_hidden_layers", 12), "hidden_size": section.get("hidden_size", 768),
             "num_attention_heads": section.get("num_attention_heads", 12),
@@ -92,8 +133,8 @@ def nemotron_h(section: dict, where: str) -> dict:
 
 
 NODE_CONFIGS: dict[str, Callable[[dict, str], dict]] = {
-    "clip_vision_model": clip_vision, "siglip_vision_model": siglip_vision, "mamba2": mamba2,
-    "nemotron_h": nemotron_h,
+    "clip_vision_model": clip_vision, "siglip_vision_model": siglip_vision, "radio": radio_vision,
+    "mamba2": mamba2, "nemotron_h": nemotron_h, "parakeet_encoder": parakeet_audio,
 }
 """model_type -> the function making the node's fields from its config section."""
 

@@ -24,6 +24,8 @@ ACTIVATIONS = {"squared_relu": "relu2", "gelu": "gelu", "relu": "relu", "silu": 
 """The node's ``mlp_activation`` -> transformers' ``mlp_hidden_act`` that computes the same."""
 
 ROOT = "backbone."
+OMNI = Nesting(((ROOT, "language_model.backbone."), ("lm_head.", "language_model.lm_head.")))
+"""Where the language model sits in a Nemotron-Omni folder (as transformers saves it)."""
 
 
 def nemotron_h_mapping(cfg) -> HFMapping:
@@ -41,7 +43,7 @@ def nemotron_h_mapping(cfg) -> HFMapping:
                        "layers_block_type": [_block(s) for s in cfg.layer_symbols],
                        "tie_word_embeddings": False, "num_nextn_predict_layers": 0},
         skipped=("mtp.",),  # multi-token prediction layers: transformers does not read them either
-        prefixes=("", Nesting(((ROOT, "model."), ("lm_head.", "lm_head."))), *language_model_nestings(ROOT)),
+        prefixes=("", Nesting(((ROOT, "model."), ("lm_head.", "lm_head."))), *language_model_nestings(ROOT), OMNI),
         config_section="text_config",
         extra_checks=lambda hf: _pattern_problems(cfg, hf) + _unmapped_problems(cfg, hf),
     )

@@ -21,7 +21,12 @@ from mimo_builder._internal.errors import ConfigError
 from mimo_builder._internal.kinds.transformer import make_transformer_config, use_te
 from submodels.projector_config import ProjectorConfig  # noqa: F401 (the kind's config, public here too)
 
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """ReLU squared (Nemotron's ``relu2``)."""
+    return F.relu(x).square()
+
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "relu2": squared_relu}
 
 
 class ProjectorBuilder(ModelBuilder):
@@ -86,7 +91,12 @@ class ProjectorBuilder(ModelBuilder):
         return Projector(**self.projector_kwargs(pg_collection))
 
     def hf_mapping(self):
-        """LLaVA's multi-modal projector (:mod:`submodels.hf_llava`)."""
+        """The projector of ``hf_format``: LLaVA's (:mod:`submodels.hf_llava`) or Nemotron-Omni's
+        (:mod:`submodels.hf_omni`)."""
+        if self.config.hf_format != "llava":
+            from submodels.hf_omni import omni_projector_mapping
+
+            return omni_projector_mapping(self.config)
         from submodels.hf_llava import llava_projector_mapping
 
         return llava_projector_mapping(self.config)
@@ -121,7 +131,8 @@ class ProjectorBuilder(ModelBuilder):
             linears = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
         return dict(config=self.transformer_config(pg_collection), submodules=linears,
                     projector_type=cfg.projector_type, input_size=cfg.input_size,
-                    token_reduction=cfg.token_reduction, pg_collection=pg_collection)
+                    token_reduction=cfg.token_reduction, pg_collection=pg_collection,
+                    norm_epsilon=cfg.norm_epsilon if cfg.norm == "rmsnorm" else None)
 
 
 class Projector(MultimodalProjector):
@@ -129,10 +140,14 @@ class Projector(MultimodalProjector):
     [B, N, F] -> [B, N / token_reduction, F * token_reduction] -> [B, N / token_reduction, out]."""
 
     def __init__(self, config: TransformerConfig, submodules: MLPSubmodules, *, projector_type: str,
-                 input_size: int, token_reduction: int, pg_collection: ProcessGroupCollection):
+                 input_size: int, token_reduction: int, pg_collection: ProcessGroupCollection,
+                 norm_epsilon: float | None = None):
         super().__init__(config, submodules, projector_type, input_size * token_reduction,
                          pg_collection=pg_collection)
         self.token_reduction = token_reduction
+        # an RMSNorm before the first linear when asked (plain torch: MCore's projector has none)
+        self.norm = None if norm_epsilon is None else torch.nn.RMSNorm(
+            input_size * token_reduction, eps=norm_epsilon, dtype=config.params_dtype)
         if projector_type == "affine":
             # MultimodalProjector gathers the affine output but adds the bias after, and that bias
             # is this rank's TP shard (wrong shape at TP > 1). Add it inside, before the gather.
@@ -141,11 +156,19 @@ class Projector(MultimodalProjector):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Projected tokens [B, N / token_reduction, out] of [B, N, F]; MIMO's [tokens, F] as is when r = 1."""
         if hidden_states.dim() == 2 and self.token_reduction == 1:  # MIMO's flattened [tokens, F]
-            return super().forward(hidden_states)
+            return super().forward(self._normed(hidden_states))
         batch, tokens, features = hidden_states.shape
         r = self.token_reduction
         if tokens % r:  # ragged items' padding (each item's own tokens divide, checked per item)
             hidden_states = F.pad(hidden_states, (0, 0, 0, r - tokens % r))
             tokens += r - tokens % r
         merged = hidden_states.reshape(batch, tokens // r, features * r)
-        return super().forward(merged)
+        return super().forward(self._normed(merged))
+
+    def _normed(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The input through the RMSNorm, when the projector has one (in fp32, as Nemotron-Omni's)."""
+        if self.norm is None:
+            return hidden_states
+        weight = self.norm.weight
+        normed = F.rms_norm(hidden_states.float(), weight.shape, weight.float(), self.norm.eps)
+        return normed.to(hidden_states.dtype)

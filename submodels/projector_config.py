@@ -39,8 +39,19 @@ class ProjectorConfig(ModelConfig):
     projector_type: Literal["mlp", "affine"] = "mlp"
     """'mlp': linear, activation, linear; 'affine': one linear layer."""
 
-    activation: Literal["gelu", "relu", "silu"] = "gelu"
-    """Activation between the two linears of the 'mlp' projector."""
+    activation: Literal["gelu", "relu", "silu", "relu2"] = "gelu"
+    """Activation between the two linears of the 'mlp' projector ('relu2': squared ReLU)."""
+
+    norm: Literal["none", "rmsnorm"] = "none"
+    """A norm over each (merged) input token before the first linear: 'rmsnorm' as
+    Nemotron-Omni's projectors (plain torch, replicated on the TP ranks)."""
+
+    norm_epsilon: float = 1e-5
+    """Epsilon of the 'rmsnorm' norm."""
+
+    hf_format: Literal["llava", "nemotron_omni_vision", "nemotron_omni_audio"] = "llava"
+    """Which Hugging Face projector the node reads and writes: LLaVA's ``multi_modal_projector``,
+    or Nemotron-Omni's image (``mlp1``) or audio (``sound_projection``) projector."""
 
     token_reduction: PositiveInt = 1
     """Merge this many consecutive tokens (features concatenated) before projecting."""

@@ -39,6 +39,14 @@ class VisionBuilder(ModelBuilder):
 
     config_class = VisionConfig
 
+    def param_inits(self):
+        """Layout 'radio': the patch embedder, normal with std 1 as MCore's RADIO draws it."""
+        if self.config.layout != "radio":
+            return {}
+        from submodels.radio import RadioViT
+
+        return {(RadioViT, "embedder.weight"): lambda module, full: torch.nn.init.normal_(full, 0.0, 1.0)}
+
     def linear_layers(self) -> frozenset[str]:
         """Each layer's attention (linear_qkv, linear_proj) and MLP (linear_fc1, linear_fc2) linears."""
         return TRANSFORMER_LINEARS
@@ -49,7 +57,7 @@ class VisionBuilder(ModelBuilder):
             inputs=[Port("pixel_values", ("batch", "channels", "height", "width"), self.config.image_size,
                          doc="images [B, C, H, W]; the last axis is the width",
                          shape=(None, self.config.num_channels, self.config.image_size, self.config.image_size))],
-            outputs=[Port("embeddings", ("batch", "patches", "hidden"), self.config.hidden_size)],
+            outputs=[Port("embeddings", ("batch", "patches", "hidden"), self.config.output_width)],
         )
 
     def output_tokens(self, input_tokens):
@@ -75,7 +83,7 @@ class VisionBuilder(ModelBuilder):
             return model(pixels)[:, first:] if first else model(pixels)
 
         if isinstance(images, Items):
-            return {"embeddings": run_items(images, encode, unwrap(model))}
+            return {"embeddings": run_items(images, encode, unwrap(model), width=self.config.output_width)}
         return {"embeddings": encode(images)}
 
     def synthetic_inputs(self, batch_size, generator, tokens):
@@ -92,7 +100,7 @@ class VisionBuilder(ModelBuilder):
         """Bidirectional transformer layers over the patches (+ class token), plus the patch
         convolution's input (the images) and the pre-norm's input (CLIP layout); one stage."""
         cfg = self.config
-        shape = costs.Shape.of(config, micro_batch, cfg.num_tokens + cfg.dropped_tokens)
+        shape = costs.Shape.of(config, micro_batch, cfg.num_patches + cfg.prefix_tokens)
         te = costs.builds_te(cfg.impl)
         layer = costs.transformer_layer_cost(shape, config, te, causal=False, flash=costs.flash_attention(cfg.impl))
         pixels = micro_batch * cfg.num_channels * cfg.image_size ** 2 * shape.element
@@ -110,7 +118,12 @@ class VisionBuilder(ModelBuilder):
 
     def hf_mapping(self):
         """Hugging Face vision tower weights of the config's ``layout``: CLIP's
-        (:mod:`submodels.hf_clip`) or SigLIP's (:mod:`submodels.hf_siglip`)."""
+        (:mod:`submodels.hf_clip`), SigLIP's (:mod:`submodels.hf_siglip`) or RADIO's
+        (:mod:`submodels.hf_radio`)."""
+        if self.config.layout == "radio":
+            from submodels.hf_radio import radio_mapping
+
+            return radio_mapping(self.config)
         if self.config.layout == "siglip":
             from submodels.hf_siglip import siglip_vision_mapping
 
@@ -119,9 +132,17 @@ class VisionBuilder(ModelBuilder):
 
         return clip_vision_mapping(self.config)
 
-    def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None) -> "ViTModel":
-        """The :class:`ViTModel` on ``pg_collection`` (:meth:`vit_model_kwargs`)."""
-        return ViTModel(**self.vit_model_kwargs(pg_collection, vp_stage))
+    def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None):
+        """The :class:`ViTModel` (or, layout 'radio', :class:`~submodels.radio.RadioViT`) on
+        ``pg_collection`` (:meth:`vit_model_kwargs`)."""
+        return self._model_class()(**self.vit_model_kwargs(pg_collection, vp_stage))
+
+    def _model_class(self) -> type:
+        if self.config.layout == "radio":
+            from submodels.radio import RadioViT
+
+            return RadioViT
+        return ViTModel
 
     mimo_roles = frozenset({"encoder"})
     mimo_encoder_keywords = {"pixel_values": "x"}
@@ -138,7 +159,7 @@ class VisionBuilder(ModelBuilder):
     def mimo_spec(self, role, pg_collection) -> ModuleSpec:
         """As a MIMO encoder: the same ViTModel (forward ``x`` [B, C, H, W] -> [B, N, H])."""
         self.check_mimo_role(role)
-        return ModuleSpec(module=ViTModel, params=self.vit_model_kwargs(pg_collection))
+        return ModuleSpec(module=self._model_class(), params=self.vit_model_kwargs(pg_collection))
 
     def vit_model_kwargs(self, pg_collection, vp_stage=None) -> dict:
         """The keyword arguments of :class:`ViTModel` on ``pg_collection``."""
@@ -156,6 +177,8 @@ class VisionBuilder(ModelBuilder):
             spec = with_core_attention(vit_layer_specs.get_vit_layer_with_local_spec(), cfg.impl)
             norm = vit_layer_specs.LNImpl
             spec.submodules.sharded_state_dict_keys_map = dict(FUSED_NORM_KEYS)  # checkpoint keys as TE names them
+        if cfg.layout == "radio":
+            return self._radio_kwargs(pg_collection, vp_stage, spec, norm)
         return dict(
             transformer_config=self.transformer_config(pg_collection),
             transformer_layer_spec=spec,
@@ -172,6 +195,17 @@ class VisionBuilder(ModelBuilder):
             pg_collection=pg_collection,
             vp_stage=vp_stage,
         )
+
+
+    def _radio_kwargs(self, pg_collection, vp_stage, spec, norm) -> dict:
+        """:class:`~submodels.radio.RadioViT`'s keyword arguments (MCore's RADIOViTModel's)."""
+        cfg = self.config
+        return dict(
+            transformer_config=self.transformer_config(pg_collection), transformer_layer_spec=spec,
+            ln_post_impl=norm if cfg.ln_post else None, add_class_token=cfg.prefix_tokens > 0,
+            class_token_len=cfg.prefix_tokens, patch_dim=cfg.patch_size, img_h=cfg.image_size, img_w=cfg.image_size,
+            max_img_h=cfg.largest_image, max_img_w=cfg.largest_image, pixel_shuffle=cfg.pixel_shuffle,
+            video_patch_frames=cfg.video_patch_frames, pg_collection=pg_collection, vp_stage=vp_stage)
 
 
 class ViTModel(CLIPViTModel):

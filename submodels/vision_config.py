@@ -11,12 +11,14 @@ from typing import Literal
 
 from pydantic import model_validator
 
-from mimo_builder._internal.document.types import PositiveInt, StrictBool, StrictInt
+from mimo_builder._internal.document.types import NonNegativeInt, PositiveInt, StrictBool, StrictInt
 from mimo_builder._internal.kinds.transformer_fields import TransformerModelConfig
 
 class VisionConfig(TransformerModelConfig):
     """A ViT image encoder: conv patches, learned positions, pre-norm layers; CLIP's layout (class
-    token, LayerNorm before the first layer) or SigLIP's (neither; a bias on the patch conv)."""
+    token, LayerNorm before the first layer), SigLIP's (neither; a bias on the patch conv) or
+    RADIO's (class and register tokens without positions, cropped position embeddings, patch
+    features only, optionally pixel-shuffled as Nemotron-Omni feeds its projector)."""
 
     builder: str = "vision"
     """Builder of this node (registered name or 'module:Class')."""
@@ -43,12 +45,30 @@ class VisionConfig(TransformerModelConfig):
     image_std: tuple[float, ...] | None = None
     """Per-channel standard deviation for image files (None: CLIP's), each above 0."""
 
-    layout: Literal["clip", "siglip"] = "clip"
+    layout: Literal["clip", "siglip", "radio"] = "clip"
     """Tower layout and Hugging Face format: 'clip' (LayerNorm before the first layer, patch conv
-    without bias) or 'siglip' (neither: patch conv with bias; needs class_token: false)."""
+    without bias), 'siglip' (neither: patch conv with bias; needs class_token: false) or 'radio'
+    (MCore's RADIO ViT: a position table of max_image_size cropped to each image, class and
+    register tokens dropped from the output; see submodels.radio)."""
 
     class_token: StrictBool = True
-    """Prepend a learned class token to the patch tokens (CLIP has one; SigLIP none)."""
+    """Prepend learned class tokens to the patch tokens (CLIP has one; SigLIP none)."""
+
+    class_tokens: PositiveInt = 1
+    """How many class tokens class_token prepends (RADIO's num_cls_tokens; 1 otherwise)."""
+
+    registers: NonNegativeInt = 0
+    """Learned register tokens after the class tokens (RADIO's num_registers; layout 'radio' only)."""
+
+    pixel_shuffle: PositiveInt = 1
+    """Merge each s x s block of output patches into one token of s * s * hidden_size features
+    (Nemotron-Omni's pixel shuffle, downsample_ratio 1/s); layout 'radio' only; image sides must
+    then be multiples of patch_size * s."""
+
+    video_patch_frames: PositiveInt | None = None
+    """Frames per patch of RADIO's video patch projection (video_temporal_patch_size): the
+    projection is held frozen, read and written with the tower's weights; video frames still run
+    through the image projection one by one. Layout 'radio' only."""
 
     activation: Literal["quick_gelu", "gelu", "gelu_tanh"] = "quick_gelu"
     """MLP activation (CLIP uses quick_gelu; SigLIP gelu_tanh, transformers' gelu_pytorch_tanh)."""
@@ -63,6 +83,16 @@ class VisionConfig(TransformerModelConfig):
     feature_select: Literal["full", "default"] = "full"
     """Which output tokens the node returns, as LLaVA's ``vision_feature_select_strategy``:
     'full' every token, 'default' all but the first (the class token of a CLIP tower)."""
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Class and register tokens before the patches (RADIO drops them from its output)."""
+        return self.class_tokens * int(self.class_token) + self.registers
+
+    @property
+    def output_width(self) -> int:
+        """Features per output token: hidden_size, times pixel_shuffle squared."""
+        return self.hidden_size * self.pixel_shuffle ** 2
 
     @property
     def dropped_tokens(self) -> int:
@@ -81,11 +111,18 @@ class VisionConfig(TransformerModelConfig):
 
     def image_tokens(self, height: int, width: int) -> int:
         """Output tokens of one [C, height, width] image; a ValueError for a size the tower refuses."""
-        p, top = self.patch_size, self.largest_image
+        p, top = self.patch_size * self.pixel_shuffle, self.largest_image
         if height % p or width % p or not 0 < height <= top or not 0 < width <= top:
+            unit = f"patch_size {self.patch_size}" + (f" x pixel_shuffle {self.pixel_shuffle}" if p != self.patch_size else "")
             raise ValueError(f"an image of {height} x {width} pixels: height and width must be multiples of "
-                             f"patch_size {p} from {p} to {top} (max_image_size)")
-        return (height // p) * (width // p) + int(self.class_token) - self.dropped_tokens
+                             f"{unit} from {p} to {top} (max_image_size)")
+        return self._tokens((height // self.patch_size) * (width // self.patch_size))
+
+    def _tokens(self, patches: int) -> int:
+        """Output tokens of an image of ``patches`` patches."""
+        if self.layout == "radio":
+            return patches // self.pixel_shuffle ** 2
+        return patches + int(self.class_token) - self.dropped_tokens
 
     @property
     def grid_pixels(self) -> int:
@@ -99,8 +136,34 @@ class VisionConfig(TransformerModelConfig):
 
     @property
     def num_tokens(self) -> int:
-        """Output tokens per image: the patches plus the class token if any, less the dropped ones."""
-        return self.num_patches + int(self.class_token) - self.dropped_tokens
+        """Output tokens per image: the patches plus the class token if any, less the dropped ones
+        (RADIO: the patches only, over pixel_shuffle squared)."""
+        return self._tokens(self.num_patches)
+
+    @model_validator(mode="after")
+    def _check_radio(self) -> "VisionConfig":
+        if self.layout == "radio":
+            return self._radio_problems()
+        for name, plain in (("registers", 0), ("pixel_shuffle", 1), ("video_patch_frames", None), ("class_tokens", 1)):
+            if getattr(self, name) != plain:
+                raise ValueError(f"{name} is a field of layout 'radio'; the node has layout {self.layout!r}")
+        return self
+
+    def _radio_problems(self) -> "VisionConfig":
+        unit = self.patch_size * self.pixel_shuffle
+        if self.num_channels != 3:
+            raise ValueError(f"layout 'radio' takes 3 channels (MCore's RADIO embedder); num_channels is {self.num_channels}")
+        if self.feature_select != "full":
+            raise ValueError("layout 'radio' returns the patch features only (class and register tokens "
+                             "dropped); leave feature_select 'full'")
+        if self.image_size % unit or self.largest_image % unit:
+            raise ValueError(f"image_size {self.image_size} and max_image_size {self.largest_image} must be "
+                             f"multiples of patch_size x pixel_shuffle = {unit}")
+        if self.largest_image < self.image_size:
+            raise ValueError(f"max_image_size {self.largest_image} is below image_size {self.image_size}")
+        if self.video_patch_frames == 1:
+            raise ValueError("video_patch_frames must be at least 2 (or unset), as RADIO's video_temporal_patch_size")
+        return self
 
     @model_validator(mode="after")
     def _check_patches(self) -> "VisionConfig":

@@ -10,7 +10,7 @@ import torch
 from multirank import run_ranks
 
 SEED, VOCAB = 7, 64
-KINDS = ("vision", "vproj", "audio", "aproj", "lm", "gpt")
+KINDS = ("vision", "vproj", "audio", "aproj", "lm", "gpt", "radio", "rproj")
 PLACEMENTS = {"tp2": {name: {"tp": 2} for name in KINDS}, "pp2": {"lm": {"pp": 2}}, "ep2": {"lm": {"ep": 2}}}
 """Two ranks each; nodes not named run data-parallel on both."""
 
@@ -38,6 +38,12 @@ def _graph(placement: str):
         "gpt": GPTConfig(num_layers=2, vocab_size=VOCAB, make_vocab_size_divisible_by=1, seq_length=32,
                          position_embedding_type="learned_absolute", share_embeddings_and_output_weights=False,
                          **small),
+        "radio": VisionConfig(layout="radio", num_layers=2, image_size=16, patch_size=4, max_image_size=32,
+                              class_tokens=2, registers=1, pixel_shuffle=2, video_patch_frames=2,
+                              activation="gelu", **small),
+        "rproj": ProjectorConfig(input_size=128, output_size=32, ffn_hidden_size=64, activation="relu2",
+                                 norm="rmsnorm", hf_format="nemotron_omni_vision",
+                                 transformer={"add_bias_linear": False}),
     }
     graph = Graph()
     for name, config in configs.items():
@@ -45,8 +51,9 @@ def _graph(placement: str):
     return (graph.connect("vision.embeddings", "vproj.input").connect("audio.embeddings", "aproj.input")
             .connect("vproj.output", "lm.image").connect("aproj.output", "lm.audio")
             .bind("pixel_values", "vision.pixel_values").bind("audio_features", "audio.features")
+            .connect("radio.embeddings", "rproj.input").bind("radio_pixels", "radio.pixel_values")
             .bind("input_ids", "lm.input_ids").bind("gpt_ids", "gpt.input_ids")
-            .output("lm.logits").output("gpt.logits"))
+            .output("lm.logits").output("gpt.logits").output("rproj.output"))
 
 
 def _built(placement: str) -> dict[str, torch.Tensor]:

@@ -62,7 +62,7 @@ def node_exchanges(model, groups: dict, device: torch.device) -> dict[str, dict[
         if not model.hosts(node):
             continue
         builder = valid.builders[node]
-        hidden = getattr(builder.config, "hidden_size", 1)
+        hidden = getattr(builder.config, "output_width", None) or getattr(builder.config, "hidden_size", 1)
         group = groups[valid.layouts[node]]
         out[node] = {port: ItemExchange(group, _port_tokens(builder, port), hidden, device) for port in ports}
     return out

@@ -91,12 +91,14 @@ def join_padded(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def run_items(items: Items, encode: Callable[[torch.Tensor], torch.Tensor], like: torch.nn.Module) -> torch.Tensor:
+def run_items(items: Items, encode: Callable[[torch.Tensor], torch.Tensor], like: torch.nn.Module,
+              width: int | None = None) -> torch.Tensor:
     """``encode`` over every item, items of one shape together, as ``[B, T_max, hidden]``: each
     sample's items' tokens in order, then zeros. ``encode`` maps ``[n, *item]`` to ``[n, tokens,
     hidden]``. With an exchange, the items are encoded on the DP ranks it assigns them to. A rank
     that encodes nothing gives every trainable parameter of ``like`` a zero gradient, so
-    data-parallel gradient reduction sees them all; without any item the output is ``[B, 0, hidden]``."""
+    data-parallel gradient reduction sees them all; without any item the output is ``[B, 0, width]``
+    (``width``: the output's features, by default ``like.config.hidden_size``)."""
     flat, link = items.flat(), None
     if items.exchange is not None:
         encoded, worked, link = balanced_encode(flat, lambda some: encode_grouped(some, encode), items.exchange)
@@ -106,7 +108,7 @@ def run_items(items: Items, encode: Callable[[torch.Tensor], torch.Tensor], like
     for count in items.counts:
         per_sample.append(encoded[at:at + count])
         at += count
-    out = _padded(per_sample, encoded[0]) if flat else _empty(len(items), like)
+    out = _padded(per_sample, encoded[0]) if flat else _empty(len(items), like, width)
     if not worked:
         out = out + _zero_link(like, out.dtype)
     return out if link is None else out + link
@@ -131,8 +133,8 @@ def _padded(per_sample: list[list[torch.Tensor]], like: torch.Tensor) -> torch.T
     return torch.stack([torch.nn.functional.pad(r, (0, 0, 0, longest - r.shape[0])) for r in rows])
 
 
-def _empty(samples: int, module: torch.nn.Module) -> torch.Tensor:
-    hidden = getattr(getattr(module, "config", None), "hidden_size", None)
+def _empty(samples: int, module: torch.nn.Module, width: int | None = None) -> torch.Tensor:
+    hidden = width or getattr(getattr(module, "config", None), "hidden_size", None)
     if hidden is None:
         raise ValueError("run_items: a module without config.hidden_size needs at least one item")
     reference = next(module.parameters())
