@@ -64,14 +64,15 @@ class ProjectorBuilder(ModelBuilder):
         return tokens.get("input", 16)
 
     def stage_costs(self, config, micro_batch, tokens):
-        """'mlp': fc1 input (merged tokens, whole on every TP rank), the activation's input and
-        output (split over TP); 'affine': the one linear's input. One stage."""
+        """'mlp': fc1 input (merged tokens, whole on every TP rank; the norm's input too when it
+        has one), the activation's input and output (split over TP); 'affine': the one linear's
+        input. One stage."""
         cfg = self.config
         merged = costs.Shape.of(config, micro_batch, self.planned_tokens(tokens) // cfg.token_reduction)
         width = cfg.input_size * cfg.token_reduction
         if cfg.projector_type == "affine":
             return [costs.StageCost(merged.replicated(width), merged.matmul_flops(width * cfg.output_size))]
-        saved = merged.replicated(width) + 2 * merged.sharded(cfg.ffn_width)
+        saved = merged.replicated(width) * (2 if cfg.norm == "rmsnorm" else 1) + 2 * merged.sharded(cfg.ffn_width)
         return [costs.StageCost(saved, merged.matmul_flops(width * cfg.ffn_width + cfg.ffn_width * cfg.output_size))]
 
     def make_transformer_config(self, pg_collection: ProcessGroupCollection) -> TransformerConfig:
