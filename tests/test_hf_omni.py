@@ -28,13 +28,15 @@ PLACED = {"vision": {"size": 2}, "proj": {"size": 2}, "audio": {"size": 2}, "aud
           "lm": {"offset": 2, "size": 2, "tp": 2}}
 
 
-def _ids(audio: bool) -> torch.Tensor:
-    image, sound = [IMAGE_ID] * IMAGE_TOKENS, [AUDIO_ID] * AUDIO_TOKENS if audio else []
-    return torch.tensor([[1, *image, *sound, 7, 8, 9, 10, 11], [2, *image, *sound, 20, 21, 22, 23, 24]])
+def _ids(audio: bool, image_tokens: int = IMAGE_TOKENS, audio_tokens: int = AUDIO_TOKENS, ids=(IMAGE_ID, AUDIO_ID)):
+    image, sound = [ids[0]] * image_tokens, [ids[1]] * audio_tokens if audio else []
+    return torch.tensor([[3, *image, *sound, 7, 8, 9, 10, 11], [4, *image, *sound, 20, 21, 22, 23, 24]])
 
 
 PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
 MELS = torch.randn(2, FRAMES, 16, generator=torch.Generator().manual_seed(4))
+TINY = {"ids": (IMAGE_ID, AUDIO_ID), "pixels": PIXELS, "mels": MELS, "patch": PATCH, "vocab": VOCAB}
+"""The imported tiny model's inputs."""
 
 
 def _save_omni(folder: str, audio: bool) -> None:
@@ -88,37 +90,37 @@ def test_import_writes_the_omni_graph(omni):
     assert main_in_process("validate", str(omni / "graph.yaml")).returncode == 0
 
 
-def _patches(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _patches(pixels: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Nemotron-Omni's packed image input: each image's channel-major patches, and its grid."""
     b, c, h, w = pixels.shape
-    patches = pixels.reshape(b, c, h // PATCH, PATCH, w // PATCH, PATCH).permute(0, 2, 4, 1, 3, 5)
-    return patches.reshape(-1, c * PATCH * PATCH), torch.tensor([[h // PATCH, w // PATCH]] * b)
+    patches = pixels.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(-1, c * patch * patch), torch.tensor([[h // patch, w // patch]] * b)
 
 
-def _hf_inputs(ids, audio: bool) -> dict:
-    patches, grid = _patches(PIXELS)
+def _hf_inputs(ids, audio: bool, case: dict) -> dict:
+    patches, grid = _patches(case["pixels"], case["patch"])
     inputs = {"input_ids": ids, "pixel_values": patches, "image_grid_hw": grid}
-    return {**inputs, "input_features": MELS} if audio else inputs
+    return {**inputs, "input_features": case["mels"]} if audio else inputs
 
 
-def _batch(ids, audio: bool) -> dict:
+def _batch(ids, audio: bool, case: dict) -> dict:
     labels = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
     mask = torch.zeros(ids.shape)
     mask[:, -ANSWER - 1:] = 1.0  # the prompt is ids[:, :-ANSWER]
-    batch = {"input_ids": ids, "labels": labels, "loss_mask": mask, "pixel_values": PIXELS}
-    return {**batch, "audio_features": MELS} if audio else batch
+    batch = {"input_ids": ids, "labels": labels, "loss_mask": mask, "pixel_values": case["pixels"]}
+    return {**batch, "audio_features": case["mels"]} if audio else batch
 
 
-def _ours(model, ids, audio: bool) -> torch.Tensor:
+def _ours(model, ids, audio: bool, case: dict) -> torch.Tensor:
     run = {name: (model.valid.builders[name].run, model.chunks(name)[0].eval()) for name in model.valid.order}
     ports = {"input_ids": ids}
-    pairs = [("vision", "proj", "image", {"pixel_values": PIXELS})]
+    pairs = [("vision", "proj", "image", {"pixel_values": case["pixels"]})]
     if audio:
-        pairs.append(("audio", "audio_proj", "audio", {"features": MELS}))
+        pairs.append(("audio", "audio_proj", "audio", {"features": case["mels"]}))
     for tower, proj, port, inputs in pairs:
         features = run[tower][0](run[tower][1], inputs)["embeddings"]
         ports[port] = run[proj][0](run[proj][1], {"input": features})["output"]
-    return run["lm"][0](run["lm"][1], ports)["logits"][..., :VOCAB]
+    return run["lm"][0](run["lm"][1], ports)["logits"][..., :case["vocab"]]
 
 
 def _imported_forward(doc: str, folder: str, audio: bool) -> dict:
@@ -133,11 +135,11 @@ def _imported_forward(doc: str, folder: str, audio: bool) -> dict:
     ids = _ids(audio)
     (model,) = CompositeBuilder(load_graph(doc).colocated(1), seed=5).build_distributed_models(wrap_with_ddp=False)
     with torch.no_grad():
-        ours = _ours(model, ids, audio)
+        ours = _ours(model, ids, audio, TINY)
     model.close()
     hf = tf.AutoModelForImageTextToText.from_pretrained(folder).eval()
     with torch.no_grad():
-        theirs = hf(**_hf_inputs(ids, audio)).logits
+        theirs = hf(**_hf_inputs(ids, audio, TINY)).logits
     return {"ours": ours, "theirs": theirs}
 
 
@@ -150,25 +152,24 @@ def test_the_imported_graph_gives_transformers_logits(omni, folder):
     assert error <= 1e-5, error
 
 
-def _trained_and_exported(doc: str, ckpt: str, out: str, audio: bool) -> dict:
+def _trained_and_exported(doc: str, ckpt: str, out: str, ids, case: dict) -> dict:
     """The trained graph's logits and greedy tokens (one rank, checkpoint resharded), and the
-    exported folder's in transformers."""
+    exported folder's in transformers (image and audio)."""
     import transformers as tf
 
     from mimo_builder._internal.assembly.trained import build_trained
     from mimo_builder._internal.kinds.loading import load_graph
     from mimo_builder._internal.runtime.schedule import GraphSchedule
 
-    ids = _ids(audio)
     with build_trained(load_graph(doc).colocated(1), ckpt) as model, torch.no_grad():
-        ours = _ours(model, ids, audio)
-        tokens = GraphSchedule(model).generate(_batch(ids, audio), NEW)
+        ours = _ours(model, ids, True, case)
+        tokens = GraphSchedule(model).generate(_batch(ids, True, case), NEW)
     hf, info = tf.AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
-    inputs = _hf_inputs(ids, audio)
+    inputs = _hf_inputs(ids, True, case)
     with torch.no_grad():
         theirs = hf.eval()(**inputs).logits
         prompt = {**inputs, "input_ids": ids[:, :-ANSWER]}
-        generated = hf.generate(**prompt, max_new_tokens=NEW, do_sample=False, suppress_tokens=[IMAGE_ID, AUDIO_ID])
+        generated = hf.generate(**prompt, max_new_tokens=NEW, do_sample=False, suppress_tokens=list(case["ids"]))
     return {"ours": ours, "theirs": theirs, "tokens": tokens, "hf_tokens": generated[:, ids.shape[1] - ANSWER:],
             "missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"])}
 
@@ -183,16 +184,34 @@ def test_import_train_placed_export_gives_transformers_the_same_model(omni, tmp_
         doc["nodes"][name]["placement"] = placement
     graph.write_text(yaml.safe_dump(doc, sort_keys=False))
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    result = main_in_process("run", str(graph), "--nproc", "4", "--steps", "2", "--batch-size", "4",
+    _train_export_compare(graph, tmp_path, _ids(True), TINY, nproc=4)
+
+
+def _train_export_compare(graph, tmp_path, ids, case: dict, nproc: int) -> None:
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    result = main_in_process("run", str(graph), "--nproc", str(nproc), "--steps", "2", "--batch-size", "4",
                              "--save", str(ckpt))
     assert result.returncode == 0, result.stderr
     result = main_in_process("export", str(graph), "--load", str(ckpt), "-o", str(out), "--as", "nemotron_h_omni")
     assert result.returncode == 0, result.stderr
-    got = run_ranks(1, _trained_and_exported, str(graph), str(ckpt), str(out), True)[0]
+    assert f"nemotron_h_omni model: {out} (nodes " in result.stdout, result.stdout
+    got = run_ranks(1, _trained_and_exported, str(graph), str(ckpt), str(out), ids, case)[0]
     assert (got["missing"], got["unexpected"]) == ([], []), got
     scale = got["ours"].abs().max()
     assert float((got["ours"] - got["theirs"]).abs().max() / scale) <= 1e-4
     assert torch.equal(got["tokens"], got["hf_tokens"]), (got["tokens"], got["hf_tokens"])
+
+
+@pytest.mark.slow
+def test_the_shipped_omni_graph_exports_as_nemotron_omni(tmp_path):
+    """graphs/omni.yaml, trained from its seed, is transformers' Nemotron-Omni once exported."""
+    from graphs import parts
+
+    case = {"ids": (parts.IMAGE_TOKEN, parts.AUDIO_TOKEN), "patch": 8, "vocab": 256,
+            "pixels": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5)),
+            "mels": torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(6))}
+    ids = _ids(True, image_tokens=4, audio_tokens=16, ids=case["ids"])
+    _train_export_compare("graphs/omni.yaml", tmp_path, ids, case, nproc=1)
 
 
 def test_export_as_omni_names_what_does_not_fit(tmp_path):

@@ -20,7 +20,7 @@ def _graph_module(name):
     return importlib.import_module(f"graphs.{name}")
 
 
-@pytest.mark.parametrize("name", ["mamba_lm", "vlm", "avlm", "llava"])
+@pytest.mark.parametrize("name", ["mamba_lm", "vlm", "avlm", "llava", "omni"])
 def test_yaml_twin_equals_python_graph(name):
     assert Graph.from_yaml((GRAPHS / f"{name}.yaml").read_text()) == _graph_module(name).graph
 
