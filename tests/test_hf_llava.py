@@ -63,9 +63,9 @@ def test_a_siglip_tower_imports_with_its_layout_and_strategy(llava):
     assert result.returncode == 0, result.stderr
 
 
-def _import(llava, name="graph.yaml"):
+def _import(llava, name="graph.yaml", folder="hf"):
     out = llava / name
-    result = main_in_process("import-hf", str(llava / "hf"), "-o", str(out))
+    result = main_in_process("import-hf", str(llava / folder), "-o", str(out))
     assert result.returncode == 0, result.stderr
     return out, yaml.safe_load(out.read_text())
 
@@ -161,8 +161,9 @@ def _train_export_compare(graph, tmp_path, ids, pixels, image_id: int, vocab: in
 
 
 @pytest.mark.slow
-def test_import_train_placed_export_as_llava_gives_transformers_the_same_model(llava, tmp_path):
-    graph, doc = _import(llava, "placed.yaml")
+@pytest.mark.parametrize("folder", ["hf", "siglip"])  # a CLIP tower ('default' strategy), a SigLIP one ('full')
+def test_import_train_placed_export_as_llava_gives_transformers_the_same_model(llava, tmp_path, folder):
+    graph, doc = _import(llava, f"placed_{folder}.yaml", folder)
     for name, placement in PLACED.items():
         doc["nodes"][name]["placement"] = placement
     graph.write_text(yaml.safe_dump(doc, sort_keys=False))

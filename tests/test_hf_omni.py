@@ -224,3 +224,24 @@ def test_export_as_omni_names_what_does_not_fit(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "node 'vision_proj' feeds port 'image' but is not a projector with hf_format: nemotron_omni_vision" \
         in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("edit, named", [
+    ({"vision_config": {"use_swiglu_ffn": True}}, "config.json vision_config.use_swiglu_ffn=True is not supported"),
+    ({"downsample_ratio": 0.3}, "config.json downsample_ratio=0.3: supported are 1 / n"),
+    ({"audio_config": {"hidden_act": "relu"}}, "config.json audio_config.hidden_act='relu' is not supported"),
+    ({"text_config": {"model_type": "llama"}}, "config.json text_config.model_type='llama' cannot be imported here")])
+def test_import_names_a_field_the_kinds_cannot_honour(omni, tmp_path, edit, named):
+    """Exit 2 before any weight is read, the field and what is supported named."""
+    import json
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(omni / "full", folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in edit.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    (folder / "config.json").write_text(json.dumps(config))
+    result = main_in_process("import-hf", str(folder), "-o", str(tmp_path / "g.yaml"))
+    assert result.returncode == 2 and named in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "g.yaml").exists()
