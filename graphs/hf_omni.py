@@ -107,7 +107,8 @@ def omni_nestings(graph) -> dict[str, Nesting]:
 
 
 def _omni_nodes(graph) -> dict:
-    """{"lm": name, "image": (tower, projector), "audio": (tower, projector)} of an Omni-shaped graph."""
+    """{"lm": name, "image": (tower, projector), "audio": (tower, projector)} of an Omni-shaped
+    graph; a ConfigError naming every node that does not fit."""
     into = {}
     for edge in graph.edges:
         source, target = (end.strip() for end in edge.split("->"))
@@ -116,38 +117,39 @@ def _omni_nodes(graph) -> dict:
     if len(lms) != 1:
         raise ConfigError(f"export --as {MODEL_TYPE}: the model has one Nemotron-H language model (builder "
                           f"mamba); the graph has {len(lms)}")
-    found, lm = {"lm": lms[0]}, lms[0]
+    found, lm, problems = {"lm": lms[0]}, lms[0], []
     for port, tower_builder in (("image", "vision"), ("audio", "conformer")):
         proj = into.get(f"{lm}.{port}")
-        tower = into.get(f"{proj}.input") if proj else None
         if proj is None:
-            if port == "image":
-                raise ConfigError(f"export --as {MODEL_TYPE}: node '{lm}' port 'image' is fed by no projector")
+            problems += [f"node '{lm}' port 'image' is fed by no projector"] if port == "image" else []
             continue
-        _check_pair(graph, port, tower, proj, tower_builder)
+        tower = into.get(f"{proj}.input")
+        problems += _pair_problems(graph, port, tower, proj, tower_builder)
         found[port] = (tower, proj)
     used = {lm, *(n for pair in (found.get("image", ()), found.get("audio", ())) for n in pair)}
-    extra = sorted(set(graph.nodes) - used)
-    if extra:
-        raise ConfigError(f"export --as {MODEL_TYPE}: " + "; ".join(
-            f"node '{n}' (builder {graph.nodes[n].builder}) has no place in a Nemotron-Omni model" for n in extra))
+    problems += [f"node '{n}' (builder {graph.nodes[n].builder}) has no place in a Nemotron-Omni model"
+                 for n in sorted(set(graph.nodes) - used)]
+    if problems:
+        raise ConfigError(f"export --as {MODEL_TYPE}: " + "; ".join(problems))
     return found
 
 
-def _check_pair(graph, port: str, tower, proj: str, tower_builder: str) -> None:
-    where = f"export --as {MODEL_TYPE}: node '{proj}'"
+def _pair_problems(graph, port: str, tower, proj: str, tower_builder: str) -> list[str]:
+    """Why the tower -> projector feeding the language model's ``port`` is not Nemotron-Omni's."""
+    problems = []
     if graph.nodes[proj].builder != "projector" or graph.nodes[proj].config.get("hf_format") != PROJECTORS[port]:
-        raise ConfigError(f"{where} feeds port '{port}' but is not a projector with hf_format: {PROJECTORS[port]}")
+        problems.append(f"node '{proj}' feeds port '{port}' but is not a projector with hf_format: {PROJECTORS[port]}")
     if tower is None or graph.nodes[tower].builder != tower_builder:
-        raise ConfigError(f"{where} is fed by {tower!r}, not a {tower_builder} node")
-    if port == "image":
-        config = graph.nodes[tower].config
-        if config.get("layout") != "radio" or not config.get("video_patch_frames"):
-            raise ConfigError(f"export --as {MODEL_TYPE}: node '{tower}' must be a RADIO tower (layout: radio) with "
-                              "its video projection (video_patch_frames: 2, as Nemotron-Omni's)")
-        if config.get("ln_post"):
-            raise ConfigError(f"export --as {MODEL_TYPE}: node '{tower}' has ln_post, which Nemotron-Omni holds only "
-                              "beside multi-token prediction layers (not exported); set ln_post: false")
+        what = "nothing" if tower is None else f"node '{tower}' (builder {graph.nodes[tower].builder})"
+        return problems + [f"node '{proj}' is fed by {what}, not a {tower_builder} node"]
+    config = graph.nodes[tower].config
+    if port == "image" and (config.get("layout") != "radio" or not config.get("video_patch_frames")):
+        problems.append(f"node '{tower}' must be a RADIO tower (layout: radio) with its video projection "
+                        "(video_patch_frames: 2, as Nemotron-Omni's)")
+    if port == "image" and config.get("ln_post"):
+        problems.append(f"node '{tower}' has ln_post, which Nemotron-Omni holds only beside multi-token "
+                        "prediction layers (not exported); set ln_post: false")
+    return problems
 
 
 def _config(graph, name: str):
