@@ -17,6 +17,7 @@ from mimo_builder._internal.kinds.builder import ModelBuilder, Port, Ports
 from mimo_builder._internal.errors import ConfigError
 from mimo_builder._internal.assembly.tp_shard import unwrap
 from mimo_builder._internal.runtime.items import Items, run_items
+from submodels import log_mel
 from submodels.sdpa_attention import with_core_attention
 from mimo_builder._internal.kinds.transformer import TRANSFORMER_LINEARS, make_transformer_config, use_te
 from submodels.hf_whisper import sinusoids, whisper_encoder_mapping  # noqa: F401 (sinusoids: public here too)
@@ -75,6 +76,18 @@ class AudioBuilder(ModelBuilder):
         if self.config.features_layout == "mels_frames":
             return self.config.max_frames
         return input_tokens.get("features", self.config.max_frames)
+
+    def features_from_waveform(self, waveform, sample_rate):
+        """Whisper's log-mel of a mono clip (:func:`submodels.log_mel.whisper_log_mel`, after
+        resampling to 16 kHz): [frames, n_mels] with ``frames = samples // 160``, or, in Whisper's
+        layout, [n_mels, max_frames] of the clip padded with silence; a ValueError beyond max_frames."""
+        cfg = self.config
+        clip = log_mel.resample(waveform, sample_rate, log_mel.SAMPLE_RATE)
+        if cfg.features_layout == "mels_frames":
+            return log_mel.whisper_log_mel(clip, cfg.n_mels, pad_to=cfg.max_frames)
+        features = log_mel.whisper_log_mel(clip, cfg.n_mels).T.contiguous()
+        self.item_tokens("features", tuple(features.shape))  # a ValueError beyond max_frames
+        return features
 
     def synthetic_inputs(self, batch_size, generator, tokens):
         """Log-mel-like features for ``max_frames`` frames."""

@@ -14,6 +14,7 @@ from mimo_builder._internal.kinds import costs
 from mimo_builder._internal.kinds.builder import ModelBuilder, Port, Ports
 from mimo_builder._internal.kinds.transformer import TRANSFORMER_LINEARS, make_transformer_config
 from mimo_builder._internal.runtime.items import Items, run_items
+from submodels import log_mel
 from submodels.conformer_config import ConformerConfig
 from submodels.conformer_layers import ConformerEncoder, RelPositionAttention
 from submodels.hf_parakeet import parakeet_encoder_mapping, section_of
@@ -70,6 +71,15 @@ class ConformerBuilder(ModelBuilder):
 
     def _frames(self, input_tokens) -> int:
         return input_tokens.get("features", self.config.max_frames)
+
+    def features_from_waveform(self, waveform, sample_rate):
+        """Parakeet's normalised log-mel [frames, n_mels] of a mono clip
+        (:func:`submodels.log_mel.parakeet_log_mel`, after resampling to 16 kHz), ``frames =
+        samples // 160``; a ValueError outside min_frames..max_frames."""
+        clip = log_mel.resample(waveform, sample_rate, log_mel.SAMPLE_RATE)
+        features = log_mel.parakeet_log_mel(clip, self.config.n_mels)
+        self.config.clip_tokens(features.shape[0])  # a ValueError outside the frames the encoder takes
+        return features
 
     def synthetic_inputs(self, batch_size, generator, tokens):
         """Log-mel-like features of ``max_frames`` frames."""

@@ -4,15 +4,19 @@ A batch key bound to an encoder input may hold, per sample: nothing (the key abs
 no item), one array shaped as the port without its batch axis (one item), a list of such arrays
 (0..N items, each of its own size), or an array with one more leading axis: a video's
 ``[frames, C, H, W]``, whose frames are items that one tag names together (a list may mix
-images and videos). Each item's size is checked by its
-encoder (``ModelBuilder.item_tokens``), which also says how many tokens it becomes; the counts
-follow the edges (projectors' ``output_tokens``) to the backbone's placeholder ports.
+images and videos). An audio item may also be the path of a ``.wav`` file (relative to the
+working folder), which the encoder's builder turns into the features it takes
+(:func:`~mimo_builder._internal.data.wav.wav_features`; the file is read each time the sample
+is). Each item's size is checked by its encoder (``ModelBuilder.item_tokens``), which also says
+how many tokens it becomes; the counts follow the edges (projectors' ``output_tokens``) to the
+backbone's placeholder ports.
 """
 
 from __future__ import annotations
 
 import torch
 
+from mimo_builder._internal.data.wav import is_wav, wav_features
 from mimo_builder._internal.errors import ConfigError, DataError, MimoError
 from mimo_builder._internal.kinds.contract import output_tokens_of
 from mimo_builder._internal.runtime.items import Items
@@ -55,13 +59,20 @@ class ModalityReader:
         units = []
         for i, one in enumerate(values):
             where = f"{name}[{key!r}]" + (f"[{i}]" if values is value else "")
-            whole = _tensor(one, where)
+            whole = self._clip(one, node, where) if is_wav(one) else _tensor(one, where)
             if whole.dim() not in (axes, axes + 1):
                 raise DataError(f"{where} must be an array without the batch axis: an item of {axes} axes or a "
                                 f"video's frames ({axes + 1} axes){', or a list of them' if values is not value else ''}"
                                 f", got shape {tuple(whole.shape)}")
             units.append([whole] if whole.dim() == axes else list(whole))
         return units
+
+    def _clip(self, path, node: str, where: str) -> torch.Tensor:
+        """The features ``node`` takes for the ``.wav`` file ``path`` (its builder's front end)."""
+        try:
+            return wav_features(path, self.valid.builders[node])
+        except ValueError as err:  # a ConfigError too: a kind without an audio front end
+            raise DataError(f"{where}: {path}: {err}") from None
 
     def item_tokens(self, key: str, item: torch.Tensor, where: str) -> dict[str, int]:
         """Placeholder tokens one item of ``key`` brings to each backbone port it reaches."""

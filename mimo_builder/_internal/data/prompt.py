@@ -2,9 +2,12 @@
 
 Images are read from files (PNG, JPEG, ... through PIL) for the node bound to a ``pixel_values``
 port: resized to multiples of its patch up to its largest size and normalised with its config's
-``image_mean`` and ``image_std`` (CLIP's by default) (:func:`~mimo_builder._internal.data.llava.read_image`). Audio is a
-feature file for the node bound to a ``features`` port: ``.npy`` or ``.pt`` holding
-``[frames, mels]`` (the log-mel spectrogram the audio kind takes). Without tags in the text, one
+``image_mean`` and ``image_std`` (CLIP's by default) (:func:`~mimo_builder._internal.data.llava.read_image`). Audio is
+for the node bound to a ``features`` port: a ``.wav`` file (PCM, read by
+:func:`~mimo_builder._internal.data.wav.read_wav`), which that node's builder turns into the
+log-mel it takes (``ModelBuilder.features_from_waveform``: resampled to its rate, Whisper's or
+Parakeet's log-mel for the shipped kinds), or the features themselves as ``.npy`` or ``.pt``
+(``[frames, mels]``, as the port takes them). Without tags in the text, one
 ``<image>`` per image and one ``<audio>`` per clip go before it. With a tokenizer that has a chat
 template, or ``chat``, the text is a user turn of a conversation (the plain template otherwise);
 else it is the raw prompt.
@@ -17,10 +20,12 @@ from pathlib import Path
 
 import torch
 
+from mimo_builder._internal.data.wav import WAV_SUFFIX, wav_features
 from mimo_builder._internal.errors import ConfigError
 from mimo_builder._internal.validation import ValidGraph
 
 FEATURE_SUFFIXES = (".npy", ".pt")
+"""Files ``--audio`` reads as a clip's features, beside ``.wav`` files."""
 
 
 @dataclass(frozen=True)
@@ -39,9 +44,9 @@ class PromptRequest:
                 if not Path(path).is_file():
                     raise ConfigError(f"generate {flag} {path}: no such file")
         for path in self.audio:
-            if Path(path).suffix not in FEATURE_SUFFIXES:
-                raise ConfigError(f"generate --audio {path}: give the clip's log-mel features [frames, mels] as a "
-                                  f"{' or '.join(FEATURE_SUFFIXES)} file")
+            if Path(path).suffix.lower() not in (WAV_SUFFIX, *FEATURE_SUFFIXES):
+                raise ConfigError(f"generate --audio {path}: give a {WAV_SUFFIX} file (PCM) or the clip's log-mel "
+                                  f"features [frames, mels] as a {' or '.join(FEATURE_SUFFIXES)} file")
 
     def sample(self, valid: ValidGraph, tokenizer) -> dict:
         """The sample: the items under the graph's keys, the text as a prompt or a user turn."""
@@ -49,12 +54,12 @@ class PromptRequest:
         sample: dict = {}
         text = self.text
         if self.images:
-            key, config = _bound(valid, "pixel_values", "--image")
-            sample[key] = [_image(path, config) for path in self.images]
+            key, node = _bound(valid, "pixel_values", "--image")
+            sample[key] = [_image(path, valid.configs[node]) for path in self.images]
             text = _tagged(text, "<image>", len(self.images))
         if self.audio:
-            key, _ = _bound(valid, "features", "--audio")
-            sample[key] = [_features(path) for path in self.audio]
+            key, node = _bound(valid, "features", "--audio")
+            sample[key] = [_clip(path, valid.builders[node]) for path in self.audio]
             text = _tagged(text, "<audio>", len(self.audio))
         hf = getattr(tokenizer, "tokenizer", None)
         if self.chat or getattr(hf, "chat_template", None):
@@ -70,8 +75,8 @@ def _tagged(text: str, tag: str, count: int) -> str:
 
 
 def _bound(valid: ValidGraph, port: str, flag: str):
-    """(batch key, node config) of the graph's one input bound to a node's ``port``."""
-    found = [(key, valid.configs[node]) for key, (node, p) in valid.inputs.items() if p == port]
+    """(batch key, node) of the graph's one input bound to a node's ``port``."""
+    found = [(key, node) for key, (node, p) in valid.inputs.items() if p == port]
     if len(found) != 1:
         raise ConfigError(f"generate {flag}: the graph binds {len(found)} inputs to a node's '{port}' port; "
                           f"{flag} needs exactly one")
@@ -97,8 +102,19 @@ def image_processing(config) -> dict:
     return out
 
 
+def _clip(path: str, builder) -> torch.Tensor:
+    """One ``--audio`` clip as the features ``builder``'s node takes: a ``.wav`` file through its
+    front end, else a features file."""
+    if Path(path).suffix.lower() != WAV_SUFFIX:
+        return _features(path)
+    try:
+        return wav_features(path, builder)
+    except ValueError as err:  # a ConfigError too: a kind without an audio front end
+        raise ConfigError(f"generate --audio {path}: {err}") from None
+
+
 def _features(path: str) -> torch.Tensor:
-    if path.endswith(".npy"):
+    if Path(path).suffix.lower() == ".npy":
         import numpy as np
 
         value = np.load(path, allow_pickle=False)

@@ -264,6 +264,15 @@ class ModelBuilder(mcore_base.ModelBuilder):
         maximum, not a multiple of the patch). The default: ``output_tokens`` of the first axis."""
         return self.output_tokens({port: shape[0]})
 
+    def features_from_waveform(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        """The item this node's ``features`` port takes for one clip (without the batch axis), from
+        its mono ``waveform`` (float32 [samples] in [-1, 1]) at ``sample_rate`` Hz: the node's own
+        front end (resampling, log-mel), used for ``.wav`` files (``generate --audio clip.wav``, a
+        sample's ``.wav`` path). A ValueError for a clip the node cannot take (too short, too long).
+        The default: no audio front end, a ConfigError naming the kind."""
+        raise ConfigError(f"node kind '{self.config.builder}' ({type(self).__qualname__}) has no audio front end "
+                          "(ModelBuilder.features_from_waveform): give the features it takes instead of a waveform")
+
     def synthetic_inputs(self, batch_size: int, generator: torch.Generator,
                          tokens: dict[str, int]) -> dict[str, torch.Tensor]:
         """Random inputs for this node's ports that a graph binds to the batch (for demos and
