@@ -7,6 +7,10 @@ into plain folders. The Checkpointer adds the manifest and its gather, the fit c
 unpickling, the atomic commit (fsync, renames) and restoring every state. Target: ours / bare
 <= 1.15 for save + load. Also reported: one save in training steps of the same graph.
 
+Second, background saves (``run --async-save``): the mean step time while a background save is
+being written (every step from the fork to the step's publication) over the median step time
+without one, measured in alternation. Target: <= 1.10.
+
 Run: .venv/bin/python benchmarks/bench_checkpoint.py [--json out.json]
 """
 
@@ -75,7 +79,37 @@ def _measure(folder: str) -> dict[str, float]:
             again["rng"] = state.rng_state(dist.get_rank(), dist.get_world_size())
             dist_checkpointing.load(state.sharded_leaves(again), target)
 
-    return interleaved_medians({"ours": ours, "bare": bare, "step": step}, repeats=REPEATS)
+    times = interleaved_medians({"ours": ours, "bare": bare, "step": step}, repeats=REPEATS)
+    return {**times, **_background(checkpointer, step, folder)}
+
+
+def _background(checkpointer, step, folder: str) -> dict[str, float]:
+    """Median plain step; mean step while a background save is written; steps per save."""
+    import statistics
+    import time
+
+    def timed() -> float:
+        start = time.perf_counter()
+        step()
+        return time.perf_counter() - start
+
+    plain, during, spans, stalls, blocking = [], [], [], [], []
+    for i in range(REPEATS):
+        plain.append(timed())
+        start = time.perf_counter()
+        checkpointer.save(f"{folder}/blocking", 1000 + i)
+        blocking.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        checkpointer.save(f"{folder}/background", 1000 + i, background=True)
+        stalls.append(time.perf_counter() - start)
+        span = []
+        while not span or not checkpointer.finish_background():
+            span.append(timed())
+        during.extend(span)
+        spans.append(len(span))
+    return {"plain_step": statistics.median(plain), "step_during_save": statistics.mean(during),
+            "steps_per_save": statistics.median(spans), "blocking_save": statistics.median(blocking),
+            "background_stall": statistics.median(stalls)}
 
 
 def main(argv=None) -> dict:
@@ -91,8 +125,17 @@ def main(argv=None) -> dict:
             ("bare dist_checkpointing save + load", f"{times['bare'] * 1e3:.0f} ms"),
             ("one training step", f"{times['step'] * 1e3:.0f} ms"),
             ("save + load in training steps", f"{times['ours'] / times['step']:.2f}")]
-    return report("checkpoint: Checkpointer vs bare dist_checkpointing (vlm, bf16, 2 ranks)", rows,
-                  "ours / bare", ratio, "<= 1.15", args.json)
+    report("checkpoint: Checkpointer vs bare dist_checkpointing (vlm, bf16, 2 ranks)", rows,
+           "ours / bare", ratio, "<= 1.15", args.json)
+    background = times["step_during_save"] / times["plain_step"]
+    rows = [("step without a save (median)", f"{times['plain_step'] * 1e3:.0f} ms"),
+            ("step while a background save is written (mean)", f"{times['step_during_save'] * 1e3:.0f} ms"),
+            ("steps a background save spans (median)", f"{times['steps_per_save']:.0f}"),
+            ("training stalled by a blocking save (median)", f"{times['blocking_save'] * 1e3:.0f} ms"),
+            ("training stalled by a background save (median: its planning)", f"{times['background_stall'] * 1e3:.0f} ms")]
+    return report("background saves (run --async-save; vlm, bf16, 2 ranks)", rows,
+                  "step during a save / step without", background, "<= 1.10",
+                  args.json and args.json.replace(".json", "_background.json"))
 
 
 if __name__ == "__main__":

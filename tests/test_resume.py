@@ -53,4 +53,4 @@ def test_save_interval_minutes_mistakes_are_named(tmp_path):
     zero = _main(*RUN, "--steps", "2", "--save", str(tmp_path), "--save-interval-minutes", "0")
     assert zero.returncode == 2 and "--save-interval-minutes: must be a number above 0" in zero.stderr
     alone = _main(*RUN, "--steps", "2", "--save-interval-minutes", "5")
-    assert alone.returncode == 2 and "--save-interval-minutes and --save-frozen need --save DIR" in alone.stderr
+    assert alone.returncode == 2 and "--save-interval-minutes, --save-frozen and --async-save need --save DIR" in alone.stderr

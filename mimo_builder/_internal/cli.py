@@ -283,7 +283,7 @@ def _run(args) -> int:
     options = TrainOptions(steps=args.steps, batch_size=args.batch_size, num_microbatches=args.microbatches,
                            lr=args.lr, save=args.save, save_interval=args.save_interval,
                            save_interval_minutes=args.save_interval_minutes, save_frozen=args.save_frozen,
-                           load=args.load, step_timeout_s=args.step_timeout,
+                           async_save=args.async_save, load=args.load, step_timeout_s=args.step_timeout,
                            first_step_timeout_s=args.first_step_timeout,
                            log_interval=args.log_interval, tensorboard=args.tensorboard,
                            peak_tflops=args.peak_tflops, data=args.data, eval_data=args.eval_data,
@@ -316,8 +316,9 @@ def _check_checkpoint_args(args, valid) -> None:
     from mimo_builder._internal.checkpoint.checkpointer import check_resumable
     from mimo_builder._internal.errors import ConfigError
 
-    if (args.save_interval is not None or args.save_interval_minutes is not None or args.save_frozen) and not args.save:
-        raise ConfigError("--save-interval, --save-interval-minutes and --save-frozen need --save DIR")
+    if (args.save_interval is not None or args.save_interval_minutes is not None or args.save_frozen
+            or args.async_save) and not args.save:
+        raise ConfigError("--save-interval, --save-interval-minutes, --save-frozen and --async-save need --save DIR")
     if args.resume:
         args.load = _resume_from(args)
     if args.load:  # a missing folder, a bad manifest, another graph or a damaged shard: before any rank starts

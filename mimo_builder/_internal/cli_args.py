@@ -174,6 +174,9 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                    help="also save once M minutes of wall time passed since the last save (rank 0's clock)")
     p.add_argument("--save-frozen", action="store_true",
                    help="also save frozen nodes (by default they come back from their init: source)")
+    p.add_argument("--async-save", action="store_true",
+                   help="write each save but the last in the background while training goes on (MCore's async "
+                        "save: a forked writer); a step is published once every rank's writer is done")
     p.add_argument("--load", metavar="DIR", help="resume from DIR (its latest step, or a step folder); "
                                                  "--steps is the step to finish at")
     p.add_argument("--resume", action="store_true",

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from mimo_builder._internal.platform import compat
 from mimo_builder._internal.checkpoint import files, state
+from mimo_builder._internal.checkpoint.background import BackgroundSaves
 from mimo_builder._internal.checkpoint.checks import intact_hint, raise_if_any, shape_problems, shard_problems
 from mimo_builder._internal.checkpoint.files import DataPosition, Manifest, NodeRecord
 from mimo_builder._internal.checkpoint.lora_fit import lora_problems, lora_record
@@ -59,15 +60,45 @@ class Checkpointer:
         self.save_frozen = save_frozen
         self.valid = model.valid
         self.control = model.control
+        self.background = BackgroundSaves()
+        self.published: list[Path] = []  # background steps published while a new save started
+        self._writing: tuple[Path, int] | None = None  # the background save's root and step
+        self._strategy = None  # MCore's save strategy, made at the first save
 
     # --- save -----------------------------------------------------------------------------------
 
     def save(self, root: str | Path, step: int, data: DataPosition | None = None,
-             stream_states: dict[int, dict] | None = None) -> Path:
+             stream_states: dict[int, dict] | None = None, background: bool = False) -> Path | None:
         """Write step ``step`` under ``root``; returns the step folder (on every rank).
-        ``stream_states``: this rank's share of the data stream's state per chunk (RankLoader.states)."""
+        ``stream_states``: this rank's share of the data stream's state per chunk (RankLoader.states).
+        ``background``: fork the write and return None at once; the step is published by a later
+        :meth:`finish_background` (a save still being written is finished first, waiting)."""
         with self._guarded("checkpoint save"):
-            return self._save(Path(root), step, data, stream_states or {})
+            earlier = self.background.finish(wait=True) if self.background.busy else []
+            self.published.extend(earlier)
+            return self._save(Path(root), step, data, stream_states or {}, background)
+
+    def finish_background(self, wait: bool = False) -> list[Path]:
+        """The step folders of background saves published since the last call (every rank calls
+        it at the same point; ``wait``: until every save is)."""
+        done = []
+        if self.background.busy:
+            with self._guarded("checkpoint save"):
+                try:
+                    done = self.background.finish(wait)
+                except (Exception, CheckpointException) as err:  # a writer failed on some rank
+                    raise _save_error(err, *self._writing, 0) from err
+        published, self.published = [*self.published, *done], []
+        return published
+
+    @contextlib.contextmanager
+    def writing(self):
+        """A block whose failure stops the background writers, their steps unpublished."""
+        try:
+            yield self
+        except BaseException:
+            self.background.abort()
+            raise
 
     @contextlib.contextmanager
     def _guarded(self, what: str):
@@ -76,7 +107,8 @@ class Checkpointer:
         with guard.watch("checkpoint", timeout_s=self.timeout_s or math.inf), guard.publishing(what):
             yield
 
-    def _save(self, root: Path, step: int, data: DataPosition | None, stream_states: dict[int, dict]) -> Path:
+    def _save(self, root: Path, step: int, data: DataPosition | None, stream_states: dict[int, dict],
+              background: bool = False) -> Path | None:
         rank = dist.get_rank()
         raise_if_any(self.control, self._overwrite_problems(root) if rank == 0 else [])
         if rank == 0:
@@ -86,16 +118,38 @@ class Checkpointer:
         tree = self._tree(loading=False, nodes=self._saved_nodes(), adapters_only=self._adapters_only())
         tree["rng"] = state.rng_state(rank, dist.get_world_size())
         records = self._records(tree)
+        manifest = Manifest(step=step, world_size=dist.get_world_size(), graph=self.valid.graph.as_dict(),
+                            nodes=records, data=data, skipped_steps=getattr(self.optimizer, "skipped_steps", 0),
+                            seed=self.model.seed, device=state.device_kind())
         with self._scope():
             try:
-                dist_checkpointing.save(state.sharded_leaves(tree), str(files.partial_dir(root, step)))
+                request = dist_checkpointing.save(state.sharded_leaves(tree), str(files.partial_dir(root, step)),
+                                                  sharded_strategy=self._save_strategy(),
+                                                  async_sharded_save=background, async_strategy="mcore")
             except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
                 raise _save_error(err, root, step, state.tensor_bytes(tree)) from err
-        if rank == 0:
-            manifest = Manifest(step=step, world_size=dist.get_world_size(), graph=self.valid.graph.as_dict(),
-                                nodes=records, data=data,
-                                skipped_steps=getattr(self.optimizer, "skipped_steps", 0), seed=self.model.seed,
-                                device=state.device_kind())
+        if background:
+            self._writing = (root, step)
+            self.background.start(request, lambda: self._commit(root, step, manifest))
+            return None
+        return self._commit(root, step, manifest)
+
+    def _save_strategy(self):
+        """MCore's torch_dist saving, each replicated shard written by one of its holders chosen
+        to balance the bytes per rank (MCore's fully parallel save over the graph's ranks). The
+        distribution and the global save plan are computed at the first save and reused: every
+        save of a run holds the same shards (MCore checks the local plans still match)."""
+        if self._strategy is None:
+            from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+            from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+            base = TorchDistSaveShardedStrategy(cached_metadata=True)  # plans gathered once, reused while they hold
+            self._strategy = FullyParallelSaveStrategyWrapper(base, self.control, do_cache_distribution=True)
+        return self._strategy
+
+    def _commit(self, root: Path, step: int, manifest: Manifest) -> Path:
+        """Publish the written step (rank 0: manifest, rename, ``latest``); on every rank."""
+        if dist.get_rank() == 0:
             files.commit(root, step, manifest)
         dist.barrier(group=self.control)
         return root / files.step_name(step)

@@ -24,7 +24,8 @@ from mimo_builder._internal.platform.private import set_element
 _DCP = "torch.distributed.checkpoint"
 _RECORD_MODULES = {f"{_DCP}.metadata", f"{_DCP}.planner"}
 _ALLOWED_NAMES = {(f"{_DCP}.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
-                  ("collections", "OrderedDict"), ("torch", "Size")}
+                  ("collections", "OrderedDict"), ("torch", "Size"),
+                  (f"{_DCP}.filesystem", "_StoragePrefix")}  # a dataclass of one str: a cached save plan's
 _BUILTINS = {"set", "frozenset", "tuple", "list", "dict", "int", "float", "str", "bytes", "bool", "slice"}
 
 

@@ -71,6 +71,10 @@ def _cpu_device_queries(patch: Patch) -> None:
     patch(torch.cuda, "stream", lambda stream=None: contextlib.nullcontext())
 
 
+def _synchronize_noop(patch: Patch) -> None:
+    patch(torch.cuda, "synchronize", lambda device=None: None)
+
+
 def _tensor_cuda_noop(patch: Patch) -> None:
     patch(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
 
@@ -151,14 +155,6 @@ class CudaFactoriesOnCpu(TorchFunctionMode):
         if func is torch.Tensor.type and len(args) == 1 and not kwargs and out.startswith("torch."):
             return out if out.startswith("torch.cuda.") else "torch.cuda." + out[len("torch."):]
         return out
-
-
-def _checkpoint_staging_without_sync(patch: Patch) -> None:
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-
-    stage = FileSystemWriterAsync.preload_tensors
-    patch(FileSystemWriterAsync, "preload_tensors",
-          staticmethod(lambda buckets, non_blocking=True: stage(buckets, non_blocking=False)))
 
 
 def _writer_queue_dies_with_rank(patch: Patch) -> None:
@@ -249,9 +245,9 @@ WORKAROUNDS: dict[str, Workaround] = {
             needed_on=_te_missing,
         ),
         Workaround(
-            "checkpoint_staging_sync",
-            "dist_checkpointing stages tensors with non_blocking copies, then torch.cuda.synchronize().",
-            _checkpoint_staging_without_sync,
+            "cuda_synchronize",
+            "dist_checkpointing calls torch.cuda.synchronize() after staging tensors in host memory.",
+            _synchronize_noop,
         ),
         Workaround(
             "writer_queue_dies_with_rank",

@@ -51,6 +51,8 @@ class TrainOptions:
     """Also save once this much wall time passed since the last save (None: by steps only)."""
     save_frozen: bool = False
     """Also save frozen nodes (else they come back from their ``init`` source)."""
+    async_save: bool = False
+    """Write each save but the last (and a preemption's) in the background while training goes on."""
     load: str | None = None
     """Checkpoint to resume from (a folder with ``latest``, or one step folder)."""
     step_timeout_s: float | None = 60.0
@@ -121,7 +123,7 @@ def _train_built(model, options: TrainOptions, device) -> list[float]:
     held_out = _data(options, options.eval_data, "--eval-data", model.valid) if options.eval_data else None
     work = graph_work(model, options.batch_size, options.num_microbatches, device, options.peak_tflops)
     losses, packed = [], PackedCount()
-    with _monitor(options, done + 1, work) as monitor:
+    with _monitor(options, done + 1, work) as monitor, checkpointer.writing():
         before = _evaluate(monitor, schedule, model, held_out, options, "before training") if held_out else None
         timer.take()  # evaluation is not part of the first step's time
         if device.type == "cuda":
@@ -144,14 +146,16 @@ def _train_built(model, options: TrainOptions, device) -> list[float]:
                     nonfinite_nodes=result.nonfinite_nodes), _tokens(batch))
                 received, timed = signals.agree(model.control, clock.due())
                 due = timed or step == options.steps or (options.save_interval and step % options.save_interval == 0)
+                _published(monitor, checkpointer.finish_background())
                 if options.save and (due or received):
-                    save(step)
+                    save(step, background=options.async_save and not received and step < options.steps)
                     clock.saved()
                 if received and step < options.steps:
                     raise _preempted(options, step, received)
                 if held_out and _eval_due(options, step):
                     _evaluate(monitor, schedule, model, held_out, options, f"at step {step}")
                     timer.take()  # evaluation is not part of the next step's time
+        _published(monitor, checkpointer.finish_background(wait=True))
         if packed.rows:
             _message(monitor, packed.line())
         if optimizer.skipped_steps:
@@ -194,10 +198,18 @@ def _data(options: TrainOptions, ref: str, flag: str, valid):
     return load_data(ref, flag, valid, image_root=options.image_root, tokenizer=options.tokenizer)
 
 
-def _save(monitor, checkpointer: Checkpointer, options: TrainOptions, loader, data_seed: int, step: int) -> None:
+def _save(monitor, checkpointer: Checkpointer, options: TrainOptions, loader, data_seed: int, step: int,
+          background: bool = False) -> None:
     path = checkpointer.save(options.save, step, _position(loader, options, data_seed, step),
-                             loader.states() if loader is not None else None)
-    _message(monitor, f"saved step {step} to {path}")
+                             loader.states() if loader is not None else None, background=background)
+    _published(monitor, checkpointer.finish_background())  # a background save the new one waited for
+    _message(monitor, f"saving step {step} in the background" if background else f"saved step {step} to {path}")
+
+
+def _published(monitor, folders) -> None:
+    """Say which background saves were published (their step folders)."""
+    for folder in folders:
+        _message(monitor, f"saved step {int(folder.name.split('_')[-1])} to {folder}")
 
 
 def _preempted(options: TrainOptions, step: int, received: str) -> Preempted:
