@@ -25,7 +25,8 @@ _PUBLIC = LazyNames(__name__, {
     "costs": _I + "kinds.costs:*",
     # inside run(): the module a builder built, out of its DDP / Float16Module wrappers
     "unwrap": _I + "assembly.tp_shard",
-    # ragged inputs: per sample a list of items (ModelBuilder.ragged_inputs, item_tokens)
+    # ragged inputs: per sample a list of items (ModelBuilder.ragged_inputs, item_tokens,
+    # features_from_waveform for .wav clips)
     "Items": _I + "runtime.items", "run_items": _I + "runtime.items",
     # Hugging Face weights
     "HFMapping": _I + "hf.mapping", "Expect": _I + "hf.mapping", "Rule": _I + "hf.mapping",
