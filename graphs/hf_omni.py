@@ -5,8 +5,8 @@ language model, read by ``mimo-builder import-hf`` and written by ``export --as 
 The graph: ``vision.embeddings -> proj.input``, ``proj.output -> lm.image``, and (when the
 folder has an audio tower) ``audio.embeddings -> audio_proj.input``, ``audio_proj.output ->
 lm.audio``. The tower pixel-shuffles its patches (``pixel_shuffle`` = 1 / downsample_ratio),
-so the projector reads them as Nemotron-Omni's does. Every node reads the folder. Video (its
-tubelet projection) is held but not run: frames go through the image projection one by one.
+so the projector reads them as Nemotron-Omni's does. Every node reads the folder. A video under
+the images' key runs as tubelets through the tower's video projection (``video_patch_frames``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ PROJECTOR_ROOTS = {"image": "mlp1.", "audio": "sound_projection."}
 
 def graph_from_omni(folder: str, hf: dict) -> dict:
     """The graph document of the Nemotron-Omni folder ``folder`` (its config.json is ``hf``)."""
+    _no_pruning(hf)
     text = hf.get("text_config", {})
     lm = node_config(text, "config.json text_config", ("nemotron_h",))
     shuffle = _shuffle(hf)
@@ -59,6 +60,13 @@ def graph_from_omni(folder: str, hf: dict) -> dict:
            "inputs": {**inputs, "input_ids": "lm.input_ids", "labels": "lm.labels", "loss_mask": "lm.loss_mask"},
            "outputs": ["lm.loss"]}
     return {**doc, **tokenizer_entry(folder)}
+
+
+def _no_pruning(hf: dict) -> None:
+    rate = hf.get("video_pruning_rate", 0.0)
+    if rate:
+        raise ConfigError(f"config.json video_pruning_rate={rate!r} is not supported (efficient video sampling "
+                          "drops tokens by content); supported: 0.0")
 
 
 def _shuffle(hf: dict) -> int:

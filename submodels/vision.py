@@ -68,11 +68,27 @@ class VisionBuilder(ModelBuilder):
 
     def item_tokens(self, port, shape):
         """One image [C, H, W]: (H / patch) x (W / patch) patches (+ the class token); H and W
-        multiples of the patch up to ``largest_image``, C the configured channels."""
+        multiples of the patch up to ``largest_image``, C the configured channels (or, with
+        ``video_patch_frames``, a tubelet's: as many tokens as an image)."""
         channels, height, width = shape
-        if channels != self.config.num_channels:
-            raise ValueError(f"an image of {channels} channels; the tower takes {self.config.num_channels}")
-        return {"embeddings": self.config.image_tokens(height, width)}
+        cfg = self.config
+        tubelet = cfg.num_channels * (cfg.video_patch_frames or 1)
+        if channels not in (cfg.num_channels, tubelet):
+            also = f" (or {tubelet}: a tubelet of {cfg.video_patch_frames} frames)" if tubelet != cfg.num_channels else ""
+            raise ValueError(f"an image of {channels} channels; the tower takes {cfg.num_channels}{also}")
+        return {"embeddings": cfg.image_tokens(height, width)}
+
+    def video_items(self, port, frames):
+        """With ``video_patch_frames`` T: the video's tubelets, T frames each stacked along the
+        channels (the last frame repeated to fill the last), as Nemotron-Omni packs them;
+        else its frames one by one."""
+        count = self.config.video_patch_frames
+        if not count:
+            return list(frames)
+        short = -len(frames) % count
+        if short:
+            frames = torch.cat([frames, frames[-1:].expand(short, *frames.shape[1:])])
+        return list(frames.reshape(len(frames) // count, count * frames.shape[1], *frames.shape[2:]))
 
     def run(self, model, inputs):
         """``embeddings`` of ``pixel_values``: a stacked batch, or Items (a list of images per

@@ -66,9 +66,10 @@ class VisionConfig(TransformerModelConfig):
     then be multiples of patch_size * s."""
 
     video_patch_frames: PositiveInt | None = None
-    """Frames per patch of RADIO's video patch projection (video_temporal_patch_size): the
-    projection is held frozen, read and written with the tower's weights; video frames still run
-    through the image projection one by one. Layout 'radio' only."""
+    """Frames per tubelet of RADIO's video patch projection (video_temporal_patch_size): a video's
+    frames are grouped this many at a time (the last frame repeated to fill the last tubelet),
+    each tubelet runs through the video projection and brings one image's tokens, as
+    Nemotron-Omni's video path. Unset: frames run one by one as images. Layout 'radio' only."""
 
     activation: Literal["quick_gelu", "gelu", "gelu_tanh"] = "quick_gelu"
     """MLP activation (CLIP uses quick_gelu; SigLIP gelu_tanh, transformers' gelu_pytorch_tanh)."""

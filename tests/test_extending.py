@@ -299,7 +299,7 @@ def test_one_kinds_schema_describes_every_field(capsys, monkeypatch):
 def test_an_unknown_kind_names_the_known_ones(capsys):
     assert cli.main(["schema", "--builder", "mambo"]) == 2
     err = capsys.readouterr().err
-    assert "unknown builder 'mambo'" in err and "audio, gpt, mamba, projector, vision" in err
+    assert "unknown builder 'mambo'" in err and "audio, conformer, gpt, mamba, projector, vision" in err
 
 
 # --- the example node kind trains in a graph (the one multi-rank test here) ---------------------

@@ -99,7 +99,7 @@ def test_a_folder_of_another_model_type_is_named(llava, tmp_path):
     (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
     result = main_in_process("import-hf", str(folder), "-o", str(tmp_path / "g.yaml"))
     assert result.returncode == 2, result.stderr
-    assert "model_type 'qwen2_vl' cannot be imported; supported: ['llava', 'mamba2', 'nemotron_h']" in result.stderr
+    assert "model_type 'qwen2_vl' cannot be imported; supported: ['llava', 'mamba2', 'nemotron_h', 'nemotron_h_omni']" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "g.yaml").exists()
 
 
@@ -193,4 +193,4 @@ def test_export_as_llava_names_a_node_llava_has_no_place_for(tmp_path):
     result = main_in_process("export", str(doc), "--load", str(tmp_path / "none"), "-o", str(tmp_path / "o"),
                              "--as", "gguf")
     assert result.returncode == 2, result.stderr
-    assert "--as 'gguf': no such whole-model format; installed: ['llava', 'mamba2', 'nemotron_h']" in result.stderr
+    assert "--as 'gguf': no such whole-model format; installed: ['llava', 'mamba2', 'nemotron_h', 'nemotron_h_omni']" in result.stderr

@@ -143,7 +143,7 @@ def _imported_forward(doc: str, folder: str, audio: bool) -> dict:
     return {"ours": ours, "theirs": theirs}
 
 
-@pytest.mark.parametrize("folder", ["image", "full"])
+@pytest.mark.parametrize("folder", ["full", pytest.param("image", marks=pytest.mark.slow)])
 def test_the_imported_graph_gives_transformers_logits(omni, folder):
     doc, _ = _import(omni, folder, f"{folder}.yaml")
     got = run_ranks(1, _imported_forward, str(doc), str(omni / folder), folder == "full")[0]
@@ -231,6 +231,7 @@ def test_export_as_omni_names_what_does_not_fit(tmp_path):
 @pytest.mark.parametrize("edit, named", [
     ({"vision_config": {"use_swiglu_ffn": True}}, "config.json vision_config.use_swiglu_ffn=True is not supported"),
     ({"downsample_ratio": 0.3}, "config.json downsample_ratio=0.3: supported are 1 / n"),
+    ({"video_pruning_rate": 0.5}, "config.json video_pruning_rate=0.5 is not supported"),
     ({"audio_config": {"hidden_act": "relu"}}, "config.json audio_config.hidden_act='relu' is not supported"),
     ({"text_config": {"model_type": "llama"}}, "config.json text_config.model_type='llama' cannot be imported here")])
 def test_import_names_a_field_the_kinds_cannot_honour(omni, tmp_path, edit, named):
@@ -247,3 +248,38 @@ def test_import_names_a_field_the_kinds_cannot_honour(omni, tmp_path, edit, name
     result = main_in_process("import-hf", str(folder), "-o", str(tmp_path / "g.yaml"))
     assert result.returncode == 2 and named in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "g.yaml").exists()
+
+
+def _video_features(doc: str, folder: str) -> dict:
+    """A 3-frame video through the imported tower and projector (tubelets of 2, the last frame
+    repeated), and through transformers' Nemotron-Omni video path."""
+    import transformers as tf
+
+    from mimo_builder._internal.assembly.walker import CompositeBuilder
+    from mimo_builder._internal.kinds.loading import load_graph
+    from mimo_builder._internal.platform import compat
+
+    compat.init_runtime("cpu")
+    video = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    (model,) = CompositeBuilder(load_graph(doc).colocated(1), seed=5).build_distributed_models(wrap_with_ddp=False)
+    vision, proj = (model.valid.builders[n] for n in ("vision", "proj"))
+    tubelets = vision.video_items("pixel_values", video)
+    with torch.no_grad():
+        features = vision.run(model.chunks("vision")[0].eval(), {"pixel_values": torch.stack(tubelets)})["embeddings"]
+        ours = proj.run(model.chunks("proj")[0].eval(), {"input": features})["output"].flatten(0, 1)
+    tokens = [vision.item_tokens("pixel_values", tuple(t.shape))["embeddings"] for t in tubelets]
+    model.close()
+    hf = tf.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    with torch.no_grad():
+        theirs = hf.get_video_features(video).pooler_output[0]  # [frames, C, H, W]: one video
+    return {"ours": ours, "theirs": theirs, "tubelets": [tuple(t.shape) for t in tubelets], "tokens": tokens}
+
+
+def test_a_video_runs_as_nemotron_omnis_tubelets(omni):
+    """Frames grouped 2 at a time through RADIO's video projection: transformers' video features."""
+    doc, _ = _import(omni, "full", "video.yaml")
+    got = run_ranks(1, _video_features, str(doc), str(omni / "full"))[0]
+    assert got["tubelets"] == [(6, 16, 16), (6, 16, 16)] and got["tokens"] == [IMAGE_TOKENS, IMAGE_TOKENS]
+    assert got["ours"].shape == got["theirs"].shape == (2 * IMAGE_TOKENS, 32)
+    error = float((got["ours"] - got["theirs"]).abs().max() / got["theirs"].abs().max())
+    assert error <= 1e-5, error

@@ -9,11 +9,11 @@ transformers is imported only inside the spawned rank that builds the reference 
 """
 
 import json
-import shutil
 
 import pytest
 import torch
 
+from hf_folders import builder_of, edited_folder
 from multirank import run_ranks
 
 SEED, BATCH, REL_TOL = 13, 2, 1e-5
@@ -264,17 +264,11 @@ def test_tp2_equals_transformers_tp1_exports_and_gradients(tp1):
 # --- named errors and token counts (no process group: config.json and headers only) ------------
 
 def _builder(config):
-    from mimo_builder._internal.kinds.config import ModelConfig
-
-    return ModelConfig.from_dict(config).make_builder()
+    return builder_of(config)
 
 
 def _edited(root, tmp_path, **fields):
-    folder = tmp_path / "edited"
-    shutil.copytree(root / "encoder", folder)
-    data = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**data, **fields}))
-    return folder
+    return edited_folder(root / "encoder", tmp_path, **fields)
 
 
 def test_an_activation_the_kind_lacks_is_named(tp1, tmp_path):

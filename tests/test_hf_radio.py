@@ -4,12 +4,11 @@ gives transformers' patch features at TP=1 and TP=2 at the configured size and a
 cropped position embeddings); the export loads in transformers; the pixel shuffle is
 Nemotron-Omni's. transformers is imported only inside spawned ranks."""
 
-import json
-import shutil
 
 import pytest
 import torch
 
+from hf_folders import builder_of, edited_folder
 from multirank import run_ranks
 
 REL_TOL = 1e-5
@@ -126,11 +125,7 @@ def test_the_pixel_shuffle_is_nemotron_omnis():
 # --- named errors (no process group) ------------------------------------------------------------
 
 def _edited(root, tmp_path, **fields):
-    folder = tmp_path / "edited"
-    shutil.copytree(root, folder)
-    data = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**data, **fields}))
-    return folder
+    return edited_folder(root, tmp_path, **fields)
 
 
 @pytest.mark.parametrize("field, value, named", [
@@ -138,11 +133,10 @@ def _edited(root, tmp_path, **fields):
     ("use_swiglu_ffn", True, "use_swiglu_ffn=True"), ("num_registers", 4, "num_registers=4 but the node has registers=1")])
 def test_a_folder_the_node_cannot_honour_is_named(tp1, tmp_path, field, value, named):
     from mimo_builder._internal.hf import HFConfigError, check_folder
-    from mimo_builder._internal.kinds.config import ModelConfig
 
     root, _ = tp1
     with pytest.raises(HFConfigError, match=named.replace("(", r"\(").replace(")", r"\)")):
-        check_folder(ModelConfig.from_dict(NODE).make_builder(), _edited(root, tmp_path, **{field: value}), "node 'v'")
+        check_folder(builder_of(NODE), _edited(root, tmp_path, **{field: value}), "node 'v'")
 
 
 @pytest.mark.parametrize("fields, named", [

@@ -6,12 +6,11 @@ size and, with the position table interpolated, at another; the export loads in 
 transformers is imported only inside the spawned rank that builds the reference models.
 """
 
-import json
-import shutil
 
 import pytest
 import torch
 
+from hf_folders import builder_of, edited_folder
 from multirank import run_ranks
 
 SEED, BATCH, REL_TOL = 11, 2, 1e-5
@@ -166,17 +165,11 @@ def test_tp2_import_from_the_document_equals_transformers_and_tp1(tp1):
 # --- named errors (no process group: config.json and headers only) --------------------------
 
 def _builder(config):
-    from mimo_builder._internal.kinds.config import ModelConfig
-
-    return ModelConfig.from_dict(config).make_builder()
+    return builder_of(config)
 
 
 def _edited(root, tmp_path, **fields):
-    folder = tmp_path / "edited"
-    shutil.copytree(root / "vision", folder)
-    data = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**data, **fields}))
-    return folder
+    return edited_folder(root / "vision", tmp_path, **fields)
 
 
 def test_a_clip_node_on_a_siglip_folder_is_told_the_layout(tp1):

@@ -4,7 +4,8 @@ A batch key bound to an encoder input may hold, per sample: nothing (the key abs
 no item), one array shaped as the port without its batch axis (one item), a list of such arrays
 (0..N items, each of its own size), or an array with one more leading axis: a video's
 ``[frames, C, H, W]``, whose frames are items that one tag names together (a list may mix
-images and videos). An audio item may also be the path of a ``.wav`` file (relative to the
+images and videos; an encoder may group the frames, ``ModelBuilder.video_items``: RADIO's
+tubelets). An audio item may also be the path of a ``.wav`` file (relative to the
 working folder), which the encoder's builder turns into the features it takes
 (:func:`~mimo_builder._internal.data.wav.wav_features`; the file is read each time the sample
 is). Each item's size is checked by its encoder (``ModelBuilder.item_tokens``), which also says
@@ -49,7 +50,7 @@ class ModalityReader:
 
     def units(self, sample: dict, key: str, name: str) -> list[list[torch.Tensor]]:
         """What the text's tags name under ``key``, in order: an image or clip is one item, a video
-        (an array with one more leading axis) its frames together."""
+        (an array with one more leading axis) its frames together (as its encoder groups them)."""
         value = sample.get(key)
         if value is None:
             return []
@@ -64,7 +65,7 @@ class ModalityReader:
                 raise DataError(f"{where} must be an array without the batch axis: an item of {axes} axes or a "
                                 f"video's frames ({axes + 1} axes){', or a list of them' if values is not value else ''}"
                                 f", got shape {tuple(whole.shape)}")
-            units.append([whole] if whole.dim() == axes else list(whole))
+            units.append([whole] if whole.dim() == axes else self.valid.builders[node].video_items(port, whole))
         return units
 
     def _clip(self, path, node: str, where: str) -> torch.Tensor:

@@ -264,6 +264,11 @@ class ModelBuilder(mcore_base.ModelBuilder):
         maximum, not a multiple of the patch). The default: ``output_tokens`` of the first axis."""
         return self.output_tokens({port: shape[0]})
 
+    def video_items(self, port: str, frames: torch.Tensor) -> list[torch.Tensor]:
+        """The items a video ``frames`` (its frames along the first axis) becomes on the ragged
+        input ``port``, which one tag names together. The default: its frames one by one."""
+        return list(frames)
+
     def features_from_waveform(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
         """The item this node's ``features`` port takes for one clip (without the batch axis), from
         its mono ``waveform`` (float32 [samples] in [-1, 1]) at ``sample_rate`` Hz: the node's own
