@@ -12,8 +12,9 @@ _WORKER_LEFTOVERS = pytest.StashKey[list]()
 SLOW_MODULES = frozenset("""
     test_balance test_batches test_bridge test_checkpoint test_context_expert test_control_plane test_copies
     test_damaged_checkpoints test_data test_distributed test_encoder_batching test_encoders test_energon
-    test_export_cli test_extending test_forward_outputs test_free_running test_generate test_generate_cli
-    test_gpt_tensor_parallel test_gpu_check test_hf_import test_hf_llava test_hf_siglip test_hf_nemotron_h
+    test_async_save test_export_cli test_extending test_forward_outputs test_free_running test_generate test_generate_cli
+    test_gpt_tensor_parallel test_gpu_check test_hf_import test_hf_llava test_hf_siglip test_hf_nemotron_h test_hf_omni
+    test_hf_parakeet test_hf_radio
     test_interop test_label_free_generation test_launch test_leftovers test_lifecycle test_llava_data test_lora test_lora_checkpoints
     test_mamba test_multinode test_optimizer test_packing test_parity test_per_token_loss test_pipeline
     test_place test_plan_estimates test_port_contract test_preemption test_ragged_items test_ragged_plan
