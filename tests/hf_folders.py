@@ -21,3 +21,14 @@ def edited_folder(source, tmp_path, **fields):
     data = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**data, **fields}))
     return folder
+
+
+def assert_same_exports(root, nodes, tp: int = 2) -> None:
+    """Each node's export at TP ``tp`` (``root/export_tp{tp}/<node>``) holds its TP1 export's tensors, bitwise."""
+    import torch
+    from safetensors.torch import load_file
+
+    for node in nodes:
+        want = load_file(f"{root}/export_tp1/{node}/model.safetensors")
+        got = load_file(f"{root}/export_tp{tp}/{node}/model.safetensors")
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), node

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from hf_folders import builder_of, edited_folder
+from hf_folders import assert_same_exports, builder_of, edited_folder
 from multirank import run_ranks
 
 SEED, BATCH, REL_TOL = 13, 2, 1e-5
@@ -241,8 +241,6 @@ def test_backward_leaves_the_batch_norm_statistics(tp1):
 
 @pytest.mark.slow
 def test_tp2_equals_transformers_tp1_exports_and_gradients(tp1):
-    from safetensors.torch import load_file
-
     root, results = tp1
     ranks = run_ranks(2, _run_graph, str(root), 2, results["ref"])
     for got in ranks:
@@ -255,17 +253,10 @@ def test_tp2_equals_transformers_tp1_exports_and_gradients(tp1):
         for name, grad in got["backward"]["grads"].items():
             want = results["backward"]["grads"][name]
             assert float((grad - want).abs().max()) <= REL_TOL * float(want.abs().max()), name
-    for node in NODES:
-        want = load_file(f"{root}/export_tp1/{node}/model.safetensors")
-        got = load_file(f"{root}/export_tp2/{node}/model.safetensors")
-        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), node
+    assert_same_exports(root, NODES)
 
 
 # --- named errors and token counts (no process group: config.json and headers only) ------------
-
-def _builder(config):
-    return builder_of(config)
-
 
 def _edited(root, tmp_path, **fields):
     return edited_folder(root / "encoder", tmp_path, **fields)
@@ -275,7 +266,7 @@ def test_an_activation_the_kind_lacks_is_named(tp1, tmp_path):
     from mimo_builder._internal.hf import HFConfigError, check_folder
 
     with pytest.raises(HFConfigError, match=r"hidden_act='relu' but the node has activation='silu'"):
-        check_folder(_builder(_node_config("encoder")), _edited(tp1[0], tmp_path, hidden_act="relu"), "node 'a'")
+        check_folder(builder_of(_node_config("encoder")), _edited(tp1[0], tmp_path, hidden_act="relu"), "node 'a'")
 
 
 @pytest.mark.parametrize("fields, named", [
@@ -287,7 +278,7 @@ def test_a_folder_of_another_shape_names_both_fields(tp1, tmp_path, fields, name
     from mimo_builder._internal.hf import HFConfigError, check_folder
 
     with pytest.raises(HFConfigError, match=named):
-        check_folder(_builder(_node_config("encoder")), _edited(tp1[0], tmp_path, **fields), "node 'a'")
+        check_folder(builder_of(_node_config("encoder")), _edited(tp1[0], tmp_path, **fields), "node 'a'")
 
 
 @pytest.mark.parametrize("prefix", ["audio_tower.", "sound_encoder.encoder."])
@@ -310,12 +301,12 @@ def test_an_omni_folder_is_read_under_its_audio_tower(tp1, tmp_path, prefix):
     save_file(tensors, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({"model_type": "nemotron_h_omni",
                                                     "audio_config": {**audio, "model_type": "parakeet"}}))
-    check_folder(_builder(_node_config("encoder")), folder, "node 'a'")
+    check_folder(builder_of(_node_config("encoder")), folder, "node 'a'")
 
 
 @pytest.mark.parametrize("factor, frames, tokens", [(8, 64, 8), (8, 37, 5), (4, 37, 10), (8, 1, 1), (4, 200, 50)])
 def test_tokens_per_clip_follow_the_strided_convolutions(factor, frames, tokens):
-    builder = _builder({**_node_config("encoder"), "subsampling_factor": factor})
+    builder = builder_of({**_node_config("encoder"), "subsampling_factor": factor})
     assert builder.item_tokens("features", (frames, 16)) == {"embeddings": tokens}
     assert builder.output_tokens({"features": frames}) == {"embeddings": tokens}
 
@@ -325,7 +316,7 @@ def test_tokens_per_clip_follow_the_strided_convolutions(factor, frames, tokens)
                                           ((40, 12), r"40 frames x 12 mels: the encoder takes 16 mels")])
 def test_a_clip_out_of_bounds_is_named(shape, named):
     with pytest.raises(ValueError, match=named):
-        _builder(_node_config("encoder")).item_tokens("features", shape)
+        builder_of(_node_config("encoder")).item_tokens("features", shape)
 
 
 @pytest.mark.parametrize("fields, named", [

@@ -10,7 +10,7 @@ transformers is imported only inside the spawned rank that builds the reference 
 import pytest
 import torch
 
-from hf_folders import builder_of, edited_folder
+from hf_folders import assert_same_exports, builder_of, edited_folder
 from multirank import run_ranks
 
 SEED, BATCH, REL_TOL = 11, 2, 1e-5
@@ -151,22 +151,13 @@ def test_transformers_loads_the_export(tp1):
 
 @pytest.mark.slow
 def test_tp2_import_from_the_document_equals_transformers_and_tp1(tp1):
-    from safetensors.torch import load_file
-
     root, results = tp1
     errors = run_ranks(2, _run_graph, str(root), 2, results["ref"])
     assert max(max(e.values()) for e in errors) <= REL_TOL, errors
-    for node in NODES:
-        want = load_file(f"{root}/export_tp1/{node}/model.safetensors")
-        got = load_file(f"{root}/export_tp2/{node}/model.safetensors")
-        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), node
+    assert_same_exports(root, NODES)
 
 
 # --- named errors (no process group: config.json and headers only) --------------------------
-
-def _builder(config):
-    return builder_of(config)
-
 
 def _edited(root, tmp_path, **fields):
     return edited_folder(root / "vision", tmp_path, **fields)
@@ -179,7 +170,7 @@ def test_a_clip_node_on_a_siglip_folder_is_told_the_layout(tp1):
     clip = {**{k: v for k, v in SIGLIP.items() if k not in ("layout", "class_token")}, "image_size": 16}
     with pytest.raises(HFConfigError, match=r"model_type='siglip_vision_model' but the node has layout='clip'.*"
                                             r"set layout: siglip, class_token: false"):
-        check_folder(_builder(clip), root / "vision", "node 'v'")
+        check_folder(builder_of(clip), root / "vision", "node 'v'")
 
 
 def test_an_activation_the_kind_lacks_is_named(tp1, tmp_path):
@@ -187,7 +178,7 @@ def test_an_activation_the_kind_lacks_is_named(tp1, tmp_path):
 
     root, _ = tp1
     with pytest.raises(HFConfigError, match=r"hidden_act='relu'.*the vision kind has no such activation"):
-        check_folder(_builder(SIGLIP), _edited(root, tmp_path, hidden_act="relu"), "node 'v'")
+        check_folder(builder_of(SIGLIP), _edited(root, tmp_path, hidden_act="relu"), "node 'v'")
 
 
 def test_a_folder_of_another_size_names_the_field(tp1, tmp_path):
@@ -195,7 +186,7 @@ def test_a_folder_of_another_size_names_the_field(tp1, tmp_path):
 
     root, _ = tp1
     with pytest.raises(HFConfigError, match=r"layer_norm_eps=1e-05 but the node has transformer.layernorm_epsilon"):
-        check_folder(_builder(SIGLIP), _edited(root, tmp_path, layer_norm_eps=1e-5), "node 'v'")
+        check_folder(builder_of(SIGLIP), _edited(root, tmp_path, layer_norm_eps=1e-5), "node 'v'")
 
 
 def test_siglip_layout_with_a_class_token_is_refused():
