@@ -15,8 +15,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from mimo_builder._internal.kinds import costs
 from mimo_builder._internal.kinds.builder import ModelBuilder, Port, Ports
 from mimo_builder._internal.errors import ConfigError
-from mimo_builder._internal.assembly.tp_shard import unwrap
-from mimo_builder._internal.runtime.items import Items, run_items
+from mimo_builder._internal.runtime.items import encode_input
 from submodels import log_mel
 from submodels.sdpa_attention import with_core_attention
 from mimo_builder._internal.kinds.transformer import TRANSFORMER_LINEARS, make_transformer_config, use_te
@@ -66,10 +65,7 @@ class AudioBuilder(ModelBuilder):
 
     def run(self, model, inputs):
         """``embeddings`` of ``features``: a stacked batch, or Items (clips of one length together)."""
-        features = inputs["features"]
-        if isinstance(features, Items):
-            return {"embeddings": run_items(features, model, unwrap(model))}
-        return {"embeddings": model(features)}
+        return {"embeddings": encode_input(inputs["features"], model, model)}
 
     def _frames(self, input_tokens) -> int:
         """Input frames: the axis after the batch, or max_frames in Whisper's layout."""

@@ -8,12 +8,11 @@ import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 
-from mimo_builder._internal.assembly.tp_shard import unwrap
 from mimo_builder._internal.errors import ConfigError
 from mimo_builder._internal.kinds import costs
 from mimo_builder._internal.kinds.builder import ModelBuilder, Port, Ports
 from mimo_builder._internal.kinds.transformer import TRANSFORMER_LINEARS, make_transformer_config
-from mimo_builder._internal.runtime.items import Items, run_items
+from mimo_builder._internal.runtime.items import encode_input
 from submodels import log_mel
 from submodels.conformer_config import ConformerConfig
 from submodels.conformer_layers import ConformerEncoder, RelPositionAttention
@@ -64,10 +63,7 @@ class ConformerBuilder(ModelBuilder):
 
     def run(self, model, inputs):
         """``embeddings`` of ``features``: a stacked batch, or Items (clips of one length together)."""
-        features = inputs["features"]
-        if isinstance(features, Items):
-            return {"embeddings": run_items(features, model, unwrap(model))}
-        return {"embeddings": model(features)}
+        return {"embeddings": encode_input(inputs["features"], model, model)}
 
     def _frames(self, input_tokens) -> int:
         return input_tokens.get("features", self.config.max_frames)

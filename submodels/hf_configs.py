@@ -66,11 +66,10 @@ def parakeet_audio(section: dict, where: str) -> dict:
     if section.get("num_key_value_heads", heads) != heads:
         raise ConfigError(f"{where}.num_key_value_heads={section['num_key_value_heads']!r} is not supported; "
                           f"supported: num_attention_heads ({heads})")
-    factor = section.get("subsampling_factor", 8)
     return {"builder": "conformer", "num_layers": section.get("num_hidden_layers", 24),
             "hidden_size": section.get("hidden_size", 1024), "num_attention_heads": heads,
             "ffn_hidden_size": section.get("intermediate_size", 4096), "n_mels": section.get("num_mel_bins", 80),
-            "max_frames": section.get("max_position_embeddings", 5000) * factor, "subsampling_factor": factor,
+            "subsampling_factor": section.get("subsampling_factor", 8),  # max_frames: the whole-model format sizes it to its language model
             "subsampling_channels": section.get("subsampling_conv_channels", 256),
             "subsampling_kernel_size": section.get("subsampling_conv_kernel_size", 3),
             "subsampling_stride": section.get("subsampling_conv_stride", 2),

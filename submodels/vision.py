@@ -13,8 +13,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from mimo_builder._internal.kinds import costs
 from mimo_builder._internal.kinds.builder import ModelBuilder, Port, Ports
 from mimo_builder._internal.errors import ConfigError
-from mimo_builder._internal.assembly.tp_shard import unwrap
-from mimo_builder._internal.runtime.items import Items, run_items
+from mimo_builder._internal.runtime.items import encode_input
 from submodels.sdpa_attention import with_core_attention
 from mimo_builder._internal.kinds.transformer import TRANSFORMER_LINEARS, make_transformer_config, use_te
 from submodels.vision_config import VisionConfig  # noqa: F401 (the kind's config, public here too)
@@ -92,15 +91,13 @@ class VisionBuilder(ModelBuilder):
 
     def run(self, model, inputs):
         """``embeddings`` of ``pixel_values``: a stacked batch, or Items (a list of images per
-        sample, images of one size through the tower together; :func:`run_items`)."""
+        sample, images of one size through the tower together; :func:`encode_input`)."""
         images, first = inputs["pixel_values"], self.config.dropped_tokens
 
         def encode(pixels: torch.Tensor) -> torch.Tensor:
             return model(pixels)[:, first:] if first else model(pixels)
 
-        if isinstance(images, Items):
-            return {"embeddings": run_items(images, encode, unwrap(model), width=self.config.output_width)}
-        return {"embeddings": encode(images)}
+        return {"embeddings": encode_input(images, encode, model, width=self.config.output_width)}
 
     def synthetic_inputs(self, batch_size, generator, tokens):
         """Random normal ``pixel_values`` of the configured channels and image size."""

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from mimo_builder._internal.assembly.tp_shard import unwrap
+
 from mimo_builder._internal.runtime.balance import ItemExchange, balanced_encode
 
 
@@ -112,6 +114,16 @@ def run_items(items: Items, encode: Callable[[torch.Tensor], torch.Tensor], like
     if not worked:
         out = out + _zero_link(like, out.dtype)
     return out if link is None else out + link
+
+
+def encode_input(value: "torch.Tensor | Items", encode: Callable[[torch.Tensor], torch.Tensor],
+                 model: torch.nn.Module, width: int | None = None) -> torch.Tensor:
+    """``encode`` of an encoder port's input: a stacked batch as it is, Items through
+    :func:`run_items` (``model``, out of its wrappers, stands for the node; ``width``: its
+    output features when it is not ``config.hidden_size``)."""
+    if isinstance(value, Items):
+        return run_items(value, encode, unwrap(model), width=width)
+    return encode(value)
 
 
 def encode_grouped(flat: list[torch.Tensor], encode: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
