@@ -71,8 +71,9 @@ class Checkpointer:
              stream_states: dict[int, dict] | None = None, background: bool = False) -> Path | None:
         """Write step ``step`` under ``root``; returns the step folder (on every rank).
         ``stream_states``: this rank's share of the data stream's state per chunk (RankLoader.states).
-        ``background``: fork the write and return None at once; the step is published by a later
-        :meth:`finish_background` (a save still being written is finished first, waiting)."""
+        ``background``: start the write in the background and return None at once; a later
+        :meth:`finish_background` publishes the step (a save still being written is finished
+        first, waiting)."""
         with self._guarded("checkpoint save"):
             earlier = self.background.finish(wait=True) if self.background.busy else []
             self.published.extend(earlier)

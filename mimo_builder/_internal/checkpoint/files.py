@@ -122,6 +122,11 @@ def step_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
+def step_of(folder: Path) -> int:
+    """The step a step folder holds (the inverse of :func:`step_name`)."""
+    return int(folder.name.removeprefix("step_"))
+
+
 def partial_dir(root: Path, step: int) -> Path:
     """The staging folder ``step`` is written into before commit: ``root/.step_NNNNNNN.partial``."""
     return root / f".{step_name(step)}.partial"

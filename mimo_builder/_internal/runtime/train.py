@@ -14,7 +14,7 @@ from megatron.core.distributed import DistributedDataParallelConfig
 from mimo_builder._internal.platform import compat
 from mimo_builder._internal.platform.cpu_rng import offset_seed
 from mimo_builder._internal.checkpoint import Checkpointer, DataPosition
-from mimo_builder._internal.checkpoint.files import read_stream_states
+from mimo_builder._internal.checkpoint.files import read_stream_states, step_of
 from mimo_builder._internal.data import load_data
 from mimo_builder._internal.data.loader import RankLoader
 from mimo_builder._internal.errors import MimoError
@@ -209,7 +209,7 @@ def _save(monitor, checkpointer: Checkpointer, options: TrainOptions, loader, da
 def _published(monitor, folders) -> None:
     """Say which background saves were published (their step folders)."""
     for folder in folders:
-        _message(monitor, f"saved step {int(folder.name.split('_')[-1])} to {folder}")
+        _message(monitor, f"saved step {step_of(folder)} to {folder}")
 
 
 def _preempted(options: TrainOptions, step: int, received: str) -> Preempted:
