@@ -158,14 +158,10 @@ def _return_outputs(outputs, mine, where, me: int, size: int, group, flat, excha
     buffer = torch.cat([o.reshape(-1) for part in by_owner for o in part]).float() if outputs \
         else torch.zeros(0, device=exchange.device, requires_grad=torch.is_grad_enabled())
     got = AllToAll.apply(buffer, recv_sizes, send_sizes, group)
-    pieces: dict[int, torch.Tensor] = {}
-    at = 0
-    for p in range(size):
-        for i in range(len(flat)):
-            if where[me][i] == p:
-                n = tokens[i] * hidden
-                pieces[i] = got[at:at + n].reshape(tokens[i], hidden).to(dtype)
-                at += n
+    order = [i for p in range(size) for i in range(len(flat)) if where[me][i] == p]  # as they arrive
+    # one split (one backward op), not a slice per item: each slice's backward fills a whole buffer
+    parts = got.split([tokens[i] * hidden for i in order])
+    pieces = {i: part.reshape(tokens[i], hidden).to(dtype) for i, part in zip(order, parts)}
     return [pieces[i] for i in range(len(flat))], got
 
 

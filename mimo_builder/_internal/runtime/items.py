@@ -134,8 +134,8 @@ def encode_grouped(flat: list[torch.Tensor], encode: Callable[[torch.Tensor], to
     encoded: list[torch.Tensor | None] = [None] * len(flat)
     for indices in groups.values():
         out = encode(torch.stack([flat[i] for i in indices]))
-        for row, i in enumerate(indices):
-            encoded[i] = out[row]
+        for i, row in zip(indices, out.unbind(0)):  # one backward op for the group, not one per row
+            encoded[i] = row
     return encoded
 
 
