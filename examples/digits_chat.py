@@ -19,7 +19,7 @@ The tokenizer is a byte-level BPE trained at start (in each process, in a tempor
 removed; well under a second) on the conversation's words and every number up to 36, so each sum
 is one token. ``./scripts/demo --multi`` runs::
 
-    mimo-builder --allow examples run examples/digits_chat.yaml --nproc 2 --steps 1000 --batch-size 32 \\
+    mimo-builder --allow examples run examples/digits_chat.yaml --nproc 2 --steps 1000 --batch-size 64 \\
         --log-interval 100 --data examples.digits_chat:train_data --eval-data examples.digits_chat:held_out_data
 
 The last 297 images are held out (never trained on).
