@@ -1,6 +1,7 @@
 """The launch helper: results in rank order; a failing rank stops every rank with its traceback."""
 
 import os
+import sys
 import time
 
 import pytest
@@ -57,16 +58,26 @@ def test_timeout_is_an_error_not_a_hang():
 
 
 def _rank_state():
-    return dict(cuda_usable=not torch._C._cuda_isInBadFork(), marker=os.environ.get("MIMO_TEST_LAUNCH_ENV"))
+    try:
+        torch.zeros(1, device="cuda")
+        cuda_error = ""
+    except Exception as err:  # no device here: the error must say so, not blame the fork
+        cuda_error = str(err)
+    return dict(cuda_usable=not torch._C._cuda_isInBadFork(), forked_advice="spawn" in cuda_error,
+                stack_imported=all(m in sys.modules for m in ("megatron.core.optimizer", "submodels.mamba",
+                                                               "mimo_builder._internal.runtime.train")),
+                marker=os.environ.get("MIMO_TEST_LAUNCH_ENV"))
 
 
-def test_ranks_can_use_cuda_and_see_the_launchers_environment(monkeypatch):
-    """Ranks fork from a server that imported part of the stack: it must not have touched CUDA
-    (else torch refuses CUDA in every rank), and each rank gets the launcher's environment as
-    it is at launch time, not the server's."""
+def test_ranks_find_the_stack_imported_can_use_cuda_and_see_the_launchers_environment(monkeypatch):
+    """Ranks fork from a server that imported the stack (Megatron-Core, the runtime, the builders)
+    without asking the driver about CUDA (asking marks the server so that torch refuses CUDA in
+    every forked rank, whose CUDA errors would then advise 'spawn'), and each rank gets the
+    launcher's environment as it is at launch time, not the server's."""
     launch(_rank_and_sum, 1, timeout_s=120)  # the fork server is up before the variable is set
     monkeypatch.setenv("MIMO_TEST_LAUNCH_ENV", "now")
-    assert launch(_rank_state, 2, timeout_s=120) == [dict(cuda_usable=True, marker="now")] * 2
+    expected = dict(cuda_usable=True, forked_advice=False, stack_imported=True, marker="now")
+    assert launch(_rank_state, 2, timeout_s=120) == [expected] * 2
 
 
 # --- the backend follows the device ------------------------------------------------------------

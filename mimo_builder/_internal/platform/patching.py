@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -51,3 +52,14 @@ class Patches:
             setattr(owner, name, original)
         self._saved.clear()
         self.applied.clear()
+
+
+@contextlib.contextmanager
+def replaced(owner: object, name: str, value: object) -> Iterator[None]:
+    """``owner.name`` is ``value`` inside the block and its original after it."""
+    patches = Patches()
+    patches.patch(owner, name, value)
+    try:
+        yield
+    finally:
+        patches.undo()
