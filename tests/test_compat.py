@@ -300,6 +300,19 @@ TWO_RANKS = ("_tied_embeddings_across_pipeline_stages", "_mcore_optimizer_step",
              "_moe_alltoall_dispatch")
 
 
+def _fused_gelu_step(skip: tuple[str, ...]) -> float:
+    """MCore's fused bias-GeLU (a ViT's MLP) forward and backward, counting what dynamo compiled."""
+    from megatron.core.fusions.fused_bias_gelu import bias_gelu_impl
+    from torch._dynamo.utils import counters
+
+    compat.init_runtime("cpu", skip=skip)
+    x = torch.randn(4, 8, requires_grad=True)
+    bias_gelu_impl(x, torch.zeros(8)).sum().backward()
+    if counters["stats"]["unique_graphs"]:
+        raise RuntimeError(f"compiled {counters['stats']['unique_graphs']} graphs on CPU")
+    return float(x.grad.abs().sum())
+
+
 def _run(scenario, skip):
     # PP=2, CP=2 and EP=2 need 2 ranks; the optimizer scenario needs a rank outside its node
     nproc = 2 if scenario.__name__ in TWO_RANKS else 1
@@ -320,6 +333,7 @@ NEEDED_BY = {
     "moe_split_sizes": (_moe_alltoall_dispatch, "all_to_all_single(): incompatible function arguments"),
     "cuda_factories": (_mcore_optimizer_step, "NVIDIA driver"),
     "node_scoped_gather": (_mcore_optimizer_step, "all_gather_object"),
+    "compiled_fusions_eager": (_fused_gelu_step, "graphs on CPU"),
     "cuda_synchronize": (_checkpoint_save, "NVIDIA driver"),
     "writer_queue_dies_with_rank": (_killed_rank_leaves_no_writer, "outlived its killed rank"),
     "fresh_adam_steps": (_distributed_optimizer_resume, "assert len(steps) == 1"),
@@ -338,7 +352,7 @@ def test_every_workaround_has_a_reason_and_a_test():
                                       _tied_embeddings_across_pipeline_stages, _mcore_optimizer_step,
                                       _checkpoint_save, _async_checkpoint_save, _distributed_optimizer_resume,
                                       _rotary_embedding_under_cp, _moe_alltoall_dispatch,
-                                      _killed_rank_leaves_no_writer])
+                                      _killed_rank_leaves_no_writer, _fused_gelu_step])
 @pytest.mark.slow
 def test_scenarios_pass_with_all_workarounds(scenario):
     assert _run(scenario, ()) > 0

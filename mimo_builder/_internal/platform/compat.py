@@ -187,6 +187,12 @@ def _adam_step_per_parameter(patch: Patch) -> None:
     patch(DistributedOptimizer, "load_state_dict", load_then_unshare_steps)
 
 
+def _compiled_fusions_eager(patch: Patch) -> None:
+    from torch._dynamo import eval_frame
+
+    patch(eval_frame, "_stance", eval_frame.DynamoStance("force_eager"))  # what set_stance sets, undoable
+
+
 def _torch_adam(device: torch.device) -> bool:
     from megatron.core.optimizer import distrib_optimizer
 
@@ -254,6 +260,12 @@ WORKAROUNDS: dict[str, Workaround] = {
             "dist_checkpointing's writer queue lives in a Manager process that outlives a killed rank.",
             _writer_queue_dies_with_rank,
             needed_on=lambda device: True,
+        ),
+        Workaround(
+            "compiled_fusions_eager",
+            "MCore compiles its fused elementwise ops (jit_fuser is torch.compile); on CPU each "
+            "process's first call costs seconds of C++ compilation (a ViT's first step 5.9 s vs 0.1 s).",
+            _compiled_fusions_eager,
         ),
         Workaround(
             "node_scoped_gather",
