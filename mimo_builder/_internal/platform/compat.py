@@ -257,7 +257,8 @@ WORKAROUNDS: dict[str, Workaround] = {
         ),
         Workaround(
             "writer_queue_dies_with_rank",
-            "dist_checkpointing's writer queue lives in a Manager process that outlives a killed rank.",
+            "dist_checkpointing's writer queue lives in a Manager process that outlives a killed rank "
+            "(and, spawned, imports torch on the first save).",
             _writer_queue_dies_with_rank,
             needed_on=lambda device: True,
         ),

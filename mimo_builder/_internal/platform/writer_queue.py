@@ -4,6 +4,10 @@ Megatron-Core's ``FileSystemWriterAsync`` collects its writers' results through 
 ``multiprocessing`` Manager, a server process it starts on the first save. A rank killed by
 SIGKILL (a crash, the OOM killer, a test of restarts) leaves that server and its resource tracker
 running forever. Here the server asks Linux for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``).
+
+The server is forked from the rank, whatever start method MCore names: spawned, it started
+without torch and imported it to unpickle the first results, and the first save of every rank
+waited on it (4.6 s of a 4.7 s save here). Forked, it has torch already and touches no device.
 """
 
 from __future__ import annotations
@@ -33,9 +37,9 @@ class WriterQueue:
         self.manager: SyncManager | None = None
 
     def __call__(self, mp_mode: str = "spawn"):
-        """The queue (MCore's signature: ``mp_mode`` is the multiprocessing start method)."""
+        """The queue (MCore's signature; its start method ``mp_mode`` gives way to "fork", above)."""
         if self.queue is None:
-            self.manager = SyncManager(ctx=mp.get_context(mp_mode))
+            self.manager = SyncManager(ctx=mp.get_context("fork"))
             self.manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
             self.queue = self.manager.Queue()
         return self.queue
