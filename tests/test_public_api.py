@@ -166,3 +166,30 @@ def test_version_comes_from_pyproject():
     assert result.returncode == 0 and result.stdout.strip() == f"mimo-builder {wanted}", result.stdout + result.stderr
     changelog = (ROOT / "CHANGELOG.md").read_text()
     assert f"## [{wanted}]" in changelog, "CHANGELOG.md has a section for the current version"
+
+
+_CONSOLE = """
+import atexit, sys
+class Teardown:
+    def __del__(self):
+        print("modules torn down")
+KEEP = Teardown()
+atexit.register(lambda: print("exit handlers ran"))
+sys.argv = ["mimo-builder", "validate", {doc!r}]
+from mimo_builder.cli import console
+console()
+"""
+
+
+@pytest.mark.parametrize("doc, code", [("graphs/mamba_lm.yaml", 0), ("missing.yaml", 2)])
+def test_the_console_script_flushes_runs_exit_handlers_and_skips_module_teardown(tmp_path, doc, code):
+    """``console()`` ends the process with the command's code after its output (to a file: block
+    buffered) and the exit handlers, without the module teardown that follows a plain exit."""
+    out = tmp_path / "out.txt"
+    with out.open("w") as stream:
+        result = subprocess.run([sys.executable, "-c", _CONSOLE.format(doc=doc)], stdout=stream,
+                                stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=300)
+    text = out.read_text()
+    assert result.returncode == code, result.stderr
+    assert text.rstrip().endswith("exit handlers ran") and "modules torn down" not in text, text
+    assert ("valid" in text) if code == 0 else ("missing.yaml" in result.stderr), text + result.stderr
