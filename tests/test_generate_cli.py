@@ -20,13 +20,14 @@ def _cli(*args):
 def test_generate_answers_the_prompts_of_a_dataset(tmp_path):
     ckpt = tmp_path / "ckpt"
     # on one rank (--colocate): the 4-rank placement's generation is checked in tests/test_generate.py
-    trained = _cli(*DIGITS, "run", "examples/digits_sum.yaml", "--colocate", "--nproc", "1", "--steps", "12",
-                   "--batch-size", "8", "--data", "examples.digits_sum:train_data", "--save", str(ckpt))
+    # in this process (the launcher's lines are what is checked; ranks fork from this worker's
+    # server): the subprocess below runs the command as typed
+    trained = main_in_process(*DIGITS, "run", "examples/digits_sum.yaml", "--colocate", "--nproc", "1", "--steps",
+                              "12", "--batch-size", "8", "--data", "examples.digits_sum:train_data", "--save", str(ckpt))
     assert trained.returncode == 0, trained.stderr[-2000:]
-    result = _cli(*DIGITS, "generate", "examples/digits_sum.yaml", "--colocate", "--nproc", "1", "--load", str(ckpt),
-                  "--data",
-                  "examples.digits_sum:held_out_data", "--samples", "3", "--max-new-tokens", "4",
-                  "--temperature", "0.8", "--top-k", "5", "--seed", "1")
+    result = main_in_process(*DIGITS, "generate", "examples/digits_sum.yaml", "--colocate", "--nproc", "1",
+                             "--load", str(ckpt), "--data", "examples.digits_sum:held_out_data", "--samples", "3",
+                             "--max-new-tokens", "4", "--temperature", "0.8", "--top-k", "5", "--seed", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert [re.match(r"sample (\d+): prompt '<image>\+<audio>=' -> '.*' \(answer '\d\+\d=\d+'\)$", line).group(1)
