@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 from mimo_builder._internal.platform.cpu_rng import CPURNGStatesTracker, seed_rng  # noqa: F401 (public here too)
+from mimo_builder._internal.platform.cpu_streams import NullStream
 from mimo_builder._internal.platform.environment import prepare_mamba_ssm_import, quiet_dependency_warnings  # noqa: F401
 from mimo_builder._internal.platform.patching import Patch, Patches, Workaround  # noqa: F401 (public here too)
 
@@ -31,43 +32,11 @@ def _te_missing(device: torch.device) -> bool:
 _process = Patches()  # what init_runtime("cpu") installed for the life of this process
 
 
-class _NullStream:
-    """Stands in for a CUDA stream on CPU: work is already ordered, so every call is a no-op."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def wait_stream(self, other) -> None:
-        pass
-
-    def wait_event(self, event) -> None:
-        pass
-
-    def record_event(self, event=None):
-        return event if event is not None else _NullEvent()
-
-    def synchronize(self) -> None:
-        pass
-
-
-class _NullEvent:
-    """Stands in for a CUDA event on CPU (MoE token dispatch waits on one): already complete."""
-
-    def synchronize(self) -> None:
-        pass
-
-    def wait(self, stream=None) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-
 def _cpu_device_queries(patch: Patch) -> None:
     # None, not "cpu": `torch.empty(..., device=None)` honours an enclosing torch.device("meta").
     patch(torch.cuda, "current_device", lambda: None)
-    patch(torch.cuda, "current_stream", lambda device=None: _NullStream())
-    patch(torch.cuda, "Stream", _NullStream)
+    patch(torch.cuda, "current_stream", lambda device=None: NullStream())
+    patch(torch.cuda, "Stream", NullStream)
     patch(torch.cuda, "stream", lambda stream=None: contextlib.nullcontext())
 
 
