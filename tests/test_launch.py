@@ -1,6 +1,8 @@
 """The launch helper: results in rank order; a failing rank stops every rank with its traceback."""
 
 import os
+import pathlib
+import subprocess
 import sys
 import time
 
@@ -9,6 +11,8 @@ import torch
 import torch.distributed as dist
 
 from mimo_builder._internal.platform.launch import RankError, launch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _rank_and_sum():
@@ -66,17 +70,18 @@ def _rank_state():
     return dict(cuda_usable=not torch._C._cuda_isInBadFork(), forked_advice="spawn" in cuda_error,
                 stack_imported=all(m in sys.modules for m in ("megatron.core.optimizer", "submodels.mamba",
                                                                "mimo_builder._internal.runtime.train")),
-                marker=os.environ.get("MIMO_TEST_LAUNCH_ENV"))
+                marker=os.environ.get("MIMO_TEST_LAUNCH_ENV"), folder=os.getcwd())
 
 
-def test_ranks_find_the_stack_imported_can_use_cuda_and_see_the_launchers_environment(monkeypatch):
+def test_ranks_find_the_stack_imported_can_use_cuda_and_see_the_launchers_environment(monkeypatch, tmp_path):
     """Ranks fork from a server that imported the stack (Megatron-Core, the runtime, the builders)
     without asking the driver about CUDA (asking marks the server so that torch refuses CUDA in
     every forked rank, whose CUDA errors would then advise 'spawn'), and each rank gets the
-    launcher's environment as it is at launch time, not the server's."""
+    launcher's environment and folder as they are at launch time, not the server's."""
     launch(_rank_and_sum, 1, timeout_s=120)  # the fork server is up before the variable is set
     monkeypatch.setenv("MIMO_TEST_LAUNCH_ENV", "now")
-    expected = dict(cuda_usable=True, forked_advice=False, stack_imported=True, marker="now")
+    monkeypatch.chdir(tmp_path)
+    expected = dict(cuda_usable=True, forked_advice=False, stack_imported=True, marker="now", folder=str(tmp_path))
     assert launch(_rank_state, 2, timeout_s=120) == [expected] * 2
 
 
@@ -137,3 +142,31 @@ def test_control_groups_are_gloo_on_any_device():
                 if isinstance(backend, ast.Constant):
                     explicit.append((path.name, backend.value))
     assert explicit and {value for _, value in explicit} == {"gloo"}, explicit
+
+
+# --- the fork server starts with the command ------------------------------------------------------
+
+_EARLY = """
+import multiprocessing.forkserver as forkserver, sys
+from mimo_builder.cli import main
+started = []
+real = forkserver.ensure_running
+def ensure_running():
+    started.append("torch" in sys.modules)
+    return real()
+forkserver.ensure_running = ensure_running
+code = main(["run", "graphs/mamba_lm.yaml", "--nproc", "1", "--batch-size", "3", "--microbatches", "2"])
+print(code, started[0], forkserver._forkserver._forkserver_pid, flush=True)
+"""
+
+
+def test_a_launching_command_starts_the_fork_server_before_its_own_imports_and_ends_it():
+    """`run` starts the server that preloads the stack before it imports torch itself (the two
+    imports overlap), and a command that ends with a named error leaves no server importing on."""
+    result = subprocess.run([sys.executable, "-c", _EARLY], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    code, torch_before, pid = result.stdout.split()
+    assert (code, torch_before) == ("2", "False"), result.stdout + result.stderr
+    assert "not divisible by 2 microbatch(es)" in result.stderr
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid), 0)  # the server ended with the command (stopped, and reaped)

@@ -13,6 +13,7 @@ import os
 import sys
 
 from mimo_builder._internal.platform.environment import quiet_dependency_warnings
+from mimo_builder._internal.platform.rank_server import start_early
 from mimo_builder._internal.cli_args import build_parser
 from mimo_builder._internal.errors import MimoError
 
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     args.allow = [*args.allow, *getattr(args, "allow_here", [])]  # --allow before or after the command
     if args.traceback:
         os.environ["MIMO_BUILDER_TRACEBACK"] = "1"  # the ranks inherit it
+    if getattr(args, "launches", False):  # its imports overlap this command's own validation
+        start_early()
     from mimo_builder._internal.kinds.registry import default_registry, using
 
     try:
@@ -236,7 +239,8 @@ def _run(args) -> int:
     import os
     import time
 
-    from mimo_builder._internal.platform.launch import launch, under_torchrun
+    from mimo_builder._internal.platform.launch import launch
+    from mimo_builder._internal.platform.rank_server import under_torchrun
     from mimo_builder._internal.planning.plan import make_plan
     from mimo_builder._internal.planning.table import print_plan
     from mimo_builder._internal.data.spec import load_data

@@ -111,7 +111,7 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="COSTS.json", help="write the cost table here")
     _rounds_flag(p)
     _colocate_flag(p)
-    p.set_defaults(func=commands["profile"])
+    p.set_defaults(func=commands["profile"], launches=True)
 
     p = sub.add_parser("place", help="search placements (colocated, disjoint, mixed; tp, pp, microbatches) and "
                                      "rank them by predicted step time")
@@ -196,7 +196,7 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                    help="one device's peak TFLOP/s for the MFU figures (default: the datasheet's for a known "
                         "GPU, e.g. 989 bf16 on H100/H200; none on CPU)")
     _colocate_flag(p)
-    p.set_defaults(func=commands["run"])
+    p.set_defaults(func=commands["run"], launches=True)
 
     p = sub.add_parser("generate", help="answers a trained graph generates for a prompt or a dataset's prompts")
     p.add_argument("file")
@@ -221,7 +221,7 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_count, default=8)
     p.add_argument("--nproc", type=_count, help="ranks to build on (default: the checkpoint's world size)")
     _colocate_flag(p)
-    p.set_defaults(func=commands["generate"])
+    p.set_defaults(func=commands["generate"], launches=True)
 
     p = sub.add_parser("export", help="write a trained graph's nodes as Hugging Face folders (LoRA merged), "
                                       "with the graph document")
@@ -233,7 +233,7 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                    help="write the whole model as one Hugging Face folder of this format (e.g. llava) "
                         "instead of a folder per node")
     _colocate_flag(p)
-    p.set_defaults(func=commands["export"])
+    p.set_defaults(func=commands["export"], launches=True)
 
     p = sub.add_parser("import-hf", help="write the graph document of a whole Hugging Face model folder "
                                          "(LLaVA, ...): its nodes read the folder")

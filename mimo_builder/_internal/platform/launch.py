@@ -31,6 +31,7 @@ import torch.multiprocessing as mp
 
 from mimo_builder._internal.platform.attempts import rendezvous_store
 from mimo_builder._internal.platform.compat import quiet_dependency_warnings, resolve_device
+from mimo_builder._internal.platform.rank_server import fork_context, under_torchrun
 from mimo_builder._internal.errors import MimoError, Preempted
 from mimo_builder._internal.platform.strict_p2p import BANNER, p2p_mode, p2p_timeout_s, strict_p2p
 
@@ -50,11 +51,6 @@ class RankError(MimoError, RuntimeError):
         self.rank = rank
         self.trace = trace
         super().__init__(f"rank {rank} failed:\n{trace}")
-
-
-def under_torchrun() -> bool:
-    """True when the torchrun/elastic environment variables describe this process."""
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def default_backend() -> str:
@@ -132,7 +128,8 @@ def _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend, strict):
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(rank, nproc, store.port, init_timeout_s, (backend, strict), payload, results, os.getpid()),
+            args=(rank, nproc, store.port, init_timeout_s, (backend, strict), os.getcwd(), payload, results,
+                  os.getpid()),
             daemon=False,  # a rank may start processes (DataLoader workers, checkpoint writers); it
             # still ends with the launcher (_die_with) and is killed after collection
         )
@@ -162,19 +159,18 @@ def _rank_context():
 
     if torch.cuda.is_available():
         return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["mimo_builder._internal.platform.preload"])
-    return ctx
+    return fork_context()  # already running when the command started it (rank_server.start_early)
 
 
-def _rank_main(rank, nproc, port, init_timeout_s, mode, payload, results, launcher):
+def _rank_main(rank, nproc, port, init_timeout_s, mode, folder, payload, results, launcher):
     os.setpgid(0, 0)  # the rank leads a process group: ending it ends what it started (checkpoint writers)
     _die_with(launcher)
     quiet_dependency_warnings()  # before unpickling fn/args imports MCore
     backend, strict = mode
     try:
+        os.chdir(folder)  # the launcher's folder and environment now, not the fork server's
         fn, args, environment = pickle.loads(payload)
-        os.environ.clear()  # the launcher's environment now, not the fork server's
+        os.environ.clear()
         os.environ.update(environment)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc))
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -1,0 +1,61 @@
+"""The fork server that ranks start from on a machine without a GPU, started as soon as a
+command knows it will launch ranks.
+
+Without a GPU, ranks fork from a server process that imported the stack once
+(:mod:`mimo_builder._internal.platform.preload`, about 6 s on this project's 2-core machine).
+Started when the first rank starts, that import is a wait after the command's own validation,
+which imports the same stack (about 7 s); started when the command begins, the two imports run
+side by side. A command that ends early (a named error) stops the server with it.
+
+This module imports neither torch nor Megatron-Core: it runs before them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import signal
+from multiprocessing import forkserver
+
+PRELOAD = ["mimo_builder._internal.platform.preload"]
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+"""Device files of NVIDIA, ROCm and WSL GPUs: where one exists, ranks may be spawned instead
+(``launch._rank_context`` asks torch), so the server is not started ahead."""
+
+
+def under_torchrun() -> bool:
+    """True when the torchrun/elastic environment variables describe this process."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def fork_context():
+    """The multiprocessing context whose server preloads the stack."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def start_early() -> bool:
+    """Start the fork server now when this machine shows no GPU and this process is not one
+    of torchrun's ranks; True when started. The server ends with this process."""
+    if under_torchrun() or any(os.path.exists(path) for path in GPU_DEVICE_FILES):
+        return False
+    fork_context()
+    forkserver.ensure_running()
+    atexit.register(_stop, forkserver._forkserver)
+    return True
+
+
+def _stop(server) -> None:
+    """End the server now: after a named error it may still be importing, and would only notice
+    this process's end when done. Ranks it forked lead their own process groups and are not
+    touched. (The server's pid is kept only privately by multiprocessing.)"""
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
