@@ -128,8 +128,7 @@ def _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend, strict):
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(rank, nproc, store.port, init_timeout_s, (backend, strict), os.getcwd(), payload, results,
-                  os.getpid()),
+            args=(rank, nproc, store.port, init_timeout_s, (backend, strict), payload, results, os.getpid()),
             daemon=False,  # a rank may start processes (DataLoader workers, checkpoint writers); it
             # still ends with the launcher (_die_with) and is killed after collection
         )
@@ -162,15 +161,14 @@ def _rank_context():
     return fork_context()  # already running when the command started it (rank_server.start_early)
 
 
-def _rank_main(rank, nproc, port, init_timeout_s, mode, folder, payload, results, launcher):
+def _rank_main(rank, nproc, port, init_timeout_s, mode, payload, results, launcher):
     os.setpgid(0, 0)  # the rank leads a process group: ending it ends what it started (checkpoint writers)
     _die_with(launcher)
     quiet_dependency_warnings()  # before unpickling fn/args imports MCore
     backend, strict = mode
     try:
-        os.chdir(folder)  # the launcher's folder and environment now, not the fork server's
         fn, args, environment = pickle.loads(payload)
-        os.environ.clear()
+        os.environ.clear()  # the launcher's environment now, not the fork server's (its folder: multiprocessing's)
         os.environ.update(environment)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc))
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
