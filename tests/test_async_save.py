@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from cli_in_process import ROOT, main_in_process
+from cli_in_process import main_in_process
 from multirank import run_ranks
 
 SEED, BATCH = 5, 4
@@ -93,15 +93,12 @@ def test_a_background_save_holds_its_steps_state_bitwise(tmp_path):
             assert all(torch.equal(got[name]["weights"][k], w) for k, w in got["straight_weights"].items()), name
 
 
-def test_run_async_save_publishes_each_step_and_needs_save(tmp_path):
-    import subprocess
-    import sys
+def test_run_async_save_publishes_each_step_and_needs_save(tmp_path, capfd):
+    from cli_in_process import run_in_process
 
-    cli = [str(sys.executable), "-m", "mimo_builder.cli"]
     root = tmp_path / "ckpt"
-    result = subprocess.run([*cli, "run", "graphs/mamba_lm.yaml", "--nproc", "1", "--steps", "5", "--batch-size", "4",
-                             "--save", str(root), "--save-interval", "2", "--async-save"],
-                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    result = run_in_process(capfd, "run", "graphs/mamba_lm.yaml", "--nproc", "1", "--steps", "5", "--batch-size", "4",
+                            "--save", str(root), "--save-interval", "2", "--async-save")
     assert result.returncode == 0, result.stderr[-3000:]
     for step in (2, 4):
         assert f"saving step {step} in the background" in result.stdout, result.stdout

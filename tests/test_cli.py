@@ -13,6 +13,7 @@ import sys
 import pytest
 import yaml
 from cli_in_process import main_in_process as _main
+from cli_in_process import run_in_process
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLI = pathlib.Path(sys.executable).parent / "mimo-builder"
@@ -120,7 +121,7 @@ def test_run_refuses_fp16_training_before_spawning(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_trains_a_pipelined_backbone_and_a_resumed_run_prints_the_same_losses(tmp_path):
+def test_run_trains_a_pipelined_backbone_and_a_resumed_run_prints_the_same_losses(tmp_path, capfd):
     """pp=2 x vp=2 through the command line: the schedule is shown, the loss falls, each node's
     time split is printed and logged for TensorBoard. Then a run resumed from the step-2
     checkpoint prints the straight run's step 3-4 losses (weights, optimizer, schedule, data
@@ -137,8 +138,8 @@ def test_run_trains_a_pipelined_backbone_and_a_resumed_run_prints_the_same_losse
     events, root = tmp_path / "tensorboard", tmp_path / "ckpt"
     common = ("run", str(path), "--nproc", "2", "--steps", "4", "--microbatches", "4", "--batch-size", "8",
               "--lr", "3e-3", "--seed", "7")
-    result = _cli(*common, "--tensorboard", str(events), "--save", str(root), "--save-interval", "2",
-                  "--peak-tflops", "0.5")
+    result = run_in_process(capfd, *common, "--tensorboard", str(events), "--save", str(root),
+                            "--save-interval", "2", "--peak-tflops", "0.5")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Schedule: 4 stages, 4 microbatches" in result.stdout
     assert f"saved step 2 to {root}/step_0000002" in result.stdout
@@ -157,7 +158,7 @@ def test_run_trains_a_pipelined_backbone_and_a_resumed_run_prints_the_same_losse
     assert [s for s, _ in mfu] == [1, 2, 3, 4] and scalars["train/mfu"] == mfu
     assert all(m == pytest.approx(r / 0.5) for (_, r), (_, m) in zip(per_rank, mfu))
 
-    resumed = _cli(*common, "--load", str(root / "step_0000002"))
+    resumed = run_in_process(capfd, *common, "--load", str(root / "step_0000002"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
     assert _losses(resumed.stdout) == {k: v for k, v in losses.items() if k > 2}
@@ -263,8 +264,8 @@ def test_a_placement_beyond_the_world_suggests_its_ranks_or_colocate(command, wo
 
 
 @pytest.mark.slow
-def test_run_trains_a_four_rank_graph_colocated_on_one_rank():
-    result = _cli("run", "graphs/avlm.yaml", "--colocate", "--nproc", "1", "--steps", "3", "--batch-size", "4")
+def test_run_trains_a_four_rank_graph_colocated_on_one_rank(capfd):
+    result = run_in_process(capfd, "run", "graphs/avlm.yaml", "--colocate", "--nproc", "1", "--steps", "3", "--batch-size", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "colocate: node 'lm': tp 2 -> 1" in result.stderr
     assert list(_losses(result.stdout)) == [1, 2, 3]
@@ -309,7 +310,7 @@ def test_allow_works_after_the_command_too():
 
 
 @pytest.mark.slow
-def test_traceback_shows_where_a_users_forward_failed(tmp_path):
+def test_traceback_shows_where_a_users_forward_failed(tmp_path, capfd):
     """A node kind whose forward raises: one line by default; with --traceback, the rank's
     traceback with the user's own file and line."""
     package = tmp_path / "mykinds"
@@ -325,11 +326,10 @@ def test_traceback_shows_where_a_users_forward_failed(tmp_path):
         node["placement"] = {}
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(graph))
     common = ["--allow", "mykinds", "run", "g.yaml", "--nproc", "1", "--steps", "1", "--batch-size", "2"]
-    plain = subprocess.run([str(CLI), *common], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    plain = run_in_process(capfd, *common, cwd=tmp_path)
     assert plain.returncode == 2 and "boom in my forward" in plain.stderr and "Traceback" not in plain.stderr, \
         plain.stderr[-3000:]
-    shown = subprocess.run([str(CLI), "--traceback", *common], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=180)
+    shown = run_in_process(capfd, "--traceback", *common, cwd=tmp_path)
     assert shown.returncode == 2, shown.stderr[-3000:]
     assert re.search(r'File ".*mykinds/broken\.py", line \d+, in forward', shown.stderr), shown.stderr[-3000:]
 

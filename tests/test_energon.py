@@ -265,13 +265,13 @@ def _straight_keys(folder, steps: int, batch_size: int) -> list[str]:
     return [key for step in range(1, steps + 1) for key in _keys(source, step, 0, BatchLayout(batch_size, 1, 1))]
 
 
-def test_a_resumed_run_reads_the_samples_the_straight_run_reads_and_no_others(digits, tmp_path):
+def test_a_resumed_run_reads_the_samples_the_straight_run_reads_and_no_others(digits, tmp_path, capfd):
     """mimo-builder run --save at step 3, then --load to step 6: the samples read are the straight
     run's, in the same order, and none of steps 1-3 is read again."""
-    import os
-    import subprocess
     import yaml
     from pathlib import Path
+
+    from cli_in_process import run_in_process
 
     root = Path(__file__).resolve().parents[1]
     (tmp_path / "digits_stream.py").write_text(DATA_MODULE)
@@ -280,13 +280,11 @@ def test_a_resumed_run_reads_the_samples_the_straight_run_reads_and_no_others(di
     for node in doc["nodes"].values():
         node["placement"] = {}
     (tmp_path / "graph.yaml").write_text(yaml.safe_dump(doc))
-    cli = Path(sys.executable).parent / "mimo-builder"
 
     def run(log, *extra):
-        env = {**os.environ, "DIGITS": str(digits[0]), "READ_LOG": str(tmp_path / log)}
-        done = subprocess.run([str(cli), "--allow", "digits_stream", "run", "graph.yaml", "--batch-size", "4",
-                               "--data", "digits_stream:train_data", *extra], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=240)
+        env = {"DIGITS": str(digits[0]), "READ_LOG": str(tmp_path / log)}
+        done = run_in_process(capfd, "--allow", "digits_stream", "run", "graph.yaml", "--batch-size", "4",
+                              "--data", "digits_stream:train_data", *extra, cwd=tmp_path, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout, (tmp_path / log).read_text().split()
 

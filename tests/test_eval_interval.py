@@ -1,13 +1,8 @@
 """``run --eval-interval N``: the held-out set evaluated every N steps, without changing training."""
 
-import pathlib
-import subprocess
-import sys
-
 import pytest
-from cli_in_process import main_in_process
+from cli_in_process import main_in_process, run_in_process
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = "tests.digit_sums"
 
 
@@ -25,22 +20,21 @@ def test_eval_interval_is_a_positive_integer(value):
     assert result.returncode == 2 and f"--eval-interval: must be a positive integer, got '{value}'" in result.stderr
 
 
-def _run(*extra: str) -> tuple[list[str], str]:
-    """``mimo-builder run`` as a user runs it (a process of its own: the ranks' lines are its
-    output); the step lines' losses and the whole output."""
+def _run(capfd, *extra: str) -> tuple[list[str], str]:
+    """``mimo-builder run`` with the ranks' lines in its output; the step lines' losses and the
+    whole output."""
     args = ["--allow", "tests", "run", "graphs/mamba_lm.yaml", "--steps", "4", "--batch-size", "4",
             "--data", f"{DATA}:train", "--eval-data", f"{DATA}:held_out", "--log-interval", "1", *extra]
-    result = subprocess.run([sys.executable, "-m", "mimo_builder.cli", *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    result = run_in_process(capfd, *args)
     assert result.returncode == 0, result.stderr
     losses = [line.split("|")[1] for line in result.stdout.splitlines() if line.startswith("step ")]
     return losses, result.stdout
 
 
 @pytest.mark.slow
-def test_evaluating_every_two_steps_prints_each_and_trains_the_same():
-    plain, _ = _run()
-    evaluated, out = _run("--eval-interval", "2")
+def test_evaluating_every_two_steps_prints_each_and_trains_the_same(capfd):
+    plain, _ = _run(capfd)
+    evaluated, out = _run(capfd, "--eval-interval", "2")
     assert len(plain) == 4 and evaluated == plain  # evaluation neither steps nor draws random numbers
     assert "held-out before training: lm.loss " in out and "held-out after training: lm.loss " in out
     assert "held-out at step 2: lm.loss " in out and "(8 samples)" in out

@@ -3,14 +3,12 @@ folder writes the one-node graph that reads it; after training, ``export --as ne
 ``mamba2``) writes the folder transformers loads, with the trained model's logits. A pattern the
 format cannot hold is named."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 
-from cli_in_process import main_in_process
+from cli_in_process import main_in_process, run_in_process
 from multirank import run_ranks
 
 pytestmark = pytest.mark.slow  # ranks and launched runs
@@ -45,15 +43,14 @@ def _compare(doc: str, ckpt: str, out: str) -> float:
     return float((ours[..., :VOCAB] - theirs).abs().max() / ours.abs().max())
 
 
-def test_import_train_export_as_nemotron_h(tmp_path):
+def test_import_train_export_as_nemotron_h(tmp_path, capfd):
     run_ranks(1, _save, str(tmp_path / "hf"))
     doc = tmp_path / "lm.yaml"
     result = main_in_process("import-hf", str(tmp_path / "hf"), "-o", str(doc))
     assert result.returncode == 0, result.stderr
     lm = yaml.safe_load(doc.read_text())["nodes"]["lm"]["config"]
     assert (lm["hybrid_layer_pattern"], lm["mlp_activation"]) == ("M*-M", "squared_relu")
-    result = subprocess.run([sys.executable, "-m", "mimo_builder.cli", "run", str(doc), "--steps", "2",
-                             "--batch-size", "2", "--save", str(tmp_path / "ckpt")], capture_output=True, text=True)
+    result = run_in_process(capfd, "run", str(doc), "--steps", "2", "--batch-size", "2", "--save", str(tmp_path / "ckpt"))
     assert result.returncode == 0, result.stderr
     # what init: loaded: the embedding, 2 x 9 of the Mamba layers, 5 of attention, 3 of the MLP, 2 at the end
     assert f"node 'lm': 29 tensors from hf:{tmp_path / 'hf'} (NemotronHForCausalLM)" in result.stdout, result.stdout

@@ -170,3 +170,29 @@ def test_a_launching_command_starts_the_fork_server_before_its_own_imports_and_e
     assert "not divisible by 2 microbatch(es)" in result.stderr
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid), 0)  # the server ended with the command (stopped, and reaped)
+
+
+def _say(text):
+    print(f"rank {dist.get_rank()}: {text}", flush=True)
+    print(f"rank {dist.get_rank()} on stderr", file=sys.stderr, flush=True)
+
+
+def test_ranks_write_where_the_launchers_output_points_at_launch(tmp_path):
+    """Ranks fork from a server that may have started long before (with the launcher's output
+    pointing elsewhere then): each rank writes to the launcher's stdout and stderr of now."""
+    launch(_say, 1, "before", timeout_s=120)  # the server is up, with the output of then
+    out, err = tmp_path / "out", tmp_path / "err"
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(out, "wb") as o, open(err, "wb") as e:
+            os.dup2(o.fileno(), 1)
+            os.dup2(e.fileno(), 2)
+            launch(_say, 2, "now", timeout_s=120)
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+    assert sorted(out.read_text().splitlines()) == ["rank 0: now", "rank 1: now"]
+    assert sorted(line for line in err.read_text().splitlines() if line.startswith("rank")) == \
+        ["rank 0 on stderr", "rank 1 on stderr"]

@@ -236,28 +236,22 @@ def test_a_packed_step_with_the_backbone_data_parallel_matches(one_per_row):
 # --------------------------------------------------------------------------- the command
 
 
-def _cli(*args):
-    import pathlib
-    import subprocess
-    import sys
+def test_run_pack_trains_the_backbone_on_packed_rows(capfd):
+    from cli_in_process import run_in_process
 
-    cli = pathlib.Path(sys.executable).parent / "mimo-builder"
-    return subprocess.run([str(cli), *args], cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True,
-                          text=True, timeout=240)
-
-
-def test_run_pack_trains_the_backbone_on_packed_rows():
-    done = _cli("run", "graphs/mamba_lm.yaml", "--pack", "--steps", "2")
+    done = run_in_process(capfd, "run", "graphs/mamba_lm.yaml", "--pack", "--steps", "2")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "done: 2 steps on 1 ranks" in done.stdout
     assert "packed: 16 samples into 8 rows, padding 0.0%" in done.stdout  # two synthetic samples fill a row
 
 
-def test_run_pack_says_how_many_rows_it_packed_and_their_padding():
+def test_run_pack_says_how_many_rows_it_packed_and_their_padding(capfd):
     """Sixteen 5-token sums (prompt "a+b=", one digit read after it) in two steps of eight: one
     64-token row a step, 24 of its slots padding."""
-    done = _cli("--allow", "tests.digit_sums", "run", "graphs/mamba_lm.yaml", "--pack", "--steps", "2",
-                "--data", "tests.digit_sums:train")
+    from cli_in_process import run_in_process
+
+    done = run_in_process(capfd, "--allow", "tests.digit_sums", "run", "graphs/mamba_lm.yaml", "--pack", "--steps",
+                          "2", "--data", "tests.digit_sums:train")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("packed: ") == 1, done.stdout
     assert "packed: 16 samples into 2 rows, padding 37.5%" in done.stdout

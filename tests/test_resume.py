@@ -1,18 +1,12 @@
 """``run --save DIR --resume``: one command that starts a job and, run again, continues it."""
 
 import pathlib
-import subprocess
-import sys
 
 from cli_in_process import main_in_process as _main
+from cli_in_process import run_in_process
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CLI = pathlib.Path(sys.executable).parent / "mimo-builder"
 RUN = ("run", "graphs/mamba_lm.yaml", "--nproc", "1", "--batch-size", "4", "--log-interval", "1")
-
-
-def _cli(*args):
-    return subprocess.run([str(CLI), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def _losses(stdout: str) -> dict[int, str]:
@@ -20,14 +14,15 @@ def _losses(stdout: str) -> dict[int, str]:
             for line in stdout.splitlines() if line.startswith("step")}
 
 
-def test_the_same_command_starts_then_resumes_from_the_latest_step(tmp_path):
+def test_the_same_command_starts_then_resumes_from_the_latest_step(tmp_path, capfd):
     root = tmp_path / "ckpt"
-    first = _cli(*RUN, "--steps", "2", "--save", str(root), "--resume", "--save-interval-minutes", "0.0001")
+    first = run_in_process(capfd, *RUN, "--steps", "2", "--save", str(root), "--resume",
+                           "--save-interval-minutes", "0.0001")
     assert first.returncode == 0, first.stderr[-3000:]
     assert f"--resume: no checkpoint yet under {root}; starting at step 1" in first.stdout
     # 6 ms between saves: each step saves by wall time (without it, only the last step would)
     assert f"saved step 1 to {root}/step_0000001" in first.stdout, first.stdout
-    second = _cli(*RUN, "--steps", "4", "--save", str(root), "--resume")
+    second = run_in_process(capfd, *RUN, "--steps", "4", "--save", str(root), "--resume")
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"--resume: a checkpoint under {root}; resuming from its latest step" in second.stdout
     assert f"resumed from {root} at step 2" in second.stdout

@@ -43,6 +43,7 @@ def start_early() -> bool:
         return False
     fork_context()
     forkserver.ensure_running()
+    atexit.unregister(_stop)  # once however many commands this process runs
     atexit.register(_stop, forkserver._forkserver)
     return True
 
