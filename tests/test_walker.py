@@ -173,7 +173,10 @@ def _build_with_failure(bad_rank):
 
 
 def test_a_build_error_on_one_rank_of_four_is_an_error_on_every_rank():
+    """Rank 3 waits for rank 2 in a broadcast when rank 2 fails: rank 2's groups close at once (an
+    aborted gloo group keeps its sockets while anything holds it, the failure's frames included),
+    so every rank names rank 2's failure well within the 20 s that a build's collective may wait."""
     results = run_ranks(4, _build_with_failure, 2, timeout_s=120)
     for message, seconds in results:
         assert "rank 2 failed building node 'dec'" in message and "injected failure" in message, message
-        assert seconds < 30
+        assert seconds < 10, seconds

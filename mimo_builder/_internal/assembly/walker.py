@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import gc
+import traceback
 from typing import Any, Callable
 
 import torch
@@ -179,8 +181,11 @@ class CompositeBuilder(mcore_base.ModelBuilder):
                 try:
                     chunks[name] = self._build_node(valid, name, pgs, ddp_config, wrap_with_ddp, options)
                 except Exception as err:  # every failure must reach the other ranks
-                    failure = err
-                    groups.abort()  # peers blocked in this node's collectives fail fast
+                    failure, pgs = _without_frames(err), None
+                    _publish(name, failure, failure_key)  # first: the peers' errors that follow are consequences
+                    chunks.clear()  # the nodes built so far hold groups too; the build fails anyway
+                    groups.abort()  # peers blocked in this node's collectives fail fast, once the groups are gone
+                    gc.collect()  # what the failed build made (modules holding the groups) goes now
             _agree(control, name, failure, failure_key)
         groups.set_timeout(self.timeout)
         guard = StepGuard(failure_key.removeprefix(_FAILURE_KEY + "/"), step_timeout_s=self.step_timeout_s,
@@ -222,23 +227,41 @@ def _with_adapters(chunks: list[MegatronModule], *, lora, seed: int, node: str,
     return chunks
 
 
+def _without_frames(err: BaseException) -> BaseException:
+    """``err`` with its traceback kept as text (``trace``) and its frames let go: they hold the
+    failed node's groups, and an aborted gloo group keeps its sockets open, its peers blocked
+    until their timeout, while anything references it."""
+    err.trace = "".join(traceback.format_exception(err))
+    chain, link = set(), err
+    while link is not None and id(link) not in chain:
+        chain.add(id(link))
+        link.with_traceback(None)
+        link = link.__cause__ or link.__context__
+    return err
+
+
 def _renamed(port: Port, name: str) -> Port:
     return dataclasses.replace(port, name=name)  # every other field (dtype, high, like) kept
+
+
+def _publish(node: str, failure: BaseException, key: str) -> None:
+    """This rank's failure building ``node``, unless a peer's came first (the root cause)."""
+    message = f"rank {dist.get_rank()} failed building node '{node}': {type(failure).__name__}: {failure}"
+    private.default_store().compare_set(key, "", message)
 
 
 def _agree(control, node: str, failure: BaseException | None, key: str) -> None:
     """All ranks learn whether any rank failed building ``node``; every rank raises if so."""
     store = private.default_store()
-    if failure is not None:
-        message = f"rank {dist.get_rank()} failed building node '{node}': {type(failure).__name__}: {failure}"
-        store.compare_set(key, "", message)  # the first failure is the root cause
     flag = torch.tensor([0 if failure is None else 1])
     try:
         dist.all_reduce(flag, group=control)
     except Exception as err:  # a peer left the collective: its failure is published
         raise BuildError(_published(store, key, node)) from err
     if flag.item():
-        raise BuildError(_published(store, key, node)) from failure
+        error = BuildError(_published(store, key, node))
+        error.trace = getattr(failure, "trace", "")  # this rank's own failure: where it happened
+        raise error from failure
 
 
 def _published(store, key: str, node: str) -> str:
