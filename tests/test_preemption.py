@@ -10,8 +10,7 @@ import subprocess
 import sys
 import time
 
-import pytest
-
+from cli_in_process import run_in_process
 from mimo_builder._internal.errors import EXIT_PREEMPTED
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -43,13 +42,6 @@ def _signal_after_step(args, signum, step: int) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, proc.returncode, "".join(seen) + out, err)
 
 
-@pytest.fixture(scope="module")
-def straight():
-    result = subprocess.run([str(CLI), *RUN], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return _losses(result.stdout)
-
-
 def _stopped(root: pathlib.Path, signum) -> tuple[subprocess.CompletedProcess, int]:
     """The job stopped by ``signum`` sent once it printed step 3: checked, with its last step."""
     stopped = _signal_after_step((*RUN, "--save", str(root), "--resume"), signum, step=3)
@@ -64,11 +56,15 @@ def _stopped(root: pathlib.Path, signum) -> tuple[subprocess.CompletedProcess, i
     return stopped, last
 
 
-def test_sigterm_to_the_launcher_saves_the_step_and_resume_continues_exactly(tmp_path, straight):
+def test_sigterm_to_the_launcher_saves_the_step_and_resume_continues_exactly(tmp_path, capfd):
+    """The signal goes to the command's own process, as a scheduler sends it; the straight run
+    and the resumed one run in the test process (their output is the same)."""
     root = tmp_path / "ckpt"
     stopped, last = _stopped(root, signal.SIGTERM)
-    resumed = subprocess.run([str(CLI), *RUN, "--save", str(root), "--resume"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=300)
+    result = run_in_process(capfd, *RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    straight = _losses(result.stdout)
+    resumed = run_in_process(capfd, *RUN, "--save", str(root), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {root} at step {last}" in resumed.stdout
     assert _losses(resumed.stdout) == {k: v for k, v in straight.items() if k > last}
