@@ -173,8 +173,9 @@ def test_a_launching_command_starts_the_fork_server_before_its_own_imports_and_e
 
 
 def _say(text):
-    print(f"rank {dist.get_rank()}: {text}", flush=True)
-    print(f"rank {dist.get_rank()} on stderr", file=sys.stderr, flush=True)
+    # one write per line: the ranks write to one file at once, and print() may write a line in parts
+    os.write(sys.stdout.fileno(), f"rank {dist.get_rank()}: {text}\n".encode())
+    os.write(sys.stderr.fileno(), f"rank {dist.get_rank()} on stderr\n".encode())
 
 
 def test_ranks_write_where_the_launchers_output_points_at_launch(tmp_path):
