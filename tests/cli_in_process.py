@@ -17,19 +17,24 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def main_in_process(*args) -> subprocess.CompletedProcess:
     """Run the command from the repository root; returns its exit code and output."""
-    from mimo_builder.cli import main
-
     out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
     os.chdir(ROOT)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(list(args))
-            except SystemExit as exit_:  # argparse's usage errors
-                code = exit_.code
+            code = _exit_code(args)
     finally:
         os.chdir(cwd)
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def _exit_code(args) -> int:
+    """``main(args)``'s exit code, argparse's usage errors (SystemExit) included."""
+    from mimo_builder.cli import main
+
+    try:
+        return main(list(args))
+    except SystemExit as exit_:
+        return exit_.code
 
 
 def run_in_process(capfd, *args, cwd: os.PathLike | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -38,17 +43,12 @@ def run_in_process(capfd, *args, cwd: os.PathLike | None = None, env: dict | Non
     captures them), so their lines come back in order with the launcher's. ``cwd`` (the repository
     root by default) and ``env`` hold for the call only; modules the command imported from
     ``cwd`` (a user's data module) are forgotten after it."""
-    from mimo_builder.cli import main
-
     capfd.readouterr()  # what came before is not this command's
     folder, saved_env, before = os.getcwd(), dict(os.environ), set(sys.modules)
     os.chdir(cwd or ROOT)
     os.environ.update(env or {})
     try:
-        try:
-            code = main(list(args))
-        except SystemExit as exit_:
-            code = exit_.code
+        code = _exit_code(args)
         sys.stdout.flush()
         sys.stderr.flush()
         out, err = capfd.readouterr()

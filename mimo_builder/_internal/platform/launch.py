@@ -28,11 +28,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from multiprocessing.reduction import DupFd
 
 from mimo_builder._internal.platform.attempts import rendezvous_store
 from mimo_builder._internal.platform.compat import quiet_dependency_warnings, resolve_device
-from mimo_builder._internal.platform.rank_server import fork_context, under_torchrun
+from mimo_builder._internal.platform.rank_server import (fork_context, launcher_output, under_torchrun,
+                                                          write_where_the_launcher_does)
 from mimo_builder._internal.errors import MimoError, Preempted
 from mimo_builder._internal.platform.strict_p2p import BANNER, p2p_mode, p2p_timeout_s, strict_p2p
 
@@ -130,7 +130,7 @@ def _spawn(fn, nproc, args, timeout_s, init_timeout_s, backend, strict):
         ctx.Process(
             target=_rank_main,
             args=(rank, nproc, store.port, init_timeout_s, (backend, strict), payload, results, os.getpid(),
-                  _output_descriptors()),
+                  launcher_output()),
             daemon=False,  # a rank may start processes (DataLoader workers, checkpoint writers); it
             # still ends with the launcher (_die_with) and is killed after collection
         )
@@ -163,33 +163,9 @@ def _rank_context():
     return fork_context()  # already running when the command started it (rank_server.start_early)
 
 
-def _output_descriptors() -> list:
-    """The launcher's stdout and stderr as they are now, for its ranks (those that are open)."""
-    out = []
-    for fd in (1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            out.append(None)
-        else:
-            out.append(DupFd(fd))
-    return out
-
-
-def _write_where_the_launcher_does(descriptors) -> None:
-    """Point this rank's stdout and stderr where the launcher's pointed at launch: a rank forked
-    from the fork server would otherwise write where the launcher's pointed when the server
-    started (a test capturing a run's output, a program that redirected its own since)."""
-    for target, descriptor in zip((1, 2), descriptors):
-        if descriptor is not None:
-            fd = descriptor.detach()
-            os.dup2(fd, target)
-            os.close(fd)
-
-
 def _rank_main(rank, nproc, port, init_timeout_s, mode, payload, results, launcher, descriptors):
     os.setpgid(0, 0)  # the rank leads a process group: ending it ends what it started (checkpoint writers)
-    _write_where_the_launcher_does(descriptors)
+    write_where_the_launcher_does(descriptors)
     _die_with(launcher)
     quiet_dependency_warnings()  # before unpickling fn/args imports MCore
     backend, strict = mode

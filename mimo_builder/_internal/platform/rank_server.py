@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import signal
 from multiprocessing import forkserver
+from multiprocessing.reduction import DupFd
 
 PRELOAD = ["mimo_builder._internal.platform.preload"]
 GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
@@ -45,6 +46,30 @@ def start_early() -> bool:
     forkserver.ensure_running()
     atexit.unregister(_stop)  # once however many commands this process runs
     atexit.register(_stop, forkserver._forkserver)
+    return True
+
+
+def launcher_output() -> list:
+    """The launcher's stdout and stderr as they are now, to pass to a rank (None where closed)."""
+    return [DupFd(fd) if _is_open(fd) else None for fd in (1, 2)]
+
+
+def write_where_the_launcher_does(descriptors) -> None:
+    """In a rank: point stdout and stderr where the launcher's pointed at launch (:func:`launcher_output`).
+    A rank forked from the server would otherwise write where they pointed when the server
+    started (a test capturing a run's output, a program that redirected its own since)."""
+    for target, descriptor in zip((1, 2), descriptors):
+        if descriptor is not None:
+            fd = descriptor.detach()
+            os.dup2(fd, target)
+            os.close(fd)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
     return True
 
 
