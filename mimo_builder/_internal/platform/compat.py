@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from mimo_builder._internal.platform.cpu_rng import CPURNGStatesTracker, seed_rng  # noqa: F401 (public here too)
 from mimo_builder._internal.platform.cpu_streams import NullStream
 from mimo_builder._internal.platform.environment import prepare_mamba_ssm_import, quiet_dependency_warnings  # noqa: F401
+from mimo_builder._internal.platform.fusions import CompiledWhenCalled, compiled_at_import
 from mimo_builder._internal.platform.patching import Patch, Patches, Workaround  # noqa: F401 (public here too)
 
 def _te_missing(device: torch.device) -> bool:
@@ -157,9 +158,11 @@ def _adam_step_per_parameter(patch: Patch) -> None:
 
 
 def _compiled_fusions_eager(patch: Patch) -> None:
-    from torch._dynamo import eval_frame
+    patch(CompiledWhenCalled, "eager", True)
+    if compiled_at_import():  # dynamo's import costs seconds: only where MCore's import paid it
+        from torch._dynamo import eval_frame
 
-    patch(eval_frame, "_stance", eval_frame.DynamoStance("force_eager"))  # what set_stance sets, undoable
+        patch(eval_frame, "_stance", eval_frame.DynamoStance("force_eager"))  # what set_stance sets, undoable
 
 
 def _torch_adam(device: torch.device) -> bool:
@@ -234,7 +237,8 @@ WORKAROUNDS: dict[str, Workaround] = {
         Workaround(
             "compiled_fusions_eager",
             "MCore compiles its fused elementwise ops (jit_fuser is torch.compile); on CPU each "
-            "process's first call costs seconds of C++ compilation (a ViT's first step 5.9 s vs 0.1 s).",
+            "process's first call costs seconds of C++ compilation (a ViT's first step 5.9 s vs 0.1 s); "
+            "without a GPU they are compiled when first called (platform/fusions.py), so they never are.",
             _compiled_fusions_eager,
         ),
         Workaround(

@@ -7,6 +7,7 @@ re-exports these two for its callers).
 from __future__ import annotations
 
 import importlib.abc
+import importlib.machinery
 import logging
 import os
 import sys
@@ -35,21 +36,51 @@ def prepare_mamba_ssm_import() -> None:
 
 
 class _BeforeMegatron(importlib.abc.MetaPathFinder):
-    """An import finder that finds nothing: it runs :func:`prepare_mamba_ssm_import` just before
-    the first import of any ``megatron`` module, then leaves ``sys.meta_path``."""
+    """An import finder that finds no module itself: it runs :func:`prepare_mamba_ssm_import` just
+    before the first import of any ``megatron`` module, and has ``megatron.core`` execute inside
+    :func:`~mimo_builder._internal.platform.fusions.compilation_deferred`; then it leaves ``sys.meta_path``."""
+
+    prepared = False
 
     def find_spec(self, fullname, path=None, target=None):
-        """Prepare on the first ``megatron`` import; never find a module itself."""
-        if fullname.partition(".")[0] == "megatron" and self in sys.meta_path:
-            sys.meta_path.remove(self)
+        """Prepare on the first ``megatron`` import; load ``megatron.core`` through :class:`_CompilationDeferred`."""
+        if fullname.partition(".")[0] != "megatron" or self not in sys.meta_path:
+            return None
+        if not self.prepared:
+            self.prepared = True
             prepare_mamba_ssm_import()
-        return None
+        if fullname != "megatron.core":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _CompilationDeferred(spec.loader)
+        return spec
+
+
+class _CompilationDeferred(importlib.abc.Loader):
+    """``megatron.core``'s own loader, executing it inside ``compilation_deferred()``."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        from mimo_builder._internal.platform.fusions import compilation_deferred
+
+        with compilation_deferred():
+            self._loader.exec_module(module)
+
+    def __getattr__(self, name):  # get_source, get_filename, ...: the real loader's
+        return getattr(self._loader, name)
 
 
 def prepare_before_megatron() -> None:
-    """Make sure :func:`prepare_mamba_ssm_import` runs before MCore is first imported, without
-    importing anything now: the package's own import stays light (``mimo-builder --help`` imports
-    neither torch nor MCore)."""
+    """Make sure :func:`prepare_mamba_ssm_import` runs before MCore is first imported, and MCore's
+    fused ops compile when first called on a machine without a GPU, without importing anything
+    now: the package's own import stays light (``mimo-builder --help`` imports neither torch nor MCore)."""
     if "megatron" in sys.modules:
         prepare_mamba_ssm_import()
     elif not any(isinstance(finder, _BeforeMegatron) for finder in sys.meta_path):

@@ -22,7 +22,6 @@ quiet_dependency_warnings()  # the server's imports print nothing either
 import networkx  # noqa: E402,F401
 import pydantic  # noqa: E402,F401
 import torch  # noqa: E402
-import torch._inductor.compile_fx  # noqa: E402,F401
 import torch.distributed.checkpoint  # noqa: E402,F401
 import torch.distributed.tensor  # noqa: E402,F401
 import yaml  # noqa: E402,F401

@@ -19,10 +19,9 @@ import signal
 from multiprocessing import forkserver
 from multiprocessing.reduction import DupFd
 
+from mimo_builder._internal.platform.fusions import gpu_device_present
+
 PRELOAD = ["mimo_builder._internal.platform.preload"]
-GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
-"""Device files of NVIDIA, ROCm and WSL GPUs: where one exists, ranks may be spawned instead
-(``launch._rank_context`` asks torch), so the server is not started ahead."""
 
 
 def under_torchrun() -> bool:
@@ -38,9 +37,10 @@ def fork_context():
 
 
 def start_early() -> bool:
-    """Start the fork server now when this machine shows no GPU and this process is not one
+    """Start the fork server now when this machine shows no GPU device file (where one exists,
+    ranks may be spawned instead: ``launch._rank_context`` asks torch) and this process is not one
     of torchrun's ranks; True when started. The server ends with this process."""
-    if under_torchrun() or any(os.path.exists(path) for path in GPU_DEVICE_FILES):
+    if under_torchrun() or gpu_device_present():
         return False
     fork_context()
     forkserver.ensure_running()
