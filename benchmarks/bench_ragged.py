@@ -114,6 +114,8 @@ def main(argv=None) -> dict:
     losses = results[0]["losses"]
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses["balanced"], losses["by sample"]))
     ratio = step["balanced"] / step["by sample"]
+    per_round = {key: list(map(max, zip(*(r["times"][key] for r in results)))) for key in step}
+    paired = sorted(b / s for b, s in zip(per_round["balanced"], per_round["by sample"]))
     per_shard = [[sum(c[i:i + BATCH // (M * WORLD)]) for i in range(0, BATCH, BATCH // (M * WORLD))]
                  for c in results[0]["items"]]
     rows = [("mix", f"{BATCH} samples per batch, images per sample from {COUNTS}, sizes {SIZES} px"),
@@ -123,6 +125,7 @@ def main(argv=None) -> dict:
                                     f"for {BATCHES} steps"),
             ("vision forward + backward per rank", "; ".join(
                 f"{key} " + " ".join(f"{r['vision'][key]:.1f} s" for r in results) for key in ("by sample", "balanced"))),
+            ("per-round ratio: median [min, max]", f"{statistics.median(paired):.3f} [{paired[0]:.3f}, {paired[-1]:.3f}]"),
             ("largest relative loss difference", f"{worst:.1e}")]
     out = report(f"Encoder load balance on {WORLD} gloo ranks (median of {args.rounds})", rows,
                  "balanced/by-sample step time", ratio, "<= 0.8", args.json)
