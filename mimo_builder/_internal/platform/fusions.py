@@ -24,7 +24,6 @@ import contextlib
 import functools
 import inspect
 import os
-import sys
 import types
 
 GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
@@ -78,7 +77,8 @@ def compilation_deferred():
     if gpu_device_present():
         yield
         return
-    torch = sys.modules.get("torch") or __import__("torch")
+    import torch
+
     real = torch.compile
     torch.compile = compile_when_called(real)
     try:
